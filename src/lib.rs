@@ -1,0 +1,17 @@
+//! # instance-lifecycle
+//!
+//! An explicit state-machine engine for fleets of long-lived WebSocket
+//! sessions ("instances"): every instance is a typed finite-state machine,
+//! every rule lives in one transition table ([`machine::step`]), and every
+//! transition can be appended to a persisted event log.
+//!
+//! Layout:
+//! - [`machine`] — the pure core: states, inputs, effects, policy, rules. No I/O.
+//! - [`diagram`] — Mermaid and DOT state diagrams generated from the table.
+
+#![warn(missing_docs)]
+
+pub mod diagram;
+pub mod machine;
+
+pub use machine::{InstanceName, NameError};

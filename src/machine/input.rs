@@ -1,0 +1,256 @@
+//! Everything that can happen to an instance: host commands, transport
+//! signals (tagged with their connection generation), completions of effects,
+//! timers, and the runtime's own events.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::state::StepReport;
+use super::types::{Generation, Identity, StatusCode};
+
+/// The timers the core asks the runtime to keep. A timer belongs to a
+/// generation: one that fires for another generation, or in a state that does
+/// not expect it, is ignored (as `gen_statem` state time-outs are).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TimerKind {
+    /// Backoff elapsed: try again (from `Connecting(backoff)` or `Zombie`).
+    Reconnect,
+    /// The handshake or the current pairing code took too long.
+    Connect,
+    /// The peer did not confirm a logout.
+    Logout,
+    /// The socket did not finish closing.
+    Close,
+    /// The host cleanup did not finish.
+    Cleanup,
+}
+
+impl TimerKind {
+    /// Every kind.
+    pub const ALL: [TimerKind; 5] = [
+        Self::Reconnect,
+        Self::Connect,
+        Self::Logout,
+        Self::Close,
+        Self::Cleanup,
+    ];
+}
+
+/// A timer: its kind and the generation it was armed for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Timer {
+    /// What the timer is for.
+    pub kind: TimerKind,
+    /// The generation it belongs to.
+    pub generation: Generation,
+}
+
+/// An input to the state machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Input {
+    // --- host commands ---
+    /// Connect (or reconnect now). Also what re-enables reconnects after a logout (R3).
+    Connect,
+    /// Log out and keep the instance.
+    Logout,
+    /// Log out, clean up, remove.
+    Delete,
+    /// Drop the current connection, if any, and start a fresh attempt.
+    Restart,
+
+    // --- transport signals, tagged with their generation ---
+    /// The peer declared the session usable; `identity` is who it is (R6: `None` does not open).
+    TransportOpened {
+        /// The connection this came from.
+        generation: Generation,
+        /// The peer's identity, if it sent a valid one.
+        identity: Option<Identity>,
+    },
+    /// The peer issued a pairing code (a WhatsApp QR).
+    PairingCode {
+        /// The connection this came from.
+        generation: Generation,
+    },
+    /// The connection ended. `status` is the close status (absent when the
+    /// connection was lost without a close frame).
+    TransportClosed {
+        /// The connection this came from.
+        generation: Generation,
+        /// The close status, mapped by the protocol.
+        status: Option<StatusCode>,
+        /// The close reason text or the transport error.
+        reason: String,
+    },
+    /// A write failed (R7).
+    WriteFailed {
+        /// The connection this came from.
+        generation: Generation,
+        /// The transport's error.
+        error: String,
+    },
+    /// No pong within the heartbeat deadline (R7).
+    HeartbeatMissed {
+        /// The connection this came from.
+        generation: Generation,
+    },
+
+    // --- completions of effects ---
+    /// The peer confirmed a logout.
+    LogoutConfirmed {
+        /// The connection this came from.
+        generation: Generation,
+    },
+    /// Sending the logout failed.
+    LogoutFailed {
+        /// The connection this came from.
+        generation: Generation,
+        /// The transport's error.
+        error: String,
+    },
+    /// Our close of the socket finished.
+    CloseFinished {
+        /// The connection this came from.
+        generation: Generation,
+    },
+    /// The host cleanup finished; every step's outcome, in order.
+    CleanupFinished {
+        /// Step reports.
+        steps: Vec<StepReport>,
+    },
+    /// A timer armed by an earlier transition fired.
+    TimerFired {
+        /// Which one.
+        timer: Timer,
+    },
+
+    // --- the runtime ---
+    /// The engine restarted on an existing log; any socket of the last run is gone (R11).
+    Recovered,
+    /// The instance's task or a host hook panicked; the runtime caught it (R10).
+    Panicked {
+        /// The panic message.
+        message: String,
+    },
+}
+
+/// The kinds of input, without data: for diagrams and counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub enum InputKind {
+    Connect,
+    Logout,
+    Delete,
+    Restart,
+    Opened,
+    PairingCode,
+    Closed,
+    WriteFailed,
+    HeartbeatMissed,
+    LogoutConfirmed,
+    LogoutFailed,
+    CloseFinished,
+    CleanupFinished,
+    ReconnectTimer,
+    ConnectTimeout,
+    LogoutTimeout,
+    CloseTimeout,
+    CleanupTimeout,
+    Recovered,
+    Panicked,
+}
+
+impl InputKind {
+    /// A short label for diagrams and summaries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Logout => "logout",
+            Self::Delete => "delete",
+            Self::Restart => "restart",
+            Self::Opened => "opened",
+            Self::PairingCode => "pairing code",
+            Self::Closed => "closed",
+            Self::WriteFailed => "write failed",
+            Self::HeartbeatMissed => "heartbeat missed",
+            Self::LogoutConfirmed => "logout confirmed",
+            Self::LogoutFailed => "logout failed",
+            Self::CloseFinished => "close finished",
+            Self::CleanupFinished => "cleanup finished",
+            Self::ReconnectTimer => "reconnect timer",
+            Self::ConnectTimeout => "connect timeout",
+            Self::LogoutTimeout => "logout timeout",
+            Self::CloseTimeout => "close timeout",
+            Self::CleanupTimeout => "cleanup timeout",
+            Self::Recovered => "recovered",
+            Self::Panicked => "panicked",
+        }
+    }
+}
+
+impl fmt::Display for InputKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Input {
+    /// The generation a transport signal, completion or timer belongs to;
+    /// `None` for host commands and runtime events, which are never stale.
+    pub fn generation(&self) -> Option<Generation> {
+        match self {
+            Self::TransportOpened { generation, .. }
+            | Self::PairingCode { generation }
+            | Self::TransportClosed { generation, .. }
+            | Self::WriteFailed { generation, .. }
+            | Self::HeartbeatMissed { generation }
+            | Self::LogoutConfirmed { generation }
+            | Self::LogoutFailed { generation, .. }
+            | Self::CloseFinished { generation } => Some(*generation),
+            Self::TimerFired { timer } => Some(timer.generation),
+            Self::Connect
+            | Self::Logout
+            | Self::Delete
+            | Self::Restart
+            | Self::CleanupFinished { .. }
+            | Self::Recovered
+            | Self::Panicked { .. } => None,
+        }
+    }
+
+    /// True for the host's commands.
+    pub fn is_host_command(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect | Self::Logout | Self::Delete | Self::Restart
+        )
+    }
+
+    /// The input's kind.
+    pub fn kind(&self) -> InputKind {
+        match self {
+            Self::Connect => InputKind::Connect,
+            Self::Logout => InputKind::Logout,
+            Self::Delete => InputKind::Delete,
+            Self::Restart => InputKind::Restart,
+            Self::TransportOpened { .. } => InputKind::Opened,
+            Self::PairingCode { .. } => InputKind::PairingCode,
+            Self::TransportClosed { .. } => InputKind::Closed,
+            Self::WriteFailed { .. } => InputKind::WriteFailed,
+            Self::HeartbeatMissed { .. } => InputKind::HeartbeatMissed,
+            Self::LogoutConfirmed { .. } => InputKind::LogoutConfirmed,
+            Self::LogoutFailed { .. } => InputKind::LogoutFailed,
+            Self::CloseFinished { .. } => InputKind::CloseFinished,
+            Self::CleanupFinished { .. } => InputKind::CleanupFinished,
+            Self::TimerFired { timer } => match timer.kind {
+                TimerKind::Reconnect => InputKind::ReconnectTimer,
+                TimerKind::Connect => InputKind::ConnectTimeout,
+                TimerKind::Logout => InputKind::LogoutTimeout,
+                TimerKind::Close => InputKind::CloseTimeout,
+                TimerKind::Cleanup => InputKind::CleanupTimeout,
+            },
+            Self::Recovered => InputKind::Recovered,
+            Self::Panicked { .. } => InputKind::Panicked,
+        }
+    }
+}

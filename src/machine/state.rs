@@ -1,0 +1,416 @@
+//! The states of an instance. Each variant carries only the data it has:
+//! `Open` knows its peer identity, `Zombie` when and why it was detected,
+//! `Closing` what the host asked for and how far it got. There are no flags
+//! beside the state (the seeds' `endSession` flag is what went wrong there).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{Generation, Identity, StatusCode, Timestamp};
+
+/// An instance: its last connection generation and its state. The name lives
+/// with whoever owns the instance (registry, log record); the core needs it
+/// only to seed jitter, so [`crate::machine::step`] takes it separately.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// The generation of the latest connection attempt (0: never connected).
+    /// A signal tagged with any other generation is stale (R12).
+    pub generation: Generation,
+    /// The lifecycle state.
+    pub state: State,
+}
+
+impl Instance {
+    /// A freshly created instance: `Closed` (cause `Created`), never connected.
+    pub fn new() -> Self {
+        Self {
+            generation: Generation(0),
+            state: State::Closed {
+                cause: ClosedCause::Created,
+                status: None,
+                resume: None,
+            },
+        }
+    }
+}
+
+impl Default for Instance {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The lifecycle state of one instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    /// Getting a usable session: waiting out a backoff, handshaking, or pairing.
+    Connecting {
+        /// Where the attempt is.
+        phase: Phase,
+        /// Consecutive automatic attempts without a stable open (R9's counter).
+        retries: u32,
+        /// Identity of the last session, offered to the peer to resume it.
+        resume: Option<Identity>,
+    },
+    /// A usable session with a known peer identity (R6).
+    Open {
+        /// Who the peer says it is.
+        identity: Identity,
+        /// When the session opened; after `stable_period` the retry counter resets.
+        since: Timestamp,
+        /// Retry counter carried over from the attempts that led here.
+        retries: u32,
+    },
+    /// Leaving a session because the host asked (logout or delete).
+    Closing {
+        /// What the host asked for.
+        intent: Intent,
+        /// How far the closing has got.
+        step: ClosingStep,
+    },
+    /// Resting: the instance exists and can be connected again.
+    Closed {
+        /// Why it is closed.
+        cause: ClosedCause,
+        /// The close status that ended the session, from the real close, if one was seen (R5).
+        status: Option<StatusCode>,
+        /// Identity a later `connect` offers to resume (dropped by a logout).
+        resume: Option<Identity>,
+    },
+    /// The socket stopped answering while `Open` (R7); the socket is already
+    /// abandoned and a reconnect timer decides what happens next.
+    Zombie {
+        /// When it was detected.
+        since: Timestamp,
+        /// What gave it away.
+        cause: ZombieCause,
+        /// The identity of the session that died.
+        identity: Identity,
+        /// Retry counter at detection.
+        retries: u32,
+    },
+    /// Terminal (R1): deleted, cleanup done or given up on.
+    Removed {
+        /// What the host cleanup reported.
+        cleanup: CleanupOutcome,
+    },
+}
+
+/// Where a connection attempt is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// No socket: waiting until `until` for the reconnect timer (backoff).
+    Backoff {
+        /// When the reconnect timer is due.
+        until: Timestamp,
+    },
+    /// Socket opening / protocol handshake in progress.
+    Handshaking,
+    /// The peer issued pairing codes (a WhatsApp QR) and waits for the user.
+    Pairing {
+        /// How many codes it has issued on this connection.
+        codes: u32,
+    },
+}
+
+/// What the host asked for when it started closing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Intent {
+    /// Log out and keep the instance (ends in `Closed`).
+    Logout,
+    /// Log out, run the host cleanup, and remove the instance (ends in `Removed`).
+    Delete,
+}
+
+/// How far a `Closing` instance has got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClosingStep {
+    /// A logout was sent; waiting for the peer's confirmation.
+    LoggingOut,
+    /// Closing the socket; `logout` says how the logout went.
+    ClosingSocket {
+        /// The logout's outcome.
+        logout: LogoutOutcome,
+    },
+    /// No socket any more; the host cleanup is running (delete only).
+    CleaningUp,
+}
+
+/// How a logout went. Anything but `Confirmed` is a failure recorded in the log
+/// (R5) — and never a reason to stay open.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogoutOutcome {
+    /// The peer confirmed the logout.
+    Confirmed,
+    /// Sending the logout failed (the seeds' "Connection Closed").
+    Failed {
+        /// The transport's error.
+        error: String,
+    },
+    /// The peer did not answer within `timeout_logout`.
+    TimedOut,
+    /// The connection ended before the peer confirmed.
+    Unconfirmed,
+    /// No logout could be sent: there was no usable session (still connecting,
+    /// a zombie, or no socket at all).
+    NotSent,
+    /// The engine stopped while the logout was in progress.
+    Interrupted,
+}
+
+/// Why an instance is `Closed`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClosedCause {
+    /// Created and never connected.
+    Created,
+    /// The host logged it out.
+    LoggedOut {
+        /// How the logout went.
+        logout: LogoutOutcome,
+    },
+    /// The peer closed with a status the policy marks final for the phase (R4).
+    FinalStatus,
+    /// Too many consecutive attempts (R9's give-up limit).
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// More pairing codes than the policy allows, none used.
+    PairingRefused {
+        /// Codes issued.
+        codes: u32,
+    },
+    /// The engine restarted and the policy says not to reconnect.
+    NotRecovered,
+    /// The instance's task or a host hook panicked (R10).
+    Panicked {
+        /// The panic message.
+        message: String,
+    },
+}
+
+/// What gave a zombie away (R7).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ZombieCause {
+    /// No pong within the heartbeat deadline.
+    HeartbeatMissed,
+    /// A write to the socket failed.
+    WriteFailed {
+        /// The transport's error.
+        error: String,
+    },
+}
+
+/// What the host cleanup did during a delete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CleanupOutcome {
+    /// Every step ran; each one's outcome.
+    Finished {
+        /// Step reports, in the order the steps ran.
+        steps: Vec<StepReport>,
+    },
+    /// The whole cleanup exceeded `timeout_cleanup`; the instance is removed anyway (R2).
+    TimedOut,
+    /// The instance's task panicked during the delete; removed anyway (R2, R10).
+    Aborted {
+        /// The panic message.
+        message: String,
+    },
+}
+
+impl CleanupOutcome {
+    /// True when every step succeeded.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, Self::Finished { steps } if steps.iter().all(|s| s.outcome == StepOutcome::Done))
+    }
+}
+
+/// One cleanup step's report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// The step's name, as the host named it (e.g. `session-store`).
+    pub step: String,
+    /// What happened.
+    pub outcome: StepOutcome,
+}
+
+/// What one cleanup step did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepOutcome {
+    /// Succeeded.
+    Done,
+    /// Returned an error.
+    Failed {
+        /// The error's message.
+        error: String,
+    },
+    /// Exceeded its time-out.
+    TimedOut,
+    /// Panicked (caught: R10).
+    Panicked {
+        /// The panic message.
+        message: String,
+    },
+}
+
+/// The six state kinds, without data: for diagrams, counts and filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum StateKind {
+    /// See [`State::Connecting`].
+    Connecting,
+    /// See [`State::Open`].
+    Open,
+    /// See [`State::Closing`].
+    Closing,
+    /// See [`State::Closed`].
+    Closed,
+    /// See [`State::Zombie`].
+    Zombie,
+    /// See [`State::Removed`].
+    Removed,
+}
+
+impl StateKind {
+    /// Every kind, in diagram order.
+    pub const ALL: [StateKind; 6] = [
+        Self::Connecting,
+        Self::Open,
+        Self::Closing,
+        Self::Closed,
+        Self::Zombie,
+        Self::Removed,
+    ];
+
+    /// The name used in diagrams, the CLI and filters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "Connecting",
+            Self::Open => "Open",
+            Self::Closing => "Closing",
+            Self::Closed => "Closed",
+            Self::Zombie => "Zombie",
+            Self::Removed => "Removed",
+        }
+    }
+
+    /// Parses a kind name, case-insensitively.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+impl fmt::Display for StateKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The coarse status Evolution-style APIs report, so a host can keep its API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CoarseStatus {
+    /// `connecting`: trying to get a session (including a zombie waiting to reconnect).
+    Connecting,
+    /// `open`: a usable session.
+    Open,
+    /// `close`: no session and none being made.
+    Close,
+}
+
+impl CoarseStatus {
+    /// `"connecting"`, `"open"` or `"close"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Open => "open",
+            Self::Close => "close",
+        }
+    }
+}
+
+impl State {
+    /// The state's kind.
+    pub fn kind(&self) -> StateKind {
+        match self {
+            Self::Connecting { .. } => StateKind::Connecting,
+            Self::Open { .. } => StateKind::Open,
+            Self::Closing { .. } => StateKind::Closing,
+            Self::Closed { .. } => StateKind::Closed,
+            Self::Zombie { .. } => StateKind::Zombie,
+            Self::Removed { .. } => StateKind::Removed,
+        }
+    }
+
+    /// The status an Evolution-style API reports for this state. A zombie is
+    /// `connecting`, never `open`: reporting a dead socket as open is the bug
+    /// of PR 2501 ("the database keeps saying open").
+    pub fn coarse(&self) -> CoarseStatus {
+        match self {
+            Self::Connecting { .. } | Self::Zombie { .. } => CoarseStatus::Connecting,
+            Self::Open { .. } => CoarseStatus::Open,
+            Self::Closing { .. } | Self::Closed { .. } | Self::Removed { .. } => {
+                CoarseStatus::Close
+            }
+        }
+    }
+
+    /// True when the runtime holds a live socket in this state.
+    pub fn has_socket(&self) -> bool {
+        match self {
+            Self::Connecting { phase, .. } => !matches!(phase, Phase::Backoff { .. }),
+            Self::Open { .. } => true,
+            Self::Closing { step, .. } => !matches!(step, ClosingStep::CleaningUp),
+            Self::Closed { .. } | Self::Zombie { .. } | Self::Removed { .. } => false,
+        }
+    }
+
+    /// The identity of the current session, if the instance is `Open`.
+    pub fn identity(&self) -> Option<&Identity> {
+        match self {
+            Self::Open { identity, .. } => Some(identity),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Connecting {
+                phase: Phase::Backoff { until },
+                retries,
+                ..
+            } => {
+                write!(f, "Connecting(backoff until {until}, retry {retries})")
+            }
+            Self::Connecting {
+                phase: Phase::Handshaking,
+                retries,
+                ..
+            } => {
+                write!(f, "Connecting(handshaking, retry {retries})")
+            }
+            Self::Connecting {
+                phase: Phase::Pairing { codes },
+                ..
+            } => write!(f, "Connecting(pairing, {codes} codes)"),
+            Self::Open { identity, .. } => write!(f, "Open({identity})"),
+            Self::Closing { intent, step } => write!(f, "Closing({intent:?}, {step:?})"),
+            Self::Closed {
+                cause,
+                status: Some(s),
+                ..
+            } => write!(f, "Closed({cause:?}, status {s})"),
+            Self::Closed {
+                cause,
+                status: None,
+                ..
+            } => write!(f, "Closed({cause:?})"),
+            Self::Zombie { cause, .. } => write!(f, "Zombie({cause:?})"),
+            Self::Removed { cleanup } => write!(f, "Removed({cleanup:?})"),
+        }
+    }
+}

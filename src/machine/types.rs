@@ -1,0 +1,340 @@
+//! Validated value types shared by every layer: names, identities, generations,
+//! status codes and timestamps. Constructors validate; serde goes through the
+//! same constructors, so an invalid value cannot enter from a log or a config.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest accepted instance name, in bytes. Long enough for a tenant id plus a
+/// suffix, short enough to be a path component on every file system.
+pub const INSTANCE_NAME_LEN_MAX: usize = 64;
+
+/// Longest accepted peer identity, in bytes. A WhatsApp JID or a Discord
+/// session id is well under 100 bytes; the cap bounds what a peer can make us store.
+pub const IDENTITY_LEN_MAX: usize = 256;
+
+/// Why a string is not a valid [`InstanceName`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// The name is the empty string.
+    #[error("instance name is empty")]
+    Empty,
+    /// The name is longer than [`INSTANCE_NAME_LEN_MAX`] bytes.
+    #[error("instance name is {len} bytes long, the limit is {max}")]
+    TooLong {
+        /// Length of the rejected name in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The name contains a character outside `[A-Za-z0-9._-]`.
+    #[error(
+        "instance name {name:?} contains {ch:?} at byte {index}; allowed are A-Z a-z 0-9 . _ -"
+    )]
+    InvalidChar {
+        /// The rejected name (escaped when printed).
+        name: String,
+        /// The offending character.
+        ch: char,
+        /// Its byte offset.
+        index: usize,
+    },
+    /// The name does not start with a letter or digit (so it is never `.`, `..` or a hidden file).
+    #[error("instance name {name:?} must start with a letter or a digit")]
+    BadStart {
+        /// The rejected name.
+        name: String,
+    },
+}
+
+/// The name of an instance: 1 to 64 bytes of `[A-Za-z0-9._-]`, starting with
+/// a letter or digit. A valid name is always a safe single path component:
+/// it cannot be empty, `.`, `..`, contain a separator, or start with `-`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct InstanceName(String);
+
+impl InstanceName {
+    /// Validates `name`.
+    ///
+    /// ```
+    /// use instance_lifecycle::InstanceName;
+    /// assert!(InstanceName::new("acme-prod.01").is_ok());
+    /// assert!(InstanceName::new("../../etc").is_err());
+    /// ```
+    pub fn new(name: impl Into<String>) -> Result<Self, NameError> {
+        let name = name.into();
+        if name.is_empty() {
+            return Err(NameError::Empty);
+        }
+        if name.len() > INSTANCE_NAME_LEN_MAX {
+            return Err(NameError::TooLong {
+                len: name.len(),
+                max: INSTANCE_NAME_LEN_MAX,
+            });
+        }
+        if let Some((index, ch)) = name
+            .char_indices()
+            .find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(NameError::InvalidChar { name, ch, index });
+        }
+        if !name.as_bytes()[0].is_ascii_alphanumeric() {
+            return Err(NameError::BadStart { name });
+        }
+        Ok(Self(name))
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for InstanceName {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl From<InstanceName> for String {
+    fn from(n: InstanceName) -> Self {
+        n.0
+    }
+}
+
+impl fmt::Display for InstanceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for InstanceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::str::FromStr for InstanceName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+/// Why a string is not a valid [`Identity`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// Empty identity: a peer that says "ready" without saying who it is (R6).
+    #[error("peer identity is empty")]
+    Empty,
+    /// Longer than [`IDENTITY_LEN_MAX`].
+    #[error("peer identity is {len} bytes long, the limit is {max}")]
+    TooLong {
+        /// Length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Contains a control character (would corrupt logs and terminals).
+    #[error("peer identity contains a control character")]
+    ControlChar,
+}
+
+/// The peer identity of an open session (a WhatsApp JID, a Discord session id).
+/// Never empty: rule R6 says an instance is only `Open` with one.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Identity(String);
+
+impl Identity {
+    /// Validates a peer identity.
+    pub fn new(id: impl Into<String>) -> Result<Self, IdentityError> {
+        let id = id.into();
+        if id.is_empty() {
+            return Err(IdentityError::Empty);
+        }
+        if id.len() > IDENTITY_LEN_MAX {
+            return Err(IdentityError::TooLong {
+                len: id.len(),
+                max: IDENTITY_LEN_MAX,
+            });
+        }
+        if id.chars().any(char::is_control) {
+            return Err(IdentityError::ControlChar);
+        }
+        Ok(Self(id))
+    }
+
+    /// The identity as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Identity {
+    type Error = IdentityError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl From<Identity> for String {
+    fn from(i: Identity) -> Self {
+        i.0
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// The number of a connection attempt of one instance. Every attempt gets the
+/// next generation; a signal tagged with another generation is stale (R12).
+/// Generation 0 means "never connected".
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Generation(pub u64);
+
+impl Generation {
+    /// The generation of the next connection attempt.
+    #[must_use]
+    pub fn next(self) -> Self {
+        Self(self.0.saturating_add(1))
+    }
+}
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "g{}", self.0)
+    }
+}
+
+/// A close status: an application status such as 401 or 515 (Baileys' reasons),
+/// or a WebSocket close code such as 1000 or 4004. How a wire close code maps to
+/// a status is the protocol's business (see the reference protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct StatusCode(pub u16);
+
+impl StatusCode {
+    /// 1000, normal closure (RFC 6455).
+    pub const NORMAL: Self = Self(1000);
+    /// 408, request timeout: what the engine sends when a connect times out.
+    pub const TIMEOUT: Self = Self(408);
+    /// 1012, service restart (IANA registry): what the engine sends on `restart`.
+    pub const RESTART: Self = Self(1012);
+}
+
+impl fmt::Display for StatusCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A point in time, in milliseconds since the Unix epoch. The core never reads
+/// a clock: the runtime passes `now` in, the simulator passes virtual time, and
+/// replay passes the time recorded in the log.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// A timestamp from milliseconds since the Unix epoch.
+    pub const fn from_millis(ms: u64) -> Self {
+        Self(ms)
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub const fn as_millis(self) -> u64 {
+        self.0
+    }
+
+    /// `self + d`, saturating at the end of time.
+    #[must_use]
+    pub fn saturating_add(self, d: Duration) -> Self {
+        Self(
+            self.0
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
+    }
+
+    /// Time elapsed from `earlier` to `self`, zero if `earlier` is later.
+    pub fn saturating_since(self, earlier: Self) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}ms", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_could_escape_a_directory_are_rejected() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../../etc",
+            "a/b",
+            "a\\b",
+            "-rf",
+            ".hidden",
+            "é",
+            "a b",
+            "a\0b",
+        ] {
+            assert!(InstanceName::new(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(InstanceName::new("x".repeat(INSTANCE_NAME_LEN_MAX)).is_ok());
+        assert_eq!(
+            InstanceName::new("x".repeat(INSTANCE_NAME_LEN_MAX + 1)),
+            Err(NameError::TooLong {
+                len: INSTANCE_NAME_LEN_MAX + 1,
+                max: INSTANCE_NAME_LEN_MAX
+            })
+        );
+        for good in ["a", "acme-prod.01", "A_b-9", "7"] {
+            assert_eq!(
+                InstanceName::new(good).map(|n| n.as_str().to_owned()),
+                Ok(good.to_owned())
+            );
+        }
+    }
+
+    #[test]
+    fn serde_validates_names_and_identities() {
+        let err = serde_json::from_str::<InstanceName>("\"../x\"");
+        assert!(err.is_err());
+        assert!(serde_json::from_str::<Identity>("\"\"").is_err());
+        let id: Identity = serde_json::from_str("\"5511@s.whatsapp.net\"").expect("valid identity");
+        assert_eq!(id.as_str(), "5511@s.whatsapp.net");
+    }
+
+    #[test]
+    fn identity_rules() {
+        assert_eq!(Identity::new(""), Err(IdentityError::Empty));
+        assert_eq!(Identity::new("a\nb"), Err(IdentityError::ControlChar));
+        assert!(Identity::new("x".repeat(IDENTITY_LEN_MAX + 1)).is_err());
+    }
+}
