@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::machine::catalog::{exploration_policies, sample_inputs, sample_states};
-use crate::machine::{
-    Generation, InputKind, Instance, InstanceName, Outcome, StateKind, Timestamp, step,
-};
+use crate::machine::{Generation, InputKind, Instance, InstanceName, Outcome, StateKind, Timestamp, step};
 
 /// Output format of a diagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,61 +35,37 @@ pub struct Diagram {
 impl Diagram {
     /// The diagram of the transition table.
     pub fn from_rules() -> Self {
-        let name =
-            InstanceName::new("diagram").unwrap_or_else(|_| unreachable!("a literal valid name"));
+        let name = InstanceName::new("diagram").unwrap_or_else(|_| unreachable!("a literal valid name"));
         let g = Generation(1);
         let mut edges: BTreeMap<Edge, BTreeMap<InputKind, u64>> = BTreeMap::new();
         for policy in exploration_policies() {
             for state in sample_states() {
-                let instance = Instance {
-                    generation: g,
-                    state,
-                };
+                let instance = Instance { generation: g, state };
                 for input in sample_inputs(g) {
-                    if let Outcome::Transition(t) =
-                        step(&name, &instance, &input, &policy, Timestamp(60_000))
-                    {
+                    if let Outcome::Transition(t) = step(&name, &instance, &input, &policy, Timestamp(60_000)) {
                         let edge = (instance.state.kind(), t.to.kind());
                         edges.entry(edge).or_default().insert(input.kind(), 0);
                     }
                 }
             }
         }
-        Self {
-            edges,
-            annotated: false,
-        }
+        Self { edges, annotated: false }
     }
 
     /// Counts one transition taken in a log. Edges the rules do not know are
     /// added too, so a log from other rules shows what it did.
     pub fn count(&mut self, from: StateKind, to: StateKind, input: InputKind) {
         self.annotated = true;
-        *self
-            .edges
-            .entry((from, to))
-            .or_default()
-            .entry(input)
-            .or_insert(0) += 1;
+        *self.edges.entry((from, to)).or_default().entry(input).or_insert(0) += 1;
     }
 
     fn label(&self, inputs: &BTreeMap<InputKind, u64>, separator: &str) -> String {
         let parts: Vec<String> = inputs
             .iter()
-            .map(|(k, n)| {
-                if self.annotated {
-                    format!("{k} ×{n}")
-                } else {
-                    k.as_str().to_owned()
-                }
-            })
+            .map(|(k, n)| if self.annotated { format!("{k} ×{n}") } else { k.as_str().to_owned() })
             .collect();
         let label = parts.join(separator);
-        if self.annotated && inputs.values().all(|&n| n == 0) {
-            format!("(never taken) {label}")
-        } else {
-            label
-        }
+        if self.annotated && inputs.values().all(|&n| n == 0) { format!("(never taken) {label}") } else { label }
     }
 
     /// Renders the diagram.
@@ -107,22 +81,12 @@ impl Diagram {
                 out.push_str("    Removed --> [*]\n");
             }
             Format::Dot => {
-                out.push_str(
-                    "digraph instance {\n    rankdir=LR;\n    node [shape=box, style=rounded];\n",
-                );
+                out.push_str("digraph instance {\n    rankdir=LR;\n    node [shape=box, style=rounded];\n");
                 out.push_str("    start [shape=point];\n    start -> Closed [label=\"create\"];\n");
                 out.push_str("    Removed [peripheries=2];\n");
                 for ((from, to), inputs) in &self.edges {
-                    let style = if self.annotated && inputs.values().all(|&n| n == 0) {
-                        ", style=dashed"
-                    } else {
-                        ""
-                    };
-                    let _ = writeln!(
-                        out,
-                        "    {from} -> {to} [label=\"{}\"{style}];",
-                        self.label(inputs, "\\n")
-                    );
+                    let style = if self.annotated && inputs.values().all(|&n| n == 0) { ", style=dashed" } else { "" };
+                    let _ = writeln!(out, "    {from} -> {to} [label=\"{}\"{style}];", self.label(inputs, "\\n"));
                 }
                 out.push_str("}\n");
             }
@@ -138,24 +102,11 @@ mod tests {
     #[test]
     fn removed_has_no_outgoing_edge_and_every_state_is_reachable() {
         let d = Diagram::from_rules();
-        assert!(
-            d.edges.keys().all(|(from, _)| *from != StateKind::Removed),
-            "R1 violated in the diagram"
-        );
+        assert!(d.edges.keys().all(|(from, _)| *from != StateKind::Removed), "R1 violated in the diagram");
         for kind in StateKind::ALL {
-            assert!(
-                d.edges.keys().any(|(_, to)| *to == kind),
-                "{kind} unreachable"
-            );
+            assert!(d.edges.keys().any(|(_, to)| *to == kind), "{kind} unreachable");
         }
-        assert!(
-            d.edges
-                .contains_key(&(StateKind::Zombie, StateKind::Closing)),
-            "delete of a zombie"
-        );
-        assert!(
-            !d.edges.contains_key(&(StateKind::Closed, StateKind::Open)),
-            "open needs a connection first"
-        );
+        assert!(d.edges.contains_key(&(StateKind::Zombie, StateKind::Closing)), "delete of a zombie");
+        assert!(!d.edges.contains_key(&(StateKind::Closed, StateKind::Open)), "open needs a connection first");
     }
 }

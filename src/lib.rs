@@ -13,5 +13,7 @@
 
 pub mod diagram;
 pub mod machine;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use machine::{InstanceName, NameError};

@@ -5,8 +5,7 @@
 use super::input::{Input, Timer, TimerKind};
 use super::policy::{CloseAction, Policy, Preset};
 use super::state::{
-    CleanupOutcome, ClosedCause, ClosingStep, Intent, LogoutOutcome, Phase, State, StepOutcome,
-    StepReport, ZombieCause,
+    CleanupOutcome, ClosedCause, ClosingStep, Intent, LogoutOutcome, Phase, State, StepOutcome, StepReport, ZombieCause,
 };
 use super::types::{Generation, Identity, StatusCode, Timestamp};
 
@@ -23,26 +22,16 @@ pub fn sample_states() -> Vec<State> {
     let mut states = Vec::new();
     for retries in [0, RETRIES_EXHAUSTED] {
         for phase in [
-            Phase::Backoff {
-                until: Timestamp(5_000),
-            },
+            Phase::Backoff { until: Timestamp(5_000) },
             Phase::Handshaking,
             Phase::Pairing { codes: 1 },
             Phase::Pairing { codes: 30 },
         ] {
             for resume in [None, Some(id.clone())] {
-                states.push(State::Connecting {
-                    phase: phase.clone(),
-                    retries,
-                    resume,
-                });
+                states.push(State::Connecting { phase: phase.clone(), retries, resume });
             }
         }
-        states.push(State::Open {
-            identity: id.clone(),
-            since: Timestamp(0),
-            retries,
-        });
+        states.push(State::Open { identity: id.clone(), since: Timestamp(0), retries });
         states.push(State::Zombie {
             since: Timestamp(0),
             cause: ZombieCause::HeartbeatMissed,
@@ -51,31 +40,14 @@ pub fn sample_states() -> Vec<State> {
         });
     }
     for intent in [Intent::Logout, Intent::Delete] {
-        states.push(State::Closing {
-            intent,
-            step: ClosingStep::LoggingOut,
-        });
-        states.push(State::Closing {
-            intent,
-            step: ClosingStep::ClosingSocket {
-                logout: LogoutOutcome::Confirmed,
-            },
-        });
+        states.push(State::Closing { intent, step: ClosingStep::LoggingOut });
+        states.push(State::Closing { intent, step: ClosingStep::ClosingSocket { logout: LogoutOutcome::Confirmed } });
     }
-    states.push(State::Closing {
-        intent: Intent::Delete,
-        step: ClosingStep::CleaningUp,
-    });
+    states.push(State::Closing { intent: Intent::Delete, step: ClosingStep::CleaningUp });
     for resume in [None, Some(id.clone())] {
-        states.push(State::Closed {
-            cause: ClosedCause::Created,
-            status: None,
-            resume,
-        });
+        states.push(State::Closed { cause: ClosedCause::Created, status: None, resume });
     }
-    states.push(State::Removed {
-        cleanup: CleanupOutcome::Finished { steps: vec![] },
-    });
+    states.push(State::Removed { cleanup: CleanupOutcome::Finished { steps: vec![] } });
     states
 }
 
@@ -84,66 +56,29 @@ pub fn sample_inputs(g: Generation) -> Vec<Input> {
     let old = Generation(g.0.wrapping_sub(1));
     let mut inputs = vec![Input::Connect, Input::Logout, Input::Delete, Input::Restart];
     for generation in [g, old] {
-        inputs.push(Input::TransportOpened {
-            generation,
-            identity: Some(identity()),
-        });
-        inputs.push(Input::TransportOpened {
-            generation,
-            identity: None,
-        });
+        inputs.push(Input::TransportOpened { generation, identity: Some(identity()) });
+        inputs.push(Input::TransportOpened { generation, identity: None });
         inputs.push(Input::PairingCode { generation });
-        for status in [
-            None,
-            Some(1000),
-            Some(1001),
-            Some(401),
-            Some(408),
-            Some(440),
-            Some(515),
-            Some(4004),
-        ] {
-            inputs.push(Input::TransportClosed {
-                generation,
-                status: status.map(StatusCode),
-                reason: "closed".into(),
-            });
+        for status in [None, Some(1000), Some(1001), Some(401), Some(408), Some(440), Some(515), Some(4004)] {
+            inputs.push(Input::TransportClosed { generation, status: status.map(StatusCode), reason: "closed".into() });
         }
-        inputs.push(Input::WriteFailed {
-            generation,
-            error: "broken pipe".into(),
-        });
+        inputs.push(Input::WriteFailed { generation, error: "broken pipe".into() });
         inputs.push(Input::HeartbeatMissed { generation });
         inputs.push(Input::LogoutConfirmed { generation });
-        inputs.push(Input::LogoutFailed {
-            generation,
-            error: "Connection Closed".into(),
-        });
+        inputs.push(Input::LogoutFailed { generation, error: "Connection Closed".into() });
         inputs.push(Input::CloseFinished { generation });
         for kind in TimerKind::ALL {
-            inputs.push(Input::TimerFired {
-                timer: Timer { kind, generation },
-            });
+            inputs.push(Input::TimerFired { timer: Timer { kind, generation } });
         }
     }
     inputs.push(Input::CleanupFinished {
         steps: vec![
-            StepReport {
-                step: "session-store".into(),
-                outcome: StepOutcome::Done,
-            },
-            StepReport {
-                step: "files".into(),
-                outcome: StepOutcome::Failed {
-                    error: "EACCES".into(),
-                },
-            },
+            StepReport { step: "session-store".into(), outcome: StepOutcome::Done },
+            StepReport { step: "files".into(), outcome: StepOutcome::Failed { error: "EACCES".into() } },
         ],
     });
     inputs.push(Input::Recovered);
-    inputs.push(Input::Panicked {
-        message: "hook panicked".into(),
-    });
+    inputs.push(Input::Panicked { message: "hook panicked".into() });
     inputs
 }
 
@@ -151,11 +86,7 @@ pub fn sample_inputs(g: Generation) -> Vec<Input> {
 /// so every edge the table can take is explored.
 pub fn exploration_policies() -> Vec<Policy> {
     let mut policies: Vec<Policy> = Preset::ALL.into_iter().map(Policy::preset).collect();
-    for action in [
-        CloseAction::Remove,
-        CloseAction::ReconnectNow,
-        CloseAction::Stop,
-    ] {
+    for action in [CloseAction::Remove, CloseAction::ReconnectNow, CloseAction::Stop] {
         let mut p = Policy::default();
         p.name = format!("every-close-{action:?}");
         p.close_rules.clear();

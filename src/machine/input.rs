@@ -28,13 +28,7 @@ pub enum TimerKind {
 
 impl TimerKind {
     /// Every kind.
-    pub const ALL: [TimerKind; 5] = [
-        Self::Reconnect,
-        Self::Connect,
-        Self::Logout,
-        Self::Close,
-        Self::Cleanup,
-    ];
+    pub const ALL: [TimerKind; 5] = [Self::Reconnect, Self::Connect, Self::Logout, Self::Close, Self::Cleanup];
 }
 
 /// A timer: its kind and the generation it was armed for.
@@ -220,10 +214,7 @@ impl Input {
 
     /// True for the host's commands.
     pub fn is_host_command(&self) -> bool {
-        matches!(
-            self,
-            Self::Connect | Self::Logout | Self::Delete | Self::Restart
-        )
+        matches!(self, Self::Connect | Self::Logout | Self::Delete | Self::Restart)
     }
 
     /// The input's kind.

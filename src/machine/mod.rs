@@ -29,15 +29,15 @@ mod types;
 pub use effect::Effect;
 pub use input::{Input, InputKind, Timer, TimerKind};
 pub use policy::{
-    Backoff, CloseAction, ClosePhase, CloseRule, Heartbeat, Jitter, PhaseMatch, Policy,
-    PolicyError, Preset, StatusMatch, Timeouts,
+    Backoff, CloseAction, ClosePhase, CloseRule, Heartbeat, Jitter, PhaseMatch, Policy, PolicyError, Preset,
+    StatusMatch, Timeouts,
 };
 pub use rules::{Ignored, Outcome, Rejection, Transition, step};
 pub use state::{
-    CleanupOutcome, ClosedCause, ClosingStep, CoarseStatus, Instance, Intent, LogoutOutcome, Phase,
-    State, StateKind, StepOutcome, StepReport, ZombieCause,
+    CleanupOutcome, ClosedCause, ClosingStep, CoarseStatus, Instance, Intent, LogoutOutcome, Phase, State, StateKind,
+    StepOutcome, StepReport, ZombieCause,
 };
 pub use types::{
-    Generation, IDENTITY_LEN_MAX, INSTANCE_NAME_LEN_MAX, Identity, IdentityError, InstanceName,
-    NameError, StatusCode, Timestamp,
+    Generation, IDENTITY_LEN_MAX, INSTANCE_NAME_LEN_MAX, Identity, IdentityError, InstanceName, NameError, StatusCode,
+    Timestamp,
 };

@@ -97,12 +97,7 @@ pub struct CloseRule {
 
 impl CloseRule {
     fn new(status: StatusMatch, phase: PhaseMatch, action: CloseAction, label: &str) -> Self {
-        Self {
-            status,
-            phase,
-            action,
-            label: label.to_owned(),
-        }
+        Self { status, phase, action, label: label.to_owned() }
     }
 }
 
@@ -165,10 +160,7 @@ impl Default for Heartbeat {
     fn default() -> Self {
         // 30 s pings keep NAT mappings alive; a 10 s deadline tolerates a slow
         // mobile path while detecting a dead socket within 40 s.
-        Self {
-            interval: Duration::from_secs(30),
-            deadline: Duration::from_secs(10),
-        }
+        Self { interval: Duration::from_secs(30), deadline: Duration::from_secs(10) }
     }
 }
 
@@ -241,12 +233,7 @@ pub enum Preset {
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 4] = [
-        Self::Whatsapp,
-        Self::Evolution,
-        Self::Discord,
-        Self::Rfc6455,
-    ];
+    pub const ALL: [Preset; 4] = [Self::Whatsapp, Self::Evolution, Self::Discord, Self::Rfc6455];
 
     /// The preset's name.
     pub fn as_str(self) -> &'static str {
@@ -330,46 +317,19 @@ impl Policy {
             Preset::Discord => vec![
                 CloseRule::new(Code(4004), Any, Stop, "authentication failed"),
                 CloseRule::new(
-                    Range {
-                        first: 4010,
-                        last: 4014,
-                    },
+                    Range { first: 4010, last: 4014 },
                     Any,
                     Stop,
                     "invalid shard, sharding, version or intents",
                 ),
-                CloseRule::new(
-                    Range {
-                        first: 4000,
-                        last: 4009,
-                    },
-                    Any,
-                    Reconnect,
-                    "resumable gateway error",
-                ),
+                CloseRule::new(Range { first: 4000, last: 4009 }, Any, Reconnect, "resumable gateway error"),
                 CloseRule::new(Missing, Any, Reconnect, "connection lost"),
             ],
             Preset::Rfc6455 => vec![
                 CloseRule::new(Code(1000), Any, Stop, "normal closure"),
                 CloseRule::new(Code(1001), Any, Reconnect, "going away"),
-                CloseRule::new(
-                    Range {
-                        first: 1002,
-                        last: 1010,
-                    },
-                    Any,
-                    Stop,
-                    "protocol or data error",
-                ),
-                CloseRule::new(
-                    Range {
-                        first: 1011,
-                        last: 1014,
-                    },
-                    Any,
-                    Reconnect,
-                    "server error, restart or overload",
-                ),
+                CloseRule::new(Range { first: 1002, last: 1010 }, Any, Stop, "protocol or data error"),
+                CloseRule::new(Range { first: 1011, last: 1014 }, Any, Reconnect, "server error, restart or overload"),
                 CloseRule::new(Missing, Any, Reconnect, "connection lost"),
             ],
         };
@@ -389,19 +349,10 @@ impl Policy {
 
     /// Checks every bound; a policy is validated once, when an engine or tool takes it.
     pub fn validate(&self) -> Result<(), PolicyError> {
-        let bad = |field, problem| {
-            Err(PolicyError::OutOfRange {
-                policy: self.name.clone(),
-                field,
-                problem,
-            })
-        };
+        let bad = |field, problem| Err(PolicyError::OutOfRange { policy: self.name.clone(), field, problem });
         let b = &self.backoff;
         if b.base.is_zero() {
-            return bad(
-                "backoff.base",
-                "must be greater than zero (a zero floor allows tight reconnect loops)",
-            );
+            return bad("backoff.base", "must be greater than zero (a zero floor allows tight reconnect loops)");
         }
         if b.factor == 0 {
             return bad("backoff.factor", "must be at least 1");
@@ -413,10 +364,7 @@ impl Policy {
             return bad("backoff.attempts_max", "must be at least 1");
         }
         if self.heartbeat.interval.is_zero() || self.heartbeat.deadline.is_zero() {
-            return bad(
-                "heartbeat",
-                "interval and deadline must be greater than zero",
-            );
+            return bad("heartbeat", "interval and deadline must be greater than zero");
         }
         let t = &self.timeouts;
         for (field, d) in [
@@ -427,20 +375,14 @@ impl Policy {
             ("timeouts.cleanup", t.cleanup),
         ] {
             if d.is_zero() {
-                return bad(
-                    field,
-                    "must be greater than zero (every wait is bounded, never skipped)",
-                );
+                return bad(field, "must be greater than zero (every wait is bounded, never skipped)");
             }
         }
         for rule in &self.close_rules {
             if let Range { first, last } = rule.status
                 && first > last
             {
-                return bad(
-                    "close_rules",
-                    "has a range whose first status is after its last",
-                );
+                return bad("close_rules", "has a range whose first status is after its last");
             }
         }
         Ok(())
@@ -448,15 +390,12 @@ impl Policy {
 
     /// The first close rule matching `status` in `phase`, if any.
     pub fn close_rule(&self, status: Option<StatusCode>, phase: ClosePhase) -> Option<&CloseRule> {
-        self.close_rules
-            .iter()
-            .find(|r| r.status.matches(status) && r.phase.matches(phase))
+        self.close_rules.iter().find(|r| r.status.matches(status) && r.phase.matches(phase))
     }
 
     /// What to do when a connection in `phase` ends with `status` (R4).
     pub fn close_action(&self, status: Option<StatusCode>, phase: ClosePhase) -> CloseAction {
-        self.close_rule(status, phase)
-            .map_or(self.close_default, |r| r.action)
+        self.close_rule(status, phase).map_or(self.close_default, |r| r.action)
     }
 
     /// The backoff delay before attempt number `attempt` (1-based) of `name`.
@@ -466,17 +405,14 @@ impl Policy {
         let exponent = attempt.saturating_sub(1);
         let base_ms = millis(b.base);
         let cap_ms = millis(b.cap).max(base_ms);
-        let grown = u128::from(b.factor)
-            .checked_pow(exponent)
-            .map_or(u128::MAX, |f| f.saturating_mul(u128::from(base_ms)));
+        let grown =
+            u128::from(b.factor).checked_pow(exponent).map_or(u128::MAX, |f| f.saturating_mul(u128::from(base_ms)));
         let ceiling = u64::try_from(grown.min(u128::from(cap_ms))).unwrap_or(cap_ms);
         let ms = match b.jitter {
             Jitter::None => ceiling,
             Jitter::Full => {
                 let span = ceiling - base_ms;
-                let draw = mix(self.jitter_seed
-                    ^ fnv1a(name.as_str().as_bytes())
-                    ^ u64::from(attempt).rotate_left(32));
+                let draw = mix(self.jitter_seed ^ fnv1a(name.as_str().as_bytes()) ^ u64::from(attempt).rotate_left(32));
                 base_ms + if span == 0 { 0 } else { draw % (span + 1) }
             }
         };
@@ -497,9 +433,7 @@ fn millis(d: Duration) -> u64 {
 
 /// FNV-1a: a stable hash of the instance name (std's hasher is not stable across releases).
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// SplitMix64's finaliser: spreads the seed bits uniformly.
@@ -534,42 +468,20 @@ mod tests {
     #[test]
     fn whatsapp_408_depends_on_phase_evolution_408_does_not() {
         let wa = Policy::preset(Preset::Whatsapp);
-        assert_eq!(
-            wa.close_action(Some(StatusCode(408)), ClosePhase::BeforeOpen),
-            Stop
-        );
-        assert_eq!(
-            wa.close_action(Some(StatusCode(408)), ClosePhase::AfterOpen),
-            Reconnect
-        );
-        assert_eq!(
-            wa.close_action(Some(StatusCode(515)), ClosePhase::AfterOpen),
-            ReconnectNow
-        );
+        assert_eq!(wa.close_action(Some(StatusCode(408)), ClosePhase::BeforeOpen), Stop);
+        assert_eq!(wa.close_action(Some(StatusCode(408)), ClosePhase::AfterOpen), Reconnect);
+        assert_eq!(wa.close_action(Some(StatusCode(515)), ClosePhase::AfterOpen), ReconnectNow);
         let evo = Policy::preset(Preset::Evolution);
         for phase in [ClosePhase::BeforeOpen, ClosePhase::AfterOpen] {
             for code in [401, 402, 403, 406, 408] {
-                assert_eq!(
-                    evo.close_action(Some(StatusCode(code)), phase),
-                    Stop,
-                    "{code}"
-                );
+                assert_eq!(evo.close_action(Some(StatusCode(code)), phase), Stop, "{code}");
             }
             assert_eq!(evo.close_action(Some(StatusCode(440)), phase), Reconnect);
         }
         let discord = Policy::preset(Preset::Discord);
-        assert_eq!(
-            discord.close_action(Some(StatusCode(4004)), ClosePhase::AfterOpen),
-            Stop
-        );
-        assert_eq!(
-            discord.close_action(Some(StatusCode(4012)), ClosePhase::AfterOpen),
-            Stop
-        );
-        assert_eq!(
-            discord.close_action(Some(StatusCode(4009)), ClosePhase::AfterOpen),
-            Reconnect
-        );
+        assert_eq!(discord.close_action(Some(StatusCode(4004)), ClosePhase::AfterOpen), Stop);
+        assert_eq!(discord.close_action(Some(StatusCode(4012)), ClosePhase::AfterOpen), Stop);
+        assert_eq!(discord.close_action(Some(StatusCode(4009)), ClosePhase::AfterOpen), Reconnect);
     }
 
     #[test]
@@ -578,20 +490,12 @@ mod tests {
         let n = name("acme");
         for attempt in 1..200 {
             let d = p.backoff_delay(&n, attempt);
-            assert!(
-                d >= p.backoff.base && d <= p.backoff.cap,
-                "attempt {attempt}: {d:?}"
-            );
+            assert!(d >= p.backoff.base && d <= p.backoff.cap, "attempt {attempt}: {d:?}");
             assert_eq!(d, p.backoff_delay(&n, attempt));
         }
-        let delays: std::collections::BTreeSet<_> = (0..50)
-            .map(|i| p.backoff_delay(&name(&format!("n{i}")), 8))
-            .collect();
-        assert!(
-            delays.len() > 25,
-            "jitter spreads a fleet: {} distinct delays of 50",
-            delays.len()
-        );
+        let delays: std::collections::BTreeSet<_> =
+            (0..50).map(|i| p.backoff_delay(&name(&format!("n{i}")), 8)).collect();
+        assert!(delays.len() > 25, "jitter spreads a fleet: {} distinct delays of 50", delays.len());
         let mut exact = p.clone();
         exact.backoff.jitter = Jitter::None;
         assert_eq!(exact.backoff_delay(&n, 1), Duration::from_secs(1));
@@ -607,11 +511,6 @@ mod tests {
         assert!(err.to_string().contains("backoff.base"), "{err}");
         let mut p = Policy::default();
         p.timeouts.logout = Duration::ZERO;
-        assert!(
-            p.validate()
-                .expect_err("zero logout timeout")
-                .to_string()
-                .contains("timeouts.logout")
-        );
+        assert!(p.validate().expect_err("zero logout timeout").to_string().contains("timeouts.logout"));
     }
 }

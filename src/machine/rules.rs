@@ -10,8 +10,7 @@ use super::effect::Effect;
 use super::input::{Input, Timer, TimerKind};
 use super::policy::{CloseAction, ClosePhase, Policy};
 use super::state::{
-    CleanupOutcome, ClosedCause, ClosingStep, Instance, Intent, LogoutOutcome, Phase, State,
-    ZombieCause,
+    CleanupOutcome, ClosedCause, ClosingStep, Instance, Intent, LogoutOutcome, Phase, State, ZombieCause,
 };
 use super::types::{Generation, Identity, InstanceName, StatusCode, Timestamp};
 
@@ -105,73 +104,40 @@ pub enum Rejection {
 
 /// The whole transition table. Pure: no I/O, no clock, no randomness beyond
 /// the policy's seeded jitter. `name` seeds jitter; `now` is the input's time.
-pub fn step(
-    name: &InstanceName,
-    instance: &Instance,
-    input: &Input,
-    policy: &Policy,
-    now: Timestamp,
-) -> Outcome {
-    let cx = Cx {
-        name,
-        g: instance.generation,
-        policy,
-        now,
-    };
+pub fn step(name: &InstanceName, instance: &Instance, input: &Input, policy: &Policy, now: Timestamp) -> Outcome {
+    let cx = Cx { name, g: instance.generation, policy, now };
     // R12: a signal, completion or timer of another connection never moves this one.
     if let Some(input_generation) = input.generation()
         && input_generation != cx.g
     {
-        return Outcome::Ignored(Ignored::Stale {
-            input: input_generation,
-            current: cx.g,
-        });
+        return Outcome::Ignored(Ignored::Stale { input: input_generation, current: cx.g });
     }
     use Input as I;
     use State as S;
     match (&instance.state, input) {
         // R1: nothing leaves Removed. A second delete is a no-op success (R2).
         (S::Removed { .. }, I::Delete) => ignored(Ignored::AlreadyRemoved),
-        (S::Removed { .. }, I::Connect | I::Logout | I::Restart) => {
-            Outcome::Rejected(Rejection::Removed)
-        }
+        (S::Removed { .. }, I::Connect | I::Logout | I::Restart) => Outcome::Rejected(Rejection::Removed),
         (S::Removed { .. }, _) => ignored(Ignored::NotExpected),
 
         // ---- host: connect / restart ----
         // R3: an explicit connect is what re-enables connecting after a logout (#2560).
-        (S::Closed { resume, .. }, I::Connect | I::Restart) => {
-            cx.attempt(0, resume.clone(), vec![])
-        }
-        (
-            S::Connecting {
-                phase: Phase::Backoff { .. },
-                resume,
-                ..
-            },
-            I::Connect | I::Restart,
-        ) => {
+        (S::Closed { resume, .. }, I::Connect | I::Restart) => cx.attempt(0, resume.clone(), vec![]),
+        (S::Connecting { phase: Phase::Backoff { .. }, resume, .. }, I::Connect | I::Restart) => {
             // R9: the pending reconnect timer is cancelled, so exactly one attempt starts.
             cx.attempt(0, resume.clone(), vec![cx.cancel(TimerKind::Reconnect)])
         }
-        (S::Zombie { identity, .. }, I::Connect | I::Restart) => cx.attempt(
-            0,
-            Some(identity.clone()),
-            vec![cx.cancel(TimerKind::Reconnect)],
-        ),
+        (S::Zombie { identity, .. }, I::Connect | I::Restart) => {
+            cx.attempt(0, Some(identity.clone()), vec![cx.cancel(TimerKind::Reconnect)])
+        }
         (S::Connecting { .. } | S::Open { .. }, I::Connect) => ignored(Ignored::AlreadyConnecting),
         (S::Connecting { resume, .. }, I::Restart) => {
             // R9: the old socket is closed before the new one opens: never two live sockets.
-            cx.attempt(
-                0,
-                resume.clone(),
-                vec![cx.cancel(TimerKind::Connect), cx.close(StatusCode::RESTART)],
-            )
+            cx.attempt(0, resume.clone(), vec![cx.cancel(TimerKind::Connect), cx.close(StatusCode::RESTART)])
         }
-        (S::Open { identity, .. }, I::Restart) => cx.attempt(
-            0,
-            Some(identity.clone()),
-            vec![cx.close(StatusCode::RESTART)],
-        ),
+        (S::Open { identity, .. }, I::Restart) => {
+            cx.attempt(0, Some(identity.clone()), vec![cx.close(StatusCode::RESTART)])
+        }
         (S::Closing { intent, .. }, I::Connect | I::Restart) => {
             Outcome::Rejected(Rejection::Closing { intent: *intent })
         }
@@ -180,219 +146,88 @@ pub fn step(
         (S::Open { .. }, I::Logout | I::Delete) => {
             let t = cx.timer(TimerKind::Logout);
             let after = policy.timeouts.logout;
-            let effects = vec![
-                Effect::SendLogout { generation: cx.g },
-                Effect::ArmTimer { timer: t, after },
-            ];
-            cx.go(
-                S::Closing {
-                    intent: intent_of(input),
-                    step: ClosingStep::LoggingOut,
-                },
-                effects,
-            )
+            let effects = vec![Effect::SendLogout { generation: cx.g }, Effect::ArmTimer { timer: t, after }];
+            cx.go(S::Closing { intent: intent_of(input), step: ClosingStep::LoggingOut }, effects)
         }
-        (
-            S::Connecting {
-                phase: Phase::Handshaking | Phase::Pairing { .. },
-                ..
-            },
-            I::Logout | I::Delete,
-        ) => {
+        (S::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, .. }, I::Logout | I::Delete) => {
             // No session to log out of: close the socket, bounded by the close timer.
             let effects = vec![cx.cancel(TimerKind::Connect)];
             cx.close_socket(intent_of(input), LogoutOutcome::NotSent, effects)
         }
-        (
-            S::Connecting {
-                phase: Phase::Backoff { .. },
-                ..
-            },
-            I::Logout | I::Delete,
-        ) => cx.finish_closing(
-            intent_of(input),
-            LogoutOutcome::NotSent,
-            None,
-            vec![cx.cancel(TimerKind::Reconnect)],
-        ),
+        (S::Connecting { phase: Phase::Backoff { .. }, .. }, I::Logout | I::Delete) => {
+            cx.finish_closing(intent_of(input), LogoutOutcome::NotSent, None, vec![cx.cancel(TimerKind::Reconnect)])
+        }
         // R7: logout and delete of a zombie never wait on its dead socket.
-        (S::Zombie { .. }, I::Logout | I::Delete) => cx.finish_closing(
-            intent_of(input),
-            LogoutOutcome::NotSent,
-            None,
-            vec![cx.cancel(TimerKind::Reconnect)],
-        ),
-        (
-            S::Closed {
-                resume: Some(_), ..
-            },
-            I::Logout,
-        ) => {
+        (S::Zombie { .. }, I::Logout | I::Delete) => {
+            cx.finish_closing(intent_of(input), LogoutOutcome::NotSent, None, vec![cx.cancel(TimerKind::Reconnect)])
+        }
+        (S::Closed { resume: Some(_), .. }, I::Logout) => {
             // A logout of a closed instance drops the credentials it would resume with.
             cx.finish_closing(Intent::Logout, LogoutOutcome::NotSent, None, vec![])
         }
         (S::Closed { resume: None, .. }, I::Logout) => ignored(Ignored::AlreadyClosed),
-        (S::Closed { .. }, I::Delete) => {
-            cx.finish_closing(Intent::Delete, LogoutOutcome::NotSent, None, vec![])
-        }
-        (
-            S::Closing {
-                intent: Intent::Logout,
-                ..
-            },
-            I::Logout,
-        ) => ignored(Ignored::LogoutInProgress),
-        (
-            S::Closing {
-                intent: Intent::Delete,
-                ..
-            },
-            I::Logout | I::Delete,
-        ) => ignored(Ignored::DeleteInProgress),
-        (
-            S::Closing {
-                intent: Intent::Logout,
-                step,
-            },
-            I::Delete,
-        ) => {
+        (S::Closed { .. }, I::Delete) => cx.finish_closing(Intent::Delete, LogoutOutcome::NotSent, None, vec![]),
+        (S::Closing { intent: Intent::Logout, .. }, I::Logout) => ignored(Ignored::LogoutInProgress),
+        (S::Closing { intent: Intent::Delete, .. }, I::Logout | I::Delete) => ignored(Ignored::DeleteInProgress),
+        (S::Closing { intent: Intent::Logout, step }, I::Delete) => {
             // A delete takes over a logout where it is; its timers stay armed.
-            cx.go(
-                S::Closing {
-                    intent: Intent::Delete,
-                    step: step.clone(),
-                },
-                vec![],
-            )
+            cx.go(S::Closing { intent: Intent::Delete, step: step.clone() }, vec![])
         }
 
         // ---- transport: opened, pairing ----
         (
-            S::Connecting {
-                phase: Phase::Handshaking | Phase::Pairing { .. },
-                retries,
-                ..
-            },
+            S::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, retries, .. },
             I::TransportOpened { identity, .. },
         ) => {
             match identity {
                 // R6: no identity, no Open. The connect timer still bounds the wait.
                 None => ignored(Ignored::MissingIdentity),
                 Some(identity) => cx.go(
-                    S::Open {
-                        identity: identity.clone(),
-                        since: now,
-                        retries: *retries,
-                    },
+                    S::Open { identity: identity.clone(), since: now, retries: *retries },
                     vec![cx.cancel(TimerKind::Connect)],
                 ),
             }
         }
         (
-            S::Connecting {
-                phase: Phase::Handshaking | Phase::Pairing { .. },
-                retries,
-                resume,
-            },
+            S::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, retries, resume },
             I::PairingCode { .. },
         ) => {
             let codes = match &instance.state {
-                S::Connecting {
-                    phase: Phase::Pairing { codes },
-                    ..
-                } => codes.saturating_add(1),
+                S::Connecting { phase: Phase::Pairing { codes }, .. } => codes.saturating_add(1),
                 _ => 1,
             };
             if codes > policy.pairing_codes_max {
                 let effects = vec![cx.cancel(TimerKind::Connect), cx.close(StatusCode::NORMAL)];
                 let cause = ClosedCause::PairingRefused { codes: codes - 1 };
-                return cx.go(
-                    S::Closed {
-                        cause,
-                        status: None,
-                        resume: resume.clone(),
-                    },
-                    effects,
-                );
+                return cx.go(S::Closed { cause, status: None, resume: resume.clone() }, effects);
             }
             // Each code gets its own lifetime: re-arming replaces the connect timer.
-            let effects = vec![Effect::ArmTimer {
-                timer: cx.timer(TimerKind::Connect),
-                after: policy.timeouts.pairing_code,
-            }];
-            cx.go(
-                S::Connecting {
-                    phase: Phase::Pairing { codes },
-                    retries: *retries,
-                    resume: resume.clone(),
-                },
-                effects,
-            )
+            let effects =
+                vec![Effect::ArmTimer { timer: cx.timer(TimerKind::Connect), after: policy.timeouts.pairing_code }];
+            cx.go(S::Connecting { phase: Phase::Pairing { codes }, retries: *retries, resume: resume.clone() }, effects)
         }
         (_, I::TransportOpened { .. } | I::PairingCode { .. }) => ignored(Ignored::NotExpected),
 
         // ---- transport: the connection ended or died ----
         (
-            S::Connecting {
-                phase: Phase::Handshaking | Phase::Pairing { .. },
-                retries,
-                resume,
-            },
+            S::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, retries, resume },
             I::TransportClosed { status, .. },
-        ) => cx.lost(
-            *status,
-            ClosePhase::BeforeOpen,
-            *retries,
-            resume.clone(),
-            vec![cx.cancel(TimerKind::Connect)],
-        ),
+        ) => cx.lost(*status, ClosePhase::BeforeOpen, *retries, resume.clone(), vec![cx.cancel(TimerKind::Connect)]),
         (
-            S::Connecting {
-                phase: Phase::Handshaking | Phase::Pairing { .. },
-                retries,
-                resume,
-            },
+            S::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, retries, resume },
             I::WriteFailed { .. } | I::HeartbeatMissed { .. },
         ) => {
             let effects = vec![cx.cancel(TimerKind::Connect), cx.abort()];
-            cx.lost(
-                None,
-                ClosePhase::BeforeOpen,
-                *retries,
-                resume.clone(),
-                effects,
-            )
+            cx.lost(None, ClosePhase::BeforeOpen, *retries, resume.clone(), effects)
         }
-        (
-            S::Open {
-                identity,
-                since,
-                retries,
-            },
-            I::TransportClosed { status, .. },
-        ) => {
+        (S::Open { identity, since, retries }, I::TransportClosed { status, .. }) => {
             let retries = cx.retries_after_open(*since, *retries);
-            cx.lost(
-                *status,
-                ClosePhase::AfterOpen,
-                retries,
-                Some(identity.clone()),
-                vec![],
-            )
+            cx.lost(*status, ClosePhase::AfterOpen, retries, Some(identity.clone()), vec![])
         }
         // R7: a missed heartbeat or a failed write while Open makes a zombie at once.
-        (
-            S::Open {
-                identity,
-                since,
-                retries,
-            },
-            I::HeartbeatMissed { .. } | I::WriteFailed { .. },
-        ) => {
+        (S::Open { identity, since, retries }, I::HeartbeatMissed { .. } | I::WriteFailed { .. }) => {
             let cause = match input {
-                I::WriteFailed { error, .. } => ZombieCause::WriteFailed {
-                    error: error.clone(),
-                },
+                I::WriteFailed { error, .. } => ZombieCause::WriteFailed { error: error.clone() },
                 _ => ZombieCause::HeartbeatMissed,
             };
             let retries = cx.retries_after_open(*since, *retries);
@@ -400,42 +235,13 @@ pub fn step(
                 Loss::Retry { delay, .. } => delay,
                 Loss::Stop | Loss::Remove | Loss::GiveUp => std::time::Duration::ZERO,
             };
-            let effects = vec![
-                cx.abort(),
-                Effect::ArmTimer {
-                    timer: cx.timer(TimerKind::Reconnect),
-                    after,
-                },
-            ];
-            cx.go(
-                S::Zombie {
-                    since: now,
-                    cause,
-                    identity: identity.clone(),
-                    retries,
-                },
-                effects,
-            )
+            let effects = vec![cx.abort(), Effect::ArmTimer { timer: cx.timer(TimerKind::Reconnect), after }];
+            cx.go(S::Zombie { since: now, cause, identity: identity.clone(), retries }, effects)
         }
-        (
-            S::Closing {
-                intent,
-                step: ClosingStep::LoggingOut,
-            },
-            I::TransportClosed { status, .. },
-        ) => cx.finish_closing(
-            *intent,
-            LogoutOutcome::Unconfirmed,
-            *status,
-            vec![cx.cancel(TimerKind::Logout)],
-        ),
-        (
-            S::Closing {
-                intent,
-                step: ClosingStep::LoggingOut,
-            },
-            I::WriteFailed { .. } | I::HeartbeatMissed { .. },
-        ) => {
+        (S::Closing { intent, step: ClosingStep::LoggingOut }, I::TransportClosed { status, .. }) => {
+            cx.finish_closing(*intent, LogoutOutcome::Unconfirmed, *status, vec![cx.cancel(TimerKind::Logout)])
+        }
+        (S::Closing { intent, step: ClosingStep::LoggingOut }, I::WriteFailed { .. } | I::HeartbeatMissed { .. }) => {
             let error = match input {
                 I::WriteFailed { error, .. } => error.clone(),
                 _ => "heartbeat missed while logging out".to_owned(),
@@ -443,113 +249,45 @@ pub fn step(
             let effects = vec![cx.cancel(TimerKind::Logout), cx.abort()];
             cx.finish_closing(*intent, LogoutOutcome::Failed { error }, None, effects)
         }
+        (S::Closing { intent, step: ClosingStep::ClosingSocket { logout } }, I::TransportClosed { status, .. }) => {
+            cx.finish_closing(*intent, logout.clone(), *status, vec![cx.cancel(TimerKind::Close)])
+        }
+        (S::Closing { intent, step: ClosingStep::ClosingSocket { logout } }, I::CloseFinished { .. }) => {
+            cx.finish_closing(*intent, logout.clone(), None, vec![cx.cancel(TimerKind::Close)])
+        }
         (
-            S::Closing {
-                intent,
-                step: ClosingStep::ClosingSocket { logout },
-            },
-            I::TransportClosed { status, .. },
-        ) => cx.finish_closing(
-            *intent,
-            logout.clone(),
-            *status,
-            vec![cx.cancel(TimerKind::Close)],
-        ),
-        (
-            S::Closing {
-                intent,
-                step: ClosingStep::ClosingSocket { logout },
-            },
-            I::CloseFinished { .. },
-        ) => cx.finish_closing(
-            *intent,
-            logout.clone(),
-            None,
-            vec![cx.cancel(TimerKind::Close)],
-        ),
-        (
-            S::Closing {
-                intent,
-                step: ClosingStep::ClosingSocket { logout },
-            },
+            S::Closing { intent, step: ClosingStep::ClosingSocket { logout } },
             I::WriteFailed { .. } | I::HeartbeatMissed { .. },
-        ) => cx.finish_closing(
-            *intent,
-            logout.clone(),
-            None,
-            vec![cx.cancel(TimerKind::Close), cx.abort()],
-        ),
+        ) => cx.finish_closing(*intent, logout.clone(), None, vec![cx.cancel(TimerKind::Close), cx.abort()]),
         (
             _,
-            I::TransportClosed { .. }
-            | I::WriteFailed { .. }
-            | I::HeartbeatMissed { .. }
-            | I::CloseFinished { .. },
+            I::TransportClosed { .. } | I::WriteFailed { .. } | I::HeartbeatMissed { .. } | I::CloseFinished { .. },
         ) => ignored(Ignored::NotExpected),
 
         // ---- completions: logout and cleanup ----
-        (
-            S::Closing {
-                intent,
-                step: ClosingStep::LoggingOut,
-            },
-            I::LogoutConfirmed { .. },
-        ) => cx.close_socket(
-            *intent,
-            LogoutOutcome::Confirmed,
-            vec![cx.cancel(TimerKind::Logout)],
-        ),
+        (S::Closing { intent, step: ClosingStep::LoggingOut }, I::LogoutConfirmed { .. }) => {
+            cx.close_socket(*intent, LogoutOutcome::Confirmed, vec![cx.cancel(TimerKind::Logout)])
+        }
         // R5: a logout that throws is recorded and the socket abandoned; closing goes on.
-        (
-            S::Closing {
-                intent,
-                step: ClosingStep::LoggingOut,
-            },
-            I::LogoutFailed { error, .. },
-        ) => {
+        (S::Closing { intent, step: ClosingStep::LoggingOut }, I::LogoutFailed { error, .. }) => {
             let effects = vec![cx.cancel(TimerKind::Logout), cx.abort()];
-            cx.finish_closing(
-                *intent,
-                LogoutOutcome::Failed {
-                    error: error.clone(),
-                },
-                None,
-                effects,
-            )
+            cx.finish_closing(*intent, LogoutOutcome::Failed { error: error.clone() }, None, effects)
         }
         (_, I::LogoutConfirmed { .. } | I::LogoutFailed { .. }) => ignored(Ignored::NotExpected),
         // R2: cleanup failures are recorded in Removed, never block it.
-        (
-            S::Closing {
-                intent: Intent::Delete,
-                step: ClosingStep::CleaningUp,
-            },
-            I::CleanupFinished { steps },
-        ) => cx.go(
-            S::Removed {
-                cleanup: CleanupOutcome::Finished {
-                    steps: steps.clone(),
-                },
-            },
+        (S::Closing { intent: Intent::Delete, step: ClosingStep::CleaningUp }, I::CleanupFinished { steps }) => cx.go(
+            S::Removed { cleanup: CleanupOutcome::Finished { steps: steps.clone() } },
             vec![cx.cancel(TimerKind::Cleanup)],
         ),
         (_, I::CleanupFinished { .. }) => ignored(Ignored::NotExpected),
 
         // ---- timers (their generation was checked above) ----
-        (
-            S::Connecting {
-                phase: Phase::Backoff { .. },
-                retries,
-                resume,
-            },
-            I::TimerFired { timer },
-        ) if timer.kind == TimerKind::Reconnect => cx.attempt(*retries, resume.clone(), vec![]),
-        (
-            S::Zombie {
-                identity, retries, ..
-            },
-            I::TimerFired { timer },
-        ) if timer.kind == TimerKind::Reconnect => {
+        (S::Connecting { phase: Phase::Backoff { .. }, retries, resume }, I::TimerFired { timer })
+            if timer.kind == TimerKind::Reconnect =>
+        {
+            cx.attempt(*retries, resume.clone(), vec![])
+        }
+        (S::Zombie { identity, retries, .. }, I::TimerFired { timer }) if timer.kind == TimerKind::Reconnect => {
             // R7: from Zombie, reconnect if the policy allows, else give up or remove.
             match cx.loss_decision(None, ClosePhase::AfterOpen, *retries) {
                 Loss::Retry { attempt, .. } => cx.attempt(attempt, Some(identity.clone()), vec![]),
@@ -557,97 +295,47 @@ pub fn step(
             }
         }
         (
-            S::Connecting {
-                phase: Phase::Handshaking | Phase::Pairing { .. },
-                retries,
-                resume,
-            },
+            S::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, retries, resume },
             I::TimerFired { timer },
         ) if timer.kind == TimerKind::Connect => {
             // A connect or pairing time-out is a 408 the engine raises itself, judged by the policy like any close.
             let effects = vec![cx.close(StatusCode::TIMEOUT)];
-            cx.lost(
-                Some(StatusCode::TIMEOUT),
-                ClosePhase::BeforeOpen,
-                *retries,
-                resume.clone(),
-                effects,
-            )
+            cx.lost(Some(StatusCode::TIMEOUT), ClosePhase::BeforeOpen, *retries, resume.clone(), effects)
         }
         // R5: a logout that hangs is given up on; the socket is closed regardless.
-        (
-            S::Closing {
-                intent,
-                step: ClosingStep::LoggingOut,
-            },
-            I::TimerFired { timer },
-        ) if timer.kind == TimerKind::Logout => {
+        (S::Closing { intent, step: ClosingStep::LoggingOut }, I::TimerFired { timer })
+            if timer.kind == TimerKind::Logout =>
+        {
             cx.close_socket(*intent, LogoutOutcome::TimedOut, vec![])
         }
-        (
-            S::Closing {
-                intent,
-                step: ClosingStep::ClosingSocket { logout },
-            },
-            I::TimerFired { timer },
-        ) if timer.kind == TimerKind::Close => {
+        (S::Closing { intent, step: ClosingStep::ClosingSocket { logout } }, I::TimerFired { timer })
+            if timer.kind == TimerKind::Close =>
+        {
             cx.finish_closing(*intent, logout.clone(), None, vec![cx.abort()])
         }
         // R2: a cleanup that hangs does not keep the instance alive.
-        (
-            S::Closing {
-                intent: Intent::Delete,
-                step: ClosingStep::CleaningUp,
-            },
-            I::TimerFired { timer },
-        ) if timer.kind == TimerKind::Cleanup => cx.go(
-            S::Removed {
-                cleanup: CleanupOutcome::TimedOut,
-            },
-            vec![],
-        ),
+        (S::Closing { intent: Intent::Delete, step: ClosingStep::CleaningUp }, I::TimerFired { timer })
+            if timer.kind == TimerKind::Cleanup =>
+        {
+            cx.go(S::Removed { cleanup: CleanupOutcome::TimedOut }, vec![])
+        }
         (_, I::TimerFired { .. }) => ignored(Ignored::NotExpected),
 
         // ---- the runtime: restart recovery (R11) and caught panics (R10) ----
-        (S::Open { identity, .. } | S::Zombie { identity, .. }, I::Recovered) => {
-            cx.recover(Some(identity.clone()))
-        }
+        (S::Open { identity, .. } | S::Zombie { identity, .. }, I::Recovered) => cx.recover(Some(identity.clone())),
         (S::Connecting { resume, .. }, I::Recovered) => cx.recover(resume.clone()),
-        (
-            S::Closing {
-                intent: Intent::Logout,
-                ..
-            },
-            I::Recovered,
-        ) => cx.finish_closing(Intent::Logout, LogoutOutcome::Interrupted, None, vec![]),
-        (
-            S::Closing {
-                intent: Intent::Delete,
-                ..
-            },
-            I::Recovered,
-        ) => {
+        (S::Closing { intent: Intent::Logout, .. }, I::Recovered) => {
+            cx.finish_closing(Intent::Logout, LogoutOutcome::Interrupted, None, vec![])
+        }
+        (S::Closing { intent: Intent::Delete, .. }, I::Recovered) => {
             // The cleanup restarts from its first step: host steps must be idempotent.
             cx.finish_closing(Intent::Delete, LogoutOutcome::Interrupted, None, vec![])
         }
         (S::Closed { .. }, I::Recovered) => ignored(Ignored::NotExpected),
-        (
-            S::Closing {
-                intent: Intent::Delete,
-                ..
-            },
-            I::Panicked { message },
-        ) => {
+        (S::Closing { intent: Intent::Delete, .. }, I::Panicked { message }) => {
             // R2 holds even when our own task fails mid-delete.
             let effects = cx.abort_if_socket(&instance.state);
-            cx.go(
-                S::Removed {
-                    cleanup: CleanupOutcome::Aborted {
-                        message: message.clone(),
-                    },
-                },
-                effects,
-            )
+            cx.go(S::Removed { cleanup: CleanupOutcome::Aborted { message: message.clone() } }, effects)
         }
         (state, I::Panicked { message }) => {
             let resume = match state {
@@ -655,17 +343,8 @@ pub fn step(
                 S::Connecting { resume, .. } | S::Closed { resume, .. } => resume.clone(),
                 S::Closing { .. } | S::Removed { .. } => None,
             };
-            let cause = ClosedCause::Panicked {
-                message: message.clone(),
-            };
-            cx.go(
-                S::Closed {
-                    cause,
-                    status: None,
-                    resume,
-                },
-                cx.abort_if_socket(state),
-            )
+            let cause = ClosedCause::Panicked { message: message.clone() };
+            cx.go(S::Closed { cause, status: None, resume }, cx.abort_if_socket(state))
         }
     }
 }
@@ -675,20 +354,13 @@ fn ignored(why: Ignored) -> Outcome {
 }
 
 fn intent_of(input: &Input) -> Intent {
-    if matches!(input, Input::Delete) {
-        Intent::Delete
-    } else {
-        Intent::Logout
-    }
+    if matches!(input, Input::Delete) { Intent::Delete } else { Intent::Logout }
 }
 
 /// What to do about a lost connection, after the policy and the give-up limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Loss {
-    Retry {
-        attempt: u32,
-        delay: std::time::Duration,
-    },
+    Retry { attempt: u32, delay: std::time::Duration },
     Stop,
     Remove,
     GiveUp,
@@ -704,31 +376,19 @@ struct Cx<'a> {
 
 impl Cx<'_> {
     fn go(&self, to: State, effects: Vec<Effect>) -> Outcome {
-        Outcome::Transition(Transition {
-            generation: self.g,
-            to,
-            effects,
-        })
+        Outcome::Transition(Transition { generation: self.g, to, effects })
     }
 
     fn timer(&self, kind: TimerKind) -> Timer {
-        Timer {
-            kind,
-            generation: self.g,
-        }
+        Timer { kind, generation: self.g }
     }
 
     fn cancel(&self, kind: TimerKind) -> Effect {
-        Effect::CancelTimer {
-            timer: self.timer(kind),
-        }
+        Effect::CancelTimer { timer: self.timer(kind) }
     }
 
     fn close(&self, status: StatusCode) -> Effect {
-        Effect::CloseTransport {
-            generation: self.g,
-            status,
-        }
+        Effect::CloseTransport { generation: self.g, status }
     }
 
     fn abort(&self) -> Effect {
@@ -736,47 +396,26 @@ impl Cx<'_> {
     }
 
     fn abort_if_socket(&self, state: &State) -> Vec<Effect> {
-        if state.has_socket() {
-            vec![self.abort()]
-        } else {
-            vec![]
-        }
+        if state.has_socket() { vec![self.abort()] } else { vec![] }
     }
 
     /// A new connection attempt with the next generation (R9: one in flight;
     /// `prior` closes or cancels whatever the old generation had).
     fn attempt(&self, retries: u32, resume: Option<Identity>, mut prior: Vec<Effect>) -> Outcome {
         let generation = self.g.next();
-        prior.push(Effect::OpenTransport {
-            generation,
-            resume: resume.clone(),
-        });
-        let timer = Timer {
-            kind: TimerKind::Connect,
-            generation,
-        };
-        prior.push(Effect::ArmTimer {
-            timer,
-            after: self.policy.timeouts.connect,
-        });
+        prior.push(Effect::OpenTransport { generation, resume: resume.clone() });
+        let timer = Timer { kind: TimerKind::Connect, generation };
+        prior.push(Effect::ArmTimer { timer, after: self.policy.timeouts.connect });
         Outcome::Transition(Transition {
             generation,
-            to: State::Connecting {
-                phase: Phase::Handshaking,
-                retries,
-                resume,
-            },
+            to: State::Connecting { phase: Phase::Handshaking, retries, resume },
             effects: prior,
         })
     }
 
     /// The retry counter resets only after a session stayed open for the stable period.
     fn retries_after_open(&self, since: Timestamp, retries: u32) -> u32 {
-        if self.now.saturating_since(since) >= self.policy.backoff.stable_period {
-            0
-        } else {
-            retries
-        }
+        if self.now.saturating_since(since) >= self.policy.backoff.stable_period { 0 } else { retries }
     }
 
     fn loss_decision(&self, status: Option<StatusCode>, phase: ClosePhase, retries: u32) -> Loss {
@@ -791,11 +430,7 @@ impl Cx<'_> {
         if attempt > self.policy.backoff.attempts_max {
             return Loss::GiveUp;
         }
-        let delay = if now {
-            std::time::Duration::ZERO
-        } else {
-            self.policy.backoff_delay(self.name, attempt)
-        };
+        let delay = if now { std::time::Duration::ZERO } else { self.policy.backoff_delay(self.name, attempt) };
         Loss::Retry { attempt, delay }
     }
 
@@ -821,68 +456,26 @@ impl Cx<'_> {
         mut effects: Vec<Effect>,
     ) -> Outcome {
         match decision {
-            Loss::Retry { attempt, delay } if delay.is_zero() => {
-                self.attempt(attempt, resume, effects)
-            }
+            Loss::Retry { attempt, delay } if delay.is_zero() => self.attempt(attempt, resume, effects),
             Loss::Retry { attempt, delay } => {
-                effects.push(Effect::ArmTimer {
-                    timer: self.timer(TimerKind::Reconnect),
-                    after: delay,
-                });
-                let phase = Phase::Backoff {
-                    until: self.now.saturating_add(delay),
-                };
-                self.go(
-                    State::Connecting {
-                        phase,
-                        retries: attempt,
-                        resume,
-                    },
-                    effects,
-                )
+                effects.push(Effect::ArmTimer { timer: self.timer(TimerKind::Reconnect), after: delay });
+                let phase = Phase::Backoff { until: self.now.saturating_add(delay) };
+                self.go(State::Connecting { phase, retries: attempt, resume }, effects)
             }
             // R4: a status final for the phase ends in Closed.
-            Loss::Stop => self.go(
-                State::Closed {
-                    cause: ClosedCause::FinalStatus,
-                    status,
-                    resume,
-                },
-                effects,
-            ),
-            Loss::GiveUp => self.go(
-                State::Closed {
-                    cause: ClosedCause::GaveUp { attempts: retries },
-                    status,
-                    resume,
-                },
-                effects,
-            ),
-            Loss::Remove => {
-                self.finish_closing(Intent::Delete, LogoutOutcome::NotSent, status, effects)
+            Loss::Stop => self.go(State::Closed { cause: ClosedCause::FinalStatus, status, resume }, effects),
+            Loss::GiveUp => {
+                self.go(State::Closed { cause: ClosedCause::GaveUp { attempts: retries }, status, resume }, effects)
             }
+            Loss::Remove => self.finish_closing(Intent::Delete, LogoutOutcome::NotSent, status, effects),
         }
     }
 
     /// Close the live socket, bounded by the close timer.
-    fn close_socket(
-        &self,
-        intent: Intent,
-        logout: LogoutOutcome,
-        mut effects: Vec<Effect>,
-    ) -> Outcome {
+    fn close_socket(&self, intent: Intent, logout: LogoutOutcome, mut effects: Vec<Effect>) -> Outcome {
         effects.push(self.close(StatusCode::NORMAL));
-        effects.push(Effect::ArmTimer {
-            timer: self.timer(TimerKind::Close),
-            after: self.policy.timeouts.close,
-        });
-        self.go(
-            State::Closing {
-                intent,
-                step: ClosingStep::ClosingSocket { logout },
-            },
-            effects,
-        )
+        effects.push(Effect::ArmTimer { timer: self.timer(TimerKind::Close), after: self.policy.timeouts.close });
+        self.go(State::Closing { intent, step: ClosingStep::ClosingSocket { logout } }, effects)
     }
 
     /// The socket is gone: a logout ends in Closed (R5), a delete goes on to cleanup (R2).
@@ -894,27 +487,16 @@ impl Cx<'_> {
         mut effects: Vec<Effect>,
     ) -> Outcome {
         match intent {
-            Intent::Logout => self.go(
-                State::Closed {
-                    cause: ClosedCause::LoggedOut { logout },
-                    status,
-                    resume: None,
-                },
-                effects,
-            ),
+            Intent::Logout => {
+                self.go(State::Closed { cause: ClosedCause::LoggedOut { logout }, status, resume: None }, effects)
+            }
             Intent::Delete => {
                 effects.push(Effect::RunCleanup);
                 effects.push(Effect::ArmTimer {
                     timer: self.timer(TimerKind::Cleanup),
                     after: self.policy.timeouts.cleanup,
                 });
-                self.go(
-                    State::Closing {
-                        intent,
-                        step: ClosingStep::CleaningUp,
-                    },
-                    effects,
-                )
+                self.go(State::Closing { intent, step: ClosingStep::CleaningUp }, effects)
             }
         }
     }
@@ -924,14 +506,7 @@ impl Cx<'_> {
         if self.policy.reconnect_after_restart {
             self.attempt(0, resume, vec![])
         } else {
-            self.go(
-                State::Closed {
-                    cause: ClosedCause::NotRecovered,
-                    status: None,
-                    resume,
-                },
-                vec![],
-            )
+            self.go(State::Closed { cause: ClosedCause::NotRecovered, status: None, resume }, vec![])
         }
     }
 }

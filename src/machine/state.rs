@@ -12,7 +12,7 @@ use super::types::{Generation, Identity, StatusCode, Timestamp};
 /// An instance: its last connection generation and its state. The name lives
 /// with whoever owns the instance (registry, log record); the core needs it
 /// only to seed jitter, so [`crate::machine::step`] takes it separately.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Instance {
     /// The generation of the latest connection attempt (0: never connected).
     /// A signal tagged with any other generation is stale (R12).
@@ -26,11 +26,7 @@ impl Instance {
     pub fn new() -> Self {
         Self {
             generation: Generation(0),
-            state: State::Closed {
-                cause: ClosedCause::Created,
-                status: None,
-                resume: None,
-            },
+            state: State::Closed { cause: ClosedCause::Created, status: None, resume: None },
         }
     }
 }
@@ -42,7 +38,7 @@ impl Default for Instance {
 }
 
 /// The lifecycle state of one instance.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum State {
     /// Getting a usable session: waiting out a backoff, handshaking, or pairing.
     Connecting {
@@ -98,7 +94,7 @@ pub enum State {
 }
 
 /// Where a connection attempt is.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Phase {
     /// No socket: waiting until `until` for the reconnect timer (backoff).
     Backoff {
@@ -124,7 +120,7 @@ pub enum Intent {
 }
 
 /// How far a `Closing` instance has got.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ClosingStep {
     /// A logout was sent; waiting for the peer's confirmation.
     LoggingOut,
@@ -139,7 +135,7 @@ pub enum ClosingStep {
 
 /// How a logout went. Anything but `Confirmed` is a failure recorded in the log
 /// (R5) — and never a reason to stay open.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum LogoutOutcome {
     /// The peer confirmed the logout.
     Confirmed,
@@ -160,7 +156,7 @@ pub enum LogoutOutcome {
 }
 
 /// Why an instance is `Closed`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ClosedCause {
     /// Created and never connected.
     Created,
@@ -191,7 +187,7 @@ pub enum ClosedCause {
 }
 
 /// What gave a zombie away (R7).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ZombieCause {
     /// No pong within the heartbeat deadline.
     HeartbeatMissed,
@@ -203,7 +199,7 @@ pub enum ZombieCause {
 }
 
 /// What the host cleanup did during a delete.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CleanupOutcome {
     /// Every step ran; each one's outcome.
     Finished {
@@ -227,7 +223,7 @@ impl CleanupOutcome {
 }
 
 /// One cleanup step's report.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct StepReport {
     /// The step's name, as the host named it (e.g. `session-store`).
     pub step: String,
@@ -236,7 +232,7 @@ pub struct StepReport {
 }
 
 /// What one cleanup step did.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum StepOutcome {
     /// Succeeded.
     Done,
@@ -273,14 +269,8 @@ pub enum StateKind {
 
 impl StateKind {
     /// Every kind, in diagram order.
-    pub const ALL: [StateKind; 6] = [
-        Self::Connecting,
-        Self::Open,
-        Self::Closing,
-        Self::Closed,
-        Self::Zombie,
-        Self::Removed,
-    ];
+    pub const ALL: [StateKind; 6] =
+        [Self::Connecting, Self::Open, Self::Closing, Self::Closed, Self::Zombie, Self::Removed];
 
     /// The name used in diagrams, the CLI and filters.
     pub fn as_str(self) -> &'static str {
@@ -296,9 +286,7 @@ impl StateKind {
 
     /// Parses a kind name, case-insensitively.
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.as_str().eq_ignore_ascii_case(s))
+        Self::ALL.into_iter().find(|k| k.as_str().eq_ignore_ascii_case(s))
     }
 }
 
@@ -351,9 +339,7 @@ impl State {
         match self {
             Self::Connecting { .. } | Self::Zombie { .. } => CoarseStatus::Connecting,
             Self::Open { .. } => CoarseStatus::Open,
-            Self::Closing { .. } | Self::Closed { .. } | Self::Removed { .. } => {
-                CoarseStatus::Close
-            }
+            Self::Closing { .. } | Self::Closed { .. } | Self::Removed { .. } => CoarseStatus::Close,
         }
     }
 
@@ -379,36 +365,17 @@ impl State {
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Connecting {
-                phase: Phase::Backoff { until },
-                retries,
-                ..
-            } => {
+            Self::Connecting { phase: Phase::Backoff { until }, retries, .. } => {
                 write!(f, "Connecting(backoff until {until}, retry {retries})")
             }
-            Self::Connecting {
-                phase: Phase::Handshaking,
-                retries,
-                ..
-            } => {
+            Self::Connecting { phase: Phase::Handshaking, retries, .. } => {
                 write!(f, "Connecting(handshaking, retry {retries})")
             }
-            Self::Connecting {
-                phase: Phase::Pairing { codes },
-                ..
-            } => write!(f, "Connecting(pairing, {codes} codes)"),
+            Self::Connecting { phase: Phase::Pairing { codes }, .. } => write!(f, "Connecting(pairing, {codes} codes)"),
             Self::Open { identity, .. } => write!(f, "Open({identity})"),
             Self::Closing { intent, step } => write!(f, "Closing({intent:?}, {step:?})"),
-            Self::Closed {
-                cause,
-                status: Some(s),
-                ..
-            } => write!(f, "Closed({cause:?}, status {s})"),
-            Self::Closed {
-                cause,
-                status: None,
-                ..
-            } => write!(f, "Closed({cause:?})"),
+            Self::Closed { cause, status: Some(s), .. } => write!(f, "Closed({cause:?}, status {s})"),
+            Self::Closed { cause, status: None, .. } => write!(f, "Closed({cause:?})"),
             Self::Zombie { cause, .. } => write!(f, "Zombie({cause:?})"),
             Self::Removed { cleanup } => write!(f, "Removed({cleanup:?})"),
         }

@@ -31,9 +31,7 @@ pub enum NameError {
         max: usize,
     },
     /// The name contains a character outside `[A-Za-z0-9._-]`.
-    #[error(
-        "instance name {name:?} contains {ch:?} at byte {index}; allowed are A-Z a-z 0-9 . _ -"
-    )]
+    #[error("instance name {name:?} contains {ch:?} at byte {index}; allowed are A-Z a-z 0-9 . _ -")]
     InvalidChar {
         /// The rejected name (escaped when printed).
         name: String,
@@ -71,14 +69,10 @@ impl InstanceName {
             return Err(NameError::Empty);
         }
         if name.len() > INSTANCE_NAME_LEN_MAX {
-            return Err(NameError::TooLong {
-                len: name.len(),
-                max: INSTANCE_NAME_LEN_MAX,
-            });
+            return Err(NameError::TooLong { len: name.len(), max: INSTANCE_NAME_LEN_MAX });
         }
-        if let Some((index, ch)) = name
-            .char_indices()
-            .find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        if let Some((index, ch)) =
+            name.char_indices().find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
             return Err(NameError::InvalidChar { name, ch, index });
         }
@@ -160,10 +154,7 @@ impl Identity {
             return Err(IdentityError::Empty);
         }
         if id.len() > IDENTITY_LEN_MAX {
-            return Err(IdentityError::TooLong {
-                len: id.len(),
-                max: IDENTITY_LEN_MAX,
-            });
+            return Err(IdentityError::TooLong { len: id.len(), max: IDENTITY_LEN_MAX });
         }
         if id.chars().any(char::is_control) {
             return Err(IdentityError::ControlChar);
@@ -205,9 +196,7 @@ impl fmt::Debug for Identity {
 /// The number of a connection attempt of one instance. Every attempt gets the
 /// next generation; a signal tagged with another generation is stale (R12).
 /// Generation 0 means "never connected".
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Generation(pub u64);
 
 impl Generation {
@@ -248,9 +237,7 @@ impl fmt::Display for StatusCode {
 /// A point in time, in milliseconds since the Unix epoch. The core never reads
 /// a clock: the runtime passes `now` in, the simulator passes virtual time, and
 /// replay passes the time recorded in the log.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
@@ -267,10 +254,7 @@ impl Timestamp {
     /// `self + d`, saturating at the end of time.
     #[must_use]
     pub fn saturating_add(self, d: Duration) -> Self {
-        Self(
-            self.0
-                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        )
+        Self(self.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
     }
 
     /// Time elapsed from `earlier` to `self`, zero if `earlier` is later.
@@ -291,34 +275,16 @@ mod tests {
 
     #[test]
     fn names_that_could_escape_a_directory_are_rejected() {
-        for bad in [
-            "",
-            ".",
-            "..",
-            "../../etc",
-            "a/b",
-            "a\\b",
-            "-rf",
-            ".hidden",
-            "é",
-            "a b",
-            "a\0b",
-        ] {
+        for bad in ["", ".", "..", "../../etc", "a/b", "a\\b", "-rf", ".hidden", "é", "a b", "a\0b"] {
             assert!(InstanceName::new(bad).is_err(), "{bad:?} accepted");
         }
         assert!(InstanceName::new("x".repeat(INSTANCE_NAME_LEN_MAX)).is_ok());
         assert_eq!(
             InstanceName::new("x".repeat(INSTANCE_NAME_LEN_MAX + 1)),
-            Err(NameError::TooLong {
-                len: INSTANCE_NAME_LEN_MAX + 1,
-                max: INSTANCE_NAME_LEN_MAX
-            })
+            Err(NameError::TooLong { len: INSTANCE_NAME_LEN_MAX + 1, max: INSTANCE_NAME_LEN_MAX })
         );
         for good in ["a", "acme-prod.01", "A_b-9", "7"] {
-            assert_eq!(
-                InstanceName::new(good).map(|n| n.as_str().to_owned()),
-                Ok(good.to_owned())
-            );
+            assert_eq!(InstanceName::new(good).map(|n| n.as_str().to_owned()), Ok(good.to_owned()));
         }
     }
 

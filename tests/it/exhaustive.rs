@@ -1,0 +1,102 @@
+//! Exhaustive check: every sample state of every kind and sub-phase, stepped
+//! with every sample input (current and stale generations), under every
+//! exploration policy, breadth-first to a fixed depth. At each step the
+//! structural invariants must hold; at the end every (state kind × input kind)
+//! pair must have been decided and every input kind must move some state.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use instance_lifecycle::machine::catalog::{exploration_policies, sample_inputs, sample_states};
+use instance_lifecycle::machine::{Effect, Input, InputKind, Instance, Outcome, State, StateKind, Timestamp, step};
+
+use crate::support::name;
+
+const DEPTH: usize = 3;
+
+fn check_step(from: &Instance, input: &Input, outcome: &Outcome) {
+    let Outcome::Transition(t) = outcome else { return };
+    assert!(!matches!(from.state, State::Removed { .. }), "R1: left Removed on {input:?}");
+    let opened: Vec<_> = t.effects.iter().filter(|e| matches!(e, Effect::OpenTransport { .. })).collect();
+    if opened.is_empty() {
+        assert_eq!(t.generation, from.generation, "generation moved without a new attempt");
+    } else {
+        assert_eq!(opened.len(), 1, "R9: one attempt at a time");
+        assert_eq!(t.generation, from.generation.next());
+        assert!(matches!(t.to, State::Connecting { .. }));
+    }
+    if let State::Open { .. } = t.to
+        && !matches!(from.state, State::Open { .. })
+    {
+        assert!(matches!(input, Input::TransportOpened { identity: Some(_), .. }), "R6: opened by {input:?}");
+    }
+    for e in &t.effects {
+        if let Effect::ArmTimer { timer, .. } = e {
+            assert_eq!(timer.generation, t.generation, "timers belong to the current generation");
+        }
+        if let Effect::SendLogout { generation } = e {
+            assert!(from.state.has_socket() && *generation == from.generation, "logout sent without a socket");
+        }
+    }
+    if matches!(from.state, State::Zombie { .. }) {
+        assert!(
+            !t.effects.iter().any(|e| matches!(e, Effect::SendLogout { .. } | Effect::CloseTransport { .. })),
+            "R7: waited on a zombie"
+        );
+    }
+}
+
+#[test]
+fn exhaustive_pairs_up_to_depth() {
+    let n = name("exhaustive");
+    let mut decided: BTreeMap<(StateKind, InputKind), BTreeSet<&'static str>> = BTreeMap::new();
+    let mut steps = 0usize;
+    for policy in exploration_policies() {
+        let mut seen: HashSet<Instance> = HashSet::new();
+        let mut frontier: Vec<Instance> = sample_states()
+            .into_iter()
+            .map(|state| Instance { generation: instance_lifecycle::machine::Generation(2), state })
+            .collect();
+        for depth in 0..DEPTH {
+            let mut next = Vec::new();
+            for from in frontier.drain(..) {
+                if !seen.insert(from.clone()) {
+                    continue;
+                }
+                for input in sample_inputs(from.generation) {
+                    let now = Timestamp(1_000 * (depth as u64 + 1));
+                    let outcome = step(&n, &from, &input, &policy, now);
+                    steps += 1;
+                    check_step(&from, &input, &outcome);
+                    let verdict = match &outcome {
+                        Outcome::Transition(_) => "transition",
+                        Outcome::Ignored(_) => "ignored",
+                        Outcome::Rejected(_) => "rejected",
+                    };
+                    decided.entry((from.state.kind(), input.kind())).or_default().insert(verdict);
+                    if let Outcome::Transition(t) = outcome {
+                        let mut to = from.clone();
+                        to.apply(&t);
+                        next.push(to);
+                    }
+                }
+            }
+            frontier = next;
+        }
+    }
+    let all_inputs: BTreeSet<InputKind> =
+        sample_inputs(instance_lifecycle::machine::Generation(2)).iter().map(Input::kind).collect();
+    for kind in StateKind::ALL {
+        for input in &all_inputs {
+            assert!(decided.contains_key(&(kind, *input)), "pair ({kind}, {input}) never decided");
+        }
+    }
+    for input in &all_inputs {
+        let moves = StateKind::ALL.iter().any(|k| decided[&(*k, *input)].contains("transition"));
+        assert!(moves, "input kind {input} never moves any state: a dead row in the table");
+    }
+    for kind in StateKind::ALL {
+        let leaves = all_inputs.iter().any(|i| decided[&(kind, *i)].contains("transition"));
+        assert_eq!(leaves, kind != StateKind::Removed, "{kind}");
+    }
+    assert!(steps > 10_000, "explored only {steps} steps");
+}

@@ -1,0 +1,13 @@
+//! The one integration-test crate (one binary, fast to link). Modules:
+//! - `rules`: one named property per rule of the design brief (R1–R9, R12).
+//! - `model`: model-based test of `step` against a small reference model.
+//! - `exhaustive`: every (state × input) pair of the catalog, to a depth.
+//! - `seeds`: the scenarios of the seed pull requests, at the core level.
+//! - `diagrams`: the checked-in diagrams match the code.
+
+mod diagrams;
+mod exhaustive;
+mod model;
+mod rules;
+mod seeds;
+mod support;
