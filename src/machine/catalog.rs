@@ -87,12 +87,13 @@ pub fn sample_inputs(g: Generation) -> Vec<Input> {
 pub fn exploration_policies() -> Vec<Policy> {
     let mut policies: Vec<Policy> = Preset::ALL.into_iter().map(Policy::preset).collect();
     for action in [CloseAction::Remove, CloseAction::ReconnectNow, CloseAction::Stop] {
-        let mut p = Policy::default();
-        p.name = format!("every-close-{action:?}");
-        p.close_rules.clear();
-        p.close_default = action;
-        p.reconnect_after_restart = action != CloseAction::Stop;
-        policies.push(p);
+        policies.push(Policy {
+            name: format!("every-close-{action:?}"),
+            close_rules: Vec::new(),
+            close_default: action,
+            reconnect_after_restart: action != CloseAction::Stop,
+            ..Policy::default()
+        });
     }
     policies
 }
