@@ -7,11 +7,14 @@
 //!
 //! Layout:
 //! - [`machine`] — the pure core: states, inputs, effects, policy, rules. No I/O.
+//! - [`log`] — the persisted event log on sled: records, durability modes,
+//!   recovery, verification, retention.
 //! - [`diagram`] — Mermaid and DOT state diagrams generated from the table.
 
 #![warn(missing_docs)]
 
 pub mod diagram;
+pub mod log;
 pub mod machine;
 #[cfg(feature = "testing")]
 pub mod testing;

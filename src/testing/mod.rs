@@ -16,6 +16,25 @@ use crate::machine::{
     Timestamp, step,
 };
 
+/// Appends a driver's history to `log`: a `Created` record (when the driver
+/// started from a new instance) and then one record per transition, each at
+/// the virtual time it happened. Returns the last sequence number written.
+pub fn append_to_log(log: &crate::log::Log, driver: &Driver) -> Result<u64, crate::log::LogError> {
+    use crate::log::Event;
+    let name = &driver.name;
+    let mut seq = log.next_seq(name);
+    if driver.steps.first().is_none_or(|s| s.from == Instance::new()) {
+        log.append(name, seq, Timestamp(0), Event::Created, &Instance::new())?;
+        seq += 1;
+    }
+    for s in &driver.steps {
+        let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
+        log.append(name, seq, s.at, event, &s.to)?;
+        seq += 1;
+    }
+    Ok(seq - 1)
+}
+
 /// One recorded transition, as the driver saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {

@@ -1,0 +1,73 @@
+//! Key layout inside the one tree. Names are `[A-Za-z0-9._-]`, so the NUL
+//! separator sorts before every name byte and a prefix never matches a longer name.
+//!
+//! | prefix | key | value |
+//! |---|---|---|
+//! | `r` | name ‖ 0 ‖ seq (u64 BE) | a record |
+//! | `g` | global (u64 BE) | name ‖ 0 ‖ seq: the global-order index |
+//! | `l` | name | the latest-state entry (a cache of the last record's `to`) |
+//! | `m` | field | metadata: format marker, policy |
+
+use crate::machine::InstanceName;
+
+pub const RECORD: u8 = b'r';
+pub const GLOBAL: u8 = b'g';
+pub const LATEST: u8 = b'l';
+
+pub const META_FORMAT: &[u8] = b"mformat";
+pub const META_POLICY: &[u8] = b"mpolicy";
+/// The format marker this build writes and reads.
+pub const FORMAT: &str = "instance-lifecycle log v1";
+
+pub fn record_prefix(name: &InstanceName) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.as_str().len() + 10);
+    k.push(RECORD);
+    k.extend_from_slice(name.as_str().as_bytes());
+    k.push(0);
+    k
+}
+
+pub fn record(name: &InstanceName, seq: u64) -> Vec<u8> {
+    let mut k = record_prefix(name);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn global(global: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(GLOBAL);
+    k.extend_from_slice(&global.to_be_bytes());
+    k
+}
+
+pub fn latest(name: &InstanceName) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.as_str().len() + 1);
+    k.push(LATEST);
+    k.extend_from_slice(name.as_str().as_bytes());
+    k
+}
+
+/// The first key after every record key of `name` (to skip to the next name).
+pub fn after_records_of(name_bytes: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name_bytes.len() + 2);
+    k.push(RECORD);
+    k.extend_from_slice(name_bytes);
+    k.push(1);
+    k
+}
+
+/// Splits a record key (without its `r`) into name bytes and seq.
+pub fn split_record_suffix(suffix: &[u8]) -> Option<(&[u8], u64)> {
+    let (name, rest) = suffix.split_at(suffix.iter().position(|&b| b == 0)?);
+    let seq: [u8; 8] = rest.get(1..)?.try_into().ok()?;
+    Some((name, u64::from_be_bytes(seq)))
+}
+
+/// Parses a record key into name and seq.
+pub fn parse_record(key: &[u8]) -> Option<(&[u8], u64)> {
+    split_record_suffix(key.strip_prefix(&[RECORD])?)
+}
+
+pub fn parse_global(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.strip_prefix(&[GLOBAL])?.try_into().ok()?))
+}

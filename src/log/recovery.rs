@@ -1,0 +1,176 @@
+//! Recovery after a restart (R11): every instance back to its last recorded
+//! state, from the latest-state cache (fast) or from the records alone
+//! (replay). The cache is only a cache: an entry that cannot be decoded or
+//! disagrees with the records is reported and the instance is replayed. A
+//! record that cannot be decoded fails recovery, unless quarantine is asked
+//! for, which sets that instance aside and brings up the rest.
+
+use std::collections::BTreeMap;
+
+use super::record::{self, Event, Latest, RecordV1};
+use super::{Log, LogError, decode_pair, keys};
+use crate::machine::{Input, Instance, InstanceName, Outcome, Policy, State, Timestamp, Transition, step};
+
+/// How to rebuild the states.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecoveryMode {
+    /// From the latest-state entries, checked against each instance's last record.
+    #[default]
+    Fast,
+    /// From every record, ignoring the latest-state entries.
+    Replay,
+}
+
+/// Recovery options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryOptions {
+    /// How to rebuild the states.
+    pub mode: RecoveryMode,
+    /// Set aside instances with undecodable records instead of failing.
+    pub quarantine: bool,
+}
+
+/// One recovered instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveredInstance {
+    /// The instance as last recorded.
+    pub instance: Instance,
+    /// Sequence number of its last record.
+    pub seq: u64,
+    /// Time of its last record.
+    pub at: Timestamp,
+}
+
+/// What recovery found.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Every instance with records, including removed ones (which never come back).
+    pub instances: BTreeMap<InstanceName, RecoveredInstance>,
+    /// Cache entries that were wrong or unreadable, and what was done instead.
+    pub notes: Vec<String>,
+    /// Instances set aside in quarantine mode, with the reason.
+    pub quarantined: Vec<(InstanceName, LogError)>,
+}
+
+impl Log {
+    /// Restores every instance to its last recorded state.
+    pub fn recover(&self, options: RecoveryOptions) -> Result<Recovery, LogError> {
+        let mut out = Recovery::default();
+        let mut latest: BTreeMap<InstanceName, Result<Latest, String>> = BTreeMap::new();
+        if options.mode == RecoveryMode::Fast {
+            for pair in self.store().scan(&[keys::LATEST]) {
+                let (key, value) = pair?;
+                let name = std::str::from_utf8(&key[1..]).ok().and_then(|n| InstanceName::new(n).ok());
+                let Some(name) = name else {
+                    out.notes.push(format!(
+                        "latest-state key {:?} is not an instance name; ignored",
+                        String::from_utf8_lossy(&key)
+                    ));
+                    continue;
+                };
+                latest.insert(name, record::decode::<Latest>(&value, false).map_err(|e| e.to_string()));
+            }
+        }
+        for name in self.names()? {
+            let result = match (options.mode, latest.remove(&name)) {
+                (RecoveryMode::Fast, Some(Ok(entry))) => self.check_latest(&name, entry, &mut out.notes),
+                (RecoveryMode::Fast, Some(Err(e))) => {
+                    out.notes.push(format!("{name}: latest-state entry unreadable ({e}); replayed its records"));
+                    self.replay(&name)
+                }
+                (RecoveryMode::Fast, None) => {
+                    out.notes.push(format!("{name}: no latest-state entry; replayed its records"));
+                    self.replay(&name)
+                }
+                (RecoveryMode::Replay, _) => self.replay(&name),
+            };
+            match result {
+                Ok(r) => {
+                    out.instances.insert(name, r);
+                }
+                Err(e) if options.quarantine => out.quarantined.push((name, e)),
+                Err(e) => return Err(e),
+            }
+        }
+        for (name, _) in latest {
+            out.notes.push(format!("{name}: latest-state entry without records; ignored"));
+        }
+        Ok(out)
+    }
+
+    fn check_latest(
+        &self,
+        name: &InstanceName,
+        entry: Latest,
+        notes: &mut Vec<String>,
+    ) -> Result<RecoveredInstance, LogError> {
+        let last = self.store().last(&keys::record_prefix(name))?.map(decode_pair).transpose()?;
+        match last {
+            Some(r) if r.seq == entry.seq && r.to == entry.instance => {
+                Ok(RecoveredInstance { instance: entry.instance, seq: entry.seq, at: entry.at })
+            }
+            _ => {
+                notes.push(format!("{name}: latest-state entry disagrees with the last record; replayed its records"));
+                self.replay(name)
+            }
+        }
+    }
+
+    /// Rebuilds one instance from its records alone.
+    fn replay(&self, name: &InstanceName) -> Result<RecoveredInstance, LogError> {
+        let mut last: Option<RecordV1> = None;
+        for pair in self.store().scan(&keys::record_prefix(name)) {
+            let r = decode_pair(pair?)?;
+            if let Some(prev) = &last
+                && let Event::Transition { from, .. } = &r.event
+                && *from != prev.to
+            {
+                return Err(LogError::Corrupt {
+                    what: "record",
+                    instance: Some(name.to_string()),
+                    seq: Some(r.seq),
+                    problem: record::Corruption::Decode {
+                        message: "its from-state is not the previous record's to-state".into(),
+                    },
+                });
+            }
+            last = Some(r);
+        }
+        let r = last.ok_or_else(|| LogError::Corrupt {
+            what: "record",
+            instance: Some(name.to_string()),
+            seq: None,
+            problem: record::Corruption::Decode { message: "instance has no records".into() },
+        })?;
+        Ok(RecoveredInstance { instance: r.to, seq: r.seq, at: r.at })
+    }
+}
+
+/// R11: after a restart no socket of the last run is alive. Feeds `Recovered`
+/// through the rules to every instance that is not `Closed` or `Removed`,
+/// appends each resulting transition (so the decision is itself logged), and
+/// returns them: the caller carries out their effects (reopen sockets,
+/// resume cleanups). Instances are updated in `recovery` in place.
+pub fn resume_after_restart(
+    log: &Log,
+    recovery: &mut Recovery,
+    policy: &Policy,
+    now: Timestamp,
+) -> Result<Vec<(InstanceName, Transition)>, LogError> {
+    let mut resumed = Vec::new();
+    for (name, r) in &mut recovery.instances {
+        if matches!(r.instance.state, State::Removed { .. } | State::Closed { .. }) {
+            continue;
+        }
+        let from = r.instance.clone();
+        if let Outcome::Transition(t) = step(name, &from, &Input::Recovered, policy, now) {
+            let mut to = from.clone();
+            to.apply(&t);
+            let event = Event::Transition { from, input: Input::Recovered, effects: t.effects.clone() };
+            let appended = log.append(name, r.seq + 1, now, event, &to)?;
+            *r = RecoveredInstance { instance: to, seq: appended.seq, at: now };
+            resumed.push((name.clone(), t));
+        }
+    }
+    Ok(resumed)
+}

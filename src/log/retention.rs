@@ -1,0 +1,85 @@
+//! Retention: the log must not grow without bound on a long-running host.
+//! Per instance, the history beyond the last `keep_records` records is
+//! replaced by a snapshot (which starts a new chain, so verification stays
+//! valid); a removed instance's history is deleted `removed_after` its removal.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::record::{Event, Record, RecordV1, encode_record};
+use super::{Log, LogError, keys};
+use crate::machine::{State, Timestamp};
+
+/// Retention settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Records kept per instance after the snapshot: 1,000 covers days of an
+    /// instance's history at normal rates, enough to debug with.
+    pub keep_records: u64,
+    /// How long a removed instance's history is kept: a week gives operators
+    /// time to investigate a complaint about a deletion.
+    pub removed_after: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { keep_records: 1_000, removed_after: Duration::from_secs(7 * 24 * 3600) }
+    }
+}
+
+/// What a compaction did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// Instances whose old records became a snapshot.
+    pub snapshotted: usize,
+    /// Records deleted.
+    pub records_deleted: u64,
+    /// Removed instances whose history was deleted.
+    pub purged: usize,
+}
+
+impl Log {
+    /// Applies `retention` as of `now`. Safe while the log is appended to:
+    /// it only rewrites records older than the kept tail, in one batch per instance.
+    pub fn compact(&self, now: Timestamp, retention: &Retention) -> Result<CompactionReport, LogError> {
+        let mut report = CompactionReport::default();
+        for name in self.names()? {
+            let history = self.history(&name)?;
+            let Some(last) = history.last() else { continue };
+            if matches!(last.to.state, State::Removed { .. })
+                && now.saturating_since(last.at) >= retention.removed_after
+            {
+                // Hold the writer lock: the name's sequence restarts at 1 for a new incarnation.
+                let mut w = self.writer();
+                if w.seqs.get(&name) != Some(&last.seq) {
+                    continue; // re-created meanwhile: keep it
+                }
+                let mut writes: Vec<_> = history.iter().flat_map(|r| deletes(r)).collect();
+                writes.push((keys::latest(&name), None));
+                self.store().apply(writes)?;
+                w.seqs.remove(&name);
+                report.purged += 1;
+                report.records_deleted += history.len() as u64;
+                continue;
+            }
+            let keep = usize::try_from(retention.keep_records).unwrap_or(usize::MAX);
+            if history.len() <= keep.saturating_add(1) {
+                continue;
+            }
+            let cut = history.len() - keep - 1;
+            let base = &history[cut];
+            let snapshot = Record::V1(RecordV1 { event: Event::Snapshot, ..base.clone() });
+            let mut writes: Vec<_> = history[..cut].iter().flat_map(|r| deletes(r)).collect();
+            writes.push((keys::record(&name, base.seq), Some(encode_record(&snapshot))));
+            self.store().apply(writes)?;
+            report.snapshotted += 1;
+            report.records_deleted += cut as u64;
+        }
+        Ok(report)
+    }
+}
+
+fn deletes(r: &RecordV1) -> [(Vec<u8>, Option<Vec<u8>>); 2] {
+    [(keys::record(&r.instance, r.seq), None), (keys::global(r.global), None)]
+}

@@ -1,0 +1,332 @@
+//! Verification of R8 over a whole log: per-instance sequence numbers start
+//! at 1 (or at a snapshot) without gaps, each record's "from" is the previous
+//! record's "to", replaying each input through the given rules reproduces
+//! the recorded "to" and effects, the latest-state cache agrees with the
+//! records, and the global index points at every record. It returns a report,
+//! never panics, and goes on past a bad instance to the next.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use super::record::{Event, Latest, RecordV1};
+use super::{Log, LogError, decode_pair, keys};
+use crate::machine::{Effect, Instance, InstanceName, Outcome, Policy, State, step};
+
+/// One problem found in a log.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Finding {
+    /// A record or entry could not be read.
+    Corrupt {
+        /// The error, naming instance and sequence.
+        error: LogError,
+    },
+    /// The first record of a chain is neither `Created` at seq 1 nor a snapshot.
+    BadStart {
+        /// The instance.
+        instance: InstanceName,
+        /// Its first sequence number.
+        seq: u64,
+        /// What that record is.
+        event: &'static str,
+    },
+    /// A sequence number was skipped.
+    Gap {
+        /// The instance.
+        instance: InstanceName,
+        /// The sequence expected.
+        expected: u64,
+        /// The sequence found.
+        found: u64,
+    },
+    /// A record's "from" is not the previous record's "to".
+    BrokenChain {
+        /// The instance.
+        instance: InstanceName,
+        /// The record's sequence.
+        seq: u64,
+        /// The previous record's "to".
+        previous_to: Box<Instance>,
+        /// This record's "from".
+        from: Box<Instance>,
+    },
+    /// A `Created` record in the middle of a live history (only allowed after `Removed`),
+    /// or a snapshot that is not the first record.
+    Misplaced {
+        /// The instance.
+        instance: InstanceName,
+        /// The record's sequence.
+        seq: u64,
+        /// What it is.
+        event: &'static str,
+    },
+    /// The current rules decide differently from what was recorded: the first
+    /// such record of the instance (later ones usually follow from it).
+    Divergence {
+        /// The instance.
+        instance: InstanceName,
+        /// The record's sequence.
+        seq: u64,
+        /// The record's global sequence.
+        global: u64,
+        /// The input, printed.
+        input: String,
+        /// The recorded decision: state and effects.
+        recorded: String,
+        /// What the current rules decide.
+        recomputed: String,
+    },
+    /// Global sequence numbers do not increase along an instance's history.
+    GlobalOrder {
+        /// The instance.
+        instance: InstanceName,
+        /// The record's sequence.
+        seq: u64,
+    },
+    /// The latest-state cache disagrees with the last record (recovery would replay).
+    LatestMismatch {
+        /// The instance.
+        instance: InstanceName,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The global index is missing an entry or points at nothing.
+    Index {
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Corrupt { error } => write!(f, "corrupt: {error}"),
+            Self::BadStart { instance, seq, event } => {
+                write!(
+                    f,
+                    "{instance}: history starts at seq {seq} with {event}, not with created at seq 1 or a snapshot"
+                )
+            }
+            Self::Gap { instance, expected, found } => {
+                write!(f, "{instance}: gap: expected seq {expected}, found {found}")
+            }
+            Self::BrokenChain { instance, seq, previous_to, from } => write!(
+                f,
+                "{instance}#{seq}: broken chain: previous record ended in {} ({}), this one starts from {} ({})",
+                previous_to.state, previous_to.generation, from.state, from.generation
+            ),
+            Self::Misplaced { instance, seq, event } => {
+                write!(f, "{instance}#{seq}: {event} in the middle of a history")
+            }
+            Self::Divergence { instance, seq, global, input, recorded, recomputed } => write!(
+                f,
+                "{instance}#{seq} (global {global}): the current rules decide differently on {input}\n    recorded:   {recorded}\n    current:    {recomputed}"
+            ),
+            Self::GlobalOrder { instance, seq } => write!(f, "{instance}#{seq}: global sequence does not increase"),
+            Self::LatestMismatch { instance, detail } => write!(f, "{instance}: latest-state entry {detail}"),
+            Self::Index { detail } => write!(f, "global index: {detail}"),
+        }
+    }
+}
+
+/// The result of verifying a log.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Instances checked.
+    pub instances: u64,
+    /// Records checked.
+    pub records: u64,
+    /// Everything wrong, instance by instance.
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    /// True when nothing was found.
+    pub fn is_clean(&self) -> bool {
+        self.findings.is_empty()
+    }
+
+    /// The divergence with the lowest global sequence: the first record where
+    /// the current rules decide differently.
+    pub fn first_divergence(&self) -> Option<&Finding> {
+        self.findings
+            .iter()
+            .filter(|f| matches!(f, Finding::Divergence { .. }))
+            .min_by_key(|f| if let Finding::Divergence { global, .. } = f { *global } else { u64::MAX })
+    }
+}
+
+fn describe(state: &State, generation: crate::machine::Generation, effects: &[Effect]) -> String {
+    format!("→ {state} ({generation}), effects {effects:?}")
+}
+
+impl Log {
+    /// Verifies the whole log against `policy` (the rules of this build).
+    pub fn verify(&self, policy: &Policy) -> Report {
+        let mut report = Report::default();
+        let names = match self.names() {
+            Ok(n) => n,
+            Err(error) => {
+                report.findings.push(Finding::Corrupt { error });
+                return report;
+            }
+        };
+        let mut globals = BTreeSet::new();
+        for name in &names {
+            report.instances += 1;
+            let last = self.verify_instance(name, policy, &mut report, &mut globals);
+            self.verify_latest(name, last.as_ref(), &mut report);
+        }
+        self.verify_index(&globals, &mut report);
+        report
+    }
+
+    fn verify_instance(
+        &self,
+        name: &InstanceName,
+        policy: &Policy,
+        report: &mut Report,
+        globals: &mut BTreeSet<u64>,
+    ) -> Option<RecordV1> {
+        let mut prev: Option<RecordV1> = None;
+        let mut diverged = false;
+        for pair in self.store().scan(&keys::record_prefix(name)) {
+            let r = match pair.map_err(LogError::from).and_then(decode_pair) {
+                Ok(r) => r,
+                Err(error) => {
+                    report.findings.push(Finding::Corrupt { error });
+                    return None; // the rest of this chain cannot be trusted
+                }
+            };
+            report.records += 1;
+            globals.insert(r.global);
+            let instance = || name.clone();
+            match &prev {
+                None => {
+                    let ok = matches!(r.event, Event::Snapshot) || (r.seq == 1 && matches!(r.event, Event::Created));
+                    if !ok {
+                        report.findings.push(Finding::BadStart {
+                            instance: instance(),
+                            seq: r.seq,
+                            event: r.event.label(),
+                        });
+                    }
+                }
+                Some(p) => {
+                    if r.seq != p.seq + 1 {
+                        report.findings.push(Finding::Gap { instance: instance(), expected: p.seq + 1, found: r.seq });
+                    }
+                    if r.global <= p.global {
+                        report.findings.push(Finding::GlobalOrder { instance: instance(), seq: r.seq });
+                    }
+                    match &r.event {
+                        Event::Created if !matches!(p.to.state, State::Removed { .. }) => {
+                            report.findings.push(Finding::Misplaced {
+                                instance: instance(),
+                                seq: r.seq,
+                                event: "created",
+                            });
+                        }
+                        Event::Snapshot => {
+                            report.findings.push(Finding::Misplaced {
+                                instance: instance(),
+                                seq: r.seq,
+                                event: "snapshot",
+                            });
+                        }
+                        Event::Transition { from, .. } if *from != p.to => report.findings.push(Finding::BrokenChain {
+                            instance: instance(),
+                            seq: r.seq,
+                            previous_to: Box::new(p.to.clone()),
+                            from: Box::new(from.clone()),
+                        }),
+                        _ => {}
+                    }
+                }
+            }
+            if let Event::Created = r.event
+                && r.to != Instance::new()
+            {
+                report.findings.push(Finding::Misplaced {
+                    instance: instance(),
+                    seq: r.seq,
+                    event: "created with a non-initial state",
+                });
+            }
+            if let Event::Transition { from, input, effects } = &r.event
+                && !diverged
+            {
+                let recorded = describe(&r.to.state, r.to.generation, effects);
+                let recomputed = match step(name, from, input, policy, r.at) {
+                    Outcome::Transition(t)
+                        if t.to == r.to.state && t.generation == r.to.generation && t.effects == *effects =>
+                    {
+                        None
+                    }
+                    Outcome::Transition(t) => Some(describe(&t.to, t.generation, &t.effects)),
+                    Outcome::Ignored(why) => Some(format!("ignored: {why}")),
+                    Outcome::Rejected(why) => Some(format!("rejected: {why}")),
+                };
+                if let Some(recomputed) = recomputed {
+                    diverged = true;
+                    report.findings.push(Finding::Divergence {
+                        instance: instance(),
+                        seq: r.seq,
+                        global: r.global,
+                        input: format!("{input:?} from {} ({})", from.state, from.generation),
+                        recorded,
+                        recomputed,
+                    });
+                }
+            }
+            prev = Some(r);
+        }
+        prev
+    }
+
+    fn verify_latest(&self, name: &InstanceName, last: Option<&RecordV1>, report: &mut Report) {
+        let Some(last) = last else { return };
+        let detail = match self.store().get(&keys::latest(name)) {
+            Err(e) => Some(format!("unreadable: {e}")),
+            Ok(None) => Some("is missing".to_owned()),
+            Ok(Some(bytes)) => match super::record::decode::<Latest>(&bytes, false) {
+                Err(e) => Some(format!("is corrupt: {e}")),
+                Ok(l) if l.seq != last.seq || l.instance != last.to => Some(format!(
+                    "says seq {} {}, the last record says seq {} {}",
+                    l.seq, l.instance.state, last.seq, last.to.state
+                )),
+                Ok(_) => None,
+            },
+        };
+        if let Some(detail) = detail {
+            report.findings.push(Finding::LatestMismatch { instance: name.clone(), detail });
+        }
+    }
+
+    fn verify_index(&self, globals: &BTreeSet<u64>, report: &mut Report) {
+        let mut indexed = BTreeSet::new();
+        for pair in self.store().scan(&[keys::GLOBAL]) {
+            match pair {
+                Err(e) => report.findings.push(Finding::Index { detail: format!("unreadable: {e}") }),
+                Ok((key, _)) => match keys::parse_global(&key) {
+                    Some(g) => {
+                        indexed.insert(g);
+                    }
+                    None => report.findings.push(Finding::Index { detail: format!("malformed key {key:?}") }),
+                },
+            }
+        }
+        if let Some(g) = globals.difference(&indexed).next() {
+            let missing = globals.difference(&indexed).count();
+            report
+                .findings
+                .push(Finding::Index { detail: format!("{missing} records not indexed (first: global {g})") });
+        }
+        if let Some(g) = indexed.difference(globals).next() {
+            let dangling = indexed.difference(globals).count();
+            report
+                .findings
+                .push(Finding::Index { detail: format!("{dangling} entries point at no record (first: global {g})") });
+        }
+    }
+}
