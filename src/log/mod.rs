@@ -48,6 +48,9 @@ pub use verify::{Finding, Report};
 
 use crate::machine::{Instance, InstanceName, Policy, Timestamp};
 
+/// How long opening waits for a lock that another handle is releasing.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+
 /// How durable an acknowledged append is. See the module docs for the table.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Durability {
@@ -204,15 +207,24 @@ impl Log {
         let flush_ms = u64::try_from(config.flush_every.as_millis()).unwrap_or(u64::MAX).max(1);
         let sled_config =
             sled::Config::new().path(path).cache_capacity(config.cache_capacity).flush_every_ms(Some(flush_ms));
-        // sled 0.34 can panic on damaged files (upstream #1527, #1533): contain it.
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()));
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
-                return Err(LogError::InUse { path: path.to_path_buf() });
+        // sled releases its lock a moment after the last handle drops (its I/O
+        // threads finish first), so a log reopened in the same process may find
+        // it still held: retry for a bounded time before calling it in use.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            // sled 0.34 can panic on damaged files (upstream #1527, #1533): contain it.
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()));
+            match opened {
+                Ok(Ok(db)) => break db,
+                Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(LogError::InUse { path: path.to_path_buf() });
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(Err(e)) => return Err(LogError::Open { path: path.to_path_buf(), detail: e.to_string() }),
+                Err(panic) => return Err(LogError::Open { path: path.to_path_buf(), detail: panic_message(&panic) }),
             }
-            Ok(Err(e)) => return Err(LogError::Open { path: path.to_path_buf(), detail: e.to_string() }),
-            Err(panic) => return Err(LogError::Open { path: path.to_path_buf(), detail: panic_message(&panic) }),
         };
         check_not_foreign(&db, path)?;
         let store = SledStore::new(db, path).map_err(LogError::Store)?;

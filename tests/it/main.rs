@@ -7,6 +7,7 @@
 
 mod diagrams;
 mod exhaustive;
+mod log;
 mod model;
 mod rules;
 mod seeds;

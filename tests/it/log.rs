@@ -1,0 +1,428 @@
+//! The event log: R8 and R11 as properties over fleets of random runs, typed
+//! errors for every kind of bad log, verification findings, retention.
+
+use std::path::Path;
+
+use instance_lifecycle::log::{
+    Durability, Event, Finding, Log, LogConfig, LogError, RecoveryMode, RecoveryOptions, Retention,
+    resume_after_restart,
+};
+use instance_lifecycle::machine::{Generation, Input, Instance, InstanceName, Policy, Preset, State, Timestamp};
+use instance_lifecycle::testing::{Driver, append_to_log, strategy};
+use proptest::prelude::*;
+
+use crate::support::name;
+
+const FLEET: usize = 5;
+
+fn buffered() -> LogConfig {
+    LogConfig { durability: Durability::Buffered, ..LogConfig::default() }
+}
+
+/// Runs a random fleet: each op drives one instance; every transition is
+/// appended to `log` as it happens (so global order interleaves instances).
+fn run_fleet(log: &Log, policy: &Policy, ops: &[(usize, Input, u64)]) -> Vec<Driver> {
+    let mut drivers: Vec<Driver> =
+        (0..FLEET).map(|i| Driver::new(name(&format!("inst-{i}")), policy.clone())).collect();
+    for d in &drivers {
+        log.append(&d.name, 1, Timestamp(0), Event::Created, &Instance::new()).expect("append created");
+    }
+    for (i, input, dt) in ops {
+        let d = &mut drivers[*i];
+        d.now = Timestamp(d.now.0 + dt);
+        let input = retarget(input, d.instance.generation);
+        let before = d.steps.len();
+        d.feed(input);
+        if d.steps.len() > before {
+            let s = d.steps.last().expect("a step was recorded");
+            let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
+            let seq = log.next_seq(&d.name);
+            log.append(&d.name, seq, s.at, event, &s.to).expect("append transition");
+        }
+    }
+    drivers
+}
+
+fn retarget(input: &Input, g: Generation) -> Input {
+    let mut input = input.clone();
+    match &mut input {
+        Input::TransportOpened { generation, .. }
+        | Input::PairingCode { generation }
+        | Input::TransportClosed { generation, .. }
+        | Input::WriteFailed { generation, .. }
+        | Input::HeartbeatMissed { generation }
+        | Input::LogoutConfirmed { generation }
+        | Input::LogoutFailed { generation, .. }
+        | Input::CloseFinished { generation } => *generation = g,
+        Input::TimerFired { timer } => timer.generation = g,
+        _ => {}
+    }
+    input
+}
+
+fn fleet_ops() -> impl Strategy<Value = Vec<(usize, Input, u64)>> {
+    prop::collection::vec((0..FLEET, strategy::input(Generation(1)), 0u64..90_000), 1..120)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// R8: every transition has exactly one record, sequence numbers have no
+    /// gaps, records chain, replay reproduces the states — across a reopen.
+    #[test]
+    fn r8_log_is_the_truth(policy in strategy::policy(), ops in fleet_ops()) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let drivers = {
+            let log = Log::open(dir.path(), buffered()).expect("open");
+            run_fleet(&log, &policy, &ops)
+        };
+        let log = Log::open_existing(dir.path(), buffered()).expect("reopen");
+        let mut total = 0;
+        for d in &drivers {
+            let history = log.history(&d.name).expect("history");
+            prop_assert_eq!(history.len(), d.steps.len() + 1, "one record per transition plus created");
+            for (i, r) in history.iter().enumerate() {
+                prop_assert_eq!(r.seq, i as u64 + 1);
+            }
+            for (r, s) in history[1..].iter().zip(&d.steps) {
+                prop_assert_eq!(&r.to, &s.to);
+                prop_assert_eq!(&r.event, &Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() });
+            }
+            total += history.len();
+        }
+        let globals: Vec<u64> = log.records().map(|r| r.expect("record").global).collect();
+        prop_assert_eq!(globals.len(), total);
+        prop_assert!(globals.windows(2).all(|w| w[0] < w[1]), "global order");
+        let report = log.verify(&policy);
+        prop_assert!(report.is_clean(), "{:#?}", report.findings);
+        prop_assert_eq!(report.records as usize, total);
+    }
+
+    /// R11: reopening restores every instance to its last recorded state, by
+    /// cache and by replay alike; after `Recovered`, nothing removed comes
+    /// back, closed ones stay closed, and no instance is assumed connected.
+    #[test]
+    fn r11_recovery_restores_last_state(policy in strategy::policy(), ops in fleet_ops()) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let drivers = {
+            let log = Log::open(dir.path(), buffered()).expect("open");
+            run_fleet(&log, &policy, &ops)
+        };
+        let log = Log::open_existing(dir.path(), buffered()).expect("reopen");
+        for mode in [RecoveryMode::Fast, RecoveryMode::Replay] {
+            let recovery = log.recover(RecoveryOptions { mode, quarantine: false }).expect("recover");
+            prop_assert!(recovery.notes.is_empty(), "{:?}", recovery.notes);
+            for d in &drivers {
+                prop_assert_eq!(&recovery.instances[&d.name].instance, &d.instance, "{:?}", mode);
+            }
+        }
+        let mut recovery = log.recover(RecoveryOptions::default()).expect("recover");
+        let resumed = resume_after_restart(&log, &mut recovery, &policy, Timestamp(10_000_000)).expect("resume");
+        for d in &drivers {
+            let now = &recovery.instances[&d.name].instance;
+            let was_resting = matches!(d.instance.state, State::Closed { .. } | State::Removed { .. });
+            prop_assert_eq!(was_resting, !resumed.iter().any(|(n, _)| *n == d.name), "{}", d.instance.state);
+            if was_resting {
+                prop_assert_eq!(now, &d.instance, "resting instances are untouched");
+            } else {
+                prop_assert!(!matches!(now.state, State::Open { .. } | State::Zombie { .. }), "assumed alive: {}", now.state);
+                let last = log.history(&d.name).expect("history").pop().expect("a record");
+                prop_assert!(matches!(last.event, Event::Transition { input: Input::Recovered, .. }), "the decision is logged");
+            }
+        }
+        prop_assert!(log.verify(&policy).is_clean());
+    }
+}
+
+#[test]
+fn append_with_the_wrong_sequence_is_a_conflict_not_a_fork() {
+    let log = Log::in_memory().expect("log");
+    let n = name("acme");
+    log.append(&n, 1, Timestamp(0), Event::Created, &Instance::new()).expect("created");
+    let err = log.append(&n, 1, Timestamp(1), Event::Created, &Instance::new()).expect_err("seq 1 again");
+    assert!(matches!(err, LogError::SequenceConflict { expected: 1, actual: 2, .. }), "{err}");
+    let err = log.append(&n, 5, Timestamp(1), Event::Created, &Instance::new()).expect_err("seq 5");
+    assert!(matches!(err, LogError::SequenceConflict { expected: 5, actual: 2, .. }), "{err}");
+    assert_eq!(log.history(&n).expect("history").len(), 1, "nothing was written");
+}
+
+#[test]
+fn every_durability_mode_appends_and_reopens() {
+    for durability in [Durability::Buffered, Durability::GroupCommit, Durability::Strict] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = LogConfig { durability, ..LogConfig::default() };
+        {
+            let log = Log::open(dir.path(), config.clone()).expect("open");
+            let mut d = Driver::new(name("acme"), Policy::preset(Preset::Whatsapp));
+            d.feed(Input::Connect);
+            d.feed(Input::TransportOpened { generation: Generation(1), identity: None });
+            d.feed(Input::PairingCode { generation: Generation(1) });
+            append_to_log(&log, &d).expect("append");
+        }
+        let log = Log::open_existing(dir.path(), config).expect("reopen");
+        assert_eq!(log.history(&name("acme")).expect("history").len(), 3, "{durability:?}");
+    }
+}
+
+#[tokio::test]
+async fn async_appends_wait_for_group_commit() {
+    let log = Log::temporary(LogConfig::default()).expect("log");
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let n = name(&format!("t{i}"));
+            log.append_async(&n, 1, Timestamp(0), Event::Created, &Instance::new()).await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task").expect("append");
+    }
+    assert_eq!(log.names().expect("names").len(), 20);
+}
+
+fn write_sample_log(dir: &Path) -> Policy {
+    let policy = Policy::preset(Preset::Whatsapp);
+    let log = Log::open(dir, buffered()).expect("open");
+    for i in 0..3 {
+        let mut d = Driver::new(name(&format!("i{i}")), policy.clone());
+        d.feed(Input::Connect);
+        d.feed(Input::TransportOpened {
+            generation: Generation(1),
+            identity: instance_lifecycle::machine::Identity::new("peer").ok(),
+        });
+        d.feed(Input::HeartbeatMissed { generation: Generation(1) });
+        append_to_log(&log, &d).expect("append");
+    }
+    log.set_policy(&policy).expect("policy");
+    policy
+}
+
+/// Rewrites one stored value with sled directly, as damage or another program would.
+fn tamper(dir: &Path, f: impl FnOnce(&sled::Tree)) {
+    let db = sled::open(dir).expect("sled open");
+    let tree = db.open_tree(instance_lifecycle::log::store::TREE).expect("tree");
+    f(&tree);
+    db.flush().expect("flush");
+}
+
+fn record_key(name: &str, seq: u64) -> Vec<u8> {
+    let mut k = vec![b'r'];
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+#[test]
+fn flipped_and_truncated_records_are_typed_errors_naming_instance_and_seq() {
+    for damage in ["flip", "truncate"] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let policy = write_sample_log(dir.path());
+        tamper(dir.path(), |tree| {
+            let key = record_key("i1", 2);
+            let mut value = tree.get(&key).expect("get").expect("record exists").to_vec();
+            if damage == "flip" {
+                let mid = value.len() / 2;
+                value[mid] ^= 0x5a;
+            } else {
+                value.truncate(value.len() / 3);
+            }
+            tree.insert(key, value).expect("insert");
+        });
+        let log = Log::open_existing(dir.path(), buffered()).expect("the log opens; the damage is in one record");
+        let report = log.verify(&policy);
+        let named = report.findings.iter().any(|f| {
+            matches!(f, Finding::Corrupt { error: LogError::Corrupt { instance: Some(i), seq: Some(2), .. } } if i == "i1")
+        });
+        assert!(named, "{damage}: {:#?}", report.findings);
+        let err = log
+            .recover(RecoveryOptions { mode: RecoveryMode::Replay, quarantine: false })
+            .expect_err("recovery fails loudly");
+        assert!(err.to_string().contains("\"i1\"") && err.to_string().contains("Some(2)"), "{err}");
+        let recovery =
+            log.recover(RecoveryOptions { mode: RecoveryMode::Replay, quarantine: true }).expect("quarantine");
+        assert_eq!(recovery.quarantined.len(), 1);
+        assert_eq!(recovery.quarantined[0].0.as_str(), "i1");
+        assert_eq!(recovery.instances.len(), 2, "the rest come up");
+    }
+}
+
+#[test]
+fn a_wrong_latest_state_entry_is_noted_and_replayed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_sample_log(dir.path());
+    tamper(dir.path(), |tree| {
+        tree.insert(b"li0".to_vec(), b"garbage".to_vec()).expect("insert");
+        tree.remove(b"li2".to_vec()).expect("remove");
+    });
+    let log = Log::open_existing(dir.path(), buffered()).expect("open");
+    let recovery = log.recover(RecoveryOptions::default()).expect("recover");
+    assert_eq!(recovery.notes.len(), 2, "{:?}", recovery.notes);
+    for i in 0..3 {
+        assert!(matches!(recovery.instances[&name(&format!("i{i}"))].instance.state, State::Zombie { .. }));
+    }
+}
+
+#[test]
+fn foreign_empty_file_and_newer_logs_are_typed_errors() {
+    // Another program's sled database.
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let db = sled::open(dir.path()).expect("sled");
+        db.open_tree("users").expect("tree").insert("alice", "x").expect("insert");
+        db.flush().expect("flush");
+    }
+    let err = Log::open(dir.path(), buffered()).err().expect("foreign");
+    assert!(matches!(err, LogError::Foreign { .. }), "{err}");
+    // An empty directory is not a log to read...
+    let empty = tempfile::tempdir().expect("temp dir");
+    let err = Log::open_existing(empty.path(), buffered()).err().expect("empty");
+    assert!(matches!(err, LogError::NotALog { .. }), "{err}");
+    assert!(matches!(Log::open_copy(empty.path()).err(), Some(LogError::NotALog { .. })));
+    // ...but a fine place to start one.
+    assert!(Log::open(empty.path(), buffered()).is_ok());
+    // A path that is a file.
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    for err in [Log::open(file.path(), buffered()).err(), Log::open_existing(file.path(), buffered()).err()] {
+        assert!(matches!(err, Some(LogError::NotADirectory { .. })), "{err:?}");
+    }
+    // A log from a newer format.
+    let newer = tempfile::tempdir().expect("temp dir");
+    write_sample_log(newer.path());
+    tamper(newer.path(), |tree| {
+        tree.insert(b"mformat".to_vec(), b"instance-lifecycle log v9".to_vec()).expect("insert");
+    });
+    let err = Log::open_existing(newer.path(), buffered()).err().expect("newer");
+    assert!(matches!(err, LogError::NewerFormat { .. }), "{err}");
+    assert!(err.to_string().contains("upgrade"), "{err}");
+}
+
+#[test]
+fn a_log_in_use_is_reported_and_can_still_be_read_as_a_copy() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_sample_log(dir.path());
+    let running = Log::open_existing(dir.path(), buffered()).expect("the engine's handle");
+    let err = Log::open_existing(dir.path(), buffered()).err().expect("second writer");
+    assert!(matches!(err, LogError::InUse { .. }), "{err}");
+    let (copy, in_use) = Log::open_copy(dir.path()).expect("copy");
+    assert!(in_use);
+    assert_eq!(copy.names().expect("names").len(), 3);
+    drop(running);
+    let (_, in_use) = Log::open_copy(dir.path()).expect("copy");
+    assert!(!in_use);
+}
+
+#[test]
+fn damaged_database_files_never_panic() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = write_sample_log(dir.path());
+    let db_file = std::fs::read(dir.path().join("db")).expect("db file");
+    for (i, offset) in [0usize, 7, 64, 512, db_file.len() / 2, db_file.len().saturating_sub(9)].into_iter().enumerate()
+    {
+        let copy = tempfile::tempdir().expect("temp dir");
+        for f in ["db", "conf"] {
+            std::fs::copy(dir.path().join(f), copy.path().join(f)).expect("copy");
+        }
+        let mut bytes = db_file.clone();
+        if let Some(b) = bytes.get_mut(offset) {
+            *b ^= 0xff;
+        }
+        if i % 2 == 1 {
+            bytes.truncate(offset.max(1));
+        }
+        std::fs::write(copy.path().join("db"), &bytes).expect("write");
+        // Either a typed error, or a log whose verification reports rather than panics.
+        if let Ok(log) = Log::open_existing(copy.path(), buffered()) {
+            let _report = log.verify(&policy);
+            let _ = log.recover(RecoveryOptions { mode: RecoveryMode::Replay, quarantine: true });
+        }
+    }
+}
+
+#[test]
+fn verify_names_the_first_record_where_new_rules_decide_differently() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let old = Policy::preset(Preset::Evolution);
+    {
+        let log = Log::open(dir.path(), buffered()).expect("open");
+        let mut d = Driver::new(name("acme"), old.clone());
+        d.feed(Input::Connect);
+        d.feed(Input::TransportOpened {
+            generation: Generation(1),
+            identity: instance_lifecycle::machine::Identity::new("peer").ok(),
+        });
+        d.feed(Input::TransportClosed {
+            generation: Generation(1),
+            status: Some(instance_lifecycle::machine::StatusCode(408)),
+            reason: "blip".into(),
+        });
+        append_to_log(&log, &d).expect("append");
+    }
+    let log = Log::open_existing(dir.path(), buffered()).expect("open");
+    assert!(log.verify(&old).is_clean());
+    let report = log.verify(&Policy::preset(Preset::Whatsapp));
+    let Some(Finding::Divergence { instance, seq, recorded, recomputed, .. }) = report.first_divergence() else {
+        panic!("no divergence: {:#?}", report.findings)
+    };
+    assert_eq!((instance.as_str(), *seq), ("acme", 4), "the 408 after open");
+    assert!(recorded.contains("Closed"), "{recorded}");
+    assert!(recomputed.contains("Connecting"), "{recomputed}");
+}
+
+#[test]
+fn compaction_keeps_a_snapshot_and_the_tail_and_purges_removed_instances() {
+    let log = Log::in_memory().expect("log");
+    let policy = Policy::preset(Preset::Whatsapp);
+    let mut d = Driver::new(name("busy"), policy.clone());
+    for _ in 0..20 {
+        d.feed(Input::Connect);
+        let g = d.instance.generation;
+        d.feed(Input::TransportOpened {
+            generation: g,
+            identity: instance_lifecycle::machine::Identity::new("peer").ok(),
+        });
+        d.feed(Input::Logout);
+        d.feed(Input::LogoutConfirmed { generation: g });
+        d.feed(Input::CloseFinished { generation: g });
+    }
+    append_to_log(&log, &d).expect("append");
+    let mut gone = Driver::new(name("gone"), policy.clone());
+    gone.feed(Input::Delete);
+    gone.feed(Input::CleanupFinished { steps: vec![] });
+    append_to_log(&log, &gone).expect("append");
+
+    let retention = Retention { keep_records: 5, removed_after: std::time::Duration::from_secs(3600) };
+    let report = log.compact(Timestamp(1_000), &retention).expect("compact");
+    assert_eq!((report.snapshotted, report.purged), (1, 0), "removed too recently to purge");
+    let history = log.history(&name("busy")).expect("history");
+    assert_eq!(history.len(), 6);
+    assert!(matches!(history[0].event, Event::Snapshot));
+    assert_eq!(history.last().expect("tail").to, d.instance);
+    assert!(log.verify(&policy).is_clean(), "{:#?}", log.verify(&policy).findings);
+
+    let report = log.compact(Timestamp(3_600_000 + 1_000), &retention).expect("compact");
+    assert_eq!(report.purged, 1);
+    assert_eq!(log.names().expect("names"), vec![name("busy")]);
+    // The name can be created again, as a new instance from seq 1.
+    assert_eq!(log.next_seq(&name("gone")), 1);
+    log.append(&name("gone"), 1, Timestamp(5_000_000), Event::Created, &Instance::new()).expect("re-create");
+    let recovery = log.recover(RecoveryOptions::default()).expect("recover");
+    assert_eq!(recovery.instances[&name("busy")].instance, d.instance);
+    assert!(log.verify(&policy).is_clean());
+}
+
+#[test]
+fn a_name_can_be_created_again_after_removal_as_a_new_instance() {
+    let log = Log::in_memory().expect("log");
+    let policy = Policy::preset(Preset::Whatsapp);
+    let n: InstanceName = name("reused");
+    let mut d = Driver::new(n.clone(), policy.clone());
+    d.feed(Input::Delete);
+    d.feed(Input::CleanupFinished { steps: vec![] });
+    let last = append_to_log(&log, &d).expect("first incarnation");
+    log.append(&n, last + 1, Timestamp(9), Event::Created, &Instance::new()).expect("second incarnation");
+    assert!(log.verify(&policy).is_clean());
+    let recovery = log.recover(RecoveryOptions::default()).expect("recover");
+    assert_eq!(recovery.instances[&n].instance, Instance::new());
+}
