@@ -1,0 +1,239 @@
+//! `cargo bench --bench log`: the event log against raw sled doing the same
+//! writes, in the same run, printed as ratios (a markdown section for
+//! BENCHMARKS.md). Sizes scale with `BENCH_SCALE` (default 1.0; the report
+//! uses 1.0 and finishes in a few minutes on 2 cores).
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use instance_lifecycle::log::{Durability, Event, Log, LogConfig, RecoveryMode, RecoveryOptions};
+use instance_lifecycle::machine::{
+    Effect, Generation, Identity, Input, Instance, InstanceName, Phase, State, StatusCode, Timestamp,
+};
+
+fn scale() -> f64 {
+    std::env::var("BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0)
+}
+
+fn scaled(n: usize) -> usize {
+    ((n as f64 * scale()) as usize).max(10)
+}
+
+fn name(i: usize) -> InstanceName {
+    InstanceName::new(format!("bench-{i:06}")).expect("valid name")
+}
+
+/// A typical record: an open session dropped, backing off. Record `seq`'s
+/// "from" is record `seq - 1`'s "to", so histories chain as recovery requires
+/// (the sizes are those of a real transition; the rules are not checked here).
+fn transition(seq: u64) -> (Event, Instance) {
+    let identity = Identity::new("5511999999999@s.whatsapp.net").expect("id");
+    let backoff = |until| Instance {
+        generation: Generation(3),
+        state: State::Connecting {
+            phase: Phase::Backoff { until: Timestamp(until) },
+            retries: 1,
+            resume: Some(identity.clone()),
+        },
+    };
+    let from = backoff(seq - 1);
+    let to = backoff(seq);
+    let input = Input::TransportClosed {
+        generation: Generation(3),
+        status: Some(StatusCode(428)),
+        reason: "connection closed".into(),
+    };
+    let effects = vec![Effect::ArmTimer {
+        timer: instance_lifecycle::machine::Timer {
+            kind: instance_lifecycle::machine::TimerKind::Reconnect,
+            generation: Generation(3),
+        },
+        after: Duration::from_millis(1_234),
+    }];
+    (Event::Transition { from, input, effects }, to)
+}
+
+/// Appends `per_thread` records from each of `threads` threads; returns appends/s.
+fn log_appends(durability: Durability, threads: usize, per_thread: usize) -> (f64, usize) {
+    let log = Log::temporary(LogConfig { durability, ..LogConfig::default() }).expect("log");
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let log = log.clone();
+            s.spawn(move || {
+                let n = name(t);
+                for seq in 1..=per_thread as u64 {
+                    let (event, to) = transition(seq);
+                    log.append(&n, seq, Timestamp(seq), event, &to).expect("append");
+                }
+            });
+        }
+    });
+    let rate = (threads * per_thread) as f64 / start.elapsed().as_secs_f64();
+    let bytes = log.size_on_disk().unwrap_or(0) as usize;
+    (rate, bytes / (threads * per_thread).max(1))
+}
+
+/// Raw sled doing the same writes: the same three keys and value sizes per
+/// append in one atomic batch, and the same flushing as the mode.
+fn raw_appends(durability: Durability, threads: usize, per_thread: usize, window: Duration) -> f64 {
+    let dir = tempfile::tempdir().expect("dir");
+    let db =
+        sled::Config::new().path(dir.path()).cache_capacity(64 << 20).flush_every_ms(Some(500)).open().expect("sled");
+    let tree = db.open_tree("raw").expect("tree");
+    let fsync = {
+        let dir = dir.path().to_path_buf();
+        move || {
+            for f in ["db", "conf"] {
+                std::fs::File::open(dir.join(f)).and_then(|f| f.sync_all()).expect("fsync");
+            }
+            std::fs::File::open(&dir).and_then(|f| f.sync_all()).expect("fsync dir");
+        }
+    };
+    // The group-commit protocol, minimal: writers publish their batch number and wait for a flusher.
+    let group = Arc::new((Mutex::new((0u64, 0u64, false)), Condvar::new()));
+    let flusher = (durability == Durability::GroupCommit).then(|| {
+        let (group, db, fsync) = (group.clone(), db.clone(), fsync.clone());
+        std::thread::spawn(move || {
+            loop {
+                {
+                    let (m, cv) = &*group;
+                    let mut s = m.lock().expect("lock");
+                    while s.0 <= s.1 && !s.2 {
+                        s = cv.wait(s).expect("wait");
+                    }
+                    if s.2 && s.0 <= s.1 {
+                        return;
+                    }
+                }
+                std::thread::sleep(window);
+                let target = group.0.lock().expect("lock").0;
+                db.flush().expect("flush");
+                fsync();
+                let (m, cv) = &*group;
+                m.lock().expect("lock").1 = target;
+                cv.notify_all();
+            }
+        })
+    });
+    let counter = std::sync::atomic::AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (tree, db, group, counter, fsync) = (&tree, &db, &group, &counter, &fsync);
+            s.spawn(move || {
+                for seq in 1..=per_thread as u64 {
+                    // Encode per append, as the log does.
+                    let (event, to) = transition(seq);
+                    let record = postcard::to_allocvec(&(&event, &to, seq, 2u64)).expect("encode");
+                    let latest = postcard::to_allocvec(&(&to, seq)).expect("encode");
+                    let g = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    let mut batch = sled::Batch::default();
+                    let key = format!("rbench-{t:06}\0{seq:08}");
+                    batch.insert(key.as_bytes(), record.as_slice());
+                    batch.insert(&g.to_be_bytes()[..], key.as_bytes());
+                    batch.insert(format!("lbench-{t:06}").as_bytes(), latest.as_slice());
+                    tree.apply_batch(batch).expect("batch");
+                    match durability {
+                        Durability::Buffered => {}
+                        Durability::Strict => {
+                            db.flush().expect("flush");
+                            fsync();
+                        }
+                        Durability::GroupCommit => {
+                            let (m, cv) = &**group;
+                            let mut st = m.lock().expect("lock");
+                            st.0 = st.0.max(g);
+                            cv.notify_all();
+                            while st.1 < g {
+                                st = cv.wait(st).expect("wait");
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let rate = (threads * per_thread) as f64 / start.elapsed().as_secs_f64();
+    {
+        let (m, cv) = &*group;
+        m.lock().expect("lock").2 = true;
+        cv.notify_all();
+    }
+    if let Some(f) = flusher {
+        f.join().expect("flusher");
+    }
+    rate
+}
+
+fn recovery(records: usize, per_instance: usize) -> (f64, f64, f64, usize) {
+    let dir = tempfile::tempdir().expect("dir");
+    {
+        let log =
+            Log::open(dir.path(), LogConfig { durability: Durability::Buffered, ..LogConfig::default() }).expect("log");
+        let instances = records / per_instance;
+        for i in 0..instances {
+            let n = name(i);
+            for seq in 1..=per_instance as u64 {
+                let (event, to) = transition(seq);
+                log.append(&n, seq, Timestamp(seq), event, &to).expect("append");
+            }
+        }
+        log.sync().expect("sync");
+    }
+    let t = Instant::now();
+    let scanned = {
+        let db = sled::Config::new().path(dir.path()).cache_capacity(64 << 20).open().expect("sled");
+        let tree = db.open_tree(instance_lifecycle::log::store::TREE).expect("tree");
+        tree.iter().map(|r| r.expect("scan").1.len()).sum::<usize>()
+    };
+    let raw = t.elapsed().as_secs_f64();
+    assert!(scanned > 0);
+    let mut timings = Vec::new();
+    for mode in [RecoveryMode::Fast, RecoveryMode::Replay] {
+        let t = Instant::now();
+        let log =
+            Log::open_existing(dir.path(), LogConfig { durability: Durability::Buffered, ..LogConfig::default() })
+                .expect("open");
+        let r = log.recover(RecoveryOptions { mode, quarantine: false }).expect("recover");
+        assert_eq!(r.instances.len(), records / per_instance);
+        timings.push(t.elapsed().as_secs_f64());
+        drop(log);
+    }
+    (raw, timings[0], timings[1], records)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is parsed.
+    println!("## Event log (`cargo bench --bench log`, BENCH_SCALE={})\n", scale());
+    println!("| measurement | instance-lifecycle | raw sled, same writes | ratio | target |");
+    println!("|---|---|---|---|---|");
+    let window = LogConfig::default().group_commit_window;
+    let cases = [
+        (Durability::Buffered, 1, scaled(200_000)),
+        (Durability::GroupCommit, 16, scaled(1_500)),
+        (Durability::Strict, 1, scaled(4_000)),
+    ];
+    let mut bytes_per_record = 0;
+    for (mode, threads, per) in cases {
+        let raw = raw_appends(mode, threads, per, window);
+        let (ours, bytes) = log_appends(mode, threads, per);
+        if mode == Durability::Buffered {
+            bytes_per_record = bytes;
+        }
+        println!(
+            "| appends/s, {mode:?}, {threads} writer(s) × {per} | {ours:.0} | {raw:.0} | {:.2}× | ≥ 0.80× |",
+            ours / raw
+        );
+    }
+    let (raw, fast, replay, n) = recovery(scaled(1_000_000), 100);
+    println!(
+        "| recovery of {n} records (latest-state cache) | {fast:.2} s | scan {raw:.2} s | {:.2}× | ≤ 1.5× |",
+        fast / raw
+    );
+    println!(
+        "| recovery of {n} records (full replay) | {replay:.2} s | scan {raw:.2} s | {:.2}× | ≤ 1.5× |",
+        replay / raw
+    );
+    println!("| bytes on disk per record (Buffered run, incl. index and cache) | {bytes_per_record} | | | |");
+}
