@@ -55,7 +55,7 @@ impl Log {
                 if w.seqs.get(&name) != Some(&last.seq) {
                     continue; // re-created meanwhile: keep it
                 }
-                let mut writes: Vec<_> = history.iter().flat_map(|r| deletes(r)).collect();
+                let mut writes: Vec<_> = history.iter().flat_map(deletes).collect();
                 writes.push((keys::latest(&name), None));
                 self.store().apply(writes)?;
                 w.seqs.remove(&name);
@@ -70,7 +70,7 @@ impl Log {
             let cut = history.len() - keep - 1;
             let base = &history[cut];
             let snapshot = Record::V1(RecordV1 { event: Event::Snapshot, ..base.clone() });
-            let mut writes: Vec<_> = history[..cut].iter().flat_map(|r| deletes(r)).collect();
+            let mut writes: Vec<_> = history[..cut].iter().flat_map(deletes).collect();
             writes.push((keys::record(&name, base.seq), Some(encode_record(&snapshot))));
             self.store().apply(writes)?;
             report.snapshotted += 1;

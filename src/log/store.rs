@@ -140,10 +140,12 @@ impl Store for SledStore {
     }
 }
 
+type Map = BTreeMap<Vec<u8>, Vec<u8>>;
+
 /// An in-memory store: a `BTreeMap` behind a mutex. Nothing survives the process.
 #[derive(Default)]
 pub struct MemoryStore {
-    map: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+    map: Mutex<Map>,
 }
 
 impl MemoryStore {
@@ -152,7 +154,7 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>>, StoreError> {
+    fn lock(&self) -> Result<MutexGuard<'_, Map>, StoreError> {
         self.map.lock().map_err(|_| StoreError::Poisoned)
     }
 

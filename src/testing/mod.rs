@@ -210,3 +210,29 @@ pub fn waits_on(state: &State) -> Option<TimerKind> {
         State::Open { .. } | State::Closed { .. } | State::Removed { .. } => None,
     }
 }
+
+/// `input` re-tagged with generation `g` (host commands and runtime events are
+/// returned unchanged). Strategies draw signals for some generation; tests
+/// re-target most of them at the instance's current one so they are not all stale.
+pub fn retarget(input: &Input, g: Generation) -> Input {
+    let mut input = input.clone();
+    match &mut input {
+        Input::TransportOpened { generation, .. }
+        | Input::PairingCode { generation }
+        | Input::TransportClosed { generation, .. }
+        | Input::WriteFailed { generation, .. }
+        | Input::HeartbeatMissed { generation }
+        | Input::LogoutConfirmed { generation }
+        | Input::LogoutFailed { generation, .. }
+        | Input::CloseFinished { generation } => *generation = g,
+        Input::TimerFired { timer } => timer.generation = g,
+        Input::Connect
+        | Input::Logout
+        | Input::Delete
+        | Input::Restart
+        | Input::CleanupFinished { .. }
+        | Input::Recovered
+        | Input::Panicked { .. } => {}
+    }
+    input
+}

@@ -8,7 +8,7 @@ use instance_lifecycle::log::{
     resume_after_restart,
 };
 use instance_lifecycle::machine::{Generation, Input, Instance, InstanceName, Policy, Preset, State, Timestamp};
-use instance_lifecycle::testing::{Driver, append_to_log, strategy};
+use instance_lifecycle::testing::{self, Driver, append_to_log, strategy};
 use proptest::prelude::*;
 
 use crate::support::name;
@@ -30,7 +30,7 @@ fn run_fleet(log: &Log, policy: &Policy, ops: &[(usize, Input, u64)]) -> Vec<Dri
     for (i, input, dt) in ops {
         let d = &mut drivers[*i];
         d.now = Timestamp(d.now.0 + dt);
-        let input = retarget(input, d.instance.generation);
+        let input = testing::retarget(input, d.instance.generation);
         let before = d.steps.len();
         d.feed(input);
         if d.steps.len() > before {
@@ -41,23 +41,6 @@ fn run_fleet(log: &Log, policy: &Policy, ops: &[(usize, Input, u64)]) -> Vec<Dri
         }
     }
     drivers
-}
-
-fn retarget(input: &Input, g: Generation) -> Input {
-    let mut input = input.clone();
-    match &mut input {
-        Input::TransportOpened { generation, .. }
-        | Input::PairingCode { generation }
-        | Input::TransportClosed { generation, .. }
-        | Input::WriteFailed { generation, .. }
-        | Input::HeartbeatMissed { generation }
-        | Input::LogoutConfirmed { generation }
-        | Input::LogoutFailed { generation, .. }
-        | Input::CloseFinished { generation } => *generation = g,
-        Input::TimerFired { timer } => timer.generation = g,
-        _ => {}
-    }
-    input
 }
 
 fn fleet_ops() -> impl Strategy<Value = Vec<(usize, Input, u64)>> {
@@ -253,8 +236,8 @@ fn a_wrong_latest_state_entry_is_noted_and_replayed() {
     let dir = tempfile::tempdir().expect("temp dir");
     write_sample_log(dir.path());
     tamper(dir.path(), |tree| {
-        tree.insert(b"li0".to_vec(), b"garbage".to_vec()).expect("insert");
-        tree.remove(b"li2".to_vec()).expect("remove");
+        tree.insert(b"li0", b"garbage".to_vec()).expect("insert");
+        tree.remove(b"li2").expect("remove");
     });
     let log = Log::open_existing(dir.path(), buffered()).expect("open");
     let recovery = log.recover(RecoveryOptions::default()).expect("recover");
@@ -291,7 +274,7 @@ fn foreign_empty_file_and_newer_logs_are_typed_errors() {
     let newer = tempfile::tempdir().expect("temp dir");
     write_sample_log(newer.path());
     tamper(newer.path(), |tree| {
-        tree.insert(b"mformat".to_vec(), b"instance-lifecycle log v9".to_vec()).expect("insert");
+        tree.insert(b"mformat", b"instance-lifecycle log v9".to_vec()).expect("insert");
     });
     let err = Log::open_existing(newer.path(), buffered()).err().expect("newer");
     assert!(matches!(err, LogError::NewerFormat { .. }), "{err}");

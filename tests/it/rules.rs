@@ -8,7 +8,7 @@ use instance_lifecycle::machine::{
     ClosePhase, ClosedCause, Effect, Generation, Ignored, Input, Instance, Intent, Outcome, Phase, Rejection, State,
     StatusCode, Timestamp, step,
 };
-use instance_lifecycle::testing::{Driver, strategy};
+use instance_lifecycle::testing::{self, Driver, strategy};
 use proptest::prelude::*;
 
 use crate::support::{arms_reconnect, is_connecting, name, opens};
@@ -30,24 +30,11 @@ enum NoiseOrTimer {
     FireTimer,
 }
 
-/// Signals are drawn for one generation; re-target them at the instance's
-/// current generation (most of them) so they are not all stale.
+/// Most signals go to the current generation, every fifth to the previous one.
 fn retarget(input: &Input, d: &Driver, salt: usize) -> Input {
-    let g = if salt % 5 == 0 { Generation(d.instance.generation.0.saturating_sub(1)) } else { d.instance.generation };
-    let mut input = input.clone();
-    match &mut input {
-        Input::TransportOpened { generation, .. }
-        | Input::PairingCode { generation }
-        | Input::TransportClosed { generation, .. }
-        | Input::WriteFailed { generation, .. }
-        | Input::HeartbeatMissed { generation }
-        | Input::LogoutConfirmed { generation }
-        | Input::LogoutFailed { generation, .. }
-        | Input::CloseFinished { generation } => *generation = g,
-        Input::TimerFired { timer } => timer.generation = g,
-        _ => {}
-    }
-    input
+    let current = d.instance.generation;
+    let g = if salt.is_multiple_of(5) { Generation(current.0.saturating_sub(1)) } else { current };
+    testing::retarget(input, g)
 }
 
 fn apply_noise(d: &mut Driver, noise: &[NoiseOrTimer]) {
@@ -395,26 +382,9 @@ proptest! {
         let other = if newer { Generation(g.0 + offset) } else { Generation(g.0.saturating_sub(offset)) };
         prop_assume!(other != g);
         let mut d = Driver { live: None, ..Driver::with_instance(name("r12"), policy, start.clone()) };
-        let stale = retarget_to(&signal, other);
+        let stale = testing::retarget(&signal, other);
         let o = d.feed(stale);
         prop_assert_eq!(o, Outcome::Ignored(Ignored::Stale { input: other, current: g }));
         prop_assert_eq!(d.instance, start);
     }
-}
-
-fn retarget_to(input: &Input, g: Generation) -> Input {
-    let mut input = input.clone();
-    match &mut input {
-        Input::TransportOpened { generation, .. }
-        | Input::PairingCode { generation }
-        | Input::TransportClosed { generation, .. }
-        | Input::WriteFailed { generation, .. }
-        | Input::HeartbeatMissed { generation }
-        | Input::LogoutConfirmed { generation }
-        | Input::LogoutFailed { generation, .. }
-        | Input::CloseFinished { generation } => *generation = g,
-        Input::TimerFired { timer } => timer.generation = g,
-        _ => {}
-    }
-    input
 }
