@@ -181,26 +181,34 @@ fn recovery(records: usize, per_instance: usize) -> (f64, f64, f64, usize) {
         }
         log.sync().expect("sync");
     }
-    let t = Instant::now();
-    let scanned = {
+    let raw_scan = || {
+        let t = Instant::now();
         let db = sled::Config::new().path(dir.path()).cache_capacity(64 << 20).open().expect("sled");
         let tree = db.open_tree(instance_lifecycle::log::store::TREE).expect("tree");
-        tree.iter().map(|r| r.expect("scan").1.len()).sum::<usize>()
+        let scanned = tree.iter().map(|r| r.expect("scan").1.len()).sum::<usize>();
+        assert!(scanned > 0);
+        drop(tree);
+        drop(db);
+        t.elapsed().as_secs_f64()
     };
-    let raw = t.elapsed().as_secs_f64();
-    assert!(scanned > 0);
-    let mut timings = Vec::new();
-    for mode in [RecoveryMode::Fast, RecoveryMode::Replay] {
+    let recover = |mode| {
         let t = Instant::now();
         let log =
             Log::open_existing(dir.path(), LogConfig { durability: Durability::Buffered, ..LogConfig::default() })
                 .expect("open");
         let r = log.recover(RecoveryOptions { mode, quarantine: false }).expect("recover");
         assert_eq!(r.instances.len(), records / per_instance);
-        timings.push(t.elapsed().as_secs_f64());
-        drop(log);
+        t.elapsed().as_secs_f64()
+    };
+    // Interleaved, best of two each: the first open of a fresh database pays
+    // for sled's own recovery and a cold page cache, whoever goes first.
+    let (mut raw, mut fast, mut replay) = (f64::MAX, f64::MAX, f64::MAX);
+    for _ in 0..2 {
+        raw = raw.min(raw_scan());
+        fast = fast.min(recover(RecoveryMode::Fast));
+        replay = replay.min(recover(RecoveryMode::Replay));
     }
-    (raw, timings[0], timings[1], records)
+    (raw, fast, replay, records)
 }
 
 fn main() {
@@ -216,8 +224,14 @@ fn main() {
     ];
     let mut bytes_per_record = 0;
     for (mode, threads, per) in cases {
-        let raw = raw_appends(mode, threads, per, window);
-        let (ours, bytes) = log_appends(mode, threads, per);
+        // Interleave two rounds and keep each side's best: a shared, noisy
+        // machine slows whichever run it hits, and the best is the least disturbed.
+        let (mut raw, mut ours, mut bytes) = (0f64, 0f64, 0);
+        for _ in 0..2 {
+            raw = raw.max(raw_appends(mode, threads, per, window));
+            let (rate, b) = log_appends(mode, threads, per);
+            (ours, bytes) = (ours.max(rate), b);
+        }
         if mode == Durability::Buffered {
             bytes_per_record = bytes;
         }
