@@ -18,5 +18,6 @@ pub mod log;
 pub mod machine;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod transport;
 
 pub use machine::{InstanceName, NameError};

@@ -6,6 +6,7 @@
 //! | `r` | name ‖ 0 ‖ seq (u64 BE) | a record |
 //! | `g` | global (u64 BE) | name ‖ 0 ‖ seq: the global-order index |
 //! | `l` | name | the latest-state entry (a cache of the last record's `to`) |
+//! | `s` | name | the instance's spec (from its `Created` record) |
 //! | `m` | field | metadata: format marker, policy |
 
 use crate::machine::InstanceName;
@@ -13,6 +14,7 @@ use crate::machine::InstanceName;
 pub const RECORD: u8 = b'r';
 pub const GLOBAL: u8 = b'g';
 pub const LATEST: u8 = b'l';
+pub const SPEC: u8 = b's';
 
 pub const META_FORMAT: &[u8] = b"mformat";
 pub const META_POLICY: &[u8] = b"mpolicy";
@@ -70,4 +72,11 @@ pub fn parse_record(key: &[u8]) -> Option<(&[u8], u64)> {
 
 pub fn parse_global(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.strip_prefix(&[GLOBAL])?.try_into().ok()?))
+}
+
+pub fn spec(name: &InstanceName) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.as_str().len() + 1);
+    k.push(SPEC);
+    k.extend_from_slice(name.as_str().as_bytes());
+    k
 }

@@ -40,7 +40,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use error::LogError;
-pub use record::{Corruption, Event, Latest, Record, RecordV1};
+pub use record::{Corruption, Event, InstanceSpec, Latest, Record, RecordV1};
 pub use recovery::{RecoveredInstance, Recovery, RecoveryMode, RecoveryOptions, resume_after_restart};
 pub use retention::{CompactionReport, Retention};
 pub use store::{MemoryStore, SledStore, Store, StoreError};
@@ -343,16 +343,24 @@ impl Log {
             return Err(LogError::SequenceConflict { instance: name.clone(), expected: expected_seq, actual });
         }
         let global = w.next_global;
+        let spec = match &event {
+            Event::Created { spec } => Some(record::encode(spec)),
+            Event::Transition { .. } | Event::Snapshot { .. } => None,
+        };
         let record = Record::V1(RecordV1 { instance: name.clone(), seq: actual, global, at, event, to: to.clone() });
         let latest = Latest { seq: actual, global, at, instance: to.clone() };
         let mut index = name.as_str().as_bytes().to_vec();
         index.push(0);
         index.extend_from_slice(&actual.to_be_bytes());
-        self.inner.store.apply(vec![
+        let mut writes = vec![
             (keys::record(name, actual), Some(record::encode_record(&record))),
             (keys::global(global), Some(index)),
             (keys::latest(name), Some(record::encode(&latest))),
-        ])?;
+        ];
+        if let Some(spec) = spec {
+            writes.push((keys::spec(name), Some(spec)));
+        }
+        self.inner.store.apply(writes)?;
         w.next_global += 1;
         w.seqs.insert(name.clone(), actual);
         if let Some(f) = &self.inner.flusher {
@@ -394,6 +402,17 @@ impl Log {
     /// One instance's history, in sequence order.
     pub fn history(&self, name: &InstanceName) -> Result<Vec<RecordV1>, LogError> {
         self.inner.store.scan(&keys::record_prefix(name)).map(|r| decode_pair(r?)).collect()
+    }
+
+    /// The spec the instance was created with.
+    pub fn spec(&self, name: &InstanceName) -> Result<Option<InstanceSpec>, LogError> {
+        let Some(bytes) = self.inner.store.get(&keys::spec(name))? else { return Ok(None) };
+        record::decode(&bytes, false).map(Some).map_err(|problem| LogError::Corrupt {
+            what: "spec entry",
+            instance: Some(name.to_string()),
+            seq: None,
+            problem,
+        })
     }
 
     /// One record.

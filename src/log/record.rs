@@ -37,12 +37,23 @@ pub struct RecordV1 {
     pub to: Instance,
 }
 
+/// What the host gave when it created an instance; kept so that a restarted
+/// engine can reconnect it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    /// Where the instance connects (`ws://…` or `wss://…`).
+    pub url: String,
+}
+
 /// What a record records.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     /// The host created the instance (first record of an incarnation; a name
     /// can be created again after `Removed`, as a new instance).
-    Created,
+    Created {
+        /// The host's spec.
+        spec: InstanceSpec,
+    },
     /// A transition decided by the rules.
     Transition {
         /// The instance before (equal to the previous record's `to`).
@@ -54,16 +65,24 @@ pub enum Event {
     },
     /// Compaction replaced the history up to here with the state it led to;
     /// a snapshot starts a new chain.
-    Snapshot,
+    Snapshot {
+        /// The spec of the instance, carried over from its `Created` record.
+        spec: InstanceSpec,
+    },
 }
 
 impl Event {
+    /// A `Created` event for an instance connecting to `url`.
+    pub fn created(url: impl Into<String>) -> Self {
+        Self::Created { spec: InstanceSpec { url: url.into() } }
+    }
+
     /// A short name: `created`, the input kind, or `snapshot`.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Created => "created",
+            Self::Created { .. } => "created",
             Self::Transition { input, .. } => input.kind().as_str(),
-            Self::Snapshot => "snapshot",
+            Self::Snapshot { .. } => "snapshot",
         }
     }
 }

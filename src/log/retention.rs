@@ -57,6 +57,7 @@ impl Log {
                 }
                 let mut writes: Vec<_> = history.iter().flat_map(deletes).collect();
                 writes.push((keys::latest(&name), None));
+                writes.push((keys::spec(&name), None));
                 self.store().apply(writes)?;
                 w.seqs.remove(&name);
                 report.purged += 1;
@@ -69,7 +70,13 @@ impl Log {
             }
             let cut = history.len() - keep - 1;
             let base = &history[cut];
-            let snapshot = Record::V1(RecordV1 { event: Event::Snapshot, ..base.clone() });
+            // The spec comes from the start of this incarnation: its Created record or a snapshot.
+            let spec = history[..=cut].iter().rev().find_map(|r| match &r.event {
+                Event::Created { spec } | Event::Snapshot { spec } => Some(spec.clone()),
+                Event::Transition { .. } => None,
+            });
+            let Some(spec) = spec else { continue };
+            let snapshot = Record::V1(RecordV1 { event: Event::Snapshot { spec }, ..base.clone() });
             let mut writes: Vec<_> = history[..cut].iter().flat_map(deletes).collect();
             writes.push((keys::record(&name, base.seq), Some(encode_record(&snapshot))));
             self.store().apply(writes)?;

@@ -203,7 +203,8 @@ impl Log {
             let instance = || name.clone();
             match &prev {
                 None => {
-                    let ok = matches!(r.event, Event::Snapshot) || (r.seq == 1 && matches!(r.event, Event::Created));
+                    let ok = matches!(r.event, Event::Snapshot { .. })
+                        || (r.seq == 1 && matches!(r.event, Event::Created { .. }));
                     if !ok {
                         report.findings.push(Finding::BadStart {
                             instance: instance(),
@@ -220,14 +221,14 @@ impl Log {
                         report.findings.push(Finding::GlobalOrder { instance: instance(), seq: r.seq });
                     }
                     match &r.event {
-                        Event::Created if !matches!(p.to.state, State::Removed { .. }) => {
+                        Event::Created { .. } if !matches!(p.to.state, State::Removed { .. }) => {
                             report.findings.push(Finding::Misplaced {
                                 instance: instance(),
                                 seq: r.seq,
                                 event: "created",
                             });
                         }
-                        Event::Snapshot => {
+                        Event::Snapshot { .. } => {
                             report.findings.push(Finding::Misplaced {
                                 instance: instance(),
                                 seq: r.seq,
@@ -244,7 +245,7 @@ impl Log {
                     }
                 }
             }
-            if let Event::Created = r.event
+            if let Event::Created { .. } = r.event
                 && r.to != Instance::new()
             {
                 report.findings.push(Finding::Misplaced {

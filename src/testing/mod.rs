@@ -24,7 +24,7 @@ pub fn append_to_log(log: &crate::log::Log, driver: &Driver) -> Result<u64, crat
     let name = &driver.name;
     let mut seq = log.next_seq(name);
     if driver.steps.first().is_none_or(|s| s.from == Instance::new()) {
-        log.append(name, seq, Timestamp(0), Event::Created, &Instance::new())?;
+        log.append(name, seq, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new())?;
         seq += 1;
     }
     for s in &driver.steps {

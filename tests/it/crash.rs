@@ -48,7 +48,9 @@ fn write_fleet(dir: &Path, durability: Durability, limit: usize, out: &mut dyn W
         .collect();
     for d in &drivers {
         if log.next_seq(&d.name) == 1 {
-            let a = log.append(&d.name, 1, Timestamp(0), Event::Created, &Instance::new()).expect("created");
+            let a = log
+                .append(&d.name, 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new())
+                .expect("created");
             writeln!(out, "ack {} {}", d.name, a.seq).expect("ack");
         }
     }

@@ -25,7 +25,8 @@ fn run_fleet(log: &Log, policy: &Policy, ops: &[(usize, Input, u64)]) -> Vec<Dri
     let mut drivers: Vec<Driver> =
         (0..FLEET).map(|i| Driver::new(name(&format!("inst-{i}")), policy.clone())).collect();
     for d in &drivers {
-        log.append(&d.name, 1, Timestamp(0), Event::Created, &Instance::new()).expect("append created");
+        log.append(&d.name, 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new())
+            .expect("append created");
     }
     for (i, input, dt) in ops {
         let d = &mut drivers[*i];
@@ -121,10 +122,13 @@ proptest! {
 fn append_with_the_wrong_sequence_is_a_conflict_not_a_fork() {
     let log = Log::in_memory().expect("log");
     let n = name("acme");
-    log.append(&n, 1, Timestamp(0), Event::Created, &Instance::new()).expect("created");
-    let err = log.append(&n, 1, Timestamp(1), Event::Created, &Instance::new()).expect_err("seq 1 again");
+    log.append(&n, 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new()).expect("created");
+    let err = log
+        .append(&n, 1, Timestamp(1), Event::created("ws://127.0.0.1:9/"), &Instance::new())
+        .expect_err("seq 1 again");
     assert!(matches!(err, LogError::SequenceConflict { expected: 1, actual: 2, .. }), "{err}");
-    let err = log.append(&n, 5, Timestamp(1), Event::Created, &Instance::new()).expect_err("seq 5");
+    let err =
+        log.append(&n, 5, Timestamp(1), Event::created("ws://127.0.0.1:9/"), &Instance::new()).expect_err("seq 5");
     assert!(matches!(err, LogError::SequenceConflict { expected: 5, actual: 2, .. }), "{err}");
     assert_eq!(log.history(&n).expect("history").len(), 1, "nothing was written");
 }
@@ -155,7 +159,7 @@ async fn async_appends_wait_for_group_commit() {
         let log = log.clone();
         tasks.push(tokio::spawn(async move {
             let n = name(&format!("t{i}"));
-            log.append_async(&n, 1, Timestamp(0), Event::Created, &Instance::new()).await
+            log.append_async(&n, 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new()).await
         }));
     }
     for t in tasks {
@@ -380,7 +384,7 @@ fn compaction_keeps_a_snapshot_and_the_tail_and_purges_removed_instances() {
     assert_eq!((report.snapshotted, report.purged), (1, 0), "removed too recently to purge");
     let history = log.history(&name("busy")).expect("history");
     assert_eq!(history.len(), 6);
-    assert!(matches!(history[0].event, Event::Snapshot));
+    assert!(matches!(history[0].event, Event::Snapshot { .. }));
     assert_eq!(history.last().expect("tail").to, d.instance);
     assert!(log.verify(&policy).is_clean(), "{:#?}", log.verify(&policy).findings);
 
@@ -389,7 +393,8 @@ fn compaction_keeps_a_snapshot_and_the_tail_and_purges_removed_instances() {
     assert_eq!(log.names().expect("names"), vec![name("busy")]);
     // The name can be created again, as a new instance from seq 1.
     assert_eq!(log.next_seq(&name("gone")), 1);
-    log.append(&name("gone"), 1, Timestamp(5_000_000), Event::Created, &Instance::new()).expect("re-create");
+    log.append(&name("gone"), 1, Timestamp(5_000_000), Event::created("ws://127.0.0.1:9/"), &Instance::new())
+        .expect("re-create");
     let recovery = log.recover(RecoveryOptions::default()).expect("recover");
     assert_eq!(recovery.instances[&name("busy")].instance, d.instance);
     assert!(log.verify(&policy).is_clean());
@@ -404,7 +409,8 @@ fn a_name_can_be_created_again_after_removal_as_a_new_instance() {
     d.feed(Input::Delete);
     d.feed(Input::CleanupFinished { steps: vec![] });
     let last = append_to_log(&log, &d).expect("first incarnation");
-    log.append(&n, last + 1, Timestamp(9), Event::Created, &Instance::new()).expect("second incarnation");
+    log.append(&n, last + 1, Timestamp(9), Event::created("ws://127.0.0.1:9/"), &Instance::new())
+        .expect("second incarnation");
     assert!(log.verify(&policy).is_clean());
     let recovery = log.recover(RecoveryOptions::default()).expect("recover");
     assert_eq!(recovery.instances[&n].instance, Instance::new());

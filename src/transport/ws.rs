@@ -1,0 +1,267 @@
+//! The WebSocket transport on tokio-tungstenite, for `ws://` and `wss://` (rustls).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::{Instrument, debug, trace};
+
+use super::{BoxFuture, ConnectSpec, Control, PeerMessage, Protocol, Signals, Transport};
+use crate::machine::{Input, StatusCode};
+
+/// Frame and buffer limits per connection, so a fleet of thousands fits in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WsLimits {
+    /// Largest message accepted; larger is closed with 1009. Lifecycle
+    /// messages are tiny; 64 KiB leaves room for a product's own payloads.
+    pub max_message: usize,
+    /// Largest frame accepted.
+    pub max_frame: usize,
+    /// Read buffer allocated per connection (tungstenite's default is 128 KiB).
+    pub read_buffer: usize,
+    /// Write buffer per connection.
+    pub write_buffer: usize,
+}
+
+impl Default for WsLimits {
+    fn default() -> Self {
+        Self { max_message: 64 * 1024, max_frame: 64 * 1024, read_buffer: 4 * 1024, write_buffer: 4 * 1024 }
+    }
+}
+
+impl WsLimits {
+    /// The tungstenite configuration for these limits.
+    pub fn config(self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .max_message_size(Some(self.max_message))
+            .max_frame_size(Some(self.max_frame))
+            .read_buffer_size(self.read_buffer)
+            .write_buffer_size(self.write_buffer)
+            .max_write_buffer_size(self.write_buffer.saturating_mul(16).max(self.max_message + self.write_buffer))
+    }
+}
+
+/// The WebSocket transport.
+#[derive(Clone)]
+pub struct WsTransport {
+    protocol: Arc<dyn Protocol>,
+    limits: WsLimits,
+}
+
+impl WsTransport {
+    /// A transport speaking `protocol`. Installs rustls' `ring` provider for
+    /// `wss://` once per process (without one, tungstenite panics on TLS).
+    pub fn new(protocol: Arc<dyn Protocol>, limits: WsLimits) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Self { protocol, limits }
+    }
+}
+
+impl Transport for WsTransport {
+    fn run(&self, spec: ConnectSpec, control: mpsc::Receiver<Control>, signals: Signals) -> BoxFuture {
+        let (protocol, limits) = (self.protocol.clone(), self.limits);
+        let span = tracing::debug_span!("connection", instance = %spec.instance, generation = %spec.generation);
+        Box::pin(run(protocol, limits, spec, control, signals).instrument(span))
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn run(
+    protocol: Arc<dyn Protocol>,
+    limits: WsLimits,
+    spec: ConnectSpec,
+    control: mpsc::Receiver<Control>,
+    signals: Signals,
+) {
+    let connect = tokio_tungstenite::connect_async_with_config(spec.url.as_str(), Some(limits.config()), true);
+    let mut ws = match timeout(spec.connect_timeout, connect).await {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(e)) => {
+            signals.closed(None, format!("connect failed: {e}")).await;
+            return;
+        }
+        Err(_) => {
+            signals.closed(None, format!("connect timed out after {:?}", spec.connect_timeout)).await;
+            return;
+        }
+    };
+    if let Some(hello) = protocol.hello(&spec.instance, spec.resume.as_ref())
+        && let Err(e) = ws.send(Message::text(hello)).await
+    {
+        signals.write_failed(format!("hello: {e}")).await;
+        return;
+    }
+    Session { protocol, ws, control, signals, heartbeat: spec.heartbeat, opened: false }.serve().await;
+}
+
+struct Session {
+    protocol: Arc<dyn Protocol>,
+    ws: Ws,
+    control: mpsc::Receiver<Control>,
+    signals: Signals,
+    heartbeat: crate::machine::Heartbeat,
+    /// A `ready` was already reported: later ones are ignored (a peer flooding
+    /// "ready" costs one signal).
+    opened: bool,
+}
+
+/// Whether the session goes on after handling an event.
+enum Flow {
+    Continue,
+    End,
+}
+
+impl Session {
+    async fn serve(mut self) {
+        let mut next_ping = Instant::now() + self.heartbeat.interval;
+        let mut pong_due: Option<Instant> = None;
+        loop {
+            let deadline = pong_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+            let flow = tokio::select! {
+                frame = self.ws.next() => self.on_frame(frame, &mut pong_due).await,
+                ctl = self.control.recv() => match ctl {
+                    Some(ctl) => self.on_control(ctl).await,
+                    // The engine dropped us (abort): drop the socket without a handshake.
+                    None => Flow::End,
+                },
+                () = sleep_until(next_ping) => {
+                    next_ping = Instant::now() + self.heartbeat.interval;
+                    if pong_due.is_none() {
+                        pong_due = Some(Instant::now() + self.heartbeat.deadline);
+                    }
+                    match self.ws.send(Message::Ping(Vec::new().into())).await {
+                        Ok(()) => Flow::Continue,
+                        Err(e) => {
+                            self.signals.write_failed(format!("ping: {e}")).await;
+                            Flow::End
+                        }
+                    }
+                }
+                () = sleep_until(deadline), if pong_due.is_some() => {
+                    // R7: no pong by the deadline.
+                    self.signals.send(Input::HeartbeatMissed { generation: self.signals.generation() }).await;
+                    Flow::End
+                }
+            };
+            if let Flow::End = flow {
+                return;
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>, pong_due: &mut Option<Instant>) -> Flow {
+        match frame {
+            Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
+            Some(Ok(Message::Binary(bytes))) => {
+                let error = super::ProtocolError::Binary { len: bytes.len() };
+                self.protocol_error(1002, error.to_string()).await
+            }
+            Some(Ok(Message::Pong(_))) => {
+                *pong_due = None;
+                Flow::Continue
+            }
+            // tungstenite queues the pong; flushing sends it now.
+            Some(Ok(Message::Ping(_))) => match self.ws.flush().await {
+                Ok(()) => Flow::Continue,
+                Err(e) => {
+                    self.signals.write_failed(format!("pong: {e}")).await;
+                    Flow::End
+                }
+            },
+            Some(Ok(Message::Close(frame))) => {
+                let (status, reason) = match frame {
+                    Some(f) => (Some(self.protocol.status_of(u16::from(f.code))), f.reason.as_str().to_owned()),
+                    None => (None, "close frame without a code".to_owned()),
+                };
+                // tungstenite answers the close; drain until the socket ends, bounded.
+                let _ = timeout(Duration::from_secs(1), async { while self.ws.next().await.is_some() {} }).await;
+                self.signals.closed(status, reason).await;
+                Flow::End
+            }
+            Some(Ok(Message::Frame(_))) => Flow::Continue,
+            Some(Err(WsError::Capacity(e))) => self.protocol_error(1009, format!("message too big: {e}")).await,
+            Some(Err(WsError::Utf8(e))) => {
+                self.protocol_error(1007, format!("invalid UTF-8 in a text frame: {e}")).await
+            }
+            Some(Err(WsError::Protocol(e))) => {
+                self.signals.closed(Some(StatusCode(1002)), format!("protocol error: {e}")).await;
+                Flow::End
+            }
+            Some(Err(e)) => {
+                self.signals.closed(None, format!("connection lost: {e}")).await;
+                Flow::End
+            }
+            None => {
+                self.signals.closed(None, "connection ended without a close frame").await;
+                Flow::End
+            }
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Flow {
+        match self.protocol.parse(text) {
+            Ok(PeerMessage::Ready { identity }) => {
+                if self.opened {
+                    trace!("duplicate ready ignored");
+                } else {
+                    // R6: the core decides; without an identity this does not open.
+                    self.opened = identity.is_some();
+                    self.signals.opened(identity).await;
+                }
+                Flow::Continue
+            }
+            Ok(PeerMessage::Pairing) => {
+                self.signals.send(Input::PairingCode { generation: self.signals.generation() }).await;
+                Flow::Continue
+            }
+            Ok(PeerMessage::LoggedOut) => {
+                self.signals.send(Input::LogoutConfirmed { generation: self.signals.generation() }).await;
+                Flow::Continue
+            }
+            Ok(PeerMessage::Unknown { kind }) => {
+                debug!(kind, "unknown message type ignored");
+                Flow::Continue
+            }
+            Err(e) => self.protocol_error(1002, e.to_string()).await,
+        }
+    }
+
+    /// Closes with `code` (best effort, bounded) and reports it: the policy decides on the status.
+    async fn protocol_error(&mut self, code: u16, reason: String) -> Flow {
+        let frame = CloseFrame { code: CloseCode::from(code), reason: "protocol error".into() };
+        let _ = timeout(Duration::from_secs(1), self.ws.close(Some(frame))).await;
+        self.signals.closed(Some(StatusCode(code)), reason).await;
+        Flow::End
+    }
+
+    async fn on_control(&mut self, ctl: Control) -> Flow {
+        match ctl {
+            Control::SendLogout => match self.ws.send(Message::text(self.protocol.logout())).await {
+                Ok(()) => Flow::Continue,
+                Err(e) => {
+                    let error = super::bounded(e.to_string());
+                    self.signals.send(Input::LogoutFailed { generation: self.signals.generation(), error }).await;
+                    Flow::End
+                }
+            },
+            Control::Close { status } => {
+                let frame =
+                    CloseFrame { code: CloseCode::from(self.protocol.close_code_of(status)), reason: "".into() };
+                if let Err(e) = self.ws.close(Some(frame)).await {
+                    // Already closed or broken: the close is as finished as it will get.
+                    debug!(error = %e, "close failed");
+                    self.signals.send(Input::CloseFinished { generation: self.signals.generation() }).await;
+                    return Flow::End;
+                }
+                // Go on reading: the peer's close frame (or the socket's end) reports the real status.
+                Flow::Continue
+            }
+        }
+    }
+}
