@@ -223,7 +223,9 @@ impl Log {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Ok(Err(e)) => return Err(LogError::Open { path: path.to_path_buf(), detail: e.to_string() }),
-                Err(panic) => return Err(LogError::Open { path: path.to_path_buf(), detail: panic_message(&panic) }),
+                Err(panic) => {
+                    return Err(LogError::Open { path: path.to_path_buf(), detail: crate::panic_message(&panic) });
+                }
             }
         };
         check_not_foreign(&db, path)?;
@@ -487,14 +489,6 @@ impl Drop for Inner {
         // Best effort: make everything appended durable before the files close.
         let _ = self.store.flush();
     }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic without a message".to_owned())
 }
 
 fn corrupt_key(what: &'static str, key: &[u8]) -> LogError {
