@@ -17,6 +17,7 @@ pub mod diagram;
 pub mod engine;
 pub mod log;
 pub mod machine;
+pub mod peer;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod transport;

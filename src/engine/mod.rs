@@ -140,7 +140,7 @@ pub enum EngineError {
         /// The instance, if one was concerned.
         instance: Option<InstanceName>,
         /// The log's error.
-        source: LogError,
+        source: Box<LogError>,
     },
     /// A command did not complete in time (a bug: every wait is bounded by the policy).
     #[error("{command} of {name} did not complete within {waited:?}")]
@@ -158,6 +158,10 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    pub(crate) fn log(instance: Option<InstanceName>, source: LogError) -> Self {
+        Self::Log { instance, source: Box::new(source) }
+    }
+
     fn rejected(name: &InstanceName, r: Rejection) -> Self {
         match r {
             Rejection::Removed => Self::Removed { name: name.clone() },
@@ -168,7 +172,7 @@ impl EngineError {
 
 impl From<LogError> for EngineError {
     fn from(source: LogError) -> Self {
-        Self::Log { instance: None, source }
+        Self::log(None, source)
     }
 }
 
@@ -280,7 +284,7 @@ impl Engine {
         let log_config = config.log.clone();
         let log = tokio::task::spawn_blocking(move || Log::open(path, log_config))
             .await
-            .map_err(|e| EngineError::Log { instance: None, source: LogError::Failed(e.to_string()) })??;
+            .map_err(|e| EngineError::log(None, LogError::Failed(e.to_string())))??;
         Self::with_log(log, config).await
     }
 
@@ -317,7 +321,7 @@ impl Engine {
             Ok(out)
         })
         .await
-        .map_err(|e| EngineError::Log { instance: None, source: LogError::Failed(e.to_string()) })??;
+        .map_err(|e| EngineError::log(None, LogError::Failed(e.to_string())))??;
         let engine = Self {
             shared,
             registry: Arc::new(Registry::default()),
@@ -372,7 +376,7 @@ impl Engine {
             }
             Err(source) => {
                 self.registry.lock().remove(&name);
-                Err(EngineError::Log { instance: Some(name), source })
+                Err(EngineError::log(Some(name), source))
             }
         }
     }
@@ -467,8 +471,8 @@ impl Engine {
             (name, h)
         })
         .await
-        .map_err(|e| EngineError::Log { instance: None, source: LogError::Failed(e.to_string()) })?;
-        let history = history.map_err(|source| EngineError::Log { instance: Some(n.clone()), source })?;
+        .map_err(|e| EngineError::log(None, LogError::Failed(e.to_string())))?;
+        let history = history.map_err(|source| EngineError::log(Some(n.clone()), source))?;
         if history.is_empty() { Err(EngineError::UnknownInstance { name: n }) } else { Ok(history) }
     }
 
@@ -490,6 +494,8 @@ impl Engine {
 
     /// Stops every instance (sockets dropped, recorded states kept: the next
     /// open recovers them), waits at most `shutdown_timeout`, and syncs the log.
+    /// Later commands fail with [`EngineError::ShutDown`]. The log stays open
+    /// until the last clone of the engine is dropped.
     pub async fn shutdown(&self) -> Result<(), EngineError> {
         if self.shut.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
@@ -516,7 +522,7 @@ impl Engine {
         let log = self.shared.log.clone();
         tokio::task::spawn_blocking(move || log.sync())
             .await
-            .map_err(|e| EngineError::Log { instance: None, source: LogError::Failed(e.to_string()) })??;
+            .map_err(|e| EngineError::log(None, LogError::Failed(e.to_string())))??;
         Ok(())
     }
 }

@@ -169,10 +169,10 @@ impl Task {
     }
 
     fn reached(&self, goal: Goal) -> bool {
-        match (&self.view.borrow().instance.state, goal) {
-            (State::Removed { .. }, _) | (State::Closed { .. }, Goal::Closed) => true,
-            _ => false,
-        }
+        matches!(
+            (&self.view.borrow().instance.state, goal),
+            (State::Removed { .. }, _) | (State::Closed { .. }, Goal::Closed)
+        )
     }
 
     async fn signal(&mut self, input: Input) {
@@ -222,7 +222,7 @@ impl Task {
                     .log
                     .append_async(&self.name, seq + 1, now, event, &to)
                     .await
-                    .map_err(|source| EngineError::Log { instance: Some(self.name.clone()), source })?;
+                    .map_err(|source| EngineError::log(Some(self.name.clone()), source))?;
                 debug!(seq = appended.seq, input = %input.kind(), from = %from.state, to = %to.state, "transition");
                 let notification = Notification {
                     instance: self.name.clone(),

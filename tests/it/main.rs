@@ -7,6 +7,7 @@
 
 mod crash;
 mod diagrams;
+mod engine;
 mod exhaustive;
 mod log;
 mod model;

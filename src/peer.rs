@@ -1,0 +1,315 @@
+//! A fault-injecting peer: a real tokio-tungstenite server on 127.0.0.1 that
+//! speaks the reference protocol, with a switchable fault per instance for
+//! new connections, and actions on live ones. The integration tests and
+//! `lifecycle simulate` play the other side of the engine with it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// How the peer treats a new connection of an instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Accept, say `ready` with an identity, answer pings and logouts.
+    Ready,
+    /// Say `ready` without an identity (R6).
+    NoIdentity,
+    /// Issue `codes` pairing codes, 10 ms apart, and never say `ready`.
+    Pairing {
+        /// How many.
+        codes: u32,
+    },
+    /// Say `ready`, then close at once with `code` (a wire close code, e.g. 4408).
+    CloseAfterReady {
+        /// The close code.
+        code: u16,
+    },
+    /// Close with `code` before saying anything.
+    CloseBeforeReady {
+        /// The close code.
+        code: u16,
+    },
+    /// Say `ready`, then drop TCP without a close frame.
+    DropAfterReady,
+    /// Say `ready`, then never answer a logout.
+    HangOnLogout,
+    /// Close TCP as soon as it is accepted.
+    Refuse,
+    /// Wait before the WebSocket handshake, then behave as `Ready`.
+    SlowAccept {
+        /// The wait.
+        delay: Duration,
+    },
+    /// Accept TCP and never complete the WebSocket handshake.
+    NeverHandshake,
+    /// Say `ready`, then send a binary frame of garbage.
+    BinaryGarbage,
+    /// Say `ready`, then send a text message of `bytes` bytes.
+    Oversized {
+        /// Its size.
+        bytes: usize,
+    },
+    /// Say `ready` `count` times.
+    ReadyFlood {
+        /// How many.
+        count: u32,
+    },
+    /// Say `ready`, then send `count` pings.
+    PingFlood {
+        /// How many.
+        count: u32,
+    },
+    /// Say `ready`, then send text that is not JSON.
+    NotJson,
+}
+
+/// What to do to a live connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Stop reading and answering pings, keep TCP open: a half-open zombie.
+    Zombify,
+    /// Drop TCP without a close frame.
+    Drop,
+    /// Close with this wire code.
+    Close(u16),
+}
+
+#[derive(Default)]
+struct State {
+    faults: HashMap<String, Fault>,
+    default: Option<Fault>,
+    live: HashMap<String, Vec<(u64, mpsc::UnboundedSender<Action>)>>,
+    handshakes: HashMap<String, u32>,
+    hellos: HashMap<String, Vec<Option<String>>>,
+    logouts: HashMap<String, u32>,
+    next_id: u64,
+}
+
+/// The running peer. Dropping it stops the server and every connection.
+pub struct TestPeer {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    server: JoinHandle<()>,
+}
+
+#[derive(Deserialize)]
+struct Hello {
+    #[serde(rename = "type")]
+    kind: String,
+    instance: String,
+    resume: Option<String>,
+}
+
+impl TestPeer {
+    /// Starts a peer on an ephemeral port of 127.0.0.1.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = state.clone();
+        let server = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                connections.spawn(serve(stream, shared.clone()));
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        Ok(Self { addr, state, server })
+    }
+
+    /// `ws://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The fault for new connections of `instance`.
+    pub fn set_fault(&self, instance: &str, fault: Fault) {
+        self.lock().faults.insert(instance.to_owned(), fault);
+    }
+
+    /// The fault for new connections of instances without their own.
+    pub fn set_default_fault(&self, fault: Fault) {
+        self.lock().default = Some(fault);
+    }
+
+    /// Acts on every live connection of `instance`; returns how many.
+    pub fn act(&self, instance: &str, action: Action) -> usize {
+        let s = self.lock();
+        let conns = s.live.get(instance).map(Vec::as_slice).unwrap_or_default();
+        conns.iter().filter(|(_, tx)| tx.send(action.clone()).is_ok()).count()
+    }
+
+    /// Completed handshakes (hello received) of `instance` so far.
+    pub fn handshakes(&self, instance: &str) -> u32 {
+        self.lock().handshakes.get(instance).copied().unwrap_or(0)
+    }
+
+    /// Live connections of `instance` now.
+    pub fn live(&self, instance: &str) -> usize {
+        self.lock().live.get(instance).map_or(0, Vec::len)
+    }
+
+    /// The `resume` of every hello of `instance`, in order.
+    pub fn hellos(&self, instance: &str) -> Vec<Option<String>> {
+        self.lock().hellos.get(instance).cloned().unwrap_or_default()
+    }
+
+    /// Logout frames received from `instance`.
+    pub fn logouts(&self, instance: &str) -> u32 {
+        self.lock().logouts.get(instance).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for TestPeer {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+async fn close(ws: &mut Ws, code: u16) {
+    let frame = CloseFrame { code: CloseCode::from(code), reason: "peer".into() };
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async { while ws.next().await.is_some() {} }).await;
+}
+
+async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
+    let lock = || state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let default = lock().default.clone().unwrap_or(Fault::Ready);
+    match default {
+        Fault::Refuse => return,
+        Fault::NeverHandshake => {
+            // Hold the TCP connection open until the peer is dropped.
+            let _held = stream;
+            return std::future::pending::<()>().await;
+        }
+        Fault::SlowAccept { delay } => tokio::time::sleep(delay).await,
+        _ => {}
+    }
+    let config = crate::transport::WsLimits { max_message: 1 << 20, max_frame: 1 << 20, ..Default::default() }.config();
+    let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else { return };
+    let hello = match ws.next().await {
+        Some(Ok(Message::Text(t))) => serde_json::from_str::<Hello>(t.as_str()).ok().filter(|h| h.kind == "hello"),
+        _ => None,
+    };
+    let Some(hello) = hello else {
+        close(&mut ws, 1002).await;
+        return;
+    };
+    let name = hello.instance;
+    let (tx, mut actions) = mpsc::unbounded_channel();
+    let (id, fault) = {
+        let mut s = lock();
+        *s.handshakes.entry(name.clone()).or_default() += 1;
+        s.hellos.entry(name.clone()).or_default().push(hello.resume.clone());
+        s.next_id += 1;
+        let id = s.next_id;
+        s.live.entry(name.clone()).or_default().push((id, tx));
+        (id, s.faults.get(&name).cloned().or_else(|| s.default.clone()).unwrap_or(Fault::Ready))
+    };
+    let identity = hello.resume.unwrap_or_else(|| format!("peer-{name}"));
+    run_fault(&mut ws, &fault, &identity, &mut actions, &state, &name).await;
+    if let Some(conns) = lock().live.get_mut(&name) {
+        conns.retain(|(i, _)| *i != id);
+    }
+}
+
+fn ready(identity: &str) -> Message {
+    Message::text(serde_json::json!({ "type": "ready", "id": identity }).to_string())
+}
+
+async fn run_fault(
+    ws: &mut Ws,
+    fault: &Fault,
+    identity: &str,
+    actions: &mut mpsc::UnboundedReceiver<Action>,
+    state: &Arc<Mutex<State>>,
+    name: &str,
+) {
+    let sent = match fault {
+        Fault::NoIdentity => ws.send(Message::text(r#"{"type":"ready"}"#)).await,
+        Fault::Pairing { codes } => {
+            for i in 0..*codes {
+                let _ = ws.send(Message::text(format!(r#"{{"type":"pairing","code":"code-{i}"}}"#))).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(())
+        }
+        Fault::CloseBeforeReady { code } => {
+            close(ws, *code).await;
+            return;
+        }
+        Fault::ReadyFlood { count } => {
+            for _ in 0..*count {
+                if ws.feed(ready(identity)).await.is_err() {
+                    break;
+                }
+            }
+            ws.flush().await
+        }
+        _ => ws.send(ready(identity)).await,
+    };
+    if sent.is_err() {
+        return;
+    }
+    match fault {
+        Fault::CloseAfterReady { code } => return close(ws, *code).await,
+        Fault::DropAfterReady => return,
+        Fault::BinaryGarbage => drop(ws.send(Message::binary(vec![0xde, 0xad, 0xbe, 0xef, 0, 0xff])).await),
+        Fault::Oversized { bytes } => drop(ws.send(Message::text("x".repeat(*bytes))).await),
+        Fault::NotJson => drop(ws.send(Message::text("this is not json {")).await),
+        Fault::PingFlood { count } => {
+            for _ in 0..*count {
+                if ws.feed(Message::Ping(Vec::new().into())).await.is_err() {
+                    break;
+                }
+            }
+            let _ = ws.flush().await;
+        }
+        _ => {}
+    }
+    loop {
+        tokio::select! {
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) if t.as_str().contains(r#""logout""#) => {
+                    *state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).logouts.entry(name.to_owned()).or_default() += 1;
+                    if *fault != Fault::HangOnLogout {
+                        let _ = ws.send(Message::text(r#"{"type":"logged_out"}"#)).await;
+                        return close(ws, 1000).await;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            },
+            action = actions.recv() => match action {
+                Some(Action::Zombify) => {
+                    // Hold the socket without reading: no pongs, TCP stays open.
+                    while let Some(a) = actions.recv().await {
+                        if a == Action::Drop {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                Some(Action::Drop) | None => return,
+                Some(Action::Close(code)) => return close(ws, code).await,
+            },
+        }
+    }
+}

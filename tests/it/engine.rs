@@ -1,0 +1,559 @@
+//! The engine against the fault-injecting peer, over real sockets on
+//! 127.0.0.1: the seed scenarios and the rules, each asserting the final
+//! state, the log, and what the other instances did. Time is real (the
+//! sockets are), so the policy's durations are short and the bounds generous.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use instance_lifecycle::engine::{Cleanup, Engine, EngineConfig, EngineError, StepFuture};
+use instance_lifecycle::log::{Event, InstanceSpec, LogConfig};
+use instance_lifecycle::machine::{
+    ClosedCause, ClosingStep, Heartbeat, InputKind, InstanceName, LogoutOutcome, Phase, Policy, Preset, State,
+    StepOutcome, Timeouts,
+};
+use instance_lifecycle::peer::{Action, Fault, TestPeer};
+use tokio::time::{Instant, sleep};
+
+pub const HEARTBEAT: Duration = Duration::from_millis(100);
+pub const DEADLINE: Duration = Duration::from_millis(150);
+
+/// A policy with short durations, so real-time tests stay quick.
+pub fn fast(preset: Preset) -> Policy {
+    let mut p = Policy::preset(preset);
+    p.heartbeat = Heartbeat { interval: HEARTBEAT, deadline: DEADLINE };
+    p.timeouts = Timeouts {
+        connect: Duration::from_millis(1_000),
+        pairing_code: Duration::from_millis(1_000),
+        logout: Duration::from_millis(300),
+        close: Duration::from_millis(300),
+        cleanup: Duration::from_millis(1_500),
+    };
+    p.backoff.base = Duration::from_millis(50);
+    p.backoff.cap = Duration::from_millis(200);
+    p.backoff.stable_period = Duration::from_millis(500);
+    p
+}
+
+/// What the host cleanup does for one instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepBehaviour {
+    Succeed,
+    Fail,
+    Hang,
+    Panic,
+}
+
+/// (instance, step, "start" or "end").
+pub type StepEvent = (String, String, &'static str);
+
+/// A cleanup with three steps that records when each starts and ends.
+#[derive(Clone, Default)]
+pub struct RecordingCleanup {
+    pub events: Arc<Mutex<Vec<StepEvent>>>,
+    pub behaviour: Arc<Mutex<std::collections::HashMap<(String, String), StepBehaviour>>>,
+}
+
+impl Cleanup for RecordingCleanup {
+    fn steps(&self) -> Vec<String> {
+        vec!["session-store".into(), "files".into(), "cache".into()]
+    }
+
+    fn run(&self, instance: InstanceName, step: &str) -> StepFuture {
+        let me = self.clone();
+        let step = step.to_owned();
+        Box::pin(async move {
+            let key = (instance.to_string(), step.clone());
+            let behaviour = me.behaviour.lock().expect("lock").get(&key).copied().unwrap_or(StepBehaviour::Succeed);
+            me.events.lock().expect("lock").push((key.0.clone(), step.clone(), "start"));
+            sleep(Duration::from_millis(20)).await;
+            let result = match behaviour {
+                StepBehaviour::Succeed => Ok(()),
+                StepBehaviour::Fail => Err("database said no".to_owned()),
+                StepBehaviour::Hang => std::future::pending().await,
+                StepBehaviour::Panic => panic!("cleanup hook bug"),
+            };
+            me.events.lock().expect("lock").push((key.0, step, "end"));
+            result
+        })
+    }
+}
+
+pub struct Harness {
+    pub peer: TestPeer,
+    pub engine: Engine,
+    pub dir: tempfile::TempDir,
+    pub cleanup: RecordingCleanup,
+    pub policy: Policy,
+}
+
+impl Harness {
+    pub async fn new(policy: Policy) -> Self {
+        let peer = TestPeer::start().await.expect("peer");
+        let dir = tempfile::tempdir().expect("dir");
+        let cleanup = RecordingCleanup::default();
+        let engine = Engine::open(dir.path(), config(&policy, &cleanup)).await.expect("engine");
+        Self { peer, engine, dir, cleanup, policy }
+    }
+
+    pub fn spec(&self) -> InstanceSpec {
+        InstanceSpec { url: self.peer.url() }
+    }
+
+    /// Creates and connects `name`, waiting until it is `Open`.
+    pub async fn open(&self, name: &str) {
+        self.engine.create(name, self.spec()).await.expect("create");
+        self.engine.connect(name).await.expect("connect");
+        self.wait(name, |s| matches!(s, State::Open { .. }), Duration::from_secs(5)).await;
+    }
+
+    /// Waits until `name`'s state satisfies `ok`; fails with its history otherwise.
+    pub async fn wait(&self, name: &str, ok: impl Fn(&State) -> bool, within: Duration) -> State {
+        let start = Instant::now();
+        loop {
+            match self.engine.state(name) {
+                Ok(s) if ok(&s) => return s,
+                Err(EngineError::Removed { .. })
+                    if ok(&State::Removed { cleanup: instance_lifecycle::machine::CleanupOutcome::TimedOut }) =>
+                {
+                    return self.engine.history(name).await.expect("history").pop().expect("record").to.state;
+                }
+                _ => {}
+            }
+            if start.elapsed() > within {
+                let history = self.engine.history(name).await.map(|h| {
+                    h.iter().map(|r| format!("#{} {} → {}", r.seq, r.event.label(), r.to.state)).collect::<Vec<_>>()
+                });
+                panic!(
+                    "{name}: condition not reached within {within:?}; now {:?}; history {history:#?}",
+                    self.engine.state(name)
+                );
+            }
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn history_len(&self, name: &str) -> usize {
+        self.engine.history(name).await.expect("history").len()
+    }
+
+    pub async fn inputs(&self, name: &str) -> Vec<InputKind> {
+        self.engine
+            .history(name)
+            .await
+            .expect("history")
+            .into_iter()
+            .filter_map(|r| match r.event {
+                Event::Transition { input, .. } => Some(input.kind()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+pub fn config(policy: &Policy, cleanup: &RecordingCleanup) -> EngineConfig {
+    EngineConfig {
+        policy: policy.clone(),
+        log: LogConfig::default(),
+        cleanup: Arc::new(cleanup.clone()),
+        cleanup_step_timeout: Duration::from_millis(200),
+        ..EngineConfig::default()
+    }
+}
+
+fn removed(s: &State) -> bool {
+    matches!(s, State::Removed { .. })
+}
+
+/// PR 2520: ten instances open; one becomes a zombie; deleting it succeeds
+/// without waiting on the dead socket, cleanup runs once, and the nine others
+/// stay Open with no extra transitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pr2520_zombie_delete_removes_it_and_leaves_the_others_alone() {
+    let h = Harness::new(fast(Preset::Whatsapp)).await;
+    let names: Vec<String> = (0..10).map(|i| format!("vendor-{i}")).collect();
+    for n in &names {
+        h.open(n).await;
+    }
+    let mut before = Vec::new();
+    for n in &names {
+        before.push(h.history_len(n).await);
+    }
+    assert_eq!(h.peer.act("vendor-3", Action::Zombify), 1);
+    h.wait("vendor-3", |s| matches!(s, State::Zombie { .. }), HEARTBEAT + DEADLINE + Duration::from_secs(1)).await;
+    let start = Instant::now();
+    let state = h.engine.delete("vendor-3").await.expect("delete succeeds");
+    assert!(removed(&state), "{state:?}");
+    assert!(
+        start.elapsed() < h.policy.timeouts.logout,
+        "took {:?}, not bounded by the logout time-out",
+        start.elapsed()
+    );
+    let runs: Vec<_> = h
+        .cleanup
+        .events
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|e| e.0 == "vendor-3" && e.2 == "start")
+        .cloned()
+        .collect();
+    assert_eq!(runs.len(), 3, "each cleanup step ran once: {runs:?}");
+    assert!(h.inputs("vendor-3").await.contains(&InputKind::HeartbeatMissed));
+    for (n, len) in names.iter().zip(before) {
+        if n != "vendor-3" {
+            assert!(matches!(h.engine.state(n), Ok(State::Open { .. })), "{n}");
+            assert_eq!(h.history_len(n).await, len, "{n} moved");
+        }
+    }
+    // Deleting twice: the same success, nothing more.
+    assert!(removed(&h.engine.delete("vendor-3").await.expect("second delete")));
+}
+
+/// PR 2520, before detection: the zombie is still "Open"; delete is bounded by
+/// the logout and close time-outs (it does not hang on the dead socket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_of_an_undetected_zombie_is_bounded_by_its_timeouts() {
+    let mut policy = fast(Preset::Whatsapp);
+    policy.heartbeat = Heartbeat { interval: Duration::from_secs(30), deadline: Duration::from_secs(10) };
+    let h = Harness::new(policy).await;
+    h.open("z").await;
+    h.peer.act("z", Action::Zombify);
+    let start = Instant::now();
+    assert!(removed(&h.engine.delete("z").await.expect("delete")));
+    let t = &h.policy.timeouts;
+    assert!(start.elapsed() < t.logout + t.close + Duration::from_secs(1), "took {:?}", start.elapsed());
+    let history = h.engine.history("z").await.expect("history");
+    assert!(history.iter().any(|r| matches!(
+        &r.to.state,
+        State::Closing { step: ClosingStep::ClosingSocket { logout: LogoutOutcome::TimedOut }, .. }
+    )));
+}
+
+/// PR 2501: logout on a dead socket returns success; Closed; the failed logout
+/// is in the log; no reconnect in the following heartbeat and backoff periods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pr2501_logout_on_dead_socket_closes_and_never_reconnects() {
+    let mut policy = fast(Preset::Whatsapp);
+    policy.heartbeat = Heartbeat { interval: Duration::from_secs(30), deadline: Duration::from_secs(10) };
+    let h = Harness::new(policy).await;
+    h.open("acme").await;
+    h.peer.act("acme", Action::Zombify);
+    let state = h.engine.logout("acme").await.expect("logout succeeds");
+    assert!(
+        matches!(state, State::Closed { cause: ClosedCause::LoggedOut { logout: LogoutOutcome::TimedOut }, .. }),
+        "{state:?}"
+    );
+    let handshakes = h.peer.handshakes("acme");
+    sleep(HEARTBEAT + DEADLINE + h.policy.backoff.cap * 2).await;
+    assert_eq!(h.peer.handshakes("acme"), handshakes, "reconnected after a logout");
+    assert!(matches!(h.engine.state("acme"), Ok(State::Closed { .. })));
+    // Evolution API #2560: an explicit connect works again.
+    h.peer.act("acme", Action::Drop);
+    h.engine.connect("acme").await.expect("connect");
+    h.wait("acme", |s| matches!(s, State::Open { .. }), Duration::from_secs(5)).await;
+    assert_eq!(h.peer.hellos("acme").last(), Some(&None), "a logout forgets the identity: no resume");
+}
+
+async fn close_with(preset: Preset, fault: Fault) -> (Harness, State) {
+    let h = Harness::new(fast(preset)).await;
+    h.peer.set_fault("c", fault);
+    h.engine.create("c", h.spec()).await.expect("create");
+    h.engine.connect("c").await.expect("connect");
+    let state = h.wait("c", |s| matches!(s, State::Closed { .. }), Duration::from_secs(5)).await;
+    sleep(h.policy.backoff.cap * 3).await;
+    (h, state)
+}
+
+/// Close statuses under the seeds' preset: 401 and 408 never reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evolution_preset_401_and_408_close_without_reconnect() {
+    for code in [4401, 4408] {
+        let (h, state) = close_with(Preset::Evolution, Fault::CloseAfterReady { code }).await;
+        assert!(
+            matches!(state, State::Closed { cause: ClosedCause::FinalStatus, status: Some(s), .. } if s.0 == code - 4000),
+            "{state:?}"
+        );
+        assert_eq!(h.peer.handshakes("c"), 1, "{code}: reconnected");
+    }
+}
+
+/// Under the recommended preset, 408 while pairing and 440 stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_preset_408_while_pairing_and_440_stop() {
+    let (h, state) = close_with(Preset::Whatsapp, Fault::CloseAfterReady { code: 4440 }).await;
+    assert!(matches!(state, State::Closed { status: Some(s), .. } if s.0 == 440), "{state:?}");
+    assert_eq!(h.peer.handshakes("c"), 1);
+
+    let h = Harness::new(fast(Preset::Whatsapp)).await;
+    h.peer.set_fault("qr", Fault::Pairing { codes: 2 });
+    h.engine.create("qr", h.spec()).await.expect("create");
+    h.engine.connect("qr").await.expect("connect");
+    h.wait("qr", |s| matches!(s, State::Connecting { phase: Phase::Pairing { codes: 2 }, .. }), Duration::from_secs(5))
+        .await;
+    h.peer.act("qr", Action::Close(4408));
+    let state = h.wait("qr", |s| matches!(s, State::Closed { .. }), Duration::from_secs(5)).await;
+    assert!(
+        matches!(state, State::Closed { cause: ClosedCause::FinalStatus, status: Some(s), .. } if s.0 == 408),
+        "{state:?}"
+    );
+    sleep(h.policy.backoff.cap * 3).await;
+    assert_eq!(h.peer.handshakes("qr"), 1);
+}
+
+/// Under the recommended preset, 408 after open is a blip: reconnect with
+/// backoff, resuming the stored identity. A drop without a close frame too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_preset_408_after_open_and_drops_reconnect_with_resume() {
+    let h = Harness::new(fast(Preset::Whatsapp)).await;
+    for (name, action) in [("blip", Action::Close(4408)), ("drop", Action::Drop)] {
+        h.open(name).await;
+        h.peer.act(name, action);
+        let start = Instant::now();
+        h.wait(name, |s| matches!(s, State::Connecting { .. }), Duration::from_secs(5)).await;
+        h.wait(name, |s| matches!(s, State::Open { .. }), Duration::from_secs(5)).await;
+        assert!(start.elapsed() >= h.policy.backoff.base, "no backoff");
+        assert_eq!(h.peer.hellos(name), vec![None, Some(format!("peer-{name}"))], "the reconnect resumes");
+    }
+}
+
+/// R6: a peer that never sends an identity never makes the instance Open; the
+/// connect time-out closes it (408 before open: final under whatsapp).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_identity_never_opens_and_times_out() {
+    let h = Harness::new(fast(Preset::Whatsapp)).await;
+    h.peer.set_fault("anon", Fault::NoIdentity);
+    h.engine.create("anon", h.spec()).await.expect("create");
+    h.engine.connect("anon").await.expect("connect");
+    let state =
+        h.wait("anon", |s| matches!(s, State::Closed { .. }), h.policy.timeouts.connect + Duration::from_secs(2)).await;
+    assert!(matches!(state, State::Closed { status: Some(s), .. } if s.0 == 408), "{state:?}");
+    let history = h.engine.history("anon").await.expect("history");
+    assert!(history.iter().all(|r| !matches!(r.to.state, State::Open { .. })));
+}
+
+/// Delete during a reconnect backoff; logout and delete at the same moment;
+/// a cleanup step that hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_during_backoff_concurrent_logout_and_delete_and_a_hanging_cleanup() {
+    let mut policy = fast(Preset::Whatsapp);
+    policy.backoff.base = Duration::from_secs(5);
+    policy.backoff.cap = Duration::from_secs(5);
+    let h = Harness::new(policy).await;
+    h.open("backoff").await;
+    h.peer.act("backoff", Action::Drop);
+    h.wait("backoff", |s| matches!(s, State::Connecting { phase: Phase::Backoff { .. }, .. }), Duration::from_secs(5))
+        .await;
+    let start = Instant::now();
+    assert!(removed(&h.engine.delete("backoff").await.expect("delete")));
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    assert_eq!(h.peer.handshakes("backoff"), 1, "no reconnect after delete");
+
+    h.open("both").await;
+    let (logout, delete) = tokio::join!(h.engine.logout("both"), h.engine.delete("both"));
+    assert!(logout.is_ok() && delete.is_ok(), "{logout:?} {delete:?}");
+    assert!(removed(&delete.expect("delete")));
+
+    h.open("hang").await;
+    h.cleanup.behaviour.lock().expect("lock").insert(("hang".into(), "files".into()), StepBehaviour::Hang);
+    let state = h.engine.delete("hang").await.expect("delete");
+    let State::Removed { cleanup: instance_lifecycle::machine::CleanupOutcome::Finished { steps } } = state else {
+        panic!("{state:?}")
+    };
+    let outcomes: Vec<_> = steps.iter().map(|s| (s.step.as_str(), s.outcome.clone())).collect();
+    assert_eq!(
+        outcomes,
+        vec![("session-store", StepOutcome::Done), ("files", StepOutcome::TimedOut), ("cache", StepOutcome::Done)]
+    );
+}
+
+/// R11: restart the engine on the same log. Open instances reconnect by the
+/// rules (resuming), closed ones stay closed, removed ones never come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_restart_restores_states_and_reconnects_by_the_rules() {
+    let policy = fast(Preset::Whatsapp);
+    let h = Harness::new(policy.clone()).await;
+    for n in ["open", "closed", "gone"] {
+        h.open(n).await;
+    }
+    h.engine.logout("closed").await.expect("logout");
+    h.engine.delete("gone").await.expect("delete");
+    h.engine.shutdown().await.expect("shutdown");
+    assert!(matches!(h.engine.connect("open").await, Err(EngineError::ShutDown)));
+    let Harness { peer, engine, dir, cleanup, policy } = h;
+    drop(engine); // releases the log's lock
+    let engine = Engine::open(dir.path(), config(&policy, &cleanup)).await.expect("reopen");
+    let h = Harness { peer, engine, dir, cleanup, policy };
+    h.wait("open", |s| matches!(s, State::Open { .. }), Duration::from_secs(5)).await;
+    assert_eq!(h.peer.hellos("open"), vec![None, Some("peer-open".into())]);
+    assert!(h.inputs("open").await.contains(&InputKind::Recovered), "the recovery decision is logged");
+    assert!(matches!(h.engine.state("closed"), Ok(State::Closed { .. })));
+    assert_eq!(h.peer.handshakes("closed"), 1);
+    assert!(matches!(h.engine.state("gone"), Err(EngineError::Removed { .. })));
+    assert_eq!(h.peer.handshakes("gone"), 1);
+    assert_eq!(h.engine.list().len(), 2);
+    let report = h.engine.log().verify(&h.policy);
+    assert!(report.is_clean(), "{:#?}", report.findings);
+}
+
+/// Evolution API #693, #765, #1302, #2655: restart while a reconnect is pending
+/// and while the socket is still connecting: never two live sockets, no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_while_pending_or_connecting_never_makes_two_sockets() {
+    let mut policy = fast(Preset::Whatsapp);
+    policy.backoff.base = Duration::from_secs(2);
+    policy.backoff.cap = Duration::from_secs(2);
+    let h = Harness::new(policy).await;
+    h.open("r").await;
+    h.peer.act("r", Action::Drop);
+    h.wait("r", |s| matches!(s, State::Connecting { phase: Phase::Backoff { .. }, .. }), Duration::from_secs(5)).await;
+    h.engine.restart("r").await.expect("restart while backing off");
+    h.wait("r", |s| matches!(s, State::Open { .. }), Duration::from_secs(5)).await;
+    h.peer.set_fault("r", Fault::SlowAccept { delay: Duration::from_millis(300) });
+    h.peer.set_default_fault(Fault::SlowAccept { delay: Duration::from_millis(300) });
+    for _ in 0..3 {
+        h.engine.restart("r").await.expect("restart while connecting");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        assert!(h.peer.live("r") <= 1, "two live sockets");
+        sleep(Duration::from_millis(5)).await;
+    }
+    h.wait("r", |s| matches!(s, State::Open { .. }), Duration::from_secs(5)).await;
+    // The cancelled reconnect timer never fired a second attempt.
+    assert!(h.inputs("r").await.iter().filter(|k| **k == InputKind::ReconnectTimer).count() == 0);
+}
+
+/// Evolution API #1576: the cleanup steps of one removal run in order, one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_steps_run_in_order_one_at_a_time() {
+    let h = Harness::new(fast(Preset::Whatsapp)).await;
+    h.open("tidy").await;
+    h.engine.delete("tidy").await.expect("delete");
+    let events: Vec<_> = h
+        .cleanup
+        .events
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|e| e.0 == "tidy")
+        .map(|e| format!("{} {}", e.1, e.2))
+        .collect();
+    assert_eq!(
+        events,
+        ["session-store start", "session-store end", "files start", "files end", "cache start", "cache end"]
+    );
+}
+
+/// R10: a host hook that panics for one instance, and a cleanup step that
+/// panics for another, are caught and recorded; every other instance runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r10_isolation() {
+    let policy = fast(Preset::Whatsapp);
+    let peer = TestPeer::start().await.expect("peer");
+    let dir = tempfile::tempdir().expect("dir");
+    let cleanup = RecordingCleanup::default();
+    let mut cfg = config(&policy, &cleanup);
+    cfg.on_transition = Some(Arc::new(|n: &instance_lifecycle::engine::Notification| {
+        if n.instance.as_str() == "bad" && matches!(n.to, State::Open { .. }) {
+            panic!("webhook handler bug");
+        }
+    }));
+    let engine = Engine::open(dir.path(), cfg).await.expect("engine");
+    let h = Harness { peer, engine, dir, cleanup, policy };
+    for n in ["good-1", "good-2", "messy"] {
+        h.open(n).await;
+    }
+    h.engine.create("bad", h.spec()).await.expect("create");
+    h.engine.connect("bad").await.expect("connect");
+    let state = h.wait("bad", |s| matches!(s, State::Closed { .. }), Duration::from_secs(5)).await;
+    assert!(
+        matches!(&state, State::Closed { cause: ClosedCause::Panicked { message }, .. } if message.contains("webhook handler bug")),
+        "{state:?}"
+    );
+    assert!(h.inputs("bad").await.contains(&InputKind::Panicked), "the panic is in the log");
+
+    h.cleanup.behaviour.lock().expect("lock").insert(("messy".into(), "files".into()), StepBehaviour::Panic);
+    h.cleanup.behaviour.lock().expect("lock").insert(("messy".into(), "cache".into()), StepBehaviour::Fail);
+    let state = h.engine.delete("messy").await.expect("delete");
+    let State::Removed { cleanup: instance_lifecycle::machine::CleanupOutcome::Finished { steps } } = state else {
+        panic!("{state:?}")
+    };
+    assert!(
+        matches!(&steps[1].outcome, StepOutcome::Panicked { message } if message.contains("cleanup hook bug")),
+        "{steps:?}"
+    );
+    assert!(matches!(&steps[2].outcome, StepOutcome::Failed { error } if error == "database said no"));
+    let record = h.engine.history("messy").await.expect("history").pop().expect("record");
+    assert_eq!(record.failures().len(), 2, "{:?}", record.failures());
+
+    for n in ["good-1", "good-2"] {
+        assert!(matches!(h.engine.state(n), Ok(State::Open { .. })), "{n}");
+        assert_eq!(h.peer.handshakes(n), 1);
+    }
+    // The bad instance still takes commands.
+    h.engine.connect("bad").await.expect("bad connects again");
+}
+
+/// Typed errors of the host API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_api_errors_are_typed() {
+    let h = Harness::new(fast(Preset::Whatsapp)).await;
+    assert!(matches!(h.engine.create("../../etc", h.spec()).await, Err(EngineError::InvalidName(_))));
+    assert!(matches!(
+        h.engine.create("ok", InstanceSpec { url: "http://x".into() }).await,
+        Err(EngineError::InvalidUrl { .. })
+    ));
+    assert!(matches!(h.engine.connect("nobody").await, Err(EngineError::UnknownInstance { .. })));
+    h.engine.create("dup", h.spec()).await.expect("create");
+    assert!(matches!(h.engine.create("dup", h.spec()).await, Err(EngineError::AlreadyExists { .. })));
+    h.engine.delete("dup").await.expect("delete");
+    assert!(matches!(h.engine.connect("dup").await, Err(EngineError::Removed { .. })));
+    h.engine.create("dup", h.spec()).await.expect("a removed name is created anew");
+    assert!(matches!(h.engine.state("dup"), Ok(State::Closed { cause: ClosedCause::Created, .. })));
+    let history = h.engine.history("dup").await.expect("history");
+    assert_eq!(history.iter().filter(|r| matches!(r.event, Event::Created { .. })).count(), 2);
+    assert!(h.engine.log().verify(&h.policy).is_clean());
+}
+
+/// Fleet: a tenth of the instances become half-open zombies at once; each is
+/// detected within one heartbeat interval + deadline (+ slack) and none of the
+/// healthy ones is marked. (CI size; the benchmark runs 1,000 connections.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_zombies_are_detected_and_healthy_ones_are_not_marked() {
+    let h = Harness::new(fast(Preset::Whatsapp)).await;
+    let n = 60;
+    for i in 0..n {
+        h.engine.create(&format!("f{i}"), h.spec()).await.expect("create");
+        h.engine.connect(&format!("f{i}")).await.expect("connect");
+    }
+    for i in 0..n {
+        h.wait(&format!("f{i}"), |s| matches!(s, State::Open { .. }), Duration::from_secs(10)).await;
+    }
+    let mut events = h.engine.subscribe();
+    let zombies: Vec<String> = (0..n).step_by(10).map(|i| format!("f{i}")).collect();
+    let start = Instant::now();
+    for z in &zombies {
+        h.peer.act(z, Action::Zombify);
+    }
+    let slack = Duration::from_millis(400);
+    let mut detected = std::collections::HashMap::new();
+    while detected.len() < zombies.len() && start.elapsed() < HEARTBEAT + DEADLINE + slack + Duration::from_secs(2) {
+        if let Ok(Ok(note)) = tokio::time::timeout(Duration::from_millis(50), events.recv()).await
+            && matches!(note.to, State::Zombie { .. })
+        {
+            detected.entry(note.instance.to_string()).or_insert(start.elapsed());
+        }
+    }
+    for z in &zombies {
+        let at = detected.get(z).unwrap_or_else(|| panic!("{z} not detected"));
+        assert!(*at <= HEARTBEAT + DEADLINE + slack, "{z} detected after {at:?}");
+    }
+    for i in 0..n {
+        let name = format!("f{i}");
+        if !zombies.contains(&name) {
+            assert!(!h.inputs(&name).await.contains(&InputKind::HeartbeatMissed), "{name} falsely marked");
+        }
+    }
+}
