@@ -114,7 +114,12 @@ struct Hello {
 impl TestPeer {
     /// Starts a peer on an ephemeral port of 127.0.0.1.
     pub async fn start() -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!("a literal address"))).await
+    }
+
+    /// Starts a peer listening on `addr`.
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let shared = state.clone();
@@ -167,6 +172,34 @@ impl TestPeer {
     /// The `resume` of every hello of `instance`, in order.
     pub fn hellos(&self, instance: &str) -> Vec<Option<String>> {
         self.lock().hellos.get(instance).cloned().unwrap_or_default()
+    }
+
+    /// Applies one control line: `zombify NAME`, `drop NAME`, `close NAME CODE`
+    /// or `fault NAME ready|no-identity|hang-on-logout|refuse`. Returns what it did.
+    pub fn command(&self, line: &str) -> Result<String, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["zombify", name] => Ok(format!("zombified {} connection(s)", self.act(name, Action::Zombify))),
+            ["drop", name] => Ok(format!("dropped {} connection(s)", self.act(name, Action::Drop))),
+            ["close", name, code] => {
+                let code: u16 = code.parse().map_err(|_| format!("not a close code: {code}"))?;
+                Ok(format!("closed {} connection(s)", self.act(name, Action::Close(code))))
+            }
+            ["fault", name, fault] => {
+                let fault = match *fault {
+                    "ready" => Fault::Ready,
+                    "no-identity" => Fault::NoIdentity,
+                    "hang-on-logout" => Fault::HangOnLogout,
+                    "refuse" => Fault::Refuse,
+                    other => return Err(format!("unknown fault {other:?}")),
+                };
+                self.set_fault(name, fault);
+                Ok("fault set".to_owned())
+            }
+            _ => Err(format!(
+                "unknown command {line:?}; try: zombify NAME | drop NAME | close NAME CODE | fault NAME FAULT"
+            )),
+        }
     }
 
     /// Logout frames received from `instance`.

@@ -45,7 +45,7 @@ pub(crate) async fn run(
     cleanup: Arc<dyn Cleanup>,
     instance: InstanceName,
     step_timeout: Duration,
-    report: mpsc::Sender<Input>,
+    report: mpsc::Sender<Box<Input>>,
 ) {
     let mut steps = Vec::new();
     for step in cleanup.steps() {
@@ -67,5 +67,5 @@ pub(crate) async fn run(
         }
         steps.push(StepReport { step, outcome });
     }
-    let _ = report.send(Input::CleanupFinished { steps }).await;
+    let _ = report.send(Box::new(Input::CleanupFinished { steps })).await;
 }

@@ -238,7 +238,7 @@ enum Entry {
     /// Reserved by a `create` in progress.
     Creating,
     Live {
-        commands: mpsc::Sender<Msg>,
+        commands: mpsc::Sender<Box<Msg>>,
         view: watch::Receiver<View>,
         task: tokio::task::JoinHandle<()>,
     },
@@ -419,7 +419,7 @@ impl Engine {
             Some(Entry::Live { commands, .. }) => commands.clone(),
         };
         let (reply, answer) = oneshot::channel();
-        if sender.send(Msg::Command { input: input.clone(), reply }).await.is_err() {
+        if sender.send(Box::new(Msg::Command { input: input.clone(), reply })).await.is_err() {
             // The task ended meanwhile (removed, or shut down).
             return match self.registry.lock().get(&name) {
                 Some(Entry::Removed) => removed_answer(name, &input),
@@ -512,7 +512,7 @@ impl Engine {
         let stop = async {
             for (commands, task) in live {
                 let (done, stopped) = oneshot::channel();
-                if commands.send(Msg::Shutdown(done)).await.is_ok() {
+                if commands.send(Box::new(Msg::Shutdown(done))).await.is_ok() {
                     let _ = stopped.await;
                 }
                 let _ = task.await;

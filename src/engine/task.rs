@@ -58,16 +58,18 @@ pub(crate) struct Task {
     pub(crate) view: watch::Sender<View>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) registry: Weak<Registry>,
-    pub(crate) signals_tx: mpsc::Sender<Input>,
+    pub(crate) signals_tx: mpsc::Sender<Box<Input>>,
     conn: Option<Conn>,
     timers: BTreeMap<Timer, Instant>,
     waiters: Vec<Waiter>,
     cleanup: Option<JoinHandle<()>>,
 }
 
+/// Messages are boxed: tokio's mpsc allocates a block of 32 slots up front per
+/// channel, so small slots keep an idle instance small.
 pub(crate) struct Channels {
-    pub(crate) commands: mpsc::Receiver<Msg>,
-    pub(crate) signals: mpsc::Receiver<Input>,
+    pub(crate) commands: mpsc::Receiver<Box<Msg>>,
+    pub(crate) signals: mpsc::Receiver<Box<Input>>,
 }
 
 impl Task {
@@ -77,7 +79,7 @@ impl Task {
         view: watch::Sender<View>,
         shared: Arc<Shared>,
         registry: Weak<Registry>,
-        signals_tx: mpsc::Sender<Input>,
+        signals_tx: mpsc::Sender<Box<Input>>,
     ) -> Self {
         Self {
             name,
@@ -131,17 +133,18 @@ impl Task {
             let due = self.timers.values().min().copied();
             tokio::select! {
                 biased;
-                msg = ch.commands.recv() => match msg {
+                // The handlers are boxed so the idle loop's future stays small.
+                msg = ch.commands.recv() => match msg.map(|m| *m) {
                     None => return,
                     Some(Msg::Shutdown(done)) => {
                         self.abort_conn();
                         let _ = done.send(());
                         return;
                     }
-                    Some(Msg::Command { input, reply }) => self.command(input, reply).await,
+                    Some(Msg::Command { input, reply }) => Box::pin(self.command(input, reply)).await,
                 },
-                Some(input) = ch.signals.recv() => self.signal(input).await,
-                () = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => self.fire_timers().await,
+                Some(input) = ch.signals.recv() => Box::pin(self.signal(*input)).await,
+                () = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => Box::pin(self.fire_timers()).await,
             }
         }
     }
@@ -274,7 +277,7 @@ impl Task {
                         generation: *generation,
                         url: self.spec.url.clone(),
                         resume: resume.clone(),
-                        heartbeat: self.shared.policy.heartbeat.clone(),
+                        heartbeat: self.shared.policy.heartbeat,
                         connect_timeout: self.shared.policy.timeouts.connect,
                     };
                     let run =

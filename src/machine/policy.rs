@@ -148,7 +148,7 @@ impl Default for Backoff {
 }
 
 /// WebSocket heartbeat settings (R7).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// A ping every `interval`.
     pub interval: Duration,

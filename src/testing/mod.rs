@@ -7,7 +7,10 @@
 //!
 //! Everything is deterministic: the same inputs give the same records.
 
+mod sim;
 pub mod strategy;
+
+pub use sim::{SimAction, SimBehaviour, SimTransport};
 
 use std::collections::BTreeMap;
 

@@ -50,16 +50,17 @@ pub enum Control {
     },
 }
 
-/// Where a transport reports its signals.
+/// Where a transport reports its signals. Inputs travel boxed: tokio's mpsc
+/// allocates 32 slots per channel up front, and a fleet has a channel per instance.
 #[derive(Clone, Debug)]
 pub struct Signals {
     generation: Generation,
-    tx: mpsc::Sender<Input>,
+    tx: mpsc::Sender<Box<Input>>,
 }
 
 impl Signals {
     /// A sink for the connection of `generation`.
-    pub fn new(generation: Generation, tx: mpsc::Sender<Input>) -> Self {
+    pub fn new(generation: Generation, tx: mpsc::Sender<Box<Input>>) -> Self {
         Self { generation, tx }
     }
 
@@ -70,7 +71,7 @@ impl Signals {
 
     /// Reports a signal; `false` when the instance no longer listens.
     pub async fn send(&self, input: Input) -> bool {
-        self.tx.send(input).await.is_ok()
+        self.tx.send(Box::new(input)).await.is_ok()
     }
 
     /// `TransportOpened`.

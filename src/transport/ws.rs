@@ -123,10 +123,11 @@ impl Session {
         let mut pong_due: Option<Instant> = None;
         loop {
             let deadline = pong_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+            // Handlers are boxed: the idle connection's future stays small in a large fleet.
             let flow = tokio::select! {
-                frame = self.ws.next() => self.on_frame(frame, &mut pong_due).await,
+                frame = self.ws.next() => Box::pin(self.on_frame(frame, &mut pong_due)).await,
                 ctl = self.control.recv() => match ctl {
-                    Some(ctl) => self.on_control(ctl).await,
+                    Some(ctl) => Box::pin(self.on_control(ctl)).await,
                     // The engine dropped us (abort): drop the socket without a handshake.
                     None => Flow::End,
                 },
