@@ -60,12 +60,14 @@ impl Diagram {
     }
 
     fn label(&self, inputs: &BTreeMap<InputKind, u64>, separator: &str) -> String {
+        let never = self.annotated && inputs.values().all(|&n| n == 0);
         let parts: Vec<String> = inputs
             .iter()
-            .map(|(k, n)| if self.annotated { format!("{k} ×{n}") } else { k.as_str().to_owned() })
+            .filter(|&(_, &n)| !self.annotated || never || n > 0)
+            .map(|(k, n)| if self.annotated && !never { format!("{k} ×{n}") } else { k.as_str().to_owned() })
             .collect();
         let label = parts.join(separator);
-        if self.annotated && inputs.values().all(|&n| n == 0) { format!("(never taken) {label}") } else { label }
+        if never { format!("never taken: {label}") } else { label }
     }
 
     /// Renders the diagram.

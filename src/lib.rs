@@ -18,6 +18,7 @@ pub mod engine;
 pub mod log;
 pub mod machine;
 pub mod peer;
+pub mod simulate;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod transport;

@@ -83,6 +83,8 @@ pub enum Action {
     Drop,
     /// Close with this wire code.
     Close(u16),
+    /// From now on, ignore logout requests (the socket stays up).
+    IgnoreLogouts,
 }
 
 #[derive(Default)]
@@ -317,12 +319,13 @@ async fn run_fault(
         }
         _ => {}
     }
+    let mut ignore_logouts = *fault == Fault::HangOnLogout;
     loop {
         tokio::select! {
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(t))) if t.as_str().contains(r#""logout""#) => {
                     *state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).logouts.entry(name.to_owned()).or_default() += 1;
-                    if *fault != Fault::HangOnLogout {
+                    if !ignore_logouts {
                         let _ = ws.send(Message::text(r#"{"type":"logged_out"}"#)).await;
                         return close(ws, 1000).await;
                     }
@@ -342,6 +345,7 @@ async fn run_fault(
                 }
                 Some(Action::Drop) | None => return,
                 Some(Action::Close(code)) => return close(ws, code).await,
+                Some(Action::IgnoreLogouts) => ignore_logouts = true,
             },
         }
     }

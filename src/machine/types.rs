@@ -103,7 +103,7 @@ impl From<InstanceName> for String {
 
 impl fmt::Display for InstanceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -263,6 +263,25 @@ impl Timestamp {
     }
 }
 
+impl Timestamp {
+    /// `YYYY-MM-DD HH:MM:SS.mmm` in UTC.
+    pub fn utc(self) -> String {
+        let (secs, ms) = (self.0 / 1000, self.0 % 1000);
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+        let z = i64::try_from(days).unwrap_or(i64::MAX / 2) + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{ms:03}", rem / 3600, rem / 60 % 60, rem % 60)
+    }
+}
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}ms", self.0)
@@ -295,6 +314,13 @@ mod tests {
         assert!(serde_json::from_str::<Identity>("\"\"").is_err());
         let id: Identity = serde_json::from_str("\"5511@s.whatsapp.net\"").expect("valid identity");
         assert_eq!(id.as_str(), "5511@s.whatsapp.net");
+    }
+
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(Timestamp(0).utc(), "1970-01-01 00:00:00.000");
+        assert_eq!(Timestamp(951_782_400_123).utc(), "2000-02-29 00:00:00.123");
+        assert_eq!(Timestamp(1_795_512_394_761).utc(), "2026-11-24 08:46:34.761");
     }
 
     #[test]
