@@ -5,6 +5,7 @@
 //! - `seeds`: the scenarios of the seed pull requests, at the core level.
 //! - `diagrams`: the checked-in diagrams match the code.
 
+mod cli;
 mod crash;
 mod diagrams;
 mod engine;

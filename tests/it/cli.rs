@@ -1,0 +1,115 @@
+//! The `lifecycle` binary itself: simulate a small fleet for a few seconds,
+//! then inspect, verify, export and diagram what it wrote, checking the output;
+//! and the one-line errors a person gets for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn lifecycle(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lifecycle")).args(args).output().expect("run lifecycle")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn simulate_then_inspect_verify_export_and_diagram_what_it_wrote() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let data_s = data.to_str().expect("utf-8 path");
+    let sim =
+        lifecycle(&["simulate", "--instances", "24", "--seconds", "6", "--seed", "7", "--data", data_s, "--json"]);
+    assert!(sim.status.success(), "simulate failed: {}{}", stdout(&sim), stderr(&sim));
+    let summary: serde_json::Value = serde_json::from_str(&stdout(&sim)).expect("--json prints JSON");
+    assert_eq!(summary["verification"]["clean"], true, "{summary:#}");
+    assert_eq!(summary["seed"], 7);
+    assert_eq!(summary["policy"], "whatsapp");
+    assert_eq!(summary["engine_restarts"], 2);
+    let total = summary["transitions_total"].as_u64().expect("a count");
+    assert!(total >= 24 * 2, "{total} transitions for 24 instances");
+    assert!(summary["transitions"]["connect"].as_u64().unwrap_or(0) >= 24);
+
+    let list = lifecycle(&["inspect", data_s]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    let rows = stdout(&list).lines().filter(|l| l.starts_with("sim-")).count();
+    assert_eq!(rows, 24, "{}", stdout(&list));
+
+    let timeline = lifecycle(&["inspect", data_s, "--instance", "sim-0000"]);
+    assert!(timeline.status.success(), "{}", stderr(&timeline));
+    let text = stdout(&timeline);
+    assert!(text.contains("created") && text.contains("connect"), "{text}");
+    let at = lifecycle(&["inspect", data_s, "--instance", "sim-0000", "--at", "1"]);
+    assert!(stdout(&at).contains("after #1") && stdout(&at).contains("Closed(Created)"), "{}", stdout(&at));
+
+    let verify = lifecycle(&["verify", data_s]);
+    assert!(verify.status.success(), "{}", stdout(&verify));
+    assert!(stdout(&verify).contains("clean"), "{}", stdout(&verify));
+
+    let export = lifecycle(&["export", data_s, "--format", "jsonl"]);
+    assert!(export.status.success(), "{}", stderr(&export));
+    let lines: Vec<serde_json::Value> =
+        stdout(&export).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    let records: u64 = summary["verification"]["records"].as_u64().expect("records");
+    assert_eq!(lines.len() as u64, records);
+    let globals: Vec<u64> = lines.iter().map(|v| v["global"].as_u64().expect("global")).collect();
+    assert!(globals.windows(2).all(|w| w[0] < w[1]), "global order");
+
+    let diagram = lifecycle(&["diagram", "--from-log", data_s]);
+    assert!(diagram.status.success(), "{}", stderr(&diagram));
+    let text = stdout(&diagram);
+    assert!(text.contains("Connecting --> Open : opened ×"), "{text}");
+    assert!(text.contains("never taken"), "{text}");
+
+    // A rerun with the same --data replaces what simulate wrote.
+    let again = lifecycle(&["simulate", "--instances", "4", "--seconds", "2", "--data", data_s]);
+    assert!(again.status.success(), "{}", stderr(&again));
+}
+
+#[test]
+fn the_same_seed_gives_the_same_schedule() {
+    use instance_lifecycle::simulate::schedule;
+    let d = std::time::Duration::from_secs(30);
+    assert_eq!(schedule(42, 100, d, true), schedule(42, 100, d, true));
+    assert_ne!(schedule(42, 100, d, true), schedule(43, 100, d, true));
+    let host_only = schedule(42, 100, d, false);
+    assert!(host_only.len() < schedule(42, 100, d, true).len(), "--peer drops the peer's faults");
+}
+
+fn assert_one_line_error(o: &Output, contains: &str) {
+    assert!(!o.status.success());
+    let err = stderr(o);
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {err}");
+    assert!(errors[0].contains(contains), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+}
+
+#[test]
+fn errors_are_one_clear_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let d = dir.path().to_str().expect("utf-8");
+    assert_one_line_error(&lifecycle(&["inspect", d]), "no instance-lifecycle log here");
+    assert_one_line_error(&lifecycle(&["verify", &format!("{d}/missing")]), "no instance-lifecycle log here");
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").expect("write");
+    assert_one_line_error(&lifecycle(&["export", file.to_str().expect("utf-8")]), "not a directory");
+    // Not a log: someone's own files.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).expect("mkdir");
+    std::fs::write(other.join("notes.txt"), "mine").expect("write");
+    let o = other.to_str().expect("utf-8");
+    assert_one_line_error(
+        &lifecycle(&["simulate", "--data", o, "--seconds", "1"]),
+        "was not written by `lifecycle simulate`",
+    );
+    assert!(Path::new(&other.join("notes.txt")).exists(), "nothing of the user's was removed");
+    assert_one_line_error(
+        &lifecycle(&["simulate", "--peer", "ws://127.0.0.1:1/", "--data", &format!("{d}/x"), "--seconds", "1"]),
+        "refuses connections",
+    );
+}
