@@ -458,7 +458,14 @@ fn act(run: &mut Run, name: &str, what: Chaos) {
                 Ok(()) | Err(EngineError::AlreadyExists { .. }) => engine.connect(&name).await.map(drop),
                 Err(e) => Err(e),
             },
-            Chaos::Connect => engine.connect(&name).await.map(drop),
+            // A removed name comes back as a new instance (R1: only by a create).
+            Chaos::Connect => match engine.connect(&name).await {
+                Err(EngineError::Removed { .. }) => match engine.create(&name, InstanceSpec { url }).await {
+                    Ok(()) => engine.connect(&name).await.map(drop),
+                    Err(e) => Err(e),
+                },
+                other => other.map(drop),
+            },
             Chaos::Restart => engine.restart(&name).await.map(drop),
             Chaos::Logout | Chaos::HangingLogout => {
                 let t = Instant::now();

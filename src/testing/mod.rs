@@ -4,13 +4,21 @@
 //!   the core arms, tracks the one live transport, advances virtual time only
 //!   when asked, and records every transition — no tokio, no sockets, no clock.
 //! - [`strategy`]: proptest strategies for states, inputs and policies.
+//! - [`SimTransport`]: a transport without sockets whose faults are scripted.
+//! - [`sim_engine`]: an engine on an in-memory log with the simulated
+//!   transport and a fixed epoch, for `tokio::time::pause`.
+//! - [`simulate_virtual`]: the seeded chaos schedule in virtual time;
+//!   the same seed gives the same log, record for record.
+//! - [`assert_rules_hold`]: every rule checked on a whole log.
 //!
 //! Everything is deterministic: the same inputs give the same records.
 
 mod sim;
 pub mod strategy;
+mod virtual_time;
 
 pub use sim::{SimAction, SimBehaviour, SimTransport};
+pub use virtual_time::{EPOCH, assert_rules_hold, check_rules, sim_engine, sim_engine_on, simulate_virtual};
 
 use std::collections::BTreeMap;
 

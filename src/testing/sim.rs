@@ -122,7 +122,9 @@ impl Transport for SimTransport {
             }
             let hang = behaviour == SimBehaviour::HangOnLogout;
             loop {
+                // Biased: polling order must not depend on tokio's random choice (determinism).
                 tokio::select! {
+                    biased;
                     ctl = control.recv() => match ctl {
                         None => return,
                         Some(Control::SendLogout) if hang => {}

@@ -10,6 +10,7 @@ mod crash;
 mod diagrams;
 mod engine;
 mod exhaustive;
+mod harness;
 mod log;
 mod model;
 mod rules;
