@@ -16,7 +16,8 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
 
 /// How the peer treats a new connection of an instance.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +73,10 @@ pub enum Fault {
     },
     /// Say `ready`, then send text that is not JSON.
     NotJson,
+    /// Say `ready`, then send a text frame whose bytes are not UTF-8.
+    InvalidUtf8,
+    /// Say `ready`, then send a close frame with the invalid code 999.
+    BadCloseCode,
 }
 
 /// What to do to a live connection.
@@ -309,6 +314,17 @@ async fn run_fault(
         Fault::BinaryGarbage => drop(ws.send(Message::binary(vec![0xde, 0xad, 0xbe, 0xef, 0, 0xff])).await),
         Fault::Oversized { bytes } => drop(ws.send(Message::text("x".repeat(*bytes))).await),
         Fault::NotJson => drop(ws.send(Message::text("this is not json {")).await),
+        Fault::InvalidUtf8 => {
+            let frame = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+            drop(ws.send(Message::Frame(frame)).await);
+        }
+        Fault::BadCloseCode => {
+            let mut header = FrameHeader::default();
+            header.opcode = OpCode::Control(Control::Close);
+            let frame = Frame::from_payload(header, vec![0x03, 0xe7, b'x'].into());
+            drop(ws.send(Message::Frame(frame)).await);
+            return;
+        }
         Fault::PingFlood { count } => {
             for _ in 0..*count {
                 if ws.feed(Message::Ping(Vec::new().into())).await.is_err() {

@@ -11,6 +11,7 @@ mod diagrams;
 mod engine;
 mod exhaustive;
 mod harness;
+mod hostile;
 mod log;
 mod model;
 mod rules;
