@@ -15,6 +15,8 @@
 
 pub mod diagram;
 pub mod engine;
+#[cfg(feature = "testing")]
+pub mod fuzzing;
 pub mod log;
 pub mod machine;
 pub mod peer;

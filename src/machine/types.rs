@@ -320,7 +320,7 @@ mod tests {
     fn utc_formatting() {
         assert_eq!(Timestamp(0).utc(), "1970-01-01 00:00:00.000");
         assert_eq!(Timestamp(951_782_400_123).utc(), "2000-02-29 00:00:00.123");
-        assert_eq!(Timestamp(1_795_512_394_761).utc(), "2026-11-24 08:46:34.761");
+        assert_eq!(Timestamp(1_795_512_394_761).utc(), "2026-11-24 09:26:34.761");
     }
 
     #[test]

@@ -6,44 +6,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
+use instance_lifecycle::fuzzing::check_step;
 use instance_lifecycle::machine::catalog::{exploration_policies, sample_inputs, sample_states};
-use instance_lifecycle::machine::{Effect, Input, InputKind, Instance, Outcome, State, StateKind, Timestamp, step};
+use instance_lifecycle::machine::{Input, InputKind, Instance, Outcome, StateKind, Timestamp, step};
 
 use crate::support::name;
 
 const DEPTH: usize = 3;
-
-fn check_step(from: &Instance, input: &Input, outcome: &Outcome) {
-    let Outcome::Transition(t) = outcome else { return };
-    assert!(!matches!(from.state, State::Removed { .. }), "R1: left Removed on {input:?}");
-    let opened: Vec<_> = t.effects.iter().filter(|e| matches!(e, Effect::OpenTransport { .. })).collect();
-    if opened.is_empty() {
-        assert_eq!(t.generation, from.generation, "generation moved without a new attempt");
-    } else {
-        assert_eq!(opened.len(), 1, "R9: one attempt at a time");
-        assert_eq!(t.generation, from.generation.next());
-        assert!(matches!(t.to, State::Connecting { .. }));
-    }
-    if let State::Open { .. } = t.to
-        && !matches!(from.state, State::Open { .. })
-    {
-        assert!(matches!(input, Input::TransportOpened { identity: Some(_), .. }), "R6: opened by {input:?}");
-    }
-    for e in &t.effects {
-        if let Effect::ArmTimer { timer, .. } = e {
-            assert_eq!(timer.generation, t.generation, "timers belong to the current generation");
-        }
-        if let Effect::SendLogout { generation } = e {
-            assert!(from.state.has_socket() && *generation == from.generation, "logout sent without a socket");
-        }
-    }
-    if matches!(from.state, State::Zombie { .. }) {
-        assert!(
-            !t.effects.iter().any(|e| matches!(e, Effect::SendLogout { .. } | Effect::CloseTransport { .. })),
-            "R7: waited on a zombie"
-        );
-    }
-}
 
 #[test]
 fn exhaustive_pairs_up_to_depth() {

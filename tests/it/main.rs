@@ -10,6 +10,7 @@ mod crash;
 mod diagrams;
 mod engine;
 mod exhaustive;
+mod fuzz_corpus;
 mod harness;
 mod hostile;
 mod log;
