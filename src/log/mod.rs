@@ -139,15 +139,7 @@ impl Log {
     /// Opens an existing log; a directory without one is [`LogError::NotALog`].
     pub fn open_existing(path: impl AsRef<Path>, config: LogConfig) -> Result<Self, LogError> {
         let path = path.as_ref();
-        if !path.exists() {
-            return Err(LogError::NotALog { path: path.to_path_buf() });
-        }
-        if !path.is_dir() {
-            return Err(LogError::NotADirectory { path: path.to_path_buf() });
-        }
-        if !path.join("db").is_file() || !path.join("conf").is_file() {
-            return Err(LogError::NotALog { path: path.to_path_buf() });
-        }
+        check_existing(path)?;
         Self::open_sled(path, config, None)
     }
 
@@ -157,21 +149,9 @@ impl Log {
     pub fn open_copy(path: impl AsRef<Path>) -> Result<(Self, bool), LogError> {
         let path = path.as_ref();
         // Validate the original first, for the same clear errors as `open_existing`.
-        if !path.exists() {
-            return Err(LogError::NotALog { path: path.to_path_buf() });
-        }
-        if !path.is_dir() {
-            return Err(LogError::NotADirectory { path: path.to_path_buf() });
-        }
-        if !path.join("db").is_file() || !path.join("conf").is_file() {
-            return Err(LogError::NotALog { path: path.to_path_buf() });
-        }
+        check_existing(path)?;
         let in_use = is_locked(&path.join("db"))?;
-        let temp = tempfile::tempdir().map_err(|source| LogError::Io {
-            op: "create temp dir",
-            path: std::env::temp_dir(),
-            source,
-        })?;
+        let temp = temp_dir()?;
         copy_dir(path, temp.path())?;
         let config = LogConfig { durability: Durability::Buffered, ..LogConfig::default() };
         let copy = temp.path().to_path_buf();
@@ -181,11 +161,7 @@ impl Log {
 
     /// A log in a temporary directory, removed when the last clone is dropped.
     pub fn temporary(config: LogConfig) -> Result<Self, LogError> {
-        let temp = tempfile::tempdir().map_err(|source| LogError::Io {
-            op: "create temp dir",
-            path: std::env::temp_dir(),
-            source,
-        })?;
+        let temp = temp_dir()?;
         let path = temp.path().to_path_buf();
         Self::open_sled(&path, config, Some(temp))
     }
@@ -489,6 +465,24 @@ impl Drop for Inner {
         // Best effort: make everything appended durable before the files close.
         let _ = self.store.flush();
     }
+}
+
+/// The errors `open_existing` and `open_copy` give before touching anything.
+fn check_existing(path: &Path) -> Result<(), LogError> {
+    if !path.exists() {
+        return Err(LogError::NotALog { path: path.to_path_buf() });
+    }
+    if !path.is_dir() {
+        return Err(LogError::NotADirectory { path: path.to_path_buf() });
+    }
+    if !path.join("db").is_file() || !path.join("conf").is_file() {
+        return Err(LogError::NotALog { path: path.to_path_buf() });
+    }
+    Ok(())
+}
+
+fn temp_dir() -> Result<tempfile::TempDir, LogError> {
+    tempfile::tempdir().map_err(|source| LogError::Io { op: "create temp dir", path: std::env::temp_dir(), source })
 }
 
 fn corrupt_key(what: &'static str, key: &[u8]) -> LogError {
