@@ -74,7 +74,7 @@ fn state(b: &mut Bytes<'_>) -> State {
             retries,
         },
         4 => {
-            let intent = if b.u8() % 2 == 0 { Intent::Logout } else { Intent::Delete };
+            let intent = if b.u8().is_multiple_of(2) { Intent::Logout } else { Intent::Delete };
             let step = match b.below(3) {
                 0 => ClosingStep::LoggingOut,
                 1 => ClosingStep::ClosingSocket { logout: LogoutOutcome::TimedOut },

@@ -319,8 +319,7 @@ async fn run_fault(
             drop(ws.send(Message::Frame(frame)).await);
         }
         Fault::BadCloseCode => {
-            let mut header = FrameHeader::default();
-            header.opcode = OpCode::Control(Control::Close);
+            let header = FrameHeader { opcode: OpCode::Control(Control::Close), ..FrameHeader::default() };
             let frame = Frame::from_payload(header, vec![0x03, 0xe7, b'x'].into());
             drop(ws.send(Message::Frame(frame)).await);
             return;
