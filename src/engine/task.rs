@@ -108,7 +108,8 @@ impl Task {
                         error!(%message, "instance task panicked; recording it and going on (R10)");
                         self.abort_conn();
                         self.timers.clear();
-                        if let Err(e) = self.feed(Input::Panicked { message }).await {
+                        // Boxed: this rare path must not grow every idle task's future.
+                        if let Err(e) = Box::pin(self.feed(Input::Panicked { message })).await {
                             error!(error = %e, "could not record the panic; stopping this instance");
                             break;
                         }
