@@ -557,3 +557,61 @@ async fn fleet_zombies_are_detected_and_healthy_ones_are_not_marked() {
         }
     }
 }
+
+/// R12 at the engine level: the previous connection's close arrives after the
+/// next connection opened (a transport whose old socket reports late). It is
+/// ignored: no transition, the instance stays Open on the new generation.
+#[test]
+fn a_late_close_of_the_previous_generation_is_ignored_by_the_engine() {
+    use instance_lifecycle::machine::{Generation, StatusCode};
+    use instance_lifecycle::testing::SimTransport;
+    use instance_lifecycle::transport::{BoxFuture, ConnectSpec, Control, Signals, Transport};
+
+    /// The simulated peer, except that generation 1 also reports a close 5 s late,
+    /// from a task that outlives the connection (as a late socket event would).
+    struct LateClose(SimTransport, Arc<std::sync::atomic::AtomicBool>);
+
+    impl Transport for LateClose {
+        fn run(&self, spec: ConnectSpec, control: tokio::sync::mpsc::Receiver<Control>, signals: Signals) -> BoxFuture {
+            if spec.generation == Generation(1) {
+                let (late, delivered) = (signals.clone(), self.1.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    let sent = late.closed(Some(StatusCode(1012)), "late close of the old socket").await;
+                    delivered.store(sent, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+            self.0.run(spec, control, signals)
+        }
+    }
+
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().expect("runtime");
+    runtime.block_on(async {
+        let policy = fast(Preset::Whatsapp);
+        let delivered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let config = EngineConfig {
+            policy: policy.clone(),
+            transport: Arc::new(LateClose(SimTransport::new(), delivered.clone())),
+            epoch: Some(instance_lifecycle::testing::EPOCH),
+            ..EngineConfig::default()
+        };
+        let engine =
+            Engine::with_log(instance_lifecycle::log::Log::in_memory().expect("log"), config).await.expect("engine");
+        engine.create("late", InstanceSpec { url: "ws://sim/".into() }).await.expect("create");
+        engine.connect("late").await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        engine.restart("late").await.expect("restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(matches!(engine.state("late"), Ok(State::Open { .. })));
+        let before = engine.history("late").await.expect("history");
+        assert_eq!(before.last().map(|r| r.to.generation), Some(Generation(2)));
+        tokio::time::sleep(Duration::from_secs(10)).await; // the late close arrives meanwhile
+        assert!(delivered.load(std::sync::atomic::Ordering::SeqCst), "the late close reached the instance's task");
+        let after = engine.history("late").await.expect("history");
+        assert_eq!(after.len(), before.len(), "the late close moved the instance: {:#?}", &after[before.len()..]);
+        assert!(matches!(engine.state("late"), Ok(State::Open { .. })));
+        instance_lifecycle::testing::assert_rules_hold(engine.log(), &policy);
+        engine.shutdown().await.expect("shutdown");
+    });
+}
