@@ -236,7 +236,12 @@ impl Task {
                     from: from.state.kind(),
                     to: to.state.clone(),
                 };
+                let removed = matches!(to.state, State::Removed { .. });
                 self.view.send_replace(View { instance: to, seq: appended.seq });
+                if removed && let Some(registry) = self.registry.upgrade() {
+                    // Before any waiter hears "removed": a create that follows at once finds the name free.
+                    registry.tombstone(&self.name);
+                }
                 self.carry_out(&t.effects);
                 let _ = self.shared.notifications.send(notification.clone());
                 if let Some(hook) = &self.shared.on_transition {
@@ -330,16 +335,13 @@ impl Task {
         }
     }
 
-    /// The task ends: drop what it owns; a removed instance leaves a tombstone.
+    /// The task ends: drop what it owns. (A removed instance's tombstone was
+    /// set at its `Removed` transition; setting it here could overwrite a new
+    /// incarnation created meanwhile.)
     fn finish(&mut self) {
         self.abort_conn();
         if let Some(c) = self.cleanup.take() {
             c.abort();
-        }
-        if self.removed()
-            && let Some(registry) = self.registry.upgrade()
-        {
-            registry.tombstone(&self.name);
         }
         let state = self.view.borrow().instance.state.clone();
         for w in self.waiters.drain(..) {

@@ -511,9 +511,14 @@ async fn host_api_errors_are_typed() {
     h.engine.delete("dup").await.expect("delete");
     assert!(matches!(h.engine.connect("dup").await, Err(EngineError::Removed { .. })));
     h.engine.create("dup", h.spec()).await.expect("a removed name is created anew");
+    // Delete and create again at once, many times: the name is free as soon as delete returns.
+    for _ in 0..20 {
+        h.engine.delete("dup").await.expect("delete");
+        h.engine.create("dup", h.spec()).await.expect("created again right after delete returned");
+    }
     assert!(matches!(h.engine.state("dup"), Ok(State::Closed { cause: ClosedCause::Created, .. })));
     let history = h.engine.history("dup").await.expect("history");
-    assert_eq!(history.iter().filter(|r| matches!(r.event, Event::Created { .. })).count(), 2);
+    assert_eq!(history.iter().filter(|r| matches!(r.event, Event::Created { .. })).count(), 22);
     assert!(h.engine.log().verify(&h.policy).is_clean());
 }
 
