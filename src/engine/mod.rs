@@ -155,6 +155,15 @@ pub enum EngineError {
     /// The engine was shut down.
     #[error("the engine is shut down")]
     ShutDown,
+    /// The instance's task stopped while handling the command (a caught
+    /// panic, recorded in the log); the command may have been carried out in part.
+    #[error("{command} of {name} was interrupted; see its history")]
+    Interrupted {
+        /// The name.
+        name: InstanceName,
+        /// The command.
+        command: &'static str,
+    },
 }
 
 impl EngineError {
@@ -237,10 +246,18 @@ impl Clock {
 enum Entry {
     /// Reserved by a `create` in progress.
     Creating,
+    /// At rest (`Closed`, nothing in flight): no task, no channels — a fleet of
+    /// idle instances costs only this entry. A command wakes it.
+    Idle {
+        view: View,
+        spec: InstanceSpec,
+    },
+    /// Driven by its task; `token` tells this task's entry from a later one's.
     Live {
         commands: mpsc::Sender<Box<Msg>>,
         view: watch::Receiver<View>,
         task: tokio::task::JoinHandle<()>,
+        token: u64,
     },
     Removed,
 }
@@ -260,7 +277,40 @@ impl Registry {
     pub(crate) fn tombstone(&self, name: &InstanceName) {
         self.lock().insert(name.clone(), Entry::Removed);
     }
+
+    /// Puts a resting instance back to `Idle` if its entry still belongs to
+    /// the task holding `token`, and the task's inbox is empty. Returns
+    /// whether it did; the task then ends.
+    pub(crate) fn park(
+        &self,
+        name: &InstanceName,
+        token: u64,
+        view: View,
+        spec: InstanceSpec,
+        inbox_empty: impl Fn() -> bool,
+    ) -> bool {
+        let mut entries = self.lock();
+        let ours = matches!(entries.get(name), Some(Entry::Live { token: t, .. }) if *t == token);
+        if !ours || !inbox_empty() {
+            return false;
+        }
+        entries.insert(name.clone(), Entry::Idle { view, spec });
+        true
+    }
 }
+
+/// Where a command went.
+enum Delivery {
+    /// The answer, without a task (unknown, removed).
+    Answer(Result<State, EngineError>),
+    /// Queued in the inbox of a task woken for it.
+    Queued,
+    /// To be sent on a live task's inbox.
+    Send(mpsc::Sender<Box<Msg>>, Box<Msg>),
+}
+
+/// How often a command is sent again after racing a task that parked itself.
+const PARK_RACE_RETRIES: usize = 8;
 
 /// Host commands queued per instance: a host that sends more waits.
 const COMMAND_CAPACITY: usize = 16;
@@ -329,23 +379,64 @@ impl Engine {
             shut: Arc::default(),
         };
         for (name, instance, seq, spec, effects) in restored {
-            match (&instance.state, spec) {
+            let view = View { instance, seq };
+            match (&view.instance.state, spec) {
                 (State::Removed { .. }, _) => engine.registry.tombstone(&name),
-                (_, Some(spec)) => engine.start(name, spec, View { instance, seq }, effects),
+                (State::Closed { .. }, Some(spec)) if effects.is_empty() => {
+                    engine.registry.lock().insert(name, Entry::Idle { view, spec });
+                }
+                (_, Some(spec)) => {
+                    let entry = engine.spawn(name.clone(), spec, view, effects, None);
+                    engine.registry.lock().insert(name, entry);
+                }
                 (_, None) => tracing::error!(instance = %name, "no spec recorded; instance not started"),
             }
         }
         Ok(engine)
     }
 
-    fn start(&self, name: InstanceName, spec: InstanceSpec, view: View, effects: Vec<Effect>) {
+    /// Spawns the task of an instance, with `first` already in its inbox (so a
+    /// woken task cannot park before it has served the command that woke it);
+    /// the caller puts the entry in the registry.
+    fn spawn(
+        &self,
+        name: InstanceName,
+        spec: InstanceSpec,
+        view: View,
+        effects: Vec<Effect>,
+        first: Option<Box<Msg>>,
+    ) -> Entry {
+        static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let token = TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (commands_tx, commands) = mpsc::channel(COMMAND_CAPACITY);
+        if let Some(msg) = first {
+            // A new channel has room: this cannot fail.
+            let _ = commands_tx.try_send(msg);
+        }
         let (signals_tx, signals) = mpsc::channel(SIGNAL_CAPACITY);
         let (view_tx, view_rx) = watch::channel(view);
-        let task =
-            Task::new(name.clone(), spec, view_tx, self.shared.clone(), Arc::downgrade(&self.registry), signals_tx);
+        let registry = Arc::downgrade(&self.registry);
+        let task = Task::new(name, spec, view_tx, self.shared.clone(), registry, signals_tx, token);
         let handle = tokio::spawn(task.supervise(Channels { commands, signals }, effects));
-        self.registry.lock().insert(name, Entry::Live { commands: commands_tx, view: view_rx, task: handle });
+        Entry::Live { commands: commands_tx, view: view_rx, task: handle, token }
+    }
+
+    /// Delivers a command: an idle instance is woken with it in its inbox; a
+    /// live one's sender is returned for the caller to send on.
+    fn deliver(&self, name: &InstanceName, input: &Input, msg: Box<Msg>) -> Delivery {
+        let mut entries = self.registry.lock();
+        match entries.get(name) {
+            None | Some(Entry::Creating) => Delivery::Answer(Err(EngineError::UnknownInstance { name: name.clone() })),
+            Some(Entry::Removed) => Delivery::Answer(removed_answer(name.clone(), input)),
+            Some(Entry::Live { commands, .. }) => Delivery::Send(commands.clone(), msg),
+            Some(Entry::Idle { .. }) => {
+                if let Some(Entry::Idle { view, spec }) = entries.remove(name) {
+                    let entry = self.spawn(name.clone(), spec, view, Vec::new(), Some(msg));
+                    entries.insert(name.clone(), entry);
+                }
+                Delivery::Queued
+            }
+        }
     }
 
     fn check_open(&self) -> Result<(), EngineError> {
@@ -360,7 +451,7 @@ impl Engine {
         validate_url(&spec.url)?;
         {
             let mut entries = self.registry.lock();
-            if matches!(entries.get(&name), Some(Entry::Live { .. } | Entry::Creating)) {
+            if matches!(entries.get(&name), Some(Entry::Live { .. } | Entry::Idle { .. } | Entry::Creating)) {
                 return Err(EngineError::AlreadyExists { name });
             }
             entries.insert(name.clone(), Entry::Creating);
@@ -371,7 +462,8 @@ impl Engine {
         let appended = self.shared.log.append_async(&name, seq, self.shared.clock.now(), event, &instance).await;
         match appended {
             Ok(a) => {
-                self.start(name, spec, View { instance, seq: a.seq }, Vec::new());
+                // A new instance rests in Closed: no task until a command wakes it.
+                self.registry.lock().insert(name, Entry::Idle { view: View { instance, seq: a.seq }, spec });
                 Ok(())
             }
             Err(source) => {
@@ -413,28 +505,33 @@ impl Engine {
     async fn command(&self, name: &str, input: Input, command: &'static str) -> Result<State, EngineError> {
         self.check_open()?;
         let name = InstanceName::new(name)?;
-        let sender = match self.registry.lock().get(&name) {
-            None | Some(Entry::Creating) => return Err(EngineError::UnknownInstance { name }),
-            Some(Entry::Removed) => return removed_answer(name, &input),
-            Some(Entry::Live { commands, .. }) => commands.clone(),
-        };
-        let (reply, answer) = oneshot::channel();
-        if sender.send(Box::new(Msg::Command { input: input.clone(), reply })).await.is_err() {
-            // The task ended meanwhile (removed, or shut down).
-            return match self.registry.lock().get(&name) {
-                Some(Entry::Removed) => removed_answer(name, &input),
-                _ => Err(EngineError::ShutDown),
-            };
-        }
         let waited = self.command_bound();
-        match tokio::time::timeout(waited, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => match self.registry.lock().get(&name) {
-                Some(Entry::Removed) => removed_answer(name, &input),
-                _ => Err(EngineError::ShutDown),
-            },
-            Err(_) => Err(EngineError::TimedOut { name, command, waited }),
+        // A task that parks itself (goes idle) drops messages it never read;
+        // such a command was not carried out, so it is sent again, to a task
+        // woken for it. Parking needs an empty inbox, so this ends quickly.
+        for _ in 0..PARK_RACE_RETRIES {
+            let (reply, answer) = oneshot::channel();
+            let msg = Box::new(Msg::Command { input: input.clone(), reply });
+            match self.deliver(&name, &input, msg) {
+                Delivery::Answer(answer) => return answer,
+                Delivery::Queued => {}
+                Delivery::Send(sender, msg) => {
+                    if sender.send(msg).await.is_err() {
+                        self.check_open()?;
+                        continue;
+                    }
+                }
+            }
+            match tokio::time::timeout(waited, answer).await {
+                Ok(Ok(result)) => return result,
+                Ok(Err(_)) => {
+                    self.check_open()?;
+                    continue;
+                }
+                Err(_) => return Err(EngineError::TimedOut { name, command, waited }),
+            }
         }
+        Err(EngineError::Interrupted { name, command })
     }
 
     /// The current state of an instance.
@@ -442,12 +539,13 @@ impl Engine {
         let name = InstanceName::new(name)?;
         match self.registry.lock().get(&name) {
             Some(Entry::Live { view, .. }) => Ok(view.borrow().instance.state.clone()),
+            Some(Entry::Idle { view, .. }) => Ok(view.instance.state.clone()),
             Some(Entry::Removed) => Err(EngineError::Removed { name }),
             None | Some(Entry::Creating) => Err(EngineError::UnknownInstance { name }),
         }
     }
 
-    /// Every live instance with its state, by name.
+    /// Every instance that is not removed, with its state, by name.
     pub fn list(&self) -> Vec<(InstanceName, State)> {
         let mut out: Vec<_> = self
             .registry
@@ -455,11 +553,19 @@ impl Engine {
             .iter()
             .filter_map(|(n, e)| match e {
                 Entry::Live { view, .. } => Some((n.clone(), view.borrow().instance.state.clone())),
+                Entry::Idle { view, .. } => Some((n.clone(), view.instance.state.clone())),
                 Entry::Creating | Entry::Removed => None,
             })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// How many instances have a running task. An instance at rest (`Closed`,
+    /// nothing in flight) has none: it wakes when a command arrives. A host
+    /// can watch this to see that idle customers cost no task.
+    pub fn running(&self) -> usize {
+        self.registry.lock().values().filter(|e| matches!(e, Entry::Live { task, .. } if !task.is_finished())).count()
     }
 
     /// An instance's recorded history (also for removed instances).
@@ -506,7 +612,7 @@ impl Engine {
             .drain()
             .filter_map(|(_, e)| match e {
                 Entry::Live { commands, task, .. } => Some((commands, task)),
-                Entry::Creating | Entry::Removed => None,
+                Entry::Creating | Entry::Idle { .. } | Entry::Removed => None,
             })
             .collect();
         let stop = async {

@@ -59,6 +59,8 @@ pub(crate) struct Task {
     pub(crate) shared: Arc<Shared>,
     pub(crate) registry: Weak<Registry>,
     pub(crate) signals_tx: mpsc::Sender<Box<Input>>,
+    /// Tells this task's registry entry from a later incarnation's.
+    token: u64,
     conn: Option<Conn>,
     timers: BTreeMap<Timer, Instant>,
     waiters: Vec<Waiter>,
@@ -80,6 +82,7 @@ impl Task {
         shared: Arc<Shared>,
         registry: Weak<Registry>,
         signals_tx: mpsc::Sender<Box<Input>>,
+        token: u64,
     ) -> Self {
         Self {
             name,
@@ -88,6 +91,7 @@ impl Task {
             shared,
             registry,
             signals_tx,
+            token,
             conn: None,
             timers: BTreeMap::new(),
             waiters: Vec::new(),
@@ -126,9 +130,26 @@ impl Task {
         matches!(self.view.borrow().instance.state, State::Removed { .. })
     }
 
+    /// At rest: `Closed` with nothing in flight. Every input a `Closed`
+    /// instance could still get (a stale timer, a late signal) is ignored by
+    /// the rules, so the task can end and leave only a registry entry.
+    fn resting(&self) -> bool {
+        matches!(self.view.borrow().instance.state, State::Closed { .. })
+            && self.conn.is_none()
+            && self.waiters.is_empty()
+            && self.cleanup.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    fn park(&self, ch: &Channels) -> bool {
+        let Some(registry) = self.registry.upgrade() else { return false };
+        let view = self.view.borrow().clone();
+        registry
+            .park(&self.name, self.token, view, self.spec.clone(), || ch.commands.is_empty() && ch.signals.is_empty())
+    }
+
     async fn run(&mut self, ch: &mut Channels) {
         loop {
-            if self.removed() {
+            if self.removed() || (self.resting() && self.park(ch)) {
                 return;
             }
             let due = self.timers.values().min().copied();

@@ -620,3 +620,42 @@ fn a_late_close_of_the_previous_generation_is_ignored_by_the_engine() {
         engine.shutdown().await.expect("shutdown");
     });
 }
+
+/// An instance at rest keeps no task: creating a fleet starts none, a
+/// command wakes one, and it ends again once the instance is back in
+/// `Closed` with nothing in flight — and a woken instance serves every
+/// command sent while it was going back to rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_instances_keep_no_task_and_wake_on_a_command() {
+    let h = Harness::new(fast(Preset::Whatsapp)).await;
+    for i in 0..20 {
+        h.engine.create(&format!("idle-{i}"), h.spec()).await.expect("create");
+    }
+    assert_eq!(h.engine.running(), 0, "a created instance rests without a task");
+    assert_eq!(h.engine.list().len(), 20);
+
+    h.engine.connect("idle-3").await.expect("connect wakes it");
+    h.wait("idle-3", |s| matches!(s, State::Open { .. }), Duration::from_secs(5)).await;
+    assert_eq!(h.engine.running(), 1);
+    h.engine.logout("idle-3").await.expect("logout");
+    let start = Instant::now();
+    while h.engine.running() != 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the task of a Closed instance did not end");
+        sleep(Duration::from_millis(10)).await;
+    }
+    // Commands racing the task's return to rest: each is answered, none lost.
+    for _ in 0..20 {
+        let logout = h.engine.logout("idle-3").await.expect("logout of a closed instance");
+        assert!(matches!(logout, State::Closed { .. }), "{logout:?}");
+    }
+    h.engine.connect("idle-3").await.expect("connect wakes it again");
+    h.wait("idle-3", |s| matches!(s, State::Open { .. }), Duration::from_secs(5)).await;
+    assert_eq!(
+        h.engine.state("idle-0").expect("state"),
+        State::Closed { cause: ClosedCause::Created, status: None, resume: None }
+    );
+    let deleted = h.engine.delete("idle-7").await.expect("delete of an idle instance");
+    assert!(removed(&deleted), "{deleted:?}");
+    assert!(matches!(h.engine.state("idle-7"), Err(EngineError::Removed { .. })));
+    assert_eq!(h.engine.list().len(), 19);
+}
