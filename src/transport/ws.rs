@@ -79,25 +79,35 @@ async fn run(
     control: mpsc::Receiver<Control>,
     signals: Signals,
 ) {
+    // The handshake (TCP, TLS, HTTP upgrade) runs in its own allocation, freed
+    // once the socket is open: its future is several times the size of the
+    // session's, and a task is as large as its largest stage, so a fleet of
+    // live connections would otherwise each keep ~10 KB it never uses again.
+    let Some(ws) = Box::pin(handshake(&*protocol, limits, &spec, &signals)).await else { return };
+    Session { protocol, ws, control, signals, heartbeat: spec.heartbeat, opened: false }.serve().await;
+}
+
+/// Connects and greets; `None` after reporting why it could not.
+async fn handshake(protocol: &dyn Protocol, limits: WsLimits, spec: &ConnectSpec, signals: &Signals) -> Option<Ws> {
     let connect = tokio_tungstenite::connect_async_with_config(spec.url.as_str(), Some(limits.config()), true);
     let mut ws = match timeout(spec.connect_timeout, connect).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => {
             signals.closed(None, format!("connect failed: {e}")).await;
-            return;
+            return None;
         }
         Err(_) => {
             signals.closed(None, format!("connect timed out after {:?}", spec.connect_timeout)).await;
-            return;
+            return None;
         }
     };
     if let Some(hello) = protocol.hello(&spec.instance, spec.resume.as_ref())
         && let Err(e) = ws.send(Message::text(hello)).await
     {
         signals.write_failed(format!("hello: {e}")).await;
-        return;
+        return None;
     }
-    Session { protocol, ws, control, signals, heartbeat: spec.heartbeat, opened: false }.serve().await;
+    Some(ws)
 }
 
 struct Session {
