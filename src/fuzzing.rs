@@ -300,4 +300,16 @@ pub fn log_contents(data: &[u8]) {
             (f, r) => panic!("a clean log must recover: {:?} / {:?}", f.err(), r.err()),
         }
     }
+    // The log still takes appends, or refuses them with a typed error; on a
+    // clean log, a new instance's first record keeps it clean.
+    let Ok(fresh) = InstanceName::new("fresh") else { unreachable!() };
+    for name in [InstanceName::new("a").ok(), Some(fresh.clone())].into_iter().flatten() {
+        let appended =
+            log.append(&name, log.next_seq(&name), Timestamp(99), Event::created("ws://y/"), &Instance::new());
+        if name == fresh && report.is_clean() {
+            assert!(appended.is_ok(), "a clean log refused a new instance: {:?}", appended.err());
+            let after = log.verify(&policy);
+            assert!(after.is_clean(), "appending to a clean log made it unclean: {:?}", after.findings);
+        }
+    }
 }

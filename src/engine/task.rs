@@ -245,7 +245,7 @@ impl Task {
                 let appended = self
                     .shared
                     .log
-                    .append_async(&self.name, seq + 1, now, event, &to)
+                    .append_async(&self.name, seq.saturating_add(1), now, event, &to)
                     .await
                     .map_err(|source| EngineError::log(Some(self.name.clone()), source))?;
                 debug!(seq = appended.seq, input = %input.kind(), from = %from.state, to = %to.state, "transition");

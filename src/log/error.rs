@@ -91,6 +91,13 @@ pub enum LogError {
         /// The sequence the log would assign.
         actual: u64,
     },
+    /// The next sequence number would not fit in a `u64` (only a damaged or
+    /// hostile log gets there).
+    #[error("no sequence number left for {what}; the log holds the largest one")]
+    Exhausted {
+        /// `instance <name>` or `the global order`.
+        what: String,
+    },
     /// An earlier flush failed; the log accepts no more appends.
     #[error("the log failed earlier and accepts no appends: {0}")]
     Failed(String),

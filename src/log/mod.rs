@@ -114,7 +114,8 @@ struct Inner {
 }
 
 struct Writer {
-    next_global: u64,
+    /// The last global sequence number written (0 for an empty log).
+    last_global: u64,
     /// The last sequence number of every instance with records.
     seqs: HashMap<InstanceName, u64>,
     /// Set when a flush failed: no append is accepted after that.
@@ -236,7 +237,7 @@ impl Log {
             }
         }
         let writer =
-            Writer { next_global: next_global(store.as_ref())?, seqs: last_seqs(store.as_ref())?, failed: None };
+            Writer { last_global: last_global(store.as_ref())?, seqs: last_seqs(store.as_ref())?, failed: None };
         let flusher = match config.durability {
             Durability::Buffered => None,
             Durability::GroupCommit => Some(Flusher::start(store.clone(), config.group_commit_window)),
@@ -316,11 +317,14 @@ impl Log {
         if let Some(message) = &w.failed {
             return Err(LogError::Failed(message.clone()));
         }
-        let actual = w.seqs.get(name).copied().unwrap_or(0) + 1;
+        // A log written elsewhere may hold any number: running out is an error, not a wrap.
+        let actual = w.seqs.get(name).copied().unwrap_or(0).checked_add(1);
+        let actual = actual.ok_or_else(|| LogError::Exhausted { what: format!("instance {name}") })?;
         if expected_seq != actual {
             return Err(LogError::SequenceConflict { instance: name.clone(), expected: expected_seq, actual });
         }
-        let global = w.next_global;
+        let global =
+            w.last_global.checked_add(1).ok_or_else(|| LogError::Exhausted { what: "the global order".into() })?;
         let spec = match &event {
             Event::Created { spec } => Some(record::encode(spec)),
             Event::Transition { .. } | Event::Snapshot { .. } => None,
@@ -339,7 +343,7 @@ impl Log {
             writes.push((keys::spec(name), Some(spec)));
         }
         self.inner.store.apply(writes)?;
-        w.next_global += 1;
+        w.last_global = global;
         w.seqs.insert(name.clone(), actual);
         if let Some(f) = &self.inner.flusher {
             f.request(global);
@@ -349,7 +353,7 @@ impl Log {
 
     /// The next sequence number `name` will get (1 for an unknown name).
     pub fn next_seq(&self, name: &InstanceName) -> u64 {
-        self.writer().seqs.get(name).copied().unwrap_or(0) + 1
+        self.writer().seqs.get(name).copied().unwrap_or(0).saturating_add(1)
     }
 
     /// Records the policy the engine runs with, for verification and replay.
@@ -509,10 +513,10 @@ pub(crate) fn decode_pair((key, value): (Vec<u8>, Vec<u8>)) -> Result<RecordV1, 
     Ok(record)
 }
 
-fn next_global(store: &dyn Store) -> Result<u64, LogError> {
+fn last_global(store: &dyn Store) -> Result<u64, LogError> {
     match store.last(&[keys::GLOBAL])? {
-        None => Ok(1),
-        Some((key, _)) => keys::parse_global(&key).map(|g| g + 1).ok_or_else(|| corrupt_key("index key", &key)),
+        None => Ok(0),
+        Some((key, _)) => keys::parse_global(&key).ok_or_else(|| corrupt_key("index key", &key)),
     }
 }
 

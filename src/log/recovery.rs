@@ -167,7 +167,7 @@ pub fn resume_after_restart(
             let mut to = from.clone();
             to.apply(&t);
             let event = Event::Transition { from, input: Input::Recovered, effects: t.effects.clone() };
-            let appended = log.append(name, r.seq + 1, now, event, &to)?;
+            let appended = log.append(name, r.seq.saturating_add(1), now, event, &to)?;
             *r = RecoveredInstance { instance: to, seq: appended.seq, at: now };
             resumed.push((name.clone(), t));
         }

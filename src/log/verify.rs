@@ -214,8 +214,9 @@ impl Log {
                     }
                 }
                 Some(p) => {
-                    if r.seq != p.seq + 1 {
-                        report.findings.push(Finding::Gap { instance: instance(), expected: p.seq + 1, found: r.seq });
+                    if p.seq.checked_add(1) != Some(r.seq) {
+                        let expected = p.seq.saturating_add(1);
+                        report.findings.push(Finding::Gap { instance: instance(), expected, found: r.seq });
                     }
                     if r.global <= p.global {
                         report.findings.push(Finding::GlobalOrder { instance: instance(), seq: r.seq });

@@ -235,6 +235,39 @@ fn flipped_and_truncated_records_are_typed_errors_naming_instance_and_seq() {
     }
 }
 
+/// Found by the `log_open_verify` fuzz target: a log holding the largest
+/// sequence numbers (global or per instance) opened with an overflow panic.
+/// It opens, verification reports the damage, and appends are refused with
+/// a typed error instead of wrapping around.
+#[test]
+fn a_log_at_the_largest_sequence_numbers_refuses_appends_without_a_panic() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = write_sample_log(dir.path());
+    tamper(dir.path(), |tree| {
+        let first = tree.get(record_key("i1", 1)).expect("get").expect("record exists");
+        tree.insert(record_key("i1", u64::MAX), first).expect("insert");
+        let mut global = vec![b'g'];
+        global.extend_from_slice(&u64::MAX.to_be_bytes());
+        tree.insert(global, b"i1\0\xff\xff\xff\xff\xff\xff\xff\xff".to_vec()).expect("insert");
+    });
+    let log = Log::open_existing(dir.path(), buffered()).expect("the log opens");
+    let report = log.verify(&policy);
+    assert!(!report.is_clean(), "the forged records are findings");
+    let mismatch = report.findings.iter().any(|f| {
+        matches!(f, Finding::Corrupt { error: LogError::Corrupt { instance: Some(i), seq: Some(u64::MAX), .. } } if i == "i1")
+    });
+    assert!(mismatch, "{:#?}", report.findings);
+    for n in ["i1", "i0", "new"] {
+        let name = name(n);
+        let err = log
+            .append(&name, log.next_seq(&name), Timestamp(1), Event::created("ws://127.0.0.1:9/"), &Instance::new())
+            .expect_err("no sequence number is left");
+        assert!(matches!(err, LogError::Exhausted { .. }), "{n}: {err}");
+    }
+    let recovered = log.recover(RecoveryOptions { mode: RecoveryMode::Fast, quarantine: true });
+    assert!(recovered.is_ok(), "{:?}", recovered.err());
+}
+
 #[test]
 fn a_wrong_latest_state_entry_is_noted_and_replayed() {
     let dir = tempfile::tempdir().expect("temp dir");
