@@ -303,10 +303,10 @@ impl Registry {
 enum Delivery {
     /// The answer, without a task (unknown, removed).
     Answer(Result<State, EngineError>),
-    /// Queued in the inbox of a task woken for it.
-    Queued,
-    /// To be sent on a live task's inbox.
-    Send(mpsc::Sender<Box<Msg>>, Box<Msg>),
+    /// Queued in the inbox of the task holding `token`, woken for it.
+    Queued(u64),
+    /// To be sent on the inbox of the live task holding `token`.
+    Send(mpsc::Sender<Box<Msg>>, Box<Msg>, u64),
 }
 
 /// How often a command is sent again after racing a task that parked itself.
@@ -386,7 +386,7 @@ impl Engine {
                     engine.registry.lock().insert(name, Entry::Idle { view, spec });
                 }
                 (_, Some(spec)) => {
-                    let entry = engine.spawn(name.clone(), spec, view, effects, None);
+                    let (entry, _) = engine.spawn(name.clone(), spec, view, effects, None);
                     engine.registry.lock().insert(name, entry);
                 }
                 (_, None) => tracing::error!(instance = %name, "no spec recorded; instance not started"),
@@ -397,7 +397,7 @@ impl Engine {
 
     /// Spawns the task of an instance, with `first` already in its inbox (so a
     /// woken task cannot park before it has served the command that woke it);
-    /// the caller puts the entry in the registry.
+    /// the caller puts the entry in the registry. Returns it with its token.
     fn spawn(
         &self,
         name: InstanceName,
@@ -405,7 +405,7 @@ impl Engine {
         view: View,
         effects: Vec<Effect>,
         first: Option<Box<Msg>>,
-    ) -> Entry {
+    ) -> (Entry, u64) {
         static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let token = TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (commands_tx, commands) = mpsc::channel(COMMAND_CAPACITY);
@@ -418,7 +418,7 @@ impl Engine {
         let registry = Arc::downgrade(&self.registry);
         let task = Task::new(name, spec, view_tx, self.shared.clone(), registry, signals_tx, token);
         let handle = tokio::spawn(task.supervise(Channels { commands, signals }, effects));
-        Entry::Live { commands: commands_tx, view: view_rx, task: handle, token }
+        (Entry::Live { commands: commands_tx, view: view_rx, task: handle, token }, token)
     }
 
     /// Delivers a command: an idle instance is woken with it in its inbox; a
@@ -426,16 +426,21 @@ impl Engine {
     fn deliver(&self, name: &InstanceName, input: &Input, msg: Box<Msg>) -> Delivery {
         let mut entries = self.registry.lock();
         match entries.get(name) {
-            None | Some(Entry::Creating) => Delivery::Answer(Err(EngineError::UnknownInstance { name: name.clone() })),
-            Some(Entry::Removed) => Delivery::Answer(removed_answer(name.clone(), input)),
-            Some(Entry::Live { commands, .. }) => Delivery::Send(commands.clone(), msg),
-            Some(Entry::Idle { .. }) => {
-                if let Some(Entry::Idle { view, spec }) = entries.remove(name) {
-                    let entry = self.spawn(name.clone(), spec, view, Vec::new(), Some(msg));
-                    entries.insert(name.clone(), entry);
-                }
-                Delivery::Queued
+            None | Some(Entry::Creating) => {
+                return Delivery::Answer(Err(EngineError::UnknownInstance { name: name.clone() }));
             }
+            Some(Entry::Removed) => return Delivery::Answer(removed_answer(name.clone(), input)),
+            Some(Entry::Live { commands, token, .. }) => return Delivery::Send(commands.clone(), msg, *token),
+            Some(Entry::Idle { .. }) => {}
+        }
+        // Idle: wake it, under the same lock.
+        match entries.remove(name) {
+            Some(Entry::Idle { view, spec }) => {
+                let (entry, token) = self.spawn(name.clone(), spec, view, Vec::new(), Some(msg));
+                entries.insert(name.clone(), entry);
+                Delivery::Queued(token)
+            }
+            _ => Delivery::Answer(Err(EngineError::UnknownInstance { name: name.clone() })),
         }
     }
 
@@ -509,24 +514,33 @@ impl Engine {
         // A task that parks itself (goes idle) drops messages it never read;
         // such a command was not carried out, so it is sent again, to a task
         // woken for it. Parking needs an empty inbox, so this ends quickly.
+        // A task that dropped the reply and is still the instance's task
+        // panicked while handling it: that is not retried.
         for _ in 0..PARK_RACE_RETRIES {
             let (reply, answer) = oneshot::channel();
             let msg = Box::new(Msg::Command { input: input.clone(), reply });
-            match self.deliver(&name, &input, msg) {
+            let token = match self.deliver(&name, &input, msg) {
                 Delivery::Answer(answer) => return answer,
-                Delivery::Queued => {}
-                Delivery::Send(sender, msg) => {
+                Delivery::Queued(token) => token,
+                Delivery::Send(sender, msg, token) => {
                     if sender.send(msg).await.is_err() {
                         self.check_open()?;
                         continue;
                     }
+                    token
                 }
-            }
+            };
             match tokio::time::timeout(waited, answer).await {
                 Ok(Ok(result)) => return result,
                 Ok(Err(_)) => {
                     self.check_open()?;
-                    continue;
+                    match self.registry.lock().get(&name) {
+                        Some(Entry::Removed) => return removed_answer(name, &input),
+                        Some(Entry::Live { token: t, task, .. }) if *t == token && !task.is_finished() => {
+                            return Err(EngineError::Interrupted { name, command });
+                        }
+                        _ => continue,
+                    }
                 }
                 Err(_) => return Err(EngineError::TimedOut { name, command, waited }),
             }

@@ -496,6 +496,40 @@ async fn r10_isolation() {
     h.engine.connect("bad").await.expect("bad connects again");
 }
 
+/// A panic while the task handles a host command (here in the host's
+/// transition hook) answers that command with `Interrupted`, once: the
+/// command is not sent again (which would repeat the panic), the panic is
+/// recorded once, and the instance takes the next command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_handling_a_command_interrupts_it_once() {
+    let policy = fast(Preset::Whatsapp);
+    let peer = TestPeer::start().await.expect("peer");
+    let dir = tempfile::tempdir().expect("dir");
+    let cleanup = RecordingCleanup::default();
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut cfg = config(&policy, &cleanup);
+    let trigger = armed.clone();
+    cfg.on_transition = Some(Arc::new(move |n: &instance_lifecycle::engine::Notification| {
+        if matches!(n.to, State::Connecting { .. }) && trigger.load(std::sync::atomic::Ordering::SeqCst) {
+            panic!("webhook handler bug");
+        }
+    }));
+    let engine = Engine::open(dir.path(), cfg).await.expect("engine");
+    let h = Harness { peer, engine, dir, cleanup, policy };
+    h.engine.create("boom", h.spec()).await.expect("create");
+    let err = h.engine.connect("boom").await.expect_err("the command was interrupted");
+    assert!(matches!(err, EngineError::Interrupted { command: "connect", .. }), "{err}");
+    // The answer comes as the panic unwinds; the task records it right after.
+    let closed = |s: &State| matches!(s, State::Closed { cause: ClosedCause::Panicked { .. }, .. });
+    h.wait("boom", closed, Duration::from_secs(5)).await;
+    sleep(Duration::from_millis(200)).await;
+    let panics = h.inputs("boom").await.iter().filter(|k| **k == InputKind::Panicked).count();
+    assert_eq!(panics, 1, "the interrupted command was sent again");
+    armed.store(false, std::sync::atomic::Ordering::SeqCst);
+    h.engine.connect("boom").await.expect("the next command is served");
+    h.wait("boom", |s| matches!(s, State::Open { .. }), Duration::from_secs(5)).await;
+}
+
 /// Typed errors of the host API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_api_errors_are_typed() {
