@@ -32,7 +32,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 pub use cleanup::{Cleanup, NoCleanup, StepFuture};
 
 use crate::log::{
-    Event, InstanceSpec, Log, LogConfig, LogError, RecordV1, RecoveryMode, RecoveryOptions, resume_after_restart,
+    CompactionReport, Event, InstanceSpec, Log, LogConfig, LogError, RecordV1, RecoveryMode, RecoveryOptions,
+    Retention, resume_after_restart,
 };
 use crate::machine::{
     Effect, Input, InputKind, Instance, InstanceName, Intent, NameError, Policy, PolicyError, Rejection, State,
@@ -71,6 +72,25 @@ pub struct EngineConfig {
     /// The wall-clock time at engine start; `None` reads the system clock. A
     /// fixed epoch with `tokio::time::pause` makes runs reproducible.
     pub epoch: Option<Timestamp>,
+    /// Compacts the log periodically (on by default, so a long-running host's
+    /// log stays bounded); `None` leaves it to the host ([`Engine::compact`]).
+    pub compaction: Option<Compaction>,
+}
+
+/// The engine's periodic log compaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compaction {
+    /// What is kept (records per instance, how long removed instances stay).
+    pub retention: Retention,
+    /// How often, at least 1 s; the first run is one period after start.
+    /// Hourly keeps the log near its retained size at negligible cost.
+    pub every: Duration,
+}
+
+impl Default for Compaction {
+    fn default() -> Self {
+        Self { retention: Retention::default(), every: Duration::from_secs(3600) }
+    }
 }
 
 impl Default for EngineConfig {
@@ -86,6 +106,7 @@ impl Default for EngineConfig {
             on_transition: None,
             quarantine: false,
             epoch: None,
+            compaction: Some(Compaction::default()),
         }
     }
 }
@@ -108,6 +129,14 @@ pub enum EngineError {
     /// The policy is out of range.
     #[error("invalid policy: {0}")]
     Policy(#[from] PolicyError),
+    /// A setting of the engine's configuration is out of range.
+    #[error("invalid engine configuration: {field} {reason}")]
+    InvalidConfig {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// No instance has this name.
     #[error("unknown instance {name}")]
     UnknownInstance {
@@ -341,6 +370,9 @@ impl Engine {
     /// Starts the engine on an opened log (e.g. `Log::in_memory()` for simulation).
     pub async fn with_log(log: Log, config: EngineConfig) -> Result<Self, EngineError> {
         config.policy.validate()?;
+        if config.compaction.as_ref().is_some_and(|c| c.every < Duration::from_secs(1)) {
+            return Err(EngineError::InvalidConfig { field: "compaction.every", reason: "must be at least 1 s" });
+        }
         let clock = Clock::new(config.epoch);
         let (notifications, _) = broadcast::channel(config.notifications_capacity.max(1));
         let shared = Arc::new(Shared {
@@ -391,6 +423,14 @@ impl Engine {
                 }
                 (_, None) => tracing::error!(instance = %name, "no spec recorded; instance not started"),
             }
+        }
+        if let Some(compaction) = config.compaction {
+            tokio::spawn(compact_periodically(
+                Arc::downgrade(&engine.shared),
+                Arc::downgrade(&engine.registry),
+                engine.shut.clone(),
+                compaction,
+            ));
         }
         Ok(engine)
     }
@@ -454,17 +494,25 @@ impl Engine {
         self.check_open()?;
         let name = InstanceName::new(name)?;
         validate_url(&spec.url)?;
-        {
+        let was_removed = {
             let mut entries = self.registry.lock();
             if matches!(entries.get(&name), Some(Entry::Live { .. } | Entry::Idle { .. } | Entry::Creating)) {
                 return Err(EngineError::AlreadyExists { name });
             }
-            entries.insert(name.clone(), Entry::Creating);
-        }
-        let seq = self.shared.log.next_seq(&name);
+            matches!(entries.insert(name.clone(), Entry::Creating), Some(Entry::Removed))
+        };
         let instance = Instance::new();
-        let event = Event::Created { spec: spec.clone() };
-        let appended = self.shared.log.append_async(&name, seq, self.shared.clock.now(), event, &instance).await;
+        // A compaction may purge the removed incarnation's records between
+        // reading the next sequence number and appending: then read it again.
+        let mut retried = false;
+        let appended = loop {
+            let seq = self.shared.log.next_seq(&name);
+            let event = Event::Created { spec: spec.clone() };
+            match self.shared.log.append_async(&name, seq, self.shared.clock.now(), event, &instance).await {
+                Err(LogError::SequenceConflict { .. }) if !retried => retried = true,
+                other => break other,
+            }
+        };
         match appended {
             Ok(a) => {
                 // A new instance rests in Closed: no task until a command wakes it.
@@ -472,7 +520,12 @@ impl Engine {
                 Ok(())
             }
             Err(source) => {
-                self.registry.lock().remove(&name);
+                let mut entries = self.registry.lock();
+                if was_removed {
+                    entries.insert(name.clone(), Entry::Removed);
+                } else {
+                    entries.remove(&name);
+                }
                 Err(EngineError::log(Some(name), source))
             }
         }
@@ -602,6 +655,14 @@ impl Engine {
         self.shared.notifications.subscribe()
     }
 
+    /// Compacts the log now (see [`Log::compact`]): old records of each
+    /// instance become a snapshot, and removed instances past
+    /// `retention.removed_after` are purged — their names are then unknown,
+    /// not `Removed`. Safe while instances run.
+    pub async fn compact(&self, retention: &Retention) -> Result<CompactionReport, EngineError> {
+        compact(&self.shared, &self.registry, retention.clone()).await
+    }
+
     /// The log the engine writes.
     pub fn log(&self) -> &Log {
         &self.shared.log
@@ -644,6 +705,51 @@ impl Engine {
             .await
             .map_err(|e| EngineError::log(None, LogError::Failed(e.to_string())))??;
         Ok(())
+    }
+}
+
+async fn compact(shared: &Shared, registry: &Registry, retention: Retention) -> Result<CompactionReport, EngineError> {
+    let (log, now) = (shared.log.clone(), shared.clock.now());
+    let report = tokio::task::spawn_blocking(move || log.compact(now, &retention))
+        .await
+        .map_err(|e| EngineError::log(None, LogError::Failed(e.to_string())))?
+        .map_err(|e| EngineError::log(None, e))?;
+    // A purged instance leaves no tombstone behind: churn of names costs nothing forever.
+    let mut entries = registry.lock();
+    for name in &report.purged {
+        if matches!(entries.get(name), Some(Entry::Removed)) {
+            entries.remove(name);
+        }
+    }
+    Ok(report)
+}
+
+/// The engine's compaction task: holds the engine only while it compacts, so
+/// dropping every clone of the engine (or shutting it down) ends it.
+async fn compact_periodically(
+    shared: std::sync::Weak<Shared>,
+    registry: std::sync::Weak<Registry>,
+    shut: Arc<std::sync::atomic::AtomicBool>,
+    compaction: Compaction,
+) {
+    let start = tokio::time::Instant::now() + compaction.every;
+    let mut ticks = tokio::time::interval_at(start, compaction.every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let (Some(shared), Some(registry)) = (shared.upgrade(), registry.upgrade()) else { return };
+        if shut.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        match compact(&shared, &registry, compaction.retention.clone()).await {
+            Ok(r) => tracing::info!(
+                snapshotted = r.snapshotted,
+                records_deleted = r.records_deleted,
+                purged = r.purged.len(),
+                "log compacted"
+            ),
+            Err(e) => tracing::error!(error = %e, "log compaction failed; trying again next period"),
+        }
     }
 }
 

@@ -36,7 +36,7 @@ pub struct CompactionReport {
     /// Records deleted.
     pub records_deleted: u64,
     /// Removed instances whose history was deleted.
-    pub purged: usize,
+    pub purged: Vec<crate::machine::InstanceName>,
 }
 
 impl Log {
@@ -60,8 +60,8 @@ impl Log {
                 writes.push((keys::spec(&name), None));
                 self.store().apply(writes)?;
                 w.seqs.remove(&name);
-                report.purged += 1;
                 report.records_deleted += history.len() as u64;
+                report.purged.push(name);
                 continue;
             }
             let keep = usize::try_from(retention.keep_records).unwrap_or(usize::MAX);

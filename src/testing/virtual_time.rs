@@ -30,6 +30,9 @@ pub async fn sim_engine_on(log: Log, policy: Policy, transport: SimTransport) ->
         log: LogConfig { durability: crate::log::Durability::Buffered, ..LogConfig::default() },
         transport: Arc::new(transport),
         epoch: Some(EPOCH),
+        // Compaction runs on a blocking thread, outside virtual time: a
+        // simulation that wants it calls `Engine::compact` at a chosen moment.
+        compaction: None,
         ..EngineConfig::default()
     };
     Engine::with_log(log, config).await

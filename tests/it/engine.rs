@@ -6,8 +6,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use instance_lifecycle::engine::{Cleanup, Engine, EngineConfig, EngineError, StepFuture};
-use instance_lifecycle::log::{Event, InstanceSpec, LogConfig};
+use instance_lifecycle::engine::{Cleanup, Compaction, Engine, EngineConfig, EngineError, StepFuture};
+use instance_lifecycle::log::{Event, InstanceSpec, LogConfig, Retention};
 use instance_lifecycle::machine::{
     ClosedCause, ClosingStep, Heartbeat, InputKind, InstanceName, LogoutOutcome, Phase, Policy, Preset, State,
     StepOutcome, Timeouts,
@@ -528,6 +528,70 @@ async fn a_panic_while_handling_a_command_interrupts_it_once() {
     armed.store(false, std::sync::atomic::Ordering::SeqCst);
     h.engine.connect("boom").await.expect("the next command is served");
     h.wait("boom", |s| matches!(s, State::Open { .. }), Duration::from_secs(5)).await;
+}
+
+/// The engine compacts its own log: an instance's old records become a
+/// snapshot while it stays `Open`, a removed instance is purged together
+/// with its tombstone, the log still verifies, and the purged name can be
+/// created again from sequence 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_compacts_its_log_periodically() {
+    let policy = fast(Preset::Whatsapp);
+    let peer = TestPeer::start().await.expect("peer");
+    let dir = tempfile::tempdir().expect("dir");
+    let cleanup = RecordingCleanup::default();
+    let mut cfg = config(&policy, &cleanup);
+    let retention = Retention { keep_records: 3, removed_after: Duration::ZERO };
+    cfg.compaction = Some(Compaction { retention, every: Duration::from_secs(1) });
+    let engine = Engine::open(dir.path(), cfg).await.expect("engine");
+    let h = Harness { peer, engine, dir, cleanup, policy };
+    h.open("busy").await;
+    h.engine.logout("busy").await.expect("logout");
+    h.engine.connect("busy").await.expect("connect");
+    h.wait("busy", |s| matches!(s, State::Open { .. }), Duration::from_secs(5)).await;
+    let before = h.history_len("busy").await;
+    assert!(before > 4, "{before} records: too few to compact");
+    h.engine.create("gone", h.spec()).await.expect("create");
+    h.engine.delete("gone").await.expect("delete");
+
+    let start = Instant::now();
+    while !matches!(h.engine.state("gone"), Err(EngineError::UnknownInstance { .. })) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no compaction ran: {:?}", h.engine.state("gone"));
+        sleep(Duration::from_millis(50)).await;
+    }
+    let purged = h.engine.history("gone").await;
+    assert!(matches!(purged, Err(EngineError::UnknownInstance { .. })), "purged: {purged:?}");
+    let history = h.engine.history("busy").await.expect("history");
+    assert_eq!(history.len(), 4, "a snapshot and the last 3 records");
+    assert!(matches!(history[0].event, Event::Snapshot { .. }), "{:?}", history[0].event.label());
+    assert!(matches!(h.engine.state("busy"), Ok(State::Open { .. })), "compaction does not touch the instance");
+    let report = h.engine.log().verify(&h.policy);
+    assert!(report.is_clean(), "{:#?}", report.findings);
+
+    h.engine.create("gone", h.spec()).await.expect("a purged name is free");
+    assert_eq!(h.engine.history("gone").await.expect("history")[0].seq, 1);
+    h.engine.logout("busy").await.expect("busy still takes commands");
+}
+
+/// Compaction on demand, and a configuration out of range is a typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_on_demand_and_its_configuration() {
+    let compaction = Some(Compaction { retention: Retention::default(), every: Duration::ZERO });
+    let cfg = EngineConfig { compaction, ..EngineConfig::default() };
+    let dir = tempfile::tempdir().expect("dir");
+    let err = Engine::open(dir.path(), cfg).await.err().expect("a zero period is refused");
+    assert!(matches!(err, EngineError::InvalidConfig { field: "compaction.every", .. }), "{err}");
+
+    let h = Harness::new(fast(Preset::Whatsapp)).await;
+    h.engine.create("old", h.spec()).await.expect("create");
+    h.engine.delete("old").await.expect("delete");
+    let keep_removed = Retention { keep_records: 3, removed_after: Duration::from_secs(3600) };
+    let report = h.engine.compact(&keep_removed).await.expect("compact");
+    assert!(report.purged.is_empty(), "removed an hour ago at the earliest");
+    assert!(matches!(h.engine.state("old"), Err(EngineError::Removed { .. })));
+    let report = h.engine.compact(&Retention { removed_after: Duration::ZERO, ..keep_removed }).await.expect("compact");
+    assert_eq!(report.purged.iter().map(|n| n.as_str()).collect::<Vec<_>>(), ["old"]);
+    assert!(matches!(h.engine.state("old"), Err(EngineError::UnknownInstance { .. })));
 }
 
 /// Typed errors of the host API.
