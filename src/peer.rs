@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
@@ -103,9 +104,24 @@ struct State {
     next_id: u64,
 }
 
+/// Why a `wss://` peer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerTlsError {
+    /// The certificate or key is not valid PEM.
+    #[error("peer certificate or key: {0}")]
+    Pem(String),
+    /// rustls refused the certificate and key.
+    #[error("peer TLS configuration: {0}")]
+    Config(String),
+    /// The listening socket.
+    #[error("peer socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// The running peer. Dropping it stops the server and every connection.
 pub struct TestPeer {
     addr: SocketAddr,
+    tls: bool,
     state: Arc<Mutex<State>>,
     server: JoinHandle<()>,
 }
@@ -126,23 +142,57 @@ impl TestPeer {
 
     /// Starts a peer listening on `addr`.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
+        Self::listen(addr, None).await
+    }
+
+    /// Starts a `wss://` peer on an ephemeral port of 127.0.0.1 with this
+    /// certificate chain and private key (PEM). A TLS handshake that fails
+    /// ends that connection only.
+    pub async fn start_tls(cert_chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, PeerTlsError> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_slice_iter(cert_chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| PeerTlsError::Pem(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| PeerTlsError::Pem(e.to_string()))?;
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+            .map_err(|e| PeerTlsError::Config(e.to_string()))?;
+        let addr = "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!("a literal address"));
+        Ok(Self::listen(addr, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await?)
+    }
+
+    async fn listen(addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let shared = state.clone();
+        let is_tls = tls.is_some();
         let server = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
-                connections.spawn(serve(stream, shared.clone()));
+                let state = shared.clone();
+                match tls.clone() {
+                    None => connections.spawn(serve(stream, state)),
+                    Some(acceptor) => connections.spawn(async move {
+                        if let Ok(Ok(stream)) =
+                            tokio::time::timeout(Duration::from_secs(5), acceptor.accept(stream)).await
+                        {
+                            serve(stream, state).await;
+                        }
+                    }),
+                };
                 while connections.try_join_next().is_some() {}
             }
         });
-        Ok(Self { addr, state, server })
+        Ok(Self { addr, tls: is_tls, state, server })
     }
 
-    /// `ws://127.0.0.1:<port>/`.
+    /// `ws://127.0.0.1:<port>/`, or `wss://` for a peer started with TLS.
     pub fn url(&self) -> String {
-        format!("ws://{}/", self.addr)
+        format!("{}://{}/", if self.tls { "wss" } else { "ws" }, self.addr)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -221,15 +271,19 @@ impl Drop for TestPeer {
     }
 }
 
-type Ws = WebSocketStream<TcpStream>;
+/// What a connection runs on: TCP, or TLS over TCP.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
 
-async fn close(ws: &mut Ws, code: u16) {
+type Ws<S> = WebSocketStream<S>;
+
+async fn close<S: Stream>(ws: &mut Ws<S>, code: u16) {
     let frame = CloseFrame { code: CloseCode::from(code), reason: "peer".into() };
     let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), async { while ws.next().await.is_some() {} }).await;
 }
 
-async fn serve(stream: TcpStream, state: Arc<Mutex<State>>) {
+async fn serve<S: Stream>(stream: S, state: Arc<Mutex<State>>) {
     let lock = || state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let default = lock().default.clone().unwrap_or(Fault::Ready);
     match default {
@@ -274,8 +328,8 @@ fn ready(identity: &str) -> Message {
     Message::text(serde_json::json!({ "type": "ready", "id": identity }).to_string())
 }
 
-async fn run_fault(
-    ws: &mut Ws,
+async fn run_fault<S: Stream>(
+    ws: &mut Ws<S>,
     fault: &Fault,
     identity: &str,
     actions: &mut mpsc::UnboundedReceiver<Action>,

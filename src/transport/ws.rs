@@ -51,22 +51,69 @@ impl WsLimits {
 pub struct WsTransport {
     protocol: Arc<dyn Protocol>,
     limits: WsLimits,
+    /// `None`: the public web PKI (webpki roots).
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Why a TLS configuration for `wss://` could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    /// The bytes are not PEM certificates.
+    #[error("root certificates: {0}")]
+    Pem(String),
+    /// No certificate in the PEM.
+    #[error("root certificates: no certificate in the PEM")]
+    NoCertificates,
+    /// rustls refused a certificate or the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(String),
 }
 
 impl WsTransport {
-    /// A transport speaking `protocol`. Installs rustls' `ring` provider for
-    /// `wss://` once per process (without one, tungstenite panics on TLS).
+    /// A transport speaking `protocol`; `wss://` trusts the public web PKI.
+    /// Installs rustls' `ring` provider once per process (without one,
+    /// tungstenite panics on TLS).
     pub fn new(protocol: Arc<dyn Protocol>, limits: WsLimits) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        Self { protocol, limits }
+        Self { protocol, limits, tls: None }
+    }
+
+    /// `wss://` with this rustls client configuration (client certificates,
+    /// pinned roots, …).
+    #[must_use]
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// `wss://` trusting exactly the CA certificates in `pem` (a private CA
+    /// of the gateway's peers) instead of the public web PKI.
+    pub fn with_root_certificates(self, pem: &[u8]) -> Result<Self, TlsConfigError> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| TlsConfigError::Pem(e.to_string()))?;
+            roots.add(cert).map_err(|e| TlsConfigError::Rustls(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(TlsConfigError::NoCertificates);
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsConfigError::Rustls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(self.with_tls(Arc::new(config)))
     }
 }
 
 impl Transport for WsTransport {
     fn run(&self, spec: ConnectSpec, control: mpsc::Receiver<Control>, signals: Signals) -> BoxFuture {
-        let (protocol, limits) = (self.protocol.clone(), self.limits);
+        let (protocol, limits, tls) = (self.protocol.clone(), self.limits, self.tls.clone());
         let span = tracing::debug_span!("connection", instance = %spec.instance, generation = %spec.generation);
-        Box::pin(run(protocol, limits, spec, control, signals).instrument(span))
+        Box::pin(run(protocol, limits, tls, spec, control, signals).instrument(span))
     }
 }
 
@@ -75,6 +122,7 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<t
 async fn run(
     protocol: Arc<dyn Protocol>,
     limits: WsLimits,
+    tls: Option<Arc<rustls::ClientConfig>>,
     spec: ConnectSpec,
     control: mpsc::Receiver<Control>,
     signals: Signals,
@@ -83,13 +131,21 @@ async fn run(
     // once the socket is open: its future is several times the size of the
     // session's, and a task is as large as its largest stage, so a fleet of
     // live connections would otherwise each keep ~10 KB it never uses again.
-    let Some(ws) = Box::pin(handshake(&*protocol, limits, &spec, &signals)).await else { return };
+    let Some(ws) = Box::pin(handshake(&*protocol, limits, tls, &spec, &signals)).await else { return };
     Session { protocol, ws, control, signals, heartbeat: spec.heartbeat, opened: false }.serve().await;
 }
 
 /// Connects and greets; `None` after reporting why it could not.
-async fn handshake(protocol: &dyn Protocol, limits: WsLimits, spec: &ConnectSpec, signals: &Signals) -> Option<Ws> {
-    let connect = tokio_tungstenite::connect_async_with_config(spec.url.as_str(), Some(limits.config()), true);
+async fn handshake(
+    protocol: &dyn Protocol,
+    limits: WsLimits,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    spec: &ConnectSpec,
+    signals: &Signals,
+) -> Option<Ws> {
+    let connector = tls.map(tokio_tungstenite::Connector::Rustls);
+    let connect =
+        tokio_tungstenite::connect_async_tls_with_config(spec.url.as_str(), Some(limits.config()), true, connector);
     let mut ws = match timeout(spec.connect_timeout, connect).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => {

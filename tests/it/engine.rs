@@ -9,10 +9,11 @@ use std::time::Duration;
 use instance_lifecycle::engine::{Cleanup, Compaction, Engine, EngineConfig, EngineError, StepFuture};
 use instance_lifecycle::log::{Event, InstanceSpec, LogConfig, Retention};
 use instance_lifecycle::machine::{
-    ClosedCause, ClosingStep, Heartbeat, InputKind, InstanceName, LogoutOutcome, Phase, Policy, Preset, State,
+    ClosedCause, ClosingStep, Heartbeat, Input, InputKind, InstanceName, LogoutOutcome, Phase, Policy, Preset, State,
     StepOutcome, Timeouts,
 };
 use instance_lifecycle::peer::{Action, Fault, TestPeer};
+use instance_lifecycle::transport::{ReferenceProtocol, TlsConfigError, WsLimits, WsTransport};
 use tokio::time::{Instant, sleep};
 
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
@@ -592,6 +593,65 @@ async fn compaction_on_demand_and_its_configuration() {
     let report = h.engine.compact(&Retention { removed_after: Duration::ZERO, ..keep_removed }).await.expect("compact");
     assert_eq!(report.purged.iter().map(|n| n.as_str()).collect::<Vec<_>>(), ["old"]);
     assert!(matches!(h.engine.state("old"), Err(EngineError::UnknownInstance { .. })));
+}
+
+const TEST_CA: &[u8] = include_bytes!("../fixtures/test-ca.pem");
+const PEER_CERT: &[u8] = include_bytes!("../fixtures/test-peer.pem");
+const PEER_KEY: &[u8] = include_bytes!("../fixtures/test-peer.key");
+
+/// `wss://`: with the peer's CA as the root, an instance opens, resumes and
+/// logs out over TLS as over plain TCP; trusting only the public web PKI,
+/// the same peer is refused, with the certificate problem as the close
+/// reason in the log; bad root certificates are a typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_opens_with_a_private_ca_and_an_untrusted_certificate_is_a_logged_close() {
+    let peer = TestPeer::start_tls(PEER_CERT, PEER_KEY).await.expect("tls peer");
+    assert!(peer.url().starts_with("wss://127.0.0.1:"), "{}", peer.url());
+    let policy = fast(Preset::Whatsapp);
+    let cleanup = RecordingCleanup::default();
+    let transport = WsTransport::new(Arc::new(ReferenceProtocol), WsLimits::default())
+        .with_root_certificates(TEST_CA)
+        .expect("the test CA");
+    let dir = tempfile::tempdir().expect("dir");
+    let cfg = EngineConfig { transport: Arc::new(transport), ..config(&policy, &cleanup) };
+    let engine = Engine::open(dir.path(), cfg).await.expect("engine");
+    let h = Harness { peer, engine, dir, cleanup, policy };
+    h.open("secure").await;
+    assert_eq!(h.peer.hellos("secure"), [None]);
+    let state = h.engine.logout("secure").await.expect("logout");
+    assert!(
+        matches!(state, State::Closed { cause: ClosedCause::LoggedOut { logout: LogoutOutcome::Confirmed }, .. }),
+        "{state:?}"
+    );
+
+    // The default transport trusts the web PKI only: the test CA is unknown.
+    let dir = tempfile::tempdir().expect("dir");
+    let untrusting = Engine::open(dir.path(), config(&h.policy, &h.cleanup)).await.expect("engine");
+    untrusting.create("doubtful", h.spec()).await.expect("create");
+    untrusting.connect("doubtful").await.expect("connect");
+    let start = Instant::now();
+    let reason = loop {
+        let closed = untrusting.history("doubtful").await.expect("history").into_iter().find_map(|r| match r.event {
+            Event::Transition { input: Input::TransportClosed { reason, .. }, .. } => Some(reason),
+            _ => None,
+        });
+        if let Some(reason) = closed {
+            break reason;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "no close recorded");
+        sleep(Duration::from_millis(20)).await;
+    };
+    assert!(reason.contains("certificate"), "{reason}");
+    assert_eq!(h.peer.handshakes("doubtful"), 0, "no WebSocket session without trust");
+    untrusting.shutdown().await.expect("shutdown");
+
+    for bad in [&b"not a certificate"[..], b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"] {
+        let err = WsTransport::new(Arc::new(ReferenceProtocol), WsLimits::default())
+            .with_root_certificates(bad)
+            .err()
+            .expect("refused");
+        assert!(matches!(err, TlsConfigError::NoCertificates | TlsConfigError::Pem(_)), "{err}");
+    }
 }
 
 /// Typed errors of the host API.
