@@ -113,3 +113,40 @@ fn errors_are_one_clear_line() {
         "refuses connections",
     );
 }
+
+/// `diagram --svg/--png` renders through Graphviz `dot` when it is on the
+/// PATH (CI installs it and requires it), and says how to install it when
+/// it is not, with a non-zero exit and no file.
+#[test]
+fn diagram_renders_svg_and_png_with_graphviz_and_explains_its_absence() {
+    let dir = tempfile::tempdir().expect("dir");
+    let has_dot = Command::new("dot").arg("-V").output().is_ok_and(|o| o.status.success());
+    assert!(has_dot || std::env::var_os("CI").is_none(), "CI must have Graphviz (.ci/run installs it)");
+    if has_dot {
+        let svg = dir.path().join("rules.svg");
+        let out = lifecycle(&["diagram", "--svg", svg.to_str().expect("utf-8 path")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = std::fs::read_to_string(&svg).expect("svg written");
+        assert!(text.contains("<svg") && text.contains("Zombie") && text.contains("Removed"), "{text}");
+        let png = dir.path().join("rules.png");
+        let out = lifecycle(&["diagram", "--png", png.to_str().expect("utf-8 path")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(std::fs::read(&png).expect("png written").starts_with(b"\x89PNG"), "not a PNG");
+    } else {
+        eprintln!("Graphviz `dot` not found: only the error path of diagram --svg is checked here");
+    }
+
+    let empty_path = dir.path().join("no-tools");
+    std::fs::create_dir(&empty_path).expect("dir");
+    let missing = dir.path().join("missing.svg");
+    let out = Command::new(env!("CARGO_BIN_EXE_lifecycle"))
+        .args(["diagram", "--svg", missing.to_str().expect("utf-8 path")])
+        .env("PATH", &empty_path)
+        .output()
+        .expect("run lifecycle");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("Graphviz `dot` is not installed") && err.contains("apt-get install graphviz"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line, no backtrace: {err}");
+    assert!(!missing.exists());
+}
