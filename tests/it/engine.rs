@@ -90,10 +90,16 @@ pub struct Harness {
 
 impl Harness {
     pub async fn new(policy: Policy) -> Self {
-        let peer = TestPeer::start().await.expect("peer");
+        Self::with(policy, TestPeer::start().await.expect("peer"), |_| {}).await
+    }
+
+    /// An engine on `peer` whose configuration `tweak` adjusts.
+    pub async fn with(policy: Policy, peer: TestPeer, tweak: impl FnOnce(&mut EngineConfig)) -> Self {
         let dir = tempfile::tempdir().expect("dir");
         let cleanup = RecordingCleanup::default();
-        let engine = Engine::open(dir.path(), config(&policy, &cleanup)).await.expect("engine");
+        let mut cfg = config(&policy, &cleanup);
+        tweak(&mut cfg);
+        let engine = Engine::open(dir.path(), cfg).await.expect("engine");
         Self { peer, engine, dir, cleanup, policy }
     }
 
@@ -451,18 +457,15 @@ async fn cleanup_steps_run_in_order_one_at_a_time() {
 /// panics for another, are caught and recorded; every other instance runs on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r10_isolation() {
-    let policy = fast(Preset::Whatsapp);
     let peer = TestPeer::start().await.expect("peer");
-    let dir = tempfile::tempdir().expect("dir");
-    let cleanup = RecordingCleanup::default();
-    let mut cfg = config(&policy, &cleanup);
-    cfg.on_transition = Some(Arc::new(|n: &instance_lifecycle::engine::Notification| {
-        if n.instance.as_str() == "bad" && matches!(n.to, State::Open { .. }) {
-            panic!("webhook handler bug");
-        }
-    }));
-    let engine = Engine::open(dir.path(), cfg).await.expect("engine");
-    let h = Harness { peer, engine, dir, cleanup, policy };
+    let h = Harness::with(fast(Preset::Whatsapp), peer, |cfg| {
+        cfg.on_transition = Some(Arc::new(|n: &instance_lifecycle::engine::Notification| {
+            if n.instance.as_str() == "bad" && matches!(n.to, State::Open { .. }) {
+                panic!("webhook handler bug");
+            }
+        }));
+    })
+    .await;
     for n in ["good-1", "good-2", "messy"] {
         h.open(n).await;
     }
@@ -503,20 +506,17 @@ async fn r10_isolation() {
 /// recorded once, and the instance takes the next command.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_while_handling_a_command_interrupts_it_once() {
-    let policy = fast(Preset::Whatsapp);
-    let peer = TestPeer::start().await.expect("peer");
-    let dir = tempfile::tempdir().expect("dir");
-    let cleanup = RecordingCleanup::default();
     let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let mut cfg = config(&policy, &cleanup);
     let trigger = armed.clone();
-    cfg.on_transition = Some(Arc::new(move |n: &instance_lifecycle::engine::Notification| {
-        if matches!(n.to, State::Connecting { .. }) && trigger.load(std::sync::atomic::Ordering::SeqCst) {
-            panic!("webhook handler bug");
-        }
-    }));
-    let engine = Engine::open(dir.path(), cfg).await.expect("engine");
-    let h = Harness { peer, engine, dir, cleanup, policy };
+    let peer = TestPeer::start().await.expect("peer");
+    let h = Harness::with(fast(Preset::Whatsapp), peer, |cfg| {
+        cfg.on_transition = Some(Arc::new(move |n: &instance_lifecycle::engine::Notification| {
+            if matches!(n.to, State::Connecting { .. }) && trigger.load(std::sync::atomic::Ordering::SeqCst) {
+                panic!("webhook handler bug");
+            }
+        }));
+    })
+    .await;
     h.engine.create("boom", h.spec()).await.expect("create");
     let err = h.engine.connect("boom").await.expect_err("the command was interrupted");
     assert!(matches!(err, EngineError::Interrupted { command: "connect", .. }), "{err}");
@@ -537,15 +537,12 @@ async fn a_panic_while_handling_a_command_interrupts_it_once() {
 /// created again from sequence 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_compacts_its_log_periodically() {
-    let policy = fast(Preset::Whatsapp);
-    let peer = TestPeer::start().await.expect("peer");
-    let dir = tempfile::tempdir().expect("dir");
-    let cleanup = RecordingCleanup::default();
-    let mut cfg = config(&policy, &cleanup);
     let retention = Retention { keep_records: 3, removed_after: Duration::ZERO };
-    cfg.compaction = Some(Compaction { retention, every: Duration::from_secs(1) });
-    let engine = Engine::open(dir.path(), cfg).await.expect("engine");
-    let h = Harness { peer, engine, dir, cleanup, policy };
+    let peer = TestPeer::start().await.expect("peer");
+    let h = Harness::with(fast(Preset::Whatsapp), peer, |cfg| {
+        cfg.compaction = Some(Compaction { retention, every: Duration::from_secs(1) });
+    })
+    .await;
     h.open("busy").await;
     h.engine.logout("busy").await.expect("logout");
     h.engine.connect("busy").await.expect("connect");
@@ -607,15 +604,10 @@ const PEER_KEY: &[u8] = include_bytes!("../fixtures/test-peer.key");
 async fn wss_opens_with_a_private_ca_and_an_untrusted_certificate_is_a_logged_close() {
     let peer = TestPeer::start_tls(PEER_CERT, PEER_KEY).await.expect("tls peer");
     assert!(peer.url().starts_with("wss://127.0.0.1:"), "{}", peer.url());
-    let policy = fast(Preset::Whatsapp);
-    let cleanup = RecordingCleanup::default();
     let transport = WsTransport::new(Arc::new(ReferenceProtocol), WsLimits::default())
         .with_root_certificates(TEST_CA)
         .expect("the test CA");
-    let dir = tempfile::tempdir().expect("dir");
-    let cfg = EngineConfig { transport: Arc::new(transport), ..config(&policy, &cleanup) };
-    let engine = Engine::open(dir.path(), cfg).await.expect("engine");
-    let h = Harness { peer, engine, dir, cleanup, policy };
+    let h = Harness::with(fast(Preset::Whatsapp), peer, |cfg| cfg.transport = Arc::new(transport)).await;
     h.open("secure").await;
     assert_eq!(h.peer.hellos("secure"), [None]);
     let state = h.engine.logout("secure").await.expect("logout");
