@@ -635,7 +635,8 @@ impl Engine {
         self.registry.lock().values().filter(|e| matches!(e, Entry::Live { task, .. } if !task.is_finished())).count()
     }
 
-    /// An instance's recorded history (also for removed instances).
+    /// An instance's recorded history (also for removed instances, until
+    /// compaction purges them: then the name is unknown).
     pub async fn history(&self, name: &str) -> Result<Vec<RecordV1>, EngineError> {
         let name = InstanceName::new(name)?;
         let log = self.shared.log.clone();
