@@ -149,6 +149,12 @@ impl TestPeer {
     /// certificate chain and private key (PEM). A TLS handshake that fails
     /// ends that connection only.
     pub async fn start_tls(cert_chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, PeerTlsError> {
+        let addr = "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!("a literal address"));
+        Self::start_tls_on(addr, cert_chain_pem, key_pem).await
+    }
+
+    /// [`TestPeer::start_tls`] listening on `addr`.
+    pub async fn start_tls_on(addr: SocketAddr, cert_chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, PeerTlsError> {
         use tokio_rustls::rustls::pki_types::pem::PemObject;
         use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let chain = CertificateDer::pem_slice_iter(cert_chain_pem)
@@ -160,7 +166,6 @@ impl TestPeer {
             .with_safe_default_protocol_versions()
             .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
             .map_err(|e| PeerTlsError::Config(e.to_string()))?;
-        let addr = "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!("a literal address"));
         Ok(Self::listen(addr, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await?)
     }
 

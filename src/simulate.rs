@@ -18,6 +18,7 @@ use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::log::{Event, InstanceSpec, Log, LogConfig};
 use crate::machine::{Backoff, ClosedCause, Effect, Heartbeat, Input, Policy, Preset, State, StateKind, Timeouts};
 use crate::peer::{Action, TestPeer};
+use crate::transport::{ReferenceProtocol, WsLimits, WsTransport};
 
 /// File that marks a directory as written by `simulate` (so a rerun may replace it).
 pub const MARKER: &str = "lifecycle-simulate.marker";
@@ -37,6 +38,9 @@ pub struct Options {
     pub preset: Preset,
     /// An external peer speaking the reference protocol (then only the host's part of the schedule runs).
     pub peer: Option<String>,
+    /// PEM file of the CA that signed a `wss://` peer's certificate, trusted
+    /// instead of the public web PKI.
+    pub ca: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -48,6 +52,7 @@ impl Default for Options {
             data: PathBuf::from("lifecycle-data"),
             preset: Preset::Whatsapp,
             peer: None,
+            ca: None,
         }
     }
 }
@@ -75,6 +80,14 @@ pub enum SimulateError {
     /// The engine failed.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The CA file is not usable.
+    #[error("--ca {path}: {source}")]
+    Ca {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: crate::transport::TlsConfigError,
+    },
     /// The external peer cannot be reached.
     #[error("peer {url} refuses connections: {reason}")]
     PeerUnreachable {
@@ -331,9 +344,19 @@ fn refusal(e: &EngineError) -> String {
 pub async fn run(options: &Options, mut progress: impl FnMut(&Progress)) -> Result<Summary, SimulateError> {
     prepare(&options.data)?;
     let policy = simulation_policy(options.preset);
+    let tls = match &options.ca {
+        Some(path) => {
+            let pem =
+                std::fs::read(path).map_err(|source| SimulateError::Io { op: "read", path: path.clone(), source })?;
+            let tls = crate::transport::tls_trusting(&pem)
+                .map_err(|source| SimulateError::Ca { path: path.clone(), source })?;
+            Some(tls)
+        }
+        None => None,
+    };
     let (peer, url) = match &options.peer {
         Some(url) => {
-            probe(url).await?;
+            probe(url, tls.clone()).await?;
             (None, url.clone())
         }
         None => {
@@ -346,7 +369,16 @@ pub async fn run(options: &Options, mut progress: impl FnMut(&Progress)) -> Resu
             (Some(peer), url)
         }
     };
-    let config = EngineConfig { policy: policy.clone(), log: LogConfig::default(), ..EngineConfig::default() };
+    let mut transport = WsTransport::new(Arc::new(ReferenceProtocol), WsLimits::default());
+    if let Some(tls) = tls {
+        transport = transport.with_tls(tls);
+    }
+    let config = EngineConfig {
+        policy: policy.clone(),
+        log: LogConfig::default(),
+        transport: Arc::new(transport),
+        ..EngineConfig::default()
+    };
     let mut run = Run {
         engine: Some(Engine::open(&options.data, config.clone()).await?),
         actions: tokio::task::JoinSet::new(),
@@ -400,8 +432,10 @@ pub async fn run(options: &Options, mut progress: impl FnMut(&Progress)) -> Resu
     Ok(summary)
 }
 
-async fn probe(url: &str) -> Result<(), SimulateError> {
-    let attempt = tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url)).await;
+async fn probe(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<(), SimulateError> {
+    let connector = tls.map(tokio_tungstenite::Connector::Rustls);
+    let connect = tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector);
+    let attempt = tokio::time::timeout(Duration::from_secs(5), connect).await;
     match attempt {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(SimulateError::PeerUnreachable { url: url.to_owned(), reason: e.to_string() }),

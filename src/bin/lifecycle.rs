@@ -42,6 +42,10 @@ enum Command {
         /// An external peer speaking the reference protocol (faults then come from it).
         #[arg(long)]
         peer: Option<String>,
+        /// With a wss:// --peer: PEM file of the CA that signed its certificate
+        /// (trusted instead of the public web PKI).
+        #[arg(long, requires = "peer")]
+        ca: Option<PathBuf>,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -104,6 +108,12 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
+        /// Serve wss:// with this certificate chain (PEM); needs --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -159,16 +169,16 @@ impl<E: std::fmt::Display> From<E> for Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Simulate { instances, seconds, seed, data, policy, peer, json } => {
-            let options =
-                Options { instances, duration: Duration::from_secs(seconds), seed, data, preset: policy.into(), peer };
+        Command::Simulate { instances, seconds, seed, data, policy, peer, ca, json } => {
+            let duration = Duration::from_secs(seconds);
+            let options = Options { instances, duration, seed, data, preset: policy.into(), peer, ca };
             run_async(simulate(options, json))
         }
         Command::Inspect { dir, instance, at, state, since, until } => inspect(&dir, instance, at, state, since, until),
         Command::Verify { dir, policy } => verify(&dir, policy),
         Command::Export { dir, format: ExportFormat::Jsonl } => export(&dir),
         Command::Diagram { format, from_log, svg, png } => diagram(format, from_log, svg, png),
-        Command::Peer { listen } => run_async(peer(listen)),
+        Command::Peer { listen, tls_cert, tls_key } => run_async(peer(listen, tls_cert.zip(tls_key))),
     };
     match result {
         Ok(code) => code,
@@ -470,11 +480,18 @@ fn diagram(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn peer(listen: std::net::SocketAddr) -> Result<ExitCode, Failure> {
+async fn peer(listen: std::net::SocketAddr, tls: Option<(PathBuf, PathBuf)>) -> Result<ExitCode, Failure> {
+    use instance_lifecycle::peer::TestPeer;
     use tokio::io::AsyncBufReadExt;
-    let peer = instance_lifecycle::peer::TestPeer::start_on(listen)
-        .await
-        .map_err(|e| Failure(format!("cannot listen on {listen}: {e}")))?;
+    let peer = match tls {
+        None => TestPeer::start_on(listen).await.map_err(|e| Failure(format!("cannot listen on {listen}: {e}")))?,
+        Some((cert, key)) => {
+            let read = |p: &PathBuf| std::fs::read(p).map_err(|e| Failure(format!("{}: {e}", p.display())));
+            TestPeer::start_tls_on(listen, &read(&cert)?, &read(&key)?)
+                .await
+                .map_err(|e| Failure(format!("cannot serve wss:// on {listen}: {e}")))?
+        }
+    };
     say!("listening {}", peer.url());
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 pub use protocol::{PeerMessage, Protocol, ProtocolError, ReferenceProtocol};
-pub use ws::{TlsConfigError, WsLimits, WsTransport};
+pub use ws::{TlsConfigError, WsLimits, WsTransport, tls_trusting};
 
 use crate::machine::{Generation, Heartbeat, Identity, Input, InstanceName, StatusCode};
 

@@ -89,24 +89,30 @@ impl WsTransport {
     /// `wss://` trusting exactly the CA certificates in `pem` (a private CA
     /// of the gateway's peers) instead of the public web PKI.
     pub fn with_root_certificates(self, pem: &[u8]) -> Result<Self, TlsConfigError> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| TlsConfigError::Pem(e.to_string()))?;
-            roots.add(cert).map_err(|e| TlsConfigError::Rustls(e.to_string()))?;
-        }
-        if roots.is_empty() {
-            return Err(TlsConfigError::NoCertificates);
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsConfigError::Rustls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(self.with_tls(Arc::new(config)))
+        Ok(self.with_tls(tls_trusting(pem)?))
     }
+}
+
+/// A rustls client configuration (ring) that trusts exactly the CA
+/// certificates in `pem`.
+pub fn tls_trusting(pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| TlsConfigError::Pem(e.to_string()))?;
+        roots.add(cert).map_err(|e| TlsConfigError::Rustls(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsConfigError::NoCertificates);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsConfigError::Rustls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 impl Transport for WsTransport {

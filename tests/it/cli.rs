@@ -150,3 +150,49 @@ fn diagram_renders_svg_and_png_with_graphviz_and_explains_its_absence() {
     assert_eq!(err.trim().lines().count(), 1, "one line, no backtrace: {err}");
     assert!(!missing.exists());
 }
+
+/// `lifecycle peer --tls-cert/--tls-key` serves wss://, and `simulate --peer
+/// wss://… --ca FILE` runs a fleet against it trusting that CA; without
+/// `--ca` the same peer is refused in one line that names the certificate.
+#[test]
+fn simulate_against_a_wss_peer_with_a_private_ca() {
+    use std::io::BufRead;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let path = |f: &str| fixtures.join(f).to_str().expect("utf-8 path").to_owned();
+    let mut peer = Command::new(env!("CARGO_BIN_EXE_lifecycle"))
+        .args(["peer", "--tls-cert", &path("test-peer.pem"), "--tls-key", &path("test-peer.key")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start lifecycle peer");
+    let mut line = String::new();
+    std::io::BufReader::new(peer.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
+    let url = line.trim().strip_prefix("listening ").expect("the peer prints its URL").to_owned();
+    assert!(url.starts_with("wss://127.0.0.1:"), "{url}");
+
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let data_s = data.to_str().expect("utf-8 path");
+    let base = ["simulate", "--peer", &url, "--instances", "6", "--seconds", "3", "--data", data_s, "--json"];
+    let sim = lifecycle(&[&base[..], &["--ca", &path("test-ca.pem")]].concat());
+    let refused = lifecycle(&base);
+    let _ = peer.kill();
+    let _ = peer.wait();
+
+    assert!(sim.status.success(), "simulate over wss failed: {}{}", stdout(&sim), stderr(&sim));
+    let summary: serde_json::Value = serde_json::from_str(&stdout(&sim)).expect("--json prints JSON");
+    assert_eq!(summary["verification"]["clean"], true, "{summary:#}");
+    assert!(
+        summary["transitions"]["opened"].as_u64().is_some_and(|n| n >= 6),
+        "every instance opened over TLS: {summary:#}"
+    );
+
+    assert!(!refused.status.success());
+    let err = stderr(&refused);
+    assert!(err.contains("refuses connections") && err.contains("certificate"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    let missing = lifecycle(&[&base[..], &["--ca", "/nonexistent/ca.pem"]].concat());
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("/nonexistent/ca.pem"), "{}", stderr(&missing));
+}
