@@ -567,11 +567,12 @@ impl Engine {
         // A task that parks itself (goes idle) drops messages it never read;
         // such a command was not carried out, so it is sent again, to a task
         // woken for it. Parking needs an empty inbox, so this ends quickly.
-        // A task that dropped the reply and is still the instance's task
-        // panicked while handling it: that is not retried.
+        // A command whose handling panicked is answered `Interrupted` by its
+        // task once the panic is recorded; a reply dropped by a task that is
+        // still the instance's running task is treated the same way.
         for _ in 0..PARK_RACE_RETRIES {
             let (reply, answer) = oneshot::channel();
-            let msg = Box::new(Msg::Command { input: input.clone(), reply });
+            let msg = Box::new(Msg::Command { input: input.clone(), command, reply });
             let token = match self.deliver(&name, &input, msg) {
                 Delivery::Answer(answer) => return answer,
                 Delivery::Queued(token) => token,

@@ -23,11 +23,14 @@ use crate::transport::{ConnectSpec, Control, Signals};
 
 /// A message to an instance task.
 pub(crate) enum Msg {
-    /// A host command and where to send its result.
-    Command { input: Input, reply: oneshot::Sender<Result<State, EngineError>> },
+    /// A host command (named for errors) and where to send its result.
+    Command { input: Input, command: &'static str, reply: Reply },
     /// Stop: drop the socket, keep the recorded state.
     Shutdown(oneshot::Sender<()>),
 }
+
+/// Where a command's result goes.
+pub(crate) type Reply = oneshot::Sender<Result<State, EngineError>>;
 
 /// What a waiting command waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +64,8 @@ pub(crate) struct Task {
     pub(crate) signals_tx: mpsc::Sender<Box<Input>>,
     /// Tells this task's registry entry from a later incarnation's.
     token: u64,
+    /// The command being handled, until it is answered or parked as a waiter.
+    in_flight: Option<(&'static str, Reply)>,
     conn: Option<Conn>,
     timers: BTreeMap<Timer, Instant>,
     waiters: Vec<Waiter>,
@@ -92,6 +97,7 @@ impl Task {
             registry,
             signals_tx,
             token,
+            in_flight: None,
             conn: None,
             timers: BTreeMap::new(),
             waiters: Vec::new(),
@@ -116,6 +122,10 @@ impl Task {
                         if let Err(e) = Box::pin(self.feed(Input::Panicked { message })).await {
                             error!(error = %e, "could not record the panic; stopping this instance");
                             break;
+                        }
+                        // The command whose handling panicked learns it now, after the record.
+                        if let Some((command, reply)) = self.in_flight.take() {
+                            let _ = reply.send(Err(EngineError::Interrupted { name: self.name.clone(), command }));
                         }
                     }
                 }
@@ -163,7 +173,7 @@ impl Task {
                         let _ = done.send(());
                         return;
                     }
-                    Some(Msg::Command { input, reply }) => Box::pin(self.command(input, reply)).await,
+                    Some(Msg::Command { input, command, reply }) => Box::pin(self.command(input, command, reply)).await,
                 },
                 Some(input) = ch.signals.recv() => Box::pin(self.signal(*input)).await,
                 () = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => Box::pin(self.fire_timers()).await,
@@ -171,13 +181,18 @@ impl Task {
         }
     }
 
-    async fn command(&mut self, input: Input, reply: oneshot::Sender<Result<State, EngineError>>) {
+    async fn command(&mut self, input: Input, command: &'static str, reply: Reply) {
         let goal = match input {
             Input::Logout => Some(Goal::Closed),
             Input::Delete => Some(Goal::Removed),
             _ => None,
         };
-        match self.feed(input).await {
+        // Held by the task while the command runs: if handling it panics, the
+        // supervisor answers it once the panic is recorded.
+        self.in_flight = Some((command, reply));
+        let fed = self.feed(input).await;
+        let Some((_, reply)) = self.in_flight.take() else { return };
+        match fed {
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
