@@ -168,6 +168,19 @@ pub fn config(policy: &Policy, cleanup: &RecordingCleanup) -> EngineConfig {
     }
 }
 
+/// A harness whose instance `name` opened, lost its connection, and now
+/// waits out a reconnect backoff of exactly `backoff`.
+async fn in_backoff(name: &str, backoff: Duration) -> Harness {
+    let mut policy = fast(Preset::Whatsapp);
+    policy.backoff.base = backoff;
+    policy.backoff.cap = backoff;
+    let h = Harness::new(policy).await;
+    h.open(name).await;
+    h.peer.act(name, Action::Drop);
+    h.wait(name, |s| matches!(s, State::Connecting { phase: Phase::Backoff { .. }, .. }), Duration::from_secs(5)).await;
+    h
+}
+
 fn removed(s: &State) -> bool {
     matches!(s, State::Removed { .. })
 }
@@ -343,14 +356,7 @@ async fn a_peer_without_identity_never_opens_and_times_out() {
 /// a cleanup step that hangs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_during_backoff_concurrent_logout_and_delete_and_a_hanging_cleanup() {
-    let mut policy = fast(Preset::Whatsapp);
-    policy.backoff.base = Duration::from_secs(5);
-    policy.backoff.cap = Duration::from_secs(5);
-    let h = Harness::new(policy).await;
-    h.open("backoff").await;
-    h.peer.act("backoff", Action::Drop);
-    h.wait("backoff", |s| matches!(s, State::Connecting { phase: Phase::Backoff { .. }, .. }), Duration::from_secs(5))
-        .await;
+    let h = in_backoff("backoff", Duration::from_secs(5)).await;
     let start = Instant::now();
     assert!(removed(&h.engine.delete("backoff").await.expect("delete")));
     assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
@@ -407,13 +413,7 @@ async fn engine_restart_restores_states_and_reconnects_by_the_rules() {
 /// and while the socket is still connecting: never two live sockets, no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_while_pending_or_connecting_never_makes_two_sockets() {
-    let mut policy = fast(Preset::Whatsapp);
-    policy.backoff.base = Duration::from_secs(2);
-    policy.backoff.cap = Duration::from_secs(2);
-    let h = Harness::new(policy).await;
-    h.open("r").await;
-    h.peer.act("r", Action::Drop);
-    h.wait("r", |s| matches!(s, State::Connecting { phase: Phase::Backoff { .. }, .. }), Duration::from_secs(5)).await;
+    let h = in_backoff("r", Duration::from_secs(2)).await;
     h.engine.restart("r").await.expect("restart while backing off");
     h.wait("r", |s| matches!(s, State::Open { .. }), Duration::from_secs(5)).await;
     h.peer.set_fault("r", Fault::SlowAccept { delay: Duration::from_millis(300) });
