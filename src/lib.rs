@@ -13,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+mod contain;
 pub mod diagram;
 pub mod engine;
 #[cfg(feature = "testing")]
@@ -26,12 +27,4 @@ pub mod testing;
 pub mod transport;
 
 pub use machine::{InstanceName, NameError};
-
-/// The message of a caught panic.
-pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic without a message".to_owned())
-}
+pub(crate) use contain::panic_message;

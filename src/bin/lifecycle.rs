@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use instance_lifecycle::diagram::{Diagram, Format};
-use instance_lifecycle::log::{Event, Finding, Log, RecordV1};
+use instance_lifecycle::log::{Event, Finding, Log, Record};
 use instance_lifecycle::machine::{InstanceName, Policy, Preset, StateKind, Timestamp};
 use instance_lifecycle::simulate::{self, Options, Progress, Summary};
 
@@ -355,7 +355,7 @@ fn inspect(
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_timeline_row(r: &RecordV1) {
+fn print_timeline_row(r: &Record) {
     let (from, status, reason) = match &r.event {
         Event::Transition { from, input, .. } => {
             let (status, reason) = match input {

@@ -32,7 +32,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 pub use cleanup::{Cleanup, NoCleanup, StepFuture};
 
 use crate::log::{
-    CompactionReport, Event, InstanceSpec, Log, LogConfig, LogError, RecordV1, RecoveryMode, RecoveryOptions,
+    CompactionReport, Event, InstanceSpec, Log, LogConfig, LogError, Record, RecoveryMode, RecoveryOptions,
     Retention, resume_after_restart,
 };
 use crate::machine::{
@@ -638,7 +638,7 @@ impl Engine {
 
     /// An instance's recorded history (also for removed instances, until
     /// compaction purges them: then the name is unknown).
-    pub async fn history(&self, name: &str) -> Result<Vec<RecordV1>, EngineError> {
+    pub async fn history(&self, name: &str) -> Result<Vec<Record>, EngineError> {
         let name = InstanceName::new(name)?;
         let log = self.shared.log.clone();
         let (n, history) = tokio::task::spawn_blocking(move || {

@@ -1,7 +1,8 @@
 //! The log's errors: each says what failed, where, for which instance and sequence.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use super::integrity::HeadCheck;
 use super::record::Corruption;
 use super::store::StoreError;
 use crate::machine::InstanceName;
@@ -43,21 +44,39 @@ pub enum LogError {
         expected: String,
     },
     /// Another process (a running engine) holds the log.
-    #[error("{path}: the log is in use by another process (a running engine?)")]
+    #[error("{path}: the log is in use by {}", holder.as_deref().unwrap_or("another process (a running engine?)"))]
     InUse {
         /// The path given.
         path: PathBuf,
+        /// Who holds it, when the system says (`process 1234 (lifecycle)`).
+        holder: Option<String>,
     },
+    /// Opening found that the log lost records or its head (see [`HeadCheck`]).
+    /// A writer refuses such a log unless told to accept the loss.
+    #[error(
+        "{path}: {check}. Nothing was changed. `lifecycle verify {}` shows what is left; to go on from it, open the log with accept_loss (`lifecycle recover {} --accept-loss`), which records the loss in the log",
+        path.display(),
+        path.display()
+    )]
+    Damaged {
+        /// The log's directory.
+        path: PathBuf,
+        /// What was found.
+        check: Box<HeadCheck>,
+    },
+    /// An append to a log opened for reading (a copy for inspection).
+    #[error("the log was opened for reading only")]
+    ReadOnly,
     /// The store failed.
     #[error("log store: {0}")]
     Store(#[from] StoreError),
     /// The database could not be opened (sled failed or panicked on its files).
-    #[error("{path}: cannot open the database: {detail}")]
+    #[error("{path}: cannot open the database: {source}")]
     Open {
         /// The path given.
         path: PathBuf,
-        /// sled's message.
-        detail: String,
+        /// What went wrong.
+        source: StoreError,
     },
     /// A file operation failed.
     #[error("{op} {path}: {source}")]
@@ -101,4 +120,53 @@ pub enum LogError {
     /// An earlier flush failed; the log accepts no more appends.
     #[error("the log failed earlier and accepts no appends: {0}")]
     Failed(String),
+}
+
+/// `path` with its prefix `from` replaced by `to` (a temporary copy shown as the original).
+pub(crate) fn rebase(path: &Path, from: &Path, to: &Path) -> PathBuf {
+    match path.strip_prefix(from) {
+        Ok(rest) if rest.as_os_str().is_empty() => to.to_path_buf(),
+        Ok(rest) => to.join(rest),
+        Err(_) => path.to_path_buf(),
+    }
+}
+
+impl LogError {
+    /// The same error with every path under `from` (a temporary copy) shown
+    /// under `to` (the user's directory): errors name what the user gave.
+    pub(crate) fn shown_as(self, from: &Path, to: &Path) -> Self {
+        let r = |p: PathBuf| rebase(&p, from, to);
+        match self {
+            Self::NotADirectory { path } => Self::NotADirectory { path: r(path) },
+            Self::NotALog { path } => Self::NotALog { path: r(path) },
+            Self::Foreign { path, detail } => Self::Foreign { path: r(path), detail },
+            Self::NewerFormat { path, found, expected } => Self::NewerFormat { path: r(path), found, expected },
+            Self::InUse { path, holder } => Self::InUse { path: r(path), holder },
+            Self::Damaged { path, check } => Self::Damaged { path: r(path), check },
+            Self::Store(e) => Self::Store(e.shown_as(from, to)),
+            Self::Open { path, source } => Self::Open { path: r(path), source: source.shown_as(from, to) },
+            Self::Io { op, path, source } => Self::Io { op, path: r(path), source },
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_about_a_copy_name_the_original() {
+        let (tmp, orig) = (Path::new("/tmp/.tmpX"), Path::new("data"));
+        assert_eq!(rebase(Path::new("/tmp/.tmpX/db"), tmp, orig), Path::new("data/db"));
+        assert_eq!(rebase(tmp, tmp, orig), orig);
+        assert_eq!(rebase(Path::new("/elsewhere"), tmp, orig), Path::new("/elsewhere"));
+        let e = LogError::Io {
+            op: "open",
+            path: tmp.join("db"),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        let shown = e.shown_as(tmp, orig).to_string();
+        assert!(shown.starts_with("open data/db:"), "{shown}");
+    }
 }

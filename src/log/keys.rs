@@ -7,7 +7,9 @@
 //! | `g` | global (u64 BE) | name ‖ 0 ‖ seq: the global-order index |
 //! | `l` | name | the latest-state entry (a cache of the last record's `to`) |
 //! | `s` | name | the instance's spec (from its `Created` record) |
-//! | `m` | field | metadata: format marker, policy |
+//! | `p` | from-global (u64 BE) | the policy in force from that global sequence number on (JSON) |
+//! | `x` | global (u64 BE) | a loss accepted when the log was opened with `accept_loss` |
+//! | `m` | field | metadata: format marker, log id, tip (when compaction removed the newest record) |
 
 use crate::machine::InstanceName;
 
@@ -16,16 +18,37 @@ pub const GLOBAL: u8 = b'g';
 pub const LATEST: u8 = b'l';
 pub const SPEC: u8 = b's';
 
+pub const POLICY: u8 = b'p';
+pub const LOSS: u8 = b'x';
+
 pub const META_FORMAT: &[u8] = b"mformat";
-pub const META_POLICY: &[u8] = b"mpolicy";
-/// The format marker this build writes and reads.
-pub const FORMAT: &str = "instance-lifecycle log v1";
+/// The policy as format v1 recorded it (one, the last engine's); read as in force from the start.
+pub const META_POLICY_V1: &[u8] = b"mpolicy";
+pub const META_LOG_ID: &[u8] = b"mlogid";
+/// Global and link of the newest record, written only when compaction deletes
+/// that record (purging a removed instance), so the tip outlives it.
+pub const META_TIP: &[u8] = b"mtip";
+/// The format marker this build writes.
+pub const FORMAT: &str = "instance-lifecycle log v2";
+/// The marker of logs written before records were chained (read, and upgraded by a writer).
+pub const FORMAT_V1: &str = "instance-lifecycle log v1";
+/// What every format marker starts with (a longer or other marker is a newer format).
+pub const FORMAT_FAMILY: &str = "instance-lifecycle log";
 
 pub fn record_prefix(name: &InstanceName) -> Vec<u8> {
     let mut k = Vec::with_capacity(name.as_str().len() + 10);
     k.push(RECORD);
     k.extend_from_slice(name.as_str().as_bytes());
     k.push(0);
+    k
+}
+
+/// A record key without its prefix: the global index's value.
+pub fn record_suffix(name: &InstanceName, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.as_str().len() + 9);
+    k.extend_from_slice(name.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 
@@ -36,10 +59,7 @@ pub fn record(name: &InstanceName, seq: u64) -> Vec<u8> {
 }
 
 pub fn global(global: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9);
-    k.push(GLOBAL);
-    k.extend_from_slice(&global.to_be_bytes());
-    k
+    numbered(GLOBAL, global)
 }
 
 pub fn latest(name: &InstanceName) -> Vec<u8> {
@@ -71,7 +91,7 @@ pub fn parse_record(key: &[u8]) -> Option<(&[u8], u64)> {
 }
 
 pub fn parse_global(key: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(key.strip_prefix(&[GLOBAL])?.try_into().ok()?))
+    parse_numbered(GLOBAL, key)
 }
 
 pub fn spec(name: &InstanceName) -> Vec<u8> {
@@ -79,4 +99,16 @@ pub fn spec(name: &InstanceName) -> Vec<u8> {
     k.push(SPEC);
     k.extend_from_slice(name.as_str().as_bytes());
     k
+}
+
+/// A key made of a one-byte prefix and a big-endian number (policy, loss).
+pub fn numbered(prefix: u8, n: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(prefix);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+pub fn parse_numbered(prefix: u8, key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.strip_prefix(&[prefix])?.try_into().ok()?))
 }

@@ -4,26 +4,40 @@
 //! Write path of [`Log::append`], in order:
 //! 1. Under the writer lock: check the sequence number the caller expects
 //!    (a second writer or a lost update is [`LogError::SequenceConflict`]),
-//!    assign the next global sequence number.
+//!    assign the next global sequence number, chain the record to the
+//!    instance's previous one (`prev`, see [`record`]).
 //! 2. Apply one atomic batch: the record, its global-index entry, and the
 //!    instance's latest-state entry. Release the lock.
-//! 3. Wait for durability as the [`Durability`] mode says.
+//! 3. Wait for durability as the [`Durability`] mode says: a *commit* (sled
+//!    flush, fsync of its files, then the head moved up with one more
+//!    `fdatasync`) covering this append.
 //! 4. Only then may the caller apply the transition in memory. If any step
 //!    fails, the caller gets the error and the transition does not happen.
 //!
 //! Durability modes, and exactly what an acknowledged append survives (sled
-//! 0.34's `flush` is `pwrite` + `sync_file_range` on Linux, not an fsync):
+//! 0.34's `flush` is `pwrite` + `sync_file_range` on Linux, not an fsync, so
+//! every commit fsyncs sled's files itself):
 //!
 //! | mode | an append returns after | process crash | power loss |
 //! |---|---|---|---|
-//! | [`Durability::Buffered`] | the batch is in sled's memory | loses ≤ `flush_every` | loses ≤ `flush_every` |
-//! | [`Durability::GroupCommit`] (default) | a shared flush + fsync, started at most `group_commit_window` later, covering every append before it | loses nothing acknowledged | loses nothing acknowledged (if the disk honours fsync) |
-//! | [`Durability::Strict`] | a flush + fsync started at once for it | loses nothing acknowledged | loses nothing acknowledged |
+//! | [`Durability::Buffered`] | the batch is in sled's memory; a commit runs every `flush_every` | loses ≤ `flush_every` | loses ≤ `flush_every` |
+//! | [`Durability::GroupCommit`] (default) | a shared commit, started at most `group_commit_window` later, covering every append before it | loses nothing acknowledged | loses nothing acknowledged (if the disk honours fsync) |
+//! | [`Durability::Strict`] | a commit started at once for it | loses nothing acknowledged | loses nothing acknowledged |
 //!
-//! The default is `GroupCommit`: a delete the host was told succeeded must not
-//! come back after a power cut, and sharing the fsync keeps a busy fleet fast.
+//! **Damage is noticed.** The head (a file beside sled's, see `head.rs`)
+//! records the newest record each commit covered. Opening compares it with
+//! the tip sled returns ([`HeadCheck`]): sled silently rolls back to an older
+//! consistent state when it finds damage, and without the head that would
+//! look like a clean, shorter log. A writer refuses a log that lost records
+//! (or its head) unless [`LogConfig::accept_loss`] is set; then the loss is
+//! recorded in the log ([`AcceptedLoss`]) and global sequence numbers go on
+//! after the lost ones, never reused. Readers open a copy and report.
 
 mod error;
+mod files;
+mod flush;
+mod head;
+mod integrity;
 mod keys;
 pub mod record;
 mod recovery;
@@ -33,20 +47,24 @@ mod verify;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 pub use error::LogError;
-pub use record::{Corruption, Event, InstanceSpec, Latest, Record, RecordV1};
+pub use files::{lock_holder, remove_copies};
+pub use head::{Head, HeadRead, LogId};
+pub use integrity::{AcceptedLoss, HeadCheck};
+pub use record::{Corruption, Digest, Event, InstanceSpec, Latest, Record};
 pub use recovery::{RecoveredInstance, Recovery, RecoveryMode, RecoveryOptions, resume_after_restart};
 pub use retention::{CompactionReport, Retention};
 pub use store::{MemoryStore, SledStore, Store, StoreError};
-pub use verify::{Finding, Report};
+pub use verify::{Finding, Note, Report};
 
 use crate::machine::{Instance, InstanceName, Policy, Timestamp};
+use files::Scratch;
+use flush::{Flusher, commit};
 
 /// How long opening waits for a lock that another handle is releasing.
 const LOCK_WAIT: Duration = Duration::from_secs(1);
@@ -54,28 +72,33 @@ const LOCK_WAIT: Duration = Duration::from_secs(1);
 /// How durable an acknowledged append is. See the module docs for the table.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Durability {
-    /// Return at once; sled's background flush writes every `flush_every`.
+    /// Return at once; a commit runs every `flush_every`.
     Buffered,
-    /// Wait for a flush + fsync shared with every append of the window.
+    /// Wait for a commit shared with every append of the window.
     #[default]
     GroupCommit,
-    /// Wait for a flush + fsync started at once.
+    /// Wait for a commit started at once.
     Strict,
 }
 
 /// Log configuration. Every bound has a reason.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LogConfig {
     /// Durability of acknowledged appends.
     pub durability: Durability,
     /// How long `GroupCommit` waits to gather appends before flushing: 2 ms
     /// adds little latency to a transition and amortises one fsync over many.
     pub group_commit_window: Duration,
-    /// sled's background flush interval (what `Buffered` may lose).
+    /// How often `Buffered` commits (what it may lose).
     pub flush_every: Duration,
     /// sled's page cache: 64 MiB holds the hot tail of a large fleet's log;
     /// sled's own default (1 GiB) is far more than a lifecycle log needs.
     pub cache_capacity: u64,
+    /// Open a log that lost records or its head (see [`HeadCheck`]) anyway:
+    /// the loss is recorded in the log and writing goes on from what is
+    /// left. Off by default: a writer refuses such a log and says what was lost.
+    pub accept_loss: bool,
 }
 
 impl Default for LogConfig {
@@ -85,6 +108,7 @@ impl Default for LogConfig {
             group_commit_window: Duration::from_millis(2),
             flush_every: Duration::from_millis(500),
             cache_capacity: 64 * 1024 * 1024,
+            accept_loss: false,
         }
     }
 }
@@ -98,6 +122,15 @@ pub struct Appended {
     pub global: u64,
 }
 
+/// What a log was opened for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// Appends allowed; damage refused unless accepted.
+    Write,
+    /// A copy (or a store) opened to look at: no appends, damage reported.
+    Read,
+}
+
 /// The event log. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct Log {
@@ -108,22 +141,36 @@ struct Inner {
     store: Arc<dyn Store>,
     path: Option<PathBuf>,
     config: LogConfig,
+    access: Access,
+    /// `None` for a format-v1 log opened for reading (it has no id yet).
+    log_id: Option<LogId>,
+    head_check: HeadCheck,
     writer: Mutex<Writer>,
     flusher: Option<Flusher>,
-    _temp: Option<tempfile::TempDir>,
+    /// The temporary directory the log lives in (a copy, or a temporary log), removed with it.
+    _scratch: Option<Scratch>,
+}
+
+/// The newest record of one instance.
+#[derive(Clone, Copy, Debug)]
+struct Tip {
+    seq: u64,
+    link: record::Digest,
 }
 
 struct Writer {
     /// The last global sequence number written (0 for an empty log).
     last_global: u64,
-    /// The last sequence number of every instance with records.
-    seqs: HashMap<InstanceName, u64>,
+    /// The link of the record at `last_global`: what the head will record.
+    last_link: record::Digest,
+    /// The newest record of every instance with records.
+    tips: HashMap<InstanceName, Tip>,
     /// Set when a flush failed: no append is accepted after that.
     failed: Option<String>,
 }
 
 impl Log {
-    /// Opens the log in directory `path`, creating it if it does not exist.
+    /// Opens the log in directory `path` for writing, creating it if it does not exist.
     pub fn open(path: impl AsRef<Path>, config: LogConfig) -> Result<Self, LogError> {
         let path = path.as_ref();
         if path.exists() && !path.is_dir() {
@@ -134,37 +181,38 @@ impl Log {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::open_sled(path, config, None)
+        Self::open_sled(path, config, Access::Write, None)
     }
 
-    /// Opens an existing log; a directory without one is [`LogError::NotALog`].
+    /// Opens an existing log for writing; a directory without one is [`LogError::NotALog`].
     pub fn open_existing(path: impl AsRef<Path>, config: LogConfig) -> Result<Self, LogError> {
         let path = path.as_ref();
-        check_existing(path)?;
-        Self::open_sled(path, config, None)
+        files::check_existing(path)?;
+        Self::open_sled(path, config, Access::Write, None)
     }
 
-    /// Opens a copy of the log at `path` in a temporary directory, so that
-    /// reading never writes to the original (sled writes on open). Returns
-    /// whether another process held the original at the time of the copy.
+    /// Opens a copy of the log at `path` for reading, so that reading never
+    /// writes to the original (sled writes on open; see `files.rs`). The copy
+    /// is removed when the last clone is dropped. Damage is reported by
+    /// [`Log::head_check`] and [`Log::verify`], never refused. Returns whether
+    /// another process held the original at the time of the copy. Errors
+    /// name `path`, never the copy.
     pub fn open_copy(path: impl AsRef<Path>) -> Result<(Self, bool), LogError> {
         let path = path.as_ref();
-        // Validate the original first, for the same clear errors as `open_existing`.
-        check_existing(path)?;
-        let in_use = is_locked(&path.join("db"))?;
-        let temp = temp_dir()?;
-        copy_dir(path, temp.path())?;
+        files::check_existing(path)?;
+        let in_use = files::is_locked(&path.join("db"))?;
+        let copy = Scratch::copy_of(path)?;
+        let at = copy.path().to_path_buf();
         let config = LogConfig { durability: Durability::Buffered, ..LogConfig::default() };
-        let copy = temp.path().to_path_buf();
-        let log = Self::open_sled(&copy, config, Some(temp))?;
+        let log = Self::open_sled(&at, config, Access::Read, Some(copy)).map_err(|e| e.shown_as(&at, path))?;
         Ok((log, in_use))
     }
 
     /// A log in a temporary directory, removed when the last clone is dropped.
     pub fn temporary(config: LogConfig) -> Result<Self, LogError> {
-        let temp = temp_dir()?;
-        let path = temp.path().to_path_buf();
-        Self::open_sled(&path, config, Some(temp))
+        let scratch = Scratch::new()?;
+        let path = scratch.path().to_path_buf();
+        Self::open_sled(&path, config, Access::Write, Some(scratch))
     }
 
     /// A log in memory (for deterministic simulation: no background thread).
@@ -175,75 +223,87 @@ impl Log {
         )
     }
 
-    /// A log on any store.
+    /// A log on any store, for writing.
     pub fn with_store(store: Arc<dyn Store>, config: LogConfig) -> Result<Self, LogError> {
-        Self::init(store, None, config, None)
+        Self::init(store, None, config, Access::Write, None)
     }
 
-    fn open_sled(path: &Path, config: LogConfig, temp: Option<tempfile::TempDir>) -> Result<Self, LogError> {
-        let flush_ms = u64::try_from(config.flush_every.as_millis()).unwrap_or(u64::MAX).max(1);
-        let sled_config =
-            sled::Config::new().path(path).cache_capacity(config.cache_capacity).flush_every_ms(Some(flush_ms));
+    /// A log on any store, for reading: damage is reported, not refused, and appends are refused.
+    pub fn inspect_store(store: Arc<dyn Store>) -> Result<Self, LogError> {
+        let config = LogConfig { durability: Durability::Buffered, ..LogConfig::default() };
+        Self::init(store, None, config, Access::Read, None)
+    }
+
+    fn open_sled(path: &Path, config: LogConfig, access: Access, scratch: Option<Scratch>) -> Result<Self, LogError> {
+        // We commit ourselves (see `flush.rs`): sled's own periodic flush is off.
+        let sled_config = sled::Config::new().path(path).cache_capacity(config.cache_capacity).flush_every_ms(None);
         // sled releases its lock a moment after the last handle drops (its I/O
         // threads finish first), so a log reopened in the same process may find
         // it still held: retry for a bounded time before calling it in use.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         let db = loop {
             // sled 0.34 can panic on damaged files (upstream #1527, #1533): contain it.
-            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sled_config.open()));
-            match opened {
+            match crate::contain::quietly(|| sled_config.open()) {
                 Ok(Ok(db)) => break db,
                 Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
                     if std::time::Instant::now() >= deadline {
-                        return Err(LogError::InUse { path: path.to_path_buf() });
+                        let holder = files::lock_holder(&path.join("db"));
+                        return Err(LogError::InUse { path: path.to_path_buf(), holder });
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Ok(Err(e)) => return Err(LogError::Open { path: path.to_path_buf(), detail: e.to_string() }),
-                Err(panic) => {
-                    return Err(LogError::Open { path: path.to_path_buf(), detail: crate::panic_message(&panic) });
+                Ok(Err(e)) => {
+                    return Err(LogError::Open { path: path.to_path_buf(), source: StoreError::from_sled(e, path) });
+                }
+                Err(message) => {
+                    let source = StoreError::Panicked { op: "opening", message };
+                    return Err(LogError::Open { path: path.to_path_buf(), source });
                 }
             }
         };
         check_not_foreign(&db, path)?;
-        let store = SledStore::new(db, path).map_err(LogError::Store)?;
-        Self::init(Arc::new(store), Some(path.to_path_buf()), config, temp)
+        let store = SledStore::new(db, path).map_err(|source| LogError::Open { path: path.to_path_buf(), source })?;
+        Self::init(Arc::new(store), Some(path.to_path_buf()), config, access, scratch)
     }
 
     fn init(
         store: Arc<dyn Store>,
         path: Option<PathBuf>,
         config: LogConfig,
-        temp: Option<tempfile::TempDir>,
+        access: Access,
+        scratch: Option<Scratch>,
     ) -> Result<Self, LogError> {
         let shown = path.clone().unwrap_or_else(|| PathBuf::from("<memory>"));
-        match store.get(keys::META_FORMAT)? {
-            Some(found) if found == keys::FORMAT.as_bytes() => {}
-            Some(found) => {
-                let found = String::from_utf8_lossy(&found).into_owned();
-                return Err(if found.starts_with("instance-lifecycle log") {
-                    LogError::NewerFormat { path: shown, found, expected: keys::FORMAT.to_owned() }
-                } else {
-                    LogError::Foreign { path: shown, detail: format!("format marker {found:?}") }
-                });
+        let opened = Opening { store: store.as_ref(), path: &shown, config: &config, access };
+        let (log_id, head_check) = opened.identify()?;
+        // After an accepted loss the tip is past every lost number (see `Opening::accept`).
+        let (last_global, last_link) = integrity::tip(store.as_ref())?;
+        let writer = Writer { last_global, last_link, tips: load_tips(store.as_ref())?, failed: None };
+        let flusher = match (access, log_id, config.durability) {
+            (Access::Read, ..) | (_, None, _) => None,
+            // Memory logs commit on sync and drop; a thread per simulated log is not worth it.
+            (Access::Write, Some(_), Durability::Buffered) if path.is_none() => None,
+            (Access::Write, Some(id), mode) => {
+                let window = match mode {
+                    Durability::Buffered => config.flush_every,
+                    Durability::GroupCommit => config.group_commit_window,
+                    Durability::Strict => Duration::ZERO,
+                };
+                Some(Flusher::start(store.clone(), id, last_global, window))
             }
-            None => {
-                if let Some(Ok((key, _))) = store.scan(&[]).next() {
-                    let detail = format!("unmarked data, first key {:?}", String::from_utf8_lossy(&key));
-                    return Err(LogError::Foreign { path: shown, detail });
-                }
-                store.apply(vec![(keys::META_FORMAT.to_vec(), Some(keys::FORMAT.as_bytes().to_vec()))])?;
-                store.flush()?;
-            }
-        }
-        let writer =
-            Writer { last_global: last_global(store.as_ref())?, seqs: last_seqs(store.as_ref())?, failed: None };
-        let flusher = match config.durability {
-            Durability::Buffered => None,
-            Durability::GroupCommit => Some(Flusher::start(store.clone(), config.group_commit_window)),
-            Durability::Strict => Some(Flusher::start(store.clone(), Duration::ZERO)),
         };
-        Ok(Self { inner: Arc::new(Inner { store, path, config, writer: Mutex::new(writer), flusher, _temp: temp }) })
+        let inner = Inner {
+            store,
+            path,
+            config,
+            access,
+            log_id,
+            head_check,
+            writer: Mutex::new(writer),
+            flusher,
+            _scratch: scratch,
+        };
+        Ok(Self { inner: Arc::new(inner) })
     }
 
     /// The directory of the log (`None` in memory).
@@ -254,6 +314,23 @@ impl Log {
     /// The configuration.
     pub fn config(&self) -> &LogConfig {
         &self.inner.config
+    }
+
+    /// What opening found when it compared the head with the log's tip. A
+    /// writer only ever holds a log that was intact, behind, or accepted.
+    pub fn head_check(&self) -> &HeadCheck {
+        &self.inner.head_check
+    }
+
+    /// The log's id (`None` for a format-v1 log opened for reading).
+    pub fn id(&self) -> Option<LogId> {
+        self.inner.log_id
+    }
+
+    /// The head as it would be written now: the newest record and its link.
+    pub fn tip(&self) -> (u64, Digest) {
+        let w = self.writer();
+        (w.last_global, w.last_link)
     }
 
     pub(crate) fn store(&self) -> &dyn Store {
@@ -277,7 +354,7 @@ impl Log {
         to: &Instance,
     ) -> Result<Appended, LogError> {
         let appended = self.write(name, expected_seq, at, event, to)?;
-        if let Some(f) = &self.inner.flusher {
+        if self.waits() && let Some(f) = &self.inner.flusher {
             f.wait_blocking(appended.global).map_err(|e| self.fail(e))?;
         }
         Ok(appended)
@@ -293,10 +370,15 @@ impl Log {
         to: &Instance,
     ) -> Result<Appended, LogError> {
         let appended = self.write(name, expected_seq, at, event, to)?;
-        if let Some(f) = &self.inner.flusher {
+        if self.waits() && let Some(f) = &self.inner.flusher {
             f.wait_async(appended.global).await.map_err(|e| self.fail(e))?;
         }
         Ok(appended)
+    }
+
+    /// Whether an append waits for its commit (the durable modes).
+    fn waits(&self) -> bool {
+        self.inner.config.durability != Durability::Buffered
     }
 
     fn fail(&self, message: String) -> LogError {
@@ -313,12 +395,16 @@ impl Log {
         event: Event,
         to: &Instance,
     ) -> Result<Appended, LogError> {
+        if self.inner.access == Access::Read {
+            return Err(LogError::ReadOnly);
+        }
         let mut w = self.writer();
         if let Some(message) = &w.failed {
             return Err(LogError::Failed(message.clone()));
         }
+        let tip = w.tips.get(name).copied();
         // A log written elsewhere may hold any number: running out is an error, not a wrap.
-        let actual = w.seqs.get(name).copied().unwrap_or(0).checked_add(1);
+        let actual = tip.map_or(0, |t| t.seq).checked_add(1);
         let actual = actual.ok_or_else(|| LogError::Exhausted { what: format!("instance {name}") })?;
         if expected_seq != actual {
             return Err(LogError::SequenceConflict { instance: name.clone(), expected: expected_seq, actual });
@@ -329,14 +415,15 @@ impl Log {
             Event::Created { spec } => Some(record::encode(spec)),
             Event::Transition { .. } | Event::Snapshot { .. } => None,
         };
-        let record = Record::V1(RecordV1 { instance: name.clone(), seq: actual, global, at, event, to: to.clone() });
+        let prev = tip.map_or(Digest::ZERO, |t| t.link);
+        let record =
+            Record { instance: name.clone(), seq: actual, global, at, prev: Some(prev), replaced: None, event, to: to.clone() };
+        let bytes = record::encode_record(&record);
+        let link = Digest::of(&bytes[4..]);
         let latest = Latest { seq: actual, global, at, instance: to.clone() };
-        let mut index = name.as_str().as_bytes().to_vec();
-        index.push(0);
-        index.extend_from_slice(&actual.to_be_bytes());
         let mut writes = vec![
-            (keys::record(name, actual), Some(record::encode_record(&record))),
-            (keys::global(global), Some(index)),
+            (keys::record(name, actual), Some(bytes)),
+            (keys::global(global), Some(keys::record_suffix(name, actual))),
             (keys::latest(name), Some(record::encode(&latest))),
         ];
         if let Some(spec) = spec {
@@ -344,46 +431,103 @@ impl Log {
         }
         self.inner.store.apply(writes)?;
         w.last_global = global;
-        w.seqs.insert(name.clone(), actual);
+        w.last_link = link;
+        w.tips.insert(name.clone(), Tip { seq: actual, link });
         if let Some(f) = &self.inner.flusher {
-            f.request(global);
+            f.request(global, link);
         }
         Ok(Appended { seq: actual, global })
     }
 
     /// The next sequence number `name` will get (1 for an unknown name).
     pub fn next_seq(&self, name: &InstanceName) -> u64 {
-        self.writer().seqs.get(name).copied().unwrap_or(0).saturating_add(1)
+        self.writer().tips.get(name).map_or(0, |t| t.seq).saturating_add(1)
     }
 
-    /// Records the policy the engine runs with, for verification and replay.
+    /// Records the policy the engine runs with, in force from the next
+    /// record on (nothing is written when it is the one already in force):
+    /// verification replays each record under the policy it was written under.
     pub fn set_policy(&self, policy: &Policy) -> Result<(), LogError> {
+        if self.inner.access == Access::Read {
+            return Err(LogError::ReadOnly);
+        }
+        if self.policy()?.as_ref() == Some(policy) {
+            return Ok(());
+        }
         let json = serde_json::to_vec(policy).unwrap_or_default();
-        self.inner.store.apply(vec![(keys::META_POLICY.to_vec(), Some(json))])?;
+        let from = self.writer().last_global.saturating_add(1);
+        self.inner.store.apply(vec![(keys::numbered(keys::POLICY, from), Some(json))])?;
         Ok(())
     }
 
-    /// The policy recorded by the last engine, if any.
+    /// The policy in force now (the last one recorded), if any.
     pub fn policy(&self) -> Result<Option<Policy>, LogError> {
-        let Some(bytes) = self.inner.store.get(keys::META_POLICY)? else { return Ok(None) };
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| LogError::Corrupt {
-            what: "policy entry",
-            instance: None,
-            seq: None,
-            problem: Corruption::Decode { message: e.to_string() },
-        })
+        Ok(self.policies()?.pop().map(|(_, p)| p))
     }
 
-    /// Flushes and fsyncs everything appended so far.
+    /// Every policy recorded, with the global sequence number from which it is in force, oldest first.
+    pub fn policies(&self) -> Result<Vec<(u64, Policy)>, LogError> {
+        let decode = |bytes: &[u8]| {
+            serde_json::from_slice::<Policy>(bytes).map_err(|e| LogError::Corrupt {
+                what: "policy entry",
+                instance: None,
+                seq: None,
+                problem: Corruption::Decode { message: e.to_string() },
+            })
+        };
+        let mut out = Vec::new();
+        if let Some(bytes) = self.inner.store.get(keys::META_POLICY_V1)? {
+            out.push((0, decode(&bytes)?));
+        }
+        for pair in self.inner.store.scan(&[keys::POLICY]) {
+            let (key, value) = pair?;
+            let from = keys::parse_numbered(keys::POLICY, &key).ok_or_else(|| corrupt_key("policy key", &key))?;
+            out.push((from, decode(&value)?));
+        }
+        Ok(out)
+    }
+
+    /// The losses writers were told to accept, oldest first.
+    pub fn accepted_losses(&self) -> Result<Vec<AcceptedLoss>, LogError> {
+        self.inner
+            .store
+            .scan(&[keys::LOSS])
+            .map(|pair| {
+                let (_, value) = pair?;
+                record::decode(&value, false).map_err(|problem| LogError::Corrupt {
+                    what: "accepted-loss entry",
+                    instance: None,
+                    seq: None,
+                    problem,
+                })
+            })
+            .collect()
+    }
+
+    /// Makes everything appended so far durable and moves the head up to it.
     pub fn sync(&self) -> Result<(), LogError> {
-        self.inner.store.flush()?;
-        self.inner.store.sync()?;
+        if self.inner.access == Access::Read {
+            return Ok(());
+        }
+        let (global, link) = self.tip();
+        match self.inner.log_id {
+            Some(id) => commit(self.store(), id, global, link)?,
+            None => {
+                self.store().flush()?;
+                self.store().sync()?;
+            }
+        }
         Ok(())
     }
 
     /// One instance's history, in sequence order.
-    pub fn history(&self, name: &InstanceName) -> Result<Vec<RecordV1>, LogError> {
+    pub fn history(&self, name: &InstanceName) -> Result<Vec<Record>, LogError> {
         self.inner.store.scan(&keys::record_prefix(name)).map(|r| decode_pair(r?)).collect()
+    }
+
+    /// One instance's history with each record's digest.
+    pub(crate) fn history_with_digests(&self, name: &InstanceName) -> Result<Vec<(Record, Digest)>, LogError> {
+        self.inner.store.scan(&keys::record_prefix(name)).map(|r| decode_pair_with_digest(r?)).collect()
     }
 
     /// The spec the instance was created with.
@@ -398,7 +542,7 @@ impl Log {
     }
 
     /// One record.
-    pub fn record(&self, name: &InstanceName, seq: u64) -> Result<Option<RecordV1>, LogError> {
+    pub fn record(&self, name: &InstanceName, seq: u64) -> Result<Option<Record>, LogError> {
         let key = keys::record(name, seq);
         self.inner.store.get(&key)?.map(|v| decode_pair((key, v))).transpose()
     }
@@ -440,7 +584,7 @@ impl Log {
     }
 
     /// Every record in global order.
-    pub fn records(&self) -> impl Iterator<Item = Result<RecordV1, LogError>> + '_ {
+    pub fn records(&self) -> impl Iterator<Item = Result<Record, LogError>> + '_ {
         self.inner.store.scan(&[keys::GLOBAL]).map(move |r| {
             let (key, target) = r?;
             let mut record_key = vec![keys::RECORD];
@@ -466,27 +610,160 @@ impl Drop for Inner {
         if let Some(f) = self.flusher.take() {
             f.stop();
         }
-        // Best effort: make everything appended durable before the files close.
-        let _ = self.store.flush();
+        if self.access == Access::Write {
+            // Best effort: make everything appended durable, head included, before the files close.
+            let w = self.writer.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match self.log_id {
+                Some(id) if w.failed.is_none() => drop(commit(self.store.as_ref(), id, w.last_global, w.last_link)),
+                _ => drop(self.store.flush()),
+            }
+        }
     }
 }
 
-/// The errors `open_existing` and `open_copy` give before touching anything.
-fn check_existing(path: &Path) -> Result<(), LogError> {
-    if !path.exists() {
-        return Err(LogError::NotALog { path: path.to_path_buf() });
-    }
-    if !path.is_dir() {
-        return Err(LogError::NotADirectory { path: path.to_path_buf() });
-    }
-    if !path.join("db").is_file() || !path.join("conf").is_file() {
-        return Err(LogError::NotALog { path: path.to_path_buf() });
-    }
-    Ok(())
+/// What opening decides about an existing store before the log is built.
+struct Opening<'a> {
+    store: &'a dyn Store,
+    path: &'a Path,
+    config: &'a LogConfig,
+    access: Access,
 }
 
-fn temp_dir() -> Result<tempfile::TempDir, LogError> {
-    tempfile::tempdir().map_err(|source| LogError::Io { op: "create temp dir", path: std::env::temp_dir(), source })
+impl Opening<'_> {
+    /// The log's id and what its head says.
+    fn identify(&self) -> Result<(Option<LogId>, HeadCheck), LogError> {
+        let marker = self.store.get(keys::META_FORMAT)?;
+        let marker = marker.map(|m| String::from_utf8_lossy(&m).into_owned());
+        match marker.as_deref() {
+            None => self.create(),
+            Some(keys::FORMAT_V1) if self.access == Access::Read => Ok((None, HeadCheck::Legacy)),
+            Some(keys::FORMAT_V1) => self.upgrade(),
+            Some(keys::FORMAT) => self.check(),
+            Some(found) if found.starts_with(keys::FORMAT_FAMILY) => Err(LogError::NewerFormat {
+                path: self.path.to_path_buf(),
+                found: found.to_owned(),
+                expected: keys::FORMAT.to_owned(),
+            }),
+            Some(found) => {
+                Err(LogError::Foreign { path: self.path.to_path_buf(), detail: format!("format marker {found:?}") })
+            }
+        }
+    }
+
+    /// A new log: the head first (so that a crash in between leaves a head
+    /// at global 0, adopted on the next open), then the marker and the id.
+    fn create(&self) -> Result<(Option<LogId>, HeadCheck), LogError> {
+        if let Some(Ok((key, _))) = self.store.scan(&[]).next() {
+            let detail = format!("unmarked data, first key {:?}", String::from_utf8_lossy(&key));
+            return Err(LogError::Foreign { path: self.path.to_path_buf(), detail });
+        }
+        if self.access == Access::Read {
+            return Err(LogError::NotALog { path: self.path.to_path_buf() });
+        }
+        let (id, check) = match self.store.read_head()? {
+            HeadRead::Found(h) if h.global == 0 => (h.log_id, HeadCheck::Intact { global: 0 }),
+            // Every record is gone; the head remains.
+            HeadRead::Found(h) => {
+                let check = HeadCheck::Lost { head: h.global, tip: 0 };
+                self.accept(&check, h.log_id, h.global, h.link)?;
+                (h.log_id, check)
+            }
+            HeadRead::Missing | HeadRead::NotKept | HeadRead::Unreadable { .. } => {
+                let id = LogId::fresh();
+                self.store.reset_head(&Head { log_id: id, global: 0, link: Digest::ZERO })?;
+                (id, HeadCheck::Intact { global: 0 })
+            }
+        };
+        self.mark(id)?;
+        Ok((Some(id), check))
+    }
+
+    fn mark(&self, id: LogId) -> Result<(), LogError> {
+        self.store.apply(vec![
+            (keys::META_FORMAT.to_vec(), Some(keys::FORMAT.as_bytes().to_vec())),
+            (keys::META_LOG_ID.to_vec(), Some(id.0.to_vec())),
+        ])?;
+        self.store.flush()?;
+        self.store.sync()?;
+        Ok(())
+    }
+
+    /// A format-v1 log opened by a writer: it gets an id and a head at its
+    /// tip; its old records stay unchained, new ones chain to them.
+    fn upgrade(&self) -> Result<(Option<LogId>, HeadCheck), LogError> {
+        let id = LogId::fresh();
+        let (global, link) = integrity::tip(self.store)?;
+        self.store.flush()?;
+        self.store.sync()?;
+        self.store.reset_head(&Head { log_id: id, global, link })?;
+        self.mark(id)?;
+        tracing::info!(path = %self.path.display(), "log upgraded to format v2 (chained records and a head)");
+        Ok((Some(id), HeadCheck::Intact { global }))
+    }
+
+    /// An existing log of this format: compare its head with its tip.
+    fn check(&self) -> Result<(Option<LogId>, HeadCheck), LogError> {
+        let id = match self.store.get(keys::META_LOG_ID)? {
+            Some(v) if v.len() == 16 => LogId(v.try_into().unwrap_or_default()),
+            _ => {
+                return Err(LogError::Corrupt {
+                    what: "log id",
+                    instance: None,
+                    seq: None,
+                    problem: Corruption::Decode { message: "missing or not 16 bytes".into() },
+                });
+            }
+        };
+        let (global, link) = integrity::tip(self.store)?;
+        let check = integrity::check(self.store, self.store.read_head()?, id, (global, link))?;
+        if self.access == Access::Read {
+            return Ok((Some(id), check));
+        }
+        match &check {
+            HeadCheck::Lost { head, .. } => {
+                let head_link = match self.store.read_head()? {
+                    HeadRead::Found(h) => h.link,
+                    _ => link,
+                };
+                self.accept(&check, id, *head, head_link)?;
+            }
+            damage if damage.is_damage() => self.accept(&check, id, global, link)?,
+            // The records past the head were never acknowledged, but they are here: cover them.
+            HeadCheck::Behind { .. } => commit(self.store, id, global, link)?,
+            _ => {}
+        }
+        Ok((Some(id), check))
+    }
+
+    /// Refuses the damage, or (with `accept_loss`) records it, moves the tip
+    /// past every global sequence number the head knew (none is reused) and
+    /// resets the head there.
+    fn accept(&self, check: &HeadCheck, id: LogId, head: u64, head_link: Digest) -> Result<(), LogError> {
+        if !self.config.accept_loss {
+            return Err(LogError::Damaged { path: self.path.to_path_buf(), check: Box::new(check.clone()) });
+        }
+        let (tip, tip_link) = integrity::tip(self.store)?;
+        let (after, link) = if head > tip { (head, head_link) } else { (tip, tip_link) };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let loss = AcceptedLoss {
+            at: Timestamp(u64::try_from(now.as_millis()).unwrap_or(u64::MAX)),
+            check: check.clone(),
+            resumed_after: after,
+        };
+        let index = match self.store.last(&[keys::LOSS])? {
+            Some((key, _)) => keys::parse_numbered(keys::LOSS, &key).unwrap_or(0).saturating_add(1),
+            None => 1,
+        };
+        self.store.apply(vec![
+            (keys::numbered(keys::LOSS, index), Some(record::encode(&loss))),
+            (keys::META_TIP.to_vec(), Some(integrity::tip_value(after, link))),
+        ])?;
+        self.store.flush()?;
+        self.store.sync()?;
+        self.store.reset_head(&Head { log_id: id, global: after, link })?;
+        tracing::warn!(path = %self.path.display(), %check, resumed_after = after, "a loss was accepted and recorded in the log");
+        Ok(())
+    }
 }
 
 fn corrupt_key(what: &'static str, key: &[u8]) -> LogError {
@@ -499,202 +776,57 @@ fn corrupt_key(what: &'static str, key: &[u8]) -> LogError {
 }
 
 /// Decodes a record and checks it against its key.
-pub(crate) fn decode_pair((key, value): (Vec<u8>, Vec<u8>)) -> Result<RecordV1, LogError> {
+pub(crate) fn decode_pair(pair: (Vec<u8>, Vec<u8>)) -> Result<Record, LogError> {
+    decode_pair_with_digest(pair).map(|(r, _)| r)
+}
+
+/// Decodes a record, checks it against its key, and computes its digest.
+pub(crate) fn decode_pair_with_digest((key, value): (Vec<u8>, Vec<u8>)) -> Result<(Record, Digest), LogError> {
     let (name, seq) = keys::parse_record(&key).ok_or_else(|| corrupt_key("record key", &key))?;
     let name = String::from_utf8_lossy(name).into_owned();
     let corrupt = |problem| LogError::Corrupt { what: "record", instance: Some(name.clone()), seq: Some(seq), problem };
-    let Record::V1(record) = record::decode_record(&value).map_err(corrupt)?;
+    let (record, digest) = record::decode_record_with_digest(&value).map_err(corrupt)?;
     if record.instance.as_str() != name || record.seq != seq {
         return Err(corrupt(Corruption::KeyMismatch {
             expected: format!("{name}#{seq}"),
             found: format!("{}#{}", record.instance, record.seq),
         }));
     }
-    Ok(record)
+    Ok((record, digest))
 }
 
-fn last_global(store: &dyn Store) -> Result<u64, LogError> {
-    match store.last(&[keys::GLOBAL])? {
-        None => Ok(0),
-        Some((key, _)) => keys::parse_global(&key).ok_or_else(|| corrupt_key("index key", &key)),
-    }
-}
-
-fn last_seqs(store: &dyn Store) -> Result<HashMap<InstanceName, u64>, LogError> {
-    let mut seqs = HashMap::new();
+/// Every instance's newest record: its sequence number and link.
+fn load_tips(store: &dyn Store) -> Result<HashMap<InstanceName, Tip>, LogError> {
+    let mut tips = HashMap::new();
     let mut from = vec![keys::RECORD];
     while let Some((key, _)) = store.first_from(&from, &[keys::RECORD])? {
         let (name_bytes, _) = keys::parse_record(&key).ok_or_else(|| corrupt_key("record key", &key))?;
         let name_bytes = name_bytes.to_vec();
         let name = std::str::from_utf8(&name_bytes).ok().and_then(|n| InstanceName::new(n).ok());
         let name = name.ok_or_else(|| corrupt_key("record key", &key))?;
-        let (last, _) = store.last(&keys::record_prefix(&name))?.ok_or_else(|| corrupt_key("record key", &key))?;
+        let (last, value) =
+            store.last(&keys::record_prefix(&name))?.ok_or_else(|| corrupt_key("record key", &key))?;
         let (_, seq) = keys::parse_record(&last).ok_or_else(|| corrupt_key("record key", &last))?;
-        seqs.insert(name, seq);
+        // An undecodable last record still gets a link (its bytes'): recovery reports it, not opening.
+        tips.insert(name, Tip { seq, link: integrity::link_of(&value) });
         from = keys::after_records_of(&name_bytes);
     }
-    Ok(seqs)
+    Ok(tips)
 }
 
 fn check_not_foreign(db: &sled::Db, path: &Path) -> Result<(), LogError> {
     let ours = |name: &[u8]| name == store::TREE || name == b"__sled__default";
-    if let Some(other) = db.tree_names().into_iter().find(|n| !ours(n)) {
+    let looked = crate::contain::quietly(|| (db.tree_names().into_iter().find(|n| !ours(n)), db.is_empty()));
+    let (other, empty) = looked.map_err(|message| LogError::Open {
+        path: path.to_path_buf(),
+        source: StoreError::Panicked { op: "listing trees", message },
+    })?;
+    if let Some(other) = other {
         let detail = format!("it has a tree named {:?}", String::from_utf8_lossy(&other));
         return Err(LogError::Foreign { path: path.to_path_buf(), detail });
     }
-    if !db.is_empty() {
+    if !empty {
         return Err(LogError::Foreign { path: path.to_path_buf(), detail: "its default tree holds data".into() });
     }
     Ok(())
-}
-
-/// Whether another process holds sled's lock on `db` (sled takes an exclusive `flock`).
-fn is_locked(db: &Path) -> Result<bool, LogError> {
-    let file = std::fs::File::open(db).map_err(|source| LogError::Io { op: "open", path: db.to_path_buf(), source })?;
-    match file.try_lock() {
-        Ok(()) => Ok(false),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
-        Err(std::fs::TryLockError::Error(source)) => Err(LogError::Io { op: "lock", path: db.to_path_buf(), source }),
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<(), LogError> {
-    fn io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> LogError + 'p {
-        move |source| LogError::Io { op, path: path.to_path_buf(), source }
-    }
-    for entry in std::fs::read_dir(from).map_err(io("read", from))? {
-        let entry = entry.map_err(io("read", from))?;
-        let target = to.join(entry.file_name());
-        let kind = entry.file_type().map_err(io("stat", &entry.path()))?;
-        if kind.is_dir() {
-            std::fs::create_dir_all(&target).map_err(io("create", &target))?;
-            copy_dir(&entry.path(), &target)?;
-        } else if kind.is_file() {
-            std::fs::copy(entry.path(), &target).map_err(io("copy", &entry.path()))?;
-        }
-    }
-    Ok(())
-}
-
-/// The group-commit flusher: one thread that flushes + fsyncs on request,
-/// covering every append made before the flush started.
-struct Flusher {
-    shared: Arc<FlushShared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-struct FlushShared {
-    state: Mutex<FlushState>,
-    wake: Condvar,
-    durable: tokio::sync::watch::Sender<u64>,
-}
-
-#[derive(Default)]
-struct FlushState {
-    requested: u64,
-    durable: u64,
-    error: Option<String>,
-    stop: bool,
-}
-
-impl Flusher {
-    fn start(store: Arc<dyn Store>, window: Duration) -> Self {
-        let (durable, _) = tokio::sync::watch::channel(0);
-        let shared = Arc::new(FlushShared { state: Mutex::new(FlushState::default()), wake: Condvar::new(), durable });
-        let worker = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("lifecycle-log-flush".into())
-            .spawn(move || worker.run(store.as_ref(), window))
-            .ok();
-        Self { shared, thread }
-    }
-
-    fn request(&self, global: u64) {
-        let mut s = self.shared.lock();
-        s.requested = s.requested.max(global);
-        self.shared.wake.notify_all();
-    }
-
-    fn wait_blocking(&self, global: u64) -> Result<(), String> {
-        if self.thread.is_none() {
-            return Err("the flusher thread could not be started".into());
-        }
-        let mut s = self.shared.lock();
-        loop {
-            if let Some(e) = &s.error {
-                return Err(e.clone());
-            }
-            if s.durable >= global {
-                return Ok(());
-            }
-            if s.stop {
-                return Err("the log is closing".into());
-            }
-            s = self.shared.wake.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-    }
-
-    async fn wait_async(&self, global: u64) -> Result<(), String> {
-        if self.thread.is_none() {
-            return Err("the flusher thread could not be started".into());
-        }
-        let mut rx = self.shared.durable.subscribe();
-        // A failed flush publishes u64::MAX to wake everyone; the error is checked below.
-        let reached = rx.wait_for(|&d| d >= global).await.is_ok();
-        match self.shared.lock().error.clone() {
-            Some(e) => Err(e),
-            None if reached => Ok(()),
-            None => Err("the log is closing".into()),
-        }
-    }
-
-    fn stop(mut self) {
-        self.shared.lock().stop = true;
-        self.shared.wake.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl FlushShared {
-    fn lock(&self) -> MutexGuard<'_, FlushState> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn run(&self, store: &dyn Store, window: Duration) {
-        loop {
-            {
-                let mut s = self.lock();
-                while s.requested <= s.durable && !s.stop {
-                    s = self.wake.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
-                }
-                if s.requested <= s.durable && s.stop {
-                    break;
-                }
-            }
-            if !window.is_zero() {
-                std::thread::sleep(window);
-            }
-            // Everything requested before the flush starts is covered by it.
-            let target = self.lock().requested;
-            let result = store.flush().and_then(|()| store.sync());
-            let mut s = self.lock();
-            match result {
-                Ok(()) => {
-                    s.durable = s.durable.max(target);
-                    let _ = self.durable.send(s.durable);
-                }
-                Err(e) => {
-                    s.error = Some(format!("flush failed: {e}"));
-                    let _ = self.durable.send(u64::MAX);
-                    self.wake.notify_all();
-                    break;
-                }
-            }
-            self.wake.notify_all();
-        }
-        self.lock().stop = true;
-        self.wake.notify_all();
-    }
 }

@@ -1,28 +1,101 @@
 //! The record format: one record per transition, in an explicit version
-//! envelope, checksummed, decoded with a check that every byte was consumed.
+//! envelope, checksummed, chained, decoded with a check that every byte was
+//! consumed.
 //!
 //! On disk a value is `crc32(payload) as u32 LE ‖ payload`, where `payload`
-//! is `postcard(Record)`. Postcard writes the enum variant index first, so
-//! the version is the payload's first byte: an unknown one is reported as
-//! such, not as garbage. New versions add variants; old ones never change.
+//! is postcard of the envelope `V1(RecordV1) | V2(RecordV2)`. Postcard writes
+//! the variant index first, so the version is the payload's first byte: an
+//! unknown one is reported as such, not as garbage. New versions add
+//! variants; old ones never change. This build writes V2 and reads both.
+//!
+//! **The chain (V2).** A record's *digest* is BLAKE3 over its payload. Every
+//! V2 record carries `prev`, the *link* of its instance's previous record
+//! ([`Digest::ZERO`] for an instance's first record), and a record's link is
+//! its digest — except for a snapshot, whose link is the digest of the record
+//! it replaced (kept in `replaced`), so the chain runs through compaction. A
+//! record swapped, dropped from the middle, or replaced by a valid record of
+//! another history breaks the chain of its instance; the log's head file
+//! (see `head.rs`) covers the tail, which no later record can vouch for.
+
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::machine::{Effect, Input, Instance, InstanceName, Timestamp};
 
-/// The versioned envelope of a log record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Record {
-    /// Version 1.
-    V1(RecordV1),
+/// The newest version this build writes.
+pub const VERSION_CURRENT: u8 = 2;
+
+/// BLAKE3 of a record's payload (or of anything the log commits to).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// The `prev` of an instance's first record.
+    pub const ZERO: Self = Self([0; 32]);
+
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// The first 8 bytes in hex: enough for a person to compare two digests.
+    pub fn short(&self) -> String {
+        self.0[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// All 32 bytes in hex.
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(out))
+    }
 }
 
-/// The newest version this build writes.
-pub const VERSION_CURRENT: u8 = 1;
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.short())
+    }
+}
 
-/// One entry of an instance's history.
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.short())
+    }
+}
+
+/// Raw bytes for postcard, hex text for JSON (`lifecycle export`).
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() { s.serialize_str(&self.hex()) } else { self.0.serialize(s) }
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            Self::from_hex(&s).ok_or_else(|| serde::de::Error::custom("expected 64 hex digits"))
+        } else {
+            <[u8; 32]>::deserialize(d).map(Self)
+        }
+    }
+}
+
+/// One entry of an instance's history (the current version, whatever
+/// version it was read from).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordV1 {
+pub struct Record {
     /// The instance.
     pub instance: InstanceName,
     /// Per-instance sequence number, from 1, without gaps.
@@ -31,10 +104,24 @@ pub struct RecordV1 {
     pub global: u64,
     /// Wall-clock (or virtual) time of the input.
     pub at: Timestamp,
+    /// The link of this instance's previous record ([`Digest::ZERO`] for its
+    /// first); `None` for a record written before records were chained (V1).
+    pub prev: Option<Digest>,
+    /// For a snapshot: the digest of the record it replaced, which is what
+    /// later records chain to. `None` for every other record.
+    pub replaced: Option<Digest>,
     /// What happened.
     pub event: Event,
     /// The instance afterwards.
     pub to: Instance,
+}
+
+impl Record {
+    /// What the next record of this instance must carry as `prev`, given
+    /// this record's own digest.
+    pub fn link(&self, digest: Digest) -> Digest {
+        self.replaced.unwrap_or(digest)
+    }
 }
 
 /// What the host gave when it created an instance; kept so that a restarted
@@ -87,7 +174,7 @@ impl Event {
     }
 }
 
-impl RecordV1 {
+impl Record {
     /// The failures recorded on the way: a logout that threw, a cleanup step
     /// that failed or timed out, a panic, a transport error.
     pub fn failures(&self) -> Vec<String> {
@@ -170,6 +257,93 @@ pub enum Corruption {
     },
 }
 
+/// Version 1 (no chain), as written before records were chained. Frozen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct RecordV1 {
+    instance: InstanceName,
+    seq: u64,
+    global: u64,
+    at: Timestamp,
+    event: Event,
+    to: Instance,
+}
+
+/// Version 2 (chained). Frozen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct RecordV2 {
+    instance: InstanceName,
+    seq: u64,
+    global: u64,
+    at: Timestamp,
+    prev: Digest,
+    replaced: Option<Digest>,
+    event: Event,
+    to: Instance,
+}
+
+/// The envelope as stored. Variant order is the version: never reorder.
+#[derive(Deserialize)]
+enum Wire {
+    V1(RecordV1),
+    V2(RecordV2),
+}
+
+/// The same envelope, borrowing, for writing without copying the record.
+#[derive(Serialize)]
+enum WireRef<'a> {
+    V1(V1Ref<'a>),
+    V2(V2Ref<'a>),
+}
+
+#[derive(Serialize)]
+struct V1Ref<'a> {
+    instance: &'a InstanceName,
+    seq: u64,
+    global: u64,
+    at: Timestamp,
+    event: &'a Event,
+    to: &'a Instance,
+}
+
+#[derive(Serialize)]
+struct V2Ref<'a> {
+    instance: &'a InstanceName,
+    seq: u64,
+    global: u64,
+    at: Timestamp,
+    prev: Digest,
+    replaced: Option<Digest>,
+    event: &'a Event,
+    to: &'a Instance,
+}
+
+impl From<Wire> for Record {
+    fn from(w: Wire) -> Self {
+        match w {
+            Wire::V1(r) => Self {
+                instance: r.instance,
+                seq: r.seq,
+                global: r.global,
+                at: r.at,
+                prev: None,
+                replaced: None,
+                event: r.event,
+                to: r.to,
+            },
+            Wire::V2(r) => Self {
+                instance: r.instance,
+                seq: r.seq,
+                global: r.global,
+                at: r.at,
+                prev: Some(r.prev),
+                replaced: r.replaced,
+                event: r.event,
+                to: r.to,
+            },
+        }
+    }
+}
+
 /// Encodes a value with its checksum.
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing our own in-memory types into a Vec cannot fail: every type is
@@ -195,12 +369,9 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], versioned: bool
     if stored != computed {
         return Err(Corruption::Checksum { stored, computed });
     }
-    if versioned {
-        // Variant index 0 is V1; postcard writes it as a one-byte varint while < 128.
-        let version = u16::from(payload[0]) + 1;
-        if payload[0] >= VERSION_CURRENT {
-            return Err(Corruption::UnknownVersion { version });
-        }
+    // Variant index i is version i + 1; postcard writes it as a one-byte varint while < 128.
+    if versioned && payload[0] >= VERSION_CURRENT {
+        return Err(Corruption::UnknownVersion { version: u16::from(payload[0]) + 1 });
     }
     let (value, rest) =
         postcard::take_from_bytes(payload).map_err(|e| Corruption::Decode { message: e.to_string() })?;
@@ -210,14 +381,34 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], versioned: bool
     Ok(value)
 }
 
-/// Encodes a record.
-pub fn encode_record(record: &Record) -> Vec<u8> {
-    encode(record)
+/// Encodes a record: V2 when it is chained, V1 (as it was read) when not.
+pub fn encode_record(r: &Record) -> Vec<u8> {
+    let (instance, event, to) = (&r.instance, &r.event, &r.to);
+    match r.prev {
+        Some(prev) => encode(&WireRef::V2(V2Ref {
+            instance,
+            seq: r.seq,
+            global: r.global,
+            at: r.at,
+            prev,
+            replaced: r.replaced,
+            event,
+            to,
+        })),
+        None => encode(&WireRef::V1(V1Ref { instance, seq: r.seq, global: r.global, at: r.at, event, to })),
+    }
 }
 
 /// Decodes a record from raw bytes (checksum, version, whole-value check).
 pub fn decode_record(bytes: &[u8]) -> Result<Record, Corruption> {
-    decode(bytes, true)
+    decode::<Wire>(bytes, true).map(Record::from)
+}
+
+/// Decodes a record and computes its digest (BLAKE3 of the payload).
+pub fn decode_record_with_digest(bytes: &[u8]) -> Result<(Record, Digest), Corruption> {
+    let record = decode_record(bytes)?;
+    // Decoding succeeded, so there are more than 4 bytes.
+    Ok((record, Digest::of(&bytes[4..])))
 }
 
 #[cfg(test)]
@@ -225,43 +416,89 @@ mod tests {
     use super::*;
     use crate::machine::{Generation, Instance};
 
-    fn sample() -> Record {
-        Record::V1(RecordV1 {
+    fn sample(prev: Option<Digest>) -> Record {
+        Record {
             instance: InstanceName::new("acme").expect("valid"),
             seq: 1,
             global: 7,
             at: Timestamp(1_700_000_000_000),
+            prev,
+            replaced: None,
             event: Event::Transition {
                 from: Instance::new(),
                 input: Input::Connect,
                 effects: vec![Effect::OpenTransport { generation: Generation(1), resume: None }],
             },
             to: Instance::new(),
-        })
+        }
+    }
+
+    fn checksummed(payload: &[u8]) -> Vec<u8> {
+        let mut out = crc32fast::hash(payload).to_le_bytes().to_vec();
+        out.extend_from_slice(payload);
+        out
     }
 
     #[test]
     fn round_trip_and_every_corruption_is_typed() {
-        let bytes = encode_record(&sample());
-        assert_eq!(decode_record(&bytes), Ok(sample()));
-        for len in 0..bytes.len() {
-            assert!(decode_record(&bytes[..len]).is_err(), "truncated to {len} decoded");
+        for record in [sample(Some(Digest::of(b"previous"))), sample(None)] {
+            let bytes = encode_record(&record);
+            assert_eq!(decode_record(&bytes), Ok(record.clone()));
+            for len in 0..bytes.len() {
+                assert!(decode_record(&bytes[..len]).is_err(), "truncated to {len} decoded");
+            }
+            let mut flipped = bytes.clone();
+            let last = flipped.len() - 1;
+            flipped[last] ^= 0x40;
+            assert!(matches!(decode_record(&flipped), Err(Corruption::Checksum { .. })));
+            // Trailing bytes, correctly checksummed.
+            let mut payload = bytes[4..].to_vec();
+            payload.push(0);
+            assert_eq!(decode_record(&checksummed(&payload)), Err(Corruption::TrailingBytes { count: 1 }));
         }
-        let mut flipped = bytes.clone();
-        let last = flipped.len() - 1;
-        flipped[last] ^= 0x40;
-        assert!(matches!(decode_record(&flipped), Err(Corruption::Checksum { .. })));
         // A newer version, correctly checksummed.
-        let mut payload = bytes[4..].to_vec();
-        payload[0] = 1;
-        let mut newer = crc32fast::hash(&payload).to_le_bytes().to_vec();
-        newer.extend_from_slice(&payload);
-        assert_eq!(decode_record(&newer), Err(Corruption::UnknownVersion { version: 2 }));
-        // Trailing bytes, correctly checksummed.
-        let mut payload = bytes[4..].to_vec();
-        payload.push(0);
-        let mut trailing = crc32fast::hash(&payload).to_le_bytes().to_vec();
-        trailing.extend_from_slice(&payload);
-        assert_eq!(decode_record(&trailing), Err(Corruption::TrailingBytes { count: 1 }));
+        let mut payload = encode_record(&sample(Some(Digest::ZERO)))[4..].to_vec();
+        payload[0] = VERSION_CURRENT;
+        assert_eq!(decode_record(&checksummed(&payload)), Err(Corruption::UnknownVersion { version: 3 }));
+    }
+
+    /// The borrowed writer and the owned reader agree on the bytes, and the
+    /// versions are where the envelope says: V1 records of older logs still read.
+    #[test]
+    fn versions_are_the_first_payload_byte_and_v1_still_reads() {
+        let v2 = encode_record(&sample(Some(Digest::ZERO)));
+        assert_eq!(v2[4], 1, "V2 is variant 1");
+        let v1 = encode_record(&sample(None));
+        assert_eq!(v1[4], 0, "V1 is variant 0");
+        let legacy = RecordV1 {
+            instance: InstanceName::new("acme").expect("valid"),
+            seq: 1,
+            global: 7,
+            at: Timestamp(1_700_000_000_000),
+            event: sample(None).event,
+            to: Instance::new(),
+        };
+        #[derive(Serialize)]
+        enum LegacyEnvelope {
+            V1(RecordV1),
+        }
+        assert_eq!(encode(&LegacyEnvelope::V1(legacy)), v1, "V1 bytes are what older builds wrote");
+        let (record, digest) = decode_record_with_digest(&v2).expect("decodes");
+        assert_eq!(digest, Digest::of(&v2[4..]));
+        assert_eq!(record.link(digest), digest);
+        let snapshot = Record { replaced: Some(Digest::of(b"old")), ..record };
+        assert_eq!(snapshot.link(digest), Digest::of(b"old"), "a snapshot links as the record it replaced");
+    }
+
+    #[test]
+    fn digests_print_short_and_parse_from_hex() {
+        let d = Digest::of(b"x");
+        assert_eq!(d.short().len(), 16);
+        assert_eq!(Digest::from_hex(&d.hex()), Some(d));
+        assert_eq!(Digest::from_hex("zz"), None);
+        assert_eq!(serde_json::to_string(&d).expect("json"), format!("\"{}\"", d.hex()));
+        let back: Digest = serde_json::from_str(&format!("\"{}\"", d.hex())).expect("from json");
+        assert_eq!(back, d);
+        assert_eq!(postcard::to_allocvec(&d).expect("postcard").len(), 32);
     }
 }

@@ -7,8 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use super::record::{self, Event, Latest, RecordV1};
-use super::{Log, LogError, decode_pair, keys};
+use super::record::{self, Event, Latest, Record};
+use super::{Log, LogError, decode_pair, decode_pair_with_digest, keys};
 use crate::machine::{Input, Instance, InstanceName, Outcome, Policy, State, Timestamp, Transition, step};
 
 /// How to rebuild the states.
@@ -116,26 +116,30 @@ impl Log {
         }
     }
 
-    /// Rebuilds one instance from its records alone.
+    /// Rebuilds one instance from its records alone, checking that they chain.
     fn replay(&self, name: &InstanceName) -> Result<RecoveredInstance, LogError> {
-        let mut last: Option<RecordV1> = None;
+        let mut last: Option<(Record, record::Digest)> = None;
         for pair in self.store().scan(&keys::record_prefix(name)) {
-            let r = decode_pair(pair?)?;
-            if let Some(prev) = &last
-                && let Event::Transition { from, .. } = &r.event
-                && *from != prev.to
-            {
-                return Err(LogError::Corrupt {
-                    what: "record",
-                    instance: Some(name.to_string()),
-                    seq: Some(r.seq),
-                    problem: record::Corruption::Decode {
-                        message: "its from-state is not the previous record's to-state".into(),
-                    },
-                });
+            let (r, digest) = decode_pair_with_digest(pair?)?;
+            let broken = |message: &str| LogError::Corrupt {
+                what: "record",
+                instance: Some(name.to_string()),
+                seq: Some(r.seq),
+                problem: record::Corruption::Decode { message: message.into() },
+            };
+            if let Some((prev, prev_digest)) = &last {
+                if let Event::Transition { from, .. } = &r.event
+                    && *from != prev.to
+                {
+                    return Err(broken("its from-state is not the previous record's to-state"));
+                }
+                if r.prev.is_some_and(|p| p != prev.link(*prev_digest)) && !matches!(r.event, Event::Snapshot { .. }) {
+                    return Err(broken("it does not chain to the previous record (its prev digest differs)"));
+                }
             }
-            last = Some(r);
+            last = Some((r, digest));
         }
+        let last = last.map(|(r, _)| r);
         let r = last.ok_or_else(|| LogError::Corrupt {
             what: "record",
             instance: Some(name.to_string()),

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{Event, Record, RecordV1, encode_record};
-use super::{Log, LogError, keys};
+use super::record::{Digest, Event, Record, encode_record};
+use super::{Log, LogError, integrity, keys};
 use crate::machine::{State, Timestamp};
 
 /// Retention settings.
@@ -45,21 +45,26 @@ impl Log {
     pub fn compact(&self, now: Timestamp, retention: &Retention) -> Result<CompactionReport, LogError> {
         let mut report = CompactionReport::default();
         for name in self.names()? {
-            let history = self.history(&name)?;
-            let Some(last) = history.last() else { continue };
+            let chained = self.history_with_digests(&name)?;
+            let history: Vec<&Record> = chained.iter().map(|(r, _)| r).collect();
+            let Some(&last) = history.last() else { continue };
             if matches!(last.to.state, State::Removed { .. })
                 && now.saturating_since(last.at) >= retention.removed_after
             {
                 // Hold the writer lock: the name's sequence restarts at 1 for a new incarnation.
                 let mut w = self.writer();
-                if w.seqs.get(&name) != Some(&last.seq) {
+                if w.tips.get(&name).map(|t| t.seq) != Some(last.seq) {
                     continue; // re-created meanwhile: keep it
                 }
-                let mut writes: Vec<_> = history.iter().flat_map(deletes).collect();
+                let mut writes: Vec<_> = history.iter().flat_map(|r| deletes(r)).collect();
                 writes.push((keys::latest(&name), None));
                 writes.push((keys::spec(&name), None));
+                if last.global == w.last_global {
+                    // The newest record of the log goes: the tip (which the head is checked against) stays.
+                    writes.push((keys::META_TIP.to_vec(), Some(integrity::tip_value(w.last_global, w.last_link))));
+                }
                 self.store().apply(writes)?;
-                w.seqs.remove(&name);
+                w.tips.remove(&name);
                 report.records_deleted += history.len() as u64;
                 report.purged.push(name);
                 continue;
@@ -69,15 +74,22 @@ impl Log {
                 continue;
             }
             let cut = history.len() - keep - 1;
-            let base = &history[cut];
+            let (base, base_digest) = &chained[cut];
             // The spec comes from the start of this incarnation: its Created record or a snapshot.
             let spec = history[..=cut].iter().rev().find_map(|r| match &r.event {
                 Event::Created { spec } | Event::Snapshot { spec } => Some(spec.clone()),
                 Event::Transition { .. } => None,
             });
             let Some(spec) = spec else { continue };
-            let snapshot = Record::V1(RecordV1 { event: Event::Snapshot { spec }, ..base.clone() });
-            let mut writes: Vec<_> = history[..cut].iter().flat_map(deletes).collect();
+            // The snapshot links as the record it replaces, so the records after it still chain
+            // (its own `prev` points into the history it replaces and is not checked).
+            let snapshot = Record {
+                event: Event::Snapshot { spec },
+                prev: Some(base.prev.unwrap_or(Digest::ZERO)),
+                replaced: Some(base.link(*base_digest)),
+                ..(*base).clone()
+            };
+            let mut writes: Vec<_> = history[..cut].iter().flat_map(|r| deletes(r)).collect();
             writes.push((keys::record(&name, base.seq), Some(encode_record(&snapshot))));
             self.store().apply(writes)?;
             report.snapshotted += 1;
@@ -87,6 +99,6 @@ impl Log {
     }
 }
 
-fn deletes(r: &RecordV1) -> [(Vec<u8>, Option<Vec<u8>>); 2] {
+fn deletes(r: &Record) -> [(Vec<u8>, Option<Vec<u8>>); 2] {
     [(keys::record(&r.instance, r.seq), None), (keys::global(r.global), None)]
 }

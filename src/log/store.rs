@@ -1,19 +1,44 @@
-//! Storage behind a small trait: ordered keys, atomic batches, flush and sync.
-//! [`SledStore`] is the real one; [`MemoryStore`] is for deterministic
-//! simulation (sled runs its own flusher thread, which virtual time cannot control).
+//! Storage behind a small trait: ordered keys, atomic batches, flush and
+//! sync, and the head kept beside the data. [`SledStore`] is the real one;
+//! [`MemoryStore`] is for deterministic simulation (sled runs its own I/O
+//! threads, which virtual time cannot control).
+//!
+//! sled 0.34 can panic or return internal debug text on damaged files: every
+//! call into it is contained (no panic crosses this module, and nothing is
+//! printed for one) and its errors become plain [`StoreError`]s.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
+use super::head::{self, Head, HeadFile, HeadRead};
+use crate::contain::quietly;
+
 /// An error of the storage layer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// sled reported an error.
-    #[error("sled: {0}")]
-    Sled(#[from] sled::Error),
+    /// sled found damaged data in its files.
+    #[error("the database files are damaged{}", offset.map(|o| format!(" (at file offset {o})")).unwrap_or_default())]
+    Damaged {
+        /// Where sled found it, when it says.
+        offset: Option<u64>,
+    },
+    /// sled failed in a way that is not damage (an internal error, an unsupported use).
+    #[error("the database failed: {detail}")]
+    Sled {
+        /// What sled said, without its debug decorations.
+        detail: String,
+    },
+    /// sled panicked (contained; it does so on some damaged files).
+    #[error("the database failed while {op} (sled panicked: {message}); its files are probably damaged")]
+    Panicked {
+        /// What was being done.
+        op: &'static str,
+        /// The panic message.
+        message: String,
+    },
     /// A file operation failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -29,13 +54,35 @@ pub enum StoreError {
     Poisoned,
 }
 
+impl StoreError {
+    /// Maps sled's error to ours; `path` names the database for I/O errors.
+    pub(crate) fn from_sled(e: sled::Error, path: &Path) -> Self {
+        match e {
+            sled::Error::Corruption { at, .. } => Self::Damaged { offset: at.map(|p| p.lid()) },
+            sled::Error::Io(source) => Self::Io { op: "read or write", path: path.to_path_buf(), source },
+            sled::Error::CollectionNotFound(_) => Self::Sled { detail: "a tree of the log is missing".into() },
+            sled::Error::Unsupported(detail) => Self::Sled { detail },
+            sled::Error::ReportableBug(detail) => Self::Sled { detail: format!("internal error: {detail}") },
+        }
+    }
+
+    /// The same error with `from` (a temporary copy) shown as `to` (the original).
+    pub(crate) fn shown_as(self, from: &Path, to: &Path) -> Self {
+        match self {
+            Self::Io { op, path, source } => Self::Io { op, path: super::error::rebase(&path, from, to), source },
+            other => other,
+        }
+    }
+}
+
 /// One write of an atomic batch: a value to insert, or `None` to remove the key.
 pub type Write = (Vec<u8>, Option<Vec<u8>>);
 
 /// A key-value pair read from a store.
 pub type Pair = (Vec<u8>, Vec<u8>);
 
-/// Ordered key-value storage with atomic batches.
+/// Ordered key-value storage with atomic batches, and a head kept where a
+/// rollback of the data cannot reach it.
 pub trait Store: Send + Sync + 'static {
     /// Reads one key.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
@@ -53,6 +100,20 @@ pub trait Store: Send + Sync + 'static {
     fn sync(&self) -> Result<(), StoreError>;
     /// Bytes used on disk (0 for memory).
     fn size_on_disk(&self) -> Result<u64, StoreError>;
+    /// The head, as last made durable.
+    fn read_head(&self) -> Result<HeadRead, StoreError> {
+        Ok(HeadRead::NotKept)
+    }
+    /// Makes `head` durable. Call only after `flush` and `sync` covered it:
+    /// a head must never be ahead of the durable data. A head behind the
+    /// last one written is skipped.
+    fn write_head(&self, _head: &Head) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Writes `head` even if it is behind the last one (accepting a loss).
+    fn reset_head(&self, head: &Head) -> Result<(), StoreError> {
+        self.write_head(head)
+    }
 }
 
 /// The sled-backed store: one tree, so every batch is atomic (`apply_batch`).
@@ -60,22 +121,59 @@ pub struct SledStore {
     db: sled::Db,
     tree: sled::Tree,
     dir: PathBuf,
+    /// Files fsynced by `sync`, opened once: a group commit should cost fsyncs, not opens.
+    synced: Mutex<Vec<(PathBuf, File)>>,
+    head: Mutex<Option<HeadFile>>,
 }
 
 /// The name of the one tree the log uses.
 pub const TREE: &[u8] = b"instance-lifecycle/log";
 
+/// Runs a sled call, containing a panic and mapping its error.
+fn sled_call<T>(op: &'static str, dir: &Path, f: impl FnOnce() -> sled::Result<T>) -> Result<T, StoreError> {
+    match quietly(f) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(StoreError::from_sled(e, &dir.join("db"))),
+        Err(message) => Err(StoreError::Panicked { op, message }),
+    }
+}
+
 impl SledStore {
     /// Wraps an opened sled database.
     pub(crate) fn new(db: sled::Db, dir: &Path) -> Result<Self, StoreError> {
-        let tree = db.open_tree(TREE)?;
-        Ok(Self { db, tree, dir: dir.to_path_buf() })
+        let tree = sled_call("opening the log's tree", dir, || db.open_tree(TREE))?;
+        Ok(Self { db, tree, dir: dir.to_path_buf(), synced: Mutex::new(Vec::new()), head: Mutex::new(None) })
+    }
+
+    fn io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> StoreError + 'p {
+        move |source| StoreError::Io { op, path: path.to_path_buf(), source }
+    }
+
+    /// The files `sync` covers: sled's own and the directory (blobs appear as sled needs them).
+    fn sync_targets(&self) -> Result<MutexGuard<'_, Vec<(PathBuf, File)>>, StoreError> {
+        let mut files = self.synced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut wanted: Vec<PathBuf> = ["db", "conf"].iter().map(|n| self.dir.join(n)).collect();
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("blobs")) {
+            wanted.extend(entries.flatten().map(|e| e.path()));
+        }
+        wanted.push(self.dir.clone());
+        for path in wanted {
+            if files.iter().any(|(p, _)| *p == path) {
+                continue;
+            }
+            match File::open(&path) {
+                Ok(f) => files.push((path, f)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StoreError::Io { op: "open", path, source }),
+            }
+        }
+        Ok(files)
     }
 }
 
 impl Store for SledStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+        sled_call("reading", &self.dir, || self.tree.get(key)).map(|v| v.map(|v| v.to_vec()))
     }
 
     fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
@@ -86,66 +184,102 @@ impl Store for SledStore {
                 None => batch.remove(k),
             }
         }
-        Ok(self.tree.apply_batch(batch)?)
+        sled_call("writing", &self.dir, || self.tree.apply_batch(batch))
     }
 
     fn scan(&self, prefix: &[u8]) -> Box<dyn Iterator<Item = Result<Pair, StoreError>> + Send + '_> {
-        Box::new(self.tree.scan_prefix(prefix).map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into)))
+        let dir = &self.dir;
+        let mut inner = match sled_call("scanning", dir, || Ok(self.tree.scan_prefix(prefix))) {
+            Ok(iter) => Some(iter),
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
+        // A failed or panicking step ends the scan after reporting it.
+        Box::new(std::iter::from_fn(move || {
+            let iter = inner.as_mut()?;
+            let item = match quietly(|| iter.next()) {
+                Ok(None) => None,
+                Ok(Some(Ok((k, v)))) => Some(Ok((k.to_vec(), v.to_vec()))),
+                Ok(Some(Err(e))) => Some(Err(StoreError::from_sled(e, &dir.join("db")))),
+                Err(message) => Some(Err(StoreError::Panicked { op: "scanning", message })),
+            };
+            if !matches!(item, Some(Ok(_))) {
+                inner = None;
+            }
+            item
+        }))
     }
 
     fn last(&self, prefix: &[u8]) -> Result<Option<Pair>, StoreError> {
-        Ok(self.tree.scan_prefix(prefix).next_back().transpose()?.map(|(k, v)| (k.to_vec(), v.to_vec())))
+        sled_call("reading", &self.dir, || self.tree.scan_prefix(prefix).next_back().transpose())
+            .map(|p| p.map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
     fn first_from(&self, from: &[u8], prefix: &[u8]) -> Result<Option<Pair>, StoreError> {
-        match self.tree.range(from..).next().transpose()? {
+        match sled_call("reading", &self.dir, || self.tree.range(from..).next().transpose())? {
             Some((k, v)) if k.starts_with(prefix) => Ok(Some((k.to_vec(), v.to_vec()))),
             _ => Ok(None),
         }
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        sled_call("flushing", &self.dir, || self.db.flush()).map(drop)
     }
 
     /// sled's `flush` is `pwrite` + `sync_file_range` on Linux, not fsync:
     /// after it, data survives a process crash but not a power loss. So we
     /// fsync the database files and the directory ourselves.
     fn sync(&self) -> Result<(), StoreError> {
-        for name in ["db", "conf"] {
-            let path = self.dir.join(name);
-            match File::open(&path) {
-                Ok(f) => f.sync_all().map_err(|source| StoreError::Io { op: "fsync", path, source })?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(StoreError::Io { op: "open", path, source }),
-            }
+        for (path, file) in self.sync_targets()?.iter() {
+            file.sync_all().map_err(Self::io("fsync", path))?;
         }
-        let blobs = self.dir.join("blobs");
-        if let Ok(entries) = std::fs::read_dir(&blobs) {
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let f =
-                    File::open(&path).map_err(|source| StoreError::Io { op: "open", path: path.clone(), source })?;
-                f.sync_all().map_err(|source| StoreError::Io { op: "fsync", path, source })?;
-            }
-        }
-        let dir =
-            File::open(&self.dir).map_err(|source| StoreError::Io { op: "open", path: self.dir.clone(), source })?;
-        dir.sync_all().map_err(|source| StoreError::Io { op: "fsync", path: self.dir.clone(), source })
+        Ok(())
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+        sled_call("measuring", &self.dir, || self.db.size_on_disk())
+    }
+
+    fn read_head(&self) -> Result<HeadRead, StoreError> {
+        head::read(&self.dir).map_err(Self::io("read", &self.dir.join(head::FILE)))
+    }
+
+    fn write_head(&self, head: &Head) -> Result<(), StoreError> {
+        self.put_head(head, false)
+    }
+
+    fn reset_head(&self, head: &Head) -> Result<(), StoreError> {
+        self.put_head(head, true)
+    }
+}
+
+impl SledStore {
+    /// Writes the head, creating its file for a new log.
+    fn put_head(&self, head: &Head, reset: bool) -> Result<(), StoreError> {
+        let path = self.dir.join(head::FILE);
+        let io = Self::io("write", &path);
+        let mut slot = self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let result = match slot.as_mut() {
+            Some(file) if reset => file.reset(head),
+            Some(file) => file.write(head),
+            None if !path.exists() => HeadFile::create(&self.dir, head).map(|f| *slot = Some(f)),
+            None => HeadFile::open(&self.dir).and_then(|mut f| {
+                if reset { f.reset(head) } else { f.write(head) }?;
+                *slot = Some(f);
+                Ok(())
+            }),
+        };
+        result.map_err(io)
     }
 }
 
 type Map = BTreeMap<Vec<u8>, Vec<u8>>;
 
-/// An in-memory store: a `BTreeMap` behind a mutex. Nothing survives the process.
+/// An in-memory store: a `BTreeMap` behind a mutex, and the head beside it.
+/// Nothing survives the process.
 #[derive(Default)]
 pub struct MemoryStore {
     map: Mutex<Map>,
+    head: Mutex<Option<Head>>,
 }
 
 impl MemoryStore {
@@ -158,10 +292,8 @@ impl MemoryStore {
         self.map.lock().map_err(|_| StoreError::Poisoned)
     }
 
-    /// Overwrites a raw key (tests use it to corrupt records).
-    pub fn put_raw(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.lock()?.insert(key.to_vec(), value.to_vec());
-        Ok(())
+    fn head_lock(&self) -> Result<MutexGuard<'_, Option<Head>>, StoreError> {
+        self.head.lock().map_err(|_| StoreError::Poisoned)
     }
 }
 
@@ -223,5 +355,22 @@ impl Store for MemoryStore {
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(0)
+    }
+
+    fn read_head(&self) -> Result<HeadRead, StoreError> {
+        Ok(self.head_lock()?.map_or(HeadRead::Missing, HeadRead::Found))
+    }
+
+    fn write_head(&self, head: &Head) -> Result<(), StoreError> {
+        let mut current = self.head_lock()?;
+        if current.is_none_or(|c| c.global <= head.global) {
+            *current = Some(*head);
+        }
+        Ok(())
+    }
+
+    fn reset_head(&self, head: &Head) -> Result<(), StoreError> {
+        *self.head_lock()? = Some(*head);
+        Ok(())
     }
 }

@@ -1,21 +1,41 @@
-//! Verification of R8 over a whole log: per-instance sequence numbers start
-//! at 1 (or at a snapshot) without gaps, each record's "from" is the previous
-//! record's "to", replaying each input through the given rules reproduces
-//! the recorded "to" and effects, the latest-state cache agrees with the
-//! records, and the global index points at every record. It returns a report,
-//! never panics, and goes on past a bad instance to the next.
+//! Verification of R8 over a whole log: the head matches the tip (nothing
+//! acknowledged was lost, see [`HeadCheck`]), per-instance sequence numbers
+//! start at 1 (or at a snapshot) without gaps, each record chains to the
+//! previous one (its `prev` digest, and its "from" is the previous "to"),
+//! replaying each input through the rules reproduces the recorded "to" and
+//! effects, the latest-state cache agrees with the records, and the global
+//! index points at every record. It returns a report, never panics, and goes
+//! on past a bad instance to the next.
 
 use std::collections::BTreeSet;
 use std::fmt;
 
-use super::record::{Event, Latest, RecordV1};
-use super::{Log, LogError, decode_pair, keys};
+use super::integrity::{AcceptedLoss, HeadCheck};
+use super::record::{Digest, Event, Latest, Record};
+use super::{Log, LogError, decode_pair_with_digest, keys};
 use crate::machine::{Effect, Instance, InstanceName, Outcome, Policy, State, step};
 
 /// One problem found in a log.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Finding {
+    /// The head says records are lost, or the head itself is lost or foreign.
+    Head {
+        /// What opening found.
+        check: HeadCheck,
+    },
+    /// A record does not chain to its instance's previous record: its `prev`
+    /// is not that record's link (a record replaced, or one from another history).
+    BrokenLink {
+        /// The instance.
+        instance: InstanceName,
+        /// The record's sequence.
+        seq: u64,
+        /// The previous record's link.
+        expected: Digest,
+        /// This record's `prev`.
+        found: Digest,
+    },
     /// A record or entry could not be read.
     Corrupt {
         /// The error, naming instance and sequence.
@@ -100,6 +120,11 @@ pub enum Finding {
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Head { check } => write!(f, "head: {check}"),
+            Self::BrokenLink { instance, seq, expected, found } => write!(
+                f,
+                "{instance}#{seq}: broken chain: its prev digest is {found}, the previous record's link is {expected}"
+            ),
             Self::Corrupt { error } => write!(f, "corrupt: {error}"),
             Self::BadStart { instance, seq, event } => {
                 write!(
@@ -129,6 +154,47 @@ impl fmt::Display for Finding {
     }
 }
 
+/// Something a person should know about a log that is not a fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Note {
+    /// The head trails the log (records never acknowledged before a stop; not a loss).
+    HeadBehind {
+        /// What opening found.
+        check: HeadCheck,
+    },
+    /// Records written before records were chained (format v1): their chain is not checked.
+    Unchained {
+        /// How many.
+        records: u64,
+    },
+    /// A format-v1 log: it has no head yet.
+    Legacy,
+    /// A writer was told to accept a loss, and did.
+    AcceptedLoss(AcceptedLoss),
+}
+
+impl fmt::Display for Note {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::HeadBehind { check } => write!(f, "{check}"),
+            Self::Unchained { records } => {
+                write!(f, "{records} record(s) were written before records were chained; their chain is not checked")
+            }
+            Self::Legacy => f.write_str(
+                "written before logs had a head: a rollback of its database cannot be detected until a writer opens it",
+            ),
+            Self::AcceptedLoss(loss) => write!(
+                f,
+                "a loss was accepted at {} UTC: {}; numbering went on after global {}",
+                loss.at.utc(),
+                loss.check,
+                loss.resumed_after
+            ),
+        }
+    }
+}
+
 /// The result of verifying a log.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -138,6 +204,28 @@ pub struct Report {
     pub records: u64,
     /// Everything wrong, instance by instance.
     pub findings: Vec<Finding>,
+    /// What is worth knowing and not wrong.
+    pub notes: Vec<Note>,
+}
+
+/// The policy each record is replayed under.
+enum Rules<'a> {
+    /// One policy for every record (the caller's choice).
+    Fixed(&'a Policy),
+    /// The policies the log recorded, each from its global sequence number on;
+    /// `fallback` before the first.
+    Recorded { policies: Vec<(u64, Policy)>, fallback: &'a Policy },
+}
+
+impl Rules<'_> {
+    fn at(&self, global: u64) -> &Policy {
+        match self {
+            Self::Fixed(p) => p,
+            Self::Recorded { policies, fallback } => {
+                policies.iter().rev().find(|(from, _)| *from <= global).map_or(*fallback, |(_, p)| p)
+            }
+        }
+    }
 }
 
 impl Report {
@@ -161,9 +249,38 @@ fn describe(state: &State, generation: crate::machine::Generation, effects: &[Ef
 }
 
 impl Log {
-    /// Verifies the whole log against `policy` (the rules of this build).
+    /// Verifies the whole log, replaying every record under `policy` (the
+    /// rules of this build with the caller's policy).
     pub fn verify(&self, policy: &Policy) -> Report {
+        self.verify_with(&Rules::Fixed(policy))
+    }
+
+    /// Verifies the whole log, replaying each record under the policy the
+    /// log recorded as in force when it was written (`fallback` for records
+    /// older than every recorded policy).
+    pub fn verify_recorded(&self, fallback: &Policy) -> Report {
+        match self.policies() {
+            Ok(policies) => self.verify_with(&Rules::Recorded { policies, fallback }),
+            Err(error) => {
+                let mut report = self.verify_with(&Rules::Fixed(fallback));
+                report.findings.insert(0, Finding::Corrupt { error });
+                report
+            }
+        }
+    }
+
+    fn verify_with(&self, rules: &Rules<'_>) -> Report {
         let mut report = Report::default();
+        match self.head_check() {
+            check if check.is_damage() => report.findings.push(Finding::Head { check: check.clone() }),
+            check @ HeadCheck::Behind { .. } => report.notes.push(Note::HeadBehind { check: check.clone() }),
+            HeadCheck::Legacy => report.notes.push(Note::Legacy),
+            _ => {}
+        }
+        match self.accepted_losses() {
+            Ok(losses) => report.notes.extend(losses.into_iter().map(Note::AcceptedLoss)),
+            Err(error) => report.findings.push(Finding::Corrupt { error }),
+        }
         let names = match self.names() {
             Ok(n) => n,
             Err(error) => {
@@ -172,10 +289,14 @@ impl Log {
             }
         };
         let mut globals = BTreeSet::new();
+        let mut unchained = 0;
         for name in &names {
             report.instances += 1;
-            let last = self.verify_instance(name, policy, &mut report, &mut globals);
+            let last = self.verify_instance(name, rules, &mut report, &mut globals, &mut unchained);
             self.verify_latest(name, last.as_ref(), &mut report);
+        }
+        if unchained > 0 {
+            report.notes.push(Note::Unchained { records: unchained });
         }
         self.verify_index(&globals, &mut report);
         report
@@ -184,14 +305,15 @@ impl Log {
     fn verify_instance(
         &self,
         name: &InstanceName,
-        policy: &Policy,
+        rules: &Rules<'_>,
         report: &mut Report,
         globals: &mut BTreeSet<u64>,
-    ) -> Option<RecordV1> {
-        let mut prev: Option<RecordV1> = None;
+        unchained: &mut u64,
+    ) -> Option<Record> {
+        let mut prev: Option<(Record, Digest)> = None;
         let mut diverged = false;
         for pair in self.store().scan(&keys::record_prefix(name)) {
-            let r = match pair.map_err(LogError::from).and_then(decode_pair) {
+            let (r, digest) = match pair.map_err(LogError::from).and_then(decode_pair_with_digest) {
                 Ok(r) => r,
                 Err(error) => {
                     report.findings.push(Finding::Corrupt { error });
@@ -201,7 +323,8 @@ impl Log {
             report.records += 1;
             globals.insert(r.global);
             let instance = || name.clone();
-            match &prev {
+            self.check_link(&r, prev.as_ref(), report, unchained);
+            match prev.as_ref().map(|(p, _)| p) {
                 None => {
                     let ok = matches!(r.event, Event::Snapshot { .. })
                         || (r.seq == 1 && matches!(r.event, Event::Created { .. }));
@@ -259,7 +382,7 @@ impl Log {
                 && !diverged
             {
                 let recorded = describe(&r.to.state, r.to.generation, effects);
-                let recomputed = match step(name, from, input, policy, r.at) {
+                let recomputed = match step(name, from, input, rules.at(r.global), r.at) {
                     Outcome::Transition(t)
                         if t.to == r.to.state && t.generation == r.to.generation && t.effects == *effects =>
                     {
@@ -281,12 +404,35 @@ impl Log {
                     });
                 }
             }
-            prev = Some(r);
+            prev = Some((r, digest));
         }
-        prev
+        prev.map(|(r, _)| r)
     }
 
-    fn verify_latest(&self, name: &InstanceName, last: Option<&RecordV1>, report: &mut Report) {
+    /// The chain: a record's `prev` is its predecessor's link (an instance's
+    /// first record: zero), and only a snapshot replaces a record.
+    fn check_link(&self, r: &Record, prev: Option<&(Record, Digest)>, report: &mut Report, unchained: &mut u64) {
+        let snapshot = matches!(r.event, Event::Snapshot { .. });
+        if r.replaced.is_some() != snapshot && r.prev.is_some() {
+            let event = if snapshot { "snapshot without the digest it replaced" } else { "replaced digest on a record that is not a snapshot" };
+            report.findings.push(Finding::Misplaced { instance: r.instance.clone(), seq: r.seq, event });
+        }
+        let Some(found) = r.prev else {
+            *unchained += 1;
+            return;
+        };
+        let expected = match prev {
+            // A snapshot starts the kept history: its own `prev` points into what it replaced.
+            _ if snapshot => return,
+            Some((p, digest)) => p.link(*digest),
+            None => Digest::ZERO,
+        };
+        if found != expected {
+            report.findings.push(Finding::BrokenLink { instance: r.instance.clone(), seq: r.seq, expected, found });
+        }
+    }
+
+    fn verify_latest(&self, name: &InstanceName, last: Option<&Record>, report: &mut Report) {
         let Some(last) = last else { return };
         let detail = match self.store().get(&keys::latest(name)) {
             Err(e) => Some(format!("unreadable: {e}")),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{SimAction, SimTransport};
 use crate::engine::{Engine, EngineConfig, EngineError};
-use crate::log::{Event, InstanceSpec, Log, LogConfig, RecordV1};
+use crate::log::{Event, InstanceSpec, Log, LogConfig, Record};
 use crate::machine::{Generation, Input, Policy, State, Timestamp, step};
 use crate::simulate::{Chaos, schedule};
 use crate::transport::{Protocol, ReferenceProtocol};
@@ -115,7 +115,7 @@ pub fn simulate_virtual(seed: u64, instances: usize, duration: Duration, policy:
 /// generation's signal). Returns every violation, printed.
 pub fn check_rules(log: &Log, policy: &Policy) -> Vec<String> {
     let mut violations: Vec<String> = log.verify(policy).findings.iter().map(|f| format!("R8: {f}")).collect();
-    let mut by_instance: BTreeMap<String, Vec<RecordV1>> = BTreeMap::new();
+    let mut by_instance: BTreeMap<String, Vec<Record>> = BTreeMap::new();
     for r in log.records() {
         match r {
             Ok(r) => by_instance.entry(r.instance.to_string()).or_default().push(r),

@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use instance_lifecycle::engine::{Cleanup, Engine, EngineConfig, StepFuture};
-use instance_lifecycle::log::{InstanceSpec, Log, LogConfig, RecordV1};
+use instance_lifecycle::log::{InstanceSpec, Log, LogConfig, Record};
 use instance_lifecycle::machine::{InstanceName, Preset, State};
 use instance_lifecycle::simulate::simulation_policy;
 use instance_lifecycle::testing::{self, SimAction, SimBehaviour, SimTransport, assert_rules_hold};
 use proptest::prelude::*;
 
-fn records(log: &Log) -> Vec<RecordV1> {
+fn records(log: &Log) -> Vec<Record> {
     log.records().collect::<Result<_, _>>().expect("readable log")
 }
 

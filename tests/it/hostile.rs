@@ -11,7 +11,7 @@ use instance_lifecycle::peer::{Fault, TestPeer};
 
 use crate::engine::{Harness, fast};
 
-fn closed_statuses(history: &[instance_lifecycle::log::RecordV1]) -> Vec<Option<StatusCode>> {
+fn closed_statuses(history: &[instance_lifecycle::log::Record]) -> Vec<Option<StatusCode>> {
     history
         .iter()
         .filter_map(|r| match &r.event {
