@@ -283,9 +283,8 @@ pub fn log_contents(data: &[u8]) {
         };
         let _ = store.apply(vec![(key, Some(value))]);
     }
-    let Ok(log) =
-        Log::with_store(store, LogConfig { durability: crate::log::Durability::Buffered, ..LogConfig::default() })
-    else {
+    // Read as a copy is read: damage is reported, never refused.
+    let Ok(log) = Log::inspect_store(store.clone()) else {
         return; // a typed error: fine
     };
     let policy = Policy::preset(Preset::Whatsapp);
@@ -300,6 +299,18 @@ pub fn log_contents(data: &[u8]) {
             (f, r) => panic!("a clean log must recover: {:?} / {:?}", f.err(), r.err()),
         }
     }
+    drop(log);
+    // A writer opens a clean log; one that lost records or its head it refuses, typed.
+    let writable =
+        Log::with_store(store, LogConfig { durability: crate::log::Durability::Buffered, ..LogConfig::default() });
+    let log = match writable {
+        Ok(log) => log,
+        Err(crate::log::LogError::Damaged { .. }) => {
+            assert!(!report.is_clean(), "a writer refused a log that verifies clean");
+            return;
+        }
+        Err(_) => return,
+    };
     // The log still takes appends, or refuses them with a typed error; on a
     // clean log, a new instance's first record keeps it clean.
     let Ok(fresh) = InstanceName::new("fresh") else { unreachable!() };

@@ -26,5 +26,5 @@ pub mod simulate;
 pub mod testing;
 pub mod transport;
 
-pub use machine::{InstanceName, NameError};
 pub(crate) use contain::panic_message;
+pub use machine::{InstanceName, NameError};

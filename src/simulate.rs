@@ -5,6 +5,12 @@
 //! The same seed gives the same schedule (which instance, what fault, when).
 //! Real sockets and real time make the resulting log differ in timing from
 //! run to run; the deterministic, virtual-time simulation is in `testing`.
+//!
+//! Nothing that was there before is lost to a mistake: every option is
+//! checked, the peer reached and the machine's limits checked before `--data`
+//! is touched; the new log is written beside it (`<data>.simulating`) and
+//! replaces the old one only at the end; a directory in use (an engine, or
+//! another simulate) is refused with who holds it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +28,19 @@ use crate::transport::{ReferenceProtocol, WsLimits, WsTransport};
 
 /// File that marks a directory as written by `simulate` (so a rerun may replace it).
 pub const MARKER: &str = "lifecycle-simulate.marker";
+
+/// Largest fleet: each instance holds a live connection (about 13 KB in the
+/// engine, as much again in the built-in peer, and two sockets); 100,000 is
+/// a few GB and 200,000 descriptors, the most one simulation host should take.
+pub const INSTANCES_MAX: usize = 100_000;
+/// Longest schedule: a day. The schedule is generated second by second, so
+/// its memory does not grow with the length; the log does.
+pub const SECONDS_MAX: u64 = 86_400;
+/// Memory assumed per instance for the pre-flight check: engine and peer
+/// side of a live connection with their buffers, rounded up.
+const BYTES_PER_INSTANCE: u64 = 48 * 1024;
+/// Descriptors kept free for the log, the runtime and the terminal.
+const FILES_SPARE: u64 = 256;
 
 /// What to simulate.
 #[derive(Clone, Debug)]
@@ -43,6 +62,29 @@ pub struct Options {
     pub ca: Option<PathBuf>,
 }
 
+impl Options {
+    /// Checks every option against its bound, before any work.
+    pub fn validate(&self) -> Result<(), SimulateError> {
+        let bad = |option, problem: String| Err(SimulateError::InvalidOption { option, problem });
+        if !(1..=INSTANCES_MAX).contains(&self.instances) {
+            return bad("--instances", format!("{} is out of range 1..={INSTANCES_MAX}", self.instances));
+        }
+        let seconds = self.duration.as_secs();
+        if !(1..=SECONDS_MAX).contains(&seconds) {
+            return bad("--seconds", format!("{seconds} is out of range 1..={SECONDS_MAX}"));
+        }
+        if let Some(url) = &self.peer
+            && let Err(e) = crate::engine::validate_url(url)
+        {
+            return bad("--peer", e.to_string());
+        }
+        if self.data.file_name().is_none() {
+            return bad("--data", format!("{} does not name a directory", self.data.display()));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {
@@ -57,15 +99,56 @@ impl Default for Options {
     }
 }
 
-/// An error that stops a simulation.
+/// An error that stops a simulation. Every one of them comes before
+/// `--data` is touched, except a failure of the run itself.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SimulateError {
+    /// An option is out of range or malformed.
+    #[error("{option}: {problem}")]
+    InvalidOption {
+        /// The option, as typed.
+        option: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
     /// The data directory holds something simulate did not write.
     #[error("{path} exists and was not written by `lifecycle simulate`; choose another --data")]
     DataInUse {
         /// The directory.
         path: PathBuf,
+    },
+    /// The data directory is in use: a running engine, or another simulate writing it.
+    #[error("{path} is in use by {}; nothing was changed", holder.as_deref().unwrap_or("another process"))]
+    Busy {
+        /// The directory.
+        path: PathBuf,
+        /// Who holds it, when the system says.
+        holder: Option<String>,
+    },
+    /// The machine cannot hold the fleet.
+    #[error(
+        "{instances} instances need about {needed_mb} MB of memory; {available_mb} MB are available (use fewer --instances)"
+    )]
+    NotEnoughMemory {
+        /// The fleet.
+        instances: usize,
+        /// The estimate.
+        needed_mb: u64,
+        /// What the system reports available.
+        available_mb: u64,
+    },
+    /// The process may not open enough sockets for the fleet.
+    #[error(
+        "{instances} instances need {needed} open files, the limit is {limit} (raise `ulimit -n` or use fewer --instances)"
+    )]
+    TooFewFiles {
+        /// The fleet.
+        instances: usize,
+        /// Descriptors needed.
+        needed: u64,
+        /// The hard limit.
+        limit: u64,
     },
     /// A file operation failed.
     #[error("{op} {path}: {source}")]
@@ -175,6 +258,8 @@ pub struct Summary {
     pub refused: BTreeMap<String, u64>,
     /// The log's verification.
     pub verification: Verification,
+    /// When the run was stopped early (Ctrl-C): how far into the schedule.
+    pub interrupted_after_s: Option<f64>,
 }
 
 /// One step of the chaos schedule.
@@ -211,44 +296,81 @@ impl Chaos {
     }
 }
 
-/// The schedule: (offset, instance index, what), in time order. Pure function of its arguments.
+/// The schedule: (offset, instance index, what), in time order. Pure
+/// function of its arguments. See [`schedule_iter`].
 pub fn schedule(seed: u64, instances: usize, duration: Duration, with_faults: bool) -> Vec<(Duration, usize, Chaos)> {
-    let mut rng = SplitMix(seed);
+    schedule_iter(seed, instances, duration, with_faults).collect()
+}
+
+/// The schedule, generated as it is consumed: creates spread over the first
+/// tenth of the run, then about one event per instance every ten seconds,
+/// drawn one second at a time from a generator seeded by (seed, second), and
+/// an engine restart at each third. Memory is the creates plus one second's
+/// events, whatever the length.
+pub fn schedule_iter(
+    seed: u64,
+    instances: usize,
+    duration: Duration,
+    with_faults: bool,
+) -> impl Iterator<Item = (Duration, usize, Chaos)> {
     let ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1_000);
-    let mut out = Vec::new();
-    // Creates spread over the first tenth of the run.
-    for i in 0..instances {
-        out.push((Duration::from_millis(rng.below(ms / 10)), i, Chaos::Create));
-    }
-    // About one event per instance every ten seconds, after the fleet is up.
-    let events = (instances as u64 * ms / 10_000).max(1);
-    for _ in 0..events {
-        let at = ms / 10 + rng.below(ms - ms / 10);
-        let i = usize::try_from(rng.below(instances as u64)).unwrap_or(0);
-        let what = match rng.below(100) {
-            0..=11 => Chaos::Zombify,
-            12..=17 => Chaos::Close(4401),
-            18..=25 => Chaos::Close(4408),
-            26..=29 => Chaos::Close(4440),
-            30..=35 => Chaos::Close(4515),
-            36..=41 => Chaos::Close(1011),
-            42..=53 => Chaos::Drop,
-            54..=59 => Chaos::HangingLogout,
-            60..=67 => Chaos::DeleteZombie,
-            68..=75 => Chaos::Logout,
-            76..=81 => Chaos::Delete,
-            82..=89 => Chaos::Restart,
-            _ => Chaos::Connect,
-        };
-        if with_faults || !what.is_peer_fault() {
-            out.push((Duration::from_millis(at), i, what));
+    let mut rng = SplitMix(seed);
+    let mut creates: Vec<_> =
+        (0..instances).map(|i| (Duration::from_millis(rng.below(ms / 10)), i, Chaos::Create)).collect();
+    creates.sort_by_key(|(at, i, _)| (*at, *i));
+    let restarts = [1, 2].map(|third| (Duration::from_millis(ms * third / 3), 0, Chaos::EngineRestart));
+    let (first, span) = (ms / 10, ms - ms / 10);
+    let events = (instances as u64).saturating_mul(ms) / 10_000;
+    let events = events.max(1);
+    let slices = span.div_ceil(1_000).max(1);
+    let slice = move |k: u64| {
+        let mut rng = SplitMix(seed ^ k.wrapping_mul(0xa076_1d64_78bd_642f) ^ 0x5eed);
+        // Events are split evenly over the seconds; the remainder goes to the later ones.
+        let count = events * (k + 1) / slices - events * k / slices;
+        let width = (span - k * 1_000).min(1_000);
+        let mut out: Vec<_> = (0..count)
+            .filter_map(|_| {
+                let at = first + k * 1_000 + rng.below(width);
+                let i = usize::try_from(rng.below(instances as u64)).unwrap_or(0);
+                let what = chaos_of(rng.below(100));
+                (with_faults || !what.is_peer_fault()).then_some((Duration::from_millis(at), i, what))
+            })
+            .collect();
+        out.sort_by_key(|(at, i, _)| (*at, *i));
+        out
+    };
+    let mut creates = creates.into_iter().peekable();
+    let mut restarts = restarts.into_iter().peekable();
+    let mut events = (0..slices).flat_map(slice).peekable();
+    std::iter::from_fn(move || {
+        let key = |e: Option<&(Duration, usize, Chaos)>| e.map(|(at, i, _)| (*at, *i));
+        let candidates = [key(creates.peek()), key(restarts.peek()), key(events.peek())];
+        let (source, _) =
+            candidates.iter().enumerate().filter_map(|(n, k)| k.map(|k| (n, k))).min_by_key(|(_, k)| *k)?;
+        match source {
+            0 => creates.next(),
+            1 => restarts.next(),
+            _ => events.next(),
         }
+    })
+}
+
+fn chaos_of(draw: u64) -> Chaos {
+    match draw {
+        0..=11 => Chaos::Zombify,
+        12..=17 => Chaos::Close(4401),
+        18..=25 => Chaos::Close(4408),
+        26..=29 => Chaos::Close(4440),
+        30..=35 => Chaos::Close(4515),
+        36..=41 => Chaos::Close(1011),
+        42..=53 => Chaos::Drop,
+        54..=59 => Chaos::HangingLogout,
+        60..=67 => Chaos::DeleteZombie,
+        68..=75 => Chaos::Logout,
+        76..=81 => Chaos::Delete,
+        82..=89 => Chaos::Restart,
+        _ => Chaos::Connect,
     }
-    for third in [1, 2] {
-        out.push((Duration::from_millis(ms * third / 3), 0, Chaos::EngineRestart));
-    }
-    out.sort_by_key(|(at, i, _)| (*at, *i));
-    out
 }
 
 /// SplitMix64: a tiny, well-known seeded generator (no dependency needed).
@@ -270,8 +392,11 @@ impl SplitMix {
 
 /// The preset with durations short enough that a run of seconds shows every
 /// kind of event: heartbeats of 1 s, time-outs of 1–3 s, backoff from 250 ms.
+/// Its name says so (`whatsapp (tuned by simulate)`), and the log records it
+/// whole, so `verify` replays the log under exactly this policy.
 pub fn simulation_policy(preset: Preset) -> Policy {
     let mut p = Policy::preset(preset);
+    p.name = format!("{} (tuned by simulate)", preset.as_str());
     p.heartbeat = Heartbeat { interval: Duration::from_secs(1), deadline: Duration::from_secs(1) };
     p.timeouts = Timeouts {
         connect: Duration::from_secs(3),
@@ -289,7 +414,8 @@ pub fn simulation_policy(preset: Preset) -> Policy {
     p
 }
 
-/// Progress, reported about once a second.
+/// Progress, reported about once a second while the schedule runs, and once
+/// for each stage after it.
 #[derive(Clone, Debug, Default)]
 pub struct Progress {
     /// Time into the schedule.
@@ -298,22 +424,138 @@ pub struct Progress {
     pub total: Duration,
     /// Instances by state kind now.
     pub states: BTreeMap<StateKind, usize>,
+    /// What the run is doing.
+    pub stage: Stage,
 }
 
-fn prepare(data: &Path) -> Result<(), SimulateError> {
-    let io = |op, source| SimulateError::Io { op, path: data.to_path_buf(), source };
-    if data.exists() {
-        let empty = std::fs::read_dir(data).map_err(|e| io("read", e))?.next().is_none();
-        if !empty {
-            if !data.join(MARKER).is_file() {
-                return Err(SimulateError::DataInUse { path: data.to_path_buf() });
+/// What a simulation is doing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stage {
+    /// Running the schedule.
+    #[default]
+    Running,
+    /// The schedule is over: letting deletes and logouts in flight finish (bounded by the policy).
+    Finishing(Duration),
+    /// Shutting the engine down and verifying the log.
+    Verifying,
+}
+
+/// Where a simulation writes: beside `--data`, swapped in at the end.
+struct Staging {
+    data: PathBuf,
+    staging: PathBuf,
+}
+
+/// `path` with `suffix` appended to its last component.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+impl Staging {
+    /// Checks `data` and makes an empty staging directory beside it; refuses
+    /// (changing nothing) a directory simulate did not write or one in use.
+    fn prepare(data: &Path) -> Result<Self, SimulateError> {
+        Self::refuse_foreign_or_busy(data)?;
+        let staging = sibling(data, ".simulating");
+        let io = |op, source| SimulateError::Io { op, path: staging.clone(), source };
+        if staging.exists() {
+            // Another simulate writing it right now, or the leftover of one that was killed.
+            Self::refuse_foreign_or_busy(&staging)?;
+            std::fs::remove_dir_all(&staging).map_err(|e| io("remove the leftover", e))?;
+        }
+        std::fs::create_dir_all(&staging).map_err(|e| io("create", e))?;
+        std::fs::write(staging.join(MARKER), "written by `lifecycle simulate`; a rerun replaces this directory\n")
+            .map_err(|e| io("write", e))?;
+        Ok(Self { data: data.to_path_buf(), staging })
+    }
+
+    fn refuse_foreign_or_busy(dir: &Path) -> Result<(), SimulateError> {
+        let io = |op, source| SimulateError::Io { op, path: dir.to_path_buf(), source };
+        if !dir.exists() {
+            return Ok(());
+        }
+        let empty = std::fs::read_dir(dir).map_err(|e| io("read", e))?.next().is_none();
+        if !empty && !dir.join(MARKER).is_file() {
+            return Err(SimulateError::DataInUse { path: dir.to_path_buf() });
+        }
+        let db = dir.join("db");
+        if is_locked(&db) {
+            return Err(SimulateError::Busy { path: dir.to_path_buf(), holder: crate::log::lock_holder(&db) });
+        }
+        Ok(())
+    }
+
+    /// Puts the new log in place of the old one (which is removed).
+    fn commit(self) -> Result<(), SimulateError> {
+        let io = |op, path: &Path, source| SimulateError::Io { op, path: path.to_path_buf(), source };
+        if self.data.exists() {
+            Self::refuse_foreign_or_busy(&self.data)?;
+            let old = sibling(&self.data, ".simulate-old");
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| io("remove", &old, e))?;
             }
-            std::fs::remove_dir_all(data).map_err(|e| io("remove", e))?;
+            std::fs::rename(&self.data, &old).map_err(|e| io("move aside", &self.data, e))?;
+            std::fs::rename(&self.staging, &self.data).map_err(|e| io("move into place", &self.staging, e))?;
+            std::fs::remove_dir_all(&old).map_err(|e| io("remove", &old, e))
+        } else {
+            std::fs::rename(&self.staging, &self.data).map_err(|e| io("move into place", &self.staging, e))
         }
     }
-    std::fs::create_dir_all(data).map_err(|e| io("create", e))?;
-    std::fs::write(data.join(MARKER), "written by `lifecycle simulate`; a rerun replaces this directory\n")
-        .map_err(|e| io("write", e))
+}
+
+/// Whether another process holds sled's lock on `db` (false when there is no such file).
+fn is_locked(db: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(db) else { return false };
+    matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+}
+
+/// The machine's limits against the fleet: memory, and open files (the soft
+/// limit is raised to the hard one when that is enough).
+fn preflight(instances: usize, builtin_peer: bool) -> Result<(), SimulateError> {
+    let n = instances as u64;
+    let needed = n.saturating_mul(BYTES_PER_INSTANCE) + 64 * 1024 * 1024;
+    if let Some(available) = mem_available()
+        && needed > available
+    {
+        return Err(SimulateError::NotEnoughMemory {
+            instances,
+            needed_mb: needed >> 20,
+            available_mb: available >> 20,
+        });
+    }
+    let files = n.saturating_mul(if builtin_peer { 2 } else { 1 }) + FILES_SPARE;
+    raise_open_files(files).map_err(|limit| SimulateError::TooFewFiles { instances, needed: files, limit })
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (Linux; `None` elsewhere).
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Makes sure `wanted` descriptors may be open; `Err(hard limit)` when they may not.
+fn raise_open_files(wanted: u64) -> Result<(), u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass; no other memory is touched.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Ok(()); // unknown: let the run find out
+    }
+    if limit.rlim_cur >= wanted {
+        return Ok(());
+    }
+    if limit.rlim_max < wanted {
+        return Err(limit.rlim_max);
+    }
+    let raised = libc::rlimit { rlim_cur: wanted, rlim_max: limit.rlim_max };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(limit.rlim_cur);
+    }
+    Ok(())
 }
 
 struct Run {
@@ -340,25 +582,33 @@ fn refusal(e: &EngineError) -> String {
     kind.to_owned()
 }
 
-/// Runs a simulation and returns its summary.
-pub async fn run(options: &Options, mut progress: impl FnMut(&Progress)) -> Result<Summary, SimulateError> {
-    prepare(&options.data)?;
+/// Reads the CA file and builds a TLS configuration trusting it.
+fn load_ca(path: &Path) -> Result<Arc<rustls::ClientConfig>, SimulateError> {
+    let pem =
+        std::fs::read(path).map_err(|source| SimulateError::Io { op: "read", path: path.to_path_buf(), source })?;
+    crate::transport::tls_trusting(&pem).map_err(|source| SimulateError::Ca { path: path.to_path_buf(), source })
+}
+
+/// Runs a simulation and returns its summary. `stop` ends it early (the
+/// CLI passes Ctrl-C): the chaos stops, the engine shuts down within its
+/// bounds, and the summary covers what was done. Everything that can be
+/// wrong with the options, the peer or the machine is found before `--data`
+/// is touched; the new log replaces the old one only once it is complete.
+pub async fn run(
+    options: &Options,
+    mut progress: impl FnMut(&Progress),
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Summary, SimulateError> {
+    options.validate()?;
     let policy = simulation_policy(options.preset);
-    let tls = match &options.ca {
-        Some(path) => {
-            let pem =
-                std::fs::read(path).map_err(|source| SimulateError::Io { op: "read", path: path.clone(), source })?;
-            let tls = crate::transport::tls_trusting(&pem)
-                .map_err(|source| SimulateError::Ca { path: path.clone(), source })?;
-            Some(tls)
-        }
-        None => None,
-    };
+    let tls = options.ca.as_deref().map(load_ca).transpose()?;
+    if let Some(url) = &options.peer {
+        probe(url, tls.clone()).await?;
+    }
+    preflight(options.instances, options.peer.is_none())?;
+    let staging = Staging::prepare(&options.data)?;
     let (peer, url) = match &options.peer {
-        Some(url) => {
-            probe(url, tls.clone()).await?;
-            (None, url.clone())
-        }
+        Some(url) => (None, url.clone()),
         None => {
             let peer = TestPeer::start().await.map_err(|source| SimulateError::Io {
                 op: "listen",
@@ -379,8 +629,9 @@ pub async fn run(options: &Options, mut progress: impl FnMut(&Progress)) -> Resu
         transport: Arc::new(transport),
         ..EngineConfig::default()
     };
+    let at = staging.staging.clone();
     let mut run = Run {
-        engine: Some(Engine::open(&options.data, config.clone()).await?),
+        engine: Some(Engine::open(&at, config.clone()).await?),
         actions: tokio::task::JoinSet::new(),
         url,
         peer,
@@ -388,19 +639,28 @@ pub async fn run(options: &Options, mut progress: impl FnMut(&Progress)) -> Resu
         logouts: Arc::default(),
         refused: Arc::default(),
     };
-    let plan = schedule(options.seed, options.instances, options.duration, run.peer.is_some());
+    let plan = schedule_iter(options.seed, options.instances, options.duration, run.peer.is_some());
     let start = Instant::now();
     let mut next_report = Duration::ZERO;
     let mut restarts = 0;
-    for (at, i, what) in plan {
-        while start.elapsed() < at {
+    let mut interrupted = None;
+    tokio::pin!(stop);
+    'plan: for (at_offset, i, what) in plan {
+        while start.elapsed() < at_offset {
             if start.elapsed() >= next_report
                 && let Some(engine) = &run.engine
             {
-                progress(&snapshot(engine, start.elapsed(), options.duration));
+                progress(&snapshot(engine, start.elapsed(), options.duration, Stage::Running));
                 next_report += Duration::from_secs(1);
             }
-            tokio::time::sleep((at - start.elapsed()).min(Duration::from_millis(100))).await;
+            let pause = (at_offset - start.elapsed()).min(Duration::from_millis(100));
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = &mut stop => {
+                    interrupted = Some(start.elapsed());
+                    break 'plan;
+                }
+            }
         }
         if what == Chaos::EngineRestart {
             // Drop the old engine before reopening: the log allows one writer
@@ -410,25 +670,44 @@ pub async fn run(options: &Options, mut progress: impl FnMut(&Progress)) -> Resu
             }
             run.actions.abort_all();
             while run.actions.join_next().await.is_some() {}
-            run.engine = Some(Engine::open(&options.data, config.clone()).await?);
+            run.engine = Some(Engine::open(&at, config.clone()).await?);
             restarts += 1;
             continue;
         }
         act(&mut run, &format!("sim-{i:04}"), what);
         while run.actions.try_join_next().is_some() {}
     }
-    while start.elapsed() < options.duration {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    while interrupted.is_none() && start.elapsed() < options.duration {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            () = &mut stop => interrupted = Some(start.elapsed()),
+        }
+    }
+    let Some(engine) = run.engine.clone() else { unreachable!("the engine is back after every restart") };
+    if interrupted.is_some() {
+        run.actions.abort_all();
+    } else {
+        // Let in-flight deletes and logouts finish (each is bounded by the policy).
+        let t = &policy.timeouts;
+        let settle = t.logout + t.close + t.cleanup;
+        progress(&snapshot(&engine, options.duration, options.duration, Stage::Finishing(settle)));
+        tokio::select! {
+            () = tokio::time::sleep(settle) => {}
+            () = &mut stop => {
+                interrupted = Some(options.duration);
+                run.actions.abort_all();
+            }
+        }
     }
     while run.actions.join_next().await.is_some() {}
-    let Some(engine) = run.engine.clone() else { unreachable!("the engine is back after every restart") };
-    progress(&snapshot(&engine, options.duration, options.duration));
-    // Let in-flight deletes and logouts finish (each is bounded by the policy).
-    let t = &policy.timeouts;
-    tokio::time::sleep(t.logout + t.close + t.cleanup).await;
+    progress(&snapshot(&engine, start.elapsed().min(options.duration), options.duration, Stage::Verifying));
     engine.shutdown().await?;
     let log = engine.log().clone();
-    let summary = summarize(&log, &policy, options, &run, restarts);
+    let mut summary = summarize(&log, &policy, options, &run, restarts);
+    summary.interrupted_after_s = interrupted.map(|d| d.as_secs_f64());
+    // Close the log (every handle) before moving its directory into place.
+    drop((log, engine, run));
+    staging.commit()?;
     Ok(summary)
 }
 
@@ -443,13 +722,13 @@ async fn probe(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<(), 
     }
 }
 
-fn snapshot(engine: &Engine, elapsed: Duration, total: Duration) -> Progress {
+fn snapshot(engine: &Engine, elapsed: Duration, total: Duration, stage: Stage) -> Progress {
     let elapsed = elapsed.min(total);
     let mut states = BTreeMap::new();
     for (_, s) in engine.list() {
         *states.entry(s.kind()).or_default() += 1;
     }
-    Progress { elapsed, total, states }
+    Progress { elapsed, total, states, stage }
 }
 
 fn act(run: &mut Run, name: &str, what: Chaos) {
@@ -524,7 +803,7 @@ fn act(run: &mut Run, name: &str, what: Chaos) {
 fn summarize(log: &Log, policy: &Policy, options: &Options, run: &Run, restarts: u64) -> Summary {
     let mut s = Summary {
         seed: options.seed,
-        policy: options.preset.as_str().to_owned(),
+        policy: policy.name.clone(),
         instances: options.instances,
         seconds: options.duration.as_secs_f64(),
         data: options.data.display().to_string(),
@@ -567,7 +846,7 @@ fn summarize(log: &Log, policy: &Policy, options: &Options, run: &Run, restarts:
     for state in last.values() {
         *s.final_states.entry(state.kind().as_str().to_owned()).or_default() += 1;
     }
-    let report = log.verify(policy);
+    let report = log.verify_recorded(policy);
     s.verification = Verification {
         clean: report.is_clean(),
         instances: report.instances,

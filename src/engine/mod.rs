@@ -32,8 +32,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 pub use cleanup::{Cleanup, NoCleanup, StepFuture};
 
 use crate::log::{
-    CompactionReport, Event, InstanceSpec, Log, LogConfig, LogError, Record, RecoveryMode, RecoveryOptions,
-    Retention, resume_after_restart,
+    CompactionReport, Event, InstanceSpec, Log, LogConfig, LogError, Record, RecoveryMode, RecoveryOptions, Retention,
+    resume_after_restart,
 };
 use crate::machine::{
     Effect, Input, InputKind, Instance, InstanceName, Intent, NameError, Policy, PolicyError, Rejection, State,
@@ -683,25 +683,38 @@ impl Engine {
         if self.shut.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
-        let live: Vec<_> = self
+        let mut live: Vec<_> = self
             .registry
             .lock()
             .drain()
             .filter_map(|(_, e)| match e {
-                Entry::Live { commands, task, .. } => Some((commands, task)),
+                Entry::Live { commands, task, .. } => Some((commands, Some(task))),
                 Entry::Creating | Entry::Idle { .. } | Entry::Removed => None,
             })
             .collect();
         let stop = async {
-            for (commands, task) in live {
-                let (done, stopped) = oneshot::channel();
-                if commands.send(Box::new(Msg::Shutdown(done))).await.is_ok() {
-                    let _ = stopped.await;
+            for (commands, _) in &live {
+                // The task answers by ending; its reply channel is not needed.
+                let (done, _) = oneshot::channel();
+                let _ = commands.send(Box::new(Msg::Shutdown(done))).await;
+            }
+            for (_, task) in &mut live {
+                if let Some(t) = task.as_mut() {
+                    let _ = t.await;
+                    *task = None;
                 }
-                let _ = task.await;
             }
         };
-        let _ = tokio::time::timeout(self.shutdown_timeout, stop).await;
+        if tokio::time::timeout(self.shutdown_timeout, stop).await.is_err() {
+            // Past the bound (a task stuck in a slow append): stop them where they are.
+            // Their records are in the log or not; recovery reads what is there.
+            tracing::warn!(bound = ?self.shutdown_timeout, "shutdown bound reached; aborting the tasks still running");
+        }
+        // Every task has ended (or been aborted) before shutdown returns: none writes after it.
+        for task in live.into_iter().filter_map(|(_, t)| t) {
+            task.abort();
+            let _ = task.await;
+        }
         let log = self.shared.log.clone();
         tokio::task::spawn_blocking(move || log.sync())
             .await
@@ -766,7 +779,7 @@ fn removed_answer(name: InstanceName, input: &Input) -> Result<State, EngineErro
 /// Longest URL accepted.
 const URL_LEN_MAX: usize = 2048;
 
-fn validate_url(url: &str) -> Result<(), EngineError> {
+pub(crate) fn validate_url(url: &str) -> Result<(), EngineError> {
     let bad = |reason| Err(EngineError::InvalidUrl { url: url.chars().take(URL_LEN_MAX).collect(), reason });
     if url.len() > URL_LEN_MAX {
         return bad("longer than 2048 bytes");

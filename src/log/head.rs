@@ -130,7 +130,11 @@ pub fn read(dir: &Path) -> io::Result<HeadRead> {
     Ok(match newest(&bytes) {
         Some((head, _)) => HeadRead::Found(head),
         None => HeadRead::Unreadable {
-            detail: format!("{} bytes, no valid slot (expected {} bytes: two checksummed slots)", bytes.len(), 2 * SLOT_LEN),
+            detail: format!(
+                "{} bytes, no valid slot (expected {} bytes: two checksummed slots)",
+                bytes.len(),
+                2 * SLOT_LEN
+            ),
         },
     })
 }

@@ -107,10 +107,16 @@ impl fmt::Display for HeadCheck {
                 f,
                 "the log was replaced or rewritten: the record at global {global} has link {found}, the head recorded {head}"
             ),
-            Self::Missing => f.write_str("the head file is missing (it is what tells a complete log from a rolled-back one)"),
+            Self::Missing => {
+                f.write_str("the head file is missing (it is what tells a complete log from a rolled-back one)")
+            }
             Self::Unreadable { detail } => write!(f, "the head file is unreadable: {detail}"),
-            Self::Foreign { head, log } => write!(f, "the head file belongs to another log (head of log {head}, this is log {log})"),
-            Self::Legacy => f.write_str("a log written before heads existed: rollback detection starts when a writer opens it"),
+            Self::Foreign { head, log } => {
+                write!(f, "the head file belongs to another log (head of log {head}, this is log {log})")
+            }
+            Self::Legacy => {
+                f.write_str("a log written before heads existed: rollback detection starts when a writer opens it")
+            }
             Self::NotKept => f.write_str("the store keeps no head"),
         }
     }
@@ -186,10 +192,15 @@ pub(crate) fn check(
         HeadRead::Unreadable { detail } => return Ok(HeadCheck::Unreadable { detail }),
         HeadRead::Found(head) => head,
     };
-    Ok(compare(store, &head, log_id, tip)?)
+    compare(store, &head, log_id, tip)
 }
 
-fn compare(store: &dyn Store, head: &Head, log_id: LogId, (tip, tip_link): (u64, Digest)) -> Result<HeadCheck, LogError> {
+fn compare(
+    store: &dyn Store,
+    head: &Head,
+    log_id: LogId,
+    (tip, tip_link): (u64, Digest),
+) -> Result<HeadCheck, LogError> {
     if head.log_id != log_id {
         return Ok(HeadCheck::Foreign { head: head.log_id, log: log_id });
     }

@@ -354,7 +354,9 @@ impl Log {
         to: &Instance,
     ) -> Result<Appended, LogError> {
         let appended = self.write(name, expected_seq, at, event, to)?;
-        if self.waits() && let Some(f) = &self.inner.flusher {
+        if self.waits()
+            && let Some(f) = &self.inner.flusher
+        {
             f.wait_blocking(appended.global).map_err(|e| self.fail(e))?;
         }
         Ok(appended)
@@ -370,7 +372,9 @@ impl Log {
         to: &Instance,
     ) -> Result<Appended, LogError> {
         let appended = self.write(name, expected_seq, at, event, to)?;
-        if self.waits() && let Some(f) = &self.inner.flusher {
+        if self.waits()
+            && let Some(f) = &self.inner.flusher
+        {
             f.wait_async(appended.global).await.map_err(|e| self.fail(e))?;
         }
         Ok(appended)
@@ -416,8 +420,16 @@ impl Log {
             Event::Transition { .. } | Event::Snapshot { .. } => None,
         };
         let prev = tip.map_or(Digest::ZERO, |t| t.link);
-        let record =
-            Record { instance: name.clone(), seq: actual, global, at, prev: Some(prev), replaced: None, event, to: to.clone() };
+        let record = Record {
+            instance: name.clone(),
+            seq: actual,
+            global,
+            at,
+            prev: Some(prev),
+            replaced: None,
+            event,
+            to: to.clone(),
+        };
         let bytes = record::encode_record(&record);
         let link = Digest::of(&bytes[4..]);
         let latest = Latest { seq: actual, global, at, instance: to.clone() };
@@ -804,8 +816,7 @@ fn load_tips(store: &dyn Store) -> Result<HashMap<InstanceName, Tip>, LogError> 
         let name_bytes = name_bytes.to_vec();
         let name = std::str::from_utf8(&name_bytes).ok().and_then(|n| InstanceName::new(n).ok());
         let name = name.ok_or_else(|| corrupt_key("record key", &key))?;
-        let (last, value) =
-            store.last(&keys::record_prefix(&name))?.ok_or_else(|| corrupt_key("record key", &key))?;
+        let (last, value) = store.last(&keys::record_prefix(&name))?.ok_or_else(|| corrupt_key("record key", &key))?;
         let (_, seq) = keys::parse_record(&last).ok_or_else(|| corrupt_key("record key", &last))?;
         // An undecodable last record still gets a link (its bytes'): recovery reports it, not opening.
         tips.insert(name, Tip { seq, link: integrity::link_of(&value) });

@@ -115,6 +115,14 @@ pub enum Finding {
         /// What is wrong.
         detail: String,
     },
+    /// The log does not reach a head recorded elsewhere (see [`Log::check_anchor`]):
+    /// the whole directory was restored from an older copy, or replaced.
+    Anchor {
+        /// The global sequence number of the expected head.
+        expected: u64,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 impl fmt::Display for Finding {
@@ -150,6 +158,7 @@ impl fmt::Display for Finding {
             Self::GlobalOrder { instance, seq } => write!(f, "{instance}#{seq}: global sequence does not increase"),
             Self::LatestMismatch { instance, detail } => write!(f, "{instance}: latest-state entry {detail}"),
             Self::Index { detail } => write!(f, "global index: {detail}"),
+            Self::Anchor { expected, detail } => write!(f, "expected head {expected}: {detail}"),
         }
     }
 }
@@ -266,6 +275,33 @@ impl Log {
                 report.findings.insert(0, Finding::Corrupt { error });
                 report
             }
+        }
+    }
+
+    /// Checks that the log still reaches a head recorded outside it (by
+    /// monitoring, a deploy script, the operator: `Log::tip` when all was
+    /// well). The head file lives in the log's directory, so a restore of the
+    /// whole directory from an older copy takes it back too; only a head
+    /// kept elsewhere can tell. `None` when the log reaches it (or compaction
+    /// removed the record it names, so it cannot tell).
+    pub fn check_anchor(&self, global: u64, link: Digest) -> Option<Finding> {
+        let (tip, _) = self.tip();
+        if global > tip {
+            let detail = format!(
+                "the log ends at global {tip}: {} record(s) it once had are missing (was the directory restored from an older copy?)",
+                global - tip
+            );
+            return Some(Finding::Anchor { expected: global, detail });
+        }
+        match super::integrity::link_at(self.store(), global) {
+            Err(error) => Some(Finding::Corrupt { error }),
+            Ok(Some(found)) if found != link => Some(Finding::Anchor {
+                expected: global,
+                detail: format!(
+                    "the record at global {global} has link {found}, not {link}: the log was replaced or rewritten"
+                ),
+            }),
+            Ok(_) => None,
         }
     }
 
@@ -414,7 +450,11 @@ impl Log {
     fn check_link(&self, r: &Record, prev: Option<&(Record, Digest)>, report: &mut Report, unchained: &mut u64) {
         let snapshot = matches!(r.event, Event::Snapshot { .. });
         if r.replaced.is_some() != snapshot && r.prev.is_some() {
-            let event = if snapshot { "snapshot without the digest it replaced" } else { "replaced digest on a record that is not a snapshot" };
+            let event = if snapshot {
+                "snapshot without the digest it replaced"
+            } else {
+                "replaced digest on a record that is not a snapshot"
+            };
             report.findings.push(Finding::Misplaced { instance: r.instance.clone(), seq: r.seq, event });
         }
         let Some(found) = r.prev else {

@@ -3,6 +3,7 @@
 //! codes to accept, heartbeats, and every time-out. Every bound is a named
 //! field with a default and a reason.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -420,6 +421,45 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Every field in which `other` differs from `self`, as
+    /// `field: mine vs theirs` (`heartbeat.interval: 1s vs 30s`), in field order.
+    pub fn differences(&self, other: &Policy) -> Vec<String> {
+        let (mut mine, mut theirs) = (BTreeMap::new(), BTreeMap::new());
+        flatten("", &serde_json::to_value(self).unwrap_or_default(), &mut mine);
+        flatten("", &serde_json::to_value(other).unwrap_or_default(), &mut theirs);
+        let keys: std::collections::BTreeSet<&String> = mine.keys().chain(theirs.keys()).collect();
+        let absent = || "absent".to_owned();
+        keys.into_iter()
+            .filter(|k| mine.get(*k) != theirs.get(*k))
+            .map(|k| {
+                let a = mine.get(k).cloned().unwrap_or_else(absent);
+                let b = theirs.get(k).cloned().unwrap_or_else(absent);
+                format!("{k}: {a} vs {b}")
+            })
+            .collect()
+    }
+}
+
+/// Flattens a JSON value into `path → printed leaf`; durations print as `250ms`.
+fn flatten(path: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+    use serde_json::Value;
+    let join = |k: &str| if path.is_empty() { k.to_owned() } else { format!("{path}.{k}") };
+    match v {
+        Value::Object(m) if m.len() == 2 && m.contains_key("secs") && m.contains_key("nanos") => {
+            let secs = m["secs"].as_u64().unwrap_or(0);
+            let nanos = m["nanos"].as_u64().unwrap_or(0);
+            let d = Duration::new(secs, u32::try_from(nanos).unwrap_or(0));
+            out.insert(path.to_owned(), format!("{d:?}"));
+        }
+        Value::Object(m) => m.iter().for_each(|(k, v)| flatten(&join(k), v, out)),
+        Value::Array(items) => items.iter().enumerate().for_each(|(i, v)| flatten(&format!("{path}[{i}]"), v, out)),
+        leaf => {
+            out.insert(path.to_owned(), leaf.to_string());
+        }
+    }
+}
+
 impl Default for Policy {
     /// The plain RFC 6455 preset.
     fn default() -> Self {
@@ -501,6 +541,21 @@ mod tests {
         assert_eq!(exact.backoff_delay(&n, 1), Duration::from_secs(1));
         assert_eq!(exact.backoff_delay(&n, 3), Duration::from_secs(4));
         assert_eq!(exact.backoff_delay(&n, 60), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn differences_name_every_field_that_differs() {
+        let wa = Policy::preset(Preset::Whatsapp);
+        assert!(wa.differences(&wa).is_empty());
+        let mut tuned = wa.clone();
+        tuned.heartbeat.interval = Duration::from_secs(1);
+        tuned.name = "whatsapp (tuned)".into();
+        assert_eq!(
+            wa.differences(&tuned),
+            vec!["heartbeat.interval: 30s vs 1s".to_owned(), "name: \"whatsapp\" vs \"whatsapp (tuned)\"".to_owned()]
+        );
+        let evo = Policy::preset(Preset::Evolution);
+        assert!(wa.differences(&evo).iter().any(|d| d.starts_with("close_rules[")), "{:?}", wa.differences(&evo));
     }
 
     #[test]

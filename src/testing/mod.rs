@@ -18,7 +18,9 @@ pub mod strategy;
 mod virtual_time;
 
 pub use sim::{SimAction, SimBehaviour, SimTransport};
-pub use virtual_time::{EPOCH, assert_rules_hold, check_rules, sim_engine, sim_engine_on, simulate_virtual};
+pub use virtual_time::{
+    EPOCH, assert_rules_hold, check_rules, sim_engine, sim_engine_on, simulate_virtual, simulate_virtual_on,
+};
 
 use std::collections::BTreeMap;
 

@@ -42,6 +42,21 @@ pub async fn sim_engine_on(log: Log, policy: Policy, transport: SimTransport) ->
 /// simulated transport in virtual time, on its own single-threaded paused
 /// runtime, and returns the log. Deterministic: same arguments, same log.
 pub fn simulate_virtual(seed: u64, instances: usize, duration: Duration, policy: Policy) -> Result<Log, EngineError> {
+    simulate_virtual_on(Log::in_memory()?, seed, instances, duration, policy)
+}
+
+/// [`simulate_virtual`] on a log of your choice (a sled log, to test what an
+/// engine writes to disk; a log that already holds a run, to go on from it:
+/// the engine recovers it first). Open a sled log `Buffered`: a durable mode
+/// waits for real fsyncs, and virtual time runs ahead while it waits. With a
+/// sled log the run is not reproducible record for record.
+pub fn simulate_virtual_on(
+    log: Log,
+    seed: u64,
+    instances: usize,
+    duration: Duration,
+    policy: Policy,
+) -> Result<Log, EngineError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -49,7 +64,6 @@ pub fn simulate_virtual(seed: u64, instances: usize, duration: Duration, policy:
         .map_err(|e| EngineError::log(None, crate::log::LogError::Failed(format!("runtime: {e}"))))?;
     runtime.block_on(async move {
         let transport = SimTransport::new();
-        let log = Log::in_memory()?;
         let mut engine = sim_engine_on(log.clone(), policy.clone(), transport.clone()).await?;
         let spec = InstanceSpec { url: "ws://simulated/".into() };
         let start = tokio::time::Instant::now();

@@ -5,17 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn lifecycle(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lifecycle")).args(args).output().expect("run lifecycle")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use crate::support::{lifecycle, stderr, stdout};
 
 #[test]
 fn simulate_then_inspect_verify_export_and_diagram_what_it_wrote() {
@@ -28,7 +18,7 @@ fn simulate_then_inspect_verify_export_and_diagram_what_it_wrote() {
     let summary: serde_json::Value = serde_json::from_str(&stdout(&sim)).expect("--json prints JSON");
     assert_eq!(summary["verification"]["clean"], true, "{summary:#}");
     assert_eq!(summary["seed"], 7);
-    assert_eq!(summary["policy"], "whatsapp");
+    assert_eq!(summary["policy"], "whatsapp (tuned by simulate)");
     assert_eq!(summary["engine_restarts"], 2);
     let total = summary["transitions_total"].as_u64().expect("a count");
     assert!(total >= 24 * 2, "{total} transitions for 24 instances");

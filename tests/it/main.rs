@@ -6,7 +6,9 @@
 //! - `diagrams`: the checked-in diagrams match the code.
 
 mod cli;
+mod corruption;
 mod crash;
+mod data_safety;
 mod diagrams;
 mod engine;
 mod exhaustive;

@@ -1,0 +1,219 @@
+//! `lifecycle`: the command-line tool. Thin: it parses arguments, calls the
+//! library, and prints. Errors are one clear line and a non-zero exit code.
+
+mod diagram;
+mod output;
+mod peer;
+mod read;
+mod simulate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use instance_lifecycle::machine::Preset;
+use instance_lifecycle::simulate::{INSTANCES_MAX, SECONDS_MAX};
+
+use output::{Failure, finish};
+
+/// Explicit lifecycles for fleets of long-lived WebSocket sessions.
+#[derive(Parser)]
+#[command(name = "lifecycle", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a fleet through a seeded chaos schedule against the built-in peer, log every transition, verify the log.
+    Simulate {
+        /// Fleet size, 1..=100000: each instance holds a live connection
+        /// (about 50 KB of memory and two sockets with the built-in peer).
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=INSTANCES_MAX as i64))]
+        instances: u32,
+        /// Length of the chaos schedule in seconds, 1..=86400 (a day).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=SECONDS_MAX))]
+        seconds: u64,
+        /// Seed of the schedule: the same seed gives the same schedule.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where the log goes. A log an earlier simulate wrote there is
+        /// replaced once the new one is complete (it is written beside it,
+        /// in DATA.simulating); anything else there is refused.
+        #[arg(long, default_value = "lifecycle-data")]
+        data: PathBuf,
+        /// Close-status preset.
+        #[arg(long, value_enum, default_value_t = PresetArg::Whatsapp)]
+        policy: PresetArg,
+        /// An external peer speaking the reference protocol (faults then come from it).
+        #[arg(long)]
+        peer: Option<String>,
+        /// With a wss:// --peer: PEM file of the CA that signed its certificate
+        /// (trusted instead of the public web PKI).
+        #[arg(long, requires = "peer")]
+        ca: Option<PathBuf>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a log: every instance, or one instance's timeline. Reads a copy; never writes the log.
+    Inspect {
+        /// The log's directory.
+        dir: PathBuf,
+        /// One instance's timeline.
+        #[arg(long)]
+        instance: Option<String>,
+        /// With --instance: the state after this sequence number.
+        #[arg(long)]
+        at: Option<u64>,
+        /// Only instances (or records) in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only records at or after this time (milliseconds since the Unix epoch).
+        #[arg(long)]
+        since: Option<u64>,
+        /// Only records at or before this time (milliseconds since the Unix epoch).
+        #[arg(long)]
+        until: Option<u64>,
+    },
+    /// Check a log against the rules of this build (R8) and its head (nothing
+    /// acknowledged lost); exit code 1 on any finding. Reads a copy.
+    Verify {
+        /// The log's directory.
+        dir: PathBuf,
+        /// Replay every record under this preset instead of the policies the log recorded.
+        #[arg(long, value_enum)]
+        policy: Option<PresetArg>,
+        /// A head recorded earlier (`GLOBAL:LINK`, as verify prints it): also
+        /// fail when the log no longer reaches it — which is how a restore of
+        /// the whole directory from an older copy shows.
+        #[arg(long, value_name = "GLOBAL:LINK")]
+        expect_head: Option<String>,
+    },
+    /// Say whether a writer (an engine) can open a log; with --accept-loss,
+    /// open a log that lost records or its head anyway, recording the loss in it.
+    Recover {
+        /// The log's directory.
+        dir: PathBuf,
+        /// Accept what was lost: record it in the log and go on from what is left.
+        #[arg(long)]
+        accept_loss: bool,
+    },
+    /// Print every record in global order, one JSON object per line.
+    Export {
+        /// The log's directory.
+        dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+    },
+    /// Print the state diagram generated from the transition table.
+    Diagram {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = DiagramFormat::Mermaid)]
+        format: DiagramFormat,
+        /// Annotate each edge with how often a log took it (and mark edges never taken).
+        #[arg(long)]
+        from_log: Option<PathBuf>,
+        /// Render to an SVG file with Graphviz `dot`.
+        #[arg(long, conflicts_with = "png")]
+        svg: Option<PathBuf>,
+        /// Render to a PNG file with Graphviz `dot`.
+        #[arg(long)]
+        png: Option<PathBuf>,
+    },
+    /// Run the fault-injecting reference peer. Prints its URL, then takes
+    /// control lines on stdin: `zombify NAME`, `drop NAME`, `close NAME CODE`,
+    /// `fault NAME ready|no-identity|hang-on-logout|refuse`.
+    Peer {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Serve wss:// with this certificate chain (PEM); needs --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DiagramFormat {
+    Mermaid,
+    Dot,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PresetArg {
+    Whatsapp,
+    Evolution,
+    Discord,
+    Rfc6455,
+}
+
+impl From<PresetArg> for Preset {
+    fn from(p: PresetArg) -> Self {
+        match p {
+            PresetArg::Whatsapp => Preset::Whatsapp,
+            PresetArg::Evolution => Preset::Evolution,
+            PresetArg::Discord => Preset::Discord,
+            PresetArg::Rfc6455 => Preset::Rfc6455,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Simulate { instances, seconds, seed, data, policy, peer, ca, json } => {
+            let options = instance_lifecycle::simulate::Options {
+                instances: instances as usize,
+                duration: std::time::Duration::from_secs(seconds),
+                seed,
+                data,
+                preset: policy.into(),
+                peer,
+                ca,
+            };
+            run_async(simulate::run(options, json))
+        }
+        Command::Inspect { dir, instance, at, state, since, until } => {
+            output::clean_up_on_interrupt();
+            read::inspect(&dir, instance, at, state, since, until)
+        }
+        Command::Verify { dir, policy, expect_head } => {
+            output::clean_up_on_interrupt();
+            read::verify(&dir, policy.map(Preset::from), expect_head.as_deref())
+        }
+        Command::Recover { dir, accept_loss } => {
+            output::clean_up_on_interrupt();
+            read::recover(&dir, accept_loss)
+        }
+        Command::Export { dir, format: ExportFormat::Jsonl } => {
+            output::clean_up_on_interrupt();
+            read::export(&dir)
+        }
+        Command::Diagram { format, from_log, svg, png } => {
+            output::clean_up_on_interrupt();
+            diagram::run(matches!(format, DiagramFormat::Dot), from_log, svg, png)
+        }
+        Command::Peer { listen, tls_cert, tls_key } => run_async(peer::run(listen, tls_cert.zip(tls_key))),
+    };
+    finish(result)
+}
+
+/// Runs an async command on a fresh runtime.
+fn run_async(f: impl std::future::Future<Output = Result<ExitCode, Failure>>) -> Result<ExitCode, Failure> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| output::fail(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(f)
+}

@@ -1,0 +1,81 @@
+//! How the CLI talks: results on stdout, a failure as one line on stderr and
+//! an exit code. A reader that goes away (`| head`) is an ordinary write
+//! error that unwinds through every command — so temporary copies are
+//! removed on the way out — and ends the program quietly.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+/// Why a command stopped.
+pub enum Failure {
+    /// One line for the person; exit code 1.
+    Message(String),
+    /// stdout was closed by its reader: stop quietly, exit code 0.
+    Closed,
+}
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Self::Message(e.to_string())
+    }
+}
+
+/// A failure from a message.
+pub fn fail(message: impl Into<String>) -> Failure {
+    Failure::Message(message.into())
+}
+
+/// Writes one line to stdout.
+pub fn line(args: std::fmt::Arguments<'_>) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args).and_then(|()| out.write_all(b"\n")).map_err(|_| Failure::Closed)
+}
+
+/// Prints a line to stdout; returns `Failure::Closed` from the calling command when nobody reads.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::output::line(format_args!($($arg)*))?
+    };
+}
+pub(crate) use say;
+
+/// The exit code of a command's result, printing a failure.
+pub fn finish(result: Result<ExitCode, Failure>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(Failure::Closed) => ExitCode::SUCCESS,
+        Err(Failure::Message(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+pub const INTERRUPTED: u8 = 130;
+
+/// For commands that do not handle Ctrl-C themselves: on SIGINT or SIGTERM,
+/// remove the temporary copies of logs this process made, then exit with
+/// [`INTERRUPTED`]. Without it the copies would stay in the temporary directory.
+pub fn clean_up_on_interrupt() {
+    let watcher = std::thread::Builder::new().name("lifecycle-signals".into()).spawn(|| {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_io().build() else { return };
+        runtime.block_on(async {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+                return;
+            };
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => if r.is_err() { return },
+                _ = term.recv() => {}
+            }
+            instance_lifecycle::log::remove_copies();
+            eprintln!("interrupted");
+            std::process::exit(i32::from(INTERRUPTED));
+        });
+    });
+    if let Err(e) = watcher {
+        eprintln!(
+            "warning: cannot watch for Ctrl-C ({e}); an interrupted read may leave a copy in the temporary directory"
+        );
+    }
+}
