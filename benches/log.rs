@@ -223,7 +223,12 @@ fn main() {
         (Durability::Strict, 1, scaled(4_000)),
     ];
     let mut bytes_per_record = 0;
+    // BENCH_FILTER=strict (say) runs only the rows whose label contains it.
+    let filter = std::env::var("BENCH_FILTER").unwrap_or_default().to_lowercase();
     for (mode, threads, per) in cases {
+        if !format!("{mode:?} appends").to_lowercase().contains(&filter) {
+            continue;
+        }
         // Interleave two rounds and keep each side's best: a shared, noisy
         // machine slows whichever run it hits, and the best is the least disturbed.
         let (mut raw, mut ours, mut bytes) = (0f64, 0f64, 0);
@@ -239,6 +244,9 @@ fn main() {
             "| appends/s, {mode:?}, {threads} writer(s) × {per} | {ours:.0} | {raw:.0} | {:.2}× | ≥ 0.80× |",
             ours / raw
         );
+    }
+    if !"recovery".contains(&filter) {
+        return;
     }
     let (raw, fast, replay, n) = recovery(scaled(1_000_000), 100);
     println!(

@@ -17,11 +17,29 @@ use super::head::{Head, LogId};
 use super::record::Digest;
 use super::store::{Store, StoreError};
 
-/// Makes everything applied so far durable, then the head covering `(global, link)`.
-pub(crate) fn commit(store: &dyn Store, log_id: LogId, global: u64, link: Digest) -> Result<(), StoreError> {
+/// How far a commit goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reach {
+    /// To the operating system: survives a crash of this process (`Buffered`).
+    Os,
+    /// To the disk: survives a power loss, if the disk honours fsync (the durable modes).
+    Disk,
+}
+
+/// Makes everything applied so far reach `reach`, then the head covering
+/// `(global, link)` — never the other way round.
+pub(crate) fn commit(
+    store: &dyn Store,
+    log_id: LogId,
+    global: u64,
+    link: Digest,
+    reach: Reach,
+) -> Result<(), StoreError> {
     store.flush()?;
-    store.sync()?;
-    store.write_head(&Head { log_id, global, link })
+    if reach == Reach::Disk {
+        store.sync()?;
+    }
+    store.write_head(&Head { log_id, global, link }, reach == Reach::Disk)
 }
 
 /// The flusher: one thread that commits on request, covering every append
@@ -33,7 +51,10 @@ pub(crate) struct Flusher {
 
 struct FlushShared {
     state: Mutex<FlushState>,
-    wake: Condvar,
+    /// Wakes the flusher: work arrived (only when it was idle) or stop.
+    work: Condvar,
+    /// Wakes blocking waiters: a commit finished or failed.
+    done: Condvar,
     durable: tokio::sync::watch::Sender<u64>,
 }
 
@@ -49,14 +70,15 @@ struct FlushState {
 
 impl Flusher {
     /// Starts the thread; `window` is how long it gathers appends before each commit.
-    pub(crate) fn start(store: Arc<dyn Store>, log_id: LogId, durable: u64, window: Duration) -> Self {
+    pub(crate) fn start(store: Arc<dyn Store>, log_id: LogId, durable: u64, window: Duration, reach: Reach) -> Self {
         let (tx, _) = tokio::sync::watch::channel(durable);
         let state = FlushState { requested: (durable, Digest::ZERO), durable, ..FlushState::default() };
-        let shared = Arc::new(FlushShared { state: Mutex::new(state), wake: Condvar::new(), durable: tx });
+        let shared =
+            Arc::new(FlushShared { state: Mutex::new(state), work: Condvar::new(), done: Condvar::new(), durable: tx });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("lifecycle-log-flush".into())
-            .spawn(move || worker.run(store.as_ref(), log_id, window))
+            .spawn(move || worker.run(store.as_ref(), log_id, window, reach))
             .ok();
         Self { shared, thread }
     }
@@ -64,10 +86,15 @@ impl Flusher {
     /// Asks for a commit covering the append at `global` (called in append order).
     pub(crate) fn request(&self, global: u64, link: Digest) {
         let mut s = self.shared.lock();
+        // Only an idle flusher needs waking: one that is gathering or
+        // committing looks at `requested` again before it waits.
+        let idle = s.requested.0 <= s.durable;
         if global > s.requested.0 {
             s.requested = (global, link);
         }
-        self.shared.wake.notify_all();
+        if idle {
+            self.shared.work.notify_one();
+        }
     }
 
     pub(crate) fn wait_blocking(&self, global: u64) -> Result<(), String> {
@@ -85,7 +112,7 @@ impl Flusher {
             if s.stop {
                 return Err("the log is closing".into());
             }
-            s = self.shared.wake.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
+            s = self.shared.done.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 
@@ -106,7 +133,8 @@ impl Flusher {
     /// Commits what was requested, then ends the thread.
     pub(crate) fn stop(mut self) {
         self.shared.lock().stop = true;
-        self.shared.wake.notify_all();
+        self.shared.work.notify_all();
+        self.shared.done.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -118,12 +146,12 @@ impl FlushShared {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn run(&self, store: &dyn Store, log_id: LogId, window: Duration) {
+    fn run(&self, store: &dyn Store, log_id: LogId, window: Duration, reach: Reach) {
         loop {
             {
                 let mut s = self.lock();
                 while s.requested.0 <= s.durable && !s.stop {
-                    s = self.wake.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
+                    s = self.work.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
                 if s.requested.0 <= s.durable {
                     break; // stopping, nothing left
@@ -131,7 +159,7 @@ impl FlushShared {
                 if !window.is_zero() && !s.stop {
                     // Gather for the window; a stop cuts it short.
                     let (guard, _) = self
-                        .wake
+                        .work
                         .wait_timeout_while(s, window, |s| !s.stop)
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     drop(guard);
@@ -139,7 +167,7 @@ impl FlushShared {
             }
             // Everything requested before the commit starts is covered by it.
             let (global, link) = self.lock().requested;
-            let result = commit(store, log_id, global, link);
+            let result = commit(store, log_id, global, link, reach);
             let mut s = self.lock();
             match result {
                 Ok(()) => {
@@ -149,13 +177,13 @@ impl FlushShared {
                 Err(e) => {
                     s.error = Some(format!("flush failed: {e}"));
                     let _ = self.durable.send(u64::MAX);
-                    self.wake.notify_all();
+                    self.done.notify_all();
                     break;
                 }
             }
-            self.wake.notify_all();
+            self.done.notify_all();
         }
         self.lock().stop = true;
-        self.wake.notify_all();
+        self.done.notify_all();
     }
 }

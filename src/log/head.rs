@@ -179,16 +179,19 @@ impl HeadFile {
         Ok(Self { file, counter, written })
     }
 
-    /// Writes `head` into the older slot and waits until it is durable.
-    /// A head behind the one already written is not written (heads only move forward).
-    pub fn write(&mut self, head: &Head) -> io::Result<()> {
+    /// Writes `head` into the older slot; with `sync`, waits until it is on
+    /// disk. A head behind the one already written is not written (heads
+    /// only move forward).
+    pub fn write(&mut self, head: &Head, sync: bool) -> io::Result<()> {
         if head.global < self.written {
             return Ok(());
         }
         let counter = self.counter.wrapping_add(1);
         let offset = (counter % 2) * SLOT_LEN as u64;
         self.file.write_all_at(&encode_slot(head, counter), offset)?;
-        self.file.sync_data()?;
+        if sync {
+            self.file.sync_data()?;
+        }
         self.counter = counter;
         self.written = head.global;
         Ok(())
@@ -197,7 +200,7 @@ impl HeadFile {
     /// Writes `head` even if it is behind the last one (accepting a loss resets the head).
     pub fn reset(&mut self, head: &Head) -> io::Result<()> {
         self.written = 0;
-        self.write(head)
+        self.write(head, true)
     }
 }
 
@@ -215,10 +218,10 @@ mod tests {
         let mut f = HeadFile::create(dir.path(), &head(0)).expect("create");
         assert_eq!(read(dir.path()).expect("read"), HeadRead::Found(head(0)));
         for g in 1..=5 {
-            f.write(&head(g)).expect("write");
+            f.write(&head(g), true).expect("write");
             assert_eq!(read(dir.path()).expect("read"), HeadRead::Found(head(g)));
         }
-        f.write(&head(3)).expect("a head behind is skipped");
+        f.write(&head(3), true).expect("a head behind is skipped");
         assert_eq!(read(dir.path()).expect("read"), HeadRead::Found(head(5)));
         // Tear the newest slot: the previous head is read.
         let mut bytes = std::fs::read(dir.path().join(FILE)).expect("bytes");
@@ -228,7 +231,7 @@ mod tests {
         assert_eq!(read(dir.path()).expect("read"), HeadRead::Found(head(4)));
         // Reopened, it goes on from the valid slot.
         let mut f = HeadFile::open(dir.path()).expect("open");
-        f.write(&head(6)).expect("write");
+        f.write(&head(6), false).expect("write");
         assert_eq!(read(dir.path()).expect("read"), HeadRead::Found(head(6)));
         std::fs::write(dir.path().join(FILE), b"garbage").expect("garbage");
         assert!(matches!(read(dir.path()).expect("read"), HeadRead::Unreadable { .. }));

@@ -10,7 +10,8 @@
 //!    instance's latest-state entry. Release the lock.
 //! 3. Wait for durability as the [`Durability`] mode says: a *commit* (sled
 //!    flush, fsync of its files, then the head moved up with one more
-//!    `fdatasync`) covering this append.
+//!    `fdatasync`) covering this append. `Buffered` does not wait; its
+//!    commits run on a period and stop at the OS (no fsync).
 //! 4. Only then may the caller apply the transition in memory. If any step
 //!    fails, the caller gets the error and the transition does not happen.
 //!
@@ -20,7 +21,7 @@
 //!
 //! | mode | an append returns after | process crash | power loss |
 //! |---|---|---|---|
-//! | [`Durability::Buffered`] | the batch is in sled's memory; a commit runs every `flush_every` | loses ≤ `flush_every` | loses ≤ `flush_every` |
+//! | [`Durability::Buffered`] | the batch is in sled's memory (sled writes it out every `flush_every`; a commit to the OS, without fsync, moves the head every `buffered_head_every`) | loses ≤ `flush_every` | loses what the OS had not written back; the head then reports what it covered as lost |
 //! | [`Durability::GroupCommit`] (default) | a shared commit, started at most `group_commit_window` later, covering every append before it | loses nothing acknowledged | loses nothing acknowledged (if the disk honours fsync) |
 //! | [`Durability::Strict`] | a commit started at once for it | loses nothing acknowledged | loses nothing acknowledged |
 //!
@@ -64,7 +65,7 @@ pub use verify::{Finding, Note, Report};
 
 use crate::machine::{Instance, InstanceName, Policy, Timestamp};
 use files::Scratch;
-use flush::{Flusher, commit};
+use flush::{Flusher, Reach, commit};
 
 /// How long opening waits for a lock that another handle is releasing.
 const LOCK_WAIT: Duration = Duration::from_secs(1);
@@ -90,8 +91,14 @@ pub struct LogConfig {
     /// How long `GroupCommit` waits to gather appends before flushing: 2 ms
     /// adds little latency to a transition and amortises one fsync over many.
     pub group_commit_window: Duration,
-    /// How often `Buffered` commits (what it may lose).
+    /// sled's background flush interval: what `Buffered` may lose to a crash.
     pub flush_every: Duration,
+    /// How often `Buffered` moves the head up (a commit to the OS: it makes
+    /// sled write back everything since the last one, which takes a while
+    /// under load, so it is kept off the hot path). 5 s: a rollback that
+    /// takes records older than that is detected; newer ones are within
+    /// what `Buffered` may lose anyway.
+    pub buffered_head_every: Duration,
     /// sled's page cache: 64 MiB holds the hot tail of a large fleet's log;
     /// sled's own default (1 GiB) is far more than a lifecycle log needs.
     pub cache_capacity: u64,
@@ -107,6 +114,7 @@ impl Default for LogConfig {
             durability: Durability::GroupCommit,
             group_commit_window: Duration::from_millis(2),
             flush_every: Duration::from_millis(500),
+            buffered_head_every: Duration::from_secs(5),
             cache_capacity: 64 * 1024 * 1024,
             accept_loss: false,
         }
@@ -235,8 +243,11 @@ impl Log {
     }
 
     fn open_sled(path: &Path, config: LogConfig, access: Access, scratch: Option<Scratch>) -> Result<Self, LogError> {
-        // We commit ourselves (see `flush.rs`): sled's own periodic flush is off.
-        let sled_config = sled::Config::new().path(path).cache_capacity(config.cache_capacity).flush_every_ms(None);
+        // sled's own periodic flush stays on (its I/O runs best with it); our
+        // commits (see `flush.rs`) are what acknowledgements and the head wait for.
+        let flush_ms = u64::try_from(config.flush_every.as_millis()).unwrap_or(u64::MAX).max(1);
+        let sled_config =
+            sled::Config::new().path(path).cache_capacity(config.cache_capacity).flush_every_ms(Some(flush_ms));
         // sled releases its lock a moment after the last handle drops (its I/O
         // threads finish first), so a log reopened in the same process may find
         // it still held: retry for a bounded time before calling it in use.
@@ -284,12 +295,12 @@ impl Log {
             // Memory logs commit on sync and drop; a thread per simulated log is not worth it.
             (Access::Write, Some(_), Durability::Buffered) if path.is_none() => None,
             (Access::Write, Some(id), mode) => {
-                let window = match mode {
-                    Durability::Buffered => config.flush_every,
-                    Durability::GroupCommit => config.group_commit_window,
-                    Durability::Strict => Duration::ZERO,
+                let (window, reach) = match mode {
+                    Durability::Buffered => (config.buffered_head_every, Reach::Os),
+                    Durability::GroupCommit => (config.group_commit_window, Reach::Disk),
+                    Durability::Strict => (Duration::ZERO, Reach::Disk),
                 };
-                Some(Flusher::start(store.clone(), id, last_global, window))
+                Some(Flusher::start(store.clone(), id, last_global, window, reach))
             }
         };
         let inner = Inner {
@@ -523,7 +534,7 @@ impl Log {
         }
         let (global, link) = self.tip();
         match self.inner.log_id {
-            Some(id) => commit(self.store(), id, global, link)?,
+            Some(id) => commit(self.store(), id, global, link, Reach::Disk)?,
             None => {
                 self.store().flush()?;
                 self.store().sync()?;
@@ -626,7 +637,9 @@ impl Drop for Inner {
             // Best effort: make everything appended durable, head included, before the files close.
             let w = self.writer.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
             match self.log_id {
-                Some(id) if w.failed.is_none() => drop(commit(self.store.as_ref(), id, w.last_global, w.last_link)),
+                Some(id) if w.failed.is_none() => {
+                    drop(commit(self.store.as_ref(), id, w.last_global, w.last_link, Reach::Disk))
+                }
                 _ => drop(self.store.flush()),
             }
         }
@@ -741,7 +754,7 @@ impl Opening<'_> {
             }
             damage if damage.is_damage() => self.accept(&check, id, global, link)?,
             // The records past the head were never acknowledged, but they are here: cover them.
-            HeadCheck::Behind { .. } => commit(self.store, id, global, link)?,
+            HeadCheck::Behind { .. } => commit(self.store, id, global, link, Reach::Disk)?,
             _ => {}
         }
         Ok((Some(id), check))
