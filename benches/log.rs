@@ -40,6 +40,7 @@ fn transition(seq: u64) -> (Event, Instance) {
     let to = backoff(seq);
     let input = Input::TransportClosed {
         generation: Generation(3),
+        initiator: instance_lifecycle::machine::CloseInitiator::Peer,
         status: Some(StatusCode(428)),
         reason: "connection closed".into(),
     };

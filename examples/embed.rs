@@ -11,7 +11,7 @@ use std::time::Duration;
 use instance_lifecycle::engine::{Cleanup, Engine, EngineConfig, StepFuture};
 use instance_lifecycle::log::InstanceSpec;
 use instance_lifecycle::machine::{InstanceName, Policy, Preset};
-use instance_lifecycle::peer::{Action, TestPeer};
+use instance_lifecycle::testing::peer::{Action, TestPeer};
 
 /// The host's own cleanup: named steps, run once per delete, in order.
 struct HostCleanup;

@@ -2,9 +2,11 @@
 //! state of [`crate::machine::catalog`] is stepped with every sample input under
 //! every exploration policy, and each transition that changes the state kind
 //! (or stays in it) becomes an edge labelled with the inputs that take it.
-//! Nothing here is a hand-kept copy of the rules.
+//! Upkeep — effects without a state change, such as a heartbeat's ping — is
+//! drawn as a dotted loop marked "upkeep, not logged". Nothing here is a
+//! hand-kept copy of the rules.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use crate::machine::catalog::{exploration_policies, sample_inputs, sample_states};
@@ -30,6 +32,8 @@ pub struct Diagram {
     pub edges: BTreeMap<Edge, BTreeMap<InputKind, u64>>,
     /// Whether counts come from a log (then edges with 0 are marked as never taken).
     pub annotated: bool,
+    /// Inputs that only cause upkeep in a state (no transition, nothing logged).
+    pub upkeep: BTreeMap<StateKind, BTreeSet<InputKind>>,
 }
 
 impl Diagram {
@@ -38,18 +42,25 @@ impl Diagram {
         let name = InstanceName::new("diagram").unwrap_or_else(|_| unreachable!("a literal valid name"));
         let g = Generation(1);
         let mut edges: BTreeMap<Edge, BTreeMap<InputKind, u64>> = BTreeMap::new();
+        let mut upkeep: BTreeMap<StateKind, BTreeSet<InputKind>> = BTreeMap::new();
         for policy in exploration_policies() {
             for state in sample_states() {
                 let instance = Instance { generation: g, state };
                 for input in sample_inputs(g) {
-                    if let Outcome::Transition(t) = step(&name, &instance, &input, &policy, Timestamp(60_000)) {
-                        let edge = (instance.state.kind(), t.to.kind());
-                        edges.entry(edge).or_default().insert(input.kind(), 0);
+                    match step(&name, &instance, &input, &policy, Timestamp(60_000)) {
+                        Outcome::Transition(t) => {
+                            let edge = (instance.state.kind(), t.to.kind());
+                            edges.entry(edge).or_default().insert(input.kind(), 0);
+                        }
+                        Outcome::Effects(_) => {
+                            upkeep.entry(instance.state.kind()).or_default().insert(input.kind());
+                        }
+                        Outcome::Ignored(_) | Outcome::Rejected(_) => {}
                     }
                 }
             }
         }
-        Self { edges, annotated: false }
+        Self { edges, annotated: false, upkeep }
     }
 
     /// Counts one transition taken in a log. Edges the rules do not know are
@@ -80,6 +91,10 @@ impl Diagram {
                 for ((from, to), inputs) in &self.edges {
                     let _ = writeln!(out, "    {from} --> {to} : {}", self.label(inputs, ", "));
                 }
+                for (state, inputs) in &self.upkeep {
+                    let _ =
+                        writeln!(out, "    {state} --> {state} : {} (upkeep, not logged)", upkeep_label(inputs, ", "));
+                }
                 out.push_str("    Removed --> [*]\n");
             }
             Format::Dot => {
@@ -90,11 +105,22 @@ impl Diagram {
                     let style = if self.annotated && inputs.values().all(|&n| n == 0) { ", style=dashed" } else { "" };
                     let _ = writeln!(out, "    {from} -> {to} [label=\"{}\"{style}];", self.label(inputs, "\\n"));
                 }
+                for (state, inputs) in &self.upkeep {
+                    let label = upkeep_label(inputs, "\\n");
+                    let _ = writeln!(
+                        out,
+                        "    {state} -> {state} [label=\"{label}\\n(upkeep, not logged)\", style=dotted];"
+                    );
+                }
                 out.push_str("}\n");
             }
         }
         out
     }
+}
+
+fn upkeep_label(inputs: &BTreeSet<InputKind>, separator: &str) -> String {
+    inputs.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(separator)
 }
 
 #[cfg(test)]

@@ -16,13 +16,9 @@
 mod contain;
 pub mod diagram;
 pub mod engine;
-#[cfg(feature = "testing")]
-pub mod fuzzing;
 pub mod log;
 pub mod machine;
-pub mod peer;
-pub mod simulate;
-#[cfg(feature = "testing")]
+#[cfg(feature = "tools")]
 pub mod testing;
 pub mod transport;
 

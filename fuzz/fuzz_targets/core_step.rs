@@ -1,4 +1,4 @@
-//! Fuzz target `core_step`: see `instance_lifecycle::fuzzing::core_sequence` for the invariants it checks.
+//! Fuzz target `core_step`: see `instance_lifecycle::testing::fuzz::core_sequence` for the invariants it checks.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| instance_lifecycle::fuzzing::core_sequence(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| instance_lifecycle::testing::fuzz::core_sequence(data));

@@ -1,4 +1,4 @@
-//! Fuzz target `record_decode`: see `instance_lifecycle::fuzzing::record_decode` for the invariants it checks.
+//! Fuzz target `record_decode`: see `instance_lifecycle::testing::fuzz::record_decode` for the invariants it checks.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| instance_lifecycle::fuzzing::record_decode(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| instance_lifecycle::testing::fuzz::record_decode(data));

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::machine::{Input, InstanceName, StepOutcome, StepReport};
-use crate::transport::bounded;
+use crate::machine::{Input, InstanceName, Reason, StepOutcome, StepReport};
 
 /// A cleanup step's future.
 pub type StepFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>;
@@ -56,11 +55,11 @@ pub(crate) async fn run(
                 StepOutcome::TimedOut
             }
             Ok(Ok(Ok(()))) => StepOutcome::Done,
-            Ok(Ok(Err(error))) => StepOutcome::Failed { error: bounded(error) },
+            Ok(Ok(Err(error))) => StepOutcome::Failed { error: Reason::new(error) },
             Ok(Err(e)) if e.is_panic() => {
-                StepOutcome::Panicked { message: bounded(crate::panic_message(&e.into_panic())) }
+                StepOutcome::Panicked { message: Reason::new(crate::panic_message(&e.into_panic())) }
             }
-            Ok(Err(e)) => StepOutcome::Failed { error: bounded(e.to_string()) },
+            Ok(Err(e)) => StepOutcome::Failed { error: Reason::new(e.to_string()) },
         };
         if outcome != StepOutcome::Done {
             tracing::warn!(instance = %instance, step, ?outcome, "cleanup step did not succeed; removal goes on");

@@ -1,36 +1,27 @@
-//! One task per instance: it owns the instance's state machine, takes host
-//! commands and transport signals through channels, asks the core what to do,
-//! logs the transition, applies it, then carries out the effects. It never
-//! holds a shared lock across an await and never waits on another instance.
-//! A supervisor catches a panic in the task (or in a host hook it calls),
+//! One task per live instance: a short async loop around the instance's
+//! sans-IO [`Driver`] — host commands and transport signals in, the driver's
+//! deadline as the only timer — that records each transition in the log
+//! through the driver, then carries out its I/O effects. It never holds a
+//! shared lock across an await and never waits on another instance. A
+//! supervisor catches a panic in the task (or in a host hook it calls),
 //! records it through the rules (R10), and goes on.
 
-use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Weak};
 
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::sleep_until;
 use tracing::{Instrument, debug, error, trace};
 
-use super::{EngineError, Notification, Registry, Shared, View};
-use crate::log::{Event, InstanceSpec};
-use crate::machine::{Effect, Ignored, Input, InstanceName, Outcome, State, Timer, step};
+use super::error::EngineError;
+use super::registry::{Msg, Registry, Reply, View};
+use super::shared::{Notification, Shared};
+use crate::log::InstanceSpec;
+use crate::machine::{Driver, Effect, Fed, Generation, Ignored, Input, Reason, State, WsUrl};
 use crate::panic_message;
 use crate::transport::{ConnectSpec, Control, Signals};
-
-/// A message to an instance task.
-pub(crate) enum Msg {
-    /// A host command (named for errors) and where to send its result.
-    Command { input: Input, command: &'static str, reply: Reply },
-    /// Stop: drop the socket, keep the recorded state.
-    Shutdown(oneshot::Sender<()>),
-}
-
-/// Where a command's result goes.
-pub(crate) type Reply = oneshot::Sender<Result<State, EngineError>>;
 
 /// What a waiting command waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,85 +38,87 @@ struct Waiter {
 }
 
 struct Conn {
-    generation: crate::machine::Generation,
+    generation: Generation,
     control: mpsc::Sender<Control>,
     task: JoinHandle<()>,
 }
 
-/// Control messages queued per connection: a logout and a close at most.
+/// Control messages queued per connection: a logout, a close and a ping at most.
 const CONTROL_CAPACITY: usize = 4;
 
 pub(crate) struct Task {
-    pub(crate) name: InstanceName,
-    pub(crate) spec: InstanceSpec,
-    pub(crate) view: watch::Sender<View>,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) registry: Weak<Registry>,
-    pub(crate) signals_tx: mpsc::Sender<Box<Input>>,
+    driver: Driver,
+    spec: InstanceSpec,
+    view: watch::Sender<View>,
+    shared: Arc<Shared>,
+    registry: Weak<Registry>,
+    signals_tx: mpsc::Sender<Box<Input>>,
     /// Tells this task's registry entry from a later incarnation's.
     token: u64,
     /// The command being handled, until it is answered or parked as a waiter.
     in_flight: Option<(&'static str, Reply)>,
     conn: Option<Conn>,
-    timers: BTreeMap<Timer, Instant>,
     waiters: Vec<Waiter>,
     cleanup: Option<JoinHandle<()>>,
 }
 
 /// Messages are boxed: tokio's mpsc allocates a block of 32 slots up front per
-/// channel, so small slots keep an idle instance small.
+/// channel, so small slots keep an instance small.
 pub(crate) struct Channels {
-    pub(crate) commands: mpsc::Receiver<Box<Msg>>,
+    pub(crate) inbox: mpsc::Receiver<Box<Msg>>,
     pub(crate) signals: mpsc::Receiver<Box<Input>>,
 }
 
+/// What a new task starts from.
+pub(crate) struct Start {
+    pub(crate) driver: Driver,
+    pub(crate) spec: InstanceSpec,
+    pub(crate) view: watch::Sender<View>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) registry: Weak<Registry>,
+    pub(crate) signals_tx: mpsc::Sender<Box<Input>>,
+    pub(crate) token: u64,
+}
+
 impl Task {
-    pub(crate) fn new(
-        name: InstanceName,
-        spec: InstanceSpec,
-        view: watch::Sender<View>,
-        shared: Arc<Shared>,
-        registry: Weak<Registry>,
-        signals_tx: mpsc::Sender<Box<Input>>,
-        token: u64,
-    ) -> Self {
+    pub(crate) fn new(s: Start) -> Self {
         Self {
-            name,
-            spec,
-            view,
-            shared,
-            registry,
-            signals_tx,
-            token,
+            driver: s.driver,
+            spec: s.spec,
+            view: s.view,
+            shared: s.shared,
+            registry: s.registry,
+            signals_tx: s.signals_tx,
+            token: s.token,
             in_flight: None,
             conn: None,
-            timers: BTreeMap::new(),
             waiters: Vec::new(),
             cleanup: None,
         }
     }
 
-    /// Runs the instance until it is removed, shut down, or the engine is dropped.
+    /// Runs the instance until it is removed, parked, shut down, or the
+    /// engine is dropped, carrying out `initial` first (what recovery decided).
     pub(crate) async fn supervise(mut self, mut ch: Channels, initial: Vec<Effect>) {
-        let span = tracing::info_span!("instance", instance = %self.name);
+        let span = tracing::info_span!("instance", instance = %self.driver.name());
         async move {
-            self.carry_out(&initial);
+            self.carry_out(initial.iter());
             loop {
                 match AssertUnwindSafe(self.run(&mut ch)).catch_unwind().await {
                     Ok(()) => break,
                     Err(panic) => {
-                        let message = crate::transport::bounded(panic_message(&panic));
+                        let message = Reason::new(panic_message(&panic));
                         error!(%message, "instance task panicked; recording it and going on (R10)");
                         self.abort_conn();
-                        self.timers.clear();
-                        // Boxed: this rare path must not grow every idle task's future.
-                        if let Err(e) = Box::pin(self.feed(Input::Panicked { message })).await {
+                        // Boxed: this rare path must not grow every task's future.
+                        if let Err(e) = Box::pin(self.handle(Input::Panicked { message })).await {
                             error!(error = %e, "could not record the panic; stopping this instance");
                             break;
                         }
                         // The command whose handling panicked learns it now, after the record.
                         if let Some((command, reply)) = self.in_flight.take() {
-                            let _ = reply.send(Err(EngineError::Interrupted { name: self.name.clone(), command }));
+                            let name = self.driver.name().clone();
+                            let _ = reply.send(Err(EngineError::Interrupted { name, command }));
                         }
                     }
                 }
@@ -137,14 +130,14 @@ impl Task {
     }
 
     fn removed(&self) -> bool {
-        matches!(self.view.borrow().instance.state, State::Removed { .. })
+        matches!(self.driver.state(), State::Removed { .. })
     }
 
     /// At rest: `Closed` with nothing in flight. Every input a `Closed`
     /// instance could still get (a stale timer, a late signal) is ignored by
     /// the rules, so the task can end and leave only a registry entry.
     fn resting(&self) -> bool {
-        matches!(self.view.borrow().instance.state, State::Closed { .. })
+        matches!(self.driver.state(), State::Closed { .. })
             && self.conn.is_none()
             && self.waiters.is_empty()
             && self.cleanup.as_ref().is_none_or(JoinHandle::is_finished)
@@ -153,30 +146,32 @@ impl Task {
     fn park(&self, ch: &Channels) -> bool {
         let Some(registry) = self.registry.upgrade() else { return false };
         let view = self.view.borrow().clone();
-        registry
-            .park(&self.name, self.token, view, self.spec.clone(), || ch.commands.is_empty() && ch.signals.is_empty())
+        registry.park(self.driver.name(), self.token, view, self.spec.clone(), || {
+            ch.inbox.is_empty() && ch.signals.is_empty()
+        })
     }
 
+    /// The driver loop: inbox, signals, and the driver's next deadline.
     async fn run(&mut self, ch: &mut Channels) {
         loop {
             if self.removed() || (self.resting() && self.park(ch)) {
                 return;
             }
-            let due = self.timers.values().min().copied();
+            let due = self.driver.poll_timeout().map(|at| self.shared.clock.instant(at));
             tokio::select! {
                 biased;
                 // The handlers are boxed so the idle loop's future stays small.
-                msg = ch.commands.recv() => match msg.map(|m| *m) {
-                    None => return,
-                    Some(Msg::Shutdown(done)) => {
+                msg = ch.inbox.recv() => match msg.map(|m| *m) {
+                    None | Some(Msg::Shutdown) => {
                         self.abort_conn();
-                        let _ = done.send(());
                         return;
                     }
                     Some(Msg::Command { input, command, reply }) => Box::pin(self.command(input, command, reply)).await,
                 },
                 Some(input) = ch.signals.recv() => Box::pin(self.signal(*input)).await,
-                () = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => Box::pin(self.fire_timers()).await,
+                () = sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    Box::pin(self.fire_timers()).await
+                }
             }
         }
     }
@@ -190,113 +185,101 @@ impl Task {
         // Held by the task while the command runs: if handling it panics, the
         // supervisor answers it once the panic is recorded.
         self.in_flight = Some((command, reply));
-        let fed = self.feed(input).await;
+        let fed = self.handle(input).await;
         let Some((_, reply)) = self.in_flight.take() else { return };
         match fed {
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
-            Ok(Outcome::Rejected(r)) => {
-                let _ = reply.send(Err(EngineError::rejected(&self.name, r)));
+            Ok(Fed::Rejected(r)) => {
+                let _ = reply.send(Err(EngineError::rejected(self.driver.name(), r)));
             }
             Ok(_) => match goal {
                 Some(goal) if !self.reached(goal) => self.waiters.push(Waiter { goal, reply }),
                 _ => {
-                    let _ = reply.send(Ok(self.view.borrow().instance.state.clone()));
+                    let _ = reply.send(Ok(self.driver.state().clone()));
                 }
             },
         }
     }
 
     fn reached(&self, goal: Goal) -> bool {
-        matches!(
-            (&self.view.borrow().instance.state, goal),
-            (State::Removed { .. }, _) | (State::Closed { .. }, Goal::Closed)
-        )
+        matches!((self.driver.state(), goal), (State::Removed { .. }, _) | (State::Closed { .. }, Goal::Closed))
     }
 
     async fn signal(&mut self, input: Input) {
         // A connection that reported its end is over: forget it (its task ends by itself).
-        let terminal = matches!(
-            input,
-            Input::TransportClosed { .. }
-                | Input::HeartbeatMissed { .. }
-                | Input::WriteFailed { .. }
-                | Input::LogoutFailed { .. }
-                | Input::CloseFinished { .. }
-        );
-        if terminal && self.conn.as_ref().map(|c| Some(c.generation)) == Some(input.generation()) {
+        if input.ends_connection() && self.conn.as_ref().map(|c| c.generation) == input.generation() {
             self.conn = None;
         }
-        if let Err(e) = self.feed(input).await {
+        if let Err(e) = self.handle(input).await {
             error!(error = %e, "transition not recorded; the instance did not move (R8)");
         }
     }
 
     async fn fire_timers(&mut self) {
-        let now = Instant::now();
-        let due: Vec<Timer> = self.timers.iter().filter(|&(_, &at)| at <= now).map(|(t, _)| *t).collect();
-        for timer in due {
-            self.timers.remove(&timer);
-            if let Err(e) = self.feed(Input::TimerFired { timer }).await {
+        while let Some(input) = self.driver.on_timeout(self.shared.clock.now()) {
+            if let Err(e) = self.handle(input).await {
                 error!(error = %e, "transition not recorded; the instance did not move (R8)");
             }
         }
     }
 
-    /// Asks the rules; on a transition, logs it, then applies it, then carries out its effects.
-    async fn feed(&mut self, input: Input) -> Result<Outcome, EngineError> {
+    /// Feeds one input through the driver (which records a transition in
+    /// the log before applying it), then tells the world and carries out the
+    /// I/O effects.
+    async fn handle(&mut self, input: Input) -> Result<Fed, EngineError> {
         let now = self.shared.clock.now();
-        let (from, seq) = {
-            let v = self.view.borrow();
-            (v.instance.clone(), v.seq)
-        };
-        let outcome = step(&self.name, &from, &input, &self.shared.policy, now);
-        match &outcome {
-            Outcome::Transition(t) => {
-                let mut to = from.clone();
-                to.apply(t);
-                let event = Event::Transition { from: from.clone(), input: input.clone(), effects: t.effects.clone() };
-                let appended = self
-                    .shared
-                    .log
-                    .append_async(&self.name, seq.saturating_add(1), now, event, &to)
-                    .await
-                    .map_err(|source| EngineError::log(Some(self.name.clone()), source))?;
-                debug!(seq = appended.seq, input = %input.kind(), from = %from.state, to = %to.state, "transition");
-                let notification = Notification {
-                    instance: self.name.clone(),
-                    seq: appended.seq,
-                    at: now,
-                    input: input.kind(),
-                    from: from.state.kind(),
-                    to: to.state.clone(),
-                };
-                let removed = matches!(to.state, State::Removed { .. });
-                self.view.send_replace(View { instance: to, seq: appended.seq });
-                if removed && let Some(registry) = self.registry.upgrade() {
-                    // Before any waiter hears "removed": a create that follows at once finds the name free.
-                    registry.tombstone(&self.name);
+        let (shared, name) = (self.shared.clone(), self.driver.name().clone());
+        let kind = input.kind();
+        let record = async |p: &crate::machine::Pending| shared.log.append_pending_async(&name, p).await.map(|a| a.seq);
+        let fed = self
+            .driver
+            .feed(&shared.policy, input, now, record)
+            .await
+            .map_err(|source| EngineError::log(Some(name.clone()), source))?;
+        match &fed {
+            Fed::Moved(p) => {
+                let generation = p.to.generation;
+                debug!(seq = p.seq, %generation, input = %kind, from = %p.from.state, to = %p.to.state, "transition");
+                let view = View { instance: p.to.clone(), seq: self.driver.seq() };
+                self.view.send_replace(view.clone());
+                if matches!(p.to.state, State::Removed { .. })
+                    && let Some(registry) = self.registry.upgrade()
+                {
+                    registry.tombstone(&name, view);
                 }
-                self.carry_out(&t.effects);
-                let _ = self.shared.notifications.send(notification.clone());
-                if let Some(hook) = &self.shared.on_transition {
+                self.carry_out(fed.io());
+                let notification = Notification {
+                    instance: name,
+                    seq: p.seq,
+                    at: p.at,
+                    input: kind,
+                    from: p.from.state.kind(),
+                    to: p.to.state.clone(),
+                };
+                let _ = shared.notifications.send(notification.clone());
+                if let Some(hook) = &shared.on_transition {
                     hook(&notification);
                 }
                 self.resolve_waiters();
             }
-            // R12 and friends: nothing moves; say why in the trace.
-            Outcome::Ignored(why @ Ignored::Stale { .. }) => {
-                debug!(input = %input.kind(), reason = %why, "stale input ignored (R12)")
+            Fed::Upkeep(_) => {
+                trace!(input = %kind, "upkeep");
+                self.carry_out(fed.io());
             }
-            Outcome::Ignored(why) => trace!(input = %input.kind(), reason = %why, "input ignored"),
-            Outcome::Rejected(why) => debug!(input = %input.kind(), reason = %why, "command rejected"),
+            // R12 and friends: nothing moves; say why in the trace.
+            Fed::Ignored(why @ Ignored::Stale { .. }) => {
+                debug!(input = %kind, reason = %why, "stale input ignored (R12)")
+            }
+            Fed::Ignored(why) => trace!(input = %kind, reason = %why, "input ignored"),
+            Fed::Rejected(why) => debug!(input = %kind, reason = %why, "command rejected"),
         }
-        Ok(outcome)
+        Ok(fed)
     }
 
     fn resolve_waiters(&mut self) {
-        let state = self.view.borrow().instance.state.clone();
+        let state = self.driver.state().clone();
         let waiters = std::mem::take(&mut self.waiters);
         for w in waiters {
             if self.reached(w.goal) {
@@ -307,26 +290,13 @@ impl Task {
         }
     }
 
-    fn carry_out(&mut self, effects: &[Effect]) {
+    /// The runtime's side of the effects: sockets and cleanup (the driver keeps the timers).
+    fn carry_out<'e>(&mut self, effects: impl Iterator<Item = &'e Effect>) {
         for effect in effects {
             match effect {
-                Effect::OpenTransport { generation, resume } => {
-                    // R9: one transport per instance; a new generation replaces the old.
-                    self.abort_conn();
-                    let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
-                    let spec = ConnectSpec {
-                        instance: self.name.clone(),
-                        generation: *generation,
-                        url: self.spec.url.clone(),
-                        resume: resume.clone(),
-                        heartbeat: self.shared.policy.heartbeat,
-                        connect_timeout: self.shared.policy.timeouts.connect,
-                    };
-                    let run =
-                        self.shared.transport.run(spec, control_rx, Signals::new(*generation, self.signals_tx.clone()));
-                    self.conn = Some(Conn { generation: *generation, control, task: tokio::spawn(run) });
-                }
+                Effect::OpenTransport { generation, resume } => self.open(*generation, resume.clone()),
                 Effect::SendLogout { generation } => self.control(*generation, Control::SendLogout),
+                Effect::SendPing { generation } => self.control(*generation, Control::Ping),
                 Effect::CloseTransport { generation, status } => {
                     self.control(*generation, Control::Close { status: *status })
                 }
@@ -335,16 +305,10 @@ impl Task {
                         self.abort_conn();
                     }
                 }
-                Effect::ArmTimer { timer, after } => {
-                    self.timers.insert(*timer, Instant::now() + *after);
-                }
-                Effect::CancelTimer { timer } => {
-                    self.timers.remove(timer);
-                }
                 Effect::RunCleanup => {
                     let run = super::cleanup::run(
                         self.shared.cleanup.clone(),
-                        self.name.clone(),
+                        self.driver.name().clone(),
                         self.shared.cleanup_step_timeout,
                         self.signals_tx.clone(),
                     );
@@ -352,11 +316,42 @@ impl Task {
                         old.abort();
                     }
                 }
+                Effect::ArmTimer { .. } | Effect::CancelTimer { .. } => {}
             }
         }
     }
 
-    fn control(&mut self, generation: crate::machine::Generation, ctl: Control) {
+    /// R9: one transport per instance; a new generation replaces the old.
+    fn open(&mut self, generation: Generation, resume: Option<crate::machine::Identity>) {
+        self.abort_conn();
+        let signals = Signals::new(generation, self.signals_tx.clone());
+        let url = match WsUrl::parse(&self.spec.url) {
+            Ok(url) => url,
+            Err(e) => {
+                // A spec from an old log that today's rules refuse: a connect that fails.
+                let input = Input::TransportClosed {
+                    generation,
+                    initiator: crate::machine::CloseInitiator::Transport,
+                    status: None,
+                    reason: Reason::new(e.to_string()),
+                };
+                let _ = self.signals_tx.try_send(Box::new(input));
+                return;
+            }
+        };
+        let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
+        let spec = ConnectSpec {
+            instance: self.driver.name().clone(),
+            generation,
+            url,
+            resume,
+            connect_timeout: self.shared.policy.timeouts.connect,
+        };
+        let run = self.shared.transport.run(spec, control_rx, signals);
+        self.conn = Some(Conn { generation, control, task: tokio::spawn(run) });
+    }
+
+    fn control(&mut self, generation: Generation, ctl: Control) {
         if let Some(c) = self.conn.as_ref().filter(|c| c.generation == generation)
             && c.control.try_send(ctl).is_err()
         {
@@ -371,19 +366,22 @@ impl Task {
         }
     }
 
-    /// The task ends: drop what it owns. (A removed instance's tombstone was
-    /// set at its `Removed` transition; setting it here could overwrite a new
-    /// incarnation created meanwhile.)
+    /// The task ends: drop what it owns; at rest, leave the instance `Idle`.
+    /// (A removed instance's tombstone was set at its `Removed` transition;
+    /// setting it here could overwrite a new incarnation created meanwhile.)
     fn finish(&mut self) {
         self.abort_conn();
         if let Some(c) = self.cleanup.take() {
             c.abort();
         }
-        let state = self.view.borrow().instance.state.clone();
+        let state = self.driver.state().clone();
         for w in self.waiters.drain(..) {
             let result =
                 if matches!(state, State::Removed { .. }) { Ok(state.clone()) } else { Err(EngineError::ShutDown) };
             let _ = w.reply.send(result);
+        }
+        if let Some(registry) = self.registry.upgrade() {
+            registry.leave(self.driver.name(), self.token, self.view.borrow().clone(), self.spec.clone());
         }
     }
 }

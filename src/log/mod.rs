@@ -58,12 +58,12 @@ pub use files::{lock_holder, remove_copies};
 pub use head::{Head, HeadRead, LogId};
 pub use integrity::{AcceptedLoss, HeadCheck};
 pub use record::{Corruption, Digest, Event, InstanceSpec, Latest, Record};
-pub use recovery::{RecoveredInstance, Recovery, RecoveryMode, RecoveryOptions, resume_after_restart};
+pub use recovery::{RecoveredInstance, Recovery, RecoveryMode, RecoveryOptions};
 pub use retention::{CompactionReport, Retention};
 pub use store::{MemoryStore, SledStore, Store, StoreError};
 pub use verify::{Finding, Note, Report};
 
-use crate::machine::{Instance, InstanceName, Policy, Timestamp};
+use crate::machine::{Instance, InstanceName, Pending, Policy, Timestamp};
 use files::Scratch;
 use flush::{Flusher, Reach, commit};
 
@@ -390,6 +390,17 @@ impl Log {
             f.wait_async(appended.global).await.map_err(|e| self.fail(e))?;
         }
         Ok(appended)
+    }
+
+    /// Appends a transition the driver decided (`machine::Driver::feed`),
+    /// blocking: the recorder of synchronous runtimes.
+    pub fn append_pending(&self, name: &InstanceName, p: &Pending) -> Result<Appended, LogError> {
+        self.append(name, p.seq, p.at, Event::of(p), &p.to)
+    }
+
+    /// [`Log::append_pending`] for async runtimes (the engine).
+    pub async fn append_pending_async(&self, name: &InstanceName, p: &Pending) -> Result<Appended, LogError> {
+        self.append_async(name, p.seq, p.at, Event::of(p), &p.to).await
     }
 
     /// Whether an append waits for its commit (the durable modes).

@@ -164,6 +164,11 @@ impl Event {
         Self::Created { spec: InstanceSpec { url: url.into() } }
     }
 
+    /// The record of a transition the driver decided.
+    pub fn of(p: &crate::machine::Pending) -> Self {
+        Self::Transition { from: p.from.clone(), input: p.input.clone(), effects: p.effects.clone() }
+    }
+
     /// A short name: `created`, the input kind, or `snapshot`.
     pub fn label(&self) -> &'static str {
         match self {

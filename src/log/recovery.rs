@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use super::record::{self, Event, Latest, Record};
 use super::{Log, LogError, decode_pair, decode_pair_with_digest, keys};
-use crate::machine::{Input, Instance, InstanceName, Outcome, Policy, State, Timestamp, Transition, step};
+use crate::machine::{Instance, InstanceName, Timestamp};
 
 /// How to rebuild the states.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -148,33 +148,4 @@ impl Log {
         })?;
         Ok(RecoveredInstance { instance: r.to, seq: r.seq, at: r.at })
     }
-}
-
-/// R11: after a restart no socket of the last run is alive. Feeds `Recovered`
-/// through the rules to every instance that is not `Closed` or `Removed`,
-/// appends each resulting transition (so the decision is itself logged), and
-/// returns them: the caller carries out their effects (reopen sockets,
-/// resume cleanups). Instances are updated in `recovery` in place.
-pub fn resume_after_restart(
-    log: &Log,
-    recovery: &mut Recovery,
-    policy: &Policy,
-    now: Timestamp,
-) -> Result<Vec<(InstanceName, Transition)>, LogError> {
-    let mut resumed = Vec::new();
-    for (name, r) in &mut recovery.instances {
-        if matches!(r.instance.state, State::Removed { .. } | State::Closed { .. }) {
-            continue;
-        }
-        let from = r.instance.clone();
-        if let Outcome::Transition(t) = step(name, &from, &Input::Recovered, policy, now) {
-            let mut to = from.clone();
-            to.apply(&t);
-            let event = Event::Transition { from, input: Input::Recovered, effects: t.effects.clone() };
-            let appended = log.append(name, r.seq.saturating_add(1), now, event, &to)?;
-            *r = RecoveredInstance { instance: to, seq: appended.seq, at: now };
-            resumed.push((name.clone(), t));
-        }
-    }
-    Ok(resumed)
 }

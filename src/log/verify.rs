@@ -425,6 +425,7 @@ impl Log {
                         None
                     }
                     Outcome::Transition(t) => Some(describe(&t.to, t.generation, &t.effects)),
+                    Outcome::Effects(effects) => Some(format!("no transition, only upkeep {effects:?}")),
                     Outcome::Ignored(why) => Some(format!("ignored: {why}")),
                     Outcome::Rejected(why) => Some(format!("rejected: {why}")),
                 };

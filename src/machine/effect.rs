@@ -51,4 +51,17 @@ pub enum Effect {
     },
     /// Run the host cleanup steps, in order, each once, and report `CleanupFinished`.
     RunCleanup,
+    /// Send a ping on the live transport; its pong comes back as `Input::Pong` (R7).
+    SendPing {
+        /// The connection to ping.
+        generation: Generation,
+    },
+}
+
+impl Effect {
+    /// True for the effects the runtime carries out on the world (sockets,
+    /// cleanup); false for timers, which the driver keeps itself.
+    pub fn is_io(&self) -> bool {
+        !matches!(self, Self::ArmTimer { .. } | Self::CancelTimer { .. })
+    }
 }

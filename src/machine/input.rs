@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use super::state::StepReport;
-use super::types::{Generation, Identity, StatusCode};
+use super::types::{Generation, Identity, Reason, StatusCode};
 
 /// The timers the core asks the runtime to keep. A timer belongs to a
 /// generation: one that fires for another generation, or in a state that does
@@ -24,11 +24,44 @@ pub enum TimerKind {
     Close,
     /// The host cleanup did not finish.
     Cleanup,
+    /// Time to ping an open connection (R7): armed when it opens and again at each pong.
+    Heartbeat,
+    /// The pong to the last ping is overdue: the connection is a zombie (R7).
+    PongDeadline,
 }
 
 impl TimerKind {
     /// Every kind.
-    pub const ALL: [TimerKind; 5] = [Self::Reconnect, Self::Connect, Self::Logout, Self::Close, Self::Cleanup];
+    pub const ALL: [TimerKind; 7] =
+        [Self::Reconnect, Self::Connect, Self::Logout, Self::Close, Self::Cleanup, Self::Heartbeat, Self::PongDeadline];
+}
+
+/// Who ended a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum CloseInitiator {
+    /// The peer sent a close frame.
+    Peer,
+    /// We closed it: our close handshake, or a protocol violation of the peer we closed for.
+    Local,
+    /// It broke: reset, refused, timed out, or ended without a close frame.
+    Transport,
+}
+
+impl CloseInitiator {
+    /// `peer`, `local` or `transport`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Peer => "peer",
+            Self::Local => "local",
+            Self::Transport => "transport",
+        }
+    }
+}
+
+impl fmt::Display for CloseInitiator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
 }
 
 /// A timer: its kind and the generation it was armed for.
@@ -66,24 +99,27 @@ pub enum Input {
         /// The connection this came from.
         generation: Generation,
     },
-    /// The connection ended. `status` is the close status (absent when the
-    /// connection was lost without a close frame).
-    TransportClosed {
+    /// The connection ended, as logs written before close initiators were
+    /// recorded say it (read and replayed like [`Input::TransportClosed`];
+    /// never written any more).
+    TransportClosedV1 {
         /// The connection this came from.
         generation: Generation,
         /// The close status, mapped by the protocol.
         status: Option<StatusCode>,
         /// The close reason text or the transport error.
-        reason: String,
+        reason: Reason,
     },
     /// A write failed (R7).
     WriteFailed {
         /// The connection this came from.
         generation: Generation,
         /// The transport's error.
-        error: String,
+        error: Reason,
     },
-    /// No pong within the heartbeat deadline (R7).
+    /// No pong within the heartbeat deadline, as a transport that keeps its
+    /// own heartbeats reports it (R7). The engine's own heartbeats are the
+    /// core's timers instead ([`TimerKind::PongDeadline`]); both mean the same.
     HeartbeatMissed {
         /// The connection this came from.
         generation: Generation,
@@ -100,7 +136,7 @@ pub enum Input {
         /// The connection this came from.
         generation: Generation,
         /// The transport's error.
-        error: String,
+        error: Reason,
     },
     /// Our close of the socket finished.
     CloseFinished {
@@ -124,7 +160,26 @@ pub enum Input {
     /// The instance's task or a host hook panicked; the runtime caught it (R10).
     Panicked {
         /// The panic message.
-        message: String,
+        message: Reason,
+    },
+
+    // --- added later: new variants go last (records store the variant index) ---
+    /// The peer answered a ping (R7).
+    Pong {
+        /// The connection this came from.
+        generation: Generation,
+    },
+    /// The connection ended. `status` is the close status (absent when the
+    /// connection was lost without a close frame); `initiator` says who ended it.
+    TransportClosed {
+        /// The connection this came from.
+        generation: Generation,
+        /// Who ended it.
+        initiator: CloseInitiator,
+        /// The close status, mapped by the protocol.
+        status: Option<StatusCode>,
+        /// The close reason text or the transport error.
+        reason: Reason,
     },
 }
 
@@ -152,6 +207,9 @@ pub enum InputKind {
     CleanupTimeout,
     Recovered,
     Panicked,
+    Pong,
+    HeartbeatTimer,
+    PongDeadline,
 }
 
 impl InputKind {
@@ -178,6 +236,9 @@ impl InputKind {
             Self::CleanupTimeout => "cleanup timeout",
             Self::Recovered => "recovered",
             Self::Panicked => "panicked",
+            Self::Pong => "pong",
+            Self::HeartbeatTimer => "heartbeat timer",
+            Self::PongDeadline => "pong deadline",
         }
     }
 }
@@ -196,6 +257,8 @@ impl Input {
             Self::TransportOpened { generation, .. }
             | Self::PairingCode { generation }
             | Self::TransportClosed { generation, .. }
+            | Self::TransportClosedV1 { generation, .. }
+            | Self::Pong { generation }
             | Self::WriteFailed { generation, .. }
             | Self::HeartbeatMissed { generation }
             | Self::LogoutConfirmed { generation }
@@ -212,6 +275,38 @@ impl Input {
         }
     }
 
+    /// A connection's end, as (initiator, status, reason), in either form it is recorded.
+    pub fn closed(&self) -> Option<(CloseInitiator, Option<StatusCode>, &Reason)> {
+        match self {
+            Self::TransportClosed { initiator, status, reason, .. } => Some((*initiator, *status, reason)),
+            // Before initiators were recorded: a status means a close frame (the peer's, or ours for a violation).
+            Self::TransportClosedV1 { status, reason, .. } => {
+                Some((if status.is_some() { CloseInitiator::Peer } else { CloseInitiator::Transport }, *status, reason))
+            }
+            _ => None,
+        }
+    }
+
+    /// A missed heartbeat, in either form: a transport's report, or the core's own deadline.
+    pub fn is_heartbeat_missed(&self) -> bool {
+        matches!(self, Self::HeartbeatMissed { .. })
+            || matches!(self, Self::TimerFired { timer } if timer.kind == TimerKind::PongDeadline)
+    }
+
+    /// True for the signals after which a transport has ended (it reports
+    /// one of these last): the one list of connection-ending signals.
+    pub fn ends_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::TransportClosed { .. }
+                | Self::TransportClosedV1 { .. }
+                | Self::WriteFailed { .. }
+                | Self::HeartbeatMissed { .. }
+                | Self::LogoutFailed { .. }
+                | Self::CloseFinished { .. }
+        )
+    }
+
     /// True for the host's commands.
     pub fn is_host_command(&self) -> bool {
         matches!(self, Self::Connect | Self::Logout | Self::Delete | Self::Restart)
@@ -226,7 +321,8 @@ impl Input {
             Self::Restart => InputKind::Restart,
             Self::TransportOpened { .. } => InputKind::Opened,
             Self::PairingCode { .. } => InputKind::PairingCode,
-            Self::TransportClosed { .. } => InputKind::Closed,
+            Self::TransportClosed { .. } | Self::TransportClosedV1 { .. } => InputKind::Closed,
+            Self::Pong { .. } => InputKind::Pong,
             Self::WriteFailed { .. } => InputKind::WriteFailed,
             Self::HeartbeatMissed { .. } => InputKind::HeartbeatMissed,
             Self::LogoutConfirmed { .. } => InputKind::LogoutConfirmed,
@@ -239,6 +335,8 @@ impl Input {
                 TimerKind::Logout => InputKind::LogoutTimeout,
                 TimerKind::Close => InputKind::CloseTimeout,
                 TimerKind::Cleanup => InputKind::CleanupTimeout,
+                TimerKind::Heartbeat => InputKind::HeartbeatTimer,
+                TimerKind::PongDeadline => InputKind::PongDeadline,
             },
             Self::Recovered => InputKind::Recovered,
             Self::Panicked { .. } => InputKind::Panicked,

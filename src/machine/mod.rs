@@ -19,6 +19,7 @@
 //! ```
 
 pub mod catalog;
+mod driver;
 mod effect;
 mod input;
 mod policy;
@@ -26,11 +27,12 @@ mod rules;
 mod state;
 mod types;
 
+pub use driver::{Driver, Fed, Pending};
 pub use effect::Effect;
-pub use input::{Input, InputKind, Timer, TimerKind};
+pub use input::{CloseInitiator, Input, InputKind, Timer, TimerKind};
 pub use policy::{
     Backoff, CloseAction, ClosePhase, CloseRule, Heartbeat, Jitter, PhaseMatch, Policy, PolicyError, Preset,
-    StatusMatch, Timeouts,
+    SplitMix64, StatusMatch, Timeouts,
 };
 pub use rules::{Ignored, Outcome, Rejection, Transition, step};
 pub use state::{
@@ -38,6 +40,6 @@ pub use state::{
     StepOutcome, StepReport, ZombieCause,
 };
 pub use types::{
-    Generation, IDENTITY_LEN_MAX, INSTANCE_NAME_LEN_MAX, Identity, IdentityError, InstanceName, NameError, StatusCode,
-    Timestamp,
+    Generation, IDENTITY_LEN_MAX, INSTANCE_NAME_LEN_MAX, Identity, IdentityError, InstanceName, NameError,
+    REASON_LEN_MAX, Reason, StatusCode, Timestamp, URL_LEN_MAX, UrlError, WsUrl,
 };

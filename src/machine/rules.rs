@@ -12,13 +12,17 @@ use super::policy::{CloseAction, ClosePhase, Policy};
 use super::state::{
     CleanupOutcome, ClosedCause, ClosingStep, Instance, Intent, LogoutOutcome, Phase, State, ZombieCause,
 };
-use super::types::{Generation, Identity, InstanceName, StatusCode, Timestamp};
+use super::types::{Generation, Identity, InstanceName, Reason, StatusCode, Timestamp};
 
 /// What [`step`] decided.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     /// The instance moves: log it, apply it, then carry out the effects.
     Transition(Transition),
+    /// The state stays, but the runtime must do these (a heartbeat's ping and
+    /// its deadline, a pong that cancels it): upkeep, not a transition, so
+    /// nothing is recorded (R8 records state changes).
+    Effects(Vec<Effect>),
     /// Nothing changes, for a stated reason (not an error: a stale signal, a duplicate delete).
     Ignored(Ignored),
     /// The host asked for something the state does not allow.
@@ -136,7 +140,9 @@ pub fn step(name: &InstanceName, instance: &Instance, input: &Input, policy: &Po
             cx.attempt(0, resume.clone(), vec![cx.cancel(TimerKind::Connect), cx.close(StatusCode::RESTART)])
         }
         (S::Open { identity, .. }, I::Restart) => {
-            cx.attempt(0, Some(identity.clone()), vec![cx.close(StatusCode::RESTART)])
+            let mut effects = cx.stop_heartbeat();
+            effects.push(cx.close(StatusCode::RESTART));
+            cx.attempt(0, Some(identity.clone()), effects)
         }
         (S::Closing { intent, .. }, I::Connect | I::Restart) => {
             Outcome::Rejected(Rejection::Closing { intent: *intent })
@@ -144,9 +150,9 @@ pub fn step(name: &InstanceName, instance: &Instance, input: &Input, policy: &Po
 
         // ---- host: logout (R3, R5) and delete (R2) ----
         (S::Open { .. }, I::Logout | I::Delete) => {
-            let t = cx.timer(TimerKind::Logout);
-            let after = policy.timeouts.logout;
-            let effects = vec![Effect::SendLogout { generation: cx.g }, Effect::ArmTimer { timer: t, after }];
+            let mut effects = cx.stop_heartbeat();
+            effects.push(Effect::SendLogout { generation: cx.g });
+            effects.push(cx.arm(TimerKind::Logout, policy.timeouts.logout));
             cx.go(S::Closing { intent: intent_of(input), step: ClosingStep::LoggingOut }, effects)
         }
         (S::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, .. }, I::Logout | I::Delete) => {
@@ -182,9 +188,10 @@ pub fn step(name: &InstanceName, instance: &Instance, input: &Input, policy: &Po
             match identity {
                 // R6: no identity, no Open. The connect timer still bounds the wait.
                 None => ignored(Ignored::MissingIdentity),
+                // R7: an open connection is pinged, starting one interval from now.
                 Some(identity) => cx.go(
                     S::Open { identity: identity.clone(), since: now, retries: *retries },
-                    vec![cx.cancel(TimerKind::Connect)],
+                    vec![cx.cancel(TimerKind::Connect), cx.arm(TimerKind::Heartbeat, policy.heartbeat.interval)],
                 ),
             }
         }
@@ -211,8 +218,9 @@ pub fn step(name: &InstanceName, instance: &Instance, input: &Input, policy: &Po
         // ---- transport: the connection ended or died ----
         (
             S::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, retries, resume },
-            I::TransportClosed { status, .. },
+            I::TransportClosed { status, .. } | I::TransportClosedV1 { status, .. },
         ) => cx.lost(*status, ClosePhase::BeforeOpen, *retries, resume.clone(), vec![cx.cancel(TimerKind::Connect)]),
+        // (No pong deadline here: the core pings only open connections.)
         (
             S::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, retries, resume },
             I::WriteFailed { .. } | I::HeartbeatMissed { .. },
@@ -220,12 +228,25 @@ pub fn step(name: &InstanceName, instance: &Instance, input: &Input, policy: &Po
             let effects = vec![cx.cancel(TimerKind::Connect), cx.abort()];
             cx.lost(None, ClosePhase::BeforeOpen, *retries, resume.clone(), effects)
         }
-        (S::Open { identity, since, retries }, I::TransportClosed { status, .. }) => {
+        (
+            S::Open { identity, since, retries },
+            I::TransportClosed { status, .. } | I::TransportClosedV1 { status, .. },
+        ) => {
             let retries = cx.retries_after_open(*since, *retries);
-            cx.lost(*status, ClosePhase::AfterOpen, retries, Some(identity.clone()), vec![])
+            cx.lost(*status, ClosePhase::AfterOpen, retries, Some(identity.clone()), cx.stop_heartbeat())
         }
+        // R7: the heartbeat. A ping every interval after the last pong; the pong is due within the deadline.
+        (S::Open { .. }, I::TimerFired { timer }) if timer.kind == TimerKind::Heartbeat => Outcome::Effects(vec![
+            Effect::SendPing { generation: cx.g },
+            cx.arm(TimerKind::PongDeadline, policy.heartbeat.deadline),
+        ]),
+        (S::Open { .. }, I::Pong { .. }) => Outcome::Effects(vec![
+            cx.cancel(TimerKind::PongDeadline),
+            cx.arm(TimerKind::Heartbeat, policy.heartbeat.interval),
+        ]),
+        (_, I::Pong { .. }) => ignored(Ignored::NotExpected),
         // R7: a missed heartbeat or a failed write while Open makes a zombie at once.
-        (S::Open { identity, since, retries }, I::HeartbeatMissed { .. } | I::WriteFailed { .. }) => {
+        (S::Open { identity, since, retries }, i) if dead(i) => {
             let cause = match input {
                 I::WriteFailed { error, .. } => ZombieCause::WriteFailed { error: error.clone() },
                 _ => ZombieCause::HeartbeatMissed,
@@ -235,33 +256,39 @@ pub fn step(name: &InstanceName, instance: &Instance, input: &Input, policy: &Po
                 Loss::Retry { delay, .. } => delay,
                 Loss::Stop | Loss::Remove | Loss::GiveUp => std::time::Duration::ZERO,
             };
-            let effects = vec![cx.abort(), Effect::ArmTimer { timer: cx.timer(TimerKind::Reconnect), after }];
+            let mut effects = cx.stop_heartbeat();
+            effects.extend([cx.abort(), cx.arm(TimerKind::Reconnect, after)]);
             cx.go(S::Zombie { since: now, cause, identity: identity.clone(), retries }, effects)
         }
-        (S::Closing { intent, step: ClosingStep::LoggingOut }, I::TransportClosed { status, .. }) => {
-            cx.finish_closing(*intent, LogoutOutcome::Unconfirmed, *status, vec![cx.cancel(TimerKind::Logout)])
-        }
-        (S::Closing { intent, step: ClosingStep::LoggingOut }, I::WriteFailed { .. } | I::HeartbeatMissed { .. }) => {
+        (
+            S::Closing { intent, step: ClosingStep::LoggingOut },
+            I::TransportClosed { status, .. } | I::TransportClosedV1 { status, .. },
+        ) => cx.finish_closing(*intent, LogoutOutcome::Unconfirmed, *status, vec![cx.cancel(TimerKind::Logout)]),
+        (S::Closing { intent, step: ClosingStep::LoggingOut }, i) if dead(i) => {
             let error = match input {
                 I::WriteFailed { error, .. } => error.clone(),
-                _ => "heartbeat missed while logging out".to_owned(),
+                _ => Reason::new("heartbeat missed while logging out"),
             };
             let effects = vec![cx.cancel(TimerKind::Logout), cx.abort()];
             cx.finish_closing(*intent, LogoutOutcome::Failed { error }, None, effects)
         }
-        (S::Closing { intent, step: ClosingStep::ClosingSocket { logout } }, I::TransportClosed { status, .. }) => {
-            cx.finish_closing(*intent, logout.clone(), *status, vec![cx.cancel(TimerKind::Close)])
-        }
+        (
+            S::Closing { intent, step: ClosingStep::ClosingSocket { logout } },
+            I::TransportClosed { status, .. } | I::TransportClosedV1 { status, .. },
+        ) => cx.finish_closing(*intent, logout.clone(), *status, vec![cx.cancel(TimerKind::Close)]),
         (S::Closing { intent, step: ClosingStep::ClosingSocket { logout } }, I::CloseFinished { .. }) => {
             cx.finish_closing(*intent, logout.clone(), None, vec![cx.cancel(TimerKind::Close)])
         }
-        (
-            S::Closing { intent, step: ClosingStep::ClosingSocket { logout } },
-            I::WriteFailed { .. } | I::HeartbeatMissed { .. },
-        ) => cx.finish_closing(*intent, logout.clone(), None, vec![cx.cancel(TimerKind::Close), cx.abort()]),
+        (S::Closing { intent, step: ClosingStep::ClosingSocket { logout } }, i) if dead(i) => {
+            cx.finish_closing(*intent, logout.clone(), None, vec![cx.cancel(TimerKind::Close), cx.abort()])
+        }
         (
             _,
-            I::TransportClosed { .. } | I::WriteFailed { .. } | I::HeartbeatMissed { .. } | I::CloseFinished { .. },
+            I::TransportClosed { .. }
+            | I::TransportClosedV1 { .. }
+            | I::WriteFailed { .. }
+            | I::HeartbeatMissed { .. }
+            | I::CloseFinished { .. },
         ) => ignored(Ignored::NotExpected),
 
         // ---- completions: logout and cleanup ----
@@ -344,13 +371,21 @@ pub fn step(name: &InstanceName, instance: &Instance, input: &Input, policy: &Po
                 S::Closing { .. } | S::Removed { .. } => None,
             };
             let cause = ClosedCause::Panicked { message: message.clone() };
-            cx.go(S::Closed { cause, status: None, resume }, cx.abort_if_socket(state))
+            let mut effects = if matches!(state, S::Open { .. }) { cx.stop_heartbeat() } else { vec![] };
+            effects.extend(cx.abort_if_socket(state));
+            cx.go(S::Closed { cause, status: None, resume }, effects)
         }
     }
 }
 
 fn ignored(why: Ignored) -> Outcome {
     Outcome::Ignored(why)
+}
+
+/// The connection is dead (R7): a write failed, or a heartbeat went unanswered
+/// (reported by a transport, or the core's own pong deadline).
+fn dead(input: &Input) -> bool {
+    matches!(input, Input::WriteFailed { .. }) || input.is_heartbeat_missed()
 }
 
 fn intent_of(input: &Input) -> Intent {
@@ -385,6 +420,15 @@ impl Cx<'_> {
 
     fn cancel(&self, kind: TimerKind) -> Effect {
         Effect::CancelTimer { timer: self.timer(kind) }
+    }
+
+    fn arm(&self, kind: TimerKind, after: std::time::Duration) -> Effect {
+        Effect::ArmTimer { timer: self.timer(kind), after }
+    }
+
+    /// Leaving `Open`: its heartbeat timers go with it.
+    fn stop_heartbeat(&self) -> Vec<Effect> {
+        vec![self.cancel(TimerKind::Heartbeat), self.cancel(TimerKind::PongDeadline)]
     }
 
     fn close(&self, status: StatusCode) -> Effect {

@@ -7,7 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{Generation, Identity, StatusCode, Timestamp};
+use super::types::{Generation, Identity, Reason, StatusCode, Timestamp};
 
 /// An instance: its last connection generation and its state. The name lives
 /// with whoever owns the instance (registry, log record); the core needs it
@@ -142,7 +142,7 @@ pub enum LogoutOutcome {
     /// Sending the logout failed (the seeds' "Connection Closed").
     Failed {
         /// The transport's error.
-        error: String,
+        error: Reason,
     },
     /// The peer did not answer within `timeout_logout`.
     TimedOut,
@@ -182,7 +182,7 @@ pub enum ClosedCause {
     /// The instance's task or a host hook panicked (R10).
     Panicked {
         /// The panic message.
-        message: String,
+        message: Reason,
     },
 }
 
@@ -194,7 +194,7 @@ pub enum ZombieCause {
     /// A write to the socket failed.
     WriteFailed {
         /// The transport's error.
-        error: String,
+        error: Reason,
     },
 }
 
@@ -211,7 +211,7 @@ pub enum CleanupOutcome {
     /// The instance's task panicked during the delete; removed anyway (R2, R10).
     Aborted {
         /// The panic message.
-        message: String,
+        message: Reason,
     },
 }
 
@@ -239,14 +239,14 @@ pub enum StepOutcome {
     /// Returned an error.
     Failed {
         /// The error's message.
-        error: String,
+        error: Reason,
     },
     /// Exceeded its time-out.
     TimedOut,
     /// Panicked (caught: R10).
     Panicked {
         /// The panic message.
-        message: String,
+        message: Reason,
     },
 }
 

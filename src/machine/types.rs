@@ -241,16 +241,6 @@ impl fmt::Display for StatusCode {
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
-    /// A timestamp from milliseconds since the Unix epoch.
-    pub const fn from_millis(ms: u64) -> Self {
-        Self(ms)
-    }
-
-    /// Milliseconds since the Unix epoch.
-    pub const fn as_millis(self) -> u64 {
-        self.0
-    }
-
     /// `self + d`, saturating at the end of time.
     #[must_use]
     pub fn saturating_add(self, d: Duration) -> Self {
@@ -288,9 +278,189 @@ impl fmt::Display for Timestamp {
     }
 }
 
+/// Longest reason or error text kept: close reasons are at most 123 bytes by
+/// RFC 6455, OS errors are short; a hostile peer or host gets no more.
+pub const REASON_LEN_MAX: usize = 256;
+
+/// A reason or error text from outside the core (a close reason, a
+/// transport error, a panic message, a cleanup step's error): at most
+/// [`REASON_LEN_MAX`] bytes, cut on a character boundary, control characters
+/// replaced by spaces, so a peer cannot make a record large or a terminal garbled.
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub struct Reason(String);
+
+impl Reason {
+    /// Bounds `text`.
+    pub fn new(text: impl Into<String>) -> Self {
+        let mut s: String = text.into();
+        if s.chars().any(char::is_control) {
+            s = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        }
+        if s.len() > REASON_LEN_MAX {
+            let mut end = REASON_LEN_MAX;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+        }
+        Self(s)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Reason {
+    fn from(s: String) -> Self {
+        Self::new(s)
+    }
+}
+
+impl From<&str> for Reason {
+    fn from(s: &str) -> Self {
+        Self::new(s)
+    }
+}
+
+impl From<Reason> for String {
+    fn from(r: Reason) -> Self {
+        r.0
+    }
+}
+
+impl std::ops::Deref for Reason {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for Reason {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Reason {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// Longest URL accepted.
+pub const URL_LEN_MAX: usize = 2048;
+
+/// Why a string is not a [`WsUrl`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid url {url:?}: {reason}")]
+pub struct UrlError {
+    /// The URL given (at most [`URL_LEN_MAX`] characters of it).
+    pub url: String,
+    /// What is wrong.
+    pub reason: &'static str,
+}
+
+/// A WebSocket URL: `ws://` or `wss://`, a host, at most [`URL_LEN_MAX`]
+/// bytes, no whitespace or control characters. Where an instance connects.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WsUrl(String);
+
+impl WsUrl {
+    /// Validates `url`.
+    ///
+    /// ```
+    /// use instance_lifecycle::machine::WsUrl;
+    /// assert!(WsUrl::parse("wss://gateway.example/ws").is_ok());
+    /// assert!(WsUrl::parse("http://typo").is_err());
+    /// ```
+    pub fn parse(url: &str) -> Result<Self, UrlError> {
+        let bad = |reason| Err(UrlError { url: url.chars().take(URL_LEN_MAX).collect(), reason });
+        if url.len() > URL_LEN_MAX {
+            return bad("longer than 2048 bytes");
+        }
+        let Some(rest) = url.strip_prefix("ws://").or_else(|| url.strip_prefix("wss://")) else {
+            return bad("must start with ws:// or wss://");
+        };
+        if rest.is_empty() || rest.starts_with('/') {
+            return bad("has no host");
+        }
+        if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return bad("contains whitespace or control characters");
+        }
+        Ok(Self(url.to_owned()))
+    }
+
+    /// The URL.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for WsUrl {
+    type Error = UrlError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<WsUrl> for String {
+    fn from(u: WsUrl) -> Self {
+        u.0
+    }
+}
+
+impl fmt::Display for WsUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for WsUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reasons_are_bounded_and_printable() {
+        let long = Reason::new("é".repeat(REASON_LEN_MAX));
+        assert!(long.as_str().len() <= REASON_LEN_MAX && long.as_str().len() > REASON_LEN_MAX - 2);
+        assert_eq!(Reason::new("a\nb\u{1b}[31m"), "a b [31m");
+        let json = serde_json::to_string(&Reason::new("x".repeat(1000))).expect("json");
+        let back: Reason = serde_json::from_str(&json).expect("back");
+        assert_eq!(back.as_str().len(), REASON_LEN_MAX);
+    }
+
+    #[test]
+    fn urls_are_websocket_urls_with_a_host() {
+        for good in ["ws://127.0.0.1:9/", "wss://gateway.example/ws?x=1"] {
+            assert_eq!(WsUrl::parse(good).map(|u| u.to_string()), Ok(good.to_owned()));
+        }
+        for bad in ["http://typo", "ws://", "wss:///path", "ws://a b", ""] {
+            assert!(WsUrl::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(WsUrl::parse(&format!("ws://{}", "a".repeat(URL_LEN_MAX))).is_err());
+    }
 
     #[test]
     fn names_that_could_escape_a_directory_are_rejected() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::machine::{Identity, Input, StatusCode};
+use crate::machine::{CloseInitiator, Identity, Input, StatusCode};
 use crate::transport::{BoxFuture, ConnectSpec, Control, Signals, Transport};
 
 /// How a simulated peer treats a new connection.
@@ -40,7 +40,8 @@ pub enum SimBehaviour {
 pub enum SimAction {
     /// The peer closes with this status.
     Close(Option<StatusCode>),
-    /// The connection goes silent: the heartbeat deadline passes.
+    /// The connection goes silent: no pong, no answer, no close (half-open);
+    /// the core's heartbeat finds it.
     Zombify,
     /// A write fails.
     WriteFails,
@@ -100,7 +101,7 @@ impl Transport for SimTransport {
             let identity = spec.resume.clone().or_else(|| Identity::new(format!("sim-{name}")).ok());
             match behaviour {
                 SimBehaviour::Refuse => {
-                    signals.closed(None, "connection refused").await;
+                    signals.closed(CloseInitiator::Transport, None, "connection refused").await;
                     return;
                 }
                 SimBehaviour::Ready { delay } => {
@@ -121,31 +122,34 @@ impl Transport for SimTransport {
                 }
             }
             let hang = behaviour == SimBehaviour::HangOnLogout;
+            let mut silent = false;
             loop {
                 // Biased: polling order must not depend on tokio's random choice (determinism).
                 tokio::select! {
                     biased;
                     ctl = control.recv() => match ctl {
                         None => return,
+                        // A half-open connection answers nothing.
+                        Some(_) if silent => {}
                         Some(Control::SendLogout) if hang => {}
                         Some(Control::SendLogout) => {
                             signals.send(Input::LogoutConfirmed { generation: g }).await;
                         }
+                        Some(Control::Ping) => {
+                            signals.pong().await;
+                        }
                         Some(Control::Close { status }) => {
-                            signals.closed(Some(status), "closed by the engine").await;
+                            signals.closed(CloseInitiator::Local, Some(status), "closed by the engine").await;
                             return;
                         }
                     },
                     Some(action) = actions.recv() => match action {
                         SimAction::Close(status) => {
-                            signals.closed(status, "closed by the peer").await;
+                            let by = if status.is_some() { CloseInitiator::Peer } else { CloseInitiator::Transport };
+                            signals.closed(by, status, "closed by the peer").await;
                             return;
                         }
-                        SimAction::Zombify => {
-                            tokio::time::sleep(spec.heartbeat.interval + spec.heartbeat.deadline).await;
-                            signals.send(Input::HeartbeatMissed { generation: g }).await;
-                            return;
-                        }
+                        SimAction::Zombify => silent = true,
                         SimAction::WriteFails => {
                             signals.write_failed("broken pipe").await;
                             return;

@@ -5,9 +5,9 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use crate::machine::{
-    Backoff, CleanupOutcome, ClosedCause, ClosingStep, Generation, Identity, Input, Instance, Intent, Jitter,
-    LogoutOutcome, Phase, Policy, Preset, State, StatusCode, StepOutcome, StepReport, Timer, TimerKind, Timestamp,
-    ZombieCause,
+    Backoff, CleanupOutcome, CloseInitiator, ClosedCause, ClosingStep, Generation, Identity, Input, Instance, Intent,
+    Jitter, LogoutOutcome, Phase, Policy, Preset, State, StatusCode, StepOutcome, StepReport, Timer, TimerKind,
+    Timestamp, ZombieCause,
 };
 
 /// Statuses that the presets name, plus arbitrary ones.
@@ -35,7 +35,7 @@ fn logout_outcome() -> impl Strategy<Value = LogoutOutcome> {
         Just(LogoutOutcome::Unconfirmed),
         Just(LogoutOutcome::NotSent),
         Just(LogoutOutcome::Interrupted),
-        "[a-z ]{0,12}".prop_map(|error| LogoutOutcome::Failed { error }),
+        "[a-z ]{0,12}".prop_map(|error| LogoutOutcome::Failed { error: error.into() }),
     ]
 }
 
@@ -104,8 +104,8 @@ pub fn cleanup_steps() -> impl Strategy<Value = Vec<StepReport>> {
             prop_oneof![
                 Just(StepOutcome::Done),
                 Just(StepOutcome::TimedOut),
-                "[a-z ]{0,12}".prop_map(|error| StepOutcome::Failed { error }),
-                "[a-z ]{0,12}".prop_map(|message| StepOutcome::Panicked { message }),
+                "[a-z ]{0,12}".prop_map(|error| StepOutcome::Failed { error: error.into() }),
+                "[a-z ]{0,12}".prop_map(|message| StepOutcome::Panicked { message: message.into() }),
             ],
         )
             .prop_map(|(step, outcome)| StepReport { step, outcome }),
@@ -117,11 +117,17 @@ pub fn cleanup_steps() -> impl Strategy<Value = Vec<StepReport>> {
 /// `1 + stale_weight`) for another generation.
 pub fn signal(g: Generation) -> impl Strategy<Value = Input> {
     let generation = prop_oneof![6 => Just(g), 1 => (0u64..60).prop_map(Generation)];
-    (generation, 0u8..11, prop::option::of(identity()), status(), cleanup_steps(), any::<u8>()).prop_map(
+    (generation, 0u8..13, prop::option::of(identity()), status(), cleanup_steps(), any::<u8>()).prop_map(
         |(generation, which, identity, status, steps, timer)| match which {
             0 => Input::TransportOpened { generation, identity },
             1 => Input::PairingCode { generation },
-            2 => Input::TransportClosed { generation, status, reason: "peer closed".into() },
+            2 => {
+                let initiator =
+                    [CloseInitiator::Peer, CloseInitiator::Local, CloseInitiator::Transport][usize::from(timer) % 3];
+                Input::TransportClosed { generation, initiator, status, reason: "peer closed".into() }
+            }
+            11 => Input::TransportClosedV1 { generation, status, reason: "peer closed".into() },
+            12 => Input::Pong { generation },
             3 => Input::WriteFailed { generation, error: "broken pipe".into() },
             4 => Input::HeartbeatMissed { generation },
             5 => Input::LogoutConfirmed { generation },
@@ -145,7 +151,10 @@ pub fn input(g: Generation) -> impl Strategy<Value = Input> {
     prop_oneof![
         3 => command(),
         8 => signal(g),
-        1 => prop_oneof![Just(Input::Recovered), "[a-z ]{0,12}".prop_map(|message| Input::Panicked { message })],
+        1 => prop_oneof![
+            Just(Input::Recovered),
+            "[a-z ]{0,12}".prop_map(|message| Input::Panicked { message: message.into() })
+        ],
     ]
 }
 

@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::chaos::{Chaos, schedule_iter};
 use super::{SimAction, SimTransport};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::log::{Event, InstanceSpec, Log, LogConfig, Record};
 use crate::machine::{Generation, Input, Policy, State, Timestamp, step};
-use crate::simulate::{Chaos, schedule};
 use crate::transport::{Protocol, ReferenceProtocol};
 
 /// The fixed wall-clock epoch of simulated engines (2023-11-14), so records are reproducible.
@@ -68,7 +68,7 @@ pub fn simulate_virtual_on(
         let spec = InstanceSpec { url: "ws://simulated/".into() };
         let start = tokio::time::Instant::now();
         let mut in_flight = tokio::task::JoinSet::new();
-        for (at, i, what) in schedule(seed, instances, duration, true) {
+        for (at, i, what) in schedule_iter(seed, instances, duration, true) {
             tokio::time::sleep_until(start + at).await;
             let name = format!("sim-{i:04}");
             let peer_status = |code: u16| Some(ReferenceProtocol.status_of(code));

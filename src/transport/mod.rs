@@ -1,11 +1,13 @@
 //! Transports: how the engine holds one connection per instance.
 //!
 //! A transport runs one connection from start to end in its own task: it
-//! connects, greets, reads, keeps heartbeats, obeys [`Control`] messages, and
-//! reports everything that happens as core [`Input`]s tagged with the
-//! connection's generation. It ends after reporting a terminal signal
-//! (closed, heartbeat missed, write failed, logout failed) or when the engine
-//! drops its control sender (an abort): the engine never waits on a dead socket.
+//! connects, greets, reads, obeys [`Control`] messages (logout, close, ping),
+//! and reports everything that happens as core [`Input`]s tagged with the
+//! connection's generation — pongs included. It decides nothing: when to
+//! ping and when a missing pong makes a zombie are the core's timers (R7).
+//! It ends after reporting a signal that ends a connection
+//! ([`Input::ends_connection`]) or when the engine drops its control sender
+//! (an abort): the engine never waits on a dead socket.
 
 mod protocol;
 mod ws;
@@ -19,7 +21,7 @@ use tokio::sync::mpsc;
 pub use protocol::{PeerMessage, Protocol, ProtocolError, ReferenceProtocol};
 pub use ws::{TlsConfigError, WsLimits, WsTransport, tls_trusting};
 
-use crate::machine::{Generation, Heartbeat, Identity, Input, InstanceName, StatusCode};
+use crate::machine::{CloseInitiator, Generation, Identity, Input, InstanceName, Reason, StatusCode, WsUrl};
 
 /// Everything a transport needs to open one connection.
 #[derive(Clone, Debug)]
@@ -28,12 +30,10 @@ pub struct ConnectSpec {
     pub instance: InstanceName,
     /// The connection's generation: every signal carries it (R12).
     pub generation: Generation,
-    /// Where to connect (`ws://` or `wss://`).
-    pub url: String,
+    /// Where to connect.
+    pub url: WsUrl,
     /// The identity to resume, if any.
     pub resume: Option<Identity>,
-    /// Heartbeat interval and pong deadline (R7).
-    pub heartbeat: Heartbeat,
     /// Bound on the TCP + TLS + WebSocket handshake.
     pub connect_timeout: Duration,
 }
@@ -48,6 +48,8 @@ pub enum Control {
         /// The status (the protocol maps it to a close code).
         status: StatusCode,
     },
+    /// Send a ping; report its pong (R7).
+    Ping,
 }
 
 /// Where a transport reports its signals. Inputs travel boxed: tokio's mpsc
@@ -79,32 +81,26 @@ impl Signals {
         self.send(Input::TransportOpened { generation: self.generation, identity }).await
     }
 
-    /// `TransportClosed`.
-    pub async fn closed(&self, status: Option<StatusCode>, reason: impl Into<String>) -> bool {
-        let reason = bounded(reason.into());
-        self.send(Input::TransportClosed { generation: self.generation, status, reason }).await
+    /// `TransportClosed`: who ended it, with what status, why.
+    pub async fn closed(
+        &self,
+        initiator: CloseInitiator,
+        status: Option<StatusCode>,
+        reason: impl Into<Reason>,
+    ) -> bool {
+        let reason = reason.into();
+        self.send(Input::TransportClosed { generation: self.generation, initiator, status, reason }).await
     }
 
     /// `WriteFailed`.
-    pub async fn write_failed(&self, error: impl Into<String>) -> bool {
-        self.send(Input::WriteFailed { generation: self.generation, error: bounded(error.into()) }).await
+    pub async fn write_failed(&self, error: impl Into<Reason>) -> bool {
+        self.send(Input::WriteFailed { generation: self.generation, error: error.into() }).await
     }
-}
 
-/// Longest reason or error text kept in a record: close reasons are at most
-/// 123 bytes by RFC 6455; OS errors are short; a hostile peer gets no more.
-pub const REASON_LEN_MAX: usize = 256;
-
-/// Truncates a text to [`REASON_LEN_MAX`] bytes on a character boundary.
-pub fn bounded(mut s: String) -> String {
-    if s.len() > REASON_LEN_MAX {
-        let mut end = REASON_LEN_MAX;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
+    /// `Pong`.
+    pub async fn pong(&self) -> bool {
+        self.send(Input::Pong { generation: self.generation }).await
     }
-    s
 }
 
 /// A boxed future a transport returns.

@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, trace};
 
 use super::{BoxFuture, ConnectSpec, Control, PeerMessage, Protocol, Signals, Transport};
-use crate::machine::{Input, StatusCode};
+use crate::machine::{CloseInitiator, Input, Reason};
 
 /// Frame and buffer limits per connection, so a fleet of thousands fits in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,7 +138,7 @@ async fn run(
     // session's, and a task is as large as its largest stage, so a fleet of
     // live connections would otherwise each keep ~10 KB it never uses again.
     let Some(ws) = Box::pin(handshake(&*protocol, limits, tls, &spec, &signals)).await else { return };
-    Session { protocol, ws, control, signals, heartbeat: spec.heartbeat, opened: false }.serve().await;
+    Session { protocol, ws, control, signals, opened: false }.serve().await;
 }
 
 /// Connects and greets; `None` after reporting why it could not.
@@ -152,14 +152,15 @@ async fn handshake(
     let connector = tls.map(tokio_tungstenite::Connector::Rustls);
     let connect =
         tokio_tungstenite::connect_async_tls_with_config(spec.url.as_str(), Some(limits.config()), true, connector);
+    let lost = CloseInitiator::Transport;
     let mut ws = match timeout(spec.connect_timeout, connect).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => {
-            signals.closed(None, format!("connect failed: {e}")).await;
+            signals.closed(lost, None, format!("connect failed: {e}")).await;
             return None;
         }
         Err(_) => {
-            signals.closed(None, format!("connect timed out after {:?}", spec.connect_timeout)).await;
+            signals.closed(lost, None, format!("connect timed out after {:?}", spec.connect_timeout)).await;
             return None;
         }
     };
@@ -177,7 +178,6 @@ struct Session {
     ws: Ws,
     control: mpsc::Receiver<Control>,
     signals: Signals,
-    heartbeat: crate::machine::Heartbeat,
     /// A `ready` was already reported: later ones are ignored (a peer flooding
     /// "ready" costs one signal).
     opened: bool,
@@ -190,37 +190,18 @@ enum Flow {
 }
 
 impl Session {
+    /// Pumps frames and control messages until the connection ends. Pings
+    /// go out when the core asks (`Control::Ping`); pongs are reported.
     async fn serve(mut self) {
-        let mut next_ping = Instant::now() + self.heartbeat.interval;
-        let mut pong_due: Option<Instant> = None;
         loop {
-            let deadline = pong_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
             // Handlers are boxed: the idle connection's future stays small in a large fleet.
             let flow = tokio::select! {
-                frame = self.ws.next() => Box::pin(self.on_frame(frame, &mut pong_due)).await,
+                frame = self.ws.next() => Box::pin(self.on_frame(frame)).await,
                 ctl = self.control.recv() => match ctl {
                     Some(ctl) => Box::pin(self.on_control(ctl)).await,
                     // The engine dropped us (abort): drop the socket without a handshake.
                     None => Flow::End,
                 },
-                () = sleep_until(next_ping) => {
-                    next_ping = Instant::now() + self.heartbeat.interval;
-                    if pong_due.is_none() {
-                        pong_due = Some(Instant::now() + self.heartbeat.deadline);
-                    }
-                    match self.ws.send(Message::Ping(Vec::new().into())).await {
-                        Ok(()) => Flow::Continue,
-                        Err(e) => {
-                            self.signals.write_failed(format!("ping: {e}")).await;
-                            Flow::End
-                        }
-                    }
-                }
-                () = sleep_until(deadline), if pong_due.is_some() => {
-                    // R7: no pong by the deadline.
-                    self.signals.send(Input::HeartbeatMissed { generation: self.signals.generation() }).await;
-                    Flow::End
-                }
             };
             if let Flow::End = flow {
                 return;
@@ -228,7 +209,7 @@ impl Session {
         }
     }
 
-    async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>, pong_due: &mut Option<Instant>) -> Flow {
+    async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Flow {
         match frame {
             Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
             Some(Ok(Message::Binary(bytes))) => {
@@ -236,7 +217,7 @@ impl Session {
                 self.protocol_error(1002, error.to_string()).await
             }
             Some(Ok(Message::Pong(_))) => {
-                *pong_due = None;
+                self.signals.pong().await;
                 Flow::Continue
             }
             // tungstenite queues the pong; flushing sends it now.
@@ -254,7 +235,7 @@ impl Session {
                 };
                 // tungstenite answers the close; drain until the socket ends, bounded.
                 let _ = timeout(Duration::from_secs(1), async { while self.ws.next().await.is_some() {} }).await;
-                self.signals.closed(status, reason).await;
+                self.signals.closed(CloseInitiator::Peer, status, reason).await;
                 Flow::End
             }
             Some(Ok(Message::Frame(_))) => Flow::Continue,
@@ -263,15 +244,17 @@ impl Session {
                 self.protocol_error(1007, format!("invalid UTF-8 in a text frame: {e}")).await
             }
             Some(Err(WsError::Protocol(e))) => {
-                self.signals.closed(Some(StatusCode(1002)), format!("protocol error: {e}")).await;
+                // tungstenite closes with 1002 on a protocol violation itself.
+                let status = Some(self.protocol.status_of(1002));
+                self.signals.closed(CloseInitiator::Local, status, format!("protocol error: {e}")).await;
                 Flow::End
             }
             Some(Err(e)) => {
-                self.signals.closed(None, format!("connection lost: {e}")).await;
+                self.signals.closed(CloseInitiator::Transport, None, format!("connection lost: {e}")).await;
                 Flow::End
             }
             None => {
-                self.signals.closed(None, "connection ended without a close frame").await;
+                self.signals.closed(CloseInitiator::Transport, None, "connection ended without a close frame").await;
                 Flow::End
             }
         }
@@ -305,11 +288,13 @@ impl Session {
         }
     }
 
-    /// Closes with `code` (best effort, bounded) and reports it: the policy decides on the status.
+    /// Closes with `code` (best effort, bounded) and reports it as our close,
+    /// its status mapped as a peer's would be: the policy decides on it.
     async fn protocol_error(&mut self, code: u16, reason: String) -> Flow {
         let frame = CloseFrame { code: CloseCode::from(code), reason: "protocol error".into() };
         let _ = timeout(Duration::from_secs(1), self.ws.close(Some(frame))).await;
-        self.signals.closed(Some(StatusCode(code)), reason).await;
+        let status = Some(self.protocol.status_of(code));
+        self.signals.closed(CloseInitiator::Local, status, reason).await;
         Flow::End
     }
 
@@ -318,8 +303,15 @@ impl Session {
             Control::SendLogout => match self.ws.send(Message::text(self.protocol.logout())).await {
                 Ok(()) => Flow::Continue,
                 Err(e) => {
-                    let error = super::bounded(e.to_string());
+                    let error = Reason::new(e.to_string());
                     self.signals.send(Input::LogoutFailed { generation: self.signals.generation(), error }).await;
+                    Flow::End
+                }
+            },
+            Control::Ping => match self.ws.send(Message::Ping(Vec::new().into())).await {
+                Ok(()) => Flow::Continue,
+                Err(e) => {
+                    self.signals.write_failed(format!("ping: {e}")).await;
                     Flow::End
                 }
             },

@@ -62,7 +62,7 @@ fn simulate_then_inspect_verify_export_and_diagram_what_it_wrote() {
 
 #[test]
 fn the_same_seed_gives_the_same_schedule() {
-    use instance_lifecycle::simulate::schedule;
+    use instance_lifecycle::testing::chaos::schedule;
     let d = std::time::Duration::from_secs(30);
     assert_eq!(schedule(42, 100, d, true), schedule(42, 100, d, true));
     assert_ne!(schedule(42, 100, d, true), schedule(43, 100, d, true));

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use instance_lifecycle::log::{Durability, Event, Log, LogConfig, RecoveryOptions};
-use instance_lifecycle::machine::{Identity, Input, Instance, Policy, Preset, StatusCode, Timestamp};
+use instance_lifecycle::machine::{CloseInitiator, Identity, Input, Instance, Policy, Preset, StatusCode, Timestamp};
 use instance_lifecycle::testing::Driver;
 
 use crate::support::name;
@@ -47,23 +47,28 @@ fn write_fleet(dir: &Path, durability: Durability, limit: usize, out: &mut dyn W
         })
         .collect();
     for d in &drivers {
-        if log.next_seq(&d.name) == 1 {
+        if log.next_seq(&d.name()) == 1 {
             let a = log
-                .append(&d.name, 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new())
+                .append(&d.name(), 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new())
                 .expect("created");
-            writeln!(out, "ack {} {}", d.name, a.seq).expect("ack");
+            writeln!(out, "ack {} {}", d.name(), a.seq).expect("ack");
         }
     }
     let id = Identity::new("peer").ok();
     for n in 0..limit {
         let d = &mut drivers[n % INSTANCES];
-        let g = d.instance.generation;
+        let g = d.instance().generation;
         d.now = Timestamp(d.now.0 + 1_000);
         // A lifecycle that never ends: connect, open, drop, back off, reconnect…
         let input = match n / INSTANCES % 4 {
             0 => Input::Connect,
             1 => Input::TransportOpened { generation: g, identity: id.clone() },
-            2 => Input::TransportClosed { generation: g, status: Some(StatusCode(428)), reason: "drop".into() },
+            2 => Input::TransportClosed {
+                initiator: CloseInitiator::Peer,
+                generation: g,
+                status: Some(StatusCode(428)),
+                reason: "drop".into(),
+            },
             _ => Input::TimerFired {
                 timer: instance_lifecycle::machine::Timer {
                     kind: instance_lifecycle::machine::TimerKind::Reconnect,
@@ -78,8 +83,8 @@ fn write_fleet(dir: &Path, durability: Durability, limit: usize, out: &mut dyn W
         }
         let s = d.steps.last().expect("step");
         let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
-        let a = log.append(&d.name, log.next_seq(&d.name), s.at, event, &s.to).expect("append");
-        writeln!(out, "ack {} {}", d.name, a.seq).expect("ack");
+        let a = log.append(&d.name(), log.next_seq(&d.name()), s.at, event, &s.to).expect("append");
+        writeln!(out, "ack {} {}", d.name(), a.seq).expect("ack");
         out.flush().expect("flush ack");
     }
 }

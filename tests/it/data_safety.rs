@@ -232,7 +232,7 @@ fn finding_05_arguments_out_of_bounds_are_refused_before_any_work() {
     let help = lifecycle(&["simulate", "--help"]);
     assert!(stdout(&help).contains("1..=100000") && stdout(&help).contains("1..=86400"), "{}", stdout(&help));
     // The library says the same to a program.
-    let options = instance_lifecycle::simulate::Options { instances: 0, ..Default::default() };
+    let options = instance_lifecycle::testing::simulate::Options { instances: 0, ..Default::default() };
     assert!(options.validate().is_err());
 }
 

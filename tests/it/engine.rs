@@ -9,10 +9,10 @@ use std::time::Duration;
 use instance_lifecycle::engine::{Cleanup, Compaction, Engine, EngineConfig, EngineError, StepFuture};
 use instance_lifecycle::log::{Event, InstanceSpec, LogConfig, Retention};
 use instance_lifecycle::machine::{
-    ClosedCause, ClosingStep, Heartbeat, Input, InputKind, InstanceName, LogoutOutcome, Phase, Policy, Preset, State,
-    StepOutcome, Timeouts,
+    CloseInitiator, ClosedCause, ClosingStep, Heartbeat, Input, InputKind, InstanceName, LogoutOutcome, Phase, Policy,
+    Preset, State, StepOutcome, Timeouts,
 };
-use instance_lifecycle::peer::{Action, Fault, TestPeer};
+use instance_lifecycle::testing::peer::{Action, Fault, TestPeer};
 use instance_lifecycle::transport::{ReferenceProtocol, TlsConfigError, WsLimits, WsTransport};
 use tokio::time::{Instant, sleep};
 
@@ -219,7 +219,7 @@ async fn pr2520_zombie_delete_removes_it_and_leaves_the_others_alone() {
         .cloned()
         .collect();
     assert_eq!(runs.len(), 3, "each cleanup step ran once: {runs:?}");
-    assert!(h.inputs("vendor-3").await.contains(&InputKind::HeartbeatMissed));
+    assert!(h.inputs("vendor-3").await.contains(&InputKind::PongDeadline), "the core's own heartbeat found it");
     for (n, len) in names.iter().zip(before) {
         if n != "vendor-3" {
             assert!(matches!(h.engine.state(n), Ok(State::Open { .. })), "{n}");
@@ -753,7 +753,8 @@ fn a_late_close_of_the_previous_generation_is_ignored_by_the_engine() {
                 let (late, delivered) = (signals.clone(), self.1.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(5)).await;
-                    let sent = late.closed(Some(StatusCode(1012)), "late close of the old socket").await;
+                    let sent =
+                        late.closed(CloseInitiator::Peer, Some(StatusCode(1012)), "late close of the old socket").await;
                     delivered.store(sent, std::sync::atomic::Ordering::SeqCst);
                 });
             }

@@ -6,9 +6,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use instance_lifecycle::fuzzing::check_step;
 use instance_lifecycle::machine::catalog::{exploration_policies, sample_inputs, sample_states};
 use instance_lifecycle::machine::{Input, InputKind, Instance, Outcome, StateKind, Timestamp, step};
+use instance_lifecycle::testing::fuzz::check_step;
 
 use crate::support::name;
 
@@ -38,6 +38,7 @@ fn exhaustive_pairs_up_to_depth() {
                     check_step(&from, &input, &outcome);
                     let verdict = match &outcome {
                         Outcome::Transition(_) => "transition",
+                        Outcome::Effects(_) => "upkeep",
                         Outcome::Ignored(_) => "ignored",
                         Outcome::Rejected(_) => "rejected",
                     };
@@ -60,8 +61,11 @@ fn exhaustive_pairs_up_to_depth() {
         }
     }
     for input in &all_inputs {
-        let moves = StateKind::ALL.iter().any(|k| decided[&(*k, *input)].contains("transition"));
-        assert!(moves, "input kind {input} never moves any state: a dead row in the table");
+        let acts = StateKind::ALL.iter().any(|k| {
+            let d = &decided[&(*k, *input)];
+            d.contains("transition") || d.contains("upkeep")
+        });
+        assert!(acts, "input kind {input} never moves any state nor causes upkeep: a dead row in the table");
     }
     for kind in StateKind::ALL {
         let leaves = all_inputs.iter().any(|i| decided[&(kind, *i)].contains("transition"));

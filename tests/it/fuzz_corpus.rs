@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use instance_lifecycle::fuzzing;
+use instance_lifecycle::testing::fuzz as fuzzing;
 
 fn replay(target: &str, run: fn(&[u8])) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use instance_lifecycle::engine::{Cleanup, Engine, EngineConfig, StepFuture};
 use instance_lifecycle::log::{InstanceSpec, Log, LogConfig, Record};
 use instance_lifecycle::machine::{InstanceName, Preset, State};
-use instance_lifecycle::simulate::simulation_policy;
+use instance_lifecycle::testing::simulate::simulation_policy;
 use instance_lifecycle::testing::{self, SimAction, SimBehaviour, SimTransport, assert_rules_hold};
 use proptest::prelude::*;
 

@@ -5,9 +5,10 @@ use std::path::Path;
 
 use instance_lifecycle::log::{
     Durability, Event, Finding, Log, LogConfig, LogError, RecoveryMode, RecoveryOptions, Retention,
-    resume_after_restart,
 };
-use instance_lifecycle::machine::{Generation, Input, Instance, InstanceName, Policy, Preset, State, Timestamp};
+use instance_lifecycle::machine::{
+    self, CloseInitiator, Generation, Input, Instance, InstanceName, Policy, Preset, State, Timestamp,
+};
 use instance_lifecycle::testing::{self, Driver, append_to_log, strategy};
 use proptest::prelude::*;
 
@@ -25,20 +26,20 @@ fn run_fleet(log: &Log, policy: &Policy, ops: &[(usize, Input, u64)]) -> Vec<Dri
     let mut drivers: Vec<Driver> =
         (0..FLEET).map(|i| Driver::new(name(&format!("inst-{i}")), policy.clone())).collect();
     for d in &drivers {
-        log.append(&d.name, 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new())
+        log.append(&d.name(), 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new())
             .expect("append created");
     }
     for (i, input, dt) in ops {
         let d = &mut drivers[*i];
         d.now = Timestamp(d.now.0 + dt);
-        let input = testing::retarget(input, d.instance.generation);
+        let input = testing::retarget(input, d.instance().generation);
         let before = d.steps.len();
         d.feed(input);
         if d.steps.len() > before {
             let s = d.steps.last().expect("a step was recorded");
             let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
-            let seq = log.next_seq(&d.name);
-            log.append(&d.name, seq, s.at, event, &s.to).expect("append transition");
+            let seq = log.next_seq(&d.name());
+            log.append(&d.name(), seq, s.at, event, &s.to).expect("append transition");
         }
     }
     drivers
@@ -63,7 +64,7 @@ proptest! {
         let log = Log::open_existing(dir.path(), buffered()).expect("reopen");
         let mut total = 0;
         for d in &drivers {
-            let history = log.history(&d.name).expect("history");
+            let history = log.history(&d.name()).expect("history");
             prop_assert_eq!(history.len(), d.steps.len() + 1, "one record per transition plus created");
             for (i, r) in history.iter().enumerate() {
                 prop_assert_eq!(r.seq, i as u64 + 1);
@@ -97,20 +98,34 @@ proptest! {
             let recovery = log.recover(RecoveryOptions { mode, quarantine: false }).expect("recover");
             prop_assert!(recovery.notes.is_empty(), "{:?}", recovery.notes);
             for d in &drivers {
-                prop_assert_eq!(&recovery.instances[&d.name].instance, &d.instance, "{:?}", mode);
+                prop_assert_eq!(&recovery.instances[d.name()].instance, d.instance(), "{:?}", mode);
             }
         }
-        let mut recovery = log.recover(RecoveryOptions::default()).expect("recover");
-        let resumed = resume_after_restart(&log, &mut recovery, &policy, Timestamp(10_000_000)).expect("resume");
+        // What the engine does at start-up: feed `Recovered` through each driver, recorded in the log.
+        let recovery = log.recover(RecoveryOptions::default()).expect("recover");
+        let mut resumed = Vec::new();
+        for (n, r) in &recovery.instances {
+            if matches!(r.instance.state, State::Closed { .. } | State::Removed { .. }) {
+                continue;
+            }
+            let mut restored = machine::Driver::restored(n.clone(), r.instance.clone(), r.seq);
+            let fed = restored
+                .feed_now(&policy, Input::Recovered, Timestamp(10_000_000), |p| log.append_pending(n, p).map(|a| a.seq))
+                .expect("resume");
+            if matches!(fed, machine::Fed::Moved(_)) {
+                resumed.push((n.clone(), restored.instance().clone()));
+            }
+        }
         for d in &drivers {
-            let now = &recovery.instances[&d.name].instance;
-            let was_resting = matches!(d.instance.state, State::Closed { .. } | State::Removed { .. });
-            prop_assert_eq!(was_resting, !resumed.iter().any(|(n, _)| *n == d.name), "{}", d.instance.state);
+            let recovered = &recovery.instances[d.name()].instance;
+            let now = resumed.iter().find(|(n, _)| n == d.name()).map_or(recovered, |(_, i)| i);
+            let was_resting = matches!(d.instance().state, State::Closed { .. } | State::Removed { .. });
+            prop_assert_eq!(was_resting, !resumed.iter().any(|(n, _)| n == d.name()), "{}", d.instance().state);
             if was_resting {
-                prop_assert_eq!(now, &d.instance, "resting instances are untouched");
+                prop_assert_eq!(now, d.instance(), "resting instances are untouched");
             } else {
                 prop_assert!(!matches!(now.state, State::Open { .. } | State::Zombie { .. }), "assumed alive: {}", now.state);
-                let last = log.history(&d.name).expect("history").pop().expect("a record");
+                let last = log.history(d.name()).expect("history").pop().expect("a record");
                 prop_assert!(matches!(last.event, Event::Transition { input: Input::Recovered, .. }), "the decision is logged");
             }
         }
@@ -373,6 +388,7 @@ fn verify_names_the_first_record_where_new_rules_decide_differently() {
             identity: instance_lifecycle::machine::Identity::new("peer").ok(),
         });
         d.feed(Input::TransportClosed {
+            initiator: CloseInitiator::Peer,
             generation: Generation(1),
             status: Some(instance_lifecycle::machine::StatusCode(408)),
             reason: "blip".into(),
@@ -397,7 +413,7 @@ fn compaction_keeps_a_snapshot_and_the_tail_and_purges_removed_instances() {
     let mut d = Driver::new(name("busy"), policy.clone());
     for _ in 0..20 {
         d.feed(Input::Connect);
-        let g = d.instance.generation;
+        let g = d.instance().generation;
         d.feed(Input::TransportOpened {
             generation: g,
             identity: instance_lifecycle::machine::Identity::new("peer").ok(),
@@ -418,7 +434,7 @@ fn compaction_keeps_a_snapshot_and_the_tail_and_purges_removed_instances() {
     let history = log.history(&name("busy")).expect("history");
     assert_eq!(history.len(), 6);
     assert!(matches!(history[0].event, Event::Snapshot { .. }));
-    assert_eq!(history.last().expect("tail").to, d.instance);
+    assert_eq!(&history.last().expect("tail").to, d.instance());
     assert!(log.verify(&policy).is_clean(), "{:#?}", log.verify(&policy).findings);
 
     let report = log.compact(Timestamp(3_600_000 + 1_000), &retention).expect("compact");
@@ -429,7 +445,7 @@ fn compaction_keeps_a_snapshot_and_the_tail_and_purges_removed_instances() {
     log.append(&name("gone"), 1, Timestamp(5_000_000), Event::created("ws://127.0.0.1:9/"), &Instance::new())
         .expect("re-create");
     let recovery = log.recover(RecoveryOptions::default()).expect("recover");
-    assert_eq!(recovery.instances[&name("busy")].instance, d.instance);
+    assert_eq!(&recovery.instances[&name("busy")].instance, d.instance());
     assert!(log.verify(&policy).is_clean());
 }
 

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use instance_lifecycle::machine::{
-    ClosingStep, Generation, Identity, Input, Intent, Phase, Policy, Preset, State, StatusCode,
+    CloseInitiator, ClosingStep, Generation, Identity, Input, Intent, Phase, Policy, Preset, State, StatusCode,
 };
 use instance_lifecycle::testing::Driver;
 use proptest::prelude::*;
@@ -174,7 +174,7 @@ impl StateMachineTest for Real {
 
     fn apply(mut real: Self, reference: &M, op: Op) -> Self {
         let d = &mut real.driver;
-        let g = d.instance.generation;
+        let g = d.instance().generation;
         let id = || Some(Identity::new("5511@s.whatsapp.net").expect("valid"));
         match op {
             Op::Connect => drop(d.feed(Input::Connect)),
@@ -183,13 +183,17 @@ impl StateMachineTest for Real {
             Op::Restart => drop(d.feed(Input::Restart)),
             Op::Ready => drop(d.feed(Input::TransportOpened { generation: g, identity: id() })),
             Op::ReadyWithoutIdentity => drop(d.feed(Input::TransportOpened { generation: g, identity: None })),
-            Op::PeerClose(s) => {
-                drop(d.feed(Input::TransportClosed { generation: g, status: s.map(StatusCode), reason: "peer".into() }))
-            }
+            Op::PeerClose(s) => drop(d.feed(Input::TransportClosed {
+                initiator: CloseInitiator::Peer,
+                generation: g,
+                status: s.map(StatusCode),
+                reason: "peer".into(),
+            })),
             Op::HeartbeatMiss => drop(d.feed(Input::HeartbeatMissed { generation: g })),
             Op::LogoutConfirmed => drop(d.feed(Input::LogoutConfirmed { generation: g })),
             Op::CleanupDone => drop(d.feed(Input::CleanupFinished { steps: vec![] })),
             Op::StaleClose => drop(d.feed(Input::TransportClosed {
+                initiator: CloseInitiator::Peer,
                 generation: Generation(g.0.wrapping_sub(1)),
                 status: None,
                 reason: "late".into(),
@@ -199,10 +203,10 @@ impl StateMachineTest for Real {
             }
         }
         assert_eq!(
-            observe(&d.instance.state),
+            observe(&d.instance().state),
             *reference,
             "real {:?} vs model after {:?}",
-            d.instance.state,
+            d.instance().state,
             d.steps.last().map(|s| &s.input)
         );
         real

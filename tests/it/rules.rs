@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use instance_lifecycle::machine::{
-    ClosePhase, ClosedCause, Effect, Generation, Ignored, Input, Instance, Intent, Outcome, Phase, Rejection, State,
-    StatusCode, Timestamp, step,
+    CloseInitiator, ClosePhase, ClosedCause, Effect, Generation, Ignored, Input, Instance, Intent, Outcome, Phase,
+    Rejection, State, StatusCode, Timestamp, step,
 };
 use instance_lifecycle::testing::{self, Driver, strategy};
 use proptest::prelude::*;
@@ -32,7 +32,7 @@ enum NoiseOrTimer {
 
 /// Most signals go to the current generation, every fifth to the previous one.
 fn retarget(input: &Input, d: &Driver, salt: usize) -> Input {
-    let current = d.instance.generation;
+    let current = d.instance().generation;
     let g = if salt.is_multiple_of(5) { Generation(current.0.saturating_sub(1)) } else { current };
     testing::retarget(input, g)
 }
@@ -110,7 +110,7 @@ proptest! {
         }
         // ...and only the clock keeps going.
         d.run_timers(10);
-        prop_assert!(matches!(d.instance.state, State::Removed { .. }), "not removed: {:?}", d.instance.state);
+        prop_assert!(matches!(d.instance().state, State::Removed { .. }), "not removed: {:?}", d.instance().state);
         let bound = policy.timeouts.logout + policy.timeouts.close + policy.timeouts.cleanup;
         prop_assert!(d.now.saturating_since(deleted_at) <= bound, "took {:?} > {bound:?}", d.now.saturating_since(deleted_at));
         let cleanups = d.steps[steps_before..].iter().flat_map(|s| &s.effects).filter(|e| **e == Effect::RunCleanup).count();
@@ -142,7 +142,7 @@ proptest! {
             prop_assert!(!s.effects.iter().any(opens), "opened a transport after logout on {:?}", s.input);
         }
         // The host can always connect again (Evolution API #2560).
-        if matches!(d.instance.state, State::Closed { .. }) {
+        if matches!(d.instance().state, State::Closed { .. }) {
             let again = d.feed(Input::Connect);
             prop_assert!(matches!(again, Outcome::Transition(ref t) if t.effects.iter().any(opens)), "{again:?}");
         }
@@ -168,10 +168,10 @@ proptest! {
             (State::Connecting { phase: Phase::Handshaking, retries: 0, resume: None }, ClosePhase::BeforeOpen)
         };
         let mut d = Driver::with_instance(name("r4"), policy.clone(), Instance { generation: g, state });
-        let o = d.feed(Input::TransportClosed { generation: g, status, reason: "peer".into() });
+        let o = d.feed(Input::TransportClosed { initiator: CloseInitiator::Peer, generation: g, status, reason: "peer".into() });
         match policy.close_action(status, phase) {
             CloseAction::Stop => {
-                prop_assert_eq!(&d.instance.state, &State::Closed {
+                prop_assert_eq!(&d.instance().state, &State::Closed {
                     cause: ClosedCause::FinalStatus,
                     status,
                     resume: expected_resume,
@@ -181,10 +181,10 @@ proptest! {
                 d.run_timers(10);
                 prop_assert!(d.steps[mark..].iter().all(|s| !s.effects.iter().any(opens)), "reconnected after a final status");
             }
-            CloseAction::Remove => prop_assert!(matches!(d.instance.state, State::Closing { intent: Intent::Delete, .. }), "{:?}", d.instance.state),
+            CloseAction::Remove => prop_assert!(matches!(d.instance().state, State::Closing { intent: Intent::Delete, .. }), "{:?}", d.instance().state),
             CloseAction::Reconnect | CloseAction::ReconnectNow => {
                 let retried = matches!(&o, Outcome::Transition(t) if t.effects.iter().any(|e| opens(e) || arms_reconnect(e)));
-                let gave_up = matches!(d.instance.state, State::Closed { cause: ClosedCause::GaveUp { .. }, .. });
+                let gave_up = matches!(d.instance().state, State::Closed { cause: ClosedCause::GaveUp { .. }, .. });
                 prop_assert!(retried || gave_up, "{o:?}");
             }
         }
@@ -206,11 +206,11 @@ proptest! {
         let noise: Vec<_> = noise.into_iter().filter(|n| !matches!(n, NoiseOrTimer::Signal(Input::CleanupFinished { .. }))).collect();
         apply_noise(&mut d, &noise);
         d.run_timers(10);
-        prop_assert!(matches!(d.instance.state, State::Closed { .. }), "not closed: {:?}", d.instance.state);
+        prop_assert!(matches!(d.instance().state, State::Closed { .. }), "not closed: {:?}", d.instance().state);
         prop_assert!(d.now.saturating_since(at) <= policy.timeouts.logout + policy.timeouts.close);
         if let Some(last) = d.steps.iter().rev().find(|s| !matches!(s.from.state, State::Closed { .. })) {
             let State::Closed { status, cause, .. } = &last.to.state else { unreachable!() };
-            let real = match &last.input { Input::TransportClosed { status, .. } => *status, _ => None };
+            let real = last.input.closed().and_then(|(_, status, _)| status);
             prop_assert_eq!(*status, real, "status must come from the real close");
             prop_assert!(matches!(cause, ClosedCause::LoggedOut { .. }), "{cause:?}");
             if let Input::LogoutFailed { error, .. } = &last.input {
@@ -258,14 +258,14 @@ proptest! {
         let mut d = Driver::with_instance(name("r7"), policy, start);
         let signal = if write_failed { Input::WriteFailed { generation: g, error: "EPIPE".into() } } else { Input::HeartbeatMissed { generation: g } };
         let o = d.feed(signal);
-        prop_assert!(matches!(d.instance.state, State::Zombie { .. }), "{o:?}");
-        prop_assert!(d.live.is_none(), "the dead socket is abandoned at once");
+        prop_assert!(matches!(d.instance().state, State::Zombie { .. }), "{o:?}");
+        prop_assert!(d.live().is_none(), "the dead socket is abandoned at once");
         prop_assert!(crate::support::effects_of(&o).iter().any(arms_reconnect));
         let mark = d.steps.len();
         match then {
-            0 => { d.feed(Input::Logout); prop_assert!(matches!(d.instance.state, State::Closed { .. }), "{:?}", d.instance.state); }
-            1 => { d.feed(Input::Delete); prop_assert!(matches!(d.instance.state, State::Closing { intent: Intent::Delete, step: instance_lifecycle::machine::ClosingStep::CleaningUp }), "{:?}", d.instance.state); }
-            _ => { d.fire_next_timer(); prop_assert!(!matches!(d.instance.state, State::Zombie { .. } | State::Open { .. }), "{:?}", d.instance.state); }
+            0 => { d.feed(Input::Logout); prop_assert!(matches!(d.instance().state, State::Closed { .. }), "{:?}", d.instance().state); }
+            1 => { d.feed(Input::Delete); prop_assert!(matches!(d.instance().state, State::Closing { intent: Intent::Delete, step: instance_lifecycle::machine::ClosingStep::CleaningUp }), "{:?}", d.instance().state); }
+            _ => { d.fire_next_timer(); prop_assert!(!matches!(d.instance().state, State::Zombie { .. } | State::Open { .. }), "{:?}", d.instance().state); }
         }
         for s in &d.steps[mark..] {
             prop_assert!(!s.effects.iter().any(|e| matches!(e, Effect::SendLogout { .. } | Effect::CloseTransport { .. })), "waited on a dead socket: {:?}", s.effects);
@@ -289,7 +289,7 @@ proptest! {
         let mut expected_from = start;
         for s in &d.steps {
             prop_assert_eq!(&s.from, &expected_from, "records must chain");
-            let Outcome::Transition(t) = step(&d.name, &s.from, &s.input, &policy, s.at) else {
+            let Outcome::Transition(t) = step(&d.name(), &s.from, &s.input, &policy, s.at) else {
                 return Err(TestCaseError::fail("replay did not transition"));
             };
             let mut replayed = s.from.clone();
@@ -298,7 +298,7 @@ proptest! {
             prop_assert_eq!(&t.effects, &s.effects);
             expected_from = s.to.clone();
         }
-        prop_assert_eq!(expected_from, d.instance);
+        prop_assert_eq!(&expected_from, d.instance());
     }
 
     /// R9: at most one transport in flight; backoff within [base, cap]; a peer
@@ -318,17 +318,17 @@ proptest! {
         d.feed(Input::Connect);
         let id = instance_lifecycle::machine::Identity::new("peer").expect("valid");
         let mut rounds = 0;
-        while let Some(g) = d.live {
+        while let Some(g) = d.live() {
             rounds += 1;
             prop_assert!(rounds <= policy.backoff.attempts_max + 1, "did not give up");
             if says_ready {
                 d.feed(Input::TransportOpened { generation: g, identity: Some(id.clone()) });
             }
-            d.feed(Input::TransportClosed { generation: g, status, reason: "dropped at once".into() });
+            d.feed(Input::TransportClosed { initiator: CloseInitiator::Peer, generation: g, status, reason: "dropped at once".into() });
             // Run only the reconnect timer: the next attempt starts.
-            while d.live.is_none() && d.fire_next_timer().is_some() {}
+            while d.live().is_none() && d.fire_next_timer().is_some() {}
         }
-        prop_assert!(matches!(d.instance.state, State::Closed { cause: ClosedCause::GaveUp { .. }, .. }), "{:?}", d.instance.state);
+        prop_assert!(matches!(d.instance().state, State::Closed { cause: ClosedCause::GaveUp { .. }, .. }), "{:?}", d.instance().state);
         let attempts = d.effects().filter(|e| opens(e)).count();
         prop_assert_eq!(attempts as u32, policy.backoff.attempts_max + 1, "the first connect plus attempts_max retries");
         for e in d.effects() {
@@ -381,10 +381,10 @@ proptest! {
         let g = start.generation;
         let other = if newer { Generation(g.0 + offset) } else { Generation(g.0.saturating_sub(offset)) };
         prop_assume!(other != g);
-        let mut d = Driver { live: None, ..Driver::with_instance(name("r12"), policy, start.clone()) };
+        let mut d = Driver::with_instance(name("r12"), policy, start.clone());
         let stale = testing::retarget(&signal, other);
         let o = d.feed(stale);
         prop_assert_eq!(o, Outcome::Ignored(Ignored::Stale { input: other, current: g }));
-        prop_assert_eq!(d.instance, start);
+        prop_assert_eq!(d.instance(), &start);
     }
 }

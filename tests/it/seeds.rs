@@ -3,8 +3,8 @@
 //! the state, the effects, and what must never happen afterwards.
 
 use instance_lifecycle::machine::{
-    ClosedCause, Effect, Generation, Identity, Ignored, Input, LogoutOutcome, Outcome, Phase, Policy, Preset, State,
-    StatusCode, Timer, TimerKind,
+    CloseInitiator, ClosedCause, Effect, Generation, Identity, Ignored, Input, LogoutOutcome, Outcome, Phase, Policy,
+    Preset, State, StatusCode, Timer, TimerKind,
 };
 use instance_lifecycle::testing::Driver;
 
@@ -19,13 +19,18 @@ fn open(preset: Preset) -> Driver {
     let mut d = Driver::new(name("customer-42"), Policy::preset(preset));
     d.feed(Input::Connect);
     d.feed(Input::TransportOpened { generation: Generation(1), identity: Some(identity()) });
-    assert!(matches!(d.instance.state, State::Open { .. }), "{:?}", d.instance.state);
+    assert!(matches!(d.instance().state, State::Open { .. }), "{:?}", d.instance().state);
     d
 }
 
 fn close(d: &mut Driver, status: Option<u16>) -> Outcome {
-    let generation = d.instance.generation;
-    d.feed(Input::TransportClosed { generation, status: status.map(StatusCode), reason: "peer closed".into() })
+    let generation = d.instance().generation;
+    d.feed(Input::TransportClosed {
+        initiator: CloseInitiator::Peer,
+        generation,
+        status: status.map(StatusCode),
+        reason: "peer closed".into(),
+    })
 }
 
 fn no_reconnect_ever(d: &mut Driver) {
@@ -33,7 +38,7 @@ fn no_reconnect_ever(d: &mut Driver) {
     d.run_timers(20);
     let reopened = d.steps[mark..].iter().any(|s| s.effects.iter().any(opens));
     assert!(!reopened, "an automatic reconnect happened: {:#?}", &d.steps[mark..]);
-    assert!(d.timers.keys().all(|t| t.kind != TimerKind::Reconnect), "a reconnect timer is still armed");
+    assert!(d.timers().keys().all(|t| t.kind != TimerKind::Reconnect), "a reconnect timer is still armed");
 }
 
 /// PR 2520: the socket died, so `logout()` throws "Connection Closed" during
@@ -44,9 +49,9 @@ fn pr2520_delete_whose_logout_fails_still_removes() {
     let mut d = open(Preset::Whatsapp);
     d.feed(Input::Delete);
     d.feed(Input::LogoutFailed { generation: Generation(1), error: "Connection Closed".into() });
-    assert!(matches!(d.instance.state, State::Closing { .. }), "cleanup runs next");
+    assert!(matches!(d.instance().state, State::Closing { .. }), "cleanup runs next");
     d.feed(Input::CleanupFinished { steps: vec![] });
-    assert!(matches!(d.instance.state, State::Removed { .. }));
+    assert!(matches!(d.instance().state, State::Removed { .. }));
     assert_eq!(d.effects().filter(|e| **e == Effect::RunCleanup).count(), 1, "cleanup exactly once");
     let failure = d
         .steps
@@ -64,13 +69,13 @@ fn pr2520_delete_whose_logout_fails_still_removes() {
 fn pr2520_delete_of_a_zombie_skips_the_dead_socket() {
     let mut d = open(Preset::Whatsapp);
     d.feed(Input::HeartbeatMissed { generation: Generation(1) });
-    assert!(matches!(d.instance.state, State::Zombie { .. }));
+    assert!(matches!(d.instance().state, State::Zombie { .. }));
     d.feed(Input::Delete);
     let last = d.steps.last().expect("delete transitioned");
     assert!(last.effects.contains(&Effect::RunCleanup));
     assert!(!last.effects.iter().any(|e| matches!(e, Effect::SendLogout { .. })), "no logout on a dead socket");
     d.run_timers(5);
-    assert!(matches!(d.instance.state, State::Removed { .. }), "the cleanup time-out removes even a hung cleanup");
+    assert!(matches!(d.instance().state, State::Removed { .. }), "the cleanup time-out removes even a hung cleanup");
 }
 
 /// PR 2501: logout on a dead socket throws; the instance must end `Closed`,
@@ -81,7 +86,7 @@ fn pr2501_logout_on_dead_socket_closes_and_never_reconnects() {
     d.feed(Input::Logout);
     d.feed(Input::LogoutFailed { generation: Generation(1), error: "Connection Closed".into() });
     assert_eq!(
-        d.instance.state,
+        d.instance().state,
         State::Closed {
             cause: ClosedCause::LoggedOut { logout: LogoutOutcome::Failed { error: "Connection Closed".into() } },
             status: None,
@@ -101,7 +106,7 @@ fn evolution_2560_connect_after_logout_connects_again() {
     d.feed(Input::LogoutConfirmed { generation: Generation(1) });
     close(&mut d, Some(1000));
     assert!(
-        matches!(d.instance.state, State::Closed { status: Some(StatusCode(1000)), .. }),
+        matches!(d.instance().state, State::Closed { status: Some(StatusCode(1000)), .. }),
         "status from the real close"
     );
     let o = d.feed(Input::Connect);
@@ -112,7 +117,7 @@ fn evolution_2560_connect_after_logout_connects_again() {
     );
     d.feed(Input::PairingCode { generation: Generation(2) });
     d.feed(Input::TransportOpened { generation: Generation(2), identity: Some(identity()) });
-    assert!(matches!(d.instance.state, State::Open { .. }));
+    assert!(matches!(d.instance().state, State::Open { .. }));
 }
 
 /// Evolution preset = the seeds' list: 401 and 408 never reconnect.
@@ -121,7 +126,7 @@ fn evolution_preset_408_and_401_never_reconnect() {
     for status in [401, 408] {
         let mut d = open(Preset::Evolution);
         close(&mut d, Some(status));
-        assert!(matches!(d.instance.state, State::Closed { cause: ClosedCause::FinalStatus, .. }), "{status}");
+        assert!(matches!(d.instance().state, State::Closed { cause: ClosedCause::FinalStatus, .. }), "{status}");
         no_reconnect_ever(&mut d);
     }
 }
@@ -133,7 +138,7 @@ fn evolution_preset_408_and_401_never_reconnect() {
 fn whatsapp_preset_408_depends_on_phase() {
     let mut d = open(Preset::Whatsapp);
     let o = close(&mut d, Some(408));
-    assert!(matches!(d.instance.state, State::Connecting { phase: Phase::Backoff { .. }, .. }), "{o:?}");
+    assert!(matches!(d.instance().state, State::Connecting { phase: Phase::Backoff { .. }, .. }), "{o:?}");
     d.fire_next_timer();
     assert!(
         d.steps
@@ -149,7 +154,7 @@ fn whatsapp_preset_408_depends_on_phase() {
     d.feed(Input::PairingCode { generation: Generation(1) });
     close(&mut d, Some(408));
     assert!(matches!(
-        d.instance.state,
+        d.instance().state,
         State::Closed { cause: ClosedCause::FinalStatus, status: Some(StatusCode(408)), .. }
     ));
     no_reconnect_ever(&mut d);
@@ -161,7 +166,7 @@ fn whatsapp_preset_408_depends_on_phase() {
 fn replaced_440_never_loops() {
     let mut d = open(Preset::Whatsapp);
     close(&mut d, Some(440));
-    assert!(matches!(d.instance.state, State::Closed { status: Some(StatusCode(440)), .. }));
+    assert!(matches!(d.instance().state, State::Closed { status: Some(StatusCode(440)), .. }));
     no_reconnect_ever(&mut d);
 }
 
@@ -172,10 +177,10 @@ fn opened_without_identity_does_not_open() {
     d.feed(Input::Connect);
     let o = d.feed(Input::TransportOpened { generation: Generation(1), identity: None });
     assert_eq!(o, Outcome::Ignored(Ignored::MissingIdentity));
-    assert!(matches!(d.instance.state, State::Connecting { phase: Phase::Handshaking, .. }));
+    assert!(matches!(d.instance().state, State::Connecting { phase: Phase::Handshaking, .. }));
     d.fire_next_timer();
     assert!(
-        !matches!(d.instance.state, State::Connecting { phase: Phase::Handshaking, .. } | State::Open { .. }),
+        !matches!(d.instance().state, State::Connecting { phase: Phase::Handshaking, .. } | State::Open { .. }),
         "the connect time-out ends the wait"
     );
 }
@@ -186,14 +191,15 @@ fn late_close_of_previous_generation_is_ignored() {
     let mut d = open(Preset::Whatsapp);
     d.feed(Input::Restart);
     d.feed(Input::TransportOpened { generation: Generation(2), identity: Some(identity()) });
-    let before = d.instance.clone();
+    let before = d.instance().clone();
     let o = d.feed(Input::TransportClosed {
+        initiator: CloseInitiator::Peer,
         generation: Generation(1),
         status: Some(StatusCode(1012)),
         reason: "late".into(),
     });
     assert_eq!(o, Outcome::Ignored(Ignored::Stale { input: Generation(1), current: Generation(2) }));
-    assert_eq!(d.instance, before);
+    assert_eq!(d.instance(), &before);
 }
 
 /// Evolution API #693, #765: restart while a reconnect is pending produced two
@@ -202,7 +208,7 @@ fn late_close_of_previous_generation_is_ignored() {
 fn restart_while_reconnect_pending_makes_exactly_one_attempt() {
     let mut d = open(Preset::Whatsapp);
     close(&mut d, None);
-    assert!(matches!(d.instance.state, State::Connecting { phase: Phase::Backoff { .. }, .. }));
+    assert!(matches!(d.instance().state, State::Connecting { phase: Phase::Backoff { .. }, .. }));
     let o = d.feed(Input::Restart);
     let Outcome::Transition(t) = o else { panic!("{o:?}") };
     assert_eq!(t.effects.iter().filter(|e| opens(e)).count(), 1);
@@ -226,12 +232,12 @@ fn pairing_code_limit_ends_in_closed() {
     for _ in 0..policy.pairing_codes_max {
         d.feed(Input::PairingCode { generation: Generation(1) });
     }
-    assert!(matches!(d.instance.state, State::Connecting { phase: Phase::Pairing { codes: 30 }, .. }));
+    assert!(matches!(d.instance().state, State::Connecting { phase: Phase::Pairing { codes: 30 }, .. }));
     d.feed(Input::PairingCode { generation: Generation(1) });
     assert!(
-        matches!(d.instance.state, State::Closed { cause: ClosedCause::PairingRefused { codes: 30 }, .. }),
+        matches!(d.instance().state, State::Closed { cause: ClosedCause::PairingRefused { codes: 30 }, .. }),
         "{:?}",
-        d.instance.state
+        d.instance().state
     );
     no_reconnect_ever(&mut d);
 }
@@ -240,9 +246,9 @@ fn pairing_code_limit_ends_in_closed() {
 #[test]
 fn coarse_status_never_reports_a_zombie_open() {
     let mut d = open(Preset::Whatsapp);
-    assert_eq!(d.instance.state.coarse().as_str(), "open");
+    assert_eq!(d.instance().state.coarse().as_str(), "open");
     d.feed(Input::HeartbeatMissed { generation: Generation(1) });
-    assert_eq!(d.instance.state.coarse().as_str(), "connecting");
+    assert_eq!(d.instance().state.coarse().as_str(), "connecting");
     d.feed(Input::Logout);
-    assert_eq!(d.instance.state.coarse().as_str(), "close");
+    assert_eq!(d.instance().state.coarse().as_str(), "close");
 }

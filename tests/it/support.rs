@@ -20,6 +20,7 @@ pub fn arms_reconnect(e: &Effect) -> bool {
 pub fn effects_of(o: &Outcome) -> Vec<Effect> {
     match o {
         Outcome::Transition(t) => t.effects.clone(),
+        Outcome::Effects(e) => e.clone(),
         Outcome::Ignored(_) | Outcome::Rejected(_) => vec![],
     }
 }

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use instance_lifecycle::machine::Preset;
-use instance_lifecycle::simulate::{INSTANCES_MAX, SECONDS_MAX};
+use instance_lifecycle::testing::simulate::{INSTANCES_MAX, SECONDS_MAX};
 
 use output::{Failure, finish};
 
@@ -173,7 +173,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Simulate { instances, seconds, seed, data, policy, peer, ca, json } => {
-            let options = instance_lifecycle::simulate::Options {
+            let options = instance_lifecycle::testing::simulate::Options {
                 instances: instances as usize,
                 duration: std::time::Duration::from_secs(seconds),
                 seed,

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use instance_lifecycle::peer::TestPeer;
+use instance_lifecycle::testing::peer::TestPeer;
 use tokio::io::AsyncBufReadExt;
 
 use crate::output::{Failure, fail, say};

@@ -97,11 +97,12 @@ pub fn inspect(
 fn timeline_row(r: &Record) -> Result<(), Failure> {
     let (from, status, reason) = match &r.event {
         Event::Transition { from, input, .. } => {
-            let (status, reason) = match input {
-                instance_lifecycle::machine::Input::TransportClosed { status, reason, .. } => {
-                    (status.map(|s| s.to_string()), reason.clone())
+            let (status, reason) = match input.closed() {
+                Some((by, status, reason)) => {
+                    let status = status.map(|s| s.to_string()).unwrap_or_default();
+                    (Some(format!("{status} by {by}")), reason.to_string())
                 }
-                _ => (None, String::new()),
+                None => (None, String::new()),
             };
             (from.state.kind().to_string(), status, reason)
         }

@@ -5,7 +5,7 @@
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-use instance_lifecycle::simulate::{self, Options, Progress, Stage, Summary};
+use instance_lifecycle::testing::simulate::{self, Options, Progress, Stage, Summary};
 
 use crate::output::{Failure, INTERRUPTED, say};
 

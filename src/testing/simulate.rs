@@ -20,10 +20,11 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use super::chaos::{Chaos, schedule_iter};
+use super::peer::{Action, TestPeer};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::log::{Event, InstanceSpec, Log, LogConfig};
 use crate::machine::{Backoff, ClosedCause, Effect, Heartbeat, Input, Policy, Preset, State, StateKind, Timeouts};
-use crate::peer::{Action, TestPeer};
 use crate::transport::{ReferenceProtocol, WsLimits, WsTransport};
 
 /// File that marks a directory as written by `simulate` (so a rerun may replace it).
@@ -74,7 +75,7 @@ impl Options {
             return bad("--seconds", format!("{seconds} is out of range 1..={SECONDS_MAX}"));
         }
         if let Some(url) = &self.peer
-            && let Err(e) = crate::engine::validate_url(url)
+            && let Err(e) = crate::machine::WsUrl::parse(url)
         {
             return bad("--peer", e.to_string());
         }
@@ -262,134 +263,6 @@ pub struct Summary {
     pub interrupted_after_s: Option<f64>,
 }
 
-/// One step of the chaos schedule.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Chaos {
-    /// Create and connect.
-    Create,
-    /// Host: connect.
-    Connect,
-    /// Host: logout.
-    Logout,
-    /// Host: delete.
-    Delete,
-    /// Host: restart the instance.
-    Restart,
-    /// Peer: the connection goes half-open.
-    Zombify,
-    /// Peer: close with this wire code.
-    Close(u16),
-    /// Peer: drop TCP without a close frame.
-    Drop,
-    /// Peer: stop answering logouts, then the host logs out.
-    HangingLogout,
-    /// Peer: the connection goes half-open; the host deletes the instance as
-    /// soon as the heartbeat finds the zombie (PR 2520).
-    DeleteZombie,
-    /// Restart the whole engine on the same log.
-    EngineRestart,
-}
-
-impl Chaos {
-    fn is_peer_fault(&self) -> bool {
-        matches!(self, Self::Zombify | Self::Close(_) | Self::Drop | Self::HangingLogout | Self::DeleteZombie)
-    }
-}
-
-/// The schedule: (offset, instance index, what), in time order. Pure
-/// function of its arguments. See [`schedule_iter`].
-pub fn schedule(seed: u64, instances: usize, duration: Duration, with_faults: bool) -> Vec<(Duration, usize, Chaos)> {
-    schedule_iter(seed, instances, duration, with_faults).collect()
-}
-
-/// The schedule, generated as it is consumed: creates spread over the first
-/// tenth of the run, then about one event per instance every ten seconds,
-/// drawn one second at a time from a generator seeded by (seed, second), and
-/// an engine restart at each third. Memory is the creates plus one second's
-/// events, whatever the length.
-pub fn schedule_iter(
-    seed: u64,
-    instances: usize,
-    duration: Duration,
-    with_faults: bool,
-) -> impl Iterator<Item = (Duration, usize, Chaos)> {
-    let ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1_000);
-    let mut rng = SplitMix(seed);
-    let mut creates: Vec<_> =
-        (0..instances).map(|i| (Duration::from_millis(rng.below(ms / 10)), i, Chaos::Create)).collect();
-    creates.sort_by_key(|(at, i, _)| (*at, *i));
-    let restarts = [1, 2].map(|third| (Duration::from_millis(ms * third / 3), 0, Chaos::EngineRestart));
-    let (first, span) = (ms / 10, ms - ms / 10);
-    let events = (instances as u64).saturating_mul(ms) / 10_000;
-    let events = events.max(1);
-    let slices = span.div_ceil(1_000).max(1);
-    let slice = move |k: u64| {
-        let mut rng = SplitMix(seed ^ k.wrapping_mul(0xa076_1d64_78bd_642f) ^ 0x5eed);
-        // Events are split evenly over the seconds; the remainder goes to the later ones.
-        let count = events * (k + 1) / slices - events * k / slices;
-        let width = (span - k * 1_000).min(1_000);
-        let mut out: Vec<_> = (0..count)
-            .filter_map(|_| {
-                let at = first + k * 1_000 + rng.below(width);
-                let i = usize::try_from(rng.below(instances as u64)).unwrap_or(0);
-                let what = chaos_of(rng.below(100));
-                (with_faults || !what.is_peer_fault()).then_some((Duration::from_millis(at), i, what))
-            })
-            .collect();
-        out.sort_by_key(|(at, i, _)| (*at, *i));
-        out
-    };
-    let mut creates = creates.into_iter().peekable();
-    let mut restarts = restarts.into_iter().peekable();
-    let mut events = (0..slices).flat_map(slice).peekable();
-    std::iter::from_fn(move || {
-        let key = |e: Option<&(Duration, usize, Chaos)>| e.map(|(at, i, _)| (*at, *i));
-        let candidates = [key(creates.peek()), key(restarts.peek()), key(events.peek())];
-        let (source, _) =
-            candidates.iter().enumerate().filter_map(|(n, k)| k.map(|k| (n, k))).min_by_key(|(_, k)| *k)?;
-        match source {
-            0 => creates.next(),
-            1 => restarts.next(),
-            _ => events.next(),
-        }
-    })
-}
-
-fn chaos_of(draw: u64) -> Chaos {
-    match draw {
-        0..=11 => Chaos::Zombify,
-        12..=17 => Chaos::Close(4401),
-        18..=25 => Chaos::Close(4408),
-        26..=29 => Chaos::Close(4440),
-        30..=35 => Chaos::Close(4515),
-        36..=41 => Chaos::Close(1011),
-        42..=53 => Chaos::Drop,
-        54..=59 => Chaos::HangingLogout,
-        60..=67 => Chaos::DeleteZombie,
-        68..=75 => Chaos::Logout,
-        76..=81 => Chaos::Delete,
-        82..=89 => Chaos::Restart,
-        _ => Chaos::Connect,
-    }
-}
-
-/// SplitMix64: a tiny, well-known seeded generator (no dependency needed).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-}
-
 /// The preset with durations short enough that a run of seconds shows every
 /// kind of event: heartbeats of 1 s, time-outs of 1–3 s, backoff from 250 ms.
 /// Its name says so (`whatsapp (tuned by simulate)`), and the log records it
@@ -539,23 +412,15 @@ fn mem_available() -> Option<u64> {
 
 /// Makes sure `wanted` descriptors may be open; `Err(hard limit)` when they may not.
 fn raise_open_files(wanted: u64) -> Result<(), u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes the struct we pass; no other memory is touched.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Ok(()); // unknown: let the run find out
-    }
-    if limit.rlim_cur >= wanted {
+    use rlimit::Resource;
+    let Ok((soft, hard)) = Resource::NOFILE.get() else { return Ok(()) }; // unknown: let the run find out
+    if soft >= wanted {
         return Ok(());
     }
-    if limit.rlim_max < wanted {
-        return Err(limit.rlim_max);
+    if hard < wanted {
+        return Err(hard);
     }
-    let raised = libc::rlimit { rlim_cur: wanted, rlim_max: limit.rlim_max };
-    // SAFETY: setrlimit reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-        return Err(limit.rlim_cur);
-    }
-    Ok(())
+    Resource::NOFILE.set(wanted, hard).map_err(|_| soft)
 }
 
 struct Run {

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use crate::log::record::{decode_record, encode_record};
 use crate::log::{Event, Log, LogConfig, MemoryStore, Store};
 use crate::machine::{
-    ClosedCause, ClosingStep, Effect, Generation, Identity, Ignored, Input, Instance, InstanceName, Intent,
-    LogoutOutcome, Outcome, Phase, Policy, Preset, State, StatusCode, Timer, TimerKind, Timestamp, ZombieCause, step,
+    CloseInitiator, ClosedCause, ClosingStep, Effect, Generation, Identity, Ignored, Input, Instance, InstanceName,
+    Intent, LogoutOutcome, Outcome, Phase, Policy, Preset, Reason, State, StatusCode, Timer, TimerKind, Timestamp,
+    ZombieCause, step,
 };
 use crate::transport::{PeerMessage, Protocol, ReferenceProtocol};
 
@@ -110,16 +111,28 @@ fn input(b: &mut Bytes<'_>, current: Generation) -> Input {
         3 => Input::Restart,
         4 => Input::TransportOpened { generation, identity: identity(b) },
         5 => Input::PairingCode { generation },
-        6 => Input::TransportClosed { generation, status, reason: String::new() },
+        6 => match b.below(4) {
+            0 => Input::TransportClosedV1 { generation, status, reason: Reason::default() },
+            n => {
+                let initiator =
+                    [CloseInitiator::Peer, CloseInitiator::Local, CloseInitiator::Transport][usize::from(n - 1)];
+                Input::TransportClosed { generation, initiator, status, reason: Reason::default() }
+            }
+        },
         7 => Input::WriteFailed { generation, error: "e".into() },
-        8 => Input::HeartbeatMissed { generation },
+        8 => match b.below(2) {
+            0 => Input::HeartbeatMissed { generation },
+            _ => Input::Pong { generation },
+        },
         9 => Input::LogoutConfirmed { generation },
         10 => Input::LogoutFailed { generation, error: "e".into() },
         11 => Input::CloseFinished { generation },
         12 => Input::CleanupFinished { steps: Vec::new() },
         13 => Input::Recovered,
         14 => Input::Panicked { message: "p".into() },
-        _ => Input::TimerFired { timer: Timer { kind: TimerKind::ALL[usize::from(b.below(5))], generation } },
+        _ => Input::TimerFired {
+            timer: Timer { kind: TimerKind::ALL[usize::from(b.below(TimerKind::ALL.len() as u8))], generation },
+        },
     }
 }
 
@@ -131,6 +144,17 @@ pub fn check_step(from: &Instance, input: &Input, outcome: &Outcome) {
         && g != from.generation
     {
         assert_eq!(*outcome, Outcome::Ignored(Ignored::Stale { input: g, current: from.generation }), "R12");
+    }
+    if let Outcome::Effects(effects) = outcome {
+        // Upkeep is the heartbeat's, on an open connection of this generation.
+        assert!(matches!(from.state, State::Open { .. }), "upkeep outside Open: {input:?} → {effects:?}");
+        for e in effects {
+            assert!(
+                matches!(e, Effect::SendPing { generation } if *generation == from.generation)
+                    || matches!(e, Effect::ArmTimer { timer, .. } | Effect::CancelTimer { timer } if timer.generation == from.generation),
+                "upkeep of another kind or generation: {e:?}"
+            );
+        }
     }
     let Outcome::Transition(t) = outcome else { return };
     assert!(!matches!(from.state, State::Removed { .. }), "R1: left Removed on {input:?}");

@@ -1,0 +1,70 @@
+//! What every instance task shares, and the clock they all read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use super::cleanup::Cleanup;
+use super::config::TransitionHook;
+use crate::log::Log;
+use crate::machine::{InputKind, InstanceName, Policy, State, StateKind, Timestamp};
+use crate::transport::Transport;
+
+/// A transition, as subscribers see it (turn it into a webhook).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Notification {
+    /// The instance.
+    pub instance: InstanceName,
+    /// The record's sequence number.
+    pub seq: u64,
+    /// When.
+    pub at: Timestamp,
+    /// What caused it.
+    pub input: InputKind,
+    /// The state kind before.
+    pub from: StateKind,
+    /// The state after.
+    pub to: State,
+}
+
+/// What every instance task shares.
+pub(crate) struct Shared {
+    pub(crate) log: Log,
+    pub(crate) policy: Policy,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) cleanup: Arc<dyn Cleanup>,
+    pub(crate) cleanup_step_timeout: Duration,
+    pub(crate) notifications: broadcast::Sender<Notification>,
+    pub(crate) on_transition: Option<TransitionHook>,
+    pub(crate) clock: Clock,
+}
+
+/// Wall-clock time from the tokio clock: a fixed epoch plus tokio's elapsed
+/// time, so virtual time (`tokio::time::pause`) drives the core too, and the
+/// core's deadlines (timestamps) map back to tokio instants.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Clock {
+    epoch: Timestamp,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    pub(crate) fn new(epoch: Option<Timestamp>) -> Self {
+        let epoch = epoch.unwrap_or_else(|| {
+            let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            Timestamp(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+        });
+        Self { epoch, start: tokio::time::Instant::now() }
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
+        self.epoch.saturating_add(self.start.elapsed())
+    }
+
+    /// The tokio instant of a timestamp (at least the start).
+    pub(crate) fn instant(&self, at: Timestamp) -> tokio::time::Instant {
+        self.start + at.saturating_since(self.epoch)
+    }
+}
