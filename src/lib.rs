@@ -5,13 +5,28 @@
 //! every rule lives in one transition table ([`machine::step`]), and every
 //! transition can be appended to a persisted event log.
 //!
-//! Layout:
-//! - [`machine`] — the pure core: states, inputs, effects, policy, rules. No I/O.
-//! - [`log`] — the persisted event log on sled: records, durability modes,
-//!   recovery, verification, retention.
+//! Layout (every public module):
+//! - [`machine`] — the pure core: states, inputs, effects, policy, the rules
+//!   ([`machine::step`]) and the sans-IO [`machine::Driver`] every runtime
+//!   drives instances through. No I/O, no clock.
+//! - [`log`] — the persisted event log on sled: chained records, durability
+//!   modes with a head that notices rollbacks, recovery, verification, retention.
+//! - [`engine`] — the tokio runtime a host embeds: a task per live instance
+//!   around its driver, the registry, cleanup, compaction.
+//! - [`transport`] — how connections are held: the `Transport` trait, the
+//!   WebSocket transport (tokio-tungstenite, rustls), the reference protocol.
 //! - [`diagram`] — Mermaid and DOT state diagrams generated from the table.
+//! - `testing` (features `tools`, `testing`) — the chaos schedule, the
+//!   simulator and the reference peer; for test authors, the property-test
+//!   harness (virtual time, strategies, a scripted transport, rule checks).
+//!
+//! Features: `cli` (default) builds the `lifecycle` tool and `tools`; a host
+//! that embeds the library uses `default-features = false` and builds
+//! neither clap nor the simulator.
 
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
+#![forbid(unsafe_code)]
 
 mod contain;
 pub mod diagram;

@@ -229,6 +229,12 @@ impl Task {
     /// the log before applying it), then tells the world and carries out the
     /// I/O effects.
     async fn handle(&mut self, input: Input) -> Result<Fed, EngineError> {
+        // Every transition and effect of this input is in a span with the generation it concerns.
+        let span = tracing::debug_span!("input", generation = %self.driver.instance().generation);
+        Box::pin(self.handle_in(input)).instrument(span).await
+    }
+
+    async fn handle_in(&mut self, input: Input) -> Result<Fed, EngineError> {
         let now = self.shared.clock.now();
         let (shared, name) = (self.shared.clone(), self.driver.name().clone());
         let kind = input.kind();

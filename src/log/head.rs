@@ -27,9 +27,9 @@ use std::path::Path;
 use super::record::Digest;
 
 /// The head file's name inside the log directory.
-pub const FILE: &str = "head";
+pub(crate) const FILE: &str = "head";
 /// Bytes per slot.
-pub const SLOT_LEN: usize = 128;
+pub(crate) const SLOT_LEN: usize = 128;
 const MAGIC: &[u8; 8] = b"ILHEAD\x00\x01";
 const USED: usize = 76;
 
@@ -121,7 +121,7 @@ fn decode_slot(slot: &[u8]) -> Option<(Head, u64)> {
 }
 
 /// Reads the head file in `dir`.
-pub fn read(dir: &Path) -> io::Result<HeadRead> {
+pub(crate) fn read(dir: &Path) -> io::Result<HeadRead> {
     let bytes = match std::fs::read(dir.join(FILE)) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HeadRead::Missing),
@@ -145,7 +145,7 @@ fn newest(bytes: &[u8]) -> Option<(Head, u64)> {
 
 /// The open head file of a writable log.
 #[derive(Debug)]
-pub struct HeadFile {
+pub(crate) struct HeadFile {
     file: File,
     /// Counter of the newest slot on disk.
     counter: u64,
@@ -155,7 +155,7 @@ pub struct HeadFile {
 
 impl HeadFile {
     /// Creates the head file of a new log holding `head`, durably (file and directory).
-    pub fn create(dir: &Path, head: &Head) -> io::Result<Self> {
+    pub(crate) fn create(dir: &Path, head: &Head) -> io::Result<Self> {
         let path = dir.join(FILE);
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
         let mut both = [0u8; 2 * SLOT_LEN];
@@ -167,7 +167,7 @@ impl HeadFile {
     }
 
     /// Opens the existing head file for writing (its newest slot is `current`).
-    pub fn open(dir: &Path) -> io::Result<Self> {
+    pub(crate) fn open(dir: &Path) -> io::Result<Self> {
         let path = dir.join(FILE);
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
         let mut bytes = Vec::new();
@@ -182,7 +182,7 @@ impl HeadFile {
     /// Writes `head` into the older slot; with `sync`, waits until it is on
     /// disk. A head behind the one already written is not written (heads
     /// only move forward).
-    pub fn write(&mut self, head: &Head, sync: bool) -> io::Result<()> {
+    pub(crate) fn write(&mut self, head: &Head, sync: bool) -> io::Result<()> {
         if head.global < self.written {
             return Ok(());
         }
@@ -198,7 +198,7 @@ impl HeadFile {
     }
 
     /// Writes `head` even if it is behind the last one (accepting a loss resets the head).
-    pub fn reset(&mut self, head: &Head) -> io::Result<()> {
+    pub(crate) fn reset(&mut self, head: &Head) -> io::Result<()> {
         self.written = 0;
         self.write(head, true)
     }

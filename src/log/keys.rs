@@ -13,29 +13,29 @@
 
 use crate::machine::InstanceName;
 
-pub const RECORD: u8 = b'r';
-pub const GLOBAL: u8 = b'g';
-pub const LATEST: u8 = b'l';
-pub const SPEC: u8 = b's';
+pub(crate) const RECORD: u8 = b'r';
+pub(crate) const GLOBAL: u8 = b'g';
+pub(crate) const LATEST: u8 = b'l';
+pub(crate) const SPEC: u8 = b's';
 
-pub const POLICY: u8 = b'p';
-pub const LOSS: u8 = b'x';
+pub(crate) const POLICY: u8 = b'p';
+pub(crate) const LOSS: u8 = b'x';
 
-pub const META_FORMAT: &[u8] = b"mformat";
+pub(crate) const META_FORMAT: &[u8] = b"mformat";
 /// The policy as format v1 recorded it (one, the last engine's); read as in force from the start.
-pub const META_POLICY_V1: &[u8] = b"mpolicy";
-pub const META_LOG_ID: &[u8] = b"mlogid";
+pub(crate) const META_POLICY_V1: &[u8] = b"mpolicy";
+pub(crate) const META_LOG_ID: &[u8] = b"mlogid";
 /// Global and link of the newest record, written only when compaction deletes
 /// that record (purging a removed instance), so the tip outlives it.
-pub const META_TIP: &[u8] = b"mtip";
+pub(crate) const META_TIP: &[u8] = b"mtip";
 /// The format marker this build writes.
-pub const FORMAT: &str = "instance-lifecycle log v2";
+pub(crate) const FORMAT: &str = "instance-lifecycle log v2";
 /// The marker of logs written before records were chained (read, and upgraded by a writer).
-pub const FORMAT_V1: &str = "instance-lifecycle log v1";
+pub(crate) const FORMAT_V1: &str = "instance-lifecycle log v1";
 /// What every format marker starts with (a longer or other marker is a newer format).
-pub const FORMAT_FAMILY: &str = "instance-lifecycle log";
+pub(crate) const FORMAT_FAMILY: &str = "instance-lifecycle log";
 
-pub fn record_prefix(name: &InstanceName) -> Vec<u8> {
+pub(crate) fn record_prefix(name: &InstanceName) -> Vec<u8> {
     let mut k = Vec::with_capacity(name.as_str().len() + 10);
     k.push(RECORD);
     k.extend_from_slice(name.as_str().as_bytes());
@@ -44,7 +44,7 @@ pub fn record_prefix(name: &InstanceName) -> Vec<u8> {
 }
 
 /// A record key without its prefix: the global index's value.
-pub fn record_suffix(name: &InstanceName, seq: u64) -> Vec<u8> {
+pub(crate) fn record_suffix(name: &InstanceName, seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(name.as_str().len() + 9);
     k.extend_from_slice(name.as_str().as_bytes());
     k.push(0);
@@ -52,17 +52,17 @@ pub fn record_suffix(name: &InstanceName, seq: u64) -> Vec<u8> {
     k
 }
 
-pub fn record(name: &InstanceName, seq: u64) -> Vec<u8> {
+pub(crate) fn record(name: &InstanceName, seq: u64) -> Vec<u8> {
     let mut k = record_prefix(name);
     k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 
-pub fn global(global: u64) -> Vec<u8> {
+pub(crate) fn global(global: u64) -> Vec<u8> {
     numbered(GLOBAL, global)
 }
 
-pub fn latest(name: &InstanceName) -> Vec<u8> {
+pub(crate) fn latest(name: &InstanceName) -> Vec<u8> {
     let mut k = Vec::with_capacity(name.as_str().len() + 1);
     k.push(LATEST);
     k.extend_from_slice(name.as_str().as_bytes());
@@ -70,7 +70,7 @@ pub fn latest(name: &InstanceName) -> Vec<u8> {
 }
 
 /// The first key after every record key of `name` (to skip to the next name).
-pub fn after_records_of(name_bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn after_records_of(name_bytes: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(name_bytes.len() + 2);
     k.push(RECORD);
     k.extend_from_slice(name_bytes);
@@ -79,22 +79,22 @@ pub fn after_records_of(name_bytes: &[u8]) -> Vec<u8> {
 }
 
 /// Splits a record key (without its `r`) into name bytes and seq.
-pub fn split_record_suffix(suffix: &[u8]) -> Option<(&[u8], u64)> {
+pub(crate) fn split_record_suffix(suffix: &[u8]) -> Option<(&[u8], u64)> {
     let (name, rest) = suffix.split_at(suffix.iter().position(|&b| b == 0)?);
     let seq: [u8; 8] = rest.get(1..)?.try_into().ok()?;
     Some((name, u64::from_be_bytes(seq)))
 }
 
 /// Parses a record key into name and seq.
-pub fn parse_record(key: &[u8]) -> Option<(&[u8], u64)> {
+pub(crate) fn parse_record(key: &[u8]) -> Option<(&[u8], u64)> {
     split_record_suffix(key.strip_prefix(&[RECORD])?)
 }
 
-pub fn parse_global(key: &[u8]) -> Option<u64> {
+pub(crate) fn parse_global(key: &[u8]) -> Option<u64> {
     parse_numbered(GLOBAL, key)
 }
 
-pub fn spec(name: &InstanceName) -> Vec<u8> {
+pub(crate) fn spec(name: &InstanceName) -> Vec<u8> {
     let mut k = Vec::with_capacity(name.as_str().len() + 1);
     k.push(SPEC);
     k.extend_from_slice(name.as_str().as_bytes());
@@ -102,13 +102,13 @@ pub fn spec(name: &InstanceName) -> Vec<u8> {
 }
 
 /// A key made of a one-byte prefix and a big-endian number (policy, loss).
-pub fn numbered(prefix: u8, n: u64) -> Vec<u8> {
+pub(crate) fn numbered(prefix: u8, n: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(9);
     k.push(prefix);
     k.extend_from_slice(&n.to_be_bytes());
     k
 }
 
-pub fn parse_numbered(prefix: u8, key: &[u8]) -> Option<u64> {
+pub(crate) fn parse_numbered(prefix: u8, key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.strip_prefix(&[prefix])?.try_into().ok()?))
 }

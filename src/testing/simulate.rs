@@ -237,6 +237,8 @@ pub struct Summary {
     pub peer: String,
     /// Transitions by input kind.
     pub transitions: BTreeMap<String, u64>,
+    /// Connections that ended, by who ended them (`peer`, `local`, `transport`).
+    pub closes: BTreeMap<String, u64>,
     /// Total transitions.
     pub transitions_total: u64,
     /// Instances by state kind at the end (removed ones included).
@@ -684,6 +686,9 @@ fn summarize(log: &Log, policy: &Policy, options: &Options, run: &Run, restarts:
         if let Event::Transition { from, input, effects } = &record.event {
             s.transitions_total += 1;
             *s.transitions.entry(input.kind().as_str().to_owned()).or_default() += 1;
+            if let Some((initiator, _, _)) = input.closed() {
+                *s.closes.entry(initiator.as_str().to_owned()).or_default() += 1;
+            }
             if matches!(record.to.state, State::Zombie { .. }) {
                 s.zombies_detected += 1;
             }

@@ -23,6 +23,11 @@ fn simulate_then_inspect_verify_export_and_diagram_what_it_wrote() {
     let total = summary["transitions_total"].as_u64().expect("a count");
     assert!(total >= 24 * 2, "{total} transitions for 24 instances");
     assert!(summary["transitions"]["connect"].as_u64().unwrap_or(0) >= 24);
+    let closes = summary["closes"].as_object().expect("closes by initiator");
+    assert!(
+        closes.contains_key("peer") && closes.keys().all(|k| ["peer", "local", "transport"].contains(&k.as_str())),
+        "{closes:?}"
+    );
 
     let list = lifecycle(&["inspect", data_s]);
     assert!(list.status.success(), "{}", stderr(&list));

@@ -18,7 +18,7 @@ use instance_lifecycle::log::{Log, LogConfig, Record};
 use instance_lifecycle::machine::{Policy, Preset};
 use instance_lifecycle::testing::simulate_virtual_on;
 
-use crate::support::{assert_no_crash_report, lifecycle, stderr, stdout};
+use crate::support::{assert_no_crash_report, copy_tree, lifecycle, stderr, stdout};
 
 struct Pristine {
     _dir: tempfile::TempDir,
@@ -27,19 +27,6 @@ struct Pristine {
     other: PathBuf,
     records: BTreeMap<(String, u64), Record>,
     anchor: String,
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let path = entry.expect("entry").path();
-        let target = to.join(path.file_name().expect("name"));
-        if path.is_dir() {
-            copy_tree(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).expect("copy");
-        }
-    }
 }
 
 fn records_of(dir: &Path) -> Result<BTreeMap<(String, u64), Record>, String> {

@@ -47,9 +47,9 @@ fn write_fleet(dir: &Path, durability: Durability, limit: usize, out: &mut dyn W
         })
         .collect();
     for d in &drivers {
-        if log.next_seq(&d.name()) == 1 {
+        if log.next_seq(d.name()) == 1 {
             let a = log
-                .append(&d.name(), 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new())
+                .append(d.name(), 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new())
                 .expect("created");
             writeln!(out, "ack {} {}", d.name(), a.seq).expect("ack");
         }
@@ -83,7 +83,7 @@ fn write_fleet(dir: &Path, durability: Durability, limit: usize, out: &mut dyn W
         }
         let s = d.steps.last().expect("step");
         let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
-        let a = log.append(&d.name(), log.next_seq(&d.name()), s.at, event, &s.to).expect("append");
+        let a = log.append(d.name(), log.next_seq(d.name()), s.at, event, &s.to).expect("append");
         writeln!(out, "ack {} {}", d.name(), a.seq).expect("ack");
         out.flush().expect("flush ack");
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use instance_lifecycle::log::{HeadCheck, Log, LogConfig, LogError};
 
-use crate::support::{assert_no_crash_report, digests, lifecycle, simulated_log, stderr, stdout};
+use crate::support::{assert_no_crash_report, copy_tree, digests, lifecycle, simulated_log, stderr, stdout};
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -22,19 +22,6 @@ fn sled_files(dir: &Path) -> Vec<std::path::PathBuf> {
         .map(|e| e.expect("entry").path())
         .filter(|p| !matches!(p.file_name().and_then(|n| n.to_str()), Some("head" | "lifecycle-simulate.marker")))
         .collect()
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let path = entry.expect("entry").path();
-        let target = to.join(path.file_name().expect("name"));
-        if path.is_dir() {
-            copy_tree(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).expect("copy");
-        }
-    }
 }
 
 /// Finding 1: sled rolled back (its files replaced by an earlier state, the

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use instance_lifecycle::log::{Event, InstanceSpec};
-use instance_lifecycle::machine::{CloseInitiator, ClosedCause, Input, Preset, State, StatusCode};
+use instance_lifecycle::machine::{ClosedCause, Input, Preset, State, StatusCode};
 use instance_lifecycle::testing::peer::{Fault, TestPeer};
 
 use crate::engine::{Harness, fast};

@@ -26,7 +26,7 @@ fn run_fleet(log: &Log, policy: &Policy, ops: &[(usize, Input, u64)]) -> Vec<Dri
     let mut drivers: Vec<Driver> =
         (0..FLEET).map(|i| Driver::new(name(&format!("inst-{i}")), policy.clone())).collect();
     for d in &drivers {
-        log.append(&d.name(), 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new())
+        log.append(d.name(), 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new())
             .expect("append created");
     }
     for (i, input, dt) in ops {
@@ -38,8 +38,8 @@ fn run_fleet(log: &Log, policy: &Policy, ops: &[(usize, Input, u64)]) -> Vec<Dri
         if d.steps.len() > before {
             let s = d.steps.last().expect("a step was recorded");
             let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
-            let seq = log.next_seq(&d.name());
-            log.append(&d.name(), seq, s.at, event, &s.to).expect("append transition");
+            let seq = log.next_seq(d.name());
+            log.append(d.name(), seq, s.at, event, &s.to).expect("append transition");
         }
     }
     drivers
@@ -64,7 +64,7 @@ proptest! {
         let log = Log::open_existing(dir.path(), buffered()).expect("reopen");
         let mut total = 0;
         for d in &drivers {
-            let history = log.history(&d.name()).expect("history");
+            let history = log.history(d.name()).expect("history");
             prop_assert_eq!(history.len(), d.steps.len() + 1, "one record per transition plus created");
             for (i, r) in history.iter().enumerate() {
                 prop_assert_eq!(r.seq, i as u64 + 1);

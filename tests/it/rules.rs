@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use instance_lifecycle::machine::{
     CloseInitiator, ClosePhase, ClosedCause, Effect, Generation, Ignored, Input, Instance, Intent, Outcome, Phase,
-    Rejection, State, StatusCode, Timestamp, step,
+    Rejection, State, StatusCode, TimerKind, Timestamp, step,
 };
 use instance_lifecycle::testing::{self, Driver, strategy};
 use proptest::prelude::*;
@@ -243,29 +243,66 @@ proptest! {
         }
     }
 
-    /// R7: a missed heartbeat or failed write while Open makes a Zombie in one
-    /// step, abandoning the socket; from there logout and delete never wait on
-    /// it, and the reconnect timer resolves it.
+    /// R7, over the pure core and its own heartbeat: an open connection is
+    /// pinged every interval after its last pong; while the peer answers it
+    /// stays Open, and once the peer goes silent it is a Zombie within one
+    /// interval plus the pong deadline, its socket abandoned and its
+    /// heartbeat timers gone with it (none fires into a later generation).
+    /// A failed write makes a Zombie at once. From a Zombie, logout and
+    /// delete never wait on the dead socket, and the reconnect timer resolves it.
     #[test]
     fn r7_zombie_detection(
         policy in strategy::policy(),
         identity in strategy::identity(),
+        healthy in 0usize..6,
         write_failed in any::<bool>(),
         then in 0u8..3,
     ) {
         let g = Generation(4);
         let start = Instance { generation: g, state: State::Open { identity, since: Timestamp(0), retries: 0 } };
-        let mut d = Driver::with_instance(name("r7"), policy, start);
-        let signal = if write_failed { Input::WriteFailed { generation: g, error: "EPIPE".into() } } else { Input::HeartbeatMissed { generation: g } };
-        let o = d.feed(signal);
-        prop_assert!(matches!(d.instance().state, State::Zombie { .. }), "{o:?}");
+        let mut d = Driver::with_instance(name("r7"), policy.clone(), start);
+        let hb = policy.heartbeat;
+        // A healthy peer: every ping answered, the connection stays open, nothing is recorded.
+        for _ in 0..healthy {
+            prop_assert!(d.fire_next_timer().is_some(), "an open connection always has its heartbeat armed");
+            prop_assert!(matches!(d.instance().state, State::Open { .. }), "{:?}", d.instance().state);
+        }
+        prop_assert!(d.steps.is_empty(), "heartbeats are upkeep, not records: {:?}", d.steps);
+        let silent_at = d.now;
+        let o = if write_failed {
+            d.feed(Input::WriteFailed { generation: g, error: "EPIPE".into() })
+        } else {
+            d.answers_pings = false;
+            let mut last = None;
+            while matches!(d.instance().state, State::Open { .. }) && d.steps.is_empty() {
+                last = d.fire_next_timer();
+                prop_assert!(last.is_some(), "an open connection has a timer");
+            }
+            prop_assert!(
+                d.now.saturating_since(silent_at) <= hb.interval + hb.deadline,
+                "found after {:?}, bound {:?}", d.now.saturating_since(silent_at), hb.interval + hb.deadline
+            );
+            last.expect("a timer fired")
+        };
+        prop_assert!(matches!(&d.instance().state, State::Zombie { cause, .. }
+            if write_failed == matches!(cause, instance_lifecycle::machine::ZombieCause::WriteFailed { .. })), "{o:?}");
         prop_assert!(d.live().is_none(), "the dead socket is abandoned at once");
         prop_assert!(crate::support::effects_of(&o).iter().any(arms_reconnect));
+        let heartbeat = |k: TimerKind| matches!(k, TimerKind::Heartbeat | TimerKind::PongDeadline);
+        prop_assert!(!d.timers().keys().any(|t| heartbeat(t.kind)), "heartbeat timers outlive Open: {:?}", d.timers());
+        let late = Input::TimerFired { timer: instance_lifecycle::machine::Timer { kind: TimerKind::PongDeadline, generation: g } };
         let mark = d.steps.len();
         match then {
             0 => { d.feed(Input::Logout); prop_assert!(matches!(d.instance().state, State::Closed { .. }), "{:?}", d.instance().state); }
             1 => { d.feed(Input::Delete); prop_assert!(matches!(d.instance().state, State::Closing { intent: Intent::Delete, step: instance_lifecycle::machine::ClosingStep::CleaningUp }), "{:?}", d.instance().state); }
-            _ => { d.fire_next_timer(); prop_assert!(!matches!(d.instance().state, State::Zombie { .. } | State::Open { .. }), "{:?}", d.instance().state); }
+            _ => {
+                d.fire_next_timer();
+                prop_assert!(!matches!(d.instance().state, State::Zombie { .. } | State::Open { .. }), "{:?}", d.instance().state);
+                if d.instance().generation != g {
+                    let o = d.feed(late);
+                    prop_assert!(matches!(o, Outcome::Ignored(Ignored::Stale { .. })), "an old deadline moved a new connection: {o:?}");
+                }
+            }
         }
         for s in &d.steps[mark..] {
             prop_assert!(!s.effects.iter().any(|e| matches!(e, Effect::SendLogout { .. } | Effect::CloseTransport { .. })), "waited on a dead socket: {:?}", s.effects);
@@ -289,7 +326,7 @@ proptest! {
         let mut expected_from = start;
         for s in &d.steps {
             prop_assert_eq!(&s.from, &expected_from, "records must chain");
-            let Outcome::Transition(t) = step(&d.name(), &s.from, &s.input, &policy, s.at) else {
+            let Outcome::Transition(t) = step(d.name(), &s.from, &s.input, &policy, s.at) else {
                 return Err(TestCaseError::fail("replay did not transition"));
             };
             let mut replayed = s.from.clone();

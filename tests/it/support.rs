@@ -76,3 +76,17 @@ pub fn assert_no_crash_report(context: &str, err: &str) {
         assert!(!err.contains(bad), "{context}: stderr shows {bad:?}:\n{err}");
     }
 }
+
+/// Copies a directory tree (a log, for damaging or comparing).
+pub fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let path = entry.expect("entry").path();
+        let target = to.join(path.file_name().expect("name"));
+        if path.is_dir() {
+            copy_tree(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).expect("copy");
+        }
+    }
+}

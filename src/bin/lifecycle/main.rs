@@ -171,6 +171,10 @@ impl From<PresetArg> for Preset {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // RUST_LOG=debug (or instance_lifecycle=trace, …) shows what the engine does; warnings by default.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.command {
         Command::Simulate { instances, seconds, seed, data, policy, peer, ca, json } => {
             let options = instance_lifecycle::testing::simulate::Options {

@@ -81,6 +81,8 @@ fn print_summary(s: &Summary) -> Result<(), Failure> {
     for (kind, n) in &s.transitions {
         say!("  {kind:<18} {n}");
     }
+    let closes: Vec<String> = s.closes.iter().map(|(by, n)| format!("{n} by {by}")).collect();
+    say!("connections ended: {}", closes.join(", "));
     let finals: Vec<String> = s.final_states.iter().map(|(k, n)| format!("{k} {n}")).collect();
     say!("final states: {}", finals.join(", "));
     say!("zombies: {} detected, {} cleaned by delete", s.zombies_detected, s.zombies_cleaned);
