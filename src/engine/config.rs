@@ -4,14 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::cleanup::{Cleanup, NoCleanup};
-use super::shared::Notification;
+use super::shared::TransitionHook;
 use crate::log::{LogConfig, Retention};
 use crate::machine::{Policy, Timestamp};
 use crate::transport::{ReferenceProtocol, Transport, WsLimits, WsTransport};
-
-/// A host hook called after every transition, inside the instance's task.
-/// A panic in it is caught and recorded (R10).
-pub type TransitionHook = Arc<dyn Fn(&Notification) + Send + Sync>;
 
 /// Engine configuration.
 #[derive(Clone)]

@@ -38,9 +38,9 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use cleanup::{Cleanup, NoCleanup, StepFuture};
-pub use config::{Compaction, EngineConfig, TransitionHook};
+pub use config::{Compaction, EngineConfig};
 pub use error::EngineError;
-pub use shared::Notification;
+pub use shared::{Notification, TransitionHook};
 
 use crate::log::{
     CompactionReport, Event, InstanceSpec, Log, LogError, Record, RecoveryMode, RecoveryOptions, Retention,

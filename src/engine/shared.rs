@@ -7,7 +7,6 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use super::cleanup::Cleanup;
-use super::config::TransitionHook;
 use crate::log::Log;
 use crate::machine::{InputKind, InstanceName, Policy, State, StateKind, Timestamp};
 use crate::transport::Transport;
@@ -28,6 +27,10 @@ pub struct Notification {
     /// The state after.
     pub to: State,
 }
+
+/// A host hook called after every transition, inside the instance's task.
+/// A panic in it is caught and recorded (R10).
+pub type TransitionHook = Arc<dyn Fn(&Notification) + Send + Sync>;
 
 /// What every instance task shares.
 pub(crate) struct Shared {
