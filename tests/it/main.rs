@@ -20,3 +20,4 @@ mod model;
 mod rules;
 mod seeds;
 mod support;
+mod table;
