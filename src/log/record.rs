@@ -467,6 +467,45 @@ mod tests {
         assert_eq!(decode_record(&checksummed(&payload)), Err(Corruption::UnknownVersion { version: 3 }));
     }
 
+    #[test]
+    fn labels_and_failures_say_what_a_record_records() {
+        use crate::machine::{Reason, StepOutcome, StepReport};
+        assert_eq!(Event::created("ws://x/").label(), "created");
+        assert_eq!(Event::Snapshot { spec: InstanceSpec { url: "ws://x/".into() } }.label(), "snapshot");
+        assert_eq!(sample(None).event.label(), "connect");
+        let with = |input: Input| Record {
+            event: Event::Transition { from: Instance::new(), input, effects: vec![] },
+            ..sample(Some(Digest::ZERO))
+        };
+        let g = Generation(1);
+        assert_eq!(with(Input::Connect).failures(), Vec::<String>::new());
+        assert_eq!(
+            with(Input::LogoutFailed { generation: g, error: "EPIPE".into() }).failures(),
+            ["logout failed: EPIPE"]
+        );
+        assert_eq!(
+            with(Input::WriteFailed { generation: g, error: "reset".into() }).failures(),
+            ["write failed: reset"]
+        );
+        assert_eq!(with(Input::Panicked { message: "bug".into() }).failures(), ["panicked: bug"]);
+        let steps = vec![
+            StepReport { step: "store".into(), outcome: StepOutcome::Done },
+            StepReport { step: "files".into(), outcome: StepOutcome::Failed { error: Reason::new("EACCES") } },
+            StepReport { step: "cache".into(), outcome: StepOutcome::TimedOut },
+            StepReport { step: "hook".into(), outcome: StepOutcome::Panicked { message: Reason::new("oops") } },
+        ];
+        assert_eq!(
+            with(Input::CleanupFinished { steps }).failures(),
+            [
+                "cleanup step files: failed: EACCES",
+                "cleanup step cache: timed out",
+                "cleanup step hook: panicked: oops"
+            ]
+        );
+        let created = Record { event: Event::created("ws://x/"), ..sample(None) };
+        assert!(created.failures().is_empty());
+    }
+
     /// The borrowed writer and the owned reader agree on the bytes, and the
     /// versions are where the envelope says: V1 records of older logs still read.
     #[test]
@@ -498,9 +537,20 @@ mod tests {
     #[test]
     fn digests_print_short_and_parse_from_hex() {
         let d = Digest::of(b"x");
+        assert_ne!(d, Digest::of(b"y"), "different bytes, different digests");
+        assert_ne!(d, Digest::ZERO);
         assert_eq!(d.short().len(), 16);
+        assert!(d.hex().starts_with(&d.short()) && d.hex().len() == 64);
+        assert_eq!(format!("{d}"), d.short());
+        assert_eq!(format!("{d:?}"), format!("Digest({})", d.short()));
         assert_eq!(Digest::from_hex(&d.hex()), Some(d));
+        assert_eq!(Digest::from_hex(&d.hex().to_uppercase()), Some(d));
         assert_eq!(Digest::from_hex("zz"), None);
+        assert_eq!(Digest::from_hex(&d.hex()[..62]), None, "too short");
+        // 64 bytes that are not ASCII: refused before slicing them (a slice could split a character).
+        let odd = format!("a{}a", "é".repeat(31));
+        assert_eq!(odd.len(), 64);
+        assert_eq!(Digest::from_hex(&odd), None);
         assert_eq!(serde_json::to_string(&d).expect("json"), format!("\"{}\"", d.hex()));
         let back: Digest = serde_json::from_str(&format!("\"{}\"", d.hex())).expect("from json");
         assert_eq!(back, d);

@@ -464,3 +464,296 @@ fn a_name_can_be_created_again_after_removal_as_a_new_instance() {
     let recovery = log.recover(RecoveryOptions::default()).expect("recover");
     assert_eq!(recovery.instances[&n].instance, Instance::new());
 }
+
+/// A record replaced by a valid one (its checksum right, its content another
+/// history's) is caught by the chain: the next record's `prev` no longer
+/// matches, named by instance and sequence number.
+#[test]
+fn a_valid_record_swapped_in_breaks_the_chain() {
+    use instance_lifecycle::log::record::{decode_record, encode_record};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = write_sample_log(dir.path());
+    tamper(dir.path(), |tree| {
+        let key = record_key("i1", 2);
+        let value = tree.get(&key).expect("get").expect("record exists").to_vec();
+        let mut record = decode_record(&value).expect("a valid record");
+        record.at = Timestamp(record.at.0 + 1);
+        tree.insert(key, encode_record(&record)).expect("insert");
+    });
+    let (log, _) = Log::open_copy(dir.path()).expect("copy");
+    let report = log.verify(&policy);
+    let broken: Vec<_> = report
+        .findings
+        .iter()
+        .filter_map(|f| match f {
+            Finding::BrokenLink { instance, seq, expected, found } => {
+                Some((instance.as_str(), *seq, expected != found))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(broken, vec![("i1", 3, true)], "{:#?}", report.findings);
+    let text = report.findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+    assert!(text.contains("i1#3") && text.contains("broken chain"), "{text}");
+    // The other instances chain as they should.
+    assert!(report.records >= 9);
+}
+
+/// Every finding and note says what is wrong and where, in words.
+#[test]
+fn every_finding_and_note_reads_as_a_sentence() {
+    use instance_lifecycle::log::{AcceptedLoss, Digest, HeadCheck, Note};
+    let i = name("acme");
+    let d = |b: &[u8]| Digest::of(b);
+    let (short_a, short_b) = (d(b"a").short(), d(b"b").short());
+    let findings = [
+        (
+            Finding::Head { check: HeadCheck::Lost { head: 9, tip: 4 } },
+            vec!["head", "5 acknowledged", "up to 9", "ends at 4"],
+        ),
+        (
+            Finding::BrokenLink { instance: i.clone(), seq: 3, expected: d(b"a"), found: d(b"b") },
+            vec!["acme#3", "broken chain", &short_a, &short_b],
+        ),
+        (Finding::BadStart { instance: i.clone(), seq: 2, event: "connect" }, vec!["acme", "seq 2", "connect"]),
+        (Finding::Gap { instance: i.clone(), expected: 3, found: 5 }, vec!["acme", "gap", "3", "5"]),
+        (
+            Finding::BrokenChain {
+                instance: i.clone(),
+                seq: 4,
+                previous_to: Box::new(Instance::new()),
+                from: Box::new(Instance::new()),
+            },
+            vec!["acme#4", "broken chain", "Closed"],
+        ),
+        (Finding::Misplaced { instance: i.clone(), seq: 6, event: "snapshot" }, vec!["acme#6", "snapshot", "middle"]),
+        (
+            Finding::Divergence {
+                instance: i.clone(),
+                seq: 7,
+                global: 70,
+                input: "Connect".into(),
+                recorded: "→ A".into(),
+                recomputed: "→ B".into(),
+            },
+            vec!["acme#7", "global 70", "Connect", "→ A", "→ B"],
+        ),
+        (Finding::GlobalOrder { instance: i.clone(), seq: 8 }, vec!["acme#8", "global"]),
+        (
+            Finding::LatestMismatch { instance: i.clone(), detail: "is missing".into() },
+            vec!["acme", "latest-state", "is missing"],
+        ),
+        (Finding::Index { detail: "2 records not indexed".into() }, vec!["global index", "2 records"]),
+        (Finding::Anchor { expected: 12, detail: "ends at 10".into() }, vec!["expected head 12", "ends at 10"]),
+    ];
+    for (finding, words) in findings {
+        let text = finding.to_string();
+        for w in words {
+            assert!(text.contains(w), "{text:?} lacks {w:?}");
+        }
+    }
+    let loss = AcceptedLoss { at: Timestamp(0), check: HeadCheck::Missing, resumed_after: 41 };
+    let notes = [
+        (Note::HeadBehind { check: HeadCheck::Behind { head: 3, tip: 5 } }, vec!["2 record", "4..=5", "not a loss"]),
+        (Note::Unchained { records: 17 }, vec!["17 record", "not checked"]),
+        (Note::Legacy, vec!["head", "rollback"]),
+        (Note::AcceptedLoss(loss), vec!["accepted", "1970-01-01", "missing", "after global 41"]),
+    ];
+    for (note, words) in notes {
+        let text = note.to_string();
+        for w in words {
+            assert!(text.contains(w), "{text:?} lacks {w:?}");
+        }
+    }
+}
+
+/// Each kind of defect `verify` knows, forged one at a time into a clean log
+/// (with sled, as damage or another program would write it), is found as its
+/// own finding naming the instance and sequence number — and nothing else is.
+#[test]
+fn each_defect_is_found_as_what_it_is() {
+    use instance_lifecycle::log::record::{decode_record, encode_record};
+    type Forge = fn(&sled::Tree);
+    fn global_key(g: u64) -> Vec<u8> {
+        let mut k = vec![b'g'];
+        k.extend_from_slice(&g.to_be_bytes());
+        k
+    }
+    fn rewrite(tree: &sled::Tree, name: &str, seq: u64, f: impl FnOnce(&mut instance_lifecycle::log::Record)) {
+        let key = record_key(name, seq);
+        let mut r = decode_record(&tree.get(&key).expect("get").expect("record")).expect("valid");
+        f(&mut r);
+        tree.insert(key, encode_record(&r)).expect("insert");
+    }
+    let cases: Vec<(&str, Forge, fn(&Finding) -> bool)> = vec![
+        (
+            "a record gone from the middle",
+            |t| {
+                let r = decode_record(&t.get(record_key("i1", 2)).expect("get").expect("r")).expect("valid");
+                t.remove(record_key("i1", 2)).expect("rm");
+                t.remove(global_key(r.global)).expect("rm index");
+            },
+            |f| matches!(f, Finding::Gap { instance, expected: 2, found: 3 } if instance.as_str() == "i1"),
+        ),
+        (
+            "the first record gone",
+            |t| {
+                let r = decode_record(&t.get(record_key("i1", 1)).expect("get").expect("r")).expect("valid");
+                t.remove(record_key("i1", 1)).expect("rm");
+                t.remove(global_key(r.global)).expect("rm index");
+            },
+            |f| matches!(f, Finding::BadStart { instance, seq: 2, .. } if instance.as_str() == "i1"),
+        ),
+        (
+            "a global number going back",
+            |t| rewrite(t, "i1", 3, |r| r.global = 1),
+            |f| matches!(f, Finding::GlobalOrder { instance, seq: 3 } if instance.as_str() == "i1"),
+        ),
+        (
+            "a created record mid-history",
+            |t| rewrite(t, "i1", 3, |r| r.event = Event::created("ws://x/")),
+            |f| matches!(f, Finding::Misplaced { instance, seq: 3, event: "created" } if instance.as_str() == "i1"),
+        ),
+        (
+            "a snapshot mid-history",
+            |t| {
+                rewrite(t, "i1", 3, |r| {
+                    r.event = Event::Snapshot { spec: instance_lifecycle::log::InstanceSpec { url: "ws://x/".into() } };
+                    r.replaced = Some(instance_lifecycle::log::Digest::ZERO);
+                })
+            },
+            |f| matches!(f, Finding::Misplaced { instance, seq: 3, event: "snapshot" } if instance.as_str() == "i1"),
+        ),
+        (
+            "a snapshot without the digest it replaced",
+            |t| {
+                rewrite(t, "i1", 1, |r| {
+                    r.event = Event::Snapshot { spec: instance_lifecycle::log::InstanceSpec { url: "ws://x/".into() } };
+                })
+            },
+            |f| matches!(f, Finding::Misplaced { instance, seq: 1, event } if instance.as_str() == "i1" && event.contains("without")),
+        ),
+        (
+            "a replaced digest on a transition",
+            |t| rewrite(t, "i1", 2, |r| r.replaced = Some(instance_lifecycle::log::Digest::ZERO)),
+            |f| matches!(f, Finding::Misplaced { instance, seq: 2, event } if instance.as_str() == "i1" && event.contains("not a snapshot")),
+        ),
+        (
+            "a created record not in the initial state",
+            |t| rewrite(t, "i1", 1, |r| r.to.generation = Generation(9)),
+            |f| matches!(f, Finding::Misplaced { instance, seq: 1, event } if instance.as_str() == "i1" && event.contains("non-initial")),
+        ),
+        (
+            "a from-state that is not the previous to-state",
+            |t| {
+                rewrite(t, "i1", 3, |r| {
+                    if let Event::Transition { from, .. } = &mut r.event {
+                        from.generation = Generation(7)
+                    }
+                })
+            },
+            |f| matches!(f, Finding::BrokenChain { instance, seq: 3, .. } if instance.as_str() == "i1"),
+        ),
+        (
+            "a latest-state entry gone",
+            |t| drop(t.remove(b"li1").expect("rm")),
+            |f| matches!(f, Finding::LatestMismatch { instance, detail } if instance.as_str() == "i1" && detail.contains("missing")),
+        ),
+        (
+            "a latest-state entry of garbage",
+            |t| drop(t.insert(b"li1", b"garbage".to_vec()).expect("insert")),
+            |f| matches!(f, Finding::LatestMismatch { instance, detail } if instance.as_str() == "i1" && detail.contains("corrupt")),
+        ),
+        (
+            "a latest-state entry ahead of the last record",
+            |t| {
+                let last = record_key("i1", 4);
+                assert!(t.get(&last).expect("get").is_some(), "i1 has 4 records");
+                t.remove(last).expect("rm");
+            },
+            |f| matches!(f, Finding::LatestMismatch { instance, detail } if instance.as_str() == "i1" && detail.contains("says seq 4")),
+        ),
+        (
+            "an index entry gone",
+            |t| {
+                let r = decode_record(&t.get(record_key("i2", 2)).expect("get").expect("r")).expect("valid");
+                t.remove(global_key(r.global)).expect("rm");
+            },
+            |f| matches!(f, Finding::Index { detail } if detail.contains("not indexed")),
+        ),
+        (
+            "an index entry pointing at nothing",
+            |t| drop(t.insert(global_key(999), b"i9\0\0\0\0\0\0\0\0\x01".to_vec()).expect("insert")),
+            |f| matches!(f, Finding::Index { detail } if detail.contains("point at no record")),
+        ),
+    ];
+    for (what, forge, expected) in cases {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let policy = write_sample_log(dir.path());
+        {
+            let (clean, _) = Log::open_copy(dir.path()).expect("copy");
+            assert!(clean.verify(&policy).is_clean(), "the sample log is clean");
+        }
+        tamper(dir.path(), forge);
+        let (log, _) = Log::open_copy(dir.path()).expect("copy");
+        let report = log.verify(&policy);
+        assert!(report.findings.iter().any(expected), "{what}: not found as expected: {:#?}", report.findings);
+        assert!(!report.is_clean(), "{what}");
+    }
+}
+
+/// Policies by time: a log written under one policy and then another
+/// verifies clean record by record under the policies it recorded, and
+/// shows a divergence under a single one.
+#[test]
+fn each_record_replays_under_the_policy_it_was_written_under() {
+    let log = Log::in_memory().expect("log");
+    let (evolution, whatsapp) = (Policy::preset(Preset::Evolution), Policy::preset(Preset::Whatsapp));
+    let blip = |g| Input::TransportClosed {
+        initiator: CloseInitiator::Peer,
+        generation: g,
+        status: Some(instance_lifecycle::machine::StatusCode(408)),
+        reason: "blip".into(),
+    };
+    let open =
+        |g| Input::TransportOpened { generation: g, identity: instance_lifecycle::machine::Identity::new("p").ok() };
+    log.set_policy(&evolution).expect("policy");
+    let mut old = Driver::new(name("old"), evolution.clone());
+    old.feed(Input::Connect);
+    old.feed(open(Generation(1)));
+    old.feed(blip(Generation(1)));
+    append_to_log(&log, &old).expect("append");
+    log.set_policy(&whatsapp).expect("policy");
+    log.set_policy(&whatsapp).expect("the same policy again records nothing");
+    assert_eq!(log.policies().expect("policies").len(), 2);
+    let mut new = Driver::new(name("new"), whatsapp.clone());
+    new.feed(Input::Connect);
+    new.feed(open(Generation(1)));
+    new.feed(blip(Generation(1)));
+    append_to_log(&log, &new).expect("append");
+    assert_eq!(log.policy().expect("policy"), Some(whatsapp.clone()));
+    let recorded = log.verify_recorded(&Policy::default());
+    assert!(recorded.is_clean(), "{:#?}", recorded.findings);
+    for single in [&evolution, &whatsapp] {
+        let report = log.verify(single);
+        assert_eq!(report.findings.len(), 1, "{}: {:#?}", single.name, report.findings);
+        assert!(matches!(report.first_divergence(), Some(Finding::Divergence { seq: 4, .. })));
+    }
+}
+
+/// A head kept elsewhere: the log reaches it (nothing to say), or it does
+/// not (the log ends before it, or has another record there).
+#[test]
+fn a_head_kept_elsewhere_is_checked() {
+    let log = Log::in_memory().expect("log");
+    let policy = Policy::preset(Preset::Whatsapp);
+    let mut d = Driver::new(name("a"), policy);
+    d.feed(Input::Connect);
+    append_to_log(&log, &d).expect("append");
+    let (tip, link) = log.tip();
+    assert_eq!(tip, 2);
+    assert!(log.check_anchor(tip, link).is_none());
+    assert!(log.check_anchor(1, log.tip().1).is_some(), "record 1 has another link");
+    let ahead = log.check_anchor(5, link).expect("the log ends before");
+    assert!(ahead.to_string().contains("3 record(s)"), "{ahead}");
+}

@@ -79,7 +79,11 @@ fn verdict(state: &State, input: &Input) -> Verdict {
         I::Delete if closing(Intent::Delete) => Verdict::Ignored(Ignored::DeleteInProgress),
         I::Delete => Moves,
         I::TransportOpened { identity, .. } if attempting => {
-            if identity.is_some() { Moves } else { Verdict::Ignored(Ignored::MissingIdentity) }
+            if identity.is_some() {
+                Moves
+            } else {
+                Verdict::Ignored(Ignored::MissingIdentity)
+            }
         }
         I::PairingCode { .. } if attempting => Moves,
         I::TransportClosed { .. } | I::TransportClosedV1 { .. } | I::WriteFailed { .. } | I::HeartbeatMissed { .. }
@@ -106,7 +110,10 @@ fn verdict(state: &State, input: &Input) -> Verdict {
             // A pong overdue: the connection is dead where a connection still counts (R7).
             TimerKind::PongDeadline
                 if matches!(state, S::Open { .. })
-                    || matches!(state, S::Closing { step: ClosingStep::LoggingOut | ClosingStep::ClosingSocket { .. }, .. }) =>
+                    || matches!(
+                        state,
+                        S::Closing { step: ClosingStep::LoggingOut | ClosingStep::ClosingSocket { .. }, .. }
+                    ) =>
             {
                 Moves
             }
@@ -141,11 +148,15 @@ fn consequences(from: &Instance, input: &Input, to: &Instance, effects: &[Effect
         }
     }
     // R5: a logout that failed on the way is recorded with its error.
-    if let (State::Closing { step: ClosingStep::LoggingOut, .. }, Input::LogoutFailed { error, .. } | Input::WriteFailed { error, .. }) =
-        (&from.state, input)
+    if let (
+        State::Closing { step: ClosingStep::LoggingOut, .. },
+        Input::LogoutFailed { error, .. } | Input::WriteFailed { error, .. },
+    ) = (&from.state, input)
     {
         let recorded = match &to.state {
-            State::Closed { cause: ClosedCause::LoggedOut { logout: LogoutOutcome::Failed { error: e } }, .. } => e == error,
+            State::Closed { cause: ClosedCause::LoggedOut { logout: LogoutOutcome::Failed { error: e } }, .. } => {
+                e == error
+            }
             State::Closing { step: ClosingStep::CleaningUp, .. } => true,
             _ => false,
         };
@@ -162,8 +173,12 @@ fn consequences(from: &Instance, input: &Input, to: &Instance, effects: &[Effect
     }
     // Every wait the move ends in is bounded by a timer it arms (or that is already armed, for a delete taking over).
     if let Some(kind) = waits_on(&to.state) {
-        let armed = effects.iter().any(|e| matches!(e, Effect::ArmTimer { timer, .. } if timer.kind == kind && timer.generation == to.generation));
-        let carried = from.state.kind() == to.state.kind() && waits_on(&from.state) == Some(kind) && !matches!(input, Input::TimerFired { .. });
+        let armed = effects.iter().any(
+            |e| matches!(e, Effect::ArmTimer { timer, .. } if timer.kind == kind && timer.generation == to.generation),
+        );
+        let carried = from.state.kind() == to.state.kind()
+            && waits_on(&from.state) == Some(kind)
+            && !matches!(input, Input::TimerFired { .. });
         if !armed && !carried {
             return Err(format!("{} waits on {kind:?} but no such timer was armed", to.state));
         }
@@ -183,7 +198,10 @@ fn every_cell_of_the_table_is_what_its_rule_says() {
                 let outcome = step(&n, &from, &input, &policy, Timestamp(60_000));
                 let stale = input.generation().is_some_and(|g| g != from.generation);
                 let expected = if stale {
-                    Verdict::Ignored(Ignored::Stale { input: input.generation().unwrap_or_default(), current: from.generation })
+                    Verdict::Ignored(Ignored::Stale {
+                        input: input.generation().unwrap_or_default(),
+                        current: from.generation,
+                    })
                 } else {
                     verdict(&from.state, &input)
                 };
