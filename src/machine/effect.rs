@@ -65,3 +65,26 @@ impl Effect {
         !matches!(self, Self::ArmTimer { .. } | Self::CancelTimer { .. })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::TimerKind;
+
+    #[test]
+    fn only_timers_are_not_io() {
+        let g = Generation(1);
+        let timer = Timer { kind: TimerKind::Connect, generation: g };
+        let io = [
+            Effect::OpenTransport { generation: g, resume: None },
+            Effect::SendLogout { generation: g },
+            Effect::CloseTransport { generation: g, status: StatusCode::NORMAL },
+            Effect::AbortTransport { generation: g },
+            Effect::RunCleanup,
+            Effect::SendPing { generation: g },
+        ];
+        assert!(io.iter().all(Effect::is_io));
+        assert!(!Effect::ArmTimer { timer, after: Duration::ZERO }.is_io());
+        assert!(!Effect::CancelTimer { timer }.is_io());
+    }
+}

@@ -343,3 +343,109 @@ impl Input {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::catalog::sample_inputs;
+
+    #[test]
+    fn every_input_says_its_kind_generation_and_whether_it_ends_a_connection() {
+        let g = Generation(5);
+        let reason = Reason::from("r");
+        let closed =
+            |initiator| Input::TransportClosed { generation: g, initiator, status: None, reason: reason.clone() };
+        // (input, kind, generation, ends a connection, host command)
+        let table: Vec<(Input, InputKind, Option<Generation>, bool, bool)> = vec![
+            (Input::Connect, InputKind::Connect, None, false, true),
+            (Input::Logout, InputKind::Logout, None, false, true),
+            (Input::Delete, InputKind::Delete, None, false, true),
+            (Input::Restart, InputKind::Restart, None, false, true),
+            (Input::TransportOpened { generation: g, identity: None }, InputKind::Opened, Some(g), false, false),
+            (Input::PairingCode { generation: g }, InputKind::PairingCode, Some(g), false, false),
+            (closed(CloseInitiator::Peer), InputKind::Closed, Some(g), true, false),
+            (
+                Input::TransportClosedV1 { generation: g, status: None, reason: reason.clone() },
+                InputKind::Closed,
+                Some(g),
+                true,
+                false,
+            ),
+            (Input::WriteFailed { generation: g, error: reason.clone() }, InputKind::WriteFailed, Some(g), true, false),
+            (Input::HeartbeatMissed { generation: g }, InputKind::HeartbeatMissed, Some(g), true, false),
+            (Input::LogoutConfirmed { generation: g }, InputKind::LogoutConfirmed, Some(g), false, false),
+            (
+                Input::LogoutFailed { generation: g, error: reason.clone() },
+                InputKind::LogoutFailed,
+                Some(g),
+                true,
+                false,
+            ),
+            (Input::CloseFinished { generation: g }, InputKind::CloseFinished, Some(g), true, false),
+            (Input::CleanupFinished { steps: vec![] }, InputKind::CleanupFinished, None, false, false),
+            (Input::Recovered, InputKind::Recovered, None, false, false),
+            (Input::Panicked { message: reason.clone() }, InputKind::Panicked, None, false, false),
+            (Input::Pong { generation: g }, InputKind::Pong, Some(g), false, false),
+        ];
+        for (input, kind, generation, ends, host) in &table {
+            assert_eq!(input.kind(), *kind, "{input:?}");
+            assert_eq!(input.generation(), *generation, "{input:?}");
+            assert_eq!(input.ends_connection(), *ends, "{input:?}");
+            assert_eq!(input.is_host_command(), *host, "{input:?}");
+        }
+        let timer_kinds: Vec<InputKind> = TimerKind::ALL
+            .iter()
+            .map(|&kind| {
+                let input = Input::TimerFired { timer: Timer { kind, generation: g } };
+                assert_eq!(input.generation(), Some(g));
+                assert!(!input.ends_connection());
+                assert_eq!(input.is_heartbeat_missed(), kind == TimerKind::PongDeadline);
+                input.kind()
+            })
+            .collect();
+        assert_eq!(
+            timer_kinds,
+            [
+                InputKind::ReconnectTimer,
+                InputKind::ConnectTimeout,
+                InputKind::LogoutTimeout,
+                InputKind::CloseTimeout,
+                InputKind::CleanupTimeout,
+                InputKind::HeartbeatTimer,
+                InputKind::PongDeadline,
+            ]
+        );
+        // Every kind has its own name, and the catalog covers every kind.
+        let mut names: Vec<&str> =
+            table.iter().map(|(_, k, ..)| k.as_str()).chain(timer_kinds.iter().map(|k| k.as_str())).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), 23, "{names:?}");
+        let covered: std::collections::BTreeSet<InputKind> = sample_inputs(g).iter().map(Input::kind).collect();
+        assert_eq!(covered.len(), 23);
+        assert!(Input::HeartbeatMissed { generation: g }.is_heartbeat_missed());
+        assert!(!Input::WriteFailed { generation: g, error: reason.clone() }.is_heartbeat_missed());
+    }
+
+    #[test]
+    fn a_close_says_who_ended_it_in_either_form() {
+        let g = Generation(1);
+        let reason = Reason::from("bye");
+        let new = Input::TransportClosed {
+            generation: g,
+            initiator: CloseInitiator::Local,
+            status: None,
+            reason: reason.clone(),
+        };
+        assert_eq!(new.closed(), Some((CloseInitiator::Local, None, &reason)));
+        let with_status =
+            Input::TransportClosedV1 { generation: g, status: Some(StatusCode(401)), reason: reason.clone() };
+        assert_eq!(with_status.closed(), Some((CloseInitiator::Peer, Some(StatusCode(401)), &reason)));
+        let lost = Input::TransportClosedV1 { generation: g, status: None, reason: reason.clone() };
+        assert_eq!(lost.closed(), Some((CloseInitiator::Transport, None, &reason)));
+        assert_eq!(Input::Connect.closed(), None);
+        let names = [CloseInitiator::Peer, CloseInitiator::Local, CloseInitiator::Transport].map(|c| c.to_string());
+        assert_eq!(names, ["peer", "local", "transport"]);
+        assert_eq!(format!("{:>6}|{:<10}|", CloseInitiator::Peer, InputKind::Pong), "  peer|pong      |");
+    }
+}

@@ -362,22 +362,280 @@ impl State {
     }
 }
 
+/// As people say it: the state, then why or how far, e.g. `Closed — logged
+/// out (logout failed: heartbeat missed while logging out)`. The structure
+/// itself is what `{:?}` and serde show.
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Connecting { phase: Phase::Backoff { until }, retries, .. } => {
-                write!(f, "Connecting(backoff until {until}, retry {retries})")
+                write!(f, "Connecting — backing off until {} (attempt {retries})", until.utc())
             }
+            Self::Connecting { phase: Phase::Handshaking, retries: 0, .. } => f.write_str("Connecting — handshaking"),
             Self::Connecting { phase: Phase::Handshaking, retries, .. } => {
-                write!(f, "Connecting(handshaking, retry {retries})")
+                write!(f, "Connecting — handshaking (attempt {retries})")
             }
-            Self::Connecting { phase: Phase::Pairing { codes }, .. } => write!(f, "Connecting(pairing, {codes} codes)"),
-            Self::Open { identity, .. } => write!(f, "Open({identity})"),
-            Self::Closing { intent, step } => write!(f, "Closing({intent:?}, {step:?})"),
-            Self::Closed { cause, status: Some(s), .. } => write!(f, "Closed({cause:?}, status {s})"),
-            Self::Closed { cause, status: None, .. } => write!(f, "Closed({cause:?})"),
-            Self::Zombie { cause, .. } => write!(f, "Zombie({cause:?})"),
-            Self::Removed { cleanup } => write!(f, "Removed({cleanup:?})"),
+            Self::Connecting { phase: Phase::Pairing { codes }, .. } => {
+                write!(f, "Connecting — pairing ({codes} code{} issued)", plural(*codes))
+            }
+            Self::Open { identity, .. } => write!(f, "Open — as {identity}"),
+            Self::Closing { intent, step } => {
+                let doing = match step {
+                    ClosingStep::LoggingOut => "logging out".to_owned(),
+                    ClosingStep::ClosingSocket { logout } => format!("closing the socket ({logout})"),
+                    ClosingStep::CleaningUp => "cleaning up".to_owned(),
+                };
+                write!(f, "Closing — {intent}: {doing}")
+            }
+            Self::Closed { cause: ClosedCause::FinalStatus, status: Some(s), .. } => {
+                write!(f, "Closed — closed for good by status {s}")
+            }
+            Self::Closed { cause, status: Some(s), .. } => write!(f, "Closed — {cause} (status {s})"),
+            Self::Closed { cause, status: None, .. } => write!(f, "Closed — {cause}"),
+            Self::Zombie { cause, .. } => write!(f, "Zombie — {cause}"),
+            Self::Removed { cleanup } => write!(f, "Removed — {cleanup}"),
         }
+    }
+}
+
+fn plural(n: u32) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+impl fmt::Display for Intent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Logout => "logout",
+            Self::Delete => "delete",
+        })
+    }
+}
+
+impl fmt::Display for LogoutOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Confirmed => f.write_str("logout confirmed"),
+            Self::Failed { error } => write!(f, "logout failed: {error}"),
+            Self::TimedOut => f.write_str("logout unanswered"),
+            Self::Unconfirmed => f.write_str("connection ended before the logout was confirmed"),
+            Self::NotSent => f.write_str("no session to log out of"),
+            Self::Interrupted => f.write_str("logout interrupted by a restart"),
+        }
+    }
+}
+
+impl fmt::Display for ClosedCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Created => f.write_str("created, never connected"),
+            Self::LoggedOut { logout: LogoutOutcome::Confirmed } => f.write_str("logged out"),
+            Self::LoggedOut { logout } => write!(f, "logged out ({logout})"),
+            Self::FinalStatus => f.write_str("closed for good by status"),
+            Self::GaveUp { attempts } => write!(f, "gave up after {attempts} attempts"),
+            Self::PairingRefused { codes } => write!(f, "pairing refused after {codes} codes"),
+            Self::NotRecovered => f.write_str("not reconnected after a restart"),
+            Self::Panicked { message } => write!(f, "stopped by a panic: {message}"),
+        }
+    }
+}
+
+impl fmt::Display for ZombieCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::HeartbeatMissed => f.write_str("heartbeat missed"),
+            Self::WriteFailed { error } => write!(f, "write failed: {error}"),
+        }
+    }
+}
+
+impl fmt::Display for CleanupOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Finished { steps } => {
+                let failed = steps.iter().filter(|s| s.outcome != StepOutcome::Done).count();
+                match (steps.len(), failed) {
+                    (0, _) => f.write_str("no cleanup steps"),
+                    (n, 0) => write!(f, "cleaned up ({n} step{})", if n == 1 { "" } else { "s" }),
+                    (n, k) => write!(f, "cleanup: {k} of {n} steps did not succeed"),
+                }
+            }
+            Self::TimedOut => f.write_str("cleanup timed out"),
+            Self::Aborted { message } => write!(f, "cleanup aborted by a panic: {message}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> Identity {
+        Identity::new("5511@s.whatsapp.net").expect("valid")
+    }
+
+    #[test]
+    fn states_read_as_people_say_them() {
+        let cases: Vec<(State, &str)> = vec![
+            (Instance::new().state, "Closed — created, never connected"),
+            (
+                State::Connecting { phase: Phase::Backoff { until: Timestamp(1_000) }, retries: 2, resume: None },
+                "Connecting — backing off until 1970-01-01 00:00:01.000 (attempt 2)",
+            ),
+            (State::Connecting { phase: Phase::Handshaking, retries: 0, resume: None }, "Connecting — handshaking"),
+            (
+                State::Connecting { phase: Phase::Handshaking, retries: 3, resume: None },
+                "Connecting — handshaking (attempt 3)",
+            ),
+            (
+                State::Connecting { phase: Phase::Pairing { codes: 1 }, retries: 0, resume: None },
+                "Connecting — pairing (1 code issued)",
+            ),
+            (
+                State::Connecting { phase: Phase::Pairing { codes: 4 }, retries: 0, resume: None },
+                "Connecting — pairing (4 codes issued)",
+            ),
+            (State::Open { identity: id(), since: Timestamp(0), retries: 0 }, "Open — as 5511@s.whatsapp.net"),
+            (State::Closing { intent: Intent::Logout, step: ClosingStep::LoggingOut }, "Closing — logout: logging out"),
+            (
+                State::Closing {
+                    intent: Intent::Delete,
+                    step: ClosingStep::ClosingSocket { logout: LogoutOutcome::TimedOut },
+                },
+                "Closing — delete: closing the socket (logout unanswered)",
+            ),
+            (State::Closing { intent: Intent::Delete, step: ClosingStep::CleaningUp }, "Closing — delete: cleaning up"),
+            (
+                State::Closed {
+                    cause: ClosedCause::LoggedOut {
+                        logout: LogoutOutcome::Failed { error: Reason::new("heartbeat missed while logging out") },
+                    },
+                    status: None,
+                    resume: None,
+                },
+                "Closed — logged out (logout failed: heartbeat missed while logging out)",
+            ),
+            (
+                State::Closed {
+                    cause: ClosedCause::LoggedOut { logout: LogoutOutcome::Confirmed },
+                    status: Some(StatusCode(1000)),
+                    resume: None,
+                },
+                "Closed — logged out (status 1000)",
+            ),
+            (
+                State::Closed { cause: ClosedCause::FinalStatus, status: Some(StatusCode(401)), resume: None },
+                "Closed — closed for good by status 401",
+            ),
+            (
+                State::Closed { cause: ClosedCause::GaveUp { attempts: 25 }, status: None, resume: None },
+                "Closed — gave up after 25 attempts",
+            ),
+            (
+                State::Closed { cause: ClosedCause::PairingRefused { codes: 31 }, status: None, resume: None },
+                "Closed — pairing refused after 31 codes",
+            ),
+            (
+                State::Closed { cause: ClosedCause::NotRecovered, status: None, resume: None },
+                "Closed — not reconnected after a restart",
+            ),
+            (
+                State::Closed {
+                    cause: ClosedCause::Panicked { message: Reason::new("bug") },
+                    status: None,
+                    resume: None,
+                },
+                "Closed — stopped by a panic: bug",
+            ),
+            (
+                State::Zombie { since: Timestamp(0), cause: ZombieCause::HeartbeatMissed, identity: id(), retries: 0 },
+                "Zombie — heartbeat missed",
+            ),
+            (
+                State::Zombie {
+                    since: Timestamp(0),
+                    cause: ZombieCause::WriteFailed { error: Reason::new("EPIPE") },
+                    identity: id(),
+                    retries: 0,
+                },
+                "Zombie — write failed: EPIPE",
+            ),
+            (State::Removed { cleanup: CleanupOutcome::Finished { steps: vec![] } }, "Removed — no cleanup steps"),
+            (
+                State::Removed {
+                    cleanup: CleanupOutcome::Finished {
+                        steps: vec![StepReport { step: "store".into(), outcome: StepOutcome::Done }],
+                    },
+                },
+                "Removed — cleaned up (1 step)",
+            ),
+            (
+                State::Removed {
+                    cleanup: CleanupOutcome::Finished {
+                        steps: vec![
+                            StepReport { step: "store".into(), outcome: StepOutcome::Done },
+                            StepReport { step: "files".into(), outcome: StepOutcome::TimedOut },
+                        ],
+                    },
+                },
+                "Removed — cleanup: 1 of 2 steps did not succeed",
+            ),
+            (State::Removed { cleanup: CleanupOutcome::TimedOut }, "Removed — cleanup timed out"),
+            (
+                State::Removed { cleanup: CleanupOutcome::Aborted { message: Reason::new("oops") } },
+                "Removed — cleanup aborted by a panic: oops",
+            ),
+        ];
+        for (state, text) in cases {
+            assert_eq!(state.to_string(), text);
+        }
+        for (outcome, text) in [
+            (LogoutOutcome::Unconfirmed, "connection ended before the logout was confirmed"),
+            (LogoutOutcome::NotSent, "no session to log out of"),
+            (LogoutOutcome::Interrupted, "logout interrupted by a restart"),
+            (LogoutOutcome::Confirmed, "logout confirmed"),
+        ] {
+            assert_eq!(outcome.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn kinds_coarse_statuses_sockets_and_identities() {
+        let open = State::Open { identity: id(), since: Timestamp(0), retries: 0 };
+        let zombie =
+            State::Zombie { since: Timestamp(0), cause: ZombieCause::HeartbeatMissed, identity: id(), retries: 0 };
+        let backoff = State::Connecting { phase: Phase::Backoff { until: Timestamp(0) }, retries: 1, resume: None };
+        let handshaking = State::Connecting { phase: Phase::Handshaking, retries: 0, resume: None };
+        let logging_out = State::Closing { intent: Intent::Logout, step: ClosingStep::LoggingOut };
+        let cleaning = State::Closing { intent: Intent::Delete, step: ClosingStep::CleaningUp };
+        let closed = Instance::new().state;
+        let removed = State::Removed { cleanup: CleanupOutcome::TimedOut };
+        // (state, kind, coarse, has a socket)
+        let table = [
+            (&open, StateKind::Open, CoarseStatus::Open, true),
+            (&zombie, StateKind::Zombie, CoarseStatus::Connecting, false),
+            (&backoff, StateKind::Connecting, CoarseStatus::Connecting, false),
+            (&handshaking, StateKind::Connecting, CoarseStatus::Connecting, true),
+            (&logging_out, StateKind::Closing, CoarseStatus::Close, true),
+            (&cleaning, StateKind::Closing, CoarseStatus::Close, false),
+            (&closed, StateKind::Closed, CoarseStatus::Close, false),
+            (&removed, StateKind::Removed, CoarseStatus::Close, false),
+        ];
+        for (state, kind, coarse, socket) in table {
+            assert_eq!((state.kind(), state.coarse(), state.has_socket()), (kind, coarse, socket), "{state}");
+            assert_eq!(StateKind::parse(&kind.as_str().to_uppercase()), Some(kind));
+            assert_eq!(state.identity().cloned(), if kind == StateKind::Open { Some(id()) } else { None });
+        }
+        assert_eq!(StateKind::parse("zombies"), None);
+        let names: std::collections::BTreeSet<_> = StateKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), 6);
+        assert_eq!(format!("{:>8}", StateKind::Open), "    Open", "kinds pad in columns");
+        assert_eq!(
+            [CoarseStatus::Connecting, CoarseStatus::Open, CoarseStatus::Close].map(CoarseStatus::as_str),
+            ["connecting", "open", "close"]
+        );
+        assert!(CleanupOutcome::Finished { steps: vec![] }.is_clean());
+        assert!(!CleanupOutcome::TimedOut.is_clean());
+        let failed = StepReport { step: "s".into(), outcome: StepOutcome::Failed { error: Reason::new("e") } };
+        assert!(!CleanupOutcome::Finished { steps: vec![failed] }.is_clean());
     }
 }

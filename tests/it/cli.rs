@@ -39,7 +39,11 @@ fn simulate_then_inspect_verify_export_and_diagram_what_it_wrote() {
     let text = stdout(&timeline);
     assert!(text.contains("created") && text.contains("connect"), "{text}");
     let at = lifecycle(&["inspect", data_s, "--instance", "sim-0000", "--at", "1"]);
-    assert!(stdout(&at).contains("after #1") && stdout(&at).contains("Closed(Created)"), "{}", stdout(&at));
+    assert!(
+        stdout(&at).contains("after #1") && stdout(&at).contains("Closed — created, never connected"),
+        "{}",
+        stdout(&at)
+    );
 
     let verify = lifecycle(&["verify", data_s]);
     assert!(verify.status.success(), "{}", stdout(&verify));
