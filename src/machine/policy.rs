@@ -591,4 +591,146 @@ mod tests {
         p.timeouts.logout = Duration::ZERO;
         assert!(p.validate().expect_err("zero logout timeout").to_string().contains("timeouts.logout"));
     }
+
+    #[test]
+    fn every_bound_is_checked_and_named() {
+        let cases: Vec<(&str, fn(&mut Policy))> = vec![
+            ("backoff.base", |p| p.backoff.base = Duration::ZERO),
+            ("backoff.factor", |p| p.backoff.factor = 0),
+            ("backoff.cap", |p| p.backoff.cap = p.backoff.base - Duration::from_millis(1)),
+            ("backoff.attempts_max", |p| p.backoff.attempts_max = 0),
+            ("heartbeat", |p| p.heartbeat.interval = Duration::ZERO),
+            ("heartbeat", |p| p.heartbeat.deadline = Duration::ZERO),
+            ("timeouts.connect", |p| p.timeouts.connect = Duration::ZERO),
+            ("timeouts.pairing_code", |p| p.timeouts.pairing_code = Duration::ZERO),
+            ("timeouts.logout", |p| p.timeouts.logout = Duration::ZERO),
+            ("timeouts.close", |p| p.timeouts.close = Duration::ZERO),
+            ("timeouts.cleanup", |p| p.timeouts.cleanup = Duration::ZERO),
+            ("close_rules", |p| {
+                p.close_rules.push(CloseRule::new(Range { first: 10, last: 9 }, Any, Stop, "backwards"))
+            }),
+        ];
+        for (field, break_it) in cases {
+            let mut p = Policy::default();
+            break_it(&mut p);
+            let err = p.validate().expect_err(field);
+            assert!(err.to_string().contains(field) && err.to_string().contains("rfc6455"), "{field}: {err}");
+        }
+        // The edges are allowed: a factor of 1, a cap equal to the base, one attempt, a one-status range.
+        let mut p = Policy::default();
+        p.backoff.factor = 1;
+        p.backoff.cap = p.backoff.base;
+        p.backoff.attempts_max = 1;
+        p.close_rules.push(CloseRule::new(Range { first: 7, last: 7 }, Any, Stop, "one"));
+        assert_eq!(p.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_first_matching_rule_decides_by_status_and_phase() {
+        let mut p = Policy::default();
+        p.close_rules = vec![
+            CloseRule::new(Code(4000), BeforeOpen, Stop, "a"),
+            CloseRule::new(Range { first: 4000, last: 4002 }, AfterOpen, ReconnectNow, "b"),
+            CloseRule::new(Range { first: 4000, last: 4002 }, Any, Stop, "c"),
+            CloseRule::new(Missing, AfterOpen, Stop, "d"),
+        ];
+        p.close_default = CloseAction::Remove;
+        let at = |code: Option<u16>, phase| p.close_rule(code.map(StatusCode), phase).map(|r| r.label.as_str());
+        assert_eq!(at(Some(4000), ClosePhase::BeforeOpen), Some("a"));
+        assert_eq!(at(Some(4000), ClosePhase::AfterOpen), Some("b"));
+        assert_eq!(at(Some(4002), ClosePhase::BeforeOpen), Some("c"), "ranges include their last status");
+        assert_eq!(at(Some(4003), ClosePhase::BeforeOpen), None);
+        assert_eq!(at(Some(3999), ClosePhase::AfterOpen), None, "ranges start at their first");
+        assert_eq!(at(None, ClosePhase::AfterOpen), Some("d"));
+        assert_eq!(at(None, ClosePhase::BeforeOpen), None, "Missing matches no status only");
+        assert_eq!(p.close_action(Some(StatusCode(4003)), ClosePhase::AfterOpen), CloseAction::Remove, "the default");
+        assert_eq!(p.close_action(Some(StatusCode(4001)), ClosePhase::AfterOpen), ReconnectNow);
+    }
+
+    #[test]
+    fn the_presets_say_what_their_documentation_says() {
+        let action = |p: &Policy, code: u16, phase| p.close_action(Some(StatusCode(code)), phase);
+        let (b, a) = (ClosePhase::BeforeOpen, ClosePhase::AfterOpen);
+        let wa = Policy::preset(Preset::Whatsapp);
+        for code in [401, 402, 403, 405, 406, 409, 440] {
+            assert_eq!((action(&wa, code, b), action(&wa, code, a)), (Stop, Stop), "{code}");
+        }
+        for code in [428, 500, 503] {
+            assert_eq!(action(&wa, code, a), Reconnect, "{code}");
+        }
+        assert_eq!(action(&wa, 515, b), ReconnectNow);
+        assert_eq!(wa.close_action(None, a), Reconnect, "connection lost");
+        let rfc = Policy::default();
+        assert_eq!(rfc.name, "rfc6455");
+        for (code, expected) in
+            [(1000, Stop), (1001, Reconnect), (1002, Stop), (1010, Stop), (1011, Reconnect), (1014, Reconnect)]
+        {
+            assert_eq!(action(&rfc, code, a), expected, "{code}");
+        }
+        assert_eq!(action(&rfc, 1015, a), Reconnect, "the default");
+        let discord = Policy::preset(Preset::Discord);
+        for (code, expected) in [(4000, Reconnect), (4010, Stop), (4014, Stop), (4015, Reconnect)] {
+            assert_eq!(action(&discord, code, a), expected, "{code}");
+        }
+        for p in Preset::ALL.map(Policy::preset) {
+            assert_eq!((p.pairing_codes_max, p.backoff.attempts_max, p.reconnect_after_restart), (30, 25, true));
+            assert!(p.close_rules.iter().all(|r| !r.label.is_empty()), "every status is explained");
+            assert_eq!(p.close_default, Reconnect);
+        }
+        assert_eq!(Preset::parse("WhatsApp"), Ok(Preset::Whatsapp), "names are case-insensitive");
+        assert_eq!(Preset::ALL.map(|p| p.to_string()), ["whatsapp", "evolution", "discord", "rfc6455"]);
+        assert!(Preset::parse("bogus").expect_err("unknown").to_string().contains("whatsapp, evolution"));
+    }
+
+    #[test]
+    fn backoff_grows_by_its_factor_up_to_its_cap_and_jitter_stays_above_the_base() {
+        let mut p = Policy::default();
+        p.backoff = Backoff {
+            base: Duration::from_millis(100),
+            factor: 3,
+            cap: Duration::from_millis(2_000),
+            jitter: Jitter::None,
+            attempts_max: 10,
+            stable_period: Duration::from_secs(1),
+        };
+        let n = name("grow");
+        let exact: Vec<u64> = (1..=5).map(|a| p.backoff_delay(&n, a).as_millis() as u64).collect();
+        assert_eq!(exact, [100, 300, 900, 2_000, 2_000]);
+        assert_eq!(p.backoff_delay(&n, u32::MAX), Duration::from_millis(2_000), "no overflow at any attempt");
+        p.backoff.jitter = Jitter::Full;
+        for attempt in 1..=6 {
+            let ceiling = exact.get(attempt - 1).copied().unwrap_or(2_000);
+            let d = p.backoff_delay(&n, attempt as u32).as_millis() as u64;
+            assert!((100..=ceiling).contains(&d), "attempt {attempt}: {d} ms outside 100..={ceiling}");
+        }
+        assert_eq!(p.backoff_delay(&n, 1), Duration::from_millis(100), "a zero span has no jitter");
+        let other_seed = Policy { jitter_seed: 7, ..p.clone() };
+        let spread = |p: &Policy| (1..=40).map(|i| p.backoff_delay(&name(&format!("i{i}")), 4)).collect::<Vec<_>>();
+        assert_ne!(spread(&p), spread(&other_seed), "the seed moves the draws");
+    }
+
+    #[test]
+    fn splitmix_is_the_published_generator() {
+        let mut g = SplitMix64::new(0);
+        assert_eq!(g.next_u64(), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(g.next_u64(), 0x6e78_9e6a_a1b9_65f4);
+        assert_eq!(g.below(0), 0);
+        let mut g = SplitMix64::new(42);
+        assert!((0..1_000).all(|_| g.below(7) < 7));
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325, "FNV-1a's offset basis");
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn differences_list_rules_durations_and_absent_fields() {
+        let mut a = Policy::preset(Preset::Whatsapp);
+        let mut b = a.clone();
+        b.timeouts.close = Duration::from_millis(1_500);
+        b.close_rules.pop();
+        let d = a.differences(&b);
+        assert!(d.contains(&"timeouts.close: 5s vs 1.5s".to_owned()), "{d:?}");
+        assert!(d.iter().any(|x| x.starts_with("close_rules[13].") && x.ends_with("vs absent")), "{d:?}");
+        a.jitter_seed = 3;
+        assert!(a.differences(&b).contains(&"jitter_seed: 3 vs 0".to_owned()));
+    }
 }

@@ -499,4 +499,84 @@ mod tests {
         assert_eq!(Identity::new("a\nb"), Err(IdentityError::ControlChar));
         assert!(Identity::new("x".repeat(IDENTITY_LEN_MAX + 1)).is_err());
     }
+
+    #[test]
+    fn names_say_why_they_are_refused() {
+        assert_eq!(InstanceName::new(""), Err(NameError::Empty));
+        assert_eq!(InstanceName::new("a b"), Err(NameError::InvalidChar { name: "a b".into(), ch: ' ', index: 1 }));
+        assert_eq!(InstanceName::new("-rf"), Err(NameError::BadStart { name: "-rf".into() }));
+        assert_eq!(InstanceName::new(".x"), Err(NameError::BadStart { name: ".x".into() }));
+        assert!(InstanceName::new("x.-_9").is_ok(), "dots, dashes and underscores inside are fine");
+        let texts = [
+            NameError::Empty.to_string(),
+            InstanceName::new("a/b").expect_err("slash").to_string(),
+            InstanceName::new("_x").expect_err("start").to_string(),
+            InstanceName::new("x".repeat(65)).expect_err("long").to_string(),
+        ];
+        assert!(texts[0].contains("empty"));
+        assert!(texts[1].contains("'/'") && texts[1].contains("byte 1"), "{}", texts[1]);
+        assert!(texts[2].contains("letter or a digit"), "{}", texts[2]);
+        assert!(texts[3].contains("65") && texts[3].contains("64"), "{}", texts[3]);
+        let n: InstanceName = "acme".parse().expect("parse");
+        assert_eq!(
+            (n.as_str(), format!("{n:>6}"), format!("{n:?}")),
+            ("acme", "  acme".to_owned(), "\"acme\"".to_owned())
+        );
+        assert_eq!(String::from(n.clone()), "acme");
+        assert_eq!(InstanceName::try_from("acme".to_owned()), Ok(n));
+    }
+
+    #[test]
+    fn identities_statuses_generations_and_times_print_and_bound() {
+        let id = Identity::new("x".repeat(IDENTITY_LEN_MAX)).expect("at the limit");
+        assert_eq!(id.as_str().len(), IDENTITY_LEN_MAX);
+        assert!(matches!(
+            Identity::new("x".repeat(IDENTITY_LEN_MAX + 1)),
+            Err(IdentityError::TooLong { len: 257, max: 256 })
+        ));
+        let id = Identity::new("5511@s").expect("valid");
+        assert_eq!(
+            (id.to_string(), format!("{id:?}"), String::from(id.clone())),
+            ("5511@s".into(), "\"5511@s\"".into(), "5511@s".into())
+        );
+        assert_eq!(Identity::try_from("5511@s".to_owned()), Ok(id));
+        for e in [IdentityError::Empty, IdentityError::ControlChar, IdentityError::TooLong { len: 300, max: 256 }] {
+            assert!(!e.to_string().is_empty());
+        }
+        assert_eq!(Generation(4).next(), Generation(5));
+        assert_eq!(Generation(u64::MAX).next(), Generation(u64::MAX), "saturates");
+        assert_eq!(Generation(7).to_string(), "g7");
+        assert_eq!(StatusCode(401).to_string(), "401");
+        assert_eq!((StatusCode::NORMAL.0, StatusCode::TIMEOUT.0, StatusCode::RESTART.0), (1000, 408, 1012));
+        assert_eq!(Timestamp(5).to_string(), "5ms");
+        assert_eq!(Timestamp(5).saturating_add(Duration::from_millis(7)), Timestamp(12));
+        assert_eq!(Timestamp(u64::MAX - 1).saturating_add(Duration::from_secs(1)), Timestamp(u64::MAX));
+        assert_eq!(Timestamp(10).saturating_since(Timestamp(4)), Duration::from_millis(6));
+        assert_eq!(Timestamp(4).saturating_since(Timestamp(10)), Duration::ZERO);
+        assert_eq!(Timestamp(86_400_000 * 365 + 3_723_004).utc(), "1971-01-01 01:02:03.004");
+    }
+
+    #[test]
+    fn reasons_and_urls_convert_and_compare() {
+        let r = Reason::from("closed");
+        assert_eq!((r.as_str(), r.to_string(), format!("{r:?}")), ("closed", "closed".into(), "\"closed\"".into()));
+        assert!(r == "closed" && r == *"closed" && r.starts_with("clo"));
+        assert_eq!(String::from(r.clone()), "closed");
+        assert_eq!(Reason::from("closed".to_owned()), r);
+        assert_eq!(Reason::default().as_str(), "");
+        let exactly = "x".repeat(REASON_LEN_MAX);
+        assert_eq!(Reason::new(exactly.clone()).as_str(), exactly, "at the limit, nothing is cut");
+        let url = WsUrl::parse("ws://h/").expect("valid");
+        assert_eq!(
+            (url.to_string(), format!("{url:?}"), String::from(url.clone())),
+            ("ws://h/".into(), "\"ws://h/\"".into(), "ws://h/".into())
+        );
+        assert_eq!(WsUrl::try_from("ws://h/".to_owned()), Ok(url));
+        let long = format!("ws://{}", "a".repeat(URL_LEN_MAX - 5));
+        assert_eq!(long.len(), URL_LEN_MAX);
+        assert!(WsUrl::parse(&long).is_ok(), "at the limit");
+        let e = WsUrl::parse("http://x").expect_err("scheme");
+        assert!(e.to_string().contains("ws:// or wss://") && e.url == "http://x", "{e}");
+        assert!(serde_json::from_str::<WsUrl>("\"http://x\"").is_err(), "serde validates too");
+    }
 }
