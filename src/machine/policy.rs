@@ -594,7 +594,8 @@ mod tests {
 
     #[test]
     fn every_bound_is_checked_and_named() {
-        let cases: Vec<(&str, fn(&mut Policy))> = vec![
+        type Break = fn(&mut Policy);
+        let cases: Vec<(&str, Break)> = vec![
             ("backoff.base", |p| p.backoff.base = Duration::ZERO),
             ("backoff.factor", |p| p.backoff.factor = 0),
             ("backoff.cap", |p| p.backoff.cap = p.backoff.base - Duration::from_millis(1)),
@@ -627,14 +628,16 @@ mod tests {
 
     #[test]
     fn the_first_matching_rule_decides_by_status_and_phase() {
-        let mut p = Policy::default();
-        p.close_rules = vec![
-            CloseRule::new(Code(4000), BeforeOpen, Stop, "a"),
-            CloseRule::new(Range { first: 4000, last: 4002 }, AfterOpen, ReconnectNow, "b"),
-            CloseRule::new(Range { first: 4000, last: 4002 }, Any, Stop, "c"),
-            CloseRule::new(Missing, AfterOpen, Stop, "d"),
-        ];
-        p.close_default = CloseAction::Remove;
+        let p = Policy {
+            close_rules: vec![
+                CloseRule::new(Code(4000), BeforeOpen, Stop, "a"),
+                CloseRule::new(Range { first: 4000, last: 4002 }, AfterOpen, ReconnectNow, "b"),
+                CloseRule::new(Range { first: 4000, last: 4002 }, Any, Stop, "c"),
+                CloseRule::new(Missing, AfterOpen, Stop, "d"),
+            ],
+            close_default: CloseAction::Remove,
+            ..Policy::default()
+        };
         let at = |code: Option<u16>, phase| p.close_rule(code.map(StatusCode), phase).map(|r| r.label.as_str());
         assert_eq!(at(Some(4000), ClosePhase::BeforeOpen), Some("a"));
         assert_eq!(at(Some(4000), ClosePhase::AfterOpen), Some("b"));
@@ -684,14 +687,16 @@ mod tests {
 
     #[test]
     fn backoff_grows_by_its_factor_up_to_its_cap_and_jitter_stays_above_the_base() {
-        let mut p = Policy::default();
-        p.backoff = Backoff {
-            base: Duration::from_millis(100),
-            factor: 3,
-            cap: Duration::from_millis(2_000),
-            jitter: Jitter::None,
-            attempts_max: 10,
-            stable_period: Duration::from_secs(1),
+        let mut p = Policy {
+            backoff: Backoff {
+                base: Duration::from_millis(100),
+                factor: 3,
+                cap: Duration::from_millis(2_000),
+                jitter: Jitter::None,
+                attempts_max: 10,
+                stable_period: Duration::from_secs(1),
+            },
+            ..Policy::default()
         };
         let n = name("grow");
         let exact: Vec<u64> = (1..=5).map(|a| p.backoff_delay(&n, a).as_millis() as u64).collect();

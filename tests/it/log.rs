@@ -574,6 +574,7 @@ fn every_finding_and_note_reads_as_a_sentence() {
 fn each_defect_is_found_as_what_it_is() {
     use instance_lifecycle::log::record::{decode_record, encode_record};
     type Forge = fn(&sled::Tree);
+    type Expect = fn(&Finding) -> bool;
     fn global_key(g: u64) -> Vec<u8> {
         let mut k = vec![b'g'];
         k.extend_from_slice(&g.to_be_bytes());
@@ -585,7 +586,7 @@ fn each_defect_is_found_as_what_it_is() {
         f(&mut r);
         tree.insert(key, encode_record(&r)).expect("insert");
     }
-    let cases: Vec<(&str, Forge, fn(&Finding) -> bool)> = vec![
+    let cases: Vec<(&str, Forge, Expect)> = vec![
         (
             "a record gone from the middle",
             |t| {
