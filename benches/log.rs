@@ -217,7 +217,7 @@ fn main() {
     println!("## Event log (`cargo bench --bench log`, BENCH_SCALE={})\n", scale());
     println!("| measurement | instance-lifecycle | raw sled, same writes | ratio | target |");
     println!("|---|---|---|---|---|");
-    let window = LogConfig::default().group_commit_window;
+    let window = LogConfig::default().group_commit_max_delay;
     let cases = [
         (Durability::Buffered, 1, scaled(200_000)),
         (Durability::GroupCommit, 16, scaled(1_500)),

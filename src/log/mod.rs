@@ -22,8 +22,8 @@
 //! | mode | an append returns after | process crash | power loss |
 //! |---|---|---|---|
 //! | [`Durability::Buffered`] | the batch is in sled's memory (sled writes it out every `flush_every`; a commit to the OS, without fsync, moves the head every `buffered_head_every`, a minute) | loses ≤ `flush_every` | loses what the OS had not written back; the head then reports what it covered as lost |
-//! | [`Durability::GroupCommit`] (default) | a shared commit, started at most `group_commit_window` later, covering every append before it | loses nothing acknowledged | loses nothing acknowledged (if the disk honours fsync) |
-//! | [`Durability::Strict`] | a commit started at once for it | loses nothing acknowledged | loses nothing acknowledged |
+//! | [`Durability::GroupCommit`] (default) | a shared commit covering it: the next commit starts as soon as the last ends (plus `group_commit_max_delay`, zero by default) and covers every append before it | loses nothing acknowledged | loses nothing acknowledged (if the disk honours fsync) |
+//! | [`Durability::Strict`] | a commit of its own, in the appending thread | loses nothing acknowledged | loses nothing acknowledged |
 //!
 //! **Damage is noticed.** The head (a file beside sled's, see `head.rs`)
 //! records the newest record each commit covered. Opening compares it with
@@ -88,9 +88,14 @@ pub enum Durability {
 pub struct LogConfig {
     /// Durability of acknowledged appends.
     pub durability: Durability,
-    /// How long `GroupCommit` waits to gather appends before flushing: 2 ms
-    /// adds little latency to a transition and amortises one fsync over many.
-    pub group_commit_window: Duration,
+    /// How long `GroupCommit` may gather appends before a commit. Zero (the
+    /// default): commits are paced by the disk — the next starts as soon as
+    /// the last ends and covers everything appended meanwhile, so a lone
+    /// writer pays one commit and a busy fleet shares each. A host that
+    /// prefers fewer fsyncs over latency sets a small delay (1–2 ms): each
+    /// commit then waits that long first, and every append pays it.
+    #[serde(alias = "group_commit_window")]
+    pub group_commit_max_delay: Duration,
     /// sled's background flush interval: what `Buffered` may lose to a crash.
     pub flush_every: Duration,
     /// How often `Buffered` moves the head up. A commit to the OS makes sled
@@ -113,7 +118,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             durability: Durability::GroupCommit,
-            group_commit_window: Duration::from_millis(2),
+            group_commit_max_delay: Duration::ZERO,
             flush_every: Duration::from_millis(500),
             buffered_head_every: Duration::from_secs(60),
             cache_capacity: 64 * 1024 * 1024,
@@ -129,6 +134,8 @@ pub struct Appended {
     pub seq: u64,
     /// The record's global sequence number.
     pub global: u64,
+    /// The record's link (its digest): what a head covering it records.
+    pub link: Digest,
 }
 
 /// What a log was opened for.
@@ -295,11 +302,12 @@ impl Log {
             (Access::Read, ..) | (_, None, _) => None,
             // Memory logs commit on sync and drop; a thread per simulated log is not worth it.
             (Access::Write, Some(_), Durability::Buffered) if path.is_none() => None,
+            // Every append commits for itself (`commit_now`).
+            (Access::Write, Some(_), Durability::Strict) => None,
             (Access::Write, Some(id), mode) => {
                 let (window, reach) = match mode {
                     Durability::Buffered => (config.buffered_head_every, Reach::Os),
-                    Durability::GroupCommit => (config.group_commit_window, Reach::Disk),
-                    Durability::Strict => (Duration::ZERO, Reach::Disk),
+                    Durability::GroupCommit | Durability::Strict => (config.group_commit_max_delay, Reach::Disk),
                 };
                 Some(Flusher::start(store.clone(), id, last_global, window, reach))
             }
@@ -366,10 +374,10 @@ impl Log {
         to: &Instance,
     ) -> Result<Appended, LogError> {
         let appended = self.write(name, expected_seq, at, event, to)?;
-        if self.waits()
-            && let Some(f) = &self.inner.flusher
-        {
-            f.wait_blocking(appended.global).map_err(|e| self.fail(e))?;
+        match (self.inner.config.durability, &self.inner.flusher) {
+            (Durability::Strict, _) => self.commit_now(appended)?,
+            (Durability::GroupCommit, Some(f)) => f.wait_blocking(appended.global).map_err(|e| self.fail(e))?,
+            _ => {}
         }
         Ok(appended)
     }
@@ -384,12 +392,24 @@ impl Log {
         to: &Instance,
     ) -> Result<Appended, LogError> {
         let appended = self.write(name, expected_seq, at, event, to)?;
-        if self.waits()
-            && let Some(f) = &self.inner.flusher
-        {
-            f.wait_async(appended.global).await.map_err(|e| self.fail(e))?;
+        match (self.inner.config.durability, &self.inner.flusher) {
+            (Durability::Strict, _) => {
+                // A commit of its own blocks on the disk: not on a runtime thread.
+                let log = self.clone();
+                tokio::task::spawn_blocking(move || log.commit_now(appended))
+                    .await
+                    .map_err(|e| self.fail(format!("commit task: {e}")))??;
+            }
+            (Durability::GroupCommit, Some(f)) => f.wait_async(appended.global).await.map_err(|e| self.fail(e))?,
+            _ => {}
         }
         Ok(appended)
+    }
+
+    /// `Strict`: a commit of this append's own, in the caller's thread.
+    fn commit_now(&self, a: Appended) -> Result<(), LogError> {
+        let Some(id) = self.inner.log_id else { return Ok(()) };
+        commit(self.store(), id, a.global, a.link, Reach::Disk).map_err(|e| self.fail(format!("commit failed: {e}")))
     }
 
     /// Appends a transition the driver decided (`machine::Driver::feed`),
@@ -401,11 +421,6 @@ impl Log {
     /// [`Log::append_pending`] for async runtimes (the engine).
     pub async fn append_pending_async(&self, name: &InstanceName, p: &Pending) -> Result<Appended, LogError> {
         self.append_async(name, p.seq, p.at, Event::of(p), &p.to).await
-    }
-
-    /// Whether an append waits for its commit (the durable modes).
-    fn waits(&self) -> bool {
-        self.inner.config.durability != Durability::Buffered
     }
 
     fn fail(&self, message: String) -> LogError {
@@ -471,7 +486,7 @@ impl Log {
         if let Some(f) = &self.inner.flusher {
             f.request(global, link);
         }
-        Ok(Appended { seq: actual, global })
+        Ok(Appended { seq: actual, global, link })
     }
 
     /// The next sequence number `name` will get (1 for an unknown name).

@@ -2,6 +2,8 @@
 //! instances and prints an `ack` line after each append returns; the parent
 //! kills it with SIGKILL at random moments, reopens the log, and checks that
 //! every acknowledged append is there, without gaps, and verification passes.
+//! One mode has 16 threads appending at once in group commit paced by the
+//! disk: acknowledgements from many writers sharing commits.
 //!
 //! The child is this very test binary, re-run with an environment variable
 //! (`LIFECYCLE_CRASH_WRITER`). Without it, the same function runs the writer
@@ -26,21 +28,55 @@ fn policy() -> Policy {
     Policy::preset(Preset::Whatsapp)
 }
 
-fn durability(s: &str) -> Durability {
+/// A mode of the child: its durability and how many threads write at once.
+fn mode(s: &str) -> (Durability, usize) {
     match s {
-        "strict" => Durability::Strict,
-        "buffered" => Durability::Buffered,
-        _ => Durability::GroupCommit,
+        "strict" => (Durability::Strict, 1),
+        "buffered" => (Durability::Buffered, 1),
+        // Group commit paced by the disk with many concurrent writers: what a fleet does.
+        "group16" => (Durability::GroupCommit, 16),
+        _ => (Durability::GroupCommit, 1),
     }
+}
+
+/// `writers` threads each append transitions round-robin over their share
+/// of the fleet, acknowledging each on stdout, forever (until killed).
+fn write_concurrently(dir: &Path, durability: Durability, writers: usize) {
+    let log = Log::open(dir, LogConfig { durability, ..LogConfig::default() }).expect("open");
+    let out = std::sync::Mutex::new(std::io::stdout());
+    std::thread::scope(|s| {
+        for w in 0..writers {
+            let (log, out) = (&log, &out);
+            s.spawn(move || {
+                let mine: Vec<usize> = (0..INSTANCES).filter(|i| i % writers == w).collect();
+                let mut acks = Vec::new();
+                write_instances(log, &mine, usize::MAX, &mut |line| {
+                    acks.clear();
+                    acks.extend_from_slice(line.as_bytes());
+                    let mut o = out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    o.write_all(&acks).and_then(|()| o.flush()).expect("ack");
+                });
+            });
+        }
+    });
 }
 
 /// Appends transitions round-robin over the fleet, acknowledging each on `out`,
 /// until `limit` appends (or forever when killed first).
 fn write_fleet(dir: &Path, durability: Durability, limit: usize, out: &mut dyn Write) {
     let log = Log::open(dir, LogConfig { durability, ..LogConfig::default() }).expect("open");
+    let all: Vec<usize> = (0..INSTANCES).collect();
+    write_instances(&log, &all, limit, &mut |line| {
+        out.write_all(line.as_bytes()).and_then(|()| out.flush()).expect("ack");
+    });
+}
+
+/// The writer's loop over `instances` (indices into the fleet), acknowledging with `ack(line)`.
+fn write_instances(log: &Log, instances: &[usize], limit: usize, ack: &mut dyn FnMut(&str)) {
     let recovery = log.recover(RecoveryOptions::default()).expect("recover");
-    let mut drivers: Vec<Driver> = (0..INSTANCES)
-        .map(|i| {
+    let mut drivers: Vec<Driver> = instances
+        .iter()
+        .map(|&i| {
             let n = name(&format!("crash-{i:02}"));
             let instance = recovery.instances.get(&n).map(|r| r.instance.clone()).unwrap_or_default();
             Driver::with_instance(n, policy(), instance)
@@ -51,16 +87,16 @@ fn write_fleet(dir: &Path, durability: Durability, limit: usize, out: &mut dyn W
             let a = log
                 .append(d.name(), 1, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &Instance::new())
                 .expect("created");
-            writeln!(out, "ack {} {}", d.name(), a.seq).expect("ack");
+            ack(&format!("ack {} {}\n", d.name(), a.seq));
         }
     }
     let id = Identity::new("peer").ok();
     for n in 0..limit {
-        let d = &mut drivers[n % INSTANCES];
+        let d = &mut drivers[n % instances.len()];
         let g = d.instance().generation;
         d.now = Timestamp(d.now.0 + 1_000);
         // A lifecycle that never ends: connect, open, drop, back off, reconnect…
-        let input = match n / INSTANCES % 4 {
+        let input = match n / instances.len() % 4 {
             0 => Input::Connect,
             1 => Input::TransportOpened { generation: g, identity: id.clone() },
             2 => Input::TransportClosed {
@@ -84,8 +120,7 @@ fn write_fleet(dir: &Path, durability: Durability, limit: usize, out: &mut dyn W
         let s = d.steps.last().expect("step");
         let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
         let a = log.append(d.name(), log.next_seq(d.name()), s.at, event, &s.to).expect("append");
-        writeln!(out, "ack {} {}", d.name(), a.seq).expect("ack");
-        out.flush().expect("flush ack");
+        ack(&format!("ack {} {}\n", d.name(), a.seq));
     }
 }
 
@@ -105,8 +140,9 @@ fn check(dir: &Path, acked: &BTreeMap<String, u64>) {
 #[test]
 fn crash_writer() {
     if let Ok(spec) = std::env::var(WRITER_ENV) {
-        let (mode, dir) = spec.split_once(':').expect("mode:dir");
-        write_fleet(Path::new(dir), durability(mode), usize::MAX, &mut std::io::stdout());
+        let (name, dir) = spec.split_once(':').expect("mode:dir");
+        let (durability, writers) = mode(name);
+        write_concurrently(Path::new(dir), durability, writers);
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -135,7 +171,7 @@ fn parse_acks(text: &str) -> BTreeMap<String, u64> {
 fn sigkill_loses_no_acknowledged_append() {
     let exe = std::env::current_exe().expect("test binary");
     let mut seed = 0x9e37_79b9_u64 ^ u64::from(std::process::id());
-    for mode in ["group", "strict"] {
+    for mode in ["group", "group16", "strict"] {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut acked = BTreeMap::new();
         for round in 0..3 {

@@ -10,6 +10,7 @@ mod corruption;
 mod crash;
 mod data_safety;
 mod diagrams;
+mod durability;
 mod engine;
 mod exhaustive;
 mod fuzz_corpus;

@@ -1,0 +1,160 @@
+//! What an acknowledgement means, checked on the order of events: an
+//! instrumented store records every batch applied, every flush and sync,
+//! every head written, and the writers record each acknowledgement. In the
+//! durable modes, with many concurrent writers: a head never covers more
+//! than the last completed sync covered, and an append is acknowledged only
+//! after a head covering it was written.
+
+use std::sync::{Arc, Mutex};
+
+use instance_lifecycle::log::store::{Pair, Write};
+use instance_lifecycle::log::{Durability, Event, Head, HeadRead, Log, LogConfig, MemoryStore, Store, StoreError};
+use instance_lifecycle::machine::{Instance, Timestamp};
+
+use crate::support::name;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ev {
+    /// A batch holding the record of this global sequence number was applied.
+    Applied(u64),
+    /// A flush started; everything applied so far is what it can cover.
+    FlushStarted(u64),
+    /// A sync finished; it covers what the flush before it could.
+    Synced(u64),
+    /// A head was written (and, in the durable modes, synced).
+    Head(u64),
+    /// A writer was told its append is durable.
+    Acked(u64),
+}
+
+#[derive(Default)]
+struct Recorder {
+    inner: MemoryStore,
+    events: Mutex<Vec<Ev>>,
+    /// The newest global applied, and what the last flush could cover.
+    applied: Mutex<(u64, u64)>,
+}
+
+impl Recorder {
+    fn push(&self, e: Ev) {
+        self.events.lock().expect("lock").push(e);
+    }
+}
+
+impl Store for Recorder {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+    fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let global = writes.iter().find_map(|(k, v)| {
+            (k.first() == Some(&b'g') && k.len() == 9 && v.is_some())
+                .then(|| u64::from_be_bytes(k[1..].try_into().expect("8 bytes")))
+        });
+        // Under one lock with the event: the order of events is the order of applies.
+        let mut applied = self.applied.lock().expect("lock");
+        self.inner.apply(writes)?;
+        if let Some(g) = global {
+            applied.0 = applied.0.max(g);
+            self.push(Ev::Applied(g));
+        }
+        Ok(())
+    }
+    fn scan(&self, prefix: &[u8]) -> Box<dyn Iterator<Item = Result<Pair, StoreError>> + Send + '_> {
+        self.inner.scan(prefix)
+    }
+    fn last(&self, prefix: &[u8]) -> Result<Option<Pair>, StoreError> {
+        self.inner.last(prefix)
+    }
+    fn first_from(&self, from: &[u8], prefix: &[u8]) -> Result<Option<Pair>, StoreError> {
+        self.inner.first_from(from, prefix)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        let mut applied = self.applied.lock().expect("lock");
+        applied.1 = applied.0;
+        self.push(Ev::FlushStarted(applied.0));
+        Ok(())
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        std::thread::sleep(std::time::Duration::from_micros(200)); // a disk's pace
+        let covered = self.applied.lock().expect("lock").1;
+        self.push(Ev::Synced(covered));
+        Ok(())
+    }
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+    fn read_head(&self) -> Result<HeadRead, StoreError> {
+        self.inner.read_head()
+    }
+    fn write_head(&self, head: &Head, sync: bool) -> Result<(), StoreError> {
+        self.inner.write_head(head, sync)?;
+        self.push(Ev::Head(head.global));
+        Ok(())
+    }
+}
+
+/// Walks the events: every head is covered by a completed sync, every acknowledgement by a head.
+fn check(events: &[Ev]) -> Result<usize, String> {
+    let (mut synced, mut head, mut acks) = (0, 0, 0);
+    for (i, e) in events.iter().enumerate() {
+        match *e {
+            Ev::Synced(c) => synced = synced.max(c),
+            Ev::Head(h) if h > synced => return Err(format!("event {i}: head {h} written, but only {synced} synced")),
+            Ev::Head(h) => head = head.max(h),
+            Ev::Acked(g) if g > head => return Err(format!("event {i}: {g} acknowledged, but the head covers {head}")),
+            Ev::Acked(_) => acks += 1,
+            Ev::Applied(_) | Ev::FlushStarted(_) => {}
+        }
+    }
+    Ok(acks)
+}
+
+fn run(durability: Durability, writers: usize, per_writer: usize) -> (Arc<Recorder>, Log) {
+    let store = Arc::new(Recorder::default());
+    let log = Log::with_store(store.clone(), LogConfig { durability, ..LogConfig::default() }).expect("log");
+    std::thread::scope(|s| {
+        for w in 0..writers {
+            let (log, store) = (log.clone(), store.clone());
+            s.spawn(move || {
+                let n = name(&format!("w{w}"));
+                for seq in 1..=per_writer as u64 {
+                    let event = Event::created("ws://x/");
+                    let a = log.append(&n, seq, Timestamp(seq), event, &Instance::new()).expect("append");
+                    store.push(Ev::Acked(a.global));
+                }
+            });
+        }
+    });
+    (store, log)
+}
+
+#[test]
+fn an_append_is_acknowledged_only_after_a_commit_covers_it() {
+    for (durability, writers) in [(Durability::GroupCommit, 16), (Durability::GroupCommit, 1), (Durability::Strict, 8)]
+    {
+        let (store, log) = run(durability, writers, 40);
+        let events = store.events.lock().expect("lock").clone();
+        let acks = check(&events).unwrap_or_else(|e| panic!("{durability:?} × {writers}: {e}"));
+        assert_eq!(acks, writers * 40);
+        let heads = events.iter().filter(|e| matches!(e, Ev::Head(_))).count();
+        if durability == Durability::GroupCommit && writers > 1 {
+            assert!(heads < acks, "commits are shared: {heads} heads for {acks} appends");
+        }
+        assert_eq!(log.tip().0, (writers * 40) as u64);
+    }
+}
+
+/// The check itself notices an acknowledgement that came too early (so a
+/// mode that did not wait would fail the test above).
+#[test]
+fn the_order_check_fails_on_an_early_acknowledgement() {
+    let (store, _log) = run(Durability::Buffered, 4, 20);
+    let events = store.events.lock().expect("lock").clone();
+    assert!(check(&events).is_err(), "Buffered acknowledges before any commit: the check must say so");
+    let early = [Ev::Applied(1), Ev::FlushStarted(1), Ev::Acked(1), Ev::Synced(1), Ev::Head(1)];
+    assert!(check(&early).is_err());
+    let ahead = [Ev::Applied(1), Ev::Applied(2), Ev::FlushStarted(1), Ev::Synced(1), Ev::Head(2)];
+    assert!(check(&ahead).is_err(), "a head ahead of the synced data");
+    let good = [Ev::Applied(1), Ev::FlushStarted(1), Ev::Synced(1), Ev::Head(1), Ev::Acked(1)];
+    assert_eq!(check(&good), Ok(1));
+}
