@@ -4,8 +4,6 @@
 //! its memory is not counted. Sizes scale with `BENCH_SCALE` (default 1.0).
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
@@ -17,6 +15,11 @@ use instance_lifecycle::log::{Durability, Event, InstanceSpec, Log, LogConfig, S
 use instance_lifecycle::machine::{Heartbeat, Instance, InstanceName, Policy, Preset, State, Timestamp};
 use instance_lifecycle::testing::SimTransport;
 use instance_lifecycle::transport::WsLimits;
+
+#[path = "support/peer_process.rs"]
+mod peer_process;
+
+use peer_process::PeerProcess as Peer;
 
 struct Counting;
 
@@ -93,42 +96,6 @@ fn null_log() -> Log {
 
 fn buffered() -> LogConfig {
     LogConfig { durability: Durability::Buffered, cache_capacity: 8 << 20, ..LogConfig::default() }
-}
-
-/// The peer in its own process.
-struct Peer {
-    child: Child,
-    stdin: ChildStdin,
-    url: String,
-}
-
-impl Peer {
-    fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lifecycle"))
-            .arg("peer")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start lifecycle peer");
-        let stdin = child.stdin.take().expect("stdin");
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line).expect("peer url");
-        let url = line.trim().strip_prefix("listening ").expect("listening line").to_owned();
-        std::thread::spawn(move || for _ in out.lines() {});
-        Self { child, stdin, url }
-    }
-
-    fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("peer command");
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn engine_config(policy: Policy, transport: Option<SimTransport>, log: LogConfig) -> EngineConfig {

@@ -130,6 +130,11 @@ impl Flusher {
         }
     }
 
+    /// The newest global sequence number a completed commit covers.
+    pub(crate) fn durable(&self) -> u64 {
+        self.shared.lock().durable
+    }
+
     /// Commits what was requested, then ends the thread.
     pub(crate) fn stop(mut self) {
         self.shared.lock().stop = true;

@@ -353,6 +353,16 @@ impl Log {
         (w.last_global, w.last_link)
     }
 
+    /// The newest global sequence number a completed commit covers (in
+    /// `Buffered` and `Strict`, which keep no shared commit, the tip): how far
+    /// durability lags behind appends.
+    pub fn committed(&self) -> u64 {
+        match &self.inner.flusher {
+            Some(f) if self.inner.config.durability == Durability::GroupCommit => f.durable(),
+            _ => self.tip().0,
+        }
+    }
+
     pub(crate) fn store(&self) -> &dyn Store {
         self.inner.store.as_ref()
     }

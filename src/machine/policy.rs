@@ -107,9 +107,11 @@ impl CloseRule {
 pub enum Jitter {
     /// The exact exponential delay.
     None,
-    /// "Full jitter": uniform between `base` and the exponential delay, so a
-    /// fleet that lost its peer at once does not come back at once. The draw is
-    /// a pure function of (seed, instance name, attempt): replay reproduces it.
+    /// "Full jitter": uniform between `base` and the *next* exponential delay
+    /// (`base · factor^attempt`, capped), so even the first retry of a fleet
+    /// that lost its peer at once is spread over `base · (factor − 1)` instead
+    /// of all landing at `base`. The draw is a pure function of (seed,
+    /// instance name, attempt): replay reproduces it.
     Full,
 }
 
@@ -403,16 +405,18 @@ impl Policy {
     /// Deterministic: the same seed, name and attempt give the same delay.
     pub fn backoff_delay(&self, name: &InstanceName, attempt: u32) -> Duration {
         let b = &self.backoff;
-        let exponent = attempt.saturating_sub(1);
         let base_ms = millis(b.base);
         let cap_ms = millis(b.cap).max(base_ms);
-        let grown =
-            u128::from(b.factor).checked_pow(exponent).map_or(u128::MAX, |f| f.saturating_mul(u128::from(base_ms)));
-        let ceiling = u64::try_from(grown.min(u128::from(cap_ms))).unwrap_or(cap_ms);
+        // base · factor^exponent, capped (and safe from overflow at any attempt).
+        let grown = |exponent: u32| {
+            let g =
+                u128::from(b.factor).checked_pow(exponent).map_or(u128::MAX, |f| f.saturating_mul(u128::from(base_ms)));
+            u64::try_from(g.min(u128::from(cap_ms))).unwrap_or(cap_ms)
+        };
         let ms = match b.jitter {
-            Jitter::None => ceiling,
+            Jitter::None => grown(attempt.saturating_sub(1)),
             Jitter::Full => {
-                let span = ceiling - base_ms;
+                let span = grown(attempt) - base_ms;
                 let draw = mix(self.jitter_seed ^ fnv1a(name.as_str().as_bytes()) ^ u64::from(attempt).rotate_left(32));
                 base_ms + if span == 0 { 0 } else { draw % (span + 1) }
             }
@@ -704,11 +708,16 @@ mod tests {
         assert_eq!(p.backoff_delay(&n, u32::MAX), Duration::from_millis(2_000), "no overflow at any attempt");
         p.backoff.jitter = Jitter::Full;
         for attempt in 1..=6 {
-            let ceiling = exact.get(attempt - 1).copied().unwrap_or(2_000);
+            // The window reaches the next exponential step: even the first retry is spread.
+            let ceiling = exact.get(attempt).copied().unwrap_or(2_000);
             let d = p.backoff_delay(&n, attempt as u32).as_millis() as u64;
             assert!((100..=ceiling).contains(&d), "attempt {attempt}: {d} ms outside 100..={ceiling}");
         }
-        assert_eq!(p.backoff_delay(&n, 1), Duration::from_millis(100), "a zero span has no jitter");
+        let first: std::collections::BTreeSet<_> =
+            (0..200).map(|i| p.backoff_delay(&name(&format!("f{i}")), 1)).collect();
+        assert!(first.len() > 100, "the first retries of a fleet are spread over base..base*factor: {}", first.len());
+        let flat = Policy { backoff: Backoff { factor: 1, ..p.backoff.clone() }, ..p.clone() };
+        assert_eq!(flat.backoff_delay(&n, 3), Duration::from_millis(100), "a zero span has no jitter");
         let other_seed = Policy { jitter_seed: 7, ..p.clone() };
         let spread = |p: &Policy| (1..=40).map(|i| p.backoff_delay(&name(&format!("i{i}")), 4)).collect::<Vec<_>>();
         assert_ne!(spread(&p), spread(&other_seed), "the seed moves the draws");

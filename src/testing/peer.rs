@@ -102,7 +102,12 @@ struct State {
     hellos: HashMap<String, Vec<Option<String>>>,
     logouts: HashMap<String, u32>,
     next_id: u64,
+    /// TCP connections accepted, by second since the peer started (the last [`ACCEPT_SECONDS_KEPT`]).
+    accepts: std::collections::BTreeMap<u64, u32>,
 }
+
+/// Seconds of accept counts kept for `stats`: an hour of a herd's history.
+const ACCEPT_SECONDS_KEPT: usize = 3_600;
 
 /// Why a `wss://` peer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -175,9 +180,17 @@ impl TestPeer {
         let state = Arc::new(Mutex::new(State::default()));
         let shared = state.clone();
         let is_tls = tls.is_some();
+        let started = tokio::time::Instant::now();
         let server = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
+                {
+                    let mut s = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    *s.accepts.entry(started.elapsed().as_secs()).or_default() += 1;
+                    while s.accepts.len() > ACCEPT_SECONDS_KEPT {
+                        s.accepts.pop_first();
+                    }
+                }
                 let state = shared.clone();
                 match tls.clone() {
                     None => connections.spawn(serve(stream, state)),
@@ -221,6 +234,23 @@ impl TestPeer {
         conns.iter().filter(|(_, tx)| tx.send(action.clone()).is_ok()).count()
     }
 
+    /// Acts on every live connection of every instance; returns how many.
+    pub fn act_all(&self, action: Action) -> usize {
+        let s = self.lock();
+        s.live.values().flatten().filter(|(_, tx)| tx.send(action.clone()).is_ok()).count()
+    }
+
+    /// TCP connections accepted per second since the peer started, `(second, count)`,
+    /// for the last hour: how hard a herd hit it.
+    pub fn accepts_per_second(&self) -> Vec<(u64, u32)> {
+        self.lock().accepts.iter().map(|(&s, &n)| (s, n)).collect()
+    }
+
+    /// Live connections of every instance now.
+    pub fn live_total(&self) -> usize {
+        self.lock().live.values().map(Vec::len).sum()
+    }
+
     /// Completed handshakes (hello received) of `instance` so far.
     pub fn handshakes(&self, instance: &str) -> u32 {
         self.lock().handshakes.get(instance).copied().unwrap_or(0)
@@ -236,11 +266,19 @@ impl TestPeer {
         self.lock().hellos.get(instance).cloned().unwrap_or_default()
     }
 
-    /// Applies one control line: `zombify NAME`, `drop NAME`, `close NAME CODE`
-    /// or `fault NAME ready|no-identity|hang-on-logout|refuse`. Returns what it did.
+    /// Applies one control line: `zombify NAME`, `drop NAME`, `close NAME CODE`,
+    /// `fault NAME ready|no-identity|hang-on-logout|refuse`, `drop-all` (every
+    /// connection dropped at once, as when the server restarts) or `stats`
+    /// (live connections and accepts per second, as JSON). Returns what it did.
     pub fn command(&self, line: &str) -> Result<String, String> {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
+            ["drop-all"] => Ok(format!("dropped {} connection(s)", self.act_all(Action::Drop))),
+            ["stats"] => {
+                let stats =
+                    serde_json::json!({ "live": self.live_total(), "accepts_per_second": self.accepts_per_second() });
+                Ok(stats.to_string())
+            }
             ["zombify", name] => Ok(format!("zombified {} connection(s)", self.act(name, Action::Zombify))),
             ["drop", name] => Ok(format!("dropped {} connection(s)", self.act(name, Action::Drop))),
             ["close", name, code] => {
@@ -259,7 +297,7 @@ impl TestPeer {
                 Ok("fault set".to_owned())
             }
             _ => Err(format!(
-                "unknown command {line:?}; try: zombify NAME | drop NAME | close NAME CODE | fault NAME FAULT"
+                "unknown command {line:?}; try: zombify NAME | drop NAME | close NAME CODE | fault NAME FAULT | drop-all | stats"
             )),
         }
     }

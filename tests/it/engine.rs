@@ -9,8 +9,8 @@ use std::time::Duration;
 use instance_lifecycle::engine::{Cleanup, Compaction, Engine, EngineConfig, EngineError, StepFuture};
 use instance_lifecycle::log::{Event, InstanceSpec, LogConfig, Retention};
 use instance_lifecycle::machine::{
-    CloseInitiator, ClosedCause, ClosingStep, Heartbeat, Input, InputKind, InstanceName, LogoutOutcome, Phase, Policy,
-    Preset, State, StepOutcome, Timeouts,
+    CloseInitiator, ClosedCause, ClosingStep, Effect, Heartbeat, Input, InputKind, InstanceName, LogoutOutcome, Phase,
+    Policy, Preset, State, StepOutcome, Timeouts,
 };
 use instance_lifecycle::testing::peer::{Action, Fault, TestPeer};
 use instance_lifecycle::transport::{ReferenceProtocol, TlsConfigError, WsLimits, WsTransport};
@@ -830,4 +830,55 @@ async fn idle_instances_keep_no_task_and_wake_on_a_command() {
     assert!(removed(&deleted), "{deleted:?}");
     assert!(matches!(h.engine.state("idle-7"), Err(EngineError::Removed { .. })));
     assert_eq!(h.engine.list().len(), 19);
+}
+
+/// A reconnect storm, small (the benchmark `storm` is the large one): every
+/// connection of a fleet dropped at once, as a restarting server does. The
+/// fleet is back within its first backoff window plus slack, the herd is
+/// spread (no second of the window takes most of it), no instance retries
+/// beyond its budget, and the log verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_comes_back_spread_and_within_budget() {
+    let mut policy = fast(Preset::Whatsapp);
+    policy.backoff.base = Duration::from_millis(400);
+    policy.backoff.cap = Duration::from_secs(2);
+    let h = Harness::new(policy.clone()).await;
+    let names: Vec<String> = (0..100).map(|i| format!("herd-{i:03}")).collect();
+    for n in &names {
+        h.open(n).await;
+    }
+    let before = h.engine.log().tip().0;
+    let mut events = h.engine.subscribe();
+    let dropped = h.peer.act_all(Action::Drop);
+    assert_eq!(dropped, names.len());
+    let start = Instant::now();
+    let mut back = std::collections::HashMap::new();
+    let bound = policy.backoff.base * policy.backoff.factor + Duration::from_secs(2);
+    while back.len() < names.len() && start.elapsed() < bound {
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(50), events.recv()).await
+            && matches!(n.to, State::Open { .. })
+        {
+            back.entry(n.instance.to_string()).or_insert(start.elapsed());
+        }
+    }
+    assert_eq!(back.len(), names.len(), "not all back within {bound:?}");
+    // Spread: the first retries land over base..base*factor, not all at base.
+    let mut times: Vec<Duration> = back.values().copied().collect();
+    times.sort();
+    let spread = times[times.len() - 1] - times[0];
+    assert!(spread >= policy.backoff.base / 2, "the herd came back within {spread:?}: not spread");
+    let log = h.engine.log();
+    for n in &names {
+        let name = instance_lifecycle::InstanceName::new(n.as_str()).expect("name");
+        let attempts = log
+            .history(&name)
+            .expect("history")
+            .iter()
+            .filter(|r| r.global > before)
+            .filter(|r| matches!(&r.event, Event::Transition { effects, .. } if effects.iter().any(|e| matches!(e, Effect::OpenTransport { .. }))))
+            .count();
+        assert!((1..=policy.backoff.attempts_max as usize).contains(&attempts), "{n}: {attempts} attempts");
+    }
+    let report = log.verify_recorded(&policy);
+    assert!(report.is_clean(), "{:#?}", report.findings);
 }

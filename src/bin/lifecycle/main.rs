@@ -125,7 +125,7 @@ enum Command {
     },
     /// Run the fault-injecting reference peer. Prints its URL, then takes
     /// control lines on stdin: `zombify NAME`, `drop NAME`, `close NAME CODE`,
-    /// `fault NAME ready|no-identity|hang-on-logout|refuse`.
+    /// `fault NAME ready|no-identity|hang-on-logout|refuse`, `drop-all`, `stats`.
     Peer {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]

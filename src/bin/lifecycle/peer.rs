@@ -12,6 +12,10 @@ use crate::output::{Failure, fail, say};
 const LINE_LEN_MAX: usize = 4096;
 
 pub async fn run(listen: std::net::SocketAddr, tls: Option<(PathBuf, PathBuf)>) -> Result<ExitCode, Failure> {
+    // A peer is there to hold many connections: as many open files as the hard limit allows.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("warning: cannot raise the open-file limit ({e}); large fleets may be refused");
+    }
     let peer = match tls {
         None => TestPeer::start_on(listen).await.map_err(|e| fail(format!("cannot listen on {listen}: {e}")))?,
         Some((cert, key)) => {
