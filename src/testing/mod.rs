@@ -17,6 +17,8 @@
 //! - [`simulate_virtual`]: the seeded chaos schedule in virtual time;
 //!   the same seed gives the same log, record for record.
 //! - [`assert_rules_hold`]: every rule checked on a whole log.
+//! - [`fleet`]: a whole fleet on the core's drivers alone, in virtual time,
+//!   every rule checked after every step (a fleet-day in seconds).
 //! - [`fuzz`]: the functions behind the fuzz targets.
 //!
 //! Everything is deterministic: the same inputs give the same records.
@@ -25,6 +27,8 @@ pub mod chaos;
 pub mod peer;
 pub mod simulate;
 
+#[cfg(feature = "testing")]
+pub mod fleet;
 #[cfg(feature = "testing")]
 pub mod fuzz;
 #[cfg(feature = "testing")]
