@@ -16,13 +16,16 @@
 //! - [`transport`] — how connections are held: the `Transport` trait, the
 //!   WebSocket transport (tokio-tungstenite, rustls), the reference protocol.
 //! - [`diagram`] — Mermaid and DOT state diagrams generated from the table.
+//! - `serve` (feature `serve`) — `lifecycle serve`: the engine behind REST,
+//!   SSE, persisted webhooks, Prometheus metrics, an Evolution-API-compatible
+//!   subset and host-driven sessions, for hosts in any language.
 //! - `testing` (features `tools`, `testing`) — the chaos schedule, the
 //!   simulator and the reference peer; for test authors, the property-test
 //!   harness (virtual time, strategies, a scripted transport, rule checks).
 //!
-//! Features: `cli` (default) builds the `lifecycle` tool and `tools`; a host
-//! that embeds the library uses `default-features = false` and builds
-//! neither clap nor the simulator.
+//! Features: `cli` (default) builds the `lifecycle` tool, `tools` and
+//! `serve`; a host that embeds the library uses `default-features = false`
+//! and builds neither clap, the service nor the simulator.
 
 #![warn(missing_docs)]
 #![warn(unreachable_pub)]
@@ -33,6 +36,8 @@ pub mod diagram;
 pub mod engine;
 pub mod log;
 pub mod machine;
+#[cfg(feature = "serve")]
+pub mod serve;
 #[cfg(feature = "tools")]
 pub mod testing;
 pub mod transport;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::log::LogError;
-use crate::machine::{InstanceName, Intent, NameError, PolicyError, Rejection, UrlError};
+use crate::machine::{InputKind, InstanceName, Intent, NameError, PolicyError, Rejection, UrlError};
 
 /// An error of the engine's API.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +69,14 @@ pub enum EngineError {
         command: &'static str,
         /// How long it waited.
         waited: Duration,
+    },
+    /// `Engine::signal` was given an input that is not a connection's signal.
+    #[error("{input} is not a signal a host can report for {name}: only a connection's signals are")]
+    NotASignal {
+        /// The name.
+        name: InstanceName,
+        /// What was given.
+        input: InputKind,
     },
     /// The engine was shut down.
     #[error("the engine is shut down")]

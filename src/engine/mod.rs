@@ -28,6 +28,7 @@ mod config;
 mod error;
 mod registry;
 mod shared;
+mod signal;
 mod task;
 
 use std::path::Path;
@@ -41,11 +42,13 @@ pub use cleanup::{Cleanup, NoCleanup, StepFuture};
 pub use config::{Compaction, EngineConfig};
 pub use error::EngineError;
 pub use shared::{Notification, TransitionHook};
+pub use signal::{SignalOutcome, Signaled};
 
 use crate::log::{
     CompactionReport, Event, InstanceSpec, Log, LogError, Record, RecoveryMode, RecoveryOptions, Retention,
 };
-use crate::machine::{Driver, Effect, Input, Instance, InstanceName, Outcome, Policy, State, WsUrl, step};
+use crate::machine::{Driver, Effect, Ignored, Input, Instance, InstanceName, Outcome, Policy, State, step};
+use crate::transport::Endpoint;
 use registry::{Entry, Msg, Registry, View};
 use shared::{Clock, Shared};
 use task::{Channels, Start, Task};
@@ -71,8 +74,9 @@ struct Restored {
 
 /// Where a command went.
 enum Delivery {
-    /// Answered without a task: the table's answer at rest, or an unknown name.
-    Answered(Result<State, EngineError>),
+    /// Answered without a task: the table ignored the input at rest (the
+    /// instance as it rests, and why), or an error (an unknown name, a rejection).
+    Answered(Result<(Instance, Ignored), EngineError>),
     /// In the inbox of the live task (woken for it if it was at rest).
     Queued,
     /// The live task's inbox is full: wait for room on it, then deliver again.
@@ -174,14 +178,14 @@ impl Engine {
     /// only a command that moves the instance wakes a task for it.
     fn deliver(&self, name: &InstanceName, msg: Box<Msg>) -> Delivery {
         let mut entries = self.registry.lock();
-        let Msg::Command { input, .. } = &*msg else { return Delivery::Answered(Err(EngineError::ShutDown)) };
+        let Some(input) = msg.input() else { return Delivery::Answered(Err(EngineError::ShutDown)) };
         match entries.get(name) {
             None | Some(Entry::Creating) => {
                 Delivery::Answered(Err(EngineError::UnknownInstance { name: name.clone() }))
             }
             Some(Entry::Idle { view, .. } | Entry::Removed { view }) => {
                 match step(name, &view.instance, input, &self.shared.policy, self.shared.clock.now()) {
-                    Outcome::Ignored(_) => Delivery::Answered(Ok(view.instance.state.clone())),
+                    Outcome::Ignored(why) => Delivery::Answered(Ok((view.instance.clone(), why))),
                     Outcome::Rejected(r) => Delivery::Answered(Err(EngineError::rejected(name, r))),
                     Outcome::Transition(_) | Outcome::Effects(_) => match entries.remove(name) {
                         Some(Entry::Idle { view, spec }) => {
@@ -233,7 +237,7 @@ impl Engine {
     pub async fn create(&self, name: &str, spec: InstanceSpec) -> Result<(), EngineError> {
         self.check_open()?;
         let name = InstanceName::new(name)?;
-        WsUrl::parse(&spec.url)?;
+        Endpoint::parse(&spec.url)?;
         let previous = {
             let mut entries = self.registry.lock();
             if matches!(entries.get(&name), Some(Entry::Live { .. } | Entry::Idle { .. } | Entry::Creating)) {
@@ -293,7 +297,10 @@ impl Engine {
         self.command(name, Input::Delete, "delete").await
     }
 
-    fn command_bound(&self) -> Duration {
+    /// The longest a command can take: every wait it can cause (logout,
+    /// close, clean-up, connect) plus slack for a loaded host. A service
+    /// puts its request time-out above it.
+    pub fn command_bound(&self) -> Duration {
         let t = &self.shared.policy.timeouts;
         // Every wait the command can cause, plus slack for a loaded host.
         t.logout + t.close + t.cleanup + t.connect + Duration::from_secs(5)
@@ -302,25 +309,63 @@ impl Engine {
     async fn command(&self, name: &str, input: Input, command: &'static str) -> Result<State, EngineError> {
         self.check_open()?;
         let name = InstanceName::new(name)?;
-        let waited = self.command_bound();
         let (reply, answer) = oneshot::channel();
-        let mut msg = Box::new(Msg::Command { input, command, reply });
+        if let Some((instance, _)) = self.send(&name, Box::new(Msg::Command { input, command, reply })).await? {
+            return Ok(instance.state);
+        }
+        self.answer(name, command, answer).await
+    }
+
+    /// Reports a signal of a connection the host holds itself (an instance
+    /// created with [`Endpoint::EXTERNAL`]): the connection with `generation`
+    /// opened, closed, failed a write, answered a ping, finished a logout.
+    /// The rules decide as for the engine's own transports — a signal of an
+    /// older generation is ignored (R12) — and the answer says what they
+    /// did: the transition and its effects, which the host carries out for
+    /// its connection. Host commands, timers and runtime events are not
+    /// signals ([`EngineError::NotASignal`]).
+    pub async fn signal(&self, name: &str, input: Input) -> Result<Signaled, EngineError> {
+        self.check_open()?;
+        let name = InstanceName::new(name)?;
+        if !signal::is_reportable(&input) {
+            return Err(EngineError::NotASignal { name, input: input.kind() });
+        }
+        let (reply, answer) = oneshot::channel();
+        if let Some((instance, reason)) = self.send(&name, Box::new(Msg::Signal { input, reply })).await? {
+            return Ok(Signaled::ignored(&instance, reason));
+        }
+        self.answer(name, "signal", answer).await
+    }
+
+    /// Puts a command or signal in the instance's inbox (waking it if it
+    /// rests and the input moves it). `Some` when the table ignored it at rest.
+    async fn send(&self, name: &InstanceName, mut msg: Box<Msg>) -> Result<Option<(Instance, Ignored)>, EngineError> {
         loop {
-            match self.deliver(&name, msg) {
-                Delivery::Answered(result) => return result,
-                Delivery::Queued => break,
+            match self.deliver(name, msg) {
+                Delivery::Answered(result) => return result.map(Some),
+                Delivery::Queued => return Ok(None),
                 Delivery::Full { inbox, token, msg: back } => {
                     msg = back;
                     // Wait for room, then put it in under the lock if the task is still the one we waited for.
                     let Ok(permit) = inbox.reserve_owned().await else { continue };
                     let entries = self.registry.lock();
-                    if matches!(entries.get(&name), Some(Entry::Live { token: t, .. }) if *t == token) {
+                    if matches!(entries.get(name), Some(Entry::Live { token: t, .. }) if *t == token) {
                         permit.send(msg);
-                        break;
+                        return Ok(None);
                     }
                 }
             }
         }
+    }
+
+    /// Waits for the task's answer to a queued command or signal, within the command bound.
+    async fn answer<T>(
+        &self,
+        name: InstanceName,
+        command: &'static str,
+        answer: oneshot::Receiver<Result<T, EngineError>>,
+    ) -> Result<T, EngineError> {
+        let waited = self.command_bound();
         match tokio::time::timeout(waited, answer).await {
             Ok(Ok(result)) => result,
             // The task ended without answering: it was stopped (shutdown) or could not go on.

@@ -15,6 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::error::EngineError;
+use super::signal::Signaled;
 use crate::log::InstanceSpec;
 use crate::machine::{Input, Instance, InstanceName, State};
 
@@ -25,8 +26,21 @@ pub(crate) const COMMAND_CAPACITY: usize = 16;
 pub(crate) enum Msg {
     /// A host command (named for errors) and where to send its result.
     Command { input: Input, command: &'static str, reply: Reply },
+    /// A transport signal a host reports for a connection it holds itself,
+    /// and where to say what the rules made of it.
+    Signal { input: Input, reply: oneshot::Sender<Result<Signaled, EngineError>> },
     /// Stop: drop the socket, keep the recorded state.
     Shutdown,
+}
+
+impl Msg {
+    /// The input a command or signal carries.
+    pub(crate) fn input(&self) -> Option<&Input> {
+        match self {
+            Self::Command { input, .. } | Self::Signal { input, .. } => Some(input),
+            Self::Shutdown => None,
+        }
+    }
 }
 
 /// Where a command's result goes.

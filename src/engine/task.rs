@@ -18,10 +18,11 @@ use tracing::{Instrument, debug, error, trace};
 use super::error::EngineError;
 use super::registry::{Msg, Registry, Reply, View};
 use super::shared::{Notification, Shared};
+use super::signal::{SignalOutcome, Signaled};
 use crate::log::InstanceSpec;
-use crate::machine::{Driver, Effect, Fed, Generation, Ignored, Input, Reason, State, WsUrl};
+use crate::machine::{Driver, Effect, Fed, Generation, Ignored, Input, Reason, State};
 use crate::panic_message;
-use crate::transport::{ConnectSpec, Control, Signals};
+use crate::transport::{ConnectSpec, Control, Endpoint, Signals};
 
 /// What a waiting command waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,8 +168,13 @@ impl Task {
                         return;
                     }
                     Some(Msg::Command { input, command, reply }) => Box::pin(self.command(input, command, reply)).await,
+                    Some(Msg::Signal { input, reply }) => Box::pin(self.reported(input, reply)).await,
                 },
-                Some(input) = ch.signals.recv() => Box::pin(self.signal(*input)).await,
+                Some(input) = ch.signals.recv() => {
+                    if let Err(e) = Box::pin(self.signal(*input)).await {
+                        error!(error = %e, "transition not recorded; the instance did not move (R8)");
+                    }
+                }
                 () = sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
                     Box::pin(self.fire_timers()).await
                 }
@@ -207,14 +213,28 @@ impl Task {
         matches!((self.driver.state(), goal), (State::Removed { .. }, _) | (State::Closed { .. }, Goal::Closed))
     }
 
-    async fn signal(&mut self, input: Input) {
+    async fn signal(&mut self, input: Input) -> Result<Fed, EngineError> {
         // A connection that reported its end is over: forget it (its task ends by itself).
         if input.ends_connection() && self.conn.as_ref().map(|c| c.generation) == input.generation() {
             self.conn = None;
         }
-        if let Err(e) = self.handle(input).await {
-            error!(error = %e, "transition not recorded; the instance did not move (R8)");
-        }
+        self.handle(input).await
+    }
+
+    /// A signal a host reported for a connection it holds: handled as the
+    /// engine's own transports' signals are, then answered.
+    async fn reported(&mut self, input: Input, reply: oneshot::Sender<Result<Signaled, EngineError>>) {
+        let answer = self.signal(input).await.and_then(|fed| {
+            let outcome = match fed {
+                Fed::Moved(p) => SignalOutcome::Moved { seq: p.seq, effects: p.effects },
+                Fed::Upkeep(effects) => SignalOutcome::Upkeep { effects },
+                Fed::Ignored(reason) => SignalOutcome::Ignored { reason },
+                Fed::Rejected(r) => return Err(EngineError::rejected(self.driver.name(), r)),
+            };
+            let instance = self.driver.instance();
+            Ok(Signaled { state: instance.state.clone(), generation: instance.generation, outcome })
+        });
+        let _ = reply.send(answer);
     }
 
     async fn fire_timers(&mut self) {
@@ -331,8 +351,8 @@ impl Task {
     fn open(&mut self, generation: Generation, resume: Option<crate::machine::Identity>) {
         self.abort_conn();
         let signals = Signals::new(generation, self.signals_tx.clone());
-        let url = match WsUrl::parse(&self.spec.url) {
-            Ok(url) => url,
+        let endpoint = match Endpoint::parse(&self.spec.url) {
+            Ok(endpoint) => endpoint,
             Err(e) => {
                 // A spec from an old log that today's rules refuse: a connect that fails.
                 let input = Input::TransportClosed {
@@ -349,7 +369,7 @@ impl Task {
         let spec = ConnectSpec {
             instance: self.driver.name().clone(),
             generation,
-            url,
+            endpoint,
             resume,
             connect_timeout: self.shared.policy.timeouts.connect,
         };

@@ -9,6 +9,7 @@
 //! | `s` | name | the instance's spec (from its `Created` record) |
 //! | `p` | from-global (u64 BE) | the policy in force from that global sequence number on (JSON) |
 //! | `x` | global (u64 BE) | a loss accepted when the log was opened with `accept_loss` |
+//! | `a` | any | auxiliary data of a service (outside the chain: not verified, not compacted) |
 //! | `m` | field | metadata: format marker, log id, tip (when compaction removed the newest record) |
 
 use crate::machine::InstanceName;
@@ -20,6 +21,7 @@ pub(crate) const SPEC: u8 = b's';
 
 pub(crate) const POLICY: u8 = b'p';
 pub(crate) const LOSS: u8 = b'x';
+pub(crate) const AUX: u8 = b'a';
 
 pub(crate) const META_FORMAT: &[u8] = b"mformat";
 /// The policy as format v1 recorded it (one, the last engine's); read as in force from the start.
@@ -92,6 +94,13 @@ pub(crate) fn parse_record(key: &[u8]) -> Option<(&[u8], u64)> {
 
 pub(crate) fn parse_global(key: &[u8]) -> Option<u64> {
     parse_numbered(GLOBAL, key)
+}
+
+pub(crate) fn aux(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(AUX);
+    k.extend_from_slice(key);
+    k
 }
 
 pub(crate) fn spec(name: &InstanceName) -> Vec<u8> {

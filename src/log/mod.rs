@@ -165,6 +165,8 @@ struct Inner {
     flusher: Option<Flusher>,
     /// The temporary directory the log lives in (a copy, or a temporary log), removed with it.
     _scratch: Option<Scratch>,
+    /// Compaction keeps records from this global sequence number on ([`Log::hold_from`]).
+    hold: std::sync::atomic::AtomicU64,
 }
 
 /// The newest record of one instance.
@@ -322,6 +324,7 @@ impl Log {
             writer: Mutex::new(writer),
             flusher,
             _scratch: scratch,
+            hold: std::sync::atomic::AtomicU64::new(u64::MAX),
         };
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -657,6 +660,76 @@ impl Log {
             })?;
             decode_pair((record_key, value))
         })
+    }
+
+    /// Up to `limit` records with a global sequence number above `after`, in
+    /// global order, and only those a completed commit covers
+    /// ([`Log::committed`]): what a reader outside the process may be told
+    /// (an SSE stream, a webhook), because a crash cannot take it back.
+    pub fn records_after(&self, after: u64, limit: usize) -> Result<Vec<Record>, LogError> {
+        let committed = self.committed();
+        let store = self.store();
+        let mut out = Vec::new();
+        let mut from = after.checked_add(1);
+        while let Some(next) = from.filter(|g| *g <= committed && out.len() < limit) {
+            let Some((key, target)) = store.first_from(&keys::global(next), &[keys::GLOBAL])? else { break };
+            let Some(global) = keys::parse_global(&key) else { return Err(corrupt_key("index key", &key)) };
+            if global > committed {
+                break;
+            }
+            let mut record_key = vec![keys::RECORD];
+            record_key.extend_from_slice(&target);
+            // Compaction may delete the record between the two reads: skip it, as if read a moment later.
+            if let Some(value) = store.get(&record_key)? {
+                out.push(decode_pair((record_key, value))?);
+            }
+            from = global.checked_add(1);
+        }
+        Ok(out)
+    }
+
+    /// Keeps every record with a global sequence number of `from` or more out
+    /// of compaction's reach until [`Log::release_hold`]: a reader that has not
+    /// yet passed them on (a webhook outbox) holds them. The hold is in memory;
+    /// a holder sets it again after a restart.
+    pub fn hold_from(&self, from: u64) {
+        self.inner.hold.store(from, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Lets compaction take any record again.
+    pub fn release_hold(&self) {
+        self.hold_from(u64::MAX);
+    }
+
+    /// The lowest global sequence number compaction must keep (`u64::MAX`: none held).
+    pub(crate) fn held_from(&self) -> u64 {
+        self.inner.hold.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Reads a key of the auxiliary space: data a service keeps beside the
+    /// log in the same database (webhook cursors, dead letters, tokens).
+    /// Auxiliary data is not part of the chain: it is neither verified nor
+    /// compacted, and is committed with the log's next commit.
+    pub fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, LogError> {
+        Ok(self.store().get(&keys::aux(key))?)
+    }
+
+    /// Every auxiliary pair whose key starts with `prefix`, in key order (keys without the space's prefix).
+    pub fn aux_scan(&self, prefix: &[u8]) -> Result<Vec<crate::log::store::Pair>, LogError> {
+        self.store()
+            .scan(&keys::aux(prefix))
+            .map(|r| r.map(|(k, v)| (k[1..].to_vec(), v)).map_err(LogError::from))
+            .collect()
+    }
+
+    /// Applies auxiliary writes (`None` deletes) in one atomic batch. Refused
+    /// on a log opened for reading. Durable once [`Log::sync`] returns (or
+    /// the next commit of an append).
+    pub fn aux_apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), LogError> {
+        if self.inner.access == Access::Read {
+            return Err(LogError::ReadOnly);
+        }
+        Ok(self.store().apply(writes.into_iter().map(|(k, v)| (keys::aux(&k), v)).collect())?)
     }
 
     /// Bytes used on disk.

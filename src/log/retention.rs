@@ -48,8 +48,11 @@ impl Log {
             let chained = self.history_with_digests(&name)?;
             let history: Vec<&Record> = chained.iter().map(|(r, _)| r).collect();
             let Some(&last) = history.last() else { continue };
+            // Records a reader holds (see `Log::hold_from`) stay, whatever their age.
+            let held = self.held_from();
             if matches!(last.to.state, State::Removed { .. })
                 && now.saturating_since(last.at) >= retention.removed_after
+                && last.global < held
             {
                 // Hold the writer lock: the name's sequence restarts at 1 for a new incarnation.
                 let mut w = self.writer();
@@ -73,7 +76,12 @@ impl Log {
             if history.len() <= keep.saturating_add(1) {
                 continue;
             }
-            let cut = history.len() - keep - 1;
+            // The snapshot replaces the record at `cut` too: it must be below the hold.
+            let below_hold = history.partition_point(|r| r.global < held);
+            let cut = (history.len() - keep - 1).min(below_hold.saturating_sub(1));
+            if cut == 0 {
+                continue;
+            }
             let (base, base_digest) = &chained[cut];
             // The spec comes from the start of this incarnation: its Created record or a snapshot.
             let spec = history[..=cut].iter().rev().find_map(|r| match &r.event {

@@ -21,7 +21,52 @@ use tokio::sync::mpsc;
 pub use protocol::{PeerMessage, Protocol, ProtocolError, ReferenceProtocol};
 pub use ws::{TlsConfigError, WsLimits, WsTransport, tls_trusting};
 
-use crate::machine::{CloseInitiator, Generation, Identity, Input, InstanceName, Reason, StatusCode, WsUrl};
+use crate::machine::{CloseInitiator, Generation, Identity, Input, InstanceName, Reason, StatusCode, UrlError, WsUrl};
+
+/// Where an instance's connection is held: what its spec's `url` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A WebSocket the engine's transport opens (`ws://…`, `wss://…`).
+    Ws(WsUrl),
+    /// A connection the host holds in its own process and reports on
+    /// ([`Endpoint::EXTERNAL`]): the engine decides, the host carries out
+    /// (`lifecycle serve`'s host-driven sessions).
+    External,
+}
+
+impl Endpoint {
+    /// The spec URL of a host-driven session.
+    pub const EXTERNAL: &'static str = "external:";
+
+    /// Reads a spec's `url`.
+    ///
+    /// ```
+    /// use instance_lifecycle::transport::Endpoint;
+    /// assert_eq!(Endpoint::parse("external:").unwrap(), Endpoint::External);
+    /// assert!(matches!(Endpoint::parse("wss://gw.example/ws").unwrap(), Endpoint::Ws(_)));
+    /// assert!(Endpoint::parse("external").is_err());
+    /// ```
+    pub fn parse(url: &str) -> Result<Self, UrlError> {
+        if url == Self::EXTERNAL {
+            return Ok(Self::External);
+        }
+        WsUrl::parse(url).map(Self::Ws).map_err(|e| match url.split_once(':') {
+            None | Some(("external", _)) if url.starts_with("external") => {
+                UrlError { reason: "a host-driven session is written `external:` exactly", ..e }
+            }
+            _ => e,
+        })
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ws(url) => f.write_str(url.as_str()),
+            Self::External => f.write_str(Self::EXTERNAL),
+        }
+    }
+}
 
 /// Everything a transport needs to open one connection.
 #[derive(Clone, Debug)]
@@ -31,7 +76,7 @@ pub struct ConnectSpec {
     /// The connection's generation: every signal carries it (R12).
     pub generation: Generation,
     /// Where to connect.
-    pub url: WsUrl,
+    pub endpoint: Endpoint,
     /// The identity to resume, if any.
     pub resume: Option<Identity>,
     /// Bound on the TCP + TLS + WebSocket handshake.

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, trace};
 
-use super::{BoxFuture, ConnectSpec, Control, PeerMessage, Protocol, Signals, Transport};
+use super::{BoxFuture, ConnectSpec, Control, Endpoint, PeerMessage, Protocol, Signals, Transport};
 use crate::machine::{CloseInitiator, Input, Reason};
 
 /// Frame and buffer limits per connection, so a fleet of thousands fits in memory.
@@ -149,10 +149,14 @@ async fn handshake(
     spec: &ConnectSpec,
     signals: &Signals,
 ) -> Option<Ws> {
+    let lost = CloseInitiator::Transport;
+    let Endpoint::Ws(url) = &spec.endpoint else {
+        signals.closed(lost, None, "a host-driven (external:) session needs a host to hold its connection").await;
+        return None;
+    };
     let connector = tls.map(tokio_tungstenite::Connector::Rustls);
     let connect =
-        tokio_tungstenite::connect_async_tls_with_config(spec.url.as_str(), Some(limits.config()), true, connector);
-    let lost = CloseInitiator::Transport;
+        tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(limits.config()), true, connector);
     let mut ws = match timeout(spec.connect_timeout, connect).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => {

@@ -5,6 +5,7 @@ mod diagram;
 mod output;
 mod peer;
 mod read;
+mod serve;
 mod simulate;
 
 use std::path::PathBuf;
@@ -123,6 +124,35 @@ enum Command {
         #[arg(long)]
         png: Option<PathBuf>,
     },
+    /// Serve the engine over HTTP: REST (/v1), SSE (/v1/events), webhooks,
+    /// metrics, an Evolution-API-compatible subset (/instance) and host-driven
+    /// sessions, until Ctrl-C or SIGTERM. OpenAPI at /v1/openapi.json.
+    Serve {
+        /// The log's directory (created if missing) [default: lifecycle-data].
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Address to listen on; beyond loopback an API key is required [default: 127.0.0.1:8080].
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Settings file (TOML; see the README); flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Close-status preset [default: whatsapp].
+        #[arg(long, value_enum)]
+        policy: Option<PresetArg>,
+        /// The global API key (or LIFECYCLE_API_KEY); without one the API is open, on loopback only.
+        #[arg(long)]
+        api_key: Option<String>,
+        /// Where instances created without a url connect.
+        #[arg(long)]
+        default_url: Option<String>,
+        /// Post every transition to this URL (lifecycle format); repeatable.
+        #[arg(long = "webhook", value_name = "URL")]
+        webhooks: Vec<String>,
+        /// Post Evolution API lifecycle events to this URL; repeatable.
+        #[arg(long = "evolution-webhook", value_name = "URL")]
+        evolution_webhooks: Vec<String>,
+    },
     /// Run the fault-injecting reference peer. Prints its URL, then takes
     /// control lines on stdin: `zombify NAME`, `drop NAME`, `close NAME CODE`,
     /// `fault NAME ready|no-identity|hang-on-logout|refuse`, `drop-all`, `stats`.
@@ -207,6 +237,19 @@ fn main() -> ExitCode {
         Command::Diagram { format, from_log, svg, png } => {
             output::clean_up_on_interrupt();
             diagram::run(matches!(format, DiagramFormat::Dot), from_log, svg, png)
+        }
+        Command::Serve { data, listen, config, policy, api_key, default_url, webhooks, evolution_webhooks } => {
+            let flags = serve::Flags {
+                data,
+                listen,
+                config,
+                policy: policy.map(Preset::from),
+                api_key,
+                default_url,
+                webhooks,
+                evolution_webhooks,
+            };
+            run_async(serve::run(flags))
         }
         Command::Peer { listen, tls_cert, tls_key } => run_async(peer::run(listen, tls_cert.zip(tls_key))),
     };

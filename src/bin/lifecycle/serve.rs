@@ -1,0 +1,82 @@
+//! `lifecycle serve`: the engine as a service until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use instance_lifecycle::machine::Preset;
+use instance_lifecycle::serve::{ServeConfig, Service, WebhookConfig, WebhookFormat};
+
+use crate::output::{Failure, fail, say};
+
+/// What the command line sets (over the file's settings).
+pub struct Flags {
+    pub data: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub config: Option<PathBuf>,
+    pub policy: Option<Preset>,
+    pub api_key: Option<String>,
+    pub default_url: Option<String>,
+    pub webhooks: Vec<String>,
+    pub evolution_webhooks: Vec<String>,
+}
+
+pub async fn run(flags: Flags) -> Result<ExitCode, Failure> {
+    let mut config = match &flags.config {
+        Some(path) => ServeConfig::from_file(path).map_err(|e| fail(e.to_string()))?,
+        None => ServeConfig::default(),
+    };
+    if let Some(data) = flags.data {
+        config.data = data;
+    }
+    if let Some(listen) = flags.listen {
+        config.listen = listen;
+    }
+    if let Some(preset) = flags.policy {
+        config.preset = preset;
+        config.policy = None;
+    }
+    if let Some(key) = flags.api_key.or_else(|| std::env::var("LIFECYCLE_API_KEY").ok().filter(|k| !k.is_empty())) {
+        config.api_key = Some(key);
+    }
+    if let Some(url) = flags.default_url {
+        config.default_url = Some(url);
+    }
+    for url in flags.webhooks {
+        config.webhooks.push(WebhookConfig::new(url));
+    }
+    for url in flags.evolution_webhooks {
+        config.webhooks.push(WebhookConfig { format: WebhookFormat::Evolution, ..WebhookConfig::new(url) });
+    }
+    let data = config.data.clone();
+    let service = Service::start(config).await.map_err(|e| fail(e.to_string()))?;
+    say!("serving http://{} (log in {}); Ctrl-C stops", service.local_addr(), data.display());
+    wait_for_signal().await;
+    say!("stopping: closing streams, shutting the engine down, syncing the log");
+    service.shutdown().await.map_err(|e| fail(e.to_string()))?;
+    say!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            () = term => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,483 @@
+//! Our REST API under `/v1`: JSON in and out, unknown fields refused, typed
+//! errors with their HTTP status (see [`ApiError`]).
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::{Path, Query, State as AxumState};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::auth::{Caller, new_token};
+use super::error::{ApiError, ErrorBody};
+use super::events::{EventBody, Subscription};
+use super::external::{HostEffect, HostSignal};
+use super::webhook::{DeadLetter, WebhookStatus};
+use crate::engine::Signaled;
+use crate::log::InstanceSpec;
+use crate::machine::{InstanceName, State, StateKind};
+use crate::transport::Endpoint;
+
+/// How an instance's connection is held.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// The service opens a WebSocket to `url`.
+    #[default]
+    Websocket,
+    /// The host holds the connection and reports its signals (`/signals`).
+    External,
+}
+
+/// `POST /v1/instances`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstance {
+    /// The name: 1 to 64 bytes of `[A-Za-z0-9._-]`, starting with a letter or digit.
+    pub name: String,
+    /// Where it connects (`ws://…` or `wss://…`); absent: the service's `default_url`.
+    /// Not used with `transport: external`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `websocket` (the default) or `external`.
+    #[serde(default)]
+    pub transport: TransportKind,
+    /// The instance's own API key (it opens only this instance); absent: one is made.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Connect right away.
+    #[serde(default)]
+    pub connect: bool,
+}
+
+/// An instance, as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InstanceView {
+    /// The name.
+    pub name: String,
+    /// The state's kind: `Connecting`, `Open`, `Closing`, `Closed`, `Zombie`, `Removed`.
+    pub kind: String,
+    /// The coarse status: `open`, `connecting` or `close` (a zombie is `connecting`).
+    pub status: &'static str,
+    /// The state in words.
+    pub state: String,
+    /// The state, in full (the log's own structure).
+    #[schema(value_type = Object)]
+    pub detail: State,
+    /// The session's identity, when open.
+    pub identity: Option<String>,
+}
+
+impl InstanceView {
+    fn of(name: &str, state: State) -> Self {
+        Self {
+            name: name.to_owned(),
+            kind: state.kind().to_string(),
+            status: state.coarse().as_str(),
+            state: state.to_string(),
+            identity: state.identity().map(|i| i.as_str().to_owned()),
+            detail: state,
+        }
+    }
+}
+
+/// The answer to a create: the instance and its token (shown only here).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Created {
+    /// The instance.
+    pub instance: InstanceView,
+    /// Its own API key: it opens this instance only. Kept as a digest; not shown again.
+    pub token: String,
+}
+
+/// `GET /v1/instances` filters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only instances in this state kind (`zombie`, `open`, …; any case).
+    pub state: Option<String>,
+}
+
+/// `GET /v1/instances/{name}/history` and `GET /v1/events` position.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AfterQuery {
+    /// Only records after this sequence number (history: the instance's; events: the global one).
+    pub after: Option<u64>,
+    /// `/v1/events` only: one instance's records.
+    pub instance: Option<String>,
+}
+
+/// Liveness and the log's position.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: &'static str,
+    /// Instances that are not removed.
+    pub instances: usize,
+    /// The newest global sequence number a commit covers.
+    pub committed: u64,
+}
+
+fn timed<T>(app: &AppState, command: &str, started: Instant, result: T) -> T {
+    app.metrics.command(command, started.elapsed());
+    result
+}
+
+fn name_of(name: &str) -> Result<InstanceName, ApiError> {
+    InstanceName::new(name).map_err(|e| ApiError::from(crate::engine::EngineError::InvalidName(e)))
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::body(e.to_string()))
+}
+
+/// Create an instance.
+#[utoipa::path(post, path = "/v1/instances", request_body = CreateInstance,
+    responses((status = 201, body = Created), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(crate) async fn create(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Created>), ApiError> {
+    app.auth.global(&headers, "instance creation")?;
+    let body: CreateInstance = json_body(&body)?;
+    let name = name_of(&body.name)?;
+    let url = match body.transport {
+        TransportKind::External if body.url.is_some() => {
+            return Err(ApiError::body("an external instance has no url: its host holds the connection"));
+        }
+        TransportKind::External => Endpoint::EXTERNAL.to_owned(),
+        TransportKind::Websocket => body
+            .url
+            .or_else(|| app.config.default_url.clone())
+            .ok_or_else(|| ApiError::body("no url given and the service has no default_url"))?,
+    };
+    let token = match body.token {
+        Some(t) if t.is_empty() => return Err(ApiError::body("token: empty")),
+        Some(t) if app.auth.token_taken(&t) => {
+            return Err(ApiError::new(StatusCode::CONFLICT, "token_taken", "this token is already in use"));
+        }
+        Some(t) => t,
+        None => new_token()?,
+    };
+    let started = Instant::now();
+    app.engine.create(name.as_str(), InstanceSpec { url }).await?;
+    app.auth.set_token(&name, &token)?;
+    let state =
+        if body.connect { app.engine.connect(name.as_str()).await? } else { app.engine.state(name.as_str())? };
+    let instance = timed(&app, "create", started, InstanceView::of(name.as_str(), state));
+    Ok((StatusCode::CREATED, Json(Created { instance, token })))
+}
+
+/// Every instance that is not removed, by name.
+#[utoipa::path(get, path = "/v1/instances", params(ListQuery),
+    responses((status = 200, body = [InstanceView]), (status = 422, body = ErrorBody)))]
+pub(crate) async fn list(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<InstanceView>>, ApiError> {
+    let caller = app.auth.caller(&headers)?;
+    let kind = match query.state.as_deref() {
+        None => None,
+        Some(s) => Some(StateKind::parse(s).ok_or_else(|| {
+            ApiError::body(format!("state {s:?}: one of connecting, open, closing, closed, zombie, removed"))
+        })?),
+    };
+    let out = app
+        .engine
+        .list()
+        .into_iter()
+        .filter(|(name, _)| {
+            matches!(&caller, Caller::Global) || matches!(&caller, Caller::Instance(own) if own == name)
+        })
+        .filter(|(_, state)| kind.is_none_or(|k| state.kind() == k))
+        .map(|(name, state)| InstanceView::of(name.as_str(), state))
+        .collect();
+    Ok(Json(out))
+}
+
+/// One instance (a removed one too, until compaction purges it).
+#[utoipa::path(get, path = "/v1/instances/{name}",
+    responses((status = 200, body = InstanceView), (status = 404, body = ErrorBody)))]
+pub(crate) async fn get(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<InstanceView>, ApiError> {
+    app.auth.instance(&headers, &name)?;
+    match app.engine.state(&name) {
+        Ok(state) => Ok(Json(InstanceView::of(&name, state))),
+        // Removed: the recorded state is what a host wants to see.
+        Err(crate::engine::EngineError::Removed { .. }) => {
+            let history = app.engine.history(&name).await?;
+            let state = history.last().map(|r| r.to.state.clone()).ok_or_else(|| ApiError::internal("no records"))?;
+            Ok(Json(InstanceView::of(&name, state)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn command(
+    app: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    command: &'static str,
+) -> Result<Json<InstanceView>, ApiError> {
+    app.auth.instance(headers, name)?;
+    let started = Instant::now();
+    let result = match command {
+        "connect" => app.engine.connect(name).await,
+        "logout" => app.engine.logout(name).await,
+        "restart" => app.engine.restart(name).await,
+        _ => app.engine.delete(name).await,
+    };
+    let state = timed(app, command, started, result)?;
+    Ok(Json(InstanceView::of(name, state)))
+}
+
+/// Connect (or reconnect now); answers once the attempt has started.
+#[utoipa::path(post, path = "/v1/instances/{name}/connect",
+    responses((status = 200, body = InstanceView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 410, body = ErrorBody)))]
+pub(crate) async fn connect(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<InstanceView>, ApiError> {
+    command(&app, &headers, &name, "connect").await
+}
+
+/// Log out; answers once the instance is `Closed`, within the policy's bounds, whatever the socket does (R5).
+#[utoipa::path(post, path = "/v1/instances/{name}/logout",
+    responses((status = 200, body = InstanceView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 410, body = ErrorBody)))]
+pub(crate) async fn logout(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<InstanceView>, ApiError> {
+    command(&app, &headers, &name, "logout").await
+}
+
+/// Drop the connection, if any, and start a fresh attempt.
+#[utoipa::path(post, path = "/v1/instances/{name}/restart",
+    responses((status = 200, body = InstanceView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 410, body = ErrorBody)))]
+pub(crate) async fn restart(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<InstanceView>, ApiError> {
+    command(&app, &headers, &name, "restart").await
+}
+
+/// Delete: always reaches `Removed`, within the policy's bounds (R2); a repeated delete answers the same.
+#[utoipa::path(delete, path = "/v1/instances/{name}",
+    responses((status = 200, body = InstanceView), (status = 404, body = ErrorBody)))]
+pub(crate) async fn delete(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<InstanceView>, ApiError> {
+    command(&app, &headers, &name, "delete").await
+}
+
+/// An instance's recorded history (after `after`, if given).
+#[utoipa::path(get, path = "/v1/instances/{name}/history", params(AfterQuery),
+    responses((status = 200, body = [EventBody]), (status = 404, body = ErrorBody)))]
+pub(crate) async fn history(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(query): Query<AfterQuery>,
+) -> Result<Json<Vec<EventBody>>, ApiError> {
+    app.auth.instance(&headers, &name)?;
+    if query.instance.is_some() {
+        return Err(ApiError::body("instance: not a parameter of history (the name is in the path)"));
+    }
+    let after = query.after.unwrap_or(0);
+    let history = app.engine.history(&name).await?;
+    Ok(Json(history.iter().filter(|r| r.seq > after).map(EventBody::of).collect()))
+}
+
+/// Report a signal of a connection the host holds (`transport: external`).
+#[utoipa::path(post, path = "/v1/instances/{name}/signals", request_body = HostSignal,
+    responses((status = 200, description = "What the rules made of it: the transition and its effects, or why it was ignored (a stale generation: R12)", body = Object),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(crate) async fn signal(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Signaled>, ApiError> {
+    app.auth.instance(&headers, &name)?;
+    let signal: HostSignal = json_body(&body)?;
+    let instance = name_of(&name)?;
+    let input = signal.input();
+    if let HostSignal::Pairing { code: Some(code), .. } = &signal {
+        app.pairing.set(&instance, code.clone());
+    }
+    if input.ends_connection()
+        && let Some(generation) = input.generation()
+    {
+        app.hub.ended(&instance, generation);
+    }
+    Ok(Json(app.engine.signal(&name, input).await?))
+}
+
+/// A live stream of the effects hosts must carry out for their `external` instances (SSE, event `effect`).
+#[utoipa::path(get, path = "/v1/effects", params(("instance" = Option<String>, Query, description = "only this instance's")),
+    responses((status = 200, description = "text/event-stream of HostEffect", body = HostEffect)))]
+pub(crate) async fn effects(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let filter = query.get("instance").cloned();
+    if let Some(name) = &filter {
+        app.auth.instance(&headers, name)?;
+    } else {
+        app.auth.global(&headers, "every instance's effects")?;
+    }
+    if let Some(unknown) = query.keys().find(|k| *k != "instance") {
+        return Err(ApiError::body(format!("unknown parameter {unknown}")));
+    }
+    let rx = app.hub.subscribe();
+    let stream = futures_util::stream::unfold(rx, move |mut rx| {
+        let filter = filter.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) if filter.as_deref().is_some_and(|f| f != e.instance.as_str()) => continue,
+                    Ok(e) => {
+                        let data = serde_json::to_string(&e).unwrap_or_default();
+                        let event =
+                            axum::response::sse::Event::default().id(e.id.to_string()).event("effect").data(data);
+                        return Some((Ok::<_, std::convert::Infallible>(event), rx));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let event = axum::response::sse::Event::default().event("lagged").data(format!(
+                            "{{\"missed\":{n},\"what_to_do\":\"read each instance's state and reconnect\"}}"
+                        ));
+                        return Some((Ok(event), rx));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    let sse = axum::response::sse::Sse::new(stream)
+        .keep_alive(axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(15)));
+    Ok(sse.into_response())
+}
+
+/// The transitions of every instance as they are recorded (SSE; the id is
+/// the global sequence number: reconnect with `Last-Event-ID` to resume).
+#[utoipa::path(get, path = "/v1/events", params(AfterQuery),
+    responses((status = 200, description = "text/event-stream of EventBody (events `created`, `transition`, `snapshot`; a last `dropped` for a subscriber too slow)", body = EventBody),
+        (status = 503, body = ErrorBody)))]
+pub(crate) async fn events(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<AfterQuery>,
+) -> Result<Response, ApiError> {
+    let instance = match &query.instance {
+        Some(name) => {
+            app.auth.instance(&headers, name)?;
+            Some(name_of(name)?)
+        }
+        None => {
+            app.auth.global(&headers, "every instance's events")?;
+            None
+        }
+    };
+    let last_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let after = match last_id {
+        Some(id) => Some(
+            id.trim()
+                .parse::<u64>()
+                .map_err(|_| ApiError::body(format!("Last-Event-ID {id:?}: not a sequence number")))?,
+        ),
+        None => query.after,
+    };
+    let permit = app.subscribers.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_subscribers",
+            "the service has as many event streams as it allows; try again later",
+        )
+    })?;
+    // Without a position, the stream starts now.
+    let after = after.unwrap_or_else(|| app.engine.log().committed());
+    let sub = Subscription { after, instance };
+    Ok(super::events::stream(app.engine.clone(), sub, permit, app.shutdown.clone(), app.metrics.clone())
+        .into_response())
+}
+
+/// The transition table as a Mermaid state diagram.
+#[utoipa::path(get, path = "/v1/diagram", responses((status = 200, description = "text/plain Mermaid", body = String)))]
+pub(crate) async fn diagram(AxumState(app): AxumState<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    app.auth.caller(&headers)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], app.diagram.to_string()).into_response())
+}
+
+/// Liveness: always open, no key needed.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+pub(crate) async fn health(AxumState(app): AxumState<AppState>) -> Json<Health> {
+    Json(Health { status: "ok", instances: app.engine.list().len(), committed: app.engine.log().committed() })
+}
+
+/// Prometheus metrics (text exposition).
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "text/plain; version=0.0.4", body = String)))]
+pub(crate) async fn metrics(AxumState(app): AxumState<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    app.auth.global(&headers, "metrics")?;
+    let mut counts: Vec<(StateKind, usize)> = StateKind::ALL.iter().map(|k| (*k, 0)).collect();
+    for (_, state) in app.engine.list() {
+        if let Some(c) = counts.iter_mut().find(|(k, _)| *k == state.kind()) {
+            c.1 += 1;
+        }
+    }
+    let text = app.metrics.render(&counts);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
+/// Every webhook's progress.
+#[utoipa::path(get, path = "/v1/webhooks", responses((status = 200, body = [WebhookStatus])))]
+pub(crate) async fn webhooks(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<WebhookStatus>>, ApiError> {
+    app.auth.global(&headers, "webhooks")?;
+    Ok(Json(app.outbox.status()))
+}
+
+/// Events given up on, oldest first, per webhook.
+#[utoipa::path(get, path = "/v1/webhooks/dead", responses((status = 200, body = [DeadLetter])))]
+pub(crate) async fn dead_letters(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<DeadLetter>>, ApiError> {
+    app.auth.global(&headers, "webhooks")?;
+    Ok(Json(app.outbox.dead_letters()?))
+}
+
+/// Post a dead letter once more; it is removed when delivered.
+#[utoipa::path(post, path = "/v1/webhooks/dead/{webhook}/{id}/retry",
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 502, body = ErrorBody)))]
+pub(crate) async fn retry_dead(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path((webhook, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    app.auth.global(&headers, "webhooks")?;
+    app.outbox.retry(&webhook, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The OpenAPI document of `/v1`, `/healthz` and `/metrics`.
+pub(crate) async fn openapi() -> Response {
+    use utoipa::OpenApi;
+    Json(super::openapi::ApiDoc::openapi()).into_response()
+}

@@ -1,0 +1,208 @@
+//! Transitions as the outside world sees them — one JSON shape for the SSE
+//! stream, the history endpoint and lifecycle-format webhooks — and the SSE
+//! stream itself: read from the log, so a client that reconnects with
+//! `Last-Event-ID` (the global sequence number) misses nothing and sees
+//! nothing twice.
+//!
+//! Each subscriber has a producer task that reads committed records from the
+//! log and hands them over a small channel; the engine never waits for a
+//! subscriber. One that leaves its channel full for [`SLOW_SUBSCRIBER`] is
+//! dropped: its producer stops (freeing its place among the bounded
+//! subscribers) and the stream ends with a last `dropped` event that says
+//! where to resume.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures_util::Stream;
+use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
+use utoipa::ToSchema;
+
+use super::metrics::Metrics;
+use crate::engine::Engine;
+use crate::log::{Event, Record};
+use crate::machine::{InstanceName, Timestamp};
+
+/// How long a subscriber may leave its stream unread, with events waiting, before it is dropped.
+pub const SLOW_SUBSCRIBER: Duration = Duration::from_secs(30);
+/// Events buffered per subscriber.
+const BUFFER: usize = 64;
+/// Records read from the log at a time.
+const PAGE: usize = 256;
+
+/// A record of the log as JSON: the shape of `/v1/events`, history and lifecycle webhooks.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct EventBody {
+    /// The global sequence number, as text: the SSE id, the webhook event id.
+    pub id: String,
+    /// `created`, `transition` or `snapshot`.
+    pub event: &'static str,
+    /// The instance.
+    #[schema(value_type = String)]
+    pub instance: InstanceName,
+    /// The record's sequence number within the instance.
+    pub seq: u64,
+    /// The global sequence number.
+    pub global: u64,
+    /// When, in milliseconds since the Unix epoch.
+    pub at: u64,
+    /// When, as RFC 3339 (UTC).
+    pub time: String,
+    /// The input's kind (`Connect`, `Opened`, `Closed`, `ConnectTimeout`, …); absent for created/snapshot.
+    pub input: Option<String>,
+    /// The state's kind before; absent for created/snapshot.
+    pub from: Option<String>,
+    /// The state's kind after.
+    pub to: String,
+    /// The coarse status after: `open`, `connecting` or `close`.
+    pub status: &'static str,
+    /// The state after, in words.
+    pub state: String,
+    /// The connection generation after.
+    pub generation: u64,
+    /// The full record: input, effects, the states before and after (the log's own structure).
+    #[schema(value_type = Object)]
+    pub detail: serde_json::Value,
+}
+
+/// RFC 3339 in UTC, to the millisecond.
+pub(crate) fn rfc3339(at: Timestamp) -> String {
+    format!("{}Z", at.utc().replacen(' ', "T", 1))
+}
+
+impl EventBody {
+    /// The JSON view of a record.
+    pub fn of(r: &Record) -> Self {
+        let (event, input, from, detail) = match &r.event {
+            Event::Created { spec } => ("created", None, None, serde_json::json!({ "spec": spec, "to": r.to })),
+            Event::Snapshot { spec } => ("snapshot", None, None, serde_json::json!({ "spec": spec, "to": r.to })),
+            Event::Transition { from, input, effects } => (
+                "transition",
+                Some(input.kind().to_string()),
+                Some(from.state.kind().to_string()),
+                serde_json::json!({ "input": input, "effects": effects, "from": from, "to": r.to }),
+            ),
+        };
+        Self {
+            id: r.global.to_string(),
+            event,
+            instance: r.instance.clone(),
+            seq: r.seq,
+            global: r.global,
+            at: r.at.0,
+            time: rfc3339(r.at),
+            input,
+            from,
+            to: r.to.state.kind().to_string(),
+            status: r.to.state.coarse().as_str(),
+            state: r.to.state.to_string(),
+            generation: r.to.generation.0,
+            detail,
+        }
+    }
+}
+
+/// Which records a subscriber wants, from where.
+pub(crate) struct Subscription {
+    pub(crate) after: u64,
+    pub(crate) instance: Option<InstanceName>,
+}
+
+/// The SSE response for a subscription; `permit` is its place among the bounded subscribers.
+pub(crate) fn stream(
+    engine: Engine,
+    subscription: Subscription,
+    permit: OwnedSemaphorePermit,
+    shutdown: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let (tx, rx) = mpsc::channel(BUFFER);
+    let (last_tx, last_rx) = oneshot::channel();
+    let place = Place { _permit: permit, metrics };
+    place.metrics.subscribers(1);
+    tokio::spawn(produce(engine, subscription, tx, last_tx, place, shutdown));
+    let events = futures_util::stream::unfold((rx, Some(last_rx)), |(mut rx, last)| async move {
+        if let Some(event) = rx.recv().await {
+            return Some((Ok(event), (rx, last)));
+        }
+        // The producer ended: a last word if it dropped us, then the end.
+        let last = last?.await.ok()?;
+        Some((Ok(last), (rx, None)))
+    });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// A subscriber's place: freed (and counted out) when its producer ends.
+struct Place {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.metrics.subscribers(-1);
+    }
+}
+
+fn sse_event(r: &Record) -> SseEvent {
+    let body = EventBody::of(r);
+    let data = serde_json::to_string(&body).unwrap_or_default();
+    SseEvent::default().id(body.id).event(body.event).data(data)
+}
+
+/// Reads the log from the subscription's point on and feeds the channel,
+/// waiting for new records when it has caught up.
+async fn produce(
+    engine: Engine,
+    mut sub: Subscription,
+    tx: mpsc::Sender<SseEvent>,
+    last: oneshot::Sender<SseEvent>,
+    place: Place,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _place = place;
+    let mut wake = engine.subscribe();
+    let log = Arc::new(engine.log().clone());
+    loop {
+        let (reader, after) = (log.clone(), sub.after);
+        let page = match tokio::task::spawn_blocking(move || reader.records_after(after, PAGE)).await {
+            Ok(Ok(page)) => page,
+            Ok(Err(e)) => {
+                let _ = last.send(SseEvent::default().event("error").data(format!("the log could not be read: {e}")));
+                return;
+            }
+            Err(_) => return,
+        };
+        if page.is_empty() {
+            tokio::select! {
+                // Any transition (or a lagged notice) means there may be more to read.
+                _ = wake.recv() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => return,
+                () = tx.closed() => return,
+            }
+            continue;
+        }
+        for r in &page {
+            sub.after = r.global;
+            if sub.instance.as_ref().is_some_and(|n| *n != r.instance) {
+                continue;
+            }
+            match tokio::time::timeout(SLOW_SUBSCRIBER, tx.send(sse_event(r))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return, // the client left
+                Err(_) => {
+                    let data = serde_json::json!({
+                        "reason": format!("the stream was not read for {} s with events waiting", SLOW_SUBSCRIBER.as_secs()),
+                        "resume": "reconnect with Last-Event-ID set to the last id received",
+                    });
+                    let _ = last.send(SseEvent::default().event("dropped").data(data.to_string()));
+                    return;
+                }
+            }
+        }
+    }
+}

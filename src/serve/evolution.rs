@@ -1,0 +1,350 @@
+//! The Evolution-API-compatible subset under `/instance/…`, so an existing
+//! Evolution client can point at the service, and Evolution's webhook
+//! envelope for lifecycle events.
+//!
+//! Faithful: the routes, `apikey` auth (global key or the instance's
+//! token), the response shapes of create / connect / connectionState /
+//! restart / logout / delete / fetchInstances, the error envelope
+//! `{status, error, response: {message}}`, and the webhook envelope
+//! `{event, instance, data, destination, date_time, sender, server_url,
+//! apikey}`. Different, on purpose: a zombie is `connecting`, never `open`
+//! (Evolution #1153, #2443); logout succeeds on any instance and always ends
+//! `close` (R5; Evolution answers 400 when the socket is already gone);
+//! delete always removes and always sends `remove.instance` (R2; Evolution
+//! answers 400 and sends nothing when its logout throws). Accepted and
+//! ignored at create: the WhatsApp settings (`rejectCall`, `msgCall`,
+//! `groupsIgnore`, `alwaysOnline`, `readMessages`, `readStatus`,
+//! `syncFullHistory`), `number`, `integration`, and the per-instance
+//! `webhook` (configure webhooks on the service). Not filled: `apikey` in
+//! the webhook envelope (tokens are kept only as digests), profile names and
+//! pictures, QR images (`base64`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use axum::Json;
+use axum::extract::{Path, Query, State as AxumState};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::{Caller, new_token};
+use super::error::ApiError;
+use super::events::rfc3339;
+use crate::log::{Event, InstanceSpec, Record};
+use crate::machine::{ClosedCause, Input, InstanceName, State, StateKind};
+
+/// The latest pairing code each instance's host reported (not recorded in
+/// the log): what `qrcode.updated` and `connect` show.
+#[derive(Default)]
+pub(crate) struct PairingCodes(Mutex<HashMap<InstanceName, String>>);
+
+impl PairingCodes {
+    pub(crate) fn set(&self, name: &InstanceName, code: String) {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), code);
+    }
+
+    pub(crate) fn get(&self, name: &InstanceName) -> Option<String> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
+    }
+}
+
+/// An error in Evolution's envelope: `{status, error, response: {message: [..]}}`.
+pub(crate) struct EvoError(ApiError);
+
+impl From<ApiError> for EvoError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<crate::engine::EngineError> for EvoError {
+    fn from(e: crate::engine::EngineError) -> Self {
+        Self(e.into())
+    }
+}
+
+impl IntoResponse for EvoError {
+    fn into_response(self) -> Response {
+        let ApiError { status, message, .. } = self.0;
+        let body = json!({
+            "status": status.as_u16(),
+            "error": status.canonical_reason().unwrap_or("Error"),
+            "response": { "message": [message] },
+        });
+        (status, Json(body)).into_response()
+    }
+}
+
+/// The body of `POST /instance/create`: Evolution's fields, loosely typed as
+/// its clients send them; unknown fields are accepted (and ignored) as Evolution does.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct CreateBody {
+    instance_name: Option<String>,
+    token: Option<String>,
+    /// Connect right away (Evolution: and wait for a QR code).
+    #[serde(default)]
+    qrcode: bool,
+    integration: Option<String>,
+    /// Ours: where the instance connects (`ws://…`, `wss://…` or `external:`);
+    /// absent: the service's `default_url`.
+    url: Option<String>,
+}
+
+fn state_of(state: &State) -> &'static str {
+    state.coarse().as_str()
+}
+
+fn connection_state(name: &str, state: &State) -> Value {
+    json!({ "instance": { "instanceName": name, "state": state_of(state) } })
+}
+
+fn success(message: &str) -> Value {
+    json!({ "status": "SUCCESS", "error": false, "response": { "message": message } })
+}
+
+/// `POST /instance/create`.
+pub(crate) async fn create(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), EvoError> {
+    app.auth.global(&headers, "instance creation")?;
+    let body: CreateBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
+    let Some(name) = body.instance_name.filter(|n| !n.is_empty()) else {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "instanceName is required").into());
+    };
+    if let Some(integration) = body.integration.as_deref().filter(|i| *i != "WHATSAPP-BAILEYS") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("integration {integration}: only WHATSAPP-BAILEYS sessions are lifecycle sessions"),
+        )
+        .into());
+    }
+    let url = body.url.or_else(|| app.config.default_url.clone()).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "no url given and the service has no default_url: send \"url\" (ws://, wss:// or external:)",
+        )
+    })?;
+    // Evolution answers a taken name with 403 "already in use".
+    if let Ok(state) = app.engine.state(&name) {
+        let _ = state;
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "already_exists",
+            format!("This name \"{name}\" is already in use."),
+        )
+        .into());
+    }
+    let token = match body.token.filter(|t| !t.is_empty()) {
+        Some(t) if app.auth.token_taken(&t) => {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "token_taken", "this token is already in use").into());
+        }
+        Some(t) => t,
+        None => new_token()?,
+    };
+    let started = std::time::Instant::now();
+    app.engine.create(&name, InstanceSpec { url }).await?;
+    let instance = InstanceName::new(name.as_str()).map_err(|e| ApiError::body(e.to_string()))?;
+    app.auth.set_token(&instance, &token)?;
+    let state = if body.qrcode { app.engine.connect(&name).await? } else { app.engine.state(&name)? };
+    app.metrics.command("create", started.elapsed());
+    let body = json!({
+        "instance": {
+            "instanceName": name,
+            "instanceId": name,
+            "integration": "WHATSAPP-BAILEYS",
+            "status": state_of(&state),
+        },
+        "hash": token,
+        "settings": {},
+    });
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+fn check(app: &AppState, headers: &HeaderMap, name: &str) -> Result<(), EvoError> {
+    app.auth.instance(headers, name)?;
+    // Evolution's guard: an unknown name is 404 "does not exist".
+    match app.engine.state(name) {
+        Err(crate::engine::EngineError::UnknownInstance { .. } | crate::engine::EngineError::Removed { .. }) => Err(
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_instance", format!("The \"{name}\" instance does not exist"))
+                .into(),
+        ),
+        Err(e) => Err(e.into()),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// `GET /instance/connect/{name}`: connects a closed instance; answers the
+/// pairing state (or, when open, the connection state).
+pub(crate) async fn connect(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, EvoError> {
+    check(&app, &headers, &name)?;
+    let started = std::time::Instant::now();
+    let state = app.engine.connect(&name).await?;
+    app.metrics.command("connect", started.elapsed());
+    if state.kind() == StateKind::Open {
+        return Ok(Json(connection_state(&name, &state)));
+    }
+    let instance = InstanceName::new(name.as_str()).map_err(|e| ApiError::body(e.to_string()))?;
+    let codes = match &state {
+        State::Connecting { phase: crate::machine::Phase::Pairing { codes }, .. } => *codes,
+        _ => 0,
+    };
+    Ok(Json(json!({ "pairingCode": app.pairing.get(&instance), "code": null, "count": codes })))
+}
+
+/// `GET /instance/connectionState/{name}`.
+pub(crate) async fn connection_state_route(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, EvoError> {
+    check(&app, &headers, &name)?;
+    let state = app.engine.state(&name)?;
+    Ok(Json(connection_state(&name, &state)))
+}
+
+/// `POST /instance/restart/{name}`.
+pub(crate) async fn restart(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, EvoError> {
+    check(&app, &headers, &name)?;
+    let started = std::time::Instant::now();
+    let state = app.engine.restart(&name).await?;
+    app.metrics.command("restart", started.elapsed());
+    Ok(Json(connection_state(&name, &state)))
+}
+
+/// `DELETE /instance/logout/{name}`: ends `close`, whatever the socket does (R5).
+pub(crate) async fn logout(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, EvoError> {
+    check(&app, &headers, &name)?;
+    let started = std::time::Instant::now();
+    app.engine.logout(&name).await?;
+    app.metrics.command("logout", started.elapsed());
+    Ok(Json(success("Instance logged out")))
+}
+
+/// `DELETE /instance/delete/{name}`: always removes (R2) — even when the
+/// logout fails, the seed's fix — and `remove.instance` always follows.
+pub(crate) async fn delete(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, EvoError> {
+    check(&app, &headers, &name)?;
+    let started = std::time::Instant::now();
+    app.engine.delete(&name).await?;
+    app.metrics.command("delete", started.elapsed());
+    Ok(Json(success("Instance deleted")))
+}
+
+/// The query of `GET /instance/fetchInstances`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct FetchQuery {
+    instance_name: Option<String>,
+}
+
+/// `GET /instance/fetchInstances[?instanceName=]`: every instance for the
+/// global key; an instance's own token sees only its instance.
+pub(crate) async fn fetch_instances(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<FetchQuery>,
+) -> Result<Json<Value>, EvoError> {
+    let caller = app.auth.caller(&headers)?;
+    let list = app.engine.list();
+    let wanted = |name: &InstanceName| {
+        query.instance_name.as_deref().is_none_or(|q| q == name.as_str())
+            && match &caller {
+                Caller::Global => true,
+                Caller::Instance(own) => own == name,
+            }
+    };
+    let out: Vec<Value> = list
+        .iter()
+        .filter(|(name, _)| wanted(name))
+        .map(|(name, state)| {
+            json!({
+                "id": name.as_str(),
+                "name": name.as_str(),
+                "connectionStatus": state_of(state),
+                "ownerJid": state.identity().map(|i| i.as_str().to_owned()),
+                "integration": "WHATSAPP-BAILEYS",
+                "state": state.to_string(),
+            })
+        })
+        .collect();
+    if let Some(q) = query.instance_name.as_deref()
+        && out.is_empty()
+    {
+        return Err(
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_instance", format!("Instance \"{q}\" not found")).into()
+        );
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+/// The Evolution webhook events a record makes (event name, envelope).
+pub(crate) fn webhook_events(
+    record: &Record,
+    server_url: Option<&str>,
+    destination: &str,
+    pairing: &PairingCodes,
+) -> Vec<(String, Value)> {
+    let Event::Transition { from, input, .. } = &record.event else { return Vec::new() };
+    let to = &record.to.state;
+    let name = record.instance.as_str();
+    let envelope = |event: &str, data: Value| {
+        json!({
+            "event": event,
+            "instance": name,
+            "data": data,
+            "destination": destination,
+            "date_time": rfc3339(record.at),
+            "sender": to.identity().map(|i| i.as_str()),
+            "server_url": server_url,
+            "apikey": null,
+        })
+    };
+    let mut out = Vec::new();
+    if matches!(input, Input::PairingCode { .. }) {
+        let code = pairing.get(&record.instance);
+        let data = json!({ "qrcode": { "instance": name, "pairingCode": code, "code": null, "base64": null } });
+        out.push(("qrcode.updated".to_owned(), envelope("qrcode.updated", data)));
+    }
+    if from.state.coarse() != to.coarse() || to.kind() == StateKind::Removed {
+        let status_reason = input.closed().and_then(|(_, status, _)| status).map_or(200, |s| s.0);
+        let mut data = json!({ "instance": name, "state": state_of(to), "statusReason": status_reason });
+        if let Some(identity) = to.identity() {
+            data["wuid"] = json!(identity.as_str());
+        }
+        out.push(("connection.update".to_owned(), envelope("connection.update", data)));
+    }
+    if matches!(to, State::Closed { cause: ClosedCause::LoggedOut { .. }, .. })
+        && from.state.kind() != StateKind::Closed
+    {
+        out.push(("logout.instance".to_owned(), envelope("logout.instance", json!({ "instance": name }))));
+    }
+    if to.kind() == StateKind::Removed && from.state.kind() != StateKind::Removed {
+        out.push(("remove.instance".to_owned(), envelope("remove.instance", json!({ "instance": name }))));
+    }
+    out
+}

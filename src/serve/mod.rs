@@ -1,0 +1,352 @@
+//! `lifecycle serve`: the engine as a service for hosts in any language.
+//!
+//! | route | what |
+//! |---|---|
+//! | `/v1/instances…` | our REST API (see `api`), OpenAPI at `/v1/openapi.json` |
+//! | `/v1/events` | every transition as it is recorded (SSE, resumable with `Last-Event-ID`) |
+//! | `/v1/instances/{name}/signals`, `/v1/effects` | host-driven sessions (see `external`) |
+//! | `/v1/webhooks…` | webhook progress and dead letters (see `webhook`) |
+//! | `/instance/…` | the Evolution-API-compatible subset (see `evolution`) |
+//! | `/healthz`, `/metrics` | liveness, Prometheus metrics |
+//!
+//! A thin layer over the engine's public API: it adds no lifecycle rule of
+//! its own. Bounds: request bodies (`limits.body_bytes`), every request's
+//! time (`limits.request_timeout`, above the engine's longest command), SSE
+//! subscribers (`limits.sse_subscribers`; each reads the log at its own pace
+//! and never holds the engine up), webhook retries and dead letters (see
+//! `webhook`). It listens on 127.0.0.1 by default and refuses any other
+//! address without an API key.
+
+mod api;
+mod auth;
+mod error;
+mod events;
+mod evolution;
+mod external;
+mod metrics;
+mod openapi;
+mod webhook;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, watch};
+
+pub use api::{AfterQuery, CreateInstance, Created, Health, InstanceView, ListQuery, TransportKind};
+pub use error::{ApiError, ErrorBody, ErrorDetail, ServeError};
+pub use events::{EventBody, SLOW_SUBSCRIBER};
+pub use external::{HostAction, HostEffect, HostSignal, Initiator};
+pub use openapi::ApiDoc;
+pub use webhook::{DeadLetter, WebhookConfig, WebhookFormat, WebhookStatus, signature};
+
+use crate::engine::{Engine, EngineConfig};
+use crate::log::LogConfig;
+use crate::machine::{Policy, Preset};
+use crate::transport::{ReferenceProtocol, WsLimits, WsTransport};
+
+/// The service's settings: `lifecycle serve --config FILE` reads them as
+/// TOML (durations as text: `"10s"`, `"2m"`); flags override the file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// The log's directory (created if missing).
+    pub data: PathBuf,
+    /// Where to listen. Anything but a loopback address needs `api_key`.
+    pub listen: SocketAddr,
+    /// The global API key: it opens everything. Without one, the API is open (loopback only).
+    pub api_key: Option<String>,
+    /// The close-status preset the policy starts from (`whatsapp`, `evolution`, `discord`, `rfc6455`).
+    #[serde(with = "preset_name")]
+    pub preset: Preset,
+    /// A whole policy, instead of the preset's.
+    pub policy: Option<Policy>,
+    /// Where instances created without a `url` connect.
+    pub default_url: Option<String>,
+    /// This service's own URL, for Evolution's webhook envelope (`server_url`).
+    pub server_url: Option<String>,
+    /// The log's durability and sizes.
+    pub log: LogConfig,
+    /// Webhooks: each gets every event (or those it names), at least once, in order.
+    pub webhooks: Vec<WebhookConfig>,
+    /// Bounds on what clients can make the service do.
+    pub limits: Limits,
+}
+
+/// A preset by its name, as the CLI takes it.
+mod preset_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::machine::Preset;
+
+    pub(super) fn serialize<S: Serializer>(preset: &Preset, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(preset.as_str())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Preset, D::Error> {
+        let name = String::deserialize(d)?;
+        Preset::parse(&name).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Bounds on what clients can make the service do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body: the API's bodies are a few hundred bytes.
+    pub body_bytes: usize,
+    /// Bound on a request; absent: the engine's longest command (logout +
+    /// close + clean-up + connect time-outs, plus slack) and 5 s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// Open `/v1/events` streams at most; one more is answered 503.
+    pub sse_subscribers: usize,
+    /// Dead letters kept per webhook; past it the oldest is discarded.
+    pub dead_letters_max: u64,
+    /// Records the webhooks may lag behind the log's tip while holding compaction back.
+    pub backlog_max: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            body_bytes: 64 * 1024,
+            request_timeout: None,
+            sse_subscribers: 256,
+            dead_letters_max: 10_000,
+            backlog_max: 1_000_000,
+        }
+    }
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            data: PathBuf::from("lifecycle-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_key: None,
+            preset: Preset::Whatsapp,
+            policy: None,
+            default_url: None,
+            server_url: None,
+            log: LogConfig::default(),
+            webhooks: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ServeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ServeError::Config { path: path.to_path_buf(), message: e.to_string() })?;
+        toml::from_str(&text).map_err(|e| ServeError::Config { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    /// The policy the engine runs.
+    pub fn policy(&self) -> Policy {
+        self.policy.clone().unwrap_or_else(|| Policy::preset(self.preset))
+    }
+
+    fn check(&self) -> Result<(), ServeError> {
+        if !self.listen.ip().is_loopback() && self.api_key.as_deref().is_none_or(str::is_empty) {
+            return Err(ServeError::Unprotected { addr: self.listen });
+        }
+        if self.api_key.as_deref().is_some_and(|k| k.len() < 16) {
+            return Err(ServeError::Invalid { field: "api_key", reason: "at least 16 characters".into() });
+        }
+        if let Some(url) = &self.default_url {
+            crate::transport::Endpoint::parse(url)
+                .map_err(|e| ServeError::Invalid { field: "default_url", reason: e.to_string() })?;
+        }
+        if self.limits.sse_subscribers == 0 || self.limits.body_bytes < 1024 {
+            return Err(ServeError::Invalid {
+                field: "limits",
+                reason: "sse_subscribers must be at least 1 and body_bytes at least 1024".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    engine: Engine,
+    config: Arc<ServeConfig>,
+    auth: Arc<auth::Auth>,
+    hub: Arc<external::Hub>,
+    metrics: Arc<metrics::Metrics>,
+    outbox: Arc<webhook::Outbox>,
+    pairing: Arc<evolution::PairingCodes>,
+    subscribers: Arc<Semaphore>,
+    diagram: Arc<str>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// A running service.
+pub struct Service {
+    addr: SocketAddr,
+    engine: Engine,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Service {
+    /// Opens the engine on `config.data` (restoring every instance, R11),
+    /// binds `config.listen` and starts serving and delivering webhooks.
+    pub async fn start(config: ServeConfig) -> Result<Self, ServeError> {
+        config.check()?;
+        let metrics = Arc::new(metrics::Metrics::new());
+        let hub = external::Hub::new();
+        let hook = {
+            let metrics = metrics.clone();
+            Arc::new(move |n: &crate::engine::Notification| metrics.transition(n)) as crate::engine::TransitionHook
+        };
+        let ws = WsTransport::new(Arc::new(ReferenceProtocol), WsLimits::default());
+        let engine_config = EngineConfig {
+            policy: config.policy(),
+            log: config.log.clone(),
+            transport: Arc::new(external::Routed { ws, hub: hub.clone() }),
+            on_transition: Some(hook),
+            ..EngineConfig::default()
+        };
+        let engine = Engine::open(&config.data, engine_config).await?;
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(source) => {
+                let _ = engine.shutdown().await;
+                return Err(ServeError::Listen { addr: config.listen, source });
+            }
+        };
+        let addr = listener.local_addr().map_err(|source| ServeError::Listen { addr: config.listen, source })?;
+        let log = engine.log().clone();
+        let pairing = Arc::new(evolution::PairingCodes::default());
+        let limits = webhook::OutboxLimits {
+            dead_letters_max: config.limits.dead_letters_max,
+            backlog_max: config.limits.backlog_max,
+            server_url: config.server_url.clone(),
+        };
+        let outbox = Arc::new(webhook::Outbox::load(&config.webhooks, &log, &metrics, limits, &pairing)?);
+        let auth = Arc::new(auth::Auth::load(config.api_key.as_deref(), log)?);
+        let (stop, shutdown) = watch::channel(false);
+        let workers = outbox.start(&engine, &shutdown);
+        let timeout = config.limits.request_timeout.unwrap_or(engine.command_bound() + Duration::from_secs(5));
+        let state = AppState {
+            engine: engine.clone(),
+            subscribers: Arc::new(Semaphore::new(config.limits.sse_subscribers)),
+            config: Arc::new(config),
+            auth,
+            hub,
+            metrics,
+            outbox,
+            pairing,
+            diagram: crate::diagram::Diagram::from_rules().render(crate::diagram::Format::Mermaid).into(),
+            shutdown: shutdown.clone(),
+        };
+        let protection = if state.auth.enabled() { "API key" } else { "none (loopback only)" };
+        let app = router(state, timeout);
+        let mut graceful = shutdown.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = graceful.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        tracing::info!(%addr, auth = protection, "serving");
+        Ok(Self { addr, engine, stop, server, workers })
+    }
+
+    /// The address it listens on (with the port, when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The engine it serves.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Stops: no new requests, streams end, webhook workers stop (an event
+    /// in flight is redelivered after the next start), then the engine shuts
+    /// down within its bound and the log is synced.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        let _ = self.stop.send(true);
+        for w in self.workers {
+            let _ = w.await;
+        }
+        // Requests in flight finish within their time-out; the server then ends.
+        let served = self.server.await;
+        self.engine.shutdown().await?;
+        match served {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Server(e)),
+            Err(e) => Err(ServeError::Server(std::io::Error::other(e.to_string()))),
+        }
+    }
+}
+
+/// Every route, with the bounds on bodies and time.
+fn router(state: AppState, timeout: Duration) -> Router {
+    let body_limit = state.config.limits.body_bytes;
+    Router::new()
+        .route("/v1/instances", post(api::create).get(api::list))
+        .route("/v1/instances/{name}", get(api::get).delete(api::delete))
+        .route("/v1/instances/{name}/connect", post(api::connect))
+        .route("/v1/instances/{name}/logout", post(api::logout))
+        .route("/v1/instances/{name}/restart", post(api::restart))
+        .route("/v1/instances/{name}/history", get(api::history))
+        .route("/v1/instances/{name}/signals", post(api::signal))
+        .route("/v1/effects", get(api::effects))
+        .route("/v1/events", get(api::events))
+        .route("/v1/diagram", get(api::diagram))
+        .route("/v1/webhooks", get(api::webhooks))
+        .route("/v1/webhooks/dead", get(api::dead_letters))
+        .route("/v1/webhooks/dead/{webhook}/{id}/retry", post(api::retry_dead))
+        .route("/v1/openapi.json", get(api::openapi))
+        .route("/healthz", get(api::health))
+        .route("/metrics", get(api::metrics))
+        .route("/instance/create", post(evolution::create))
+        .route("/instance/connect/{name}", get(evolution::connect))
+        .route("/instance/connectionState/{name}", get(evolution::connection_state_route))
+        .route("/instance/restart/{name}", post(evolution::restart))
+        .route("/instance/logout/{name}", delete(evolution::logout))
+        .route("/instance/delete/{name}", delete(evolution::delete))
+        .route("/instance/fetchInstances", get(evolution::fetch_instances))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(move |req: Request, next: Next| bounded(req, next, timeout)))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route {} {}: see /v1/openapi.json", req.method(), req.uri().path()),
+    )
+}
+
+/// Bounds a request's handling in time (a stream's body is not bounded: it has begun).
+async fn bounded(req: Request, next: Next, timeout: Duration) -> Response {
+    let what = format!("{} {}", req.method(), req.uri().path());
+    match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            axum::http::StatusCode::GATEWAY_TIMEOUT,
+            "timed_out",
+            format!("{what} took longer than {timeout:?}"),
+        )
+        .into_response(),
+    }
+}
