@@ -60,7 +60,7 @@ pub use integrity::{AcceptedLoss, HeadCheck};
 pub use record::{Corruption, Digest, Event, InstanceSpec, Latest, Record};
 pub use recovery::{RecoveredInstance, Recovery, RecoveryMode, RecoveryOptions};
 pub use retention::{CompactionReport, Retention};
-pub use store::{MemoryStore, SledStore, Store, StoreError};
+pub use store::{MemoryStore, Pair, SledStore, Store, StoreError};
 pub use verify::{Finding, Note, Report};
 
 use crate::machine::{Instance, InstanceName, Pending, Policy, Timestamp};
@@ -715,7 +715,7 @@ impl Log {
     }
 
     /// Every auxiliary pair whose key starts with `prefix`, in key order (keys without the space's prefix).
-    pub fn aux_scan(&self, prefix: &[u8]) -> Result<Vec<crate::log::store::Pair>, LogError> {
+    pub fn aux_scan(&self, prefix: &[u8]) -> Result<Vec<Pair>, LogError> {
         self.store()
             .scan(&keys::aux(prefix))
             .map(|r| r.map(|(k, v)| (k[1..].to_vec(), v)).map_err(LogError::from))

@@ -345,23 +345,29 @@ pub(crate) async fn effects(
         return Err(ApiError::body(format!("unknown parameter {unknown}")));
     }
     let rx = app.hub.subscribe();
-    let stream = futures_util::stream::unfold(rx, move |mut rx| {
+    // The stream ends when the service shuts down: a graceful shutdown waits for
+    // every open connection, and this one would otherwise never end.
+    let stream = futures_util::stream::unfold((rx, app.shutdown.clone()), move |(mut rx, mut shutdown)| {
         let filter = filter.clone();
         async move {
             loop {
-                match rx.recv().await {
+                let received = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = shutdown.wait_for(|s| *s) => return None,
+                };
+                match received {
                     Ok(e) if filter.as_deref().is_some_and(|f| f != e.instance.as_str()) => continue,
                     Ok(e) => {
                         let data = serde_json::to_string(&e).unwrap_or_default();
                         let event =
                             axum::response::sse::Event::default().id(e.id.to_string()).event("effect").data(data);
-                        return Some((Ok::<_, std::convert::Infallible>(event), rx));
+                        return Some((Ok::<_, std::convert::Infallible>(event), (rx, shutdown)));
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         let event = axum::response::sse::Event::default().event("lagged").data(format!(
                             "{{\"missed\":{n},\"what_to_do\":\"read each instance's state and reconnect\"}}"
                         ));
-                        return Some((Ok(event), rx));
+                        return Some((Ok(event), (rx, shutdown)));
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 }

@@ -20,5 +20,6 @@ mod log;
 mod model;
 mod rules;
 mod seeds;
+mod serve;
 mod support;
 mod table;
