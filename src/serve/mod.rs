@@ -350,3 +350,34 @@ async fn bounded(req: Request, next: Next, timeout: Duration) -> Response {
         .into_response(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README points at `examples/serve.toml`: it must stay a file the service reads.
+    #[test]
+    fn the_example_config_reads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/serve.toml");
+        let config = ServeConfig::from_file(&path).expect("examples/serve.toml reads");
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(config.preset, Preset::Whatsapp);
+        assert_eq!(config.default_url.as_deref(), Some("ws://127.0.0.1:9001"));
+        assert_eq!(config.limits, Limits::default(), "the file shows the defaults");
+        let [crm, evolution] = &config.webhooks[..] else { panic!("two webhooks: {:?}", config.webhooks) };
+        assert_eq!((crm.id.as_deref(), crm.format, crm.timeout), (Some("crm"), WebhookFormat::Lifecycle, Duration::from_secs(10)));
+        assert_eq!(crm.headers.get("x-tenant").map(String::as_str), Some("acme"));
+        assert_eq!(evolution.format, WebhookFormat::Evolution);
+        assert_eq!(evolution.events, ["connection.update", "remove.instance"]);
+    }
+
+    /// A misspelt setting is an error that names it, not a silently ignored line.
+    #[test]
+    fn an_unknown_setting_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("serve.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:8080\"\ndefault_ulr = \"ws://x\"\n").expect("write");
+        let err = ServeConfig::from_file(&path).expect_err("unknown field");
+        assert!(err.to_string().contains("default_ulr"), "{err}");
+    }
+}
