@@ -365,7 +365,10 @@ mod tests {
         assert_eq!(config.default_url.as_deref(), Some("ws://127.0.0.1:9001"));
         assert_eq!(config.limits, Limits::default(), "the file shows the defaults");
         let [crm, evolution] = &config.webhooks[..] else { panic!("two webhooks: {:?}", config.webhooks) };
-        assert_eq!((crm.id.as_deref(), crm.format, crm.timeout), (Some("crm"), WebhookFormat::Lifecycle, Duration::from_secs(10)));
+        assert_eq!(
+            (crm.id.as_deref(), crm.format, crm.timeout),
+            (Some("crm"), WebhookFormat::Lifecycle, Duration::from_secs(10))
+        );
         assert_eq!(crm.headers.get("x-tenant").map(String::as_str), Some("acme"));
         assert_eq!(evolution.format, WebhookFormat::Evolution);
         assert_eq!(evolution.events, ["connection.update", "remove.instance"]);

@@ -720,3 +720,36 @@ impl JsonValue for reqwest::Response {
         serde_json::from_str(&self.text().await.unwrap_or_default()).unwrap_or(Value::Null)
     }
 }
+
+/// `examples/host.mjs` — the README's host in plain Node — walks a session
+/// through the rules against a real service. CI installs Node and requires it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_host_example_runs() {
+    let has_node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(has_node || std::env::var_os("CI").is_none(), "CI must have Node (.ci/run installs it)");
+    if !has_node {
+        eprintln!("node not found: examples/host.mjs is not run here");
+        return;
+    }
+    let svc = Svc::start(fast(Preset::Whatsapp), |c| c.api_key = Some(KEY.into())).await;
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/host.mjs");
+    let run = tokio::process::Command::new("node")
+        .arg(&example)
+        .args([svc.base.as_str(), "from-node"])
+        .env("LIFECYCLE_API_KEY", KEY)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run).await.expect("node ran within 60 s").expect("node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok  ")).count(), 6, "{stdout}");
+    // What the example says happened is what the log says happened.
+    let (_, history) = svc.get("/v1/instances/from-node/history").await;
+    let inputs: Vec<&str> = history.as_array().expect("history").iter().filter_map(|e| e["input"].as_str()).collect();
+    assert_eq!(inputs.iter().filter(|i| **i == "opened").count(), 2, "opened, then reopened after 408: {inputs:?}");
+    assert!(
+        inputs.contains(&"reconnect timer") && inputs.contains(&"logout") && inputs.contains(&"delete"),
+        "{inputs:?}"
+    );
+    svc.stop().await;
+}
