@@ -177,11 +177,15 @@ impl FlushShared {
             match result {
                 Ok(()) => {
                     s.durable = s.durable.max(global);
-                    let _ = self.durable.send(s.durable);
+                    // `send_replace`, never `send`: `send` does not store the
+                    // value when no one is subscribed at this instant, and a
+                    // waiter that subscribes a moment later would then see an
+                    // old value and wait for a commit that already happened.
+                    self.durable.send_replace(s.durable);
                 }
                 Err(e) => {
                     s.error = Some(format!("flush failed: {e}"));
-                    let _ = self.durable.send(u64::MAX);
+                    self.durable.send_replace(u64::MAX);
                     self.done.notify_all();
                     break;
                 }
@@ -190,5 +194,28 @@ impl FlushShared {
         }
         self.lock().stop = true;
         self.done.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::store::MemoryStore;
+
+    /// A commit that completes while no one waits must still be seen by a
+    /// waiter that comes a moment later (an append acknowledged after its
+    /// commit already ran). With `watch::Sender::send` the value was dropped
+    /// when no receiver existed, and such a waiter waited forever.
+    #[test]
+    fn a_commit_nobody_waited_for_is_seen_by_a_later_waiter() {
+        let flusher = Flusher::start(Arc::new(MemoryStore::new()), LogId::fresh(), 0, Duration::ZERO, Reach::Os);
+        flusher.request(1, Digest::ZERO);
+        flusher.wait_blocking(1).expect("committed");
+        assert_eq!(flusher.durable(), 1);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+        let waited =
+            runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), flusher.wait_async(1)).await });
+        assert_eq!(waited, Ok(Ok(())), "the later waiter sees the commit that already happened");
+        flusher.stop();
     }
 }

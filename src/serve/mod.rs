@@ -281,7 +281,7 @@ impl Service {
     /// in flight is redelivered after the next start), then the engine shuts
     /// down within its bound and the log is synced.
     pub async fn shutdown(self) -> Result<(), ServeError> {
-        let _ = self.stop.send(true);
+        self.stop.send_replace(true);
         for w in self.workers {
             let _ = w.await;
         }

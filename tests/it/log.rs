@@ -758,3 +758,109 @@ fn a_head_kept_elsewhere_is_checked() {
     let ahead = log.check_anchor(5, link).expect("the log ends before");
     assert!(ahead.to_string().contains("3 record(s)"), "{ahead}");
 }
+
+/// A clean log says nothing beyond "clean": no note either. Each note
+/// appears exactly when its condition holds: a head behind the tip (records
+/// never acknowledged), a log written before heads and chains (v1).
+#[test]
+fn notes_appear_exactly_when_their_condition_holds() {
+    use instance_lifecycle::log::record::{decode_record, encode_record};
+    use instance_lifecycle::log::{HeadCheck, Note};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = write_sample_log(dir.path());
+    {
+        let (clean, _) = Log::open_copy(dir.path()).expect("copy");
+        let report = clean.verify(&policy);
+        assert!(report.is_clean() && report.notes.is_empty(), "{:#?}", report.notes);
+        assert_eq!((report.instances, report.records), (3, 12));
+        let recorded = clean.verify_recorded(&policy);
+        assert!(recorded.is_clean() && recorded.notes.is_empty(), "{:#?}", recorded.notes);
+        assert_eq!((recorded.instances, recorded.records), (3, 12), "verify_recorded reads every record");
+    }
+
+    // The head as it was, then one more instance appended and acknowledged:
+    // putting the old head back leaves records after it, never acknowledged.
+    let head = std::fs::read(dir.path().join("head")).expect("head");
+    {
+        let log = Log::open(dir.path(), buffered()).expect("open");
+        let mut d = Driver::new(name("late"), policy.clone());
+        d.feed(Input::Connect);
+        append_to_log(&log, &d).expect("append");
+    }
+    std::fs::write(dir.path().join("head"), &head).expect("old head back");
+    {
+        let (behind, _) = Log::open_copy(dir.path()).expect("copy");
+        let report = behind.verify(&policy);
+        assert!(report.is_clean(), "behind is not a loss: {:#?}", report.findings);
+        assert!(
+            matches!(report.notes[..], [Note::HeadBehind { check: HeadCheck::Behind { head: 12, tip: 14 } }]),
+            "{:#?}",
+            report.notes
+        );
+    }
+
+    // As a v1 build wrote it: the v1 marker, records without links, no head.
+    tamper(dir.path(), |t| {
+        t.insert(b"mformat", b"instance-lifecycle log v1".to_vec()).expect("marker");
+        for item in t.scan_prefix(b"r") {
+            let (k, v) = item.expect("scan");
+            let mut r = decode_record(&v).expect("record");
+            r.prev = None;
+            t.insert(k, encode_record(&r)).expect("v1 record");
+        }
+    });
+    std::fs::remove_file(dir.path().join("head")).expect("no head");
+    let (legacy, _) = Log::open_copy(dir.path()).expect("copy");
+    let report = legacy.verify(&policy);
+    assert!(report.is_clean(), "{:#?}", report.findings);
+    assert!(report.notes.contains(&Note::Legacy), "{:#?}", report.notes);
+    assert!(report.notes.contains(&Note::Unchained { records: 14 }), "{:#?}", report.notes);
+    assert_eq!(report.notes.len(), 2, "{:#?}", report.notes);
+}
+
+/// An instance's history starts with its creation at seq 1, or with a
+/// snapshot. A creation further on (a name created again) is not a start
+/// when what came before it is gone.
+#[test]
+fn a_history_starting_with_a_later_creation_is_a_bad_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = Policy::preset(Preset::Whatsapp);
+    {
+        let log = Log::open(dir.path(), buffered()).expect("open");
+        let mut d = Driver::new(name("again"), policy.clone());
+        d.feed(Input::Delete);
+        d.feed(Input::CleanupFinished { steps: vec![] });
+        let removed = append_to_log(&log, &d).expect("append");
+        log.append(&name("again"), removed + 1, Timestamp(9), Event::created("ws://x/"), &Instance::new())
+            .expect("created again");
+    }
+    {
+        let (clean, _) = Log::open_copy(dir.path()).expect("copy");
+        let report = clean.verify(&policy);
+        assert!(report.is_clean(), "created again is fine: {:#?}", report.findings);
+    }
+    // Everything before the second creation gone (records and their index).
+    tamper(dir.path(), |t| {
+        let mut doomed = Vec::new();
+        for item in t.scan_prefix(b"r") {
+            let (k, v) = item.expect("scan");
+            let r = instance_lifecycle::log::record::decode_record(&v).expect("record");
+            if !matches!(r.event, Event::Created { .. }) || r.seq == 1 {
+                doomed.push((k, r.global));
+            }
+        }
+        for (k, global) in doomed {
+            t.remove(k).expect("rm");
+            let mut g = vec![b'g'];
+            g.extend_from_slice(&global.to_be_bytes());
+            t.remove(g).expect("rm index");
+        }
+    });
+    let (log, _) = Log::open_copy(dir.path()).expect("copy");
+    let report = log.verify(&policy);
+    assert!(
+        report.findings.iter().any(|f| matches!(f, Finding::BadStart { event: "created", .. })),
+        "{:#?}",
+        report.findings
+    );
+}
