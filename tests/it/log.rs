@@ -656,6 +656,23 @@ fn each_defect_is_found_as_what_it_is() {
             |f| matches!(f, Finding::BrokenChain { instance, seq: 3, .. } if instance.as_str() == "i1"),
         ),
         (
+            "recorded effects the rules do not produce",
+            |t| {
+                rewrite(t, "i1", 2, |r| {
+                    if let Event::Transition { effects, .. } = &mut r.event {
+                        assert!(!effects.is_empty(), "connect has effects");
+                        effects.clear();
+                    }
+                })
+            },
+            |f| matches!(f, Finding::Divergence { instance, seq: 2, .. } if instance.as_str() == "i1"),
+        ),
+        (
+            "a recorded generation the rules do not produce",
+            |t| rewrite(t, "i1", 2, |r| r.to.generation = Generation(5)),
+            |f| matches!(f, Finding::Divergence { instance, seq: 2, .. } if instance.as_str() == "i1"),
+        ),
+        (
             "a latest-state entry gone",
             |t| drop(t.remove(b"li1").expect("rm")),
             |f| matches!(f, Finding::LatestMismatch { instance, detail } if instance.as_str() == "i1" && detail.contains("missing")),
