@@ -252,3 +252,17 @@ fn every_reason_prints_distinct_and_nonempty() {
     assert_eq!(distinct.len(), texts.len(), "two reasons read the same: {texts:?}");
     assert!(texts[0].contains("g0") && texts[0].contains("g1"), "a stale reason names both generations: {}", texts[0]);
 }
+
+/// The policies the table is explored under are valid, and each has its own
+/// name: a failing cell names the policy it failed under.
+#[test]
+fn exploration_policies_are_valid_and_named_apart() {
+    let policies = exploration_policies();
+    let mut names: Vec<&str> = policies.iter().map(|p| p.name.as_str()).collect();
+    for p in &policies {
+        assert_eq!(p.validate(), Ok(()), "{}", p.name);
+    }
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), policies.len(), "names: {names:?}");
+}
