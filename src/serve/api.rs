@@ -166,7 +166,7 @@ pub(crate) async fn create(
     };
     let started = Instant::now();
     app.engine.create(name.as_str(), InstanceSpec { url }).await?;
-    app.auth.set_token(&name, &token)?;
+    app.auth.set_token(&name, &token).await?;
     let state =
         if body.connect { app.engine.connect(name.as_str()).await? } else { app.engine.state(name.as_str())? };
     let instance = timed(&app, "create", started, InstanceView::of(name.as_str(), state));

@@ -91,11 +91,21 @@ impl Auth {
     }
 
     /// Sets `name`'s token (its digest is kept, never the token).
-    pub(crate) fn set_token(&self, name: &InstanceName, token: &str) -> Result<(), ApiError> {
+    ///
+    /// Durable before it returns, as the creation it follows is (unless the
+    /// log is `Buffered`): a client holding a token the service forgot after
+    /// a crash would be locked out of its own instance.
+    pub(crate) async fn set_token(&self, name: &InstanceName, token: &str) -> Result<(), ApiError> {
         let digest = blake3::hash(token.as_bytes());
         let mut key = TOKENS.to_vec();
         key.extend_from_slice(name.as_str().as_bytes());
         self.log.aux_apply(vec![(key, Some(digest.as_bytes().to_vec()))])?;
+        if self.log.config().durability != crate::log::Durability::Buffered {
+            let log = self.log.clone();
+            tokio::task::spawn_blocking(move || log.sync())
+                .await
+                .map_err(|e| ApiError::internal(format!("syncing the token: {e}")))??;
+        }
         self.tokens().insert(name.clone(), digest);
         Ok(())
     }

@@ -153,7 +153,7 @@ pub(crate) async fn create(
     let started = std::time::Instant::now();
     app.engine.create(&name, InstanceSpec { url }).await?;
     let instance = InstanceName::new(name.as_str()).map_err(|e| ApiError::body(e.to_string()))?;
-    app.auth.set_token(&instance, &token)?;
+    app.auth.set_token(&instance, &token).await?;
     let state = if body.qrcode { app.engine.connect(&name).await? } else { app.engine.state(&name)? };
     app.metrics.command("create", started.elapsed());
     let body = json!({

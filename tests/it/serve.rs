@@ -107,7 +107,22 @@ impl Svc {
 /// A client that gives up when nothing arrives for 30 s, so a hang fails with a message
 /// (a read timeout, not a total one: SSE streams send a keep-alive every 15 s).
 fn client() -> reqwest::Client {
+    crypto_provider();
     reqwest::Client::builder().read_timeout(Duration::from_secs(30)).build().expect("client")
+}
+
+/// reqwest is built without a TLS provider of its own (the crate's is ring);
+/// a test that builds a client before any service started installs it.
+fn crypto_provider() {
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A client that sends `key` with every request.
+fn keyed_client(key: &str) -> reqwest::Client {
+    crypto_provider();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("apikey", reqwest::header::HeaderValue::from_str(key).expect("key"));
+    reqwest::Client::builder().read_timeout(Duration::from_secs(30)).default_headers(headers).build().expect("client")
 }
 
 /// A webhook receiver: records every post; answers 503 while `down`.
@@ -631,6 +646,7 @@ fn lifecycle_serve(data: &std::path::Path, port: u16, peer: &str, hook: &str) ->
         .args(["serve", "--data"])
         .arg(data)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--default-url", peer, "--webhook", hook])
+        .env("LIFECYCLE_API_KEY", KEY)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -662,7 +678,7 @@ async fn webhooks_survive_a_sigkill_of_the_service() {
     let data = dir.path().join("log");
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let client = client();
+    let client = keyed_client(KEY);
     let mut child = lifecycle_serve(&data, port, &peer.url(), &hook);
     wait_http(&client, &base).await;
     for i in 0..5 {
@@ -752,4 +768,38 @@ async fn the_node_host_example_runs() {
         "{inputs:?}"
     );
     svc.stop().await;
+}
+
+/// An instance's token is durable when create answers: a SIGKILL right
+/// after it does not lock the client out of its own instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_token_survives_a_sigkill() {
+    let peer = TestPeer::start().await.expect("peer");
+    let (_receiver, hook) = Receiver::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("log");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let admin = keyed_client(KEY);
+    let mut child = lifecycle_serve(&data, port, &peer.url(), &hook);
+    wait_http(&admin, &base).await;
+    let created: Value = admin
+        .post(format!("{base}/v1/instances"))
+        .header("content-type", "application/json")
+        .body(json!({"name": "mine"}).to_string())
+        .send()
+        .await
+        .expect("create")
+        .json_value()
+        .await;
+    let token = created["token"].as_str().expect("token").to_owned();
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    let mut child = lifecycle_serve(&data, port, &peer.url(), &hook);
+    wait_http(&admin, &base).await;
+    let own = keyed_client(&token);
+    let status = own.get(format!("{base}/v1/instances/mine")).send().await.expect("get").status();
+    assert_eq!(status.as_u16(), 200, "the token still opens its instance after a SIGKILL");
+    let _ = child.kill();
+    let _ = child.wait();
 }
