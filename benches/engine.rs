@@ -3,9 +3,7 @@
 //! global allocator; the peer runs in its own process (`lifecycle peer`), so
 //! its memory is not counted. Sizes scale with `BENCH_SCALE` (default 1.0).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -21,40 +19,13 @@ mod peer_process;
 
 use peer_process::PeerProcess as Peer;
 
-struct Counting;
+#[path = "support/heap.rs"]
+mod heap;
 
-static HEAP: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: delegates to the system allocator and only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        HEAP.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same layout contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        HEAP.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: ptr was allocated by System with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        HEAP.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as GlobalAlloc::realloc.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use heap::{Counting, heap, scaled};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-fn heap() -> isize {
-    HEAP.load(Ordering::Relaxed)
-}
-
-fn scaled(n: usize) -> usize {
-    let scale: f64 = std::env::var("BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
-    ((n as f64 * scale) as usize).max(10)
-}
 
 fn name(prefix: &str, i: usize) -> String {
     format!("{prefix}-{i:06}")
