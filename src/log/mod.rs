@@ -583,6 +583,19 @@ impl Log {
         Ok(())
     }
 
+    /// Makes every auxiliary write so far durable: the store's data, not
+    /// the head. Auxiliary data is outside the chain, and moving the head
+    /// stays with the commits of appends, in their order (a head written
+    /// from here could land after a newer one and move it back).
+    pub fn sync_aux(&self) -> Result<(), LogError> {
+        if self.inner.access == Access::Read {
+            return Err(LogError::ReadOnly);
+        }
+        self.store().flush()?;
+        self.store().sync()?;
+        Ok(())
+    }
+
     /// One instance's history, in sequence order.
     pub fn history(&self, name: &InstanceName) -> Result<Vec<Record>, LogError> {
         self.inner.store.scan(&keys::record_prefix(name)).map(|r| decode_pair(r?)).collect()
@@ -723,7 +736,7 @@ impl Log {
     }
 
     /// Applies auxiliary writes (`None` deletes) in one atomic batch. Refused
-    /// on a log opened for reading. Durable once [`Log::sync`] returns (or
+    /// on a log opened for reading. Durable once [`Log::sync_aux`] returns (or
     /// the next commit of an append).
     pub fn aux_apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), LogError> {
         if self.inner.access == Access::Read {

@@ -102,7 +102,7 @@ impl Auth {
         self.log.aux_apply(vec![(key, Some(digest.as_bytes().to_vec()))])?;
         if self.log.config().durability != crate::log::Durability::Buffered {
             let log = self.log.clone();
-            tokio::task::spawn_blocking(move || log.sync())
+            tokio::task::spawn_blocking(move || log.sync_aux())
                 .await
                 .map_err(|e| ApiError::internal(format!("syncing the token: {e}")))??;
         }
