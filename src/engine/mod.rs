@@ -47,7 +47,7 @@ pub use signal::{SignalOutcome, Signaled};
 use crate::log::{
     CompactionReport, Event, InstanceSpec, Log, LogError, Record, RecoveryMode, RecoveryOptions, Retention,
 };
-use crate::machine::{Driver, Effect, Ignored, Input, Instance, InstanceName, Outcome, Policy, State, step};
+use crate::machine::{Driver, Effect, Ignored, Input, Instance, InstanceName, Outcome, Policy, State, Timestamp, step};
 use crate::transport::Endpoint;
 use registry::{Entry, Msg, Registry, View};
 use shared::{Clock, Shared};
@@ -434,6 +434,12 @@ impl Engine {
     /// not `Removed`. Safe while instances run.
     pub async fn compact(&self, retention: &Retention) -> Result<CompactionReport, EngineError> {
         compaction::compact(&self.shared, &self.registry, retention.clone()).await
+    }
+
+    /// The time the engine stamps records with now (the wall clock, unless
+    /// the config set an `epoch` for virtual time).
+    pub fn now(&self) -> Timestamp {
+        self.shared.clock.now()
     }
 
     /// The log the engine writes.

@@ -21,6 +21,7 @@
 pub mod catalog;
 mod driver;
 mod effect;
+mod explain;
 mod input;
 mod policy;
 mod rules;
@@ -29,6 +30,7 @@ mod types;
 
 pub use driver::{Driver, Fed, Pending};
 pub use effect::Effect;
+pub use explain::{Rule, rule_of};
 pub use input::{CloseInitiator, Input, InputKind, Timer, TimerKind};
 pub use policy::{
     Backoff, CloseAction, ClosePhase, CloseRule, Heartbeat, Jitter, PhaseMatch, Policy, PolicyError, Preset,

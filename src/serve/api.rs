@@ -15,6 +15,7 @@ use super::auth::{Caller, new_token};
 use super::error::{ApiError, ErrorBody};
 use super::events::{EventBody, Subscription};
 use super::external::{HostEffect, HostSignal};
+use super::fleet::{ActionView, FleetView, TableEdge, actions};
 use super::webhook::{DeadLetter, WebhookStatus};
 use crate::engine::Signaled;
 use crate::log::InstanceSpec;
@@ -69,10 +70,14 @@ pub struct InstanceView {
     pub detail: State,
     /// The session's identity, when open.
     pub identity: Option<String>,
+    /// One instance's answer only (not in lists): which host commands its
+    /// state allows, as the transition table answers them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actions: Option<Vec<ActionView>>,
 }
 
 impl InstanceView {
-    fn of(name: &str, state: State) -> Self {
+    pub(crate) fn of(name: &str, state: State) -> Self {
         Self {
             name: name.to_owned(),
             kind: state.kind().to_string(),
@@ -80,7 +85,16 @@ impl InstanceView {
             state: state.to_string(),
             identity: state.identity().map(|i| i.as_str().to_owned()),
             detail: state,
+            actions: None,
         }
+    }
+
+    fn with_actions(mut self, app: &AppState) -> Self {
+        if let Ok(name) = InstanceName::new(self.name.as_str()) {
+            let now = app.engine.now();
+            self.actions = Some(actions(&name, &self.detail, app.engine.policy(), now));
+        }
+        self
     }
 }
 
@@ -211,12 +225,12 @@ pub(crate) async fn get(
 ) -> Result<Json<InstanceView>, ApiError> {
     app.auth.instance(&headers, &name)?;
     match app.engine.state(&name) {
-        Ok(state) => Ok(Json(InstanceView::of(&name, state))),
+        Ok(state) => Ok(Json(InstanceView::of(&name, state).with_actions(&app))),
         // Removed: the recorded state is what a host wants to see.
         Err(crate::engine::EngineError::Removed { .. }) => {
             let history = app.engine.history(&name).await?;
             let state = history.last().map(|r| r.to.state.clone()).ok_or_else(|| ApiError::internal("no records"))?;
-            Ok(Json(InstanceView::of(&name, state)))
+            Ok(Json(InstanceView::of(&name, state).with_actions(&app)))
         }
         Err(e) => Err(e.into()),
     }
@@ -299,7 +313,8 @@ pub(crate) async fn history(
     }
     let after = query.after.unwrap_or(0);
     let history = app.engine.history(&name).await?;
-    Ok(Json(history.iter().filter(|r| r.seq > after).map(EventBody::of).collect()))
+    let policy = app.engine.policy();
+    Ok(Json(history.iter().filter(|r| r.seq > after).map(|r| EventBody::of(r, policy)).collect()))
 }
 
 /// Report a signal of a connection the host holds (`transport: external`).
@@ -399,15 +414,7 @@ pub(crate) async fn events(
             None
         }
     };
-    let last_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-    let after = match last_id {
-        Some(id) => Some(
-            id.trim()
-                .parse::<u64>()
-                .map_err(|_| ApiError::body(format!("Last-Event-ID {id:?}: not a sequence number")))?,
-        ),
-        None => query.after,
-    };
+    let after = resume_point(&headers, query.after)?;
     let permit = app.subscribers.clone().try_acquire_owned().map_err(|_| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -418,8 +425,21 @@ pub(crate) async fn events(
     // Without a position, the stream starts now.
     let after = after.unwrap_or_else(|| app.engine.log().committed());
     let sub = Subscription { after, instance };
-    Ok(super::events::stream(app.engine.clone(), sub, permit, app.shutdown.clone(), app.metrics.clone())
-        .into_response())
+    let feed = super::events::Feed::of(&app.engine);
+    Ok(super::events::stream(feed, sub, permit, app.shutdown.clone(), app.metrics.clone()).into_response())
+}
+
+/// Where an event stream resumes: `Last-Event-ID` (a reconnecting client's
+/// last id) wins over `?after=`.
+pub(crate) fn resume_point(headers: &HeaderMap, after: Option<u64>) -> Result<Option<u64>, ApiError> {
+    match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
+        Some(id) => id
+            .trim()
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| ApiError::body(format!("Last-Event-ID {id:?}: not a sequence number"))),
+        None => Ok(after),
+    }
 }
 
 /// The transition table as a Mermaid state diagram.
@@ -427,6 +447,22 @@ pub(crate) async fn events(
 pub(crate) async fn diagram(AxumState(app): AxumState<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     app.auth.caller(&headers)?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], app.diagram.to_string()).into_response())
+}
+
+/// The fleet at a glance: every instance's row and the edges the fleet took,
+/// with the global position they cover (follow `/v1/events?after=` it).
+#[utoipa::path(get, path = "/v1/fleet", responses((status = 200, body = FleetView)))]
+pub(crate) async fn fleet(AxumState(app): AxumState<AppState>, headers: HeaderMap) -> Result<Json<FleetView>, ApiError> {
+    app.auth.global(&headers, "the fleet view")?;
+    let now = app.engine.now().0;
+    Ok(Json(super::fleet::read(&app.fleet).view(now, false, &app.engine.policy().name)))
+}
+
+/// The transition table's edges (what `/v1/diagram` draws), as JSON.
+#[utoipa::path(get, path = "/v1/table", responses((status = 200, body = [TableEdge])))]
+pub(crate) async fn table(AxumState(app): AxumState<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    app.auth.caller(&headers)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], app.table.to_string()).into_response())
 }
 
 /// Liveness: always open, no key needed.

@@ -18,13 +18,13 @@ use std::time::Duration;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures_util::Stream;
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot, watch};
 use utoipa::ToSchema;
 
 use super::metrics::Metrics;
-use crate::engine::Engine;
-use crate::log::{Event, Record};
-use crate::machine::{InstanceName, Timestamp};
+use crate::engine::{Engine, Notification};
+use crate::log::{Event, Log, Record};
+use crate::machine::{ClosePhase, ClosedCause, InstanceName, Policy, State, StateKind, Timestamp, rule_of};
 
 /// How long a subscriber may leave its stream unread, with events waiting, before it is dropped.
 pub const SLOW_SUBSCRIBER: Duration = Duration::from_secs(30);
@@ -63,9 +63,54 @@ pub struct EventBody {
     pub state: String,
     /// The connection generation after.
     pub generation: u64,
+    /// The rule of the design (`R1` … `R12`) that decided this transition;
+    /// absent for created/snapshot and for steps no rule constrains (a first connect).
+    pub rule: Option<&'static str>,
+    /// The rule's title (`Zombie detection`).
+    pub rule_title: Option<&'static str>,
+    /// The connection's end, when this record is one: the close status and what it means.
+    pub close: Option<CloseView>,
+    /// A new connection attempt after a loss or a restart (not a first connect from `Closed`).
+    pub reconnect: bool,
     /// The full record: input, effects, the states before and after (the log's own structure).
     #[schema(value_type = Object)]
     pub detail: serde_json::Value,
+}
+
+/// A connection's end as people read it: `401 logged out — final`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+pub struct CloseView {
+    /// The close status, if there was one (a broken connection has none).
+    pub code: Option<u16>,
+    /// What the status means, from the policy's close table (`logged out`),
+    /// or what happened when no row names it.
+    pub meaning: String,
+    /// Whether it ended the instance's connecting for good (R4): it is `Closed` now, by this status.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    /// Who ended it: `peer`, `local` (this engine: a time-out or a violation) or `transport` (it broke).
+    pub by: &'static str,
+}
+
+impl CloseView {
+    /// The close a transition records, if it is one: a transport's close, or
+    /// a connect time-out (the 408 the engine raises itself).
+    fn of(from: &State, input: &crate::machine::Input, to: &State, policy: &Policy) -> Option<Self> {
+        use crate::machine::{CloseInitiator, InputKind, StatusCode};
+        let (by, status) = match input.closed() {
+            Some((initiator, status, _)) => (initiator, status),
+            None if input.kind() == InputKind::ConnectTimeout => (CloseInitiator::Local, Some(StatusCode::TIMEOUT)),
+            None => return None,
+        };
+        let phase = if from.kind() == StateKind::Open { ClosePhase::AfterOpen } else { ClosePhase::BeforeOpen };
+        let meaning = match (policy.close_rule(status, phase), status) {
+            (Some(rule), _) => rule.label.clone(),
+            (None, Some(s)) => websocket_close_name(s.0).map_or_else(|| format!("not in the {} close table", policy.name), str::to_owned),
+            (None, None) => "the connection broke without a close status".to_owned(),
+        };
+        let is_final = matches!(to, State::Closed { cause: ClosedCause::FinalStatus, .. });
+        Some(Self { code: status.map(|s| s.0), meaning, is_final, by: by.as_str() })
+    }
 }
 
 /// RFC 3339 in UTC, to the millisecond.
@@ -73,18 +118,46 @@ pub(crate) fn rfc3339(at: Timestamp) -> String {
     format!("{}Z", at.utc().replacen(' ', "T", 1))
 }
 
+/// The close codes of RFC 6455 and the IANA registry, for statuses the policy has no row for.
+fn websocket_close_name(code: u16) -> Option<&'static str> {
+    Some(match code {
+        1000 => "normal closure",
+        1001 => "going away",
+        1002 => "protocol error",
+        1003 => "unsupported data",
+        1005 => "no status received",
+        1006 => "abnormal closure",
+        1007 => "invalid payload data",
+        1008 => "policy violation",
+        1009 => "message too big",
+        1010 => "mandatory extension",
+        1011 => "internal error",
+        1012 => "service restart",
+        1013 => "try again later",
+        1014 => "bad gateway",
+        1015 => "TLS handshake failure",
+        _ => return None,
+    })
+}
+
 impl EventBody {
-    /// The JSON view of a record.
-    pub fn of(r: &Record) -> Self {
+    /// The JSON view of a record; `policy` gives close statuses their meaning.
+    pub fn of(r: &Record, policy: &Policy) -> Self {
+        let (mut rule, mut close, mut reconnect) = (None, None, false);
         let (event, input, from, detail) = match &r.event {
             Event::Created { spec } => ("created", None, None, serde_json::json!({ "spec": spec, "to": r.to })),
             Event::Snapshot { spec } => ("snapshot", None, None, serde_json::json!({ "spec": spec, "to": r.to })),
-            Event::Transition { from, input, effects } => (
-                "transition",
-                Some(input.kind().to_string()),
-                Some(from.state.kind().to_string()),
-                serde_json::json!({ "input": input, "effects": effects, "from": from, "to": r.to }),
-            ),
+            Event::Transition { from, input, effects } => {
+                rule = rule_of(&from.state, input, &r.to.state);
+                close = CloseView::of(&from.state, input, &r.to.state, policy);
+                reconnect = r.to.generation > from.generation && from.state.kind() != StateKind::Closed;
+                (
+                    "transition",
+                    Some(input.kind().to_string()),
+                    Some(from.state.kind().to_string()),
+                    serde_json::json!({ "input": input, "effects": effects, "from": from, "to": r.to }),
+                )
+            }
         };
         Self {
             id: r.global.to_string(),
@@ -100,6 +173,10 @@ impl EventBody {
             status: r.to.state.coarse().as_str(),
             state: r.to.state.to_string(),
             generation: r.to.generation.0,
+            rule: rule.map(|r| r.id()),
+            rule_title: rule.map(|r| r.title()),
+            close,
+            reconnect,
             detail,
         }
     }
@@ -111,9 +188,25 @@ pub(crate) struct Subscription {
     pub(crate) instance: Option<InstanceName>,
 }
 
+/// Where a stream's records come from: the log, the policy that gives them
+/// meaning, and — from a running engine — the wake-up on each new record
+/// (without one, as in a replay of a copied log, the log is polled each second).
+pub(crate) struct Feed {
+    pub(crate) log: Log,
+    pub(crate) policy: Arc<Policy>,
+    pub(crate) wake: Option<broadcast::Receiver<Notification>>,
+}
+
+impl Feed {
+    /// A running engine's feed.
+    pub(crate) fn of(engine: &Engine) -> Self {
+        Self { log: engine.log().clone(), policy: Arc::new(engine.policy().clone()), wake: Some(engine.subscribe()) }
+    }
+}
+
 /// The SSE response for a subscription; `permit` is its place among the bounded subscribers.
 pub(crate) fn stream(
-    engine: Engine,
+    feed: Feed,
     subscription: Subscription,
     permit: OwnedSemaphorePermit,
     shutdown: watch::Receiver<bool>,
@@ -123,7 +216,7 @@ pub(crate) fn stream(
     let (last_tx, last_rx) = oneshot::channel();
     let place = Place { _permit: permit, metrics };
     place.metrics.subscribers(1);
-    tokio::spawn(produce(engine, subscription, tx, last_tx, place, shutdown));
+    tokio::spawn(produce(feed, subscription, tx, last_tx, place, shutdown));
     let events = futures_util::stream::unfold((rx, Some(last_rx)), |(mut rx, last)| async move {
         if let Some(event) = rx.recv().await {
             return Some((Ok(event), (rx, last)));
@@ -147,8 +240,8 @@ impl Drop for Place {
     }
 }
 
-fn sse_event(r: &Record) -> SseEvent {
-    let body = EventBody::of(r);
+fn sse_event(r: &Record, policy: &Policy) -> SseEvent {
+    let body = EventBody::of(r, policy);
     let data = serde_json::to_string(&body).unwrap_or_default();
     SseEvent::default().id(body.id).event(body.event).data(data)
 }
@@ -156,7 +249,7 @@ fn sse_event(r: &Record) -> SseEvent {
 /// Reads the log from the subscription's point on and feeds the channel,
 /// waiting for new records when it has caught up.
 async fn produce(
-    engine: Engine,
+    feed: Feed,
     mut sub: Subscription,
     tx: mpsc::Sender<SseEvent>,
     last: oneshot::Sender<SseEvent>,
@@ -164,8 +257,8 @@ async fn produce(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _place = place;
-    let mut wake = engine.subscribe();
-    let log = Arc::new(engine.log().clone());
+    let Feed { log, policy, mut wake } = feed;
+    let log = Arc::new(log);
     loop {
         let (reader, after) = (log.clone(), sub.after);
         let page = match tokio::task::spawn_blocking(move || reader.records_after(after, PAGE)).await {
@@ -177,9 +270,15 @@ async fn produce(
             Err(_) => return,
         };
         if page.is_empty() {
+            let woken = async {
+                match wake.as_mut() {
+                    Some(w) => drop(w.recv().await),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 // Any transition (or a lagged notice) means there may be more to read.
-                _ = wake.recv() => {}
+                () = woken => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => return,
                 () = tx.closed() => return,
@@ -191,7 +290,7 @@ async fn produce(
             if sub.instance.as_ref().is_some_and(|n| *n != r.instance) {
                 continue;
             }
-            match tokio::time::timeout(SLOW_SUBSCRIBER, tx.send(sse_event(r))).await {
+            match tokio::time::timeout(SLOW_SUBSCRIBER, tx.send(sse_event(r, &policy))).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return, // the client left
                 Err(_) => {

@@ -7,6 +7,7 @@
 //! | `/v1/instances/{name}/signals`, `/v1/effects` | host-driven sessions (see `external`) |
 //! | `/v1/webhooks…` | webhook progress and dead letters (see `webhook`) |
 //! | `/instance/…` | the Evolution-API-compatible subset (see `evolution`) |
+//! | `/`, `/ui/…`, `/v1/fleet`, `/v1/table` | the dashboard (see `ui`, `fleet`) |
 //! | `/healthz`, `/metrics` | liveness, Prometheus metrics |
 //!
 //! A thin layer over the engine's public API: it adds no lifecycle rule of
@@ -23,8 +24,11 @@ mod error;
 mod events;
 mod evolution;
 mod external;
+mod fleet;
 mod metrics;
 mod openapi;
+mod replay;
+mod ui;
 mod webhook;
 
 use std::net::SocketAddr;
@@ -42,9 +46,11 @@ use tokio::sync::{Semaphore, watch};
 
 pub use api::{AfterQuery, CreateInstance, Created, Health, InstanceView, ListQuery, TransportKind};
 pub use error::{ApiError, ErrorBody, ErrorDetail, ServeError};
-pub use events::{EventBody, SLOW_SUBSCRIBER};
+pub use events::{CloseView, EventBody, SLOW_SUBSCRIBER};
+pub use fleet::{ActionView, EdgeCount, FleetIndex, FleetRow, FleetView, RECONNECT_WINDOW, TableEdge};
 pub use external::{HostAction, HostEffect, HostSignal, Initiator};
 pub use openapi::ApiDoc;
+pub use replay::Replay;
 pub use webhook::{DeadLetter, WebhookConfig, WebhookFormat, WebhookStatus, signature};
 
 use crate::engine::{Engine, EngineConfig};
@@ -189,6 +195,10 @@ pub(crate) struct AppState {
     pairing: Arc<evolution::PairingCodes>,
     subscribers: Arc<Semaphore>,
     diagram: Arc<str>,
+    /// The transition table's edges as JSON (`/v1/table`).
+    table: Arc<str>,
+    /// The fleet view's rows, kept up to date by a follower of the log.
+    fleet: fleet::SharedIndex,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -235,11 +245,19 @@ impl Service {
             dead_letters_max: config.limits.dead_letters_max,
             backlog_max: config.limits.backlog_max,
             server_url: config.server_url.clone(),
+            policy: Arc::new(engine.policy().clone()),
         };
         let outbox = Arc::new(webhook::Outbox::load(&config.webhooks, &log, &metrics, limits, &pairing)?);
         let auth = Arc::new(auth::Auth::load(config.api_key.as_deref(), log)?);
         let (stop, shutdown) = watch::channel(false);
-        let workers = outbox.start(&engine, &shutdown);
+        let mut workers = outbox.start(&engine, &shutdown);
+        let index = {
+            let (log, policy) = (engine.log().clone(), engine.policy().clone());
+            tokio::task::spawn_blocking(move || fleet::build(&log, &policy))
+                .await
+                .map_err(|e| ServeError::Server(std::io::Error::other(e.to_string())))??
+        };
+        workers.push(fleet::follow(&engine, index.clone(), shutdown.clone()));
         let timeout = config.limits.request_timeout.unwrap_or(engine.command_bound() + Duration::from_secs(5));
         let state = AppState {
             engine: engine.clone(),
@@ -251,6 +269,8 @@ impl Service {
             outbox,
             pairing,
             diagram: crate::diagram::Diagram::from_rules().render(crate::diagram::Format::Mermaid).into(),
+            table: serde_json::to_string(&fleet::table()).unwrap_or_default().into(),
+            fleet: index,
             shutdown: shutdown.clone(),
         };
         let protection = if state.auth.enabled() { "API key" } else { "none (loopback only)" };
@@ -310,6 +330,8 @@ fn router(state: AppState, timeout: Duration) -> Router {
         .route("/v1/effects", get(api::effects))
         .route("/v1/events", get(api::events))
         .route("/v1/diagram", get(api::diagram))
+        .route("/v1/fleet", get(api::fleet))
+        .route("/v1/table", get(api::table))
         .route("/v1/webhooks", get(api::webhooks))
         .route("/v1/webhooks/dead", get(api::dead_letters))
         .route("/v1/webhooks/dead/{webhook}/{id}/retry", post(api::retry_dead))
@@ -323,6 +345,7 @@ fn router(state: AppState, timeout: Duration) -> Router {
         .route("/instance/logout/{name}", delete(evolution::logout))
         .route("/instance/delete/{name}", delete(evolution::delete))
         .route("/instance/fetchInstances", get(evolution::fetch_instances))
+        .merge(ui::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn(move |req: Request, next: Next| bounded(req, next, timeout)))
         .layer(DefaultBodyLimit::max(body_limit))

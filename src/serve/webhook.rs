@@ -198,6 +198,8 @@ pub(crate) struct OutboxLimits {
     pub(crate) dead_letters_max: u64,
     pub(crate) backlog_max: u64,
     pub(crate) server_url: Option<String>,
+    /// The engine's policy: what close statuses mean, in lifecycle-format events.
+    pub(crate) policy: Arc<crate::machine::Policy>,
 }
 
 /// Every webhook's worker.
@@ -435,7 +437,7 @@ impl Worker {
             WebhookFormat::Lifecycle => match record.event {
                 Event::Snapshot { .. } => Vec::new(),
                 Event::Created { .. } | Event::Transition { .. } => {
-                    let body = EventBody::of(record);
+                    let body = EventBody::of(record, &self.limits.policy);
                     vec![(body.event.to_owned(), serde_json::to_vec(&body).unwrap_or_default())]
                 }
             },

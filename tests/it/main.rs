@@ -8,6 +8,7 @@
 mod cli;
 mod corruption;
 mod crash;
+mod dashboard;
 mod data_safety;
 mod diagrams;
 mod durability;

@@ -20,20 +20,20 @@ use tokio::time::{Instant, sleep};
 
 use crate::engine::fast;
 
-const KEY: &str = "global-key-for-tests-0123456789";
+pub(crate) const KEY: &str = "global-key-for-tests-0123456789";
 
 /// A running service with its peer, a client and (optionally) a key.
-struct Svc {
+pub(crate) struct Svc {
     service: Option<Service>,
-    base: String,
+    pub(crate) base: String,
     client: reqwest::Client,
-    peer: TestPeer,
+    pub(crate) peer: TestPeer,
     key: Option<String>,
     _dir: tempfile::TempDir,
 }
 
 impl Svc {
-    async fn start(policy: Policy, tweak: impl FnOnce(&mut ServeConfig)) -> Self {
+    pub(crate) async fn start(policy: Policy, tweak: impl FnOnce(&mut ServeConfig)) -> Self {
         let peer = TestPeer::start().await.expect("peer");
         let dir = tempfile::tempdir().expect("dir");
         let mut config = ServeConfig {
@@ -50,7 +50,7 @@ impl Svc {
         Self { service: Some(service), base, client: client(), peer, key, _dir: dir }
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -70,20 +70,20 @@ impl Svc {
         (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
+    pub(crate) async fn get(&self, path: &str) -> (StatusCode, Value) {
         self.call(reqwest::Method::GET, path, None, None).await
     }
 
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+    pub(crate) async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         self.call(reqwest::Method::POST, path, Some(body), None).await
     }
 
-    async fn delete(&self, path: &str) -> (StatusCode, Value) {
+    pub(crate) async fn delete(&self, path: &str) -> (StatusCode, Value) {
         self.call(reqwest::Method::DELETE, path, None, None).await
     }
 
     /// Polls `GET path` until `ok` holds for the body; fails with the last body.
-    async fn until(&self, path: &str, ok: impl Fn(&Value) -> bool, within: Duration) -> Value {
+    pub(crate) async fn until(&self, path: &str, ok: impl Fn(&Value) -> bool, within: Duration) -> Value {
         let start = Instant::now();
         loop {
             let (_, body) = self.get(path).await;
@@ -95,7 +95,15 @@ impl Svc {
         }
     }
 
-    async fn stop(mut self) {
+    /// Stops the service and hands its log's directory over (the log is at `log` in it).
+    pub(crate) async fn stop_keeping_the_log(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.service.take() {
+            tokio::time::timeout(Duration::from_secs(20), s.shutdown()).await.expect("stopped in 20 s").expect("shutdown");
+        }
+        self._dir
+    }
+
+    pub(crate) async fn stop(mut self) {
         if let Some(s) = self.service.take() {
             // Open streams (SSE, effects) must not hold a graceful shutdown up.
             let stopped = tokio::time::timeout(Duration::from_secs(20), s.shutdown()).await;
@@ -653,7 +661,7 @@ fn lifecycle_serve(data: &std::path::Path, port: u16, peer: &str, hook: &str) ->
         .expect("lifecycle serve")
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
 }
 
@@ -727,7 +735,7 @@ async fn webhooks_survive_a_sigkill_of_the_service() {
     let _ = child.wait();
 }
 
-trait JsonValue {
+pub(crate) trait JsonValue {
     async fn json_value(self) -> Value;
 }
 

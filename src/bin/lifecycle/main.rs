@@ -153,6 +153,19 @@ enum Command {
         #[arg(long = "evolution-webhook", value_name = "URL")]
         evolution_webhooks: Vec<String>,
     },
+    /// Serve the dashboard over a copy of a log, read-only, without an engine:
+    /// the fleet as the log last saw it and every instance's history, step by
+    /// step. The log itself is never written. Prints the URL; Ctrl-C stops.
+    Replay {
+        /// The log's directory.
+        dir: PathBuf,
+        /// Address to listen on (loopback only).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Open the dashboard in the desktop's browser.
+        #[arg(long)]
+        open: bool,
+    },
     /// Run the fault-injecting reference peer. Prints its URL, then takes
     /// control lines on stdin: `zombify NAME`, `drop NAME`, `close NAME CODE`,
     /// `fault NAME ready|no-identity|hang-on-logout|refuse`, `drop-all`, `stats`.
@@ -251,6 +264,7 @@ fn main() -> ExitCode {
             };
             run_async(serve::run(flags))
         }
+        Command::Replay { dir, listen, open } => run_async(serve::replay(dir, listen, open)),
         Command::Peer { listen, tls_cert, tls_key } => run_async(peer::run(listen, tls_cert.zip(tls_key))),
     };
     finish(result)

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use instance_lifecycle::machine::Preset;
-use instance_lifecycle::serve::{ServeConfig, Service, WebhookConfig, WebhookFormat};
+use instance_lifecycle::serve::{Replay, ServeConfig, Service, WebhookConfig, WebhookFormat};
 
 use crate::output::{Failure, fail, say};
 
@@ -51,11 +51,47 @@ pub async fn run(flags: Flags) -> Result<ExitCode, Failure> {
     let data = config.data.clone();
     let service = Service::start(config).await.map_err(|e| fail(e.to_string()))?;
     say!("serving http://{} (log in {}); Ctrl-C stops", service.local_addr(), data.display());
+    say!("dashboard: http://{}/", service.local_addr());
     wait_for_signal().await;
     say!("stopping: closing streams, shutting the engine down, syncing the log");
     service.shutdown().await.map_err(|e| fail(e.to_string()))?;
     say!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `lifecycle replay`: the dashboard over a copy of a log, read-only, until Ctrl-C.
+pub async fn replay(dir: PathBuf, listen: SocketAddr, open: bool) -> Result<ExitCode, Failure> {
+    let replay = Replay::start(&dir, listen).await.map_err(|e| fail(e.to_string()))?;
+    if replay.was_in_use() {
+        eprintln!("note: {} is in use by a running engine; replaying a copy taken now", dir.display());
+    }
+    let (instances, newest) = replay.size();
+    let url = format!("http://{}/", replay.local_addr());
+    say!("replaying {} read-only: {instances} instances, records up to #{newest}", dir.display());
+    say!("dashboard: {url}  (Ctrl-C stops; the log is never written)");
+    if open {
+        open_browser(&url);
+    }
+    wait_for_signal().await;
+    replay.shutdown().await.map_err(|e| fail(e.to_string()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Opens `url` with the desktop's opener, if there is one.
+fn open_browser(url: &str) {
+    let openers: &[&str] = if cfg!(target_os = "macos") { &["open"] } else { &["xdg-open", "sensible-browser"] };
+    for opener in openers {
+        if std::process::Command::new(opener)
+            .arg(url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .is_ok()
+        {
+            return;
+        }
+    }
+    eprintln!("note: no browser opener found ({}); open {url} yourself", openers.join(", "));
 }
 
 async fn wait_for_signal() {
