@@ -347,6 +347,7 @@ fn router(state: AppState, timeout: Duration) -> Router {
         .route("/instance/fetchInstances", get(evolution::fetch_instances))
         .merge(ui::routes())
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(move |req: Request, next: Next| bounded(req, next, timeout)))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
@@ -357,6 +358,14 @@ async fn not_found(req: Request) -> ApiError {
         axum::http::StatusCode::NOT_FOUND,
         "not_found",
         format!("no route {} {}: see /v1/openapi.json", req.method(), req.uri().path()),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not a method of {}: see /v1/openapi.json", req.method(), req.uri().path()),
     )
 }
 

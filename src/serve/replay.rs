@@ -98,6 +98,7 @@ impl Replay {
             .route("/healthz", get(health))
             .merge(super::ui::routes())
             .fallback(read_only)
+            .method_not_allowed_fallback(read_only)
             .with_state(state);
         let mut graceful = shutdown;
         let server = tokio::spawn(async move {
