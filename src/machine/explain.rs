@@ -135,7 +135,11 @@ pub fn rule_of(from: &State, input: &Input, to: &State) -> Option<Rule> {
         _ if matches!(from, State::Closing { intent: Intent::Logout, .. }) => Rule::R5,
         _ if matches!(to, State::Open { .. }) => Rule::R6,
         _ if matches!(to, State::Closed { cause: ClosedCause::FinalStatus, .. }) => Rule::R4,
-        _ if matches!(to, State::Closed { cause: ClosedCause::GaveUp { .. } | ClosedCause::PairingRefused { .. }, .. }) => {
+        _ if matches!(
+            to,
+            State::Closed { cause: ClosedCause::GaveUp { .. } | ClosedCause::PairingRefused { .. }, .. }
+        ) =>
+        {
             Rule::R9
         }
         K::Connect | K::Restart => match from {
@@ -225,15 +229,18 @@ mod tests {
         for never in [Rule::R1, Rule::R8, Rule::R12] {
             assert!(!named.contains(&never), "{never} named a transition");
         }
-        let expected: BTreeSet<Rule> = Rule::ALL.into_iter().filter(|r| ![Rule::R1, Rule::R8, Rule::R12].contains(r)).collect();
+        let expected: BTreeSet<Rule> =
+            Rule::ALL.into_iter().filter(|r| ![Rule::R1, Rule::R8, Rule::R12].contains(r)).collect();
         assert_eq!(named, expected, "every other rule decides some transition");
     }
 
     #[test]
     fn a_connect_after_a_logout_is_r3_and_a_first_connect_names_no_rule() {
         let all = transitions();
-        let connects: Vec<_> =
-            all.iter().filter(|(from, input, _, _)| input.kind() == InputKind::Connect && matches!(from, State::Closed { .. })).collect();
+        let connects: Vec<_> = all
+            .iter()
+            .filter(|(from, input, _, _)| input.kind() == InputKind::Connect && matches!(from, State::Closed { .. }))
+            .collect();
         assert!(!connects.is_empty());
         for (from, input, to, _) in connects {
             let logged_out = matches!(from, State::Closed { cause: ClosedCause::LoggedOut { .. }, .. });

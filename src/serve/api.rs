@@ -452,7 +452,10 @@ pub(crate) async fn diagram(AxumState(app): AxumState<AppState>, headers: Header
 /// The fleet at a glance: every instance's row and the edges the fleet took,
 /// with the global position they cover (follow `/v1/events?after=` it).
 #[utoipa::path(get, path = "/v1/fleet", responses((status = 200, body = FleetView)))]
-pub(crate) async fn fleet(AxumState(app): AxumState<AppState>, headers: HeaderMap) -> Result<Json<FleetView>, ApiError> {
+pub(crate) async fn fleet(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<FleetView>, ApiError> {
     app.auth.global(&headers, "the fleet view")?;
     let now = app.engine.now().0;
     Ok(Json(super::fleet::read(&app.fleet).view(now, false, &app.engine.policy().name)))

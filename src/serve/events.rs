@@ -105,7 +105,8 @@ impl CloseView {
         let phase = if from.kind() == StateKind::Open { ClosePhase::AfterOpen } else { ClosePhase::BeforeOpen };
         let meaning = match (policy.close_rule(status, phase), status) {
             (Some(rule), _) => rule.label.clone(),
-            (None, Some(s)) => websocket_close_name(s.0).map_or_else(|| format!("not in the {} close table", policy.name), str::to_owned),
+            (None, Some(s)) => websocket_close_name(s.0)
+                .map_or_else(|| format!("not in the {} close table", policy.name), str::to_owned),
             (None, None) => "the connection broke without a close status".to_owned(),
         };
         let is_final = matches!(to, State::Closed { cause: ClosedCause::FinalStatus, .. });

@@ -361,7 +361,10 @@ mod tests {
             status: Some(StatusCode(code)),
             reason: Reason::from("bye"),
         };
-        drive(&name("alpha"), vec![Input::Connect, opened(), Input::Restart, opened(), Input::Restart, opened(), closed(401)]);
+        drive(
+            &name("alpha"),
+            vec![Input::Connect, opened(), Input::Restart, opened(), Input::Restart, opened(), closed(401)],
+        );
         drive(&name("beta"), vec![Input::Delete, Input::CleanupFinished { steps: vec![] }]);
         (log, policy)
     }
@@ -376,7 +379,10 @@ mod tests {
         let [alpha, beta] = &view.instances[..] else { panic!("two rows: {:?}", view.instances) };
         assert_eq!((alpha.name.as_str(), alpha.kind.as_str(), alpha.status), ("alpha", "Closed", "close"));
         let close = alpha.close.as_ref().expect("a close");
-        assert_eq!((close.code, close.meaning.as_str(), close.is_final, close.by), (Some(401), "logged out", true, "peer"));
+        assert_eq!(
+            (close.code, close.meaning.as_str(), close.is_final, close.by),
+            (Some(401), "logged out", true, "peer")
+        );
         assert_eq!(alpha.reconnects.len(), 2, "two restarts of an open session");
         assert_eq!(alpha.since, 8_000, "closed by its seventh input, a second apart from 1 s");
         assert_eq!((beta.kind.as_str(), beta.close.is_none()), ("Removed", true));

@@ -177,7 +177,10 @@ async fn records_of(s: &ReplayState, name: &str) -> Result<Vec<crate::log::Recor
     Ok(history)
 }
 
-async fn instance(AxumState(s): AxumState<ReplayState>, UrlPath(name): UrlPath<String>) -> Result<Json<InstanceView>, ApiError> {
+async fn instance(
+    AxumState(s): AxumState<ReplayState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<InstanceView>, ApiError> {
     let history = records_of(&s, &name).await?;
     let state = history.last().map(|r| r.to.state.clone()).ok_or_else(|| ApiError::internal("no records"))?;
     Ok(Json(InstanceView::of(&name, state)))
@@ -219,7 +222,11 @@ async fn events(
     };
     let after = super::api::resume_point(&headers, query.after)?.unwrap_or(0);
     let permit = s.subscribers.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_subscribers", "too many event streams; try again later")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_subscribers",
+            "too many event streams; try again later",
+        )
     })?;
     let feed = Feed { log: s.log.clone(), policy: s.policy.clone(), wake: None };
     Ok(super::events::stream(feed, Subscription { after, instance }, permit, s.shutdown.clone(), s.metrics.clone())

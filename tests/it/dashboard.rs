@@ -7,6 +7,9 @@
 //! Between the browser and the service sits a TCP proxy the test can cut,
 //! to see the page notice a dropped event stream and catch up after it.
 //!
+//! Screenshots go to `target/ui-screenshots/`; `UPDATE_DOCS_SCREENSHOTS=1`
+//! refreshes the README's (`docs/dashboard-*.png`) from the same run.
+//!
 //! `.ci/run` installs `chromium` and `chromium-driver`; without them these
 //! tests fail under CI and say loudly that they did not run elsewhere.
 
@@ -120,7 +123,12 @@ impl Browser {
         std::fs::create_dir_all(&dir).expect("screenshot dir");
         let png = self.client.screenshot().await.expect("screenshot");
         let path = dir.join(name);
-        std::fs::write(&path, png).expect("write screenshot");
+        std::fs::write(&path, &png).expect("write screenshot");
+        // The README's pictures: refreshed on request, never by a plain test run.
+        if std::env::var_os("UPDATE_DOCS_SCREENSHOTS").is_some() {
+            let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join(format!("dashboard-{name}"));
+            std::fs::write(docs, &png).expect("write the docs screenshot");
+        }
         path
     }
 }
@@ -204,8 +212,12 @@ async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
         assert_eq!(status.as_u16(), 201, "{body}");
     }
     svc.post("/v1/instances", json!({"name": "idle"})).await;
-    svc.until("/v1/instances?state=open", |v| v.as_array().is_some_and(|a| a.len() == names.len()), Duration::from_secs(10))
-        .await;
+    svc.until(
+        "/v1/instances?state=open",
+        |v| v.as_array().is_some_and(|a| a.len() == names.len()),
+        Duration::from_secs(10),
+    )
+    .await;
     let upstream = svc.base.trim_start_matches("http://").parse().expect("service addr");
     let proxy = Proxy::start(upstream).await;
     let page = format!("http://{}/", proxy.addr);
@@ -213,7 +225,8 @@ async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
     b.goto(&page).await.expect("load the dashboard");
 
     // The key is asked once.
-    let key = b.wait().at_most(Duration::from_secs(10)).for_element(Locator::Css("#key-input")).await.expect("key dialog");
+    let key =
+        b.wait().at_most(Duration::from_secs(10)).for_element(Locator::Css("#key-input")).await.expect("key dialog");
     key.send_keys(KEY).await.expect("type the key");
     browser.click("#key-ok").await;
     let stored = b.execute("return sessionStorage.getItem('instance-lifecycle.apikey')", vec![]).await.expect("js");
@@ -238,9 +251,12 @@ async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
     // The instance view: step back to the record R7 decided.
     browser.click("#rows [data-name=\"wa-03\"] a").await;
     browser
-        .until("history loaded", "return document.getElementById('step-where').textContent", |v| {
-            v.as_str().is_some_and(|s| s.contains(" of "))
-        }, Duration::from_secs(5))
+        .until(
+            "history loaded",
+            "return document.getElementById('step-where').textContent",
+            |v| v.as_str().is_some_and(|s| s.contains(" of ")),
+            Duration::from_secs(5),
+        )
         .await;
     let rule = "return document.querySelector('#step-rule [data-rule]')?.textContent ?? null;";
     let mut steps = 0;
@@ -328,7 +344,8 @@ async fn replay_serves_a_log_read_only_and_writes_nothing() {
     for name in ["r1", "r2", "r3"] {
         svc.post("/v1/instances", json!({"name": name, "connect": true})).await;
     }
-    svc.until("/v1/instances?state=open", |v| v.as_array().is_some_and(|a| a.len() == 3), Duration::from_secs(10)).await;
+    svc.until("/v1/instances?state=open", |v| v.as_array().is_some_and(|a| a.len() == 3), Duration::from_secs(10))
+        .await;
     svc.delete("/v1/instances/r3").await;
     let dir = tempfile::tempdir().expect("dir");
     let log_dir = dir.path().join("copied-log");
@@ -373,12 +390,10 @@ async fn replay_serves_a_log_read_only_and_writes_nothing() {
     let page = client.get(&url).send().await.expect("page");
     assert_eq!(page.status().as_u16(), 200);
     assert!(page.text().await.expect("html").contains("/ui/app.js"));
-    for (method, path) in [("POST", "v1/instances/r1/connect"), ("DELETE", "v1/instances/r1"), ("POST", "v1/instances")] {
-        let response = client
-            .request(method.parse().expect("method"), format!("{url}{path}"))
-            .send()
-            .await
-            .expect("request");
+    for (method, path) in [("POST", "v1/instances/r1/connect"), ("DELETE", "v1/instances/r1"), ("POST", "v1/instances")]
+    {
+        let response =
+            client.request(method.parse().expect("method"), format!("{url}{path}")).send().await.expect("request");
         assert_eq!(response.status().as_u16(), 405, "{method} {path}");
         let body: Value = response.json_value().await;
         assert_eq!(body["error"]["code"], "read_only", "{body}");

@@ -98,7 +98,10 @@ impl Svc {
     /// Stops the service and hands its log's directory over (the log is at `log` in it).
     pub(crate) async fn stop_keeping_the_log(mut self) -> tempfile::TempDir {
         if let Some(s) = self.service.take() {
-            tokio::time::timeout(Duration::from_secs(20), s.shutdown()).await.expect("stopped in 20 s").expect("shutdown");
+            tokio::time::timeout(Duration::from_secs(20), s.shutdown())
+                .await
+                .expect("stopped in 20 s")
+                .expect("shutdown");
         }
         self._dir
     }

@@ -49,7 +49,7 @@ function onEvent(e) {
         if (!instanceRoot.hidden) instance.event(ev);
       }
       counted += batch.length;
-      live.textContent = `live · ${counted} transitions since load · at #${model.position}`;
+      live.textContent = `live · ${counted} transition${counted === 1 ? '' : 's'} since load · at #${model.position}`;
       fleet.invalidate();
     });
   }

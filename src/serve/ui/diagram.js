@@ -38,7 +38,7 @@ export function draw(root, table, counts, current, taken) {
   const box = svg('svg', { viewBox: '0 0 720 420', role: 'img', 'aria-label': `State diagram; current state ${current}` });
   const defs = svg('defs');
   for (const id of ['arrow', 'arrow-taken']) {
-    const m = svg('marker', { id, viewBox: '0 0 10 10', refX: '9', refY: '5', markerWidth: '7', markerHeight: '7', orient: 'auto-start-reverse' });
+    const m = svg('marker', { id, viewBox: '0 0 10 10', refX: '9', refY: '5', markerWidth: '9', markerHeight: '9', markerUnits: 'userSpaceOnUse', orient: 'auto-start-reverse' });
     m.append(svg('path', { d: 'M0,0 L10,5 L0,10 z' }));
     defs.append(m);
   }
