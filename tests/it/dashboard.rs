@@ -1,8 +1,6 @@
 //! The dashboard in a real browser: headless Chromium driven over WebDriver
-//! (chromedriver) with `fantoccini`, against `lifecycle serve` on 127.0.0.1
-//! with a fleet on the reference peer. WebDriver rather than CDP
-//! (`chromiumoxide`): it is a W3C standard, Debian ships `chromium-driver`
-//! at the browser's own version, and the client is small to build.
+//! (`benches/support/browser.rs`, shared with the dashboard's benchmark),
+//! against `lifecycle serve` on 127.0.0.1 with a fleet on the reference peer.
 //!
 //! Between the browser and the service sits a TCP proxy the test can cut,
 //! to see the page notice a dropped event stream and catch up after it.
@@ -14,124 +12,26 @@
 //! tests fail under CI and say loudly that they did not run elsewhere.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::Locator;
 use instance_lifecycle::machine::Preset;
 use instance_lifecycle::testing::peer::Action;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::{Instant, sleep};
+use tokio::time::sleep;
 
 use crate::engine::fast;
-use crate::serve::{JsonValue, KEY, Svc, free_port};
 
-/// A headless Chromium session; chromedriver is stopped on drop.
-struct Browser {
-    client: Client,
-    driver: Child,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-    }
-}
-
-fn find_program(names: &[&str]) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    names.iter().find_map(|n| std::env::split_paths(&path).map(|d| d.join(n)).find(|p| p.is_file()))
-}
-
-impl Browser {
-    /// Starts chromedriver and a browser session, or says why it cannot
-    /// (and fails under CI, which installs both).
-    async fn start() -> Option<Self> {
-        let (Some(driver), Some(chromium)) =
-            (find_program(&["chromedriver"]), find_program(&["chromium", "chromium-browser", "google-chrome"]))
-        else {
-            let why = "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)";
-            assert!(std::env::var_os("CI").is_none(), "{why}: CI must install them (.ci/run does)");
-            eprintln!("\n*** SKIPPED: the dashboard's browser test did not run: {why} ***\n");
-            return None;
-        };
-        let port = free_port();
-        let mut child = Command::new(driver)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver starts");
-        let profile = tempfile::tempdir().expect("profile dir");
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({
-                "binary": chromium,
-                "args": [
-                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--disable-quic", "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
-                    format!("--user-data-dir={}", profile.keep().display()),
-                ],
-            }),
-        );
-        let start = Instant::now();
-        let client = loop {
-            let mut builder = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());
-            match builder.capabilities(caps.clone()).connect(&format!("http://127.0.0.1:{port}")).await {
-                Ok(c) => break c,
-                Err(e) if start.elapsed() < Duration::from_secs(30) => {
-                    let _ = e;
-                    sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    panic!("no WebDriver session within 30 s: {e}");
-                }
-            }
-        };
-        Some(Self { client, driver: child })
-    }
-
-    /// Runs `script` (a function body; `return` its value) until `ok` holds; fails with the last value.
-    async fn until(&self, what: &str, script: &str, ok: impl Fn(&Value) -> bool, within: Duration) -> Value {
-        let start = Instant::now();
-        loop {
-            let v = self.client.execute(script, vec![]).await.unwrap_or_else(|e| panic!("{what}: {e}"));
-            if ok(&v) {
-                return v;
-            }
-            assert!(start.elapsed() < within, "{what}: not within {within:?}; last: {v}");
-            sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    async fn click(&self, css: &str) {
-        let e = self.client.wait().at_most(Duration::from_secs(10)).for_element(Locator::Css(css)).await;
-        e.unwrap_or_else(|e| panic!("{css}: {e}")).click().await.unwrap_or_else(|e| panic!("click {css}: {e}"));
-    }
-
-    async fn screenshot(&self, name: &str) -> PathBuf {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-screenshots");
-        std::fs::create_dir_all(&dir).expect("screenshot dir");
-        let png = self.client.screenshot().await.expect("screenshot");
-        let path = dir.join(name);
-        std::fs::write(&path, &png).expect("write screenshot");
-        // The README's pictures: refreshed on request, never by a plain test run.
-        if std::env::var_os("UPDATE_DOCS_SCREENSHOTS").is_some() {
-            let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join(format!("dashboard-{name}"));
-            std::fs::write(docs, &png).expect("write the docs screenshot");
-        }
-        path
-    }
-}
+#[path = "../../benches/support/browser.rs"]
+mod browser;
+use crate::serve::{JsonValue, KEY, Svc};
+use browser::Browser;
 
 /// The counts per state of the tiles, and of `GET /v1/instances` (which leaves removed ones out).
 const TILE_COUNTS: &str = "return Object.fromEntries([...document.querySelectorAll('#tiles [data-kind]')]

@@ -50,7 +50,8 @@ function onEvent(e) {
       }
       counted += batch.length;
       live.textContent = `live · ${counted} transition${counted === 1 ? '' : 's'} since load · at #${model.position}`;
-      fleet.invalidate();
+      // Already in a frame: draw now rather than one frame later.
+      if (!fleetRoot.hidden) fleet.draw();
     });
   }
 }
