@@ -213,6 +213,42 @@ pub enum InputKind {
 }
 
 impl InputKind {
+    /// Every kind.
+    pub const ALL: [InputKind; 23] = [
+        Self::Connect,
+        Self::Logout,
+        Self::Delete,
+        Self::Restart,
+        Self::Opened,
+        Self::PairingCode,
+        Self::Closed,
+        Self::WriteFailed,
+        Self::HeartbeatMissed,
+        Self::LogoutConfirmed,
+        Self::LogoutFailed,
+        Self::CloseFinished,
+        Self::CleanupFinished,
+        Self::ReconnectTimer,
+        Self::ConnectTimeout,
+        Self::LogoutTimeout,
+        Self::CloseTimeout,
+        Self::CleanupTimeout,
+        Self::Recovered,
+        Self::Panicked,
+        Self::Pong,
+        Self::HeartbeatTimer,
+        Self::PongDeadline,
+    ];
+
+    /// The kind a label names (`heartbeat missed`, `heartbeat-missed` or
+    /// `HeartbeatMissed`; any case).
+    pub fn parse(s: &str) -> Option<Self> {
+        let squash =
+            |t: &str| t.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).collect::<String>();
+        let wanted = squash(s);
+        Self::ALL.into_iter().find(|k| squash(k.as_str()) == wanted)
+    }
+
     /// A short label for diagrams and summaries.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -348,6 +384,21 @@ impl Input {
 mod tests {
     use super::*;
     use crate::machine::catalog::sample_inputs;
+
+    #[test]
+    fn every_kind_is_listed_once_and_parses_from_its_label() {
+        let labels: std::collections::BTreeSet<&str> = InputKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(labels.len(), InputKind::ALL.len());
+        for input in sample_inputs(Generation(1)) {
+            assert!(InputKind::ALL.contains(&input.kind()), "{:?}", input.kind());
+        }
+        for k in InputKind::ALL {
+            assert_eq!(InputKind::parse(k.as_str()), Some(k));
+            assert_eq!(InputKind::parse(&k.as_str().replace(' ', "-").to_uppercase()), Some(k));
+            assert_eq!(InputKind::parse(&format!("{k:?}")), Some(k));
+        }
+        assert_eq!(InputKind::parse("heartbeat"), None);
+    }
 
     #[test]
     fn every_input_says_its_kind_generation_and_whether_it_ends_a_connection() {

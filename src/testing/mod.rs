@@ -4,6 +4,12 @@
 //! - [`chaos`]: the seeded chaos schedule.
 //! - [`simulate`]: `lifecycle simulate`, a fleet through the chaos over real sockets.
 //! - [`peer`]: the fault-injecting reference peer.
+//! - [`SimTransport`]: a transport without sockets whose faults are scripted.
+//! - [`sim_engine`]: an engine on an in-memory log with the simulated
+//!   transport and a fixed epoch, for `tokio::time::pause`.
+//! - [`simulate_virtual`]: the seeded chaos schedule in virtual time;
+//!   the same seed gives the same log, record for record (`simulate --virtual`).
+//! - [`assert_rules_hold`]: every rule checked on a whole log.
 //!
 //! With `testing` (for test authors; it includes `tools`):
 //! - [`Driver`]: the pure core's [`machine::Driver`](crate::machine::Driver)
@@ -11,12 +17,6 @@
 //!   that one transport is live at a time and that every waiting state has
 //!   its bounding timer — no tokio, no sockets, no clock.
 //! - [`strategy`]: proptest strategies for states, inputs and policies.
-//! - [`SimTransport`]: a transport without sockets whose faults are scripted.
-//! - [`sim_engine`]: an engine on an in-memory log with the simulated
-//!   transport and a fixed epoch, for `tokio::time::pause`.
-//! - [`simulate_virtual`]: the seeded chaos schedule in virtual time;
-//!   the same seed gives the same log, record for record.
-//! - [`assert_rules_hold`]: every rule checked on a whole log.
 //! - [`fleet`]: a whole fleet on the core's drivers alone, in virtual time,
 //!   every rule checked after every step (a fleet-day in seconds).
 //! - [`fuzz`]: the functions behind the fuzz targets.
@@ -31,20 +31,16 @@ pub mod simulate;
 pub mod fleet;
 #[cfg(feature = "testing")]
 pub mod fuzz;
-#[cfg(feature = "testing")]
 mod sim;
 #[cfg(feature = "testing")]
 pub mod strategy;
-#[cfg(feature = "testing")]
 mod virtual_time;
 
 #[cfg(feature = "testing")]
 mod harness;
 #[cfg(feature = "testing")]
 pub use harness::{Driver, DriverViolation, Step, append_to_log, retarget, waits_on};
-#[cfg(feature = "testing")]
 pub use sim::{SimAction, SimBehaviour, SimTransport};
-#[cfg(feature = "testing")]
 pub use virtual_time::{
     EPOCH, assert_rules_hold, check_rules, sim_engine, sim_engine_on, simulate_virtual, simulate_virtual_on,
 };

@@ -233,8 +233,18 @@ pub struct Summary {
     pub seconds: f64,
     /// The log's directory.
     pub data: String,
-    /// The peer's URL, and whether it was the built-in one.
+    /// The peer's URL, and whether it was the built-in one (or `simulated, in virtual time`).
     pub peer: String,
+    /// Whether it ran in virtual time (`--virtual`): then the same seed gives the same log, record for record.
+    pub virtual_time: bool,
+    /// Records in the log: creates plus transitions (plus compaction snapshots, if any).
+    pub records: u64,
+    /// `Created` records: a name created again after it was removed counts again.
+    pub creates: u64,
+    /// Names in the log.
+    pub names: u64,
+    /// The log's head, `GLOBAL:LINK`: two logs with the same head hold the same records.
+    pub head: String,
     /// Transitions by input kind.
     pub transitions: BTreeMap<String, u64>,
     /// Connections that ended, by who ended them (`peer`, `local`, `transport`).
@@ -667,13 +677,55 @@ fn act(run: &mut Run, name: &str, what: Chaos) {
     });
 }
 
+/// `lifecycle simulate --virtual`: the same seeded schedule, its faults
+/// played by the simulated transport, in virtual time
+/// ([`super::virtual_time::simulate_virtual`]): the same seed gives the same
+/// log, record for record (the summary's `head` says so at a glance). The
+/// run is made in memory and then written to `data` as a sled log, as
+/// `run` writes it (beside the old one, replacing it once complete).
+/// Blocking: it runs its own paused runtime, so call it outside one.
+pub fn run_virtual(options: &Options) -> Result<Summary, SimulateError> {
+    options.validate()?;
+    if options.peer.is_some() {
+        return Err(SimulateError::InvalidOption {
+            option: "--virtual",
+            problem: "runs against the simulated transport; --peer needs real sockets".into(),
+        });
+    }
+    let policy = simulation_policy(options.preset);
+    let staging = Staging::prepare(&options.data)?;
+    let memory =
+        super::virtual_time::simulate_virtual(options.seed, options.instances, options.duration, policy.clone())?;
+    let log_error = |e: crate::log::LogError| SimulateError::Engine(EngineError::log(None, e));
+    let log =
+        Log::open(&staging.staging, LogConfig { durability: crate::log::Durability::Buffered, ..LogConfig::default() })
+            .map_err(log_error)?;
+    let mut policies = memory.policies().map_err(log_error)?.into_iter().peekable();
+    for record in memory.records() {
+        let record = record.map_err(log_error)?;
+        while let Some((_, p)) = policies.next_if(|(from, _)| *from <= record.global) {
+            log.set_policy(&p).map_err(log_error)?;
+        }
+        log.append(&record.instance, record.seq, record.at, record.event, &record.to).map_err(log_error)?;
+    }
+    log.sync().map_err(log_error)?;
+    let restarts = schedule_iter(options.seed, options.instances, options.duration, true)
+        .filter(|(_, _, what)| *what == Chaos::EngineRestart)
+        .count() as u64;
+    let base = Summary {
+        peer: "simulated, in virtual time".into(),
+        virtual_time: true,
+        engine_restarts: restarts,
+        ..Summary::default()
+    };
+    let summary = summarize_log(&log, &policy, options, base);
+    drop((log, memory));
+    staging.commit()?;
+    Ok(summary)
+}
+
 fn summarize(log: &Log, policy: &Policy, options: &Options, run: &Run, restarts: u64) -> Summary {
-    let mut s = Summary {
-        seed: options.seed,
-        policy: policy.name.clone(),
-        instances: options.instances,
-        seconds: options.duration.as_secs_f64(),
-        data: options.data.display().to_string(),
+    let base = Summary {
         peer: if run.peer.is_some() { format!("built-in ({})", run.url) } else { run.url.clone() },
         engine_restarts: restarts,
         deletes: Latency::of(run.deletes.lock().map(|v| v.clone()).unwrap_or_default()),
@@ -681,8 +733,24 @@ fn summarize(log: &Log, policy: &Policy, options: &Options, run: &Run, restarts:
         refused: run.refused.lock().map(|v| v.clone()).unwrap_or_default(),
         ..Summary::default()
     };
+    summarize_log(log, policy, options, base)
+}
+
+/// Fills `s` with what the log says.
+fn summarize_log(log: &Log, policy: &Policy, options: &Options, mut s: Summary) -> Summary {
+    s.seed = options.seed;
+    s.policy = policy.name.clone();
+    s.instances = options.instances;
+    s.seconds = options.duration.as_secs_f64();
+    s.data = options.data.display().to_string();
+    let (global, link) = log.tip();
+    s.head = format!("{global}:{}", link.hex());
     let mut last: BTreeMap<String, State> = BTreeMap::new();
     for record in log.records().flatten() {
+        s.records += 1;
+        if matches!(record.event, Event::Created { .. }) {
+            s.creates += 1;
+        }
         if let Event::Transition { from, input, effects } = &record.event {
             s.transitions_total += 1;
             *s.transitions.entry(input.kind().as_str().to_owned()).or_default() += 1;
@@ -713,6 +781,7 @@ fn summarize(log: &Log, policy: &Policy, options: &Options, run: &Run, restarts:
         }
         last.insert(record.instance.to_string(), record.to.state);
     }
+    s.names = last.len() as u64;
     for state in last.values() {
         *s.final_states.entry(state.kind().as_str().to_owned()).or_default() += 1;
     }

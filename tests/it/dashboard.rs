@@ -11,7 +11,6 @@
 //! `.ci/run` installs `chromium` and `chromium-driver`; without them these
 //! tests fail under CI and say loudly that they did not run elsewhere.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +30,7 @@ use crate::engine::fast;
 #[path = "../../benches/support/browser.rs"]
 mod browser;
 use crate::serve::{JsonValue, KEY, Svc};
+use crate::support::{copy_tree, digests};
 use browser::Browser;
 
 /// The counts per state of the tiles, and of `GET /v1/instances` (which leaves removed ones out).
@@ -219,23 +219,6 @@ async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
     svc.stop().await;
 }
 
-fn digests(dir: &Path) -> Vec<(PathBuf, [u8; 32])> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("read dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push((path.clone(), *blake3::hash(&std::fs::read(&path).expect("read")).as_bytes()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// `lifecycle replay` serves the dashboard over a log without an engine and
 /// never writes a byte of it; anything that would change it is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +234,7 @@ async fn replay_serves_a_log_read_only_and_writes_nothing() {
     let log_dir = dir.path().join("copied-log");
     // The service's log, as an operator would copy it off a host once the service stopped.
     let kept = svc.stop_keeping_the_log().await;
-    copy_dir(&kept.path().join("log"), &log_dir);
+    copy_tree(&kept.path().join("log"), &log_dir);
     let before = digests(&log_dir);
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_lifecycle"))
@@ -304,17 +287,4 @@ async fn replay_serves_a_log_read_only_and_writes_nothing() {
     let status = child.wait().expect("wait");
     assert!(status.success(), "{status:?}");
     assert_eq!(digests(&log_dir), before, "replay wrote to the log it read");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
 }

@@ -2,6 +2,7 @@
 //! library, and prints. Errors are one clear line and a non-zero exit code.
 
 mod diagram;
+mod inspect;
 mod output;
 mod peer;
 mod read;
@@ -23,6 +24,22 @@ use output::{Failure, finish};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Colour: on a terminal only (auto), always, or never. NO_COLOR is honoured.
+    #[arg(long, global = true, value_enum, default_value_t = ColorArg::Auto)]
+    color: ColorArg,
+    /// Only results and errors: no notes or progress on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Say more about what the engine does (-v info, -vv debug, -vvv trace); RUST_LOG wins.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ColorArg {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Subcommand)]
@@ -54,29 +71,48 @@ enum Command {
         /// (trusted instead of the public web PKI).
         #[arg(long, requires = "peer")]
         ca: Option<PathBuf>,
+        /// Run the same schedule in virtual time against the simulated
+        /// transport (no sockets, no waiting): the same seed gives the same
+        /// log, record for record.
+        #[arg(long = "virtual", conflicts_with_all = ["peer", "ca"])]
+        virtual_time: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Show a log: every instance, or one instance's timeline. Reads a copy; never writes the log.
+    /// Show a log: every instance (state, how long ago it moved, a count at
+    /// the end), or one instance's timeline with the rule of each step.
+    /// Reads a copy; never writes the log.
     Inspect {
         /// The log's directory.
         dir: PathBuf,
         /// One instance's timeline.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         instance: Option<String>,
         /// With --instance: the state after this sequence number.
         #[arg(long)]
         at: Option<u64>,
-        /// Only instances (or records) in this state.
+        /// Only instances (or records) in this state: connecting, open, closing, closed, zombie, removed.
         #[arg(long)]
         state: Option<String>,
-        /// Only records at or after this time (milliseconds since the Unix epoch).
+        /// Only instances whose name starts with this, or matches it as a glob (`*`, `?`).
+        #[arg(long, value_name = "PREFIX|GLOB")]
+        name: Option<String>,
+        /// Only records of this input (`closed`, `heartbeat missed`, …); in the list, instances with such a record.
+        #[arg(long, value_name = "KIND")]
+        input: Option<String>,
+        /// Only records at or after this time: RFC 3339 (2026-11-30T03:12:00Z), a duration ago (10m, 2h, 3d) or epoch ms.
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only records at or before this time (as --since).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// JSON Lines: one object per instance, or per record (the shape of the service's /v1/events).
         #[arg(long)]
-        since: Option<u64>,
-        /// Only records at or before this time (milliseconds since the Unix epoch).
-        #[arg(long)]
-        until: Option<u64>,
+        json: bool,
+        /// Print new records as they are appended (by a running engine or `serve`) until Ctrl-C.
+        #[arg(long, short)]
+        follow: bool,
     },
     /// Check a log against the rules of this build (R8) and its head (nothing
     /// acknowledged lost); exit code 1 on any finding. Reads a copy.
@@ -91,6 +127,9 @@ enum Command {
         /// the whole directory from an older copy shows.
         #[arg(long, value_name = "GLOBAL:LINK")]
         expect_head: Option<String>,
+        /// The report as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Say whether a writer (an engine) can open a log; with --accept-loss,
     /// open a log that lost records or its head anyway, recording the loss in it.
@@ -166,6 +205,13 @@ enum Command {
         #[arg(long)]
         open: bool,
     },
+    /// Print a shell completion script: `lifecycle completions bash > /etc/bash_completion.d/lifecycle`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `lifecycle man | man -l -`.
+    Man,
     /// Run the fault-injecting reference peer. Prints its URL, then takes
     /// control lines on stdin: `zombify NAME`, `drop NAME`, `close NAME CODE`,
     /// `fault NAME ready|no-identity|hang-on-logout|refuse`, `drop-all`, `stats`.
@@ -214,12 +260,25 @@ impl From<PresetArg> for Preset {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.color {
+        ColorArg::Auto => {}
+        ColorArg::Always => anstream::ColorChoice::Always.write_global(),
+        ColorArg::Never => anstream::ColorChoice::Never.write_global(),
+    }
+    output::set_quiet(cli.quiet);
     // RUST_LOG=debug (or instance_lifecycle=trace, …) shows what the engine does; warnings by default.
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        (false, _) => "trace",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.command {
-        Command::Simulate { instances, seconds, seed, data, policy, peer, ca, json } => {
+        Command::Simulate { instances, seconds, seed, data, policy, peer, ca, virtual_time, json } => {
             let options = instance_lifecycle::testing::simulate::Options {
                 instances: instances as usize,
                 duration: std::time::Duration::from_secs(seconds),
@@ -229,15 +288,20 @@ fn main() -> ExitCode {
                 peer,
                 ca,
             };
-            run_async(simulate::run(options, json))
+            if virtual_time { simulate::run_virtual(&options, json) } else { run_async(simulate::run(options, json)) }
         }
-        Command::Inspect { dir, instance, at, state, since, until } => {
-            output::clean_up_on_interrupt();
-            read::inspect(&dir, instance, at, state, since, until)
+        Command::Inspect { dir, instance, at, state, name, input, since, until, json, follow } => {
+            let query = inspect::Query { instance, at, state, name, input, since, until, json };
+            if follow {
+                run_async(inspect::follow(&dir, query))
+            } else {
+                output::clean_up_on_interrupt();
+                inspect::run(&dir, query)
+            }
         }
-        Command::Verify { dir, policy, expect_head } => {
+        Command::Verify { dir, policy, expect_head, json } => {
             output::clean_up_on_interrupt();
-            read::verify(&dir, policy.map(Preset::from), expect_head.as_deref())
+            read::verify(&dir, policy.map(Preset::from), expect_head.as_deref(), json)
         }
         Command::Recover { dir, accept_loss } => {
             output::clean_up_on_interrupt();
@@ -265,6 +329,19 @@ fn main() -> ExitCode {
             run_async(serve::run(flags))
         }
         Command::Replay { dir, listen, open } => run_async(serve::replay(dir, listen, open)),
+        Command::Completions { shell } => {
+            // Into a buffer first: the generator panics on a closed stdout (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "lifecycle", &mut script);
+            output::raw(&script)
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut page)
+                .map_err(|e| output::fail(format!("cannot render the man page: {e}")))
+                .and_then(|()| output::raw(&page))
+        }
         Command::Peer { listen, tls_cert, tls_key } => run_async(peer::run(listen, tls_cert.zip(tls_key))),
     };
     finish(result)

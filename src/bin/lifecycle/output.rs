@@ -5,6 +5,37 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use instance_lifecycle::machine::StateKind;
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// `-q`: notes and progress on stderr are left out; results and errors are not.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Whether `-q` was given.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// The colour of a state kind (the dashboard's palette, as terminals have it).
+/// Written through [`line`], it shows only where colour is wanted.
+pub fn paint(kind: StateKind) -> anstyle::Style {
+    use anstyle::{AnsiColor, Style};
+    let color = match kind {
+        StateKind::Connecting => AnsiColor::Yellow,
+        StateKind::Open => AnsiColor::Green,
+        StateKind::Closing => AnsiColor::Cyan,
+        StateKind::Closed => AnsiColor::BrightBlack,
+        StateKind::Zombie => AnsiColor::Red,
+        StateKind::Removed => AnsiColor::Magenta,
+    };
+    let style = Style::new().fg_color(Some(color.into()));
+    if kind == StateKind::Zombie { style.bold() } else { style }
+}
 
 /// Why a command stopped.
 pub enum Failure {
@@ -25,10 +56,17 @@ pub fn fail(message: impl Into<String>) -> Failure {
     Failure::Message(message.into())
 }
 
-/// Writes one line to stdout.
+/// Writes one line to stdout: colour codes are kept on a terminal, stripped
+/// elsewhere, and follow `--color`, `NO_COLOR` and `CLICOLOR_FORCE`.
 pub fn line(args: std::fmt::Arguments<'_>) -> Result<(), Failure> {
-    let mut out = std::io::stdout().lock();
+    let mut out = anstream::stdout().lock();
     out.write_fmt(args).and_then(|()| out.write_all(b"\n")).map_err(|_| Failure::Closed)
+}
+
+/// Writes bytes to stdout as they are (a script, a man page).
+pub fn raw(bytes: &[u8]) -> Result<ExitCode, Failure> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes).and_then(|()| out.flush()).map(|()| ExitCode::SUCCESS).map_err(|_| Failure::Closed)
 }
 
 /// Prints a line to stdout; returns `Failure::Closed` from the calling command when nobody reads.

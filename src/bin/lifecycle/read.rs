@@ -1,4 +1,5 @@
-//! The commands that read a log: inspect, verify, export, recover. They open
+//! The commands that read a log: verify, export, recover (inspect has its
+//! own module). They open
 //! a copy (see `instance_lifecycle::log::Log::open_copy`), never the original,
 //! except `recover --accept-loss`, which is asked to write.
 
@@ -6,8 +7,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use instance_lifecycle::log::{Digest, Event, Finding, HeadCheck, Log, LogConfig, Record, RecoveryOptions};
-use instance_lifecycle::machine::{InstanceName, Policy, Preset, StateKind, Timestamp};
+use instance_lifecycle::log::{Digest, Finding, HeadCheck, Log, LogConfig, RecoveryOptions};
+use instance_lifecycle::machine::{Policy, Preset, StateKind};
 
 use crate::output::{Failure, fail, say};
 
@@ -32,102 +33,6 @@ pub fn open_copy(dir: &Path) -> Result<Log, Failure> {
     Ok(log)
 }
 
-fn parse_state(s: Option<String>) -> Result<Option<StateKind>, Failure> {
-    s.map(|s| {
-        StateKind::parse(&s).ok_or_else(|| {
-            fail(format!("unknown state {s:?}; one of Connecting, Open, Closing, Closed, Zombie, Removed"))
-        })
-    })
-    .transpose()
-}
-
-pub fn inspect(
-    dir: &Path,
-    instance: Option<String>,
-    at: Option<u64>,
-    state: Option<String>,
-    since: Option<u64>,
-    until: Option<u64>,
-) -> Result<ExitCode, Failure> {
-    let state = parse_state(state)?;
-    let log = open_copy(dir)?;
-    let in_time = |t: Timestamp| since.is_none_or(|s| t.0 >= s) && until.is_none_or(|u| t.0 <= u);
-    let Some(name) = instance else {
-        if at.is_some() {
-            return Err(fail("--at needs --instance"));
-        }
-        say!("{:<24} {:<11} {:>7}  {:<23}  state", "instance", "kind", "records", "last transition (UTC)");
-        for (name, latest) in log.latest_all()? {
-            if state.is_some_and(|k| latest.instance.state.kind() != k) || !in_time(latest.at) {
-                continue;
-            }
-            let records = log.history(&name)?.len();
-            say!(
-                "{:<24} {:<11} {:>7}  {:<23}  {}",
-                name,
-                latest.instance.state.kind(),
-                records,
-                latest.at.utc(),
-                latest.instance.state
-            );
-        }
-        return Ok(ExitCode::SUCCESS);
-    };
-    let name = InstanceName::new(&name)?;
-    let history = log.history(&name)?;
-    let (Some(first), Some(last)) = (history.first(), history.last()) else {
-        return Err(fail(format!("no instance {name} in {}", dir.display())));
-    };
-    if let Some(seq) = at {
-        let record = history
-            .iter()
-            .find(|r| r.seq == seq)
-            .ok_or_else(|| fail(format!("{name} has no record {seq} (it has {}..={})", first.seq, last.seq)))?;
-        say!("{name} after #{seq} ({}): {} ({})", record.at.utc(), record.to.state, record.to.generation);
-        say!("{}", serde_json::to_string_pretty(&record.to)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    say!("{:>5}  {:<23}  {:<18} {:<10} → {:<10} {:>6}  detail", "seq", "time (UTC)", "input", "from", "to", "status");
-    for r in history.iter().filter(|r| in_time(r.at) && state.is_none_or(|k| r.to.state.kind() == k)) {
-        timeline_row(r)?;
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn timeline_row(r: &Record) -> Result<(), Failure> {
-    let (from, status, reason) = match &r.event {
-        Event::Transition { from, input, .. } => {
-            let (status, reason) = match input.closed() {
-                Some((by, status, reason)) => {
-                    let status = status.map(|s| s.to_string()).unwrap_or_default();
-                    (Some(format!("{status} by {by}")), reason.to_string())
-                }
-                None => (None, String::new()),
-            };
-            (from.state.kind().to_string(), status, reason)
-        }
-        Event::Created { .. } | Event::Snapshot { .. } => ("-".to_owned(), None, String::new()),
-    };
-    let failures = r.failures();
-    let mut detail = r.to.state.to_string();
-    if !reason.is_empty() {
-        detail = format!("{detail}; reason {reason:?}");
-    }
-    if !failures.is_empty() {
-        detail = format!("{detail}; FAILED: {}", failures.join("; "));
-    }
-    say!(
-        "{:>5}  {:<23}  {:<18} {:<10} → {:<10} {:>6}  {detail}",
-        r.seq,
-        r.at.utc(),
-        r.event.label(),
-        from,
-        r.to.state.kind(),
-        status.unwrap_or_default()
-    );
-    Ok(())
-}
-
 /// Parses `GLOBAL:LINK` (the link as 64 hex digits).
 fn parse_head(s: &str) -> Result<(u64, Digest), Failure> {
     let bad = || fail(format!("--expect-head {s:?}: expected GLOBAL:LINK, as `lifecycle verify` prints it"));
@@ -135,64 +40,82 @@ fn parse_head(s: &str) -> Result<(u64, Digest), Failure> {
     Ok((global.parse().map_err(|_| bad())?, Digest::from_hex(link).ok_or_else(bad)?))
 }
 
-pub fn verify(dir: &Path, preset: Option<Preset>, expect_head: Option<&str>) -> Result<ExitCode, Failure> {
+pub fn verify(dir: &Path, preset: Option<Preset>, expect_head: Option<&str>, json: bool) -> Result<ExitCode, Failure> {
     let anchor = expect_head.map(parse_head).transpose()?;
     let log = open_copy(dir)?;
     let recorded = log.policy()?;
-    let report = match (preset, &recorded) {
+    // What the log is checked against, said first (in JSON: `against` and `notes`).
+    let mut preamble = Vec::new();
+    let (against, mut report) = match (preset, &recorded) {
         (Some(p), recorded) => {
             let given = Policy::preset(p);
-            say!("verifying {} against --policy {p} (every record replayed under it)", dir.display());
             if let Some(recorded) = recorded.as_ref().filter(|r| **r != given) {
-                say!(
-                    "note: --policy {p} is not the policy the log recorded ({:?}); divergences may come from that. It differs in:",
+                preamble.push(format!(
+                    "--policy {p} is not the policy the log recorded ({:?}); divergences may come from that. It differs in:",
                     recorded.name
-                );
-                for d in recorded.differences(&given) {
-                    say!("    {d} (recorded vs given)");
-                }
+                ));
+                preamble.extend(recorded.differences(&given).iter().map(|d| format!("    {d} (recorded vs given)")));
             }
-            log.verify(&given)
+            (format!("--policy {p} (every record replayed under it)"), log.verify(&given))
         }
-        (None, Some(r)) => {
-            say!("verifying {} against the policy the log recorded ({:?})", dir.display(), r.name);
-            log.verify_recorded(r)
-        }
+        (None, Some(r)) => (format!("the policy the log recorded ({:?})", r.name), log.verify_recorded(r)),
         (None, None) => {
             let fallback = Policy::default();
-            say!("verifying {} against policy {:?} (the log recorded none)", dir.display(), fallback.name);
-            log.verify(&fallback)
+            (format!("policy {:?} (the log recorded none)", fallback.name), log.verify(&fallback))
         }
     };
-    let mut report = report;
     if let Some(finding) = anchor.and_then(|(global, link)| log.check_anchor(global, link)) {
         report.findings.insert(0, finding);
     }
-    for note in &report.notes {
+    preamble.extend(report.notes.iter().map(ToString::to_string));
+    let (global, link) = log.tip();
+    let divergence = match report.first_divergence() {
+        Some(Finding::Divergence { instance, seq, global, .. }) => Some((instance.to_string(), *seq, *global)),
+        _ => None,
+    };
+    let refused = log.head_check().is_damage();
+    let code = if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    if json {
+        let value = serde_json::json!({
+            "log": dir.display().to_string(),
+            "against": against,
+            "clean": report.is_clean(),
+            "records": report.records,
+            "instances": report.instances,
+            "head": format!("{global}:{}", link.hex()),
+            "findings": report.findings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "notes": preamble,
+            "first_divergence": divergence.map(|(instance, seq, global)| serde_json::json!({"instance": instance, "seq": seq, "global": global})),
+            "engine_refuses": refused,
+        });
+        say!("{value}");
+        return Ok(code);
+    }
+    say!("verifying {} against {against}", dir.display());
+    for note in &preamble {
         say!("note: {note}");
     }
     if report.is_clean() {
-        let (global, link) = log.tip();
         say!("clean: {} records of {} instances follow the rules (R8)", report.records, report.instances);
         say!("head: {global}:{} (keep it to check a later copy with --expect-head)", link.hex());
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code);
     }
     say!("{} finding(s) in {} records of {} instances:", report.findings.len(), report.records, report.instances);
     for f in &report.findings {
         say!("- {f}");
     }
-    if let Some(Finding::Divergence { instance, seq, global, .. }) = report.first_divergence() {
+    if let Some((instance, seq, global)) = divergence {
         say!(
             "first divergence: {instance}#{seq} (global {global}) — the first record where the current rules decide differently"
         );
     }
-    if log.head_check().is_damage() {
+    if refused {
         say!(
             "an engine will refuse this log; `lifecycle recover {} --accept-loss` opens it anyway and records the loss",
             dir.display()
         );
     }
-    Ok(ExitCode::FAILURE)
+    Ok(code)
 }
 
 pub fn recover(dir: &Path, accept_loss: bool) -> Result<ExitCode, Failure> {

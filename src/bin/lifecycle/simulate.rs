@@ -7,11 +7,32 @@ use std::process::ExitCode;
 
 use instance_lifecycle::testing::simulate::{self, Options, Progress, Stage, Summary};
 
-use crate::output::{Failure, INTERRUPTED, say};
+use crate::output::{Failure, INTERRUPTED, quiet, say};
+
+/// `--virtual`: the schedule in virtual time (seconds of wall time for the whole run).
+pub fn run_virtual(options: &Options, json: bool) -> Result<ExitCode, Failure> {
+    if !json && !quiet() {
+        eprintln!(
+            "simulating {} instances for {} s of virtual time (seed {}, policy {}) → {}",
+            options.instances,
+            options.duration.as_secs(),
+            options.seed,
+            options.preset,
+            options.data.display()
+        );
+    }
+    let summary = simulate::run_virtual(options)?;
+    if json {
+        say!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary)?;
+    }
+    Ok(if summary.verification.clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
 
 pub async fn run(options: Options, json: bool) -> Result<ExitCode, Failure> {
     let terminal = std::io::stderr().is_terminal();
-    if !json {
+    if !json && !quiet() {
         eprintln!(
             "simulating {} instances for {} s (seed {}, policy {}) → {}",
             options.instances,
@@ -26,8 +47,17 @@ pub async fn run(options: Options, json: bool) -> Result<ExitCode, Failure> {
             std::future::pending::<()>().await;
         }
     };
-    let summary = simulate::run(&options, |p| show_progress(p, terminal), stop).await?;
-    if terminal {
+    let summary = simulate::run(
+        &options,
+        |p| {
+            if !json && !quiet() {
+                show_progress(p, terminal)
+            }
+        },
+        stop,
+    )
+    .await?;
+    if terminal && !json && !quiet() {
         eprintln!();
     }
     if json {
@@ -45,6 +75,10 @@ pub async fn run(options: Options, json: bool) -> Result<ExitCode, Failure> {
 fn show_progress(p: &Progress, terminal: bool) {
     let states: Vec<String> = p.states.iter().map(|(k, n)| format!("{} {n}", k.as_str().to_lowercase())).collect();
     let (done, total) = (p.elapsed.as_secs(), p.total.as_secs().max(1));
+    if matches!(p.stage, Stage::Running) && states.is_empty() {
+        // Nothing created yet (the first second): an empty line says nothing.
+        return;
+    }
     match p.stage {
         Stage::Running if terminal => {
             let width = 30;
@@ -61,8 +95,20 @@ fn show_progress(p: &Progress, terminal: bool) {
                 bound.as_secs()
             );
         }
-        Stage::Verifying => eprintln!("shutting the engine down and verifying the log"),
+        Stage::Verifying => eprintln!("shutting the engine down, syncing the log, then verifying every record (R8)"),
     }
+}
+
+/// How to run `lifecycle` the way this process was started: under `cargo
+/// run` the binary is not on PATH.
+fn invocation() -> String {
+    let exe = std::env::current_exe().ok();
+    let in_target = exe.as_ref().is_some_and(|p| p.components().any(|c| c.as_os_str() == "target"));
+    if std::env::var_os("CARGO").is_some() || in_target {
+        let release = exe.as_ref().is_some_and(|p| p.components().any(|c| c.as_os_str() == "release"));
+        return if release { "cargo run --release --".into() } else { "cargo run --".into() };
+    }
+    "lifecycle".into()
 }
 
 fn print_summary(s: &Summary) -> Result<(), Failure> {
@@ -77,14 +123,29 @@ fn print_summary(s: &Summary) -> Result<(), Failure> {
     if let Some(after) = s.interrupted_after_s {
         say!("interrupted after {after:.1} s of {} s (Ctrl-C): the summary covers what was done", s.seconds);
     }
-    say!("transitions: {}", s.transitions_total);
+    say!(
+        "records: {} = {} creates ({} names; a removed name created again counts again) + {} transitions",
+        s.records,
+        s.creates,
+        s.names,
+        s.transitions_total
+    );
     for (kind, n) in &s.transitions {
         say!("  {kind:<18} {n}");
     }
     let closes: Vec<String> = s.closes.iter().map(|(by, n)| format!("{n} by {by}")).collect();
     say!("connections ended: {}", closes.join(", "));
     let finals: Vec<String> = s.final_states.iter().map(|(k, n)| format!("{k} {n}")).collect();
-    say!("final states: {}", finals.join(", "));
+    say!("final states: {} (one per name)", finals.join(", "));
+    let delete_transitions = s.transitions.get("delete").copied().unwrap_or(0);
+    let removed = s.final_states.get("Removed").copied().unwrap_or(0);
+    if !s.virtual_time {
+        say!(
+            "deletes: {} asked, {delete_transitions} moved an instance (a delete of one already deleting or removed changes nothing), {removed} names end Removed ({} were created again after a delete)",
+            s.deletes.count,
+            s.creates.saturating_sub(s.names)
+        );
+    }
     say!("zombies: {} detected, {} cleaned by delete", s.zombies_detected, s.zombies_cleaned);
     say!(
         "reconnects: {} made by the rules, {} suppressed (final status, give-up, pairing refused)",
@@ -92,8 +153,10 @@ fn print_summary(s: &Summary) -> Result<(), Failure> {
         s.reconnects_suppressed
     );
     say!("engine restarts: {}", s.engine_restarts);
-    for (what, l) in [("deletes", &s.deletes), ("logouts", &s.logouts)] {
-        say!("{what}: {} — p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms", l.count, l.p50_ms, l.p99_ms, l.max_ms);
+    if !s.virtual_time {
+        for (what, l) in [("deletes", &s.deletes), ("logouts", &s.logouts)] {
+            say!("{what}: {} — p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms", l.count, l.p50_ms, l.p99_ms, l.max_ms);
+        }
     }
     if !s.refused.is_empty() {
         let refused: Vec<String> = s.refused.iter().map(|(k, n)| format!("{k} {n}")).collect();
@@ -108,6 +171,15 @@ fn print_summary(s: &Summary) -> Result<(), Failure> {
             say!("  {f}");
         }
     }
-    say!("log: {}  (try: lifecycle inspect {0}; lifecycle verify {0})", s.data);
+    say!("head: {}", s.head);
+    if s.virtual_time {
+        say!("virtual time: the same seed gives this head again, record for record");
+    } else {
+        say!(
+            "the seed fixes the schedule (which command or fault reaches which instance, when); over real sockets what it leads to depends on timing, so two runs differ in a few records. `--virtual` runs it in virtual time, record for record the same"
+        );
+    }
+    let run = invocation();
+    say!("log: {}  (next: {run} inspect {0}; {run} verify {0}; {run} replay {0})", s.data);
     Ok(())
 }
