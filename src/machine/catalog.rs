@@ -107,3 +107,22 @@ pub fn exploration_policies() -> Vec<Policy> {
     }
     policies
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Restart recovery is explored both ways, each time in a policy that
+    /// means it: the one that stops on every close does not reconnect after
+    /// a restart either; every other policy does.
+    #[test]
+    fn exploration_covers_restart_recovery_both_ways_consistently() {
+        let policies = exploration_policies();
+        for p in &policies {
+            let stops_always = p.close_rules.is_empty() && p.close_default == CloseAction::Stop;
+            assert_eq!(p.reconnect_after_restart, !stops_always, "{}", p.name);
+        }
+        assert!(policies.iter().any(|p| p.reconnect_after_restart));
+        assert!(policies.iter().any(|p| !p.reconnect_after_restart));
+    }
+}

@@ -445,17 +445,26 @@ impl Policy {
     }
 }
 
+/// A `Duration` as serde writes it: exactly `{"secs": u64, "nanos": u32}`.
+fn duration_of(v: &serde_json::Value) -> Option<Duration> {
+    let m = v.as_object()?;
+    if m.len() != 2 {
+        return None;
+    }
+    let secs = m.get("secs")?.as_u64()?;
+    let nanos = u32::try_from(m.get("nanos")?.as_u64()?).ok()?;
+    Some(Duration::new(secs, nanos))
+}
+
 /// Flattens a JSON value into `path → printed leaf`; durations print as `250ms`.
 fn flatten(path: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
     use serde_json::Value;
     let join = |k: &str| if path.is_empty() { k.to_owned() } else { format!("{path}.{k}") };
+    if let Some(d) = duration_of(v) {
+        out.insert(path.to_owned(), format!("{d:?}"));
+        return;
+    }
     match v {
-        Value::Object(m) if m.len() == 2 && m.contains_key("secs") && m.contains_key("nanos") => {
-            let secs = m["secs"].as_u64().unwrap_or(0);
-            let nanos = m["nanos"].as_u64().unwrap_or(0);
-            let d = Duration::new(secs, u32::try_from(nanos).unwrap_or(0));
-            out.insert(path.to_owned(), format!("{d:?}"));
-        }
         Value::Object(m) => m.iter().for_each(|(k, v)| flatten(&join(k), v, out)),
         Value::Array(items) => items.iter().enumerate().for_each(|(i, v)| flatten(&format!("{path}[{i}]"), v, out)),
         leaf => {
@@ -721,6 +730,45 @@ mod tests {
         let other_seed = Policy { jitter_seed: 7, ..p.clone() };
         let spread = |p: &Policy| (1..=40).map(|i| p.backoff_delay(&name(&format!("i{i}")), 4)).collect::<Vec<_>>();
         assert_ne!(spread(&p), spread(&other_seed), "the seed moves the draws");
+    }
+
+    /// Full jitter draws from base..=ceiling, both ends included; the seed,
+    /// the name and the attempt each move the draw on their own (a fleet
+    /// with another seed, or a later retry of the same instance, is not
+    /// spread the same way).
+    #[test]
+    fn full_jitter_reaches_both_ends_and_each_input_moves_the_draw() {
+        let tiny = Policy {
+            backoff: Backoff {
+                base: Duration::from_millis(1),
+                factor: 2,
+                cap: Duration::from_secs(1),
+                ..Backoff::default()
+            },
+            ..Policy::default()
+        };
+        let firsts: std::collections::BTreeSet<u128> =
+            (0..200).map(|i| tiny.backoff_delay(&name(&format!("e{i}")), 1).as_millis()).collect();
+        assert_eq!(firsts.into_iter().collect::<Vec<_>>(), [1, 2], "the window is base..=base*factor");
+        let wide = Policy {
+            backoff: Backoff {
+                base: Duration::from_millis(100),
+                factor: 3,
+                cap: Duration::from_secs(3_600),
+                ..Backoff::default()
+            },
+            ..Policy::default()
+        };
+        let names: Vec<InstanceName> = (0..200).map(|i| name(&format!("w{i}"))).collect();
+        let same = |a: &Policy, x: u32, b: &Policy, y: u32| {
+            names.iter().filter(|n| a.backoff_delay(n, x) == b.backoff_delay(n, y)).count()
+        };
+        // Independent draws over a window of thousands of milliseconds coincide for almost no name.
+        let other_seed = Policy { jitter_seed: 7, ..wide.clone() };
+        assert!(same(&wide, 4, &other_seed, 4) <= 2, "another seed, other draws");
+        // Attempts past the cap share one window: only the attempt itself moves the draw.
+        assert!(same(&wide, 30, &wide, 31) <= 2, "a later retry draws anew");
+        assert!(same(&wide, 30, &wide, 30) == names.len(), "and the same attempt draws the same");
     }
 
     #[test]
