@@ -349,6 +349,7 @@ fn router(state: AppState, timeout: Duration) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(move |req: Request, next: Next| bounded(req, next, timeout)))
+        .layer(axum::middleware::from_fn(same_origin))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -367,6 +368,31 @@ async fn method_not_allowed(req: Request) -> ApiError {
         "method_not_allowed",
         format!("{} is not a method of {}: see /v1/openapi.json", req.method(), req.uri().path()),
     )
+}
+
+/// Refuses a command a web page of another origin sends through the
+/// operator's browser (cross-site request forgery): browsers say where a
+/// request comes from in `Origin`, and a page cannot forge it. Without an API
+/// key (loopback only) nothing else would stop such a page; with one, this
+/// is a second wall. Reads, and clients that are not browsers (no `Origin`),
+/// are untouched.
+async fn same_origin(req: Request, next: Next) -> Response {
+    use axum::http::{Method, header};
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok());
+    if let (false, Some(origin)) = (reads, origin) {
+        let from = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+        if Some(from) != host {
+            return ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "cross_origin",
+                format!("{} {} from a page of {origin}: commands are taken from this service's own pages and from clients that are not browsers", req.method(), req.uri().path()),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// Bounds a request's handling in time (a stream's body is not bounded: it has begun).

@@ -814,3 +814,35 @@ async fn an_instance_token_survives_a_sigkill() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A page of another origin cannot command the service through the
+/// operator's browser (CSRF): a command with a foreign `Origin` is refused;
+/// the dashboard's own origin, clients without one, and reads pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_from_a_foreign_origin_are_refused() {
+    let svc = Svc::start(fast(Preset::Whatsapp), |_| {}).await;
+    let create = |origin: Option<String>| {
+        let mut req = svc.client.post(format!("{}/v1/instances", svc.base)).header("content-type", "text/plain");
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        req.body(json!({"name": format!("o{}", rand_suffix())}).to_string()).send()
+    };
+    let foreign = create(Some("http://evil.example".into())).await.expect("send");
+    assert_eq!(foreign.status().as_u16(), 403);
+    assert_eq!(foreign.json_value().await["error"]["code"], "cross_origin");
+    let own = create(Some(svc.base.clone())).await.expect("send");
+    assert_eq!(own.status().as_u16(), 201, "the dashboard's own origin");
+    let plain = create(None).await.expect("send");
+    assert_eq!(plain.status().as_u16(), 201, "a client that is not a browser");
+    let read =
+        svc.client.get(format!("{}/v1/instances", svc.base)).header("origin", "http://evil.example").send().await;
+    assert_eq!(read.expect("send").status().as_u16(), 200, "reads are not commands");
+    svc.stop().await;
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
