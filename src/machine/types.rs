@@ -259,7 +259,8 @@ impl Timestamp {
         let (secs, ms) = (self.0 / 1000, self.0 % 1000);
         let (days, rem) = (secs / 86_400, secs % 86_400);
         // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-        let z = i64::try_from(days).unwrap_or(i64::MAX / 2) + 719_468;
+        // u64 milliseconds make fewer than 2^38 days: the conversion cannot fail.
+        let z = i64::try_from(days).unwrap_or(0) + 719_468;
         let era = z.div_euclid(146_097);
         let doe = z.rem_euclid(146_097);
         let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
@@ -484,6 +485,40 @@ mod tests {
         assert!(serde_json::from_str::<Identity>("\"\"").is_err());
         let id: Identity = serde_json::from_str("\"5511@s.whatsapp.net\"").expect("valid identity");
         assert_eq!(id.as_str(), "5511@s.whatsapp.net");
+    }
+
+    /// Every day from 1970 to 2170 against a plain calendar walk (leap years
+    /// by the Gregorian rule): the civil-date arithmetic has no other oracle.
+    #[test]
+    fn utc_dates_agree_with_a_calendar_walk() {
+        let leap = |y: u64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let (mut year, mut month, mut day) = (1970u64, 1u64, 1u64);
+        for days in 0..(200 * 365 + 49) {
+            let at = Timestamp(days * 86_400_000 + 3_723_004);
+            assert_eq!(at.utc(), format!("{year:04}-{month:02}-{day:02} 01:02:03.004"), "day {days}");
+            let month_len = match month {
+                2 if leap(year) => 29,
+                2 => 28,
+                4 | 6 | 9 | 11 => 30,
+                _ => 31,
+            };
+            day += 1;
+            if day > month_len {
+                (day, month) = (1, month + 1);
+                if month > 12 {
+                    (month, year) = (1, year + 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reasons_compare_with_text_and_urls_give_back_their_text() {
+        let r = Reason::from("going away");
+        assert!(r == *"going away" && r == "going away");
+        assert!(r != *"gone" && r != "gone");
+        let url = WsUrl::parse("wss://example.test/socket").expect("a ws url");
+        assert_eq!(url.as_str(), "wss://example.test/socket");
     }
 
     #[test]
