@@ -11,9 +11,17 @@ use crate::output::{Failure, INTERRUPTED, quiet, say};
 
 /// `--virtual`: the schedule in virtual time (seconds of wall time for the whole run).
 pub fn run_virtual(options: &Options, json: bool) -> Result<ExitCode, Failure> {
+    announce(options, " of virtual time", json);
+    let summary = simulate::run_virtual(options)?;
+    report(&summary, json)?;
+    Ok(if summary.verification.clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The first line, on stderr: what is about to run.
+fn announce(options: &Options, time: &str, json: bool) {
     if !json && !quiet() {
         eprintln!(
-            "simulating {} instances for {} s of virtual time (seed {}, policy {}) → {}",
+            "simulating {} instances for {} s{time} (seed {}, policy {}) → {}",
             options.instances,
             options.duration.as_secs(),
             options.seed,
@@ -21,27 +29,21 @@ pub fn run_virtual(options: &Options, json: bool) -> Result<ExitCode, Failure> {
             options.data.display()
         );
     }
-    let summary = simulate::run_virtual(options)?;
+}
+
+/// The summary, as JSON or for people.
+fn report(summary: &Summary, json: bool) -> Result<(), Failure> {
     if json {
-        say!("{}", serde_json::to_string_pretty(&summary)?);
+        say!("{}", serde_json::to_string_pretty(summary)?);
+        Ok(())
     } else {
-        print_summary(&summary)?;
+        print_summary(summary)
     }
-    Ok(if summary.verification.clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 pub async fn run(options: Options, json: bool) -> Result<ExitCode, Failure> {
     let terminal = std::io::stderr().is_terminal();
-    if !json && !quiet() {
-        eprintln!(
-            "simulating {} instances for {} s (seed {}, policy {}) → {}",
-            options.instances,
-            options.duration.as_secs(),
-            options.seed,
-            options.preset,
-            options.data.display()
-        );
-    }
+    announce(&options, "", json);
     let stop = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
@@ -60,11 +62,7 @@ pub async fn run(options: Options, json: bool) -> Result<ExitCode, Failure> {
     if terminal && !json && !quiet() {
         eprintln!();
     }
-    if json {
-        say!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        print_summary(&summary)?;
-    }
+    report(&summary, json)?;
     Ok(match (summary.interrupted_after_s, summary.verification.clean) {
         (Some(_), _) => ExitCode::from(INTERRUPTED),
         (None, true) => ExitCode::SUCCESS,
