@@ -491,7 +491,7 @@ mod tests {
     /// by the Gregorian rule): the civil-date arithmetic has no other oracle.
     #[test]
     fn utc_dates_agree_with_a_calendar_walk() {
-        let leap = |y: u64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let leap = |y: u64| (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400);
         let (mut year, mut month, mut day) = (1970u64, 1u64, 1u64);
         for days in 0..(200 * 365 + 49) {
             let at = Timestamp(days * 86_400_000 + 3_723_004);
