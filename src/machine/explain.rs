@@ -206,6 +206,20 @@ mod tests {
             if let Some(expected) = expected {
                 assert_eq!(rule, Some(expected), "{case}");
             }
+            if matches!(from, State::Closing { intent: Intent::Delete, .. })
+                && !matches!(input.kind(), InputKind::Panicked | InputKind::Recovered)
+            {
+                // Every step of a delete is the delete's (R2), wherever it leads.
+                assert_eq!(rule, Some(Rule::R2), "{case}");
+            }
+            if matches!(
+                to,
+                State::Closed { cause: ClosedCause::GaveUp { .. } | ClosedCause::PairingRefused { .. }, .. }
+            ) && !matches!(input.kind(), InputKind::Panicked | InputKind::Recovered | InputKind::Logout)
+            {
+                // Giving up (attempts or pairing codes) is the bound of R9.
+                assert_eq!(rule, Some(Rule::R9), "{case}");
+            }
             if matches!(to, State::Closed { cause: ClosedCause::FinalStatus, .. })
                 && !matches!(from, State::Zombie { .. } | State::Closing { .. })
             {
@@ -246,6 +260,51 @@ mod tests {
             let logged_out = matches!(from, State::Closed { cause: ClosedCause::LoggedOut { .. }, .. });
             assert_eq!(rule_of(from, input, to), logged_out.then_some(Rule::R3), "{from:?}");
         }
+    }
+
+    /// Only the host re-enables connecting after a logout (R3): a connect
+    /// or restart of a logged-out instance is R3's; of one that was never
+    /// connected or closed for another reason, no rule's.
+    #[test]
+    fn connecting_again_after_a_logout_is_r3() {
+        use crate::machine::{LogoutOutcome, Phase};
+        let logged_out = State::Closed {
+            cause: ClosedCause::LoggedOut { logout: LogoutOutcome::Confirmed },
+            status: None,
+            resume: None,
+        };
+        let connecting = State::Connecting { phase: Phase::Handshaking, retries: 0, resume: None };
+        assert_eq!(rule_of(&logged_out, &Input::Connect, &connecting), Some(Rule::R3));
+        assert_eq!(rule_of(&logged_out, &Input::Restart, &connecting), Some(Rule::R3));
+        let created = Instance::new().state;
+        assert_eq!(rule_of(&created, &Input::Connect, &connecting), None);
+        let gave_up = State::Closed { cause: ClosedCause::GaveUp { attempts: 3 }, status: None, resume: None };
+        assert_eq!(rule_of(&gave_up, &Input::Restart, &connecting), None);
+    }
+
+    /// One pairing code too many ends the attempt: R9's bound, though the
+    /// input (a pairing code) is not a loss.
+    #[test]
+    fn pairing_refused_is_the_bound_of_r9() {
+        use crate::machine::{Generation, Phase, Policy, step};
+        let name = InstanceName::new("pairing").expect("name");
+        let policy = Policy::default();
+        let state =
+            State::Connecting { phase: Phase::Pairing { codes: policy.pairing_codes_max }, retries: 0, resume: None };
+        let instance = Instance { generation: Generation(1), state };
+        let input = Input::PairingCode { generation: Generation(1) };
+        let Outcome::Transition(t) = step(&name, &instance, &input, &policy, Timestamp(0)) else {
+            panic!("a transition")
+        };
+        assert!(matches!(t.to, State::Closed { cause: ClosedCause::PairingRefused { .. }, .. }), "{:?}", t.to);
+        assert_eq!(rule_of(&instance.state, &input, &t.to), Some(Rule::R9));
+        // The codes before it are counted under no rule.
+        let first = Instance {
+            generation: Generation(1),
+            state: State::Connecting { phase: Phase::Handshaking, retries: 0, resume: None },
+        };
+        let Outcome::Transition(t) = step(&name, &first, &input, &policy, Timestamp(0)) else { panic!("a transition") };
+        assert_eq!(rule_of(&first.state, &input, &t.to), None);
     }
 
     #[test]
