@@ -15,6 +15,8 @@ use tokio::time::{Instant, sleep};
 /// A headless Chromium session; chromedriver is stopped on drop.
 pub struct Browser {
     pub client: Client,
+    /// The browser's profile, removed with the session.
+    _profile: tempfile::TempDir,
     driver: Child,
 }
 
@@ -62,7 +64,7 @@ impl Browser {
                     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                     "--disable-quic", "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
-                    format!("--user-data-dir={}", profile.keep().display()),
+                    format!("--user-data-dir={}", profile.path().display()),
                 ],
             }),
         );
@@ -81,7 +83,7 @@ impl Browser {
                 }
             }
         };
-        Some(Self { client, driver: child })
+        Some(Self { client, driver: child, _profile: profile })
     }
 
     /// Runs `script` (a function body; `return` its value) until `ok` holds; fails with the last value.
