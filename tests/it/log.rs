@@ -692,6 +692,11 @@ fn each_defect_is_found_as_what_it_is() {
             |f| matches!(f, Finding::LatestMismatch { instance, detail } if instance.as_str() == "i1" && detail.contains("says seq 4")),
         ),
         (
+            "a latest-state entry at the right seq with another state",
+            |t| rewrite(t, "i1", 4, |r| r.to.generation = Generation(9)),
+            |f| matches!(f, Finding::LatestMismatch { instance, detail } if instance.as_str() == "i1" && detail.contains("says seq 4")),
+        ),
+        (
             "an index entry gone",
             |t| {
                 let r = decode_record(&t.get(record_key("i2", 2)).expect("get").expect("r")).expect("valid");
