@@ -61,7 +61,11 @@ pub async fn run(flags: Flags) -> Result<ExitCode, Failure> {
 
 /// `lifecycle replay`: the dashboard over a copy of a log, read-only, until Ctrl-C.
 pub async fn replay(dir: PathBuf, listen: SocketAddr, open: bool) -> Result<ExitCode, Failure> {
-    let replay = Replay::start(&dir, listen).await.map_err(|e| fail(e.to_string()))?;
+    let replay = Replay::start(&dir, listen).await.map_err(|e| match e {
+        // The log's own error names the directory; "service data" would mislead here.
+        instance_lifecycle::serve::ServeError::Log(e) => fail(e.to_string()),
+        e => fail(e.to_string()),
+    })?;
     if replay.was_in_use() {
         eprintln!("note: {} is in use by a running engine; replaying a copy taken now", dir.display());
     }
