@@ -32,6 +32,8 @@
 #![forbid(unsafe_code)]
 
 mod contain;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod diagram;
 pub mod engine;
 pub mod log;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::cleanup::{Cleanup, NoCleanup};
+use super::fence::Fence;
 use super::shared::TransitionHook;
 use crate::log::{LogConfig, Retention};
 use crate::machine::{Policy, Timestamp};
@@ -38,6 +39,9 @@ pub struct EngineConfig {
     /// Compacts the log periodically (on by default, so a long-running host's
     /// log stays bounded); `None` leaves it to the host (`Engine::compact`).
     pub compaction: Option<Compaction>,
+    /// A log of record outside this process that every record goes through
+    /// first (clustering); `None` for a single host.
+    pub fence: Option<Arc<dyn Fence>>,
 }
 
 /// The engine's periodic log compaction.
@@ -70,6 +74,7 @@ impl Default for EngineConfig {
             quarantine: false,
             epoch: None,
             compaction: Some(Compaction::default()),
+            fence: None,
         }
     }
 }

@@ -26,6 +26,7 @@ mod cleanup;
 mod compaction;
 mod config;
 mod error;
+mod fence;
 mod registry;
 mod shared;
 mod signal;
@@ -41,6 +42,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 pub use cleanup::{Cleanup, NoCleanup, StepFuture};
 pub use config::{Compaction, EngineConfig};
 pub use error::EngineError;
+pub use fence::{Fence, FenceFuture, Offered, Refused};
 pub use shared::{Notification, TransitionHook};
 pub use signal::{SignalOutcome, Signaled};
 
@@ -113,6 +115,7 @@ impl Engine {
             notifications,
             on_transition: config.on_transition.clone(),
             clock,
+            fence: config.fence.clone(),
         });
         let (policy, quarantine, now) = (config.policy.clone(), config.quarantine, clock.now());
         let restored = tokio::task::spawn_blocking(move || restore(&log, &policy, quarantine, now))
@@ -252,7 +255,7 @@ impl Engine {
         let appended = loop {
             let seq = self.shared.log.next_seq(&name);
             let event = Event::Created { spec: spec.clone() };
-            match self.shared.log.append_async(&name, seq, self.shared.clock.now(), event, &instance).await {
+            match self.shared.append(&name, seq, self.shared.clock.now(), event, &instance).await {
                 Err(LogError::SequenceConflict { .. }) if !retried => retried = true,
                 other => break other,
             }
@@ -272,6 +275,92 @@ impl Engine {
                 Err(EngineError::log(Some(name), source))
             }
         }
+    }
+
+    /// Takes in an instance whose history lives in the log of record (a
+    /// cluster's stream) and that this host now owns: `to` at `seq` is its
+    /// last recorded state. The local log gets a snapshot of it (replacing
+    /// what it held for the name), and the rules decide as at start-up
+    /// (R11): an instance that was not at rest is fed `Recovered` — through
+    /// the fence — and started; `Closed` stays closed, `Removed` removed.
+    /// Returns the state it is in afterwards.
+    pub async fn adopt(
+        &self,
+        name: &str,
+        spec: InstanceSpec,
+        to: Instance,
+        seq: u64,
+        anchor: crate::log::Digest,
+    ) -> Result<State, EngineError> {
+        self.check_open()?;
+        let name = InstanceName::new(name)?;
+        {
+            let mut entries = self.registry.lock();
+            if matches!(entries.get(&name), Some(Entry::Live { .. } | Entry::Idle { .. } | Entry::Creating)) {
+                return Err(EngineError::AlreadyExists { name });
+            }
+            entries.insert(name.clone(), Entry::Creating);
+        }
+        let adopted = self.adopt_in(&name, spec, to, seq, anchor).await;
+        let mut entries = self.registry.lock();
+        match adopted {
+            Ok((entry, state)) => {
+                entries.insert(name, entry);
+                Ok(state)
+            }
+            Err(e) => {
+                entries.remove(&name);
+                Err(e)
+            }
+        }
+    }
+
+    async fn adopt_in(
+        &self,
+        name: &InstanceName,
+        spec: InstanceSpec,
+        to: Instance,
+        seq: u64,
+        anchor: crate::log::Digest,
+    ) -> Result<(Entry, State), EngineError> {
+        let shared = &self.shared;
+        let now = shared.clock.now();
+        let fail = |source| EngineError::log(Some(name.clone()), source);
+        shared.log.import(name, seq, now, spec.clone(), &to, anchor).await.map_err(fail)?;
+        let mut driver = Driver::restored(name.clone(), to, seq);
+        let view = |d: &Driver| View { instance: d.instance().clone(), seq: d.seq() };
+        match driver.state() {
+            State::Removed { .. } => {
+                let state = driver.state().clone();
+                Ok((Entry::Removed { view: view(&driver) }, state))
+            }
+            State::Closed { .. } => {
+                let state = driver.state().clone();
+                Ok((Entry::Idle { view: view(&driver), spec }, state))
+            }
+            _ => {
+                let record = async |p: &crate::machine::Pending| {
+                    shared.append(name, p.seq, p.at, Event::of(p), &p.to).await.map(|a| a.seq)
+                };
+                let fed = driver.feed(&shared.policy, Input::Recovered, now, record).await.map_err(fail)?;
+                let effects: Vec<Effect> = fed.io().cloned().collect();
+                let state = driver.state().clone();
+                Ok((self.spawn(driver, spec, effects, None), state))
+            }
+        }
+    }
+
+    /// Lets go of an instance at once, without recording anything: its task
+    /// and its socket are dropped and the engine forgets it (another host
+    /// owns it now, or this host's lease on it ran out). Returns whether the
+    /// engine had it.
+    pub fn relinquish(&self, name: &InstanceName) -> bool {
+        let entry = self.registry.lock().remove(name);
+        if let Some(Entry::Live { task, .. }) = &entry {
+            // The task owns the connection; dropping it (abort) drops the socket.
+            task.abort();
+        }
+        entry.is_some()
     }
 
     /// Connects (or reconnects now). Returns once the attempt has started.

@@ -116,6 +116,15 @@ impl Registry {
         true
     }
 
+    /// A task whose instance another host took over forgets it, if its
+    /// entry is still the task's own.
+    pub(crate) fn forget(&self, name: &InstanceName, token: u64) {
+        let mut entries = self.lock();
+        if matches!(entries.get(name), Some(Entry::Live { token: t, .. }) if *t == token) {
+            entries.remove(name);
+        }
+    }
+
     /// A task that ends for good (its engine shut down, or it failed) leaves
     /// what it knew: at rest as `Idle`, otherwise its live entry stays for
     /// shutdown to collect.

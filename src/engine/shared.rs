@@ -7,8 +7,9 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use super::cleanup::Cleanup;
-use crate::log::Log;
-use crate::machine::{InputKind, InstanceName, Policy, State, StateKind, Timestamp};
+use super::fence::{Fence, Offered};
+use crate::log::{Appended, Event, Log, LogError};
+use crate::machine::{InputKind, Instance, InstanceName, Policy, State, StateKind, Timestamp};
 use crate::transport::Transport;
 
 /// A transition, as subscribers see it (turn it into a webhook).
@@ -42,6 +43,29 @@ pub(crate) struct Shared {
     pub(crate) notifications: broadcast::Sender<Notification>,
     pub(crate) on_transition: Option<TransitionHook>,
     pub(crate) clock: Clock,
+    pub(crate) fence: Option<Arc<dyn Fence>>,
+}
+
+impl Shared {
+    /// The one way the engine writes a record: through the fence, if any
+    /// (the log of record), then into the local log.
+    pub(crate) async fn append(
+        &self,
+        name: &InstanceName,
+        seq: u64,
+        at: Timestamp,
+        event: Event,
+        to: &Instance,
+    ) -> Result<Appended, LogError> {
+        if let Some(fence) = &self.fence {
+            let offered = Offered { seq, at, event: &event, to };
+            fence
+                .record(name, offered)
+                .await
+                .map_err(|refused| LogError::Fenced { instance: name.clone(), reason: refused.0 })?;
+        }
+        self.log.append_async(name, seq, at, event, to).await
+    }
 }
 
 /// Wall-clock time from the tokio clock: a fixed epoch plus tokio's elapsed

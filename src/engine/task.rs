@@ -19,7 +19,7 @@ use super::error::EngineError;
 use super::registry::{Msg, Registry, Reply, View};
 use super::shared::{Notification, Shared};
 use super::signal::{SignalOutcome, Signaled};
-use crate::log::InstanceSpec;
+use crate::log::{Event, InstanceSpec};
 use crate::machine::{Driver, Effect, Fed, Generation, Ignored, Input, Reason, State};
 use crate::panic_message;
 use crate::transport::{ConnectSpec, Control, Endpoint, Signals};
@@ -44,6 +44,14 @@ struct Conn {
     task: JoinHandle<()>,
 }
 
+/// A connection never outlives its holder: however the instance's task ends
+/// (aborted by `Engine::relinquish` included), its socket goes with it.
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Control messages queued per connection: a logout, a close and a ping at most.
 const CONTROL_CAPACITY: usize = 4;
 
@@ -61,6 +69,8 @@ pub(crate) struct Task {
     conn: Option<Conn>,
     waiters: Vec<Waiter>,
     cleanup: Option<JoinHandle<()>>,
+    /// The log of record refused a record: another host owns the instance.
+    fenced: bool,
 }
 
 /// Messages are boxed: tokio's mpsc allocates a block of 32 slots up front per
@@ -95,6 +105,7 @@ impl Task {
             conn: None,
             waiters: Vec::new(),
             cleanup: None,
+            fenced: false,
         }
     }
 
@@ -155,6 +166,11 @@ impl Task {
     /// The driver loop: inbox, signals, and the driver's next deadline.
     async fn run(&mut self, ch: &mut Channels) {
         loop {
+            if self.fenced {
+                error!("the cluster refused a record: another host owns this instance; dropping its socket");
+                self.abort_conn();
+                return;
+            }
             if self.removed() || (self.resting() && self.park(ch)) {
                 return;
             }
@@ -258,12 +274,20 @@ impl Task {
         let now = self.shared.clock.now();
         let (shared, name) = (self.shared.clone(), self.driver.name().clone());
         let kind = input.kind();
-        let record = async |p: &crate::machine::Pending| shared.log.append_pending_async(&name, p).await.map(|a| a.seq);
+        let record = async |p: &crate::machine::Pending| {
+            shared.append(&name, p.seq, p.at, Event::of(p), &p.to).await.map(|a| a.seq)
+        };
         let fed = self
             .driver
             .feed(&shared.policy, input, now, record)
             .await
-            .map_err(|source| EngineError::log(Some(name.clone()), source))?;
+            .map_err(|source| {
+                if matches!(source, crate::log::LogError::Fenced { .. }) {
+                    // Another host owns the instance now: stop here, at once.
+                    self.fenced = true;
+                }
+                EngineError::log(Some(name.clone()), source)
+            })?;
         match &fed {
             Fed::Moved(p) => {
                 let generation = p.to.generation;
@@ -401,6 +425,17 @@ impl Task {
             c.abort();
         }
         let state = self.driver.state().clone();
+        if self.fenced {
+            let name = self.driver.name().clone();
+            for w in self.waiters.drain(..) {
+                let refused = crate::log::LogError::Fenced { instance: name.clone(), reason: "owned elsewhere".into() };
+                let _ = w.reply.send(Err(EngineError::log(Some(name.clone()), refused)));
+            }
+            if let Some(registry) = self.registry.upgrade() {
+                registry.forget(&name, self.token);
+            }
+            return;
+        }
         for w in self.waiters.drain(..) {
             let result =
                 if matches!(state, State::Removed { .. }) { Ok(state.clone()) } else { Err(EngineError::ShutDown) };

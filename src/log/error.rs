@@ -120,6 +120,16 @@ pub enum LogError {
     /// An earlier flush failed; the log accepts no more appends.
     #[error("the log failed earlier and accepts no appends: {0}")]
     Failed(String),
+    /// The log of record outside this process (a cluster's stream) refused
+    /// the append: this host no longer owns the instance. Nothing was
+    /// appended here; the instance stops on this host.
+    #[error("instance {instance}: append refused by the cluster: {reason}")]
+    Fenced {
+        /// The instance.
+        instance: InstanceName,
+        /// Why (a newer owner's takeover, a lease that ran out).
+        reason: String,
+    },
 }
 
 /// `path` with its prefix `from` replaced by `to` (a temporary copy shown as the original).

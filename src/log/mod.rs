@@ -405,18 +405,23 @@ impl Log {
         to: &Instance,
     ) -> Result<Appended, LogError> {
         let appended = self.write(name, expected_seq, at, event, to)?;
+        self.durable_async(appended).await?;
+        Ok(appended)
+    }
+
+    /// Waits, without blocking a thread, until `appended` is as durable as configured.
+    async fn durable_async(&self, appended: Appended) -> Result<(), LogError> {
         match (self.inner.config.durability, &self.inner.flusher) {
             (Durability::Strict, _) => {
                 // A commit of its own blocks on the disk: not on a runtime thread.
                 let log = self.clone();
                 tokio::task::spawn_blocking(move || log.commit_now(appended))
                     .await
-                    .map_err(|e| self.fail(format!("commit task: {e}")))??;
+                    .map_err(|e| self.fail(format!("commit task: {e}")))?
             }
-            (Durability::GroupCommit, Some(f)) => f.wait_async(appended.global).await.map_err(|e| self.fail(e))?,
-            _ => {}
+            (Durability::GroupCommit, Some(f)) => f.wait_async(appended.global).await.map_err(|e| self.fail(e)),
+            _ => Ok(()),
         }
-        Ok(appended)
     }
 
     /// `Strict`: a commit of this append's own, in the caller's thread.
@@ -500,6 +505,64 @@ impl Log {
             f.request(global, link);
         }
         Ok(Appended { seq: actual, global, link })
+    }
+
+    /// Takes in an instance whose history lives elsewhere (a cluster's
+    /// stream, where it is at `seq` as `to`): the name's local records, a
+    /// cache of an earlier ownership, are replaced by one snapshot at `seq`,
+    /// in one batch, and appends go on from `seq + 1`. `replaced` is the
+    /// digest of what the snapshot stands for (the stream entry's bytes),
+    /// which the next record chains to. Waits for durability as an append does.
+    pub async fn import(
+        &self,
+        name: &InstanceName,
+        seq: u64,
+        at: Timestamp,
+        spec: InstanceSpec,
+        to: &Instance,
+        replaced: Digest,
+    ) -> Result<Appended, LogError> {
+        if self.inner.access == Access::Read {
+            return Err(LogError::ReadOnly);
+        }
+        let appended = {
+            let old = self.history(name)?;
+            let mut w = self.writer();
+            if let Some(message) = &w.failed {
+                return Err(LogError::Failed(message.clone()));
+            }
+            let global =
+                w.last_global.checked_add(1).ok_or_else(|| LogError::Exhausted { what: "the global order".into() })?;
+            let record = Record {
+                instance: name.clone(),
+                seq,
+                global,
+                at,
+                prev: Some(Digest::ZERO),
+                replaced: Some(replaced),
+                event: Event::Snapshot { spec: spec.clone() },
+                to: to.clone(),
+            };
+            let latest = Latest { seq, global, at, instance: to.clone() };
+            let mut writes: Vec<_> = old
+                .iter()
+                .flat_map(|r| [(keys::record(name, r.seq), None), (keys::global(r.global), None)])
+                .collect();
+            writes.push((keys::record(name, seq), Some(record::encode_record(&record))));
+            writes.push((keys::global(global), Some(keys::record_suffix(name, seq))));
+            writes.push((keys::latest(name), Some(record::encode(&latest))));
+            writes.push((keys::spec(name), Some(record::encode(&spec))));
+            self.inner.store.apply(writes)?;
+            w.last_global = global;
+            w.last_link = replaced;
+            w.tips.insert(name.clone(), Tip { seq, link: replaced });
+            if let Some(f) = &self.inner.flusher {
+                f.request(global, replaced);
+            }
+            Appended { seq, global, link: replaced }
+        };
+        self.durable_async(appended).await?;
+        Ok(appended)
     }
 
     /// The next sequence number `name` will get (1 for an unknown name).
