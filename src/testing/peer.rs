@@ -99,6 +99,8 @@ struct State {
     default: Option<Fault>,
     live: HashMap<String, Vec<(u64, mpsc::UnboundedSender<Action>)>>,
     handshakes: HashMap<String, u32>,
+    /// Handshakes that came while another connection of the same instance was live.
+    overlaps: HashMap<String, u32>,
     hellos: HashMap<String, Vec<Option<String>>>,
     logouts: HashMap<String, u32>,
     next_id: u64,
@@ -251,6 +253,12 @@ impl TestPeer {
         self.lock().live.values().map(Vec::len).sum()
     }
 
+    /// Handshakes of any instance that came while another connection of the
+    /// same instance was live: two owners at once. Every instance's, summed.
+    pub fn overlaps(&self) -> u32 {
+        self.lock().overlaps.values().sum()
+    }
+
     /// Completed handshakes (hello received) of `instance` so far.
     pub fn handshakes(&self, instance: &str) -> u32 {
         self.lock().handshakes.get(instance).copied().unwrap_or(0)
@@ -357,7 +365,12 @@ async fn serve<S: Stream>(stream: S, state: Arc<Mutex<State>>) {
         s.hellos.entry(name.clone()).or_default().push(hello.resume.clone());
         s.next_id += 1;
         let id = s.next_id;
-        s.live.entry(name.clone()).or_default().push((id, tx));
+        let live = s.live.entry(name.clone()).or_default();
+        let overlapping = !live.is_empty();
+        live.push((id, tx));
+        if overlapping {
+            *s.overlaps.entry(name.clone()).or_default() += 1;
+        }
         (id, s.faults.get(&name).cloned().or_else(|| s.default.clone()).unwrap_or(Fault::Ready))
     };
     let identity = hello.resume.unwrap_or_else(|| format!("peer-{name}"));

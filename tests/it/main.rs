@@ -6,6 +6,7 @@
 //! - `diagrams`: the checked-in diagrams match the code.
 
 mod cli;
+mod cluster;
 mod corruption;
 mod crash;
 mod dashboard;
