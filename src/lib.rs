@@ -31,9 +31,9 @@
 #![warn(unreachable_pub)]
 #![forbid(unsafe_code)]
 
-mod contain;
 #[cfg(feature = "cluster")]
 pub mod cluster;
+mod contain;
 pub mod diagram;
 pub mod engine;
 pub mod log;

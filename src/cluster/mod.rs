@@ -86,7 +86,10 @@ impl ClusterConfig {
     fn validate(&self) -> Result<(), ClusterError> {
         let bad = |field, reason: &str| Err(ClusterError::Config { field, reason: reason.into() });
         if InstanceName::new(self.host.as_str()).is_err() {
-            return bad("host", "must be a safe name (letters, digits, '-', '_', '.'; starting with a letter or digit)");
+            return bad(
+                "host",
+                "must be a safe name (letters, digits, '-', '_', '.'; starting with a letter or digit)",
+            );
         }
         if self.namespace.is_empty()
             || !self.namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
@@ -235,8 +238,7 @@ impl Inner {
         entry: &StreamEntry,
     ) -> Result<u64, Option<String>> {
         let headers = self.headers(epoch, Some(last));
-        let published =
-            self.js.publish_with_headers(self.config.subject(name), headers, entry.encode().into()).await;
+        let published = self.js.publish_with_headers(self.config.subject(name), headers, entry.encode().into()).await;
         let ack = match published {
             Ok(ack) => ack.await,
             Err(e) => Err(e),
@@ -262,7 +264,10 @@ impl Inner {
         let key = token_of(name);
         let value = self.config.host.clone().into_bytes();
         let won = if self.config.fencing {
-            self.kv.create(&key, value.into()).await.map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string()))
+            self.kv
+                .create(&key, value.into())
+                .await
+                .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string()))
         } else {
             // Without fencing a claim is a plain write: the last writer thinks it owns.
             self.kv.put(&key, value.into()).await.map_err(|e| (false, e.to_string()))
@@ -418,7 +423,8 @@ impl Inner {
     /// and whose lease is free.
     async fn adopt_orphans(self: &Arc<Self>) -> Result<(), ClusterError> {
         let filter = format!("{}.inst.>", self.config.namespace);
-        let mut subjects = self.stream.info_with_subjects(filter).await.map_err(|e| self.nats("listing subjects", e))?;
+        let mut subjects =
+            self.stream.info_with_subjects(filter).await.map_err(|e| self.nats("listing subjects", e))?;
         let mut names = Vec::new();
         while let Some(s) = subjects.next().await {
             let (subject, _) = s.map_err(|e| self.nats("listing subjects", e))?;
@@ -510,11 +516,8 @@ impl Cluster {
     /// starts keeping leases.
     pub async fn join(config: ClusterConfig, mut engine: EngineConfig) -> Result<(Self, Engine), ClusterError> {
         config.validate()?;
-        let nats = |op, e: &dyn std::fmt::Display| ClusterError::Nats {
-            url: config.url.clone(),
-            op,
-            message: e.to_string(),
-        };
+        let nats =
+            |op, e: &dyn std::fmt::Display| ClusterError::Nats { url: config.url.clone(), op, message: e.to_string() };
         let client = async_nats::ConnectOptions::new()
             .name(format!("lifecycle-{}", config.host))
             .connection_timeout(config.request_timeout)
@@ -635,7 +638,8 @@ impl Cluster {
         let mut entries = Vec::new();
         let mut from = 1u64;
         loop {
-            let got = self.inner.stream.raw_message_builder().sequence(from).next_by_subject(subject.clone()).send().await;
+            let got =
+                self.inner.stream.raw_message_builder().sequence(from).next_by_subject(subject.clone()).send().await;
             let m = match got {
                 Ok(m) => m,
                 Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,

@@ -277,17 +277,13 @@ impl Task {
         let record = async |p: &crate::machine::Pending| {
             shared.append(&name, p.seq, p.at, Event::of(p), &p.to).await.map(|a| a.seq)
         };
-        let fed = self
-            .driver
-            .feed(&shared.policy, input, now, record)
-            .await
-            .map_err(|source| {
-                if matches!(source, crate::log::LogError::Fenced { .. }) {
-                    // Another host owns the instance now: stop here, at once.
-                    self.fenced = true;
-                }
-                EngineError::log(Some(name.clone()), source)
-            })?;
+        let fed = self.driver.feed(&shared.policy, input, now, record).await.map_err(|source| {
+            if matches!(source, crate::log::LogError::Fenced { .. }) {
+                // Another host owns the instance now: stop here, at once.
+                self.fenced = true;
+            }
+            EngineError::log(Some(name.clone()), source)
+        })?;
         match &fed {
             Fed::Moved(p) => {
                 let generation = p.to.generation;

@@ -544,10 +544,8 @@ impl Log {
                 to: to.clone(),
             };
             let latest = Latest { seq, global, at, instance: to.clone() };
-            let mut writes: Vec<_> = old
-                .iter()
-                .flat_map(|r| [(keys::record(name, r.seq), None), (keys::global(r.global), None)])
-                .collect();
+            let mut writes: Vec<_> =
+                old.iter().flat_map(|r| [(keys::record(name, r.seq), None), (keys::global(r.global), None)]).collect();
             writes.push((keys::record(name, seq), Some(record::encode_record(&record))));
             writes.push((keys::global(global), Some(keys::record_suffix(name, seq))));
             writes.push((keys::latest(name), Some(record::encode(&latest))));

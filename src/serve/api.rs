@@ -179,7 +179,7 @@ pub(crate) async fn create(
         None => new_token()?,
     };
     let started = Instant::now();
-    app.engine.create(name.as_str(), InstanceSpec { url }).await?;
+    app.create(name.as_str(), InstanceSpec { url }).await?;
     app.auth.set_token(&name, &token).await?;
     let state =
         if body.connect { app.engine.connect(name.as_str()).await? } else { app.engine.state(name.as_str())? };

