@@ -381,36 +381,66 @@ impl Inner {
         }
     }
 
-    /// One round: renew the leases that are due, drop those past their
-    /// deadline, and take instances without a live owner.
-    async fn round(self: &Arc<Self>, renewed: &mut HashMap<InstanceName, Instant>, scan: bool) {
+    /// Drops every instance whose lease is past this host's deadline for
+    /// it. Never waits on NATS: it runs on its own timer, so a host cut off
+    /// from NATS still closes its sockets in time.
+    fn enforce_deadlines(&self) {
+        if !self.config.fencing {
+            return;
+        }
         let now = Instant::now();
-        let owned: Vec<(InstanceName, Owned)> = self.owned().iter().map(|(n, o)| (n.clone(), o.clone())).collect();
-        for (name, o) in owned {
-            if self.config.fencing && Instant::now() >= o.deadline {
-                self.lose(&name, "its local deadline passed before a renewal", true);
-                continue;
-            }
-            if renewed.get(&name).is_some_and(|at| now.duration_since(*at) < self.config.renew_every) {
-                continue;
-            }
-            let start = Instant::now();
-            let value = self.config.host.clone().into_bytes();
-            match self.kv.update(token_of(&name), value.into(), o.revision).await {
-                Ok(revision) => {
-                    renewed.insert(name.clone(), start);
-                    if let Some(mine) = self.owned().get_mut(&name).filter(|m| m.epoch == o.epoch) {
-                        mine.revision = revision;
-                        mine.deadline = start + self.local_ttl();
-                    }
+        let expired: Vec<InstanceName> =
+            self.owned().iter().filter(|(_, o)| now >= o.deadline).map(|(n, _)| n.clone()).collect();
+        for name in expired {
+            self.lose(&name, "its local deadline passed before a renewal", true);
+        }
+    }
+
+    /// Renews one lease, if this host still holds it.
+    async fn renew(&self, name: InstanceName, o: Owned) -> Option<InstanceName> {
+        let start = Instant::now();
+        let value = self.config.host.clone().into_bytes();
+        let update = self.kv.update(token_of(&name), value.into(), o.revision);
+        // A renewal that takes longer than the period is as good as failed.
+        match tokio::time::timeout(self.config.renew_every, update).await {
+            Ok(Ok(revision)) => {
+                if let Some(mine) = self.owned().get_mut(&name).filter(|m| m.epoch == o.epoch) {
+                    mine.revision = revision;
+                    mine.deadline = start + self.local_ttl();
                 }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision && self.config.fencing => {
-                    renewed.remove(&name);
-                    self.lose(&name, "another host holds the lease", true);
-                }
-                Err(e) => debug!(instance = %name, error = %e, "renewal failed; retrying until the deadline"),
+                Some(name)
+            }
+            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision && self.config.fencing => {
+                self.lose(&name, "another host holds the lease", true);
+                None
+            }
+            Ok(Err(e)) => {
+                debug!(instance = %name, error = %e, "renewal failed; retrying until the deadline");
+                None
+            }
+            Err(_) => {
+                debug!(instance = %name, "renewal timed out; retrying until the deadline");
+                None
             }
         }
+    }
+
+    /// One round: renew the leases that are due (all at once), and take
+    /// instances without a live owner.
+    async fn round(self: &Arc<Self>, renewed: &mut HashMap<InstanceName, Instant>, scan: bool) {
+        self.enforce_deadlines();
+        let now = Instant::now();
+        let due: Vec<(InstanceName, Owned)> = self
+            .owned()
+            .iter()
+            .filter(|(n, _)| renewed.get(*n).is_none_or(|at| now.duration_since(*at) >= self.config.renew_every))
+            .map(|(n, o)| (n.clone(), o.clone()))
+            .collect();
+        let renewals = futures_util::future::join_all(due.into_iter().map(|(n, o)| self.renew(n, o))).await;
+        for name in renewals.into_iter().flatten() {
+            renewed.insert(name, now);
+        }
+        renewed.retain(|n, _| self.owned().contains_key(n));
         if !scan {
             return;
         }
@@ -506,7 +536,7 @@ impl Fence for StreamFence {
 #[derive(Clone)]
 pub struct Cluster {
     inner: Arc<Inner>,
-    stop: Arc<tokio::sync::Notify>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Cluster {
@@ -566,8 +596,10 @@ impl Cluster {
         let log = Log::temporary(engine.log.clone()).map_err(|e| EngineError::log(None, e))?;
         let started = Engine::with_log(log, engine).await?;
         let _ = inner.engine.set(started.clone());
-        let stop = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(keep_leases(Arc::downgrade(&inner), stop.clone()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(keep_leases(Arc::downgrade(&inner), stopped.clone()));
+        tokio::spawn(watch_deadlines(Arc::downgrade(&inner), stopped));
+        let stop = Arc::new(stop);
         Ok((Self { inner, stop }, started))
     }
 
@@ -670,7 +702,7 @@ impl Cluster {
     /// engine (sockets dropped, states kept) and gives every lease back, so
     /// other hosts take the instances at once rather than after the TTL.
     pub async fn leave(&self) -> Result<(), ClusterError> {
-        self.stop.notify_one();
+        self.stop.send_replace(true);
         self.engine().shutdown().await?;
         let owned: Vec<_> = self.inner.owned().drain().collect();
         for (name, o) in owned {
@@ -683,7 +715,7 @@ impl Cluster {
     /// renewals, every socket dropped, no lease given back (others take the
     /// instances when the leases run out).
     pub fn halt(&self) {
-        self.stop.notify_one();
+        self.stop.send_replace(true);
         let engine = self.engine();
         let owned: Vec<_> = self.inner.owned().drain().map(|(n, _)| n).collect();
         for name in owned {
@@ -693,7 +725,7 @@ impl Cluster {
 }
 
 /// The loop that keeps a host's leases, until the host stops or is dropped.
-async fn keep_leases(inner: std::sync::Weak<Inner>, stop: Arc<tokio::sync::Notify>) {
+async fn keep_leases(inner: std::sync::Weak<Inner>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut renewed = HashMap::new();
     let (tick, every) = match inner.upgrade() {
         Some(i) => (i.config.tick(), i.config.renew_every),
@@ -702,7 +734,7 @@ async fn keep_leases(inner: std::sync::Weak<Inner>, stop: Arc<tokio::sync::Notif
     let mut scanned = Instant::now();
     loop {
         tokio::select! {
-            () = stop.notified() => return,
+            _ = stop.wait_for(|s| *s) => return,
             () = tokio::time::sleep(tick) => {}
         }
         let Some(inner) = inner.upgrade() else { return };
@@ -711,6 +743,20 @@ async fn keep_leases(inner: std::sync::Weak<Inner>, stop: Arc<tokio::sync::Notif
             scanned = Instant::now();
         }
         inner.round(&mut renewed, scan).await;
+    }
+}
+
+/// The watchdog: drops instances past their lease deadline, on its own
+/// timer, whatever the renewals are waiting for.
+async fn watch_deadlines(inner: std::sync::Weak<Inner>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let Some(tick) = inner.upgrade().map(|i| i.config.tick()) else { return };
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(tick) => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        inner.enforce_deadlines();
     }
 }
 

@@ -203,15 +203,24 @@ async fn three_hosts_racing_for_100_names_give_each_exactly_one_owner() {
     }
 }
 
-/// The same race with fencing off: the checks find what fencing prevents.
+/// The same race with fencing off: every host believes it owns the names,
+/// connects them, and the checks find what fencing prevents — records of
+/// two owners interleaved in one stream, two live connections at the peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_fencing_the_same_race_breaks_the_checks() {
     let Some(nats) = NatsServer::start() else { return };
     let peer = TestPeer::start().await.expect("peer");
     let hosts = hosts(&nats, "unfenced", 3, false).await;
     let names = names(20);
-    let winners = race(&hosts, &names, &peer.url(), false).await;
-    let multiple = winners.iter().filter(|w| w.len() > 1).count();
+    race(&hosts, &names, &peer.url(), false).await;
+    let mut believers = 0;
+    for (cluster, engine) in &hosts {
+        for (name, _) in cluster.owned() {
+            believers += 1;
+            let _ = engine.connect(name.as_str()).await;
+        }
+    }
+    sleep(Duration::from_millis(500)).await;
     let mut broken = 0;
     for name in &names {
         let check = hosts[0].0.verify(&InstanceName::new(name.as_str()).unwrap()).await.unwrap();
@@ -223,8 +232,14 @@ async fn without_fencing_the_same_race_breaks_the_checks() {
             broken += 1;
         }
     }
-    assert!(multiple > 0, "without fencing, more than one host should believe it created some name");
-    assert!(broken > 0, "without fencing, some stream should hold records of two owners");
+    assert!(believers > names.len(), "without fencing, several hosts believe they own a name ({believers})");
+    assert!(broken > 0, "without fencing, some stream holds records of two owners");
+    assert!(peer.overlaps() > 0, "without fencing, the peer sees two live connections for one name");
+    eprintln!(
+        "without fencing: {broken} of {} streams broken, {} overlapping connections",
+        names.len(),
+        peer.overlaps()
+    );
     for (c, _) in &hosts {
         c.halt();
     }
@@ -530,4 +545,117 @@ async fn a_paused_owner_is_fenced_and_never_writes_again() {
     }
     assert_eq!(peer.overlaps(), 0, "two live connections for one name");
     obs.halt();
+}
+
+/// The owner loses NATS (its connection cut at a proxy) while its sockets to
+/// the peer are live: it closes them by its local lease deadline, and the
+/// new owner's connections start only after that — the gap is measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_owner_closes_its_sockets_before_the_new_owner_connects() {
+    let Some(nats) = NatsServer::start() else { return };
+    let peer = TestPeer::start().await.expect("peer");
+    let upstream = format!("127.0.0.1:{}", nats.port).parse().expect("addr");
+    let proxy = crate::dashboard::Proxy::start(upstream).await;
+    let mut config_a = cluster_config(&nats, "host-a", "partition", true);
+    config_a.url = format!("nats://{}", proxy.addr);
+    let (a, engine_a) = Cluster::join(config_a, engine_config()).await.expect("host-a");
+    let (b, engine_b) =
+        Cluster::join(cluster_config(&nats, "host-b", "partition", true), engine_config()).await.expect("host-b");
+    let names = ["n1", "n2", "n3", "n4"];
+    let spec = InstanceSpec { url: peer.url() };
+    for name in names {
+        a.create(name, spec.clone()).await.unwrap();
+        engine_a.connect(name).await.unwrap();
+    }
+    wait_until("all open on host-a", Duration::from_secs(10), async || {
+        names.iter().all(|n| peer.live(n) == 1 && engine_a.state(n).is_ok_and(|s| s.kind() == StateKind::Open))
+    })
+    .await;
+    proxy.cut();
+    let cut = Instant::now();
+    // Watch the peer's side: when each old connection ends, when each new one starts.
+    let mut closed: [Option<Duration>; 4] = [None; 4];
+    let mut reopened: [Option<Duration>; 4] = [None; 4];
+    while reopened.iter().any(Option::is_none) {
+        assert!(cut.elapsed() < TTL + Duration::from_secs(10), "not every instance moved: {closed:?} {reopened:?}");
+        for (i, name) in names.iter().enumerate() {
+            let live = peer.live(name);
+            assert!(live <= 1, "{name}: two live connections");
+            if closed[i].is_none() && live == 0 {
+                closed[i] = Some(cut.elapsed());
+            }
+            if closed[i].is_some() && reopened[i].is_none() && live == 1 {
+                reopened[i] = Some(cut.elapsed());
+            }
+        }
+        sleep(Duration::from_millis(2)).await;
+    }
+    let mut gaps = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let (c, r) = (closed[i].unwrap(), reopened[i].unwrap());
+        assert!(c <= TTL, "{name}: host-a closed its socket {c:?} after losing NATS, past the lease TTL");
+        assert!(r > c, "{name}");
+        gaps.push(r - c);
+    }
+    wait_until("host-b holds them open", Duration::from_secs(5), async || {
+        names.iter().all(|n| engine_b.state(n).is_ok_and(|s| s.kind() == StateKind::Open))
+    })
+    .await;
+    assert!(names.iter().all(|n| engine_a.state(n).is_err()), "host-a let go of every instance");
+    assert_eq!(peer.overlaps(), 0, "two live connections for one name");
+    eprintln!("partition: old sockets closed at {closed:?} after the cut, new ones opened {gaps:?} later");
+    // Mended, host-a writes nothing for them: every stream checks clean.
+    proxy.mend();
+    sleep(RENEW * 2).await;
+    for name in names {
+        let check = b.verify(&InstanceName::new(name).unwrap()).await.unwrap();
+        assert_eq!(check.violations, vec![], "{name}");
+        assert_eq!(check.owners, vec!["host-a", "host-b"], "{name}");
+    }
+    a.halt();
+    b.leave().await.unwrap();
+}
+
+/// The server, not the host, refuses a stale owner: a host whose clock
+/// says its lease is still good (the lease was revoked behind its back, as
+/// a slow clock would make it think) appends after another host's takeover
+/// — JetStream refuses it, the host drops the instance and its socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_refuses_an_append_from_a_host_that_lost_the_instance() {
+    let Some(nats) = NatsServer::start() else { return };
+    let peer = TestPeer::start().await.expect("peer");
+    // host-a renews rarely and trusts its lease for a minute: only the server can stop it.
+    let mut slow = cluster_config(&nats, "host-a", "stale", true);
+    slow.lease_ttl = Duration::from_secs(60);
+    slow.renew_every = Duration::from_secs(30);
+    let (a, engine_a) = Cluster::join(slow, engine_config()).await.expect("host-a");
+    a.create("s1", InstanceSpec { url: peer.url() }).await.unwrap();
+    engine_a.connect("s1").await.unwrap();
+    wait_until("open on host-a", Duration::from_secs(10), async || {
+        peer.live("s1") == 1 && engine_a.state("s1").is_ok_and(|s| s.kind() == StateKind::Open)
+    })
+    .await;
+    // The lease disappears behind host-a's back; host-b takes the instance over.
+    let client = async_nats::connect(nats.url.as_str()).await.expect("nats");
+    let kv = async_nats::jetstream::new(client).get_key_value("stale-owners").await.expect("bucket");
+    kv.purge("s1").await.expect("revoke the lease");
+    let (b, engine_b) =
+        Cluster::join(cluster_config(&nats, "host-b", "stale", true), engine_config()).await.expect("host-b");
+    wait_until("host-b took s1 over", Duration::from_secs(10), async || {
+        engine_b.state("s1").is_ok_and(|s| s.kind() == StateKind::Open)
+    })
+    .await;
+    // host-a still believes it owns s1; its next record is refused by the stream.
+    assert!(a.owned().iter().any(|(n, _)| n.as_str() == "s1"), "host-a still thinks it owns s1");
+    let refused = engine_a.logout("s1").await;
+    assert!(refused.is_err(), "the stale owner's logout must not be recorded: {refused:?}");
+    assert_eq!(a.stats().refused, 1, "refused by the server");
+    wait_until("host-a let go of s1", Duration::from_secs(5), async || engine_a.state("s1").is_err()).await;
+    wait_until("only host-b's socket is left", Duration::from_secs(5), async || peer.live("s1") == 1).await;
+    let check = b.verify(&InstanceName::new("s1").unwrap()).await.unwrap();
+    assert_eq!(check.violations, vec![], "no record of host-a after host-b's takeover");
+    assert_eq!(check.owners, vec!["host-a", "host-b"]);
+    assert_eq!(check.last.map(|i| i.state.kind()), Some(StateKind::Open), "host-a's logout never happened");
+    a.halt();
+    b.leave().await.unwrap();
 }

@@ -53,14 +53,14 @@ fn tiles_match(tiles: &Value, api: &std::collections::BTreeMap<String, u64>) -> 
 
 /// A TCP proxy the test can cut: `cut` drops every connection through it
 /// and refuses new ones until `mend`.
-struct Proxy {
-    addr: std::net::SocketAddr,
+pub(crate) struct Proxy {
+    pub(crate) addr: std::net::SocketAddr,
     cut: Arc<AtomicBool>,
     epoch: watch::Sender<u64>,
 }
 
 impl Proxy {
-    async fn start(upstream: std::net::SocketAddr) -> Self {
+    pub(crate) async fn start(upstream: std::net::SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let cut = Arc::new(AtomicBool::new(false));
@@ -85,12 +85,12 @@ impl Proxy {
         Self { addr, cut, epoch }
     }
 
-    fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
         self.epoch.send_modify(|e| *e += 1);
     }
 
-    fn mend(&self) {
+    pub(crate) fn mend(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
 }
