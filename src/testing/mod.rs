@@ -10,6 +10,8 @@
 //! - [`simulate_virtual`]: the seeded chaos schedule in virtual time;
 //!   the same seed gives the same log, record for record (`simulate --virtual`).
 //! - [`assert_rules_hold`]: every rule checked on a whole log.
+//! - [`nats`] and [`cluster_sim`] (with `cluster`): a real `nats-server`
+//!   for tests, and `lifecycle simulate --cluster N`.
 //!
 //! With `testing` (for test authors; it includes `tools`):
 //! - [`Driver`]: the pure core's [`machine::Driver`](crate::machine::Driver)
@@ -24,6 +26,10 @@
 //! Everything is deterministic: the same inputs give the same records.
 
 pub mod chaos;
+#[cfg(feature = "cluster")]
+pub mod cluster_sim;
+#[cfg(feature = "cluster")]
+pub mod nats;
 pub mod peer;
 pub mod simulate;
 

