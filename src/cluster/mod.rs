@@ -18,7 +18,8 @@
 //!   for the same lease), on its first refused append, or when a renewal
 //!   finds the key gone or taken — whichever is first.
 //! - **Placement**: a host takes instances that have no live owner — on
-//!   create, and, every renewal period, any instance whose lease ran out.
+//!   create, and, twice per renewal period, any instance whose lease ran
+//!   out (the first host to claim it wins).
 //!
 //! The engine's rules (R1–R12) hold per instance on whichever host owns it;
 //! a new owner takes the instance as start-up recovery does (R11).
@@ -603,6 +604,13 @@ impl Cluster {
         Ok((Self { inner, stop }, started))
     }
 
+    /// The fence this host's engine writes through: whoever records
+    /// transitions for an instance this host owns (a benchmark of the write
+    /// path, a host with its own recorder) appends through the same checks.
+    pub fn fence(&self) -> Arc<dyn Fence> {
+        Arc::new(StreamFence(self.inner.clone()))
+    }
+
     /// This host's id.
     pub fn host(&self) -> &str {
         &self.inner.config.host
@@ -727,8 +735,10 @@ impl Cluster {
 /// The loop that keeps a host's leases, until the host stops or is dropped.
 async fn keep_leases(inner: std::sync::Weak<Inner>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut renewed = HashMap::new();
+    // Orphans are looked for twice per renewal period: a dead host's
+    // instances move within the TTL and half a period of its last renewal.
     let (tick, every) = match inner.upgrade() {
-        Some(i) => (i.config.tick(), i.config.renew_every),
+        Some(i) => (i.config.tick(), i.config.renew_every / 2),
         None => return,
     };
     let mut scanned = Instant::now();
