@@ -397,6 +397,24 @@ impl Inner {
         }
     }
 
+    /// Gives back the leases of instances removed here: a removed instance
+    /// needs no owner (R1), and its name is free for a create on any host.
+    async fn release_removed(&self) {
+        let Some(engine) = self.engine.get() else { return };
+        let removed: Vec<(InstanceName, u64)> = self
+            .owned()
+            .iter()
+            .filter(|(n, _)| matches!(engine.state(n.as_str()), Err(EngineError::Removed { .. })))
+            .map(|(n, o)| (n.clone(), o.revision))
+            .collect();
+        for (name, revision) in removed {
+            self.owned().remove(&name);
+            // Not ours any more: a later create may happen on any host.
+            engine.relinquish(&name);
+            self.release(&name, revision).await;
+        }
+    }
+
     /// Renews one lease, if this host still holds it.
     async fn renew(&self, name: InstanceName, o: Owned) -> Option<InstanceName> {
         let start = Instant::now();
@@ -430,6 +448,7 @@ impl Inner {
     /// instances without a live owner.
     async fn round(self: &Arc<Self>, renewed: &mut HashMap<InstanceName, Instant>, scan: bool) {
         self.enforce_deadlines();
+        self.release_removed().await;
         let now = Instant::now();
         let due: Vec<(InstanceName, Owned)> = self
             .owned()
@@ -480,10 +499,18 @@ impl Inner {
             }
             let Ok(epoch) = self.claim(&name).await? else { continue };
             let span = tracing::info_span!("takeover", instance = %name, epoch);
-            if let Err(e) = self.take_over(&name, epoch, None).instrument(span).await {
-                warn!(instance = %name, error = %e, "takeover failed; giving the lease back");
-                self.owned().remove(&name);
-                self.release(&name, epoch).await;
+            match self.take_over(&name, epoch, None).instrument(span).await {
+                Ok(Some(_)) => {}
+                // A claim whose creator died before its first record: nothing to own.
+                Ok(None) => {
+                    self.owned().remove(&name);
+                    self.release(&name, epoch).await;
+                }
+                Err(e) => {
+                    warn!(instance = %name, error = %e, "takeover failed; giving the lease back");
+                    self.owned().remove(&name);
+                    self.release(&name, epoch).await;
+                }
             }
         }
         Ok(())
@@ -537,6 +564,7 @@ impl Fence for StreamFence {
 #[derive(Clone)]
 pub struct Cluster {
     inner: Arc<Inner>,
+    engine: Engine,
     stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
@@ -601,7 +629,7 @@ impl Cluster {
         tokio::spawn(keep_leases(Arc::downgrade(&inner), stopped.clone()));
         tokio::spawn(watch_deadlines(Arc::downgrade(&inner), stopped));
         let stop = Arc::new(stop);
-        Ok((Self { inner, stop }, started))
+        Ok((Self { inner, engine: started.clone(), stop }, started))
     }
 
     /// The fence this host's engine writes through: whoever records
@@ -646,8 +674,7 @@ impl Cluster {
 
     /// The engine this host runs (commands for instances it owns).
     pub fn engine(&self) -> &Engine {
-        // Set in `join` before the cluster is handed out.
-        self.inner.engine.get().expect("the engine is set when the cluster is joined")
+        &self.engine
     }
 
     /// The instances this host owns now, with their epochs.

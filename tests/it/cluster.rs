@@ -212,6 +212,15 @@ async fn a_dead_hosts_instances_move_open_ones_reconnect_closed_and_removed_stay
     for name in removed {
         engine_a.delete(name).await.unwrap();
     }
+    // A removed instance needs no owner: host 0 gives its lease back.
+    wait_until("the removed instances' leases are given back", Duration::from_secs(2), async || {
+        let mut free = true;
+        for name in removed {
+            free &= a.owner_of(&InstanceName::new(name).unwrap()).await.unwrap().is_none();
+        }
+        free
+    })
+    .await;
     let before: Vec<u32> = open.iter().map(|n| peer.handshakes(n)).collect();
     // Host 0 dies: no renewal, every socket gone, no lease given back.
     a.halt();
