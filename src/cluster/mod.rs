@@ -150,6 +150,16 @@ pub enum ClusterError {
         /// What NATS said.
         message: String,
     },
+    /// No cluster in that namespace on that server.
+    #[error(
+        "no instance-lifecycle cluster in namespace {namespace:?} at {url} (no {namespace}-owners bucket or {namespace}-log stream)"
+    )]
+    NoCluster {
+        /// The server.
+        url: String,
+        /// The namespace asked for.
+        namespace: String,
+    },
     /// Another host owns the instance.
     #[error("instance {name} is owned by host {owner}")]
     OwnedElsewhere {
@@ -198,8 +208,7 @@ pub struct ClusterStats {
 struct Inner {
     config: ClusterConfig,
     js: jetstream::Context,
-    kv: kv::Store,
-    stream: stream::Stream,
+    reader: ClusterReader,
     owned: Mutex<HashMap<InstanceName, Owned>>,
     engine: OnceLock<Engine>,
     stats: Mutex<ClusterStats>,
@@ -251,27 +260,19 @@ impl Inner {
         }
     }
 
-    /// The last entry of an instance's subject: its stream sequence and its bytes.
-    async fn last_entry(&self, name: &InstanceName) -> Result<Option<(u64, Vec<u8>)>, ClusterError> {
-        match self.stream.get_last_raw_message_by_subject(&self.config.subject(name)).await {
-            Ok(m) => Ok(Some((m.sequence, m.payload.to_vec()))),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(self.nats("reading the last entry", e)),
-        }
-    }
-
     /// Claims the lease of `name` (create-if-absent): the epoch, or the owner.
     async fn claim(&self, name: &InstanceName) -> Result<Result<u64, String>, ClusterError> {
         let key = token_of(name);
         let value = self.config.host.clone().into_bytes();
         let won = if self.config.fencing {
-            self.kv
+            self.reader
+                .kv
                 .create(&key, value.into())
                 .await
                 .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string()))
         } else {
             // Without fencing a claim is a plain write: the last writer thinks it owns.
-            self.kv.put(&key, value.into()).await.map_err(|e| (false, e.to_string()))
+            self.reader.kv.put(&key, value.into()).await.map_err(|e| (false, e.to_string()))
         };
         match won {
             Ok(epoch) => {
@@ -279,7 +280,7 @@ impl Inner {
                 Ok(Ok(epoch))
             }
             Err((true, _)) => {
-                let owner = match self.kv.get(&key).await {
+                let owner = match self.reader.kv.get(&key).await {
                     Ok(Some(v)) => String::from_utf8_lossy(&v).into_owned(),
                     _ => "another host".into(),
                 };
@@ -291,7 +292,7 @@ impl Inner {
 
     /// Gives a lease back (its key is deleted if it is still our revision).
     async fn release(&self, name: &InstanceName, revision: u64) {
-        if let Err(e) = self.kv.delete_expect_revision(token_of(name), Some(revision)).await {
+        if let Err(e) = self.reader.kv.delete_expect_revision(token_of(name), Some(revision)).await {
             debug!(instance = %name, error = %e, "lease not released (already gone or taken)");
         }
     }
@@ -308,7 +309,7 @@ impl Inner {
     ) -> Result<Option<State>, ClusterError> {
         let lease_start = Instant::now();
         for _attempt in 0..5 {
-            let last = self.last_entry(name).await?;
+            let last = self.reader.last_entry(name).await?;
             let (last_seq, previous) = match &last {
                 Some((seq, bytes)) => {
                     let entry = StreamEntry::decode(bytes).map_err(|e| self.nats("decoding an entry", e))?;
@@ -419,7 +420,7 @@ impl Inner {
     async fn renew(&self, name: InstanceName, o: Owned) -> Option<InstanceName> {
         let start = Instant::now();
         let value = self.config.host.clone().into_bytes();
-        let update = self.kv.update(token_of(&name), value.into(), o.revision);
+        let update = self.reader.kv.update(token_of(&name), value.into(), o.revision);
         // A renewal that takes longer than the period is as good as failed.
         match tokio::time::timeout(self.config.renew_every, update).await {
             Ok(Ok(revision)) => {
@@ -472,27 +473,17 @@ impl Inner {
     /// Takes every instance whose subject has entries, that is not removed,
     /// and whose lease is free.
     async fn adopt_orphans(self: &Arc<Self>) -> Result<(), ClusterError> {
-        let filter = format!("{}.inst.>", self.config.namespace);
-        let mut subjects =
-            self.stream.info_with_subjects(filter).await.map_err(|e| self.nats("listing subjects", e))?;
-        let mut names = Vec::new();
-        while let Some(s) = subjects.next().await {
-            let (subject, _) = s.map_err(|e| self.nats("listing subjects", e))?;
-            if let Some(name) = subject.rsplit('.').next().and_then(name_of) {
-                names.push(name);
-            }
-        }
-        for name in names {
+        for name in self.reader.names().await? {
             if self.owned().contains_key(&name) {
                 continue;
             }
-            match self.kv.entry(token_of(&name)).await {
+            match self.reader.kv.entry(token_of(&name)).await {
                 Ok(Some(e)) if e.operation == kv::Operation::Put => continue,
                 Ok(_) => {}
                 Err(e) => return Err(self.nats("reading a lease", e)),
             }
             // Removed instances need no owner.
-            if let Some((_, bytes)) = self.last_entry(&name).await?
+            if let Some((_, bytes)) = self.reader.last_entry(&name).await?
                 && StreamEntry::decode(&bytes).is_ok_and(|e| e.removed())
             {
                 continue;
@@ -612,11 +603,11 @@ impl Cluster {
             })
             .await
             .map_err(|e| nats("creating the stream", &e))?;
+        let reader = ClusterReader { url: config.url.clone(), namespace: config.namespace.clone(), kv, stream };
         let inner = Arc::new(Inner {
             config,
             js,
-            kv,
-            stream,
+            reader,
             owned: Mutex::default(),
             engine: OnceLock::new(),
             stats: Mutex::default(),
@@ -691,46 +682,9 @@ impl Cluster {
         s
     }
 
-    /// The owner of `name` as the bucket says now (`None`: no live owner).
-    pub async fn owner_of(&self, name: &InstanceName) -> Result<Option<String>, ClusterError> {
-        match self.inner.kv.get(token_of(name)).await {
-            Ok(v) => Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned())),
-            Err(e) => Err(self.inner.nats("reading a lease", e)),
-        }
-    }
-
-    /// Every entry of `name`'s subject, in order, checked (see [`check`]).
-    pub async fn verify(&self, name: &InstanceName) -> Result<StreamCheck, ClusterError> {
-        let subject = self.inner.config.subject(name);
-        let mut entries = Vec::new();
-        let mut from = 1u64;
-        loop {
-            let got =
-                self.inner.stream.raw_message_builder().sequence(from).next_by_subject(subject.clone()).send().await;
-            let m = match got {
-                Ok(m) => m,
-                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
-                Err(e) => return Err(self.inner.nats("reading a subject", e)),
-            };
-            let header = m.headers.get(entry::EPOCH_HEADER).map(|v| v.as_str().to_owned());
-            entries.push((m.sequence, header, StreamEntry::decode(&m.payload).map_err(|e| e.to_string())));
-            from = m.sequence.saturating_add(1);
-        }
-        Ok(check(&entries))
-    }
-
-    /// Every instance name the stream has entries for.
-    pub async fn names(&self) -> Result<Vec<InstanceName>, ClusterError> {
-        let filter = format!("{}.inst.>", self.inner.config.namespace);
-        let mut subjects =
-            self.inner.stream.info_with_subjects(filter).await.map_err(|e| self.inner.nats("listing subjects", e))?;
-        let mut names = Vec::new();
-        while let Some(s) = subjects.next().await {
-            let (subject, _) = s.map_err(|e| self.inner.nats("listing subjects", e))?;
-            names.extend(subject.rsplit('.').next().and_then(name_of));
-        }
-        names.sort();
-        Ok(names)
+    /// Reads the cluster's leases and streams.
+    pub fn reader(&self) -> &ClusterReader {
+        &self.inner.reader
     }
 
     /// Leaves the cluster gracefully: stops keeping leases, stops the
@@ -756,6 +710,94 @@ impl Cluster {
         for name in owned {
             engine.relinquish(&name);
         }
+    }
+}
+
+/// Reads a cluster's leases and streams without taking part in it (an
+/// operator's view: `lifecycle cluster`). Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterReader {
+    url: String,
+    namespace: String,
+    kv: kv::Store,
+    stream: stream::Stream,
+}
+
+impl ClusterReader {
+    /// Connects to the cluster in `namespace` at `url`; a server without
+    /// one there is [`ClusterError::NoCluster`] (nothing is created).
+    pub async fn connect(url: &str, namespace: &str) -> Result<Self, ClusterError> {
+        let nats =
+            |op, e: &dyn std::fmt::Display| ClusterError::Nats { url: url.to_owned(), op, message: e.to_string() };
+        let client = async_nats::ConnectOptions::new()
+            .name("lifecycle-reader")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| nats("connecting", &e))?;
+        let js = jetstream::new(client);
+        let absent = || ClusterError::NoCluster { url: url.to_owned(), namespace: namespace.to_owned() };
+        let kv = js.get_key_value(format!("{namespace}-owners")).await.map_err(|_| absent())?;
+        let stream = js.get_stream(format!("{namespace}-log")).await.map_err(|_| absent())?;
+        Ok(Self { url: url.to_owned(), namespace: namespace.to_owned(), kv, stream })
+    }
+
+    fn nats(&self, op: &'static str, e: impl std::fmt::Display) -> ClusterError {
+        ClusterError::Nats { url: self.url.clone(), op, message: e.to_string() }
+    }
+
+    fn subject(&self, name: &InstanceName) -> String {
+        format!("{}.inst.{}", self.namespace, token_of(name))
+    }
+
+    /// Every instance name the stream has entries for, sorted.
+    pub async fn names(&self) -> Result<Vec<InstanceName>, ClusterError> {
+        let filter = format!("{}.inst.>", self.namespace);
+        let mut subjects =
+            self.stream.info_with_subjects(filter).await.map_err(|e| self.nats("listing subjects", e))?;
+        let mut names = Vec::new();
+        while let Some(s) = subjects.next().await {
+            let (subject, _) = s.map_err(|e| self.nats("listing subjects", e))?;
+            names.extend(subject.rsplit('.').next().and_then(name_of));
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// The owner of `name` as the bucket says now (`None`: no live owner).
+    pub async fn owner_of(&self, name: &InstanceName) -> Result<Option<String>, ClusterError> {
+        match self.kv.get(token_of(name)).await {
+            Ok(v) => Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned())),
+            Err(e) => Err(self.nats("reading a lease", e)),
+        }
+    }
+
+    /// The last entry of an instance's subject: its stream sequence and its bytes.
+    async fn last_entry(&self, name: &InstanceName) -> Result<Option<(u64, Vec<u8>)>, ClusterError> {
+        match self.stream.get_last_raw_message_by_subject(&self.subject(name)).await {
+            Ok(m) => Ok(Some((m.sequence, m.payload.to_vec()))),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(self.nats("reading the last entry", e)),
+        }
+    }
+
+    /// Every entry of `name`'s subject, in order, checked (see [`check`]).
+    pub async fn verify(&self, name: &InstanceName) -> Result<StreamCheck, ClusterError> {
+        let subject = self.subject(name);
+        let mut entries = Vec::new();
+        let mut from = 1u64;
+        loop {
+            let got = self.stream.raw_message_builder().sequence(from).next_by_subject(subject.clone()).send().await;
+            let m = match got {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(self.nats("reading a subject", e)),
+            };
+            let header = m.headers.get(entry::EPOCH_HEADER).map(|v| v.as_str().to_owned());
+            entries.push((m.sequence, header, StreamEntry::decode(&m.payload).map_err(|e| e.to_string())));
+            from = m.sequence.saturating_add(1);
+        }
+        Ok(check(&entries))
     }
 }
 

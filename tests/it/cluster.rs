@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use instance_lifecycle::cluster::{Cluster, ClusterConfig, ClusterError, StreamViolation};
+use instance_lifecycle::cluster::{Cluster, ClusterConfig, ClusterError, ClusterReader, StreamViolation};
 use instance_lifecycle::engine::{Engine, EngineConfig, EngineError};
 use instance_lifecycle::log::{InstanceSpec, LogConfig};
 use instance_lifecycle::machine::{InstanceName, Preset, StateKind};
@@ -127,7 +127,7 @@ async fn three_hosts_racing_for_100_names_give_each_exactly_one_owner() {
     for (name, w) in names.iter().zip(&winners) {
         let (cluster, engine) = &hosts[w[0]];
         let n = InstanceName::new(name.as_str()).unwrap();
-        assert_eq!(cluster.owner_of(&n).await.unwrap().as_deref(), Some(cluster.host()));
+        assert_eq!(cluster.reader().owner_of(&n).await.unwrap().as_deref(), Some(cluster.host()));
         assert_eq!(engine.state(name).unwrap().kind(), StateKind::Open);
         for (i, (other, e)) in hosts.iter().enumerate() {
             if i != w[0] {
@@ -135,7 +135,7 @@ async fn three_hosts_racing_for_100_names_give_each_exactly_one_owner() {
                 assert!(e.state(name).is_err(), "{name} also in host {i}'s engine");
             }
         }
-        let check = cluster.verify(&n).await.unwrap();
+        let check = cluster.reader().verify(&n).await.unwrap();
         assert_eq!(check.violations, vec![], "{name}");
         assert_eq!(check.takeovers, 1, "{name}");
         assert!(check.records >= 3, "{name}: created, connecting, open: {check:?}");
@@ -167,7 +167,7 @@ async fn without_fencing_the_same_race_breaks_the_checks() {
     sleep(Duration::from_millis(500)).await;
     let mut broken = 0;
     for name in &names {
-        let check = hosts[0].0.verify(&InstanceName::new(name.as_str()).unwrap()).await.unwrap();
+        let check = hosts[0].0.reader().verify(&InstanceName::new(name.as_str()).unwrap()).await.unwrap();
         if check
             .violations
             .iter()
@@ -216,7 +216,7 @@ async fn a_dead_hosts_instances_move_open_ones_reconnect_closed_and_removed_stay
     wait_until("the removed instances' leases are given back", Duration::from_secs(2), async || {
         let mut free = true;
         for name in removed {
-            free &= a.owner_of(&InstanceName::new(name).unwrap()).await.unwrap().is_none();
+            free &= a.reader().owner_of(&InstanceName::new(name).unwrap()).await.unwrap().is_none();
         }
         free
     })
@@ -245,11 +245,11 @@ async fn a_dead_hosts_instances_move_open_ones_reconnect_closed_and_removed_stay
     }
     for name in removed {
         assert!(engine_b.state(name).is_err(), "{name} is removed: nobody takes it");
-        assert_eq!(b.owner_of(&InstanceName::new(name).unwrap()).await.unwrap(), None);
+        assert_eq!(b.reader().owner_of(&InstanceName::new(name).unwrap()).await.unwrap(), None);
     }
     assert_eq!(b.stats().failovers, (open.len() + closed.len()) as u64);
     for name in open.iter().chain(&closed).chain(&removed) {
-        let check = b.verify(&InstanceName::new(*name).unwrap()).await.unwrap();
+        let check = b.reader().verify(&InstanceName::new(*name).unwrap()).await.unwrap();
         assert_eq!(check.violations, vec![], "{name}");
         let owners = if removed.contains(name) { vec!["host-0"] } else { vec!["host-0", "host-1"] };
         assert_eq!(check.owners, owners, "{name}");
@@ -286,7 +286,7 @@ async fn a_server_killed_and_restarted_loses_no_acknowledged_record() {
     for name in &names {
         let n = InstanceName::new(name.as_str()).unwrap();
         let local = engine.history(name).await.unwrap();
-        let check = cluster.verify(&n).await.expect("read the stream after the restart");
+        let check = cluster.reader().verify(&n).await.expect("read the stream after the restart");
         assert_eq!(check.violations, vec![], "{name}");
         assert_eq!(check.records, local.len() as u64, "{name}: acknowledged records");
         assert_eq!(check.last.as_ref(), local.last().map(|r| &r.to), "{name}");
@@ -294,7 +294,7 @@ async fn a_server_killed_and_restarted_loses_no_acknowledged_record() {
     // And it goes on: logouts are recorded through the restarted server.
     for name in &names[..5] {
         engine.logout(name).await.expect("logout after the restart");
-        let check = cluster.verify(&InstanceName::new(name.as_str()).unwrap()).await.unwrap();
+        let check = cluster.reader().verify(&InstanceName::new(name.as_str()).unwrap()).await.unwrap();
         assert_eq!(check.last.map(|i| i.state.kind()), Some(StateKind::Closed), "{name}");
     }
     assert_eq!(cluster.stats().lost, 0, "no lease lost across a restart shorter than the TTL");
@@ -378,13 +378,9 @@ impl Drop for HostProcess {
 const TTL: Duration = Duration::from_secs(2);
 const RENEW: Duration = Duration::from_millis(500);
 
-/// An observer of the cluster (no instances of its own) to read leases and streams.
-async fn observer(nats: &NatsServer) -> (Cluster, Engine) {
-    let mut config = cluster_config(nats, "observer", "lifecycle", true);
-    // It must never take anything: a lease it would need renewing forever.
-    config.lease_ttl = Duration::from_secs(3600);
-    config.renew_every = Duration::from_secs(1800);
-    Cluster::join(config, engine_config()).await.expect("observer")
+/// An operator's view of the cluster the host processes form (it takes no part in it).
+async fn observer(nats: &NatsServer) -> ClusterReader {
+    ClusterReader::connect(&nats.url(), "lifecycle").await.expect("read the cluster")
 }
 
 /// Kill -9 the owner: the other host takes every orphan within TTL + a
@@ -435,7 +431,7 @@ async fn sigkill_of_the_owner_moves_its_instances_to_the_other_host() {
     assert_eq!(b.kind("k8").await.as_deref(), Some("closed"), "closed stays closed (R11)");
     assert_eq!(peer.live("k8"), 0);
     assert_eq!(b.kind("k9").await, None, "removed: nobody takes it");
-    let (obs, _) = observer(&nats).await;
+    let obs = observer(&nats).await;
     for name in &names {
         let n = InstanceName::new(name.as_str()).unwrap();
         let check = obs.verify(&n).await.unwrap();
@@ -444,8 +440,25 @@ async fn sigkill_of_the_owner_moves_its_instances_to_the_other_host() {
         assert_eq!(check.owners, owners, "{name}");
     }
     assert_eq!(peer.overlaps(), 0, "two live connections for one name");
+    // The operator's view says the same.
+    let out = crate::support::lifecycle(&["cluster", &nats.url(), "--json"]);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let rows: Vec<serde_json::Value> =
+        crate::support::stdout(&out).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(rows.len(), names.len());
+    for row in &rows {
+        let expected = if row["instance"] == "k9" { serde_json::Value::Null } else { "host-b".into() };
+        assert_eq!(row["owner"], expected, "{row}");
+        assert_eq!(row["violations"], serde_json::json!([]), "{row}");
+    }
+    let none = crate::support::lifecycle(&["cluster", &nats.url(), "--namespace", "nothing-here"]);
+    assert!(!none.status.success());
+    assert!(
+        crate::support::stderr(&none).contains("no instance-lifecycle cluster in namespace"),
+        "{}",
+        crate::support::stderr(&none)
+    );
     eprintln!("SIGKILL failover: host-b held every orphan {moved:?} after the kill (TTL {TTL:?}, renew {RENEW:?})");
-    obs.halt();
 }
 
 /// SIGSTOP the owner past its lease, let the other host take over, SIGCONT:
@@ -490,14 +503,13 @@ async fn a_paused_owner_is_fenced_and_never_writes_again() {
         assert!(peer.handshakes(name) > before, "{name} reconnected from host-b");
         assert_eq!(a.kind(name).await, None, "{name}: host-a let go of it");
     }
-    let (obs, _) = observer(&nats).await;
+    let obs = observer(&nats).await;
     for name in &names {
         let check = obs.verify(&InstanceName::new(name.as_str()).unwrap()).await.unwrap();
         assert_eq!(check.violations, vec![], "{name}: a record of host-a after host-b's takeover?");
         assert_eq!(check.owners, vec!["host-a", "host-b"], "{name}");
     }
     assert_eq!(peer.overlaps(), 0, "two live connections for one name");
-    obs.halt();
 }
 
 /// The owner loses NATS (its connection cut at a proxy) while its sockets to
@@ -561,7 +573,7 @@ async fn a_partitioned_owner_closes_its_sockets_before_the_new_owner_connects() 
     proxy.mend();
     sleep(RENEW * 2).await;
     for name in names {
-        let check = b.verify(&InstanceName::new(name).unwrap()).await.unwrap();
+        let check = b.reader().verify(&InstanceName::new(name).unwrap()).await.unwrap();
         assert_eq!(check.violations, vec![], "{name}");
         assert_eq!(check.owners, vec!["host-a", "host-b"], "{name}");
     }
@@ -605,7 +617,7 @@ async fn the_stream_refuses_an_append_from_a_host_that_lost_the_instance() {
     assert_eq!(a.stats().refused, 1, "refused by the server");
     wait_until("host-a let go of s1", Duration::from_secs(5), async || engine_a.state("s1").is_err()).await;
     wait_until("only host-b's socket is left", Duration::from_secs(5), async || peer.live("s1") == 1).await;
-    let check = b.verify(&InstanceName::new("s1").unwrap()).await.unwrap();
+    let check = b.reader().verify(&InstanceName::new("s1").unwrap()).await.unwrap();
     assert_eq!(check.violations, vec![], "no record of host-a after host-b's takeover");
     assert_eq!(check.owners, vec!["host-a", "host-b"]);
     assert_eq!(check.last.map(|i| i.state.kind()), Some(StateKind::Open), "host-a's logout never happened");

@@ -1,6 +1,7 @@
 //! `lifecycle`: the command-line tool. Thin: it parses arguments, calls the
 //! library, and prints. Errors are one clear line and a non-zero exit code.
 
+mod cluster;
 mod diagram;
 mod inspect;
 mod output;
@@ -208,6 +209,19 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         lease_ttl: Option<std::time::Duration>,
     },
+    /// Show a cluster on NATS JetStream: every instance's owner now, its
+    /// last state, who owned it, and the verification of its stream (one
+    /// owner at a time, epochs never going back, gapless records). Reads only.
+    Cluster {
+        /// The NATS server (nats://host:port).
+        url: String,
+        /// The cluster's namespace (bucket NAMESPACE-owners, stream NAMESPACE-log).
+        #[arg(long, default_value = "lifecycle")]
+        namespace: String,
+        /// One JSON object per instance (JSON Lines).
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the dashboard over a copy of a log, read-only, without an engine:
     /// the fleet as the log last saw it and every instance's history, step by
     /// step. The log itself is never written. Prints the URL; Ctrl-C stops.
@@ -362,6 +376,9 @@ fn main() -> ExitCode {
                 lease_ttl,
             };
             run_async(serve::run(flags))
+        }
+        Command::Cluster { url, namespace, json } => {
+            run_async(async move { cluster::run(&url, &namespace, json).await })
         }
         Command::Replay { dir, listen, open } => run_async(serve::replay(dir, listen, open)),
         Command::Completions { shell } => {
