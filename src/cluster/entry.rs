@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::log::{Event, InstanceSpec};
-use crate::machine::{Instance, InstanceName, State, Timestamp};
+use crate::machine::{Instance, InstanceName, Policy, State, Timestamp};
 
 /// The header every entry carries with the epoch it was written under.
 pub const EPOCH_HEADER: &str = "Lifecycle-Epoch";
@@ -188,6 +188,17 @@ pub enum StreamViolation {
         /// The record.
         seq: u64,
     },
+    /// A transition the rules of this build decide differently under the
+    /// policy given (a rule broken, or hosts running different policies).
+    #[error("record {seq}: recorded {recorded}, but the rules decide {recomputed}")]
+    Divergence {
+        /// The record.
+        seq: u64,
+        /// What the record says.
+        recorded: String,
+        /// What `step` decides.
+        recomputed: String,
+    },
 }
 
 /// What one instance's entries add up to.
@@ -208,8 +219,15 @@ pub struct StreamCheck {
 /// Checks one instance's entries, in stream order, each with its stream
 /// sequence and epoch header: one gapless run of records, epochs that
 /// never go back, and every record written by the owner of the latest
-/// takeover, under its epoch — what fencing guarantees.
-pub fn check(entries: &[(u64, Option<String>, Result<StreamEntry, String>)]) -> StreamCheck {
+/// takeover, under its epoch — what fencing guarantees. With a policy,
+/// every transition is also replayed through the rules (`machine::step`),
+/// as `lifecycle verify` does for a local log: R1–R12 per instance, across
+/// hosts.
+pub fn check(
+    name: &InstanceName,
+    entries: &[(u64, Option<String>, Result<StreamEntry, String>)],
+    policy: Option<&Policy>,
+) -> StreamCheck {
     let mut out = StreamCheck::default();
     let mut owner: Option<(String, u64)> = None;
     let mut seq = 0u64;
@@ -248,7 +266,7 @@ pub fn check(entries: &[(u64, Option<String>, Result<StreamEntry, String>)]) -> 
                 }
                 owner = Some((host.clone(), *epoch));
             }
-            StreamEntry::Record { epoch, host, seq: s, event, to, .. } => {
+            StreamEntry::Record { epoch, host, seq: s, event, to, at, .. } => {
                 out.records += 1;
                 match &owner {
                     None => out.violations.push(StreamViolation::NoOwner { seq: *s }),
@@ -267,10 +285,16 @@ pub fn check(entries: &[(u64, Option<String>, Result<StreamEntry, String>)]) -> 
                 if *s != expected {
                     out.violations.push(StreamViolation::Gap { expected, found: *s });
                 }
-                if let Event::Transition { from, .. } = event
-                    && out.last.as_ref().is_some_and(|last| last != from)
-                {
-                    out.violations.push(StreamViolation::BrokenChain { seq: *s });
+                if let Event::Transition { from, input, effects } = event {
+                    if out.last.as_ref().is_some_and(|last| last != from) {
+                        out.violations.push(StreamViolation::BrokenChain { seq: *s });
+                    }
+                    if let Some(policy) = policy
+                        && let Some((recorded, recomputed)) =
+                            crate::log::replay(name, from, input, effects, to, policy, *at)
+                    {
+                        out.violations.push(StreamViolation::Divergence { seq: *s, recorded, recomputed });
+                    }
                 }
                 seq = *s;
                 out.last = Some(to.clone());
@@ -283,6 +307,10 @@ pub fn check(entries: &[(u64, Option<String>, Result<StreamEntry, String>)]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn name() -> InstanceName {
+        InstanceName::new("x").unwrap()
+    }
 
     fn spec() -> InstanceSpec {
         InstanceSpec { url: "ws://127.0.0.1:1/x".into() }
@@ -328,7 +356,7 @@ mod tests {
 
     #[test]
     fn an_owners_run_checks_clean() {
-        let c = check(&with_headers(vec![takeover(3, "a", 0), created(3, "a"), takeover(9, "b", 1)]));
+        let c = check(&name(), &with_headers(vec![takeover(3, "a", 0), created(3, "a"), takeover(9, "b", 1)]), None);
         assert_eq!(c.violations, vec![]);
         assert_eq!((c.records, c.takeovers), (1, 2));
         assert_eq!(c.owners, vec!["a".to_string(), "b".to_string()]);
@@ -336,14 +364,14 @@ mod tests {
 
     #[test]
     fn a_stale_owners_record_after_a_takeover_is_found() {
-        let c = check(&with_headers(vec![takeover(3, "a", 0), takeover(9, "b", 0), created(3, "a")]));
+        let c = check(&name(), &with_headers(vec![takeover(3, "a", 0), takeover(9, "b", 0), created(3, "a")]), None);
         assert!(c.violations.iter().any(|v| matches!(v, StreamViolation::NotTheOwner { .. })), "{c:?}");
         assert!(c.violations.iter().any(|v| matches!(v, StreamViolation::EpochBackwards { .. })), "{c:?}");
     }
 
     #[test]
     fn a_second_created_is_a_gap() {
-        let c = check(&with_headers(vec![takeover(3, "a", 0), created(3, "a"), created(3, "a")]));
+        let c = check(&name(), &with_headers(vec![takeover(3, "a", 0), created(3, "a"), created(3, "a")]), None);
         assert_eq!(c.violations, vec![StreamViolation::Gap { expected: 2, found: 1 }]);
     }
 
@@ -351,9 +379,39 @@ mod tests {
     fn a_record_without_an_owner_or_a_header_is_found() {
         let mut entries = with_headers(vec![created(3, "a")]);
         entries[0].1 = None;
-        let c = check(&entries);
+        let c = check(&name(), &entries, None);
         assert!(c.violations.contains(&StreamViolation::NoOwner { seq: 1 }));
         assert!(c.violations.iter().any(|v| matches!(v, StreamViolation::EpochHeader { .. })));
+    }
+
+    #[test]
+    fn a_transition_the_rules_decide_otherwise_is_a_divergence() {
+        use crate::machine::{Input, Outcome, step};
+        let policy = Policy::default();
+        let closed = Instance::new();
+        let Outcome::Transition(t) = step(&name(), &closed, &Input::Connect, &policy, Timestamp(5)) else {
+            panic!("connect from Closed moves")
+        };
+        let to = Instance { state: t.to.clone(), generation: t.generation };
+        let record = |to: Instance, effects| StreamEntry::Record {
+            epoch: 3,
+            host: "a".into(),
+            seq: 2,
+            at: Timestamp(5),
+            event: Event::Transition { from: closed.clone(), input: Input::Connect, effects },
+            to,
+            spec: spec(),
+        };
+        let honest = vec![takeover(3, "a", 0), created(3, "a"), record(to.clone(), t.effects.clone())];
+        assert_eq!(check(&name(), &with_headers(honest), Some(&policy)).violations, vec![]);
+        // The same input recorded as leading straight to Removed: not what the table decides.
+        let forged = Instance {
+            state: State::Removed { cleanup: crate::machine::CleanupOutcome::Finished { steps: vec![] } },
+            ..to
+        };
+        let lying = vec![takeover(3, "a", 0), created(3, "a"), record(forged, t.effects)];
+        let c = check(&name(), &with_headers(lying), Some(&policy));
+        assert!(matches!(c.violations.as_slice(), [StreamViolation::Divergence { seq: 2, .. }]), "{c:?}");
     }
 
     #[test]

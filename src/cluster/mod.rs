@@ -38,7 +38,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::engine::{Engine, EngineConfig, EngineError, Fence, FenceFuture, Offered, Refused};
 use crate::log::{Digest, InstanceSpec, Log, LogError};
-use crate::machine::{InstanceName, State};
+use crate::machine::{InstanceName, Policy, State};
 pub use entry::{StreamCheck, StreamEntry, StreamViolation, check, name_of, token_of};
 
 /// How a host joins a cluster.
@@ -781,8 +781,9 @@ impl ClusterReader {
         }
     }
 
-    /// Every entry of `name`'s subject, in order, checked (see [`check`]).
-    pub async fn verify(&self, name: &InstanceName) -> Result<StreamCheck, ClusterError> {
+    /// Every entry of `name`'s subject, in order, checked (see [`check`]);
+    /// with a policy, every transition is replayed through the rules too.
+    pub async fn verify(&self, name: &InstanceName, policy: Option<&Policy>) -> Result<StreamCheck, ClusterError> {
         let subject = self.subject(name);
         let mut entries = Vec::new();
         let mut from = 1u64;
@@ -797,7 +798,7 @@ impl ClusterReader {
             entries.push((m.sequence, header, StreamEntry::decode(&m.payload).map_err(|e| e.to_string())));
             from = m.sequence.saturating_add(1);
         }
-        Ok(check(&entries))
+        Ok(check(name, &entries, policy))
     }
 }
 

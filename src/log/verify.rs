@@ -257,6 +257,29 @@ fn describe(state: &State, generation: crate::machine::Generation, effects: &[Ef
     format!("→ {state} ({generation}), effects {effects:?}")
 }
 
+/// Replays one recorded transition through the rules of this build:
+/// `None` when they decide the same, else (what was recorded, what they decide now).
+pub(crate) fn replay(
+    name: &InstanceName,
+    from: &Instance,
+    input: &crate::machine::Input,
+    effects: &[Effect],
+    to: &Instance,
+    policy: &Policy,
+    at: crate::machine::Timestamp,
+) -> Option<(String, String)> {
+    let recomputed = match step(name, from, input, policy, at) {
+        Outcome::Transition(t) if t.to == to.state && t.generation == to.generation && t.effects == effects => {
+            return None;
+        }
+        Outcome::Transition(t) => describe(&t.to, t.generation, &t.effects),
+        Outcome::Effects(effects) => format!("no transition, only upkeep {effects:?}"),
+        Outcome::Ignored(why) => format!("ignored: {why}"),
+        Outcome::Rejected(why) => format!("rejected: {why}"),
+    };
+    Some((describe(&to.state, to.generation, effects), recomputed))
+}
+
 impl Log {
     /// Verifies the whole log, replaying every record under `policy` (the
     /// rules of this build with the caller's policy).
@@ -417,19 +440,9 @@ impl Log {
             if let Event::Transition { from, input, effects } = &r.event
                 && !diverged
             {
-                let recorded = describe(&r.to.state, r.to.generation, effects);
-                let recomputed = match step(name, from, input, rules.at(r.global), r.at) {
-                    Outcome::Transition(t)
-                        if t.to == r.to.state && t.generation == r.to.generation && t.effects == *effects =>
-                    {
-                        None
-                    }
-                    Outcome::Transition(t) => Some(describe(&t.to, t.generation, &t.effects)),
-                    Outcome::Effects(effects) => Some(format!("no transition, only upkeep {effects:?}")),
-                    Outcome::Ignored(why) => Some(format!("ignored: {why}")),
-                    Outcome::Rejected(why) => Some(format!("rejected: {why}")),
-                };
-                if let Some(recomputed) = recomputed {
+                if let Some((recorded, recomputed)) =
+                    replay(name, from, input, effects, &r.to, rules.at(r.global), r.at)
+                {
                     diverged = true;
                     report.findings.push(Finding::Divergence {
                         instance: instance(),

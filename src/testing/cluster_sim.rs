@@ -167,7 +167,7 @@ pub async fn run_cluster(options: &ClusterOptions, progress: impl Fn(&str)) -> R
     let observer = &hosts.iter().find(|h| !h.killed).map(|h| h.cluster.clone());
     let Some(observer) = observer else { return Err(ClusterSimError::Options("no host left".into())) };
     for name in observer.reader().names().await? {
-        let check = observer.reader().verify(&name).await?;
+        let check = observer.reader().verify(&name, Some(&policy)).await?;
         summary.streams += 1;
         summary.records += check.records;
         summary.takeovers += check.takeovers;

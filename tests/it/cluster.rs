@@ -16,7 +16,7 @@ use futures_util::future::join_all;
 use instance_lifecycle::cluster::{Cluster, ClusterConfig, ClusterError, ClusterReader, StreamViolation};
 use instance_lifecycle::engine::{Engine, EngineConfig, EngineError};
 use instance_lifecycle::log::{InstanceSpec, LogConfig};
-use instance_lifecycle::machine::{InstanceName, Preset, StateKind};
+use instance_lifecycle::machine::{InstanceName, Policy, Preset, StateKind};
 use instance_lifecycle::testing::nats::NatsServer;
 use instance_lifecycle::testing::peer::TestPeer;
 use tokio::time::sleep;
@@ -35,13 +35,13 @@ fn nats_server() -> Option<NatsServer> {
     }
 }
 
+/// The policy of every host here (the streams are replayed through the rules under it).
+fn policy() -> Policy {
+    fast(Preset::Rfc6455)
+}
+
 fn engine_config() -> EngineConfig {
-    EngineConfig {
-        policy: fast(Preset::Rfc6455),
-        log: LogConfig::default(),
-        compaction: None,
-        ..EngineConfig::default()
-    }
+    EngineConfig { policy: policy(), log: LogConfig::default(), compaction: None, ..EngineConfig::default() }
 }
 
 fn cluster_config(nats: &NatsServer, host: &str, namespace: &str, fencing: bool) -> ClusterConfig {
@@ -135,7 +135,7 @@ async fn three_hosts_racing_for_100_names_give_each_exactly_one_owner() {
                 assert!(e.state(name).is_err(), "{name} also in host {i}'s engine");
             }
         }
-        let check = cluster.reader().verify(&n).await.unwrap();
+        let check = cluster.reader().verify(&n, Some(&policy())).await.unwrap();
         assert_eq!(check.violations, vec![], "{name}");
         assert_eq!(check.takeovers, 1, "{name}");
         assert!(check.records >= 3, "{name}: created, connecting, open: {check:?}");
@@ -167,7 +167,8 @@ async fn without_fencing_the_same_race_breaks_the_checks() {
     sleep(Duration::from_millis(500)).await;
     let mut broken = 0;
     for name in &names {
-        let check = hosts[0].0.reader().verify(&InstanceName::new(name.as_str()).unwrap()).await.unwrap();
+        let check =
+            hosts[0].0.reader().verify(&InstanceName::new(name.as_str()).unwrap(), Some(&policy())).await.unwrap();
         if check
             .violations
             .iter()
@@ -249,7 +250,7 @@ async fn a_dead_hosts_instances_move_open_ones_reconnect_closed_and_removed_stay
     }
     assert_eq!(b.stats().failovers, (open.len() + closed.len()) as u64);
     for name in open.iter().chain(&closed).chain(&removed) {
-        let check = b.reader().verify(&InstanceName::new(*name).unwrap()).await.unwrap();
+        let check = b.reader().verify(&InstanceName::new(*name).unwrap(), Some(&policy())).await.unwrap();
         assert_eq!(check.violations, vec![], "{name}");
         let owners = if removed.contains(name) { vec!["host-0"] } else { vec!["host-0", "host-1"] };
         assert_eq!(check.owners, owners, "{name}");
@@ -286,7 +287,7 @@ async fn a_server_killed_and_restarted_loses_no_acknowledged_record() {
     for name in &names {
         let n = InstanceName::new(name.as_str()).unwrap();
         let local = engine.history(name).await.unwrap();
-        let check = cluster.reader().verify(&n).await.expect("read the stream after the restart");
+        let check = cluster.reader().verify(&n, Some(&policy())).await.expect("read the stream after the restart");
         assert_eq!(check.violations, vec![], "{name}");
         assert_eq!(check.records, local.len() as u64, "{name}: acknowledged records");
         assert_eq!(check.last.as_ref(), local.last().map(|r| &r.to), "{name}");
@@ -294,7 +295,7 @@ async fn a_server_killed_and_restarted_loses_no_acknowledged_record() {
     // And it goes on: logouts are recorded through the restarted server.
     for name in &names[..5] {
         engine.logout(name).await.expect("logout after the restart");
-        let check = cluster.reader().verify(&InstanceName::new(name.as_str()).unwrap()).await.unwrap();
+        let check = cluster.reader().verify(&InstanceName::new(name.as_str()).unwrap(), Some(&policy())).await.unwrap();
         assert_eq!(check.last.map(|i| i.state.kind()), Some(StateKind::Closed), "{name}");
     }
     assert_eq!(cluster.stats().lost, 0, "no lease lost across a restart shorter than the TTL");
@@ -316,7 +317,7 @@ impl HostProcess {
         let config = instance_lifecycle::serve::ServeConfig {
             data: dir.path().join("unused"),
             listen: "127.0.0.1:0".parse().expect("addr"),
-            policy: Some(fast(Preset::Rfc6455)),
+            policy: Some(policy()),
             default_url: Some(peer_url.to_owned()),
             cluster: Some(instance_lifecycle::serve::ClusterSettings {
                 url: nats.url(),
@@ -434,7 +435,7 @@ async fn sigkill_of_the_owner_moves_its_instances_to_the_other_host() {
     let obs = observer(&nats).await;
     for name in &names {
         let n = InstanceName::new(name.as_str()).unwrap();
-        let check = obs.verify(&n).await.unwrap();
+        let check = obs.verify(&n, Some(&policy())).await.unwrap();
         assert_eq!(check.violations, vec![], "{name}");
         let owners = if name == "k9" { vec!["host-a"] } else { vec!["host-a", "host-b"] };
         assert_eq!(check.owners, owners, "{name}");
@@ -505,7 +506,7 @@ async fn a_paused_owner_is_fenced_and_never_writes_again() {
     }
     let obs = observer(&nats).await;
     for name in &names {
-        let check = obs.verify(&InstanceName::new(name.as_str()).unwrap()).await.unwrap();
+        let check = obs.verify(&InstanceName::new(name.as_str()).unwrap(), Some(&policy())).await.unwrap();
         assert_eq!(check.violations, vec![], "{name}: a record of host-a after host-b's takeover?");
         assert_eq!(check.owners, vec!["host-a", "host-b"], "{name}");
     }
@@ -573,7 +574,7 @@ async fn a_partitioned_owner_closes_its_sockets_before_the_new_owner_connects() 
     proxy.mend();
     sleep(RENEW * 2).await;
     for name in names {
-        let check = b.reader().verify(&InstanceName::new(name).unwrap()).await.unwrap();
+        let check = b.reader().verify(&InstanceName::new(name).unwrap(), Some(&policy())).await.unwrap();
         assert_eq!(check.violations, vec![], "{name}");
         assert_eq!(check.owners, vec!["host-a", "host-b"], "{name}");
     }
@@ -617,7 +618,7 @@ async fn the_stream_refuses_an_append_from_a_host_that_lost_the_instance() {
     assert_eq!(a.stats().refused, 1, "refused by the server");
     wait_until("host-a let go of s1", Duration::from_secs(5), async || engine_a.state("s1").is_err()).await;
     wait_until("only host-b's socket is left", Duration::from_secs(5), async || peer.live("s1") == 1).await;
-    let check = b.reader().verify(&InstanceName::new("s1").unwrap()).await.unwrap();
+    let check = b.reader().verify(&InstanceName::new("s1").unwrap(), Some(&policy())).await.unwrap();
     assert_eq!(check.violations, vec![], "no record of host-a after host-b's takeover");
     assert_eq!(check.owners, vec!["host-a", "host-b"]);
     assert_eq!(check.last.map(|i| i.state.kind()), Some(StateKind::Open), "host-a's logout never happened");

@@ -218,6 +218,9 @@ enum Command {
         /// The cluster's namespace (bucket NAMESPACE-owners, stream NAMESPACE-log).
         #[arg(long, default_value = "lifecycle")]
         namespace: String,
+        /// Replay every transition through the rules under this preset (the hosts' policy).
+        #[arg(long, value_enum)]
+        policy: Option<PresetArg>,
         /// One JSON object per instance (JSON Lines).
         #[arg(long)]
         json: bool,
@@ -377,8 +380,8 @@ fn main() -> ExitCode {
             };
             run_async(serve::run(flags))
         }
-        Command::Cluster { url, namespace, json } => {
-            run_async(async move { cluster::run(&url, &namespace, json).await })
+        Command::Cluster { url, namespace, policy, json } => {
+            run_async(async move { cluster::run(&url, &namespace, policy.map(Preset::from), json).await })
         }
         Command::Replay { dir, listen, open } => run_async(serve::replay(dir, listen, open)),
         Command::Completions { shell } => {

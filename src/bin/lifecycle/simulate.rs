@@ -265,7 +265,7 @@ pub async fn run_cluster(options: &Options, hosts: usize, json: bool) -> Result<
             s.takeovers
         );
         say!(
-            "verification: {} (one owner at a time, epochs never going back, gapless records); peer: {} overlapping connections",
+            "verification: {} (one owner at a time, epochs never going back, gapless records, every transition replayed through the rules); peer: {} overlapping connections",
             if s.violations.is_empty() {
                 "every stream clean".to_owned()
             } else {
