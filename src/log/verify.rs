@@ -439,20 +439,18 @@ impl Log {
             }
             if let Event::Transition { from, input, effects } = &r.event
                 && !diverged
-            {
-                if let Some((recorded, recomputed)) =
+                && let Some((recorded, recomputed)) =
                     replay(name, from, input, effects, &r.to, rules.at(r.global), r.at)
-                {
-                    diverged = true;
-                    report.findings.push(Finding::Divergence {
-                        instance: instance(),
-                        seq: r.seq,
-                        global: r.global,
-                        input: format!("{input:?} from {} ({})", from.state, from.generation),
-                        recorded,
-                        recomputed,
-                    });
-                }
+            {
+                diverged = true;
+                report.findings.push(Finding::Divergence {
+                    instance: instance(),
+                    seq: r.seq,
+                    global: r.global,
+                    input: format!("{input:?} from {} ({})", from.state, from.generation),
+                    recorded,
+                    recomputed,
+                });
             }
             prev = Some((r, digest));
         }
