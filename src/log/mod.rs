@@ -61,6 +61,7 @@ pub use record::{Corruption, Digest, Event, InstanceSpec, Latest, Record};
 pub use recovery::{RecoveredInstance, Recovery, RecoveryMode, RecoveryOptions};
 pub use retention::{CompactionReport, Retention};
 pub use store::{MemoryStore, Pair, SledStore, Store, StoreError};
+#[cfg(feature = "cluster")]
 pub(crate) use verify::replay;
 pub use verify::{Finding, Note, Report};
 

@@ -353,6 +353,21 @@ impl HostProcess {
         resp.status()
     }
 
+    /// Creates `names` here, connected, and waits until the peer has each open.
+    async fn create_open(&self, names: &[String], peer: &TestPeer) {
+        for name in names {
+            assert_eq!(self.create(name).await, reqwest::StatusCode::CREATED, "{name}");
+        }
+        wait_until("all open", Duration::from_secs(10), async || {
+            let mut all = true;
+            for n in names {
+                all &= self.kind(n).await.as_deref() == Some("open") && peer.live(n) == 1;
+            }
+            all
+        })
+        .await;
+    }
+
     /// The instance's state kind on this host (`None`: the host does not hold it).
     async fn kind(&self, name: &str) -> Option<String> {
         let resp = self.client.get(format!("{}/v1/instances/{name}", self.base)).send().await.ok()?;
@@ -394,18 +409,8 @@ async fn sigkill_of_the_owner_moves_its_instances_to_the_other_host() {
     let a = HostProcess::spawn(&nats, "host-a", &peer.url());
     let b = HostProcess::spawn(&nats, "host-b", &peer.url());
     let names: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
-    for name in &names {
-        assert_eq!(a.create(name).await, reqwest::StatusCode::CREATED, "{name}");
-    }
+    a.create_open(&names, &peer).await;
     assert_eq!(b.create(&names[0]).await, reqwest::StatusCode::CONFLICT, "a name host-a owns");
-    wait_until("all open on host-a", Duration::from_secs(10), async || {
-        let mut all = true;
-        for n in &names {
-            all &= a.kind(n).await.as_deref() == Some("open") && peer.live(n) == 1;
-        }
-        all
-    })
-    .await;
     let client = &a.client;
     client.post(format!("{}/v1/instances/k8/logout", a.base)).send().await.expect("logout");
     client.delete(format!("{}/v1/instances/k9", a.base)).send().await.expect("delete");
@@ -474,17 +479,7 @@ async fn a_paused_owner_is_fenced_and_never_writes_again() {
     peer.set_idle_timeout(Some(Duration::from_secs(1)));
     let a = HostProcess::spawn(&nats, "host-a", &peer.url());
     let names: Vec<String> = (0..6).map(|i| format!("p{i}")).collect();
-    for name in &names {
-        assert_eq!(a.create(name).await, reqwest::StatusCode::CREATED, "{name}");
-    }
-    wait_until("all open on host-a", Duration::from_secs(10), async || {
-        let mut all = true;
-        for n in &names {
-            all &= a.kind(n).await.as_deref() == Some("open") && peer.live(n) == 1;
-        }
-        all
-    })
-    .await;
+    a.create_open(&names, &peer).await;
     let b = HostProcess::spawn(&nats, "host-b", &peer.url());
     let handshakes: Vec<u32> = names.iter().map(|n| peer.handshakes(n)).collect();
     a.signal("-STOP");

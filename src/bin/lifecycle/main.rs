@@ -173,42 +173,7 @@ enum Command {
     /// Serve the engine over HTTP: REST (/v1), SSE (/v1/events), webhooks,
     /// metrics, an Evolution-API-compatible subset (/instance) and host-driven
     /// sessions, until Ctrl-C or SIGTERM. OpenAPI at /v1/openapi.json.
-    Serve {
-        /// The log's directory (created if missing) [default: lifecycle-data].
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Address to listen on; beyond loopback an API key is required [default: 127.0.0.1:8080].
-        #[arg(long)]
-        listen: Option<std::net::SocketAddr>,
-        /// Settings file (TOML; see the README); flags override it.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Close-status preset [default: whatsapp].
-        #[arg(long, value_enum)]
-        policy: Option<PresetArg>,
-        /// The global API key (or LIFECYCLE_API_KEY); without one the API is open, on loopback only.
-        #[arg(long)]
-        api_key: Option<String>,
-        /// Where instances created without a url connect.
-        #[arg(long)]
-        default_url: Option<String>,
-        /// Post every transition to this URL (lifecycle format); repeatable.
-        #[arg(long = "webhook", value_name = "URL")]
-        webhooks: Vec<String>,
-        /// Post Evolution API lifecycle events to this URL; repeatable.
-        #[arg(long = "evolution-webhook", value_name = "URL")]
-        evolution_webhooks: Vec<String>,
-        /// Be one host of a cluster on this NATS JetStream server (nats://host:port):
-        /// each instance has exactly one owner; the stream is the log of record.
-        #[arg(long, value_name = "NATS_URL")]
-        cluster: Option<String>,
-        /// This host's id in the cluster [default: host name and process id].
-        #[arg(long, value_name = "ID")]
-        host_id: Option<String>,
-        /// How long an instance's lease lives without renewal (`10s`) [default: 10s].
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-        lease_ttl: Option<std::time::Duration>,
-    },
+    Serve(serve::Flags),
     /// Show a cluster on NATS JetStream: every instance's owner now, its
     /// last state, who owned it, and the verification of its stream (one
     /// owner at a time, epochs never going back, gapless records). Reads only.
@@ -273,7 +238,7 @@ enum ExportFormat {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum PresetArg {
+pub(crate) enum PresetArg {
     Whatsapp,
     Evolution,
     Discord,
@@ -352,34 +317,7 @@ fn main() -> ExitCode {
             output::clean_up_on_interrupt();
             diagram::run(matches!(format, DiagramFormat::Dot), from_log, svg, png)
         }
-        Command::Serve {
-            data,
-            listen,
-            config,
-            policy,
-            api_key,
-            default_url,
-            webhooks,
-            evolution_webhooks,
-            cluster,
-            host_id,
-            lease_ttl,
-        } => {
-            let flags = serve::Flags {
-                data,
-                listen,
-                config,
-                policy: policy.map(Preset::from),
-                api_key,
-                default_url,
-                webhooks,
-                evolution_webhooks,
-                cluster,
-                host_id,
-                lease_ttl,
-            };
-            run_async(serve::run(flags))
-        }
+        Command::Serve(flags) => run_async(serve::run(flags)),
         Command::Cluster { url, namespace, policy, json } => {
             run_async(async move { cluster::run(&url, &namespace, policy.map(Preset::from), json).await })
         }

@@ -10,17 +10,41 @@ use instance_lifecycle::serve::{ClusterSettings, Replay, ServeConfig, Service, W
 use crate::output::{Failure, fail, say};
 
 /// What the command line sets (over the file's settings).
+#[derive(clap::Args)]
 pub struct Flags {
+    /// The log's directory (created if missing) [default: lifecycle-data].
+    #[arg(long)]
     pub data: Option<PathBuf>,
-    pub listen: Option<SocketAddr>,
+    /// Address to listen on; beyond loopback an API key is required [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Settings file (TOML; see the README); flags override it.
+    #[arg(long)]
     pub config: Option<PathBuf>,
-    pub policy: Option<Preset>,
+    /// Close-status preset [default: whatsapp].
+    #[arg(long, value_enum)]
+    pub policy: Option<crate::PresetArg>,
+    /// The global API key (or LIFECYCLE_API_KEY); without one the API is open, on loopback only.
+    #[arg(long)]
     pub api_key: Option<String>,
+    /// Where instances created without a url connect.
+    #[arg(long)]
     pub default_url: Option<String>,
+    /// Post every transition to this URL (lifecycle format); repeatable.
+    #[arg(long = "webhook", value_name = "URL")]
     pub webhooks: Vec<String>,
+    /// Post Evolution API lifecycle events to this URL; repeatable.
+    #[arg(long = "evolution-webhook", value_name = "URL")]
     pub evolution_webhooks: Vec<String>,
+    /// Be one host of a cluster on this NATS JetStream server (nats://host:port):
+    /// each instance has exactly one owner; the stream is the log of record.
+    #[arg(long, value_name = "NATS_URL")]
     pub cluster: Option<String>,
+    /// This host's id in the cluster [default: host name and process id].
+    #[arg(long, value_name = "ID")]
     pub host_id: Option<String>,
+    /// How long an instance's lease lives without renewal (`10s`) [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub lease_ttl: Option<std::time::Duration>,
 }
 
@@ -36,7 +60,7 @@ pub async fn run(flags: Flags) -> Result<ExitCode, Failure> {
         config.listen = listen;
     }
     if let Some(preset) = flags.policy {
-        config.preset = preset;
+        config.preset = Preset::from(preset);
         config.policy = None;
     }
     if let Some(key) = flags.api_key.or_else(|| std::env::var("LIFECYCLE_API_KEY").ok().filter(|k| !k.is_empty())) {
