@@ -544,7 +544,18 @@ impl Fence for StreamFence {
                     inner.owned().remove(name);
                     Err(Refused("the stream holds a newer entry: another host took the instance over".into()))
                 }
-                Err(Some(e)) => Err(Refused(format!("the stream did not take the record: {e}"))),
+                Err(Some(e)) => {
+                    // Unknown whether the stream has it: this host stops the instance (the
+                    // task does, on this answer) and gives the lease back, so that an owner
+                    // — this host or another — takes it over from what the stream holds.
+                    let removed = inner.owned().remove(name);
+                    if let Some(mine) = removed {
+                        inner.stats().lost += 1;
+                        let (inner, name) = (inner.clone(), name.clone());
+                        tokio::spawn(async move { inner.release(&name, mine.revision).await });
+                    }
+                    Err(Refused(format!("the stream did not take the record: {e}")))
+                }
             }
         })
     }

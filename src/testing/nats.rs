@@ -79,6 +79,21 @@ impl NatsServer {
         Ok(())
     }
 
+    /// Freezes the server (SIGSTOP): connections stay up, nothing is answered.
+    pub fn pause(&self) -> std::io::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn resume(&self) -> std::io::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> std::io::Result<()> {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status()?;
+        if status.success() { Ok(()) } else { Err(std::io::Error::other(format!("kill {signal} failed: {status}"))) }
+    }
+
     /// Kills the server (SIGKILL) and starts it again on the same store and port.
     pub fn restart(&mut self) -> Result<(), NatsServerError> {
         let _ = self.child.kill();

@@ -620,3 +620,44 @@ async fn the_stream_refuses_an_append_from_a_host_that_lost_the_instance() {
     a.halt();
     b.leave().await.unwrap();
 }
+
+/// An append whose outcome is unknown (the server froze; the publish timed
+/// out unanswered): the host stops the instance and gives its lease back,
+/// and an owner takes it over from whatever the stream holds — the stream
+/// verifies, and the peer never sees two live connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_without_an_answer_hands_the_instance_over_from_the_stream() {
+    let Some(nats) = nats_server() else { return };
+    let peer = TestPeer::start().await.expect("peer");
+    let mut config = cluster_config(&nats, "host-a", "unanswered", true);
+    // Long enough that the lease outlives the freeze; a short wait for an ack.
+    config.lease_ttl = Duration::from_secs(6);
+    config.renew_every = Duration::from_secs(2);
+    config.request_timeout = Duration::from_millis(300);
+    let (a, engine_a) = Cluster::join(config, engine_config()).await.expect("host-a");
+    let (b, engine_b) =
+        Cluster::join(cluster_config(&nats, "host-b", "unanswered", true), engine_config()).await.expect("host-b");
+    a.create("u1", InstanceSpec { url: peer.url() }).await.unwrap();
+    engine_a.connect("u1").await.unwrap();
+    wait_until("open on host-a", Duration::from_secs(10), async || {
+        peer.live("u1") == 1 && engine_a.state("u1").is_ok_and(|s| s.kind() == StateKind::Open)
+    })
+    .await;
+    nats.pause().expect("freeze nats-server");
+    let refused = engine_a.restart("u1").await;
+    nats.resume().expect("thaw nats-server");
+    assert!(refused.is_err(), "a record without an acknowledgement must not be applied: {refused:?}");
+    assert!(a.stats().lost >= 1, "host-a gave the instance up");
+    wait_until("an owner holds u1 open again", Duration::from_secs(15), async || {
+        [&engine_a, &engine_b].iter().any(|e| e.state("u1").is_ok_and(|s| s.kind() == StateKind::Open))
+    })
+    .await;
+    let holders = [&engine_a, &engine_b].iter().filter(|e| e.state("u1").is_ok()).count();
+    assert_eq!(holders, 1, "exactly one host holds u1");
+    let check = b.reader().verify(&InstanceName::new("u1").unwrap(), Some(&policy())).await.unwrap();
+    assert_eq!(check.violations, vec![]);
+    assert_eq!(check.takeovers, 2, "{check:?}");
+    assert_eq!(peer.overlaps(), 0, "two live connections for one name");
+    a.halt();
+    b.halt();
+}
