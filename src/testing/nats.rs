@@ -42,19 +42,41 @@ pub enum NatsServerError {
 pub struct NatsServer {
     child: Child,
     port: u16,
+    /// The part of the configuration that makes it a node of a cluster.
+    clustering: String,
     dir: tempfile::TempDir,
 }
 
 impl NatsServer {
     /// Starts one on a free port.
     pub fn start() -> Result<Self, NatsServerError> {
+        Self::start_with(free_port()?, String::new())
+    }
+
+    fn start_with(port: u16, clustering: String) -> Result<Self, NatsServerError> {
         let dir = tempfile::tempdir().map_err(NatsServerError::Files)?;
-        let port =
-            TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(NatsServerError::Files)?.port();
-        let child = spawn(dir.path(), port)?;
-        let server = Self { child, port, dir };
+        let child = spawn(dir.path(), port, &clustering)?;
+        let server = Self { child, port, clustering, dir };
         server.wait_ready()?;
         Ok(server)
+    }
+
+    /// Starts `nodes` servers routed into one cluster on 127.0.0.1 (each
+    /// with its own store), for streams with replicas. JetStream elects its
+    /// leaders a moment after they listen: the first requests may need retries.
+    pub fn cluster(nodes: usize) -> Result<Vec<Self>, NatsServerError> {
+        let routes: Vec<u16> = (0..nodes).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let list: Vec<String> = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+        (0..nodes)
+            .map(|i| {
+                let clustering = format!(
+                    "server_name: n{i}\ncluster {{\n  name: lifecycle-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    routes[i],
+                    list.join(", ")
+                );
+                Self::start_with(free_port()?, clustering)
+            })
+            .collect()
     }
 
     /// Its URL (`nats://127.0.0.1:PORT`).
@@ -94,11 +116,17 @@ impl NatsServer {
         if status.success() { Ok(()) } else { Err(std::io::Error::other(format!("kill {signal} failed: {status}"))) }
     }
 
+    /// Kills the server (SIGKILL) and leaves it down.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Kills the server (SIGKILL) and starts it again on the same store and port.
     pub fn restart(&mut self) -> Result<(), NatsServerError> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn(self.dir.path(), self.port)?;
+        self.child = spawn(self.dir.path(), self.port, &self.clustering)?;
         self.wait_ready()
     }
 }
@@ -114,9 +142,13 @@ fn binary() -> PathBuf {
     std::env::var_os("NATS_SERVER").map_or_else(|| PathBuf::from("nats-server"), PathBuf::from)
 }
 
-fn spawn(dir: &Path, port: u16) -> Result<Child, NatsServerError> {
+fn free_port() -> Result<u16, NatsServerError> {
+    Ok(TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(NatsServerError::Files)?.port())
+}
+
+fn spawn(dir: &Path, port: u16, clustering: &str) -> Result<Child, NatsServerError> {
     let config = format!(
-        "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
+        "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n{clustering}",
         dir.join("store")
     );
     let path = dir.join("nats.conf");

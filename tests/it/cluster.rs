@@ -661,3 +661,73 @@ async fn an_append_without_an_answer_hands_the_instance_over_from_the_stream() {
     a.halt();
     b.halt();
 }
+
+/// Three NATS nodes routed into one cluster, the stream and the bucket with
+/// three replicas: a node is killed (SIGKILL) while hosts write; nothing
+/// acknowledged before is lost, writes go on with two of three, and every
+/// stream verifies after the node is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_three_replicas_a_dead_nats_node_loses_nothing() {
+    let mut nodes = match NatsServer::cluster(3) {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "{e}");
+            eprintln!("\n*** SKIPPED: {e} ***\n");
+            return;
+        }
+    };
+    let peer = TestPeer::start().await.expect("peer");
+    let mut config = cluster_config(&nodes[0], "host-a", "replicated", true);
+    config.replicas = 3;
+    config.lease_ttl = Duration::from_secs(10);
+    config.renew_every = Duration::from_secs(2);
+    // The cluster elects its JetStream leaders a moment after the nodes listen.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (a, engine_a) = loop {
+        match Cluster::join(config.clone(), engine_config()).await {
+            Ok(joined) => break joined,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for the NATS cluster: {e}");
+                sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("join a three-node cluster: {e}"),
+        }
+    };
+    let names: Vec<String> = (0..8).map(|i| format!("rep{i}")).collect();
+    let spec = InstanceSpec { url: peer.url() };
+    for name in &names {
+        a.create(name, spec.clone()).await.unwrap();
+        engine_a.connect(name).await.unwrap();
+    }
+    wait_until("all open", Duration::from_secs(15), async || {
+        names.iter().all(|n| engine_a.state(n).is_ok_and(|s| s.kind() == StateKind::Open))
+    })
+    .await;
+    let mut before = Vec::new();
+    for name in &names {
+        let check = a.reader().verify(&InstanceName::new(name.as_str()).unwrap(), Some(&policy())).await.unwrap();
+        before.push(check.records);
+    }
+    // A node the host is not connected to dies; the other two keep a quorum.
+    nodes[2].kill();
+    let logged_out = &names[..4];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for name in logged_out {
+        // A write during the replicas' re-election may go unanswered (the host then
+        // gives the instance up and takes it over again from the stream): retry.
+        while engine_a.logout(name).await.is_err() {
+            assert!(Instant::now() < deadline, "no write went through with two of three nodes");
+            sleep(Duration::from_millis(250)).await;
+        }
+    }
+    nodes[2].restart().expect("the node comes back");
+    for (name, before) in names.iter().zip(before) {
+        let check = a.reader().verify(&InstanceName::new(name.as_str()).unwrap(), Some(&policy())).await.unwrap();
+        assert_eq!(check.violations, vec![], "{name}");
+        assert!(check.records >= before, "{name}: acknowledged records lost ({} < {before})", check.records);
+        let expected = if logged_out.contains(name) { StateKind::Closed } else { StateKind::Open };
+        assert_eq!(check.last.map(|i| i.state.kind()), Some(expected), "{name}");
+    }
+    assert_eq!(peer.overlaps(), 0, "two live connections for one name");
+    a.leave().await.unwrap();
+}
