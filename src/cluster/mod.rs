@@ -305,9 +305,9 @@ impl Inner {
         self: &Arc<Self>,
         name: &InstanceName,
         epoch: u64,
+        claimed_at: Instant,
         spec_if_new: Option<&InstanceSpec>,
     ) -> Result<Option<State>, ClusterError> {
-        let lease_start = Instant::now();
         for _attempt in 0..5 {
             let last = self.reader.last_entry(name).await?;
             let (last_seq, previous) = match &last {
@@ -348,7 +348,7 @@ impl Inner {
                 epoch,
                 revision: epoch,
                 last: stream_seq,
-                deadline: lease_start + self.local_ttl(),
+                deadline: claimed_at + self.local_ttl(),
                 spec: spec.clone(),
             };
             self.owned().insert(name.clone(), owned);
@@ -488,9 +488,11 @@ impl Inner {
             {
                 continue;
             }
+            // The lease's clock starts before the claim is sent, never after.
+            let claimed_at = Instant::now();
             let Ok(epoch) = self.claim(&name).await? else { continue };
             let span = tracing::info_span!("takeover", instance = %name, epoch);
-            match self.take_over(&name, epoch, None).instrument(span).await {
+            match self.take_over(&name, epoch, claimed_at, None).instrument(span).await {
                 Ok(Some(_)) => {}
                 // A claim whose creator died before its first record: nothing to own.
                 Ok(None) => {
@@ -587,6 +589,22 @@ impl Cluster {
             .await
             .map_err(|e| nats("connecting", &e))?;
         let js = jetstream::new(client);
+        // Every host must count leases with the bucket's TTL: a host that
+        // trusted a longer one could hold a socket past the server's expiry.
+        if let Ok(existing) = js.get_key_value(config.bucket()).await {
+            let status = existing.status().await.map_err(|e| nats("reading the lease bucket", &e))?;
+            if status.max_age() != config.lease_ttl {
+                return Err(ClusterError::Config {
+                    field: "lease_ttl",
+                    reason: format!(
+                        "is {:?}, but the cluster's bucket {} expires leases after {:?}: every host must use the same TTL",
+                        config.lease_ttl,
+                        config.bucket(),
+                        status.max_age()
+                    ),
+                });
+            }
+        }
         let kv = js
             .create_or_update_key_value(kv::Config {
                 bucket: config.bucket(),
@@ -655,12 +673,14 @@ impl Cluster {
         let name = InstanceName::new(name).map_err(EngineError::from)?;
         let engine = self.engine();
         if !self.inner.owned().contains_key(&name) {
+            // The lease's clock starts before the claim is sent, never after.
+            let claimed_at = Instant::now();
             let epoch = match self.inner.claim(&name).await? {
                 Ok(epoch) => epoch,
                 Err(owner) => return Err(ClusterError::OwnedElsewhere { name, owner }),
             };
             let span = tracing::info_span!("takeover", instance = %name, epoch);
-            match self.inner.take_over(&name, epoch, Some(&spec)).instrument(span).await {
+            match self.inner.take_over(&name, epoch, claimed_at, Some(&spec)).instrument(span).await {
                 Ok(Some(State::Removed { .. }) | None) => {}
                 Ok(Some(_)) => return Err(EngineError::AlreadyExists { name }.into()),
                 Err(e) => {

@@ -600,8 +600,17 @@ async fn the_stream_refuses_an_append_from_a_host_that_lost_the_instance() {
     let client = async_nats::connect(nats.url().as_str()).await.expect("nats");
     let kv = async_nats::jetstream::new(client).get_key_value("stale-owners").await.expect("bucket");
     kv.purge("s1").await.expect("revoke the lease");
-    let (b, engine_b) =
-        Cluster::join(cluster_config(&nats, "host-b", "stale", true), engine_config()).await.expect("host-b");
+    // Every host must use the bucket's TTL; host-b looks for orphans often.
+    let mut other_ttl = cluster_config(&nats, "host-b", "stale", true);
+    other_ttl.lease_ttl = Duration::from_secs(30);
+    match Cluster::join(other_ttl, engine_config()).await {
+        Err(ClusterError::Config { field: "lease_ttl", .. }) => {}
+        other => panic!("a host with another TTL must be refused: {:?}", other.map(|_| ())),
+    }
+    let mut quick = cluster_config(&nats, "host-b", "stale", true);
+    quick.lease_ttl = Duration::from_secs(60);
+    quick.renew_every = Duration::from_secs(1);
+    let (b, engine_b) = Cluster::join(quick, engine_config()).await.expect("host-b");
     wait_until("host-b took s1 over", Duration::from_secs(10), async || {
         engine_b.state("s1").is_ok_and(|s| s.kind() == StateKind::Open)
     })
@@ -635,8 +644,10 @@ async fn an_append_without_an_answer_hands_the_instance_over_from_the_stream() {
     config.renew_every = Duration::from_secs(2);
     config.request_timeout = Duration::from_millis(300);
     let (a, engine_a) = Cluster::join(config, engine_config()).await.expect("host-a");
-    let (b, engine_b) =
-        Cluster::join(cluster_config(&nats, "host-b", "unanswered", true), engine_config()).await.expect("host-b");
+    let mut other = cluster_config(&nats, "host-b", "unanswered", true);
+    other.lease_ttl = Duration::from_secs(6);
+    other.renew_every = Duration::from_secs(2);
+    let (b, engine_b) = Cluster::join(other, engine_config()).await.expect("host-b");
     a.create("u1", InstanceSpec { url: peer.url() }).await.unwrap();
     engine_a.connect("u1").await.unwrap();
     wait_until("open on host-a", Duration::from_secs(10), async || {
