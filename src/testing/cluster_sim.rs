@@ -95,6 +95,12 @@ pub async fn run_cluster(options: &ClusterOptions, progress: impl Fn(&str)) -> R
     if !(1..=16).contains(&options.hosts) {
         return Err(ClusterSimError::Options("--cluster takes 1 to 16 hosts".into()));
     }
+    if options.instances == 0 {
+        return Err(ClusterSimError::Options("a cluster simulation needs at least one instance".into()));
+    }
+    if options.lease_ttl < Duration::from_secs(1) {
+        return Err(ClusterSimError::Options("the lease TTL must be at least 1 s".into()));
+    }
     progress("starting nats-server (JetStream, fsync on every write) and the reference peer");
     let nats = NatsServer::start()?;
     let peer = TestPeer::start().await.map_err(ClusterSimError::Peer)?;
