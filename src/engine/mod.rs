@@ -283,6 +283,8 @@ impl Engine {
     /// what it held for the name), and the rules decide as at start-up
     /// (R11): an instance that was not at rest is fed `Recovered` — through
     /// the fence — and started; `Closed` stays closed, `Removed` removed.
+    /// `anchor` is the digest of what the snapshot stands for (the stream
+    /// entry it was taken from); the next local record chains to it.
     /// Returns the state it is in afterwards.
     pub async fn adopt(
         &self,
