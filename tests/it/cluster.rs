@@ -53,6 +53,30 @@ fn cluster_config(nats: &NatsServer, host: &str, namespace: &str, fencing: bool)
     c
 }
 
+/// `c` with another lease TTL and renewal period.
+fn leased(mut c: ClusterConfig, ttl: Duration, renew_every: Duration) -> ClusterConfig {
+    c.lease_ttl = ttl;
+    c.renew_every = renew_every;
+    c
+}
+
+/// Creates `names` on this host, connects them, and waits until each is Open
+/// in the host's engine and live at the peer.
+async fn create_open(cluster: &Cluster, engine: &Engine, names: &[impl AsRef<str>], peer: &TestPeer) {
+    let spec = InstanceSpec { url: peer.url() };
+    for name in names {
+        cluster.create(name.as_ref(), spec.clone()).await.unwrap();
+        engine.connect(name.as_ref()).await.unwrap();
+    }
+    wait_until("all open", Duration::from_secs(15), async || {
+        names
+            .iter()
+            .map(AsRef::as_ref)
+            .all(|n| peer.live(n) == 1 && engine.state(n).is_ok_and(|s| s.kind() == StateKind::Open))
+    })
+    .await;
+}
+
 async fn hosts(nats: &NatsServer, namespace: &str, n: usize, fencing: bool) -> Vec<(Cluster, Engine)> {
     let mut out = Vec::new();
     for i in 0..n {
@@ -197,16 +221,9 @@ async fn a_dead_hosts_instances_move_open_ones_reconnect_closed_and_removed_stay
     let hosts = hosts(&nats, "failover", 2, true).await;
     let (a, engine_a) = &hosts[0];
     let (b, engine_b) = &hosts[1];
-    let spec = InstanceSpec { url: peer.url() };
     let (open, closed, removed) = (["o1", "o2", "o.3"], ["c1", "c2"], ["r1", "r2"]);
-    for name in open.iter().chain(&closed).chain(&removed) {
-        a.create(name, spec.clone()).await.unwrap();
-        engine_a.connect(name).await.unwrap();
-    }
-    wait_until("all open on host 0", Duration::from_secs(10), async || {
-        open.iter().chain(&closed).chain(&removed).all(|n| peer.live(n) == 1)
-    })
-    .await;
+    let all: Vec<&str> = open.iter().chain(&closed).chain(&removed).copied().collect();
+    create_open(a, engine_a, &all, &peer).await;
     for name in closed {
         engine_a.logout(name).await.unwrap();
     }
@@ -267,21 +284,12 @@ async fn a_dead_hosts_instances_move_open_ones_reconnect_closed_and_removed_stay
 async fn a_server_killed_and_restarted_loses_no_acknowledged_record() {
     let Some(mut nats) = nats_server() else { return };
     let peer = TestPeer::start().await.expect("peer");
-    let mut config = cluster_config(&nats, "host-0", "restart", true);
     // Longer than a restart takes: the host keeps its leases across it.
-    config.lease_ttl = Duration::from_secs(6);
-    config.renew_every = Duration::from_secs(1);
+    let config =
+        leased(cluster_config(&nats, "host-0", "restart", true), Duration::from_secs(6), Duration::from_secs(1));
     let (cluster, engine) = Cluster::join(config, engine_config()).await.expect("join");
     let names = names(20);
-    let spec = InstanceSpec { url: peer.url() };
-    for name in &names {
-        cluster.create(name, spec.clone()).await.unwrap();
-        engine.connect(name).await.unwrap();
-    }
-    wait_until("all open", Duration::from_secs(10), async || {
-        names.iter().all(|n| engine.state(n).is_ok_and(|s| s.kind() == StateKind::Open))
-    })
-    .await;
+    create_open(&cluster, &engine, &names, &peer).await;
     nats.restart().expect("restart nats-server");
     // Every record the host holds was acknowledged by the stream before it was written locally.
     for name in &names {
@@ -523,15 +531,7 @@ async fn a_partitioned_owner_closes_its_sockets_before_the_new_owner_connects() 
     let (b, engine_b) =
         Cluster::join(cluster_config(&nats, "host-b", "partition", true), engine_config()).await.expect("host-b");
     let names = ["n1", "n2", "n3", "n4"];
-    let spec = InstanceSpec { url: peer.url() };
-    for name in names {
-        a.create(name, spec.clone()).await.unwrap();
-        engine_a.connect(name).await.unwrap();
-    }
-    wait_until("all open on host-a", Duration::from_secs(10), async || {
-        names.iter().all(|n| peer.live(n) == 1 && engine_a.state(n).is_ok_and(|s| s.kind() == StateKind::Open))
-    })
-    .await;
+    create_open(&a, &engine_a, &names, &peer).await;
     proxy.cut();
     let cut = Instant::now();
     // Watch the peer's side: when each old connection ends, when each new one starts.
@@ -586,16 +586,9 @@ async fn the_stream_refuses_an_append_from_a_host_that_lost_the_instance() {
     let Some(nats) = nats_server() else { return };
     let peer = TestPeer::start().await.expect("peer");
     // host-a renews rarely and trusts its lease for a minute: only the server can stop it.
-    let mut slow = cluster_config(&nats, "host-a", "stale", true);
-    slow.lease_ttl = Duration::from_secs(60);
-    slow.renew_every = Duration::from_secs(30);
+    let slow = leased(cluster_config(&nats, "host-a", "stale", true), Duration::from_secs(60), Duration::from_secs(30));
     let (a, engine_a) = Cluster::join(slow, engine_config()).await.expect("host-a");
-    a.create("s1", InstanceSpec { url: peer.url() }).await.unwrap();
-    engine_a.connect("s1").await.unwrap();
-    wait_until("open on host-a", Duration::from_secs(10), async || {
-        peer.live("s1") == 1 && engine_a.state("s1").is_ok_and(|s| s.kind() == StateKind::Open)
-    })
-    .await;
+    create_open(&a, &engine_a, &["s1"], &peer).await;
     // The lease disappears behind host-a's back; host-b takes the instance over.
     let client = async_nats::connect(nats.url().as_str()).await.expect("nats");
     let kv = async_nats::jetstream::new(client).get_key_value("stale-owners").await.expect("bucket");
@@ -607,9 +600,7 @@ async fn the_stream_refuses_an_append_from_a_host_that_lost_the_instance() {
         Err(ClusterError::Config { field: "lease_ttl", .. }) => {}
         other => panic!("a host with another TTL must be refused: {:?}", other.map(|_| ())),
     }
-    let mut quick = cluster_config(&nats, "host-b", "stale", true);
-    quick.lease_ttl = Duration::from_secs(60);
-    quick.renew_every = Duration::from_secs(1);
+    let quick = leased(cluster_config(&nats, "host-b", "stale", true), Duration::from_secs(60), Duration::from_secs(1));
     let (b, engine_b) = Cluster::join(quick, engine_config()).await.expect("host-b");
     wait_until("host-b took s1 over", Duration::from_secs(10), async || {
         engine_b.state("s1").is_ok_and(|s| s.kind() == StateKind::Open)
@@ -638,22 +629,14 @@ async fn the_stream_refuses_an_append_from_a_host_that_lost_the_instance() {
 async fn an_append_without_an_answer_hands_the_instance_over_from_the_stream() {
     let Some(nats) = nats_server() else { return };
     let peer = TestPeer::start().await.expect("peer");
-    let mut config = cluster_config(&nats, "host-a", "unanswered", true);
     // Long enough that the lease outlives the freeze; a short wait for an ack.
-    config.lease_ttl = Duration::from_secs(6);
-    config.renew_every = Duration::from_secs(2);
+    let six =
+        |host| leased(cluster_config(&nats, host, "unanswered", true), Duration::from_secs(6), Duration::from_secs(2));
+    let mut config = six("host-a");
     config.request_timeout = Duration::from_millis(300);
     let (a, engine_a) = Cluster::join(config, engine_config()).await.expect("host-a");
-    let mut other = cluster_config(&nats, "host-b", "unanswered", true);
-    other.lease_ttl = Duration::from_secs(6);
-    other.renew_every = Duration::from_secs(2);
-    let (b, engine_b) = Cluster::join(other, engine_config()).await.expect("host-b");
-    a.create("u1", InstanceSpec { url: peer.url() }).await.unwrap();
-    engine_a.connect("u1").await.unwrap();
-    wait_until("open on host-a", Duration::from_secs(10), async || {
-        peer.live("u1") == 1 && engine_a.state("u1").is_ok_and(|s| s.kind() == StateKind::Open)
-    })
-    .await;
+    let (b, engine_b) = Cluster::join(six("host-b"), engine_config()).await.expect("host-b");
+    create_open(&a, &engine_a, &["u1"], &peer).await;
     nats.pause().expect("freeze nats-server");
     let refused = engine_a.restart("u1").await;
     nats.resume().expect("thaw nats-server");
@@ -705,15 +688,7 @@ async fn with_three_replicas_a_dead_nats_node_loses_nothing() {
         }
     };
     let names: Vec<String> = (0..8).map(|i| format!("rep{i}")).collect();
-    let spec = InstanceSpec { url: peer.url() };
-    for name in &names {
-        a.create(name, spec.clone()).await.unwrap();
-        engine_a.connect(name).await.unwrap();
-    }
-    wait_until("all open", Duration::from_secs(15), async || {
-        names.iter().all(|n| engine_a.state(n).is_ok_and(|s| s.kind() == StateKind::Open))
-    })
-    .await;
+    create_open(&a, &engine_a, &names, &peer).await;
     let mut before = Vec::new();
     for name in &names {
         let check = a.reader().verify(&InstanceName::new(name.as_str()).unwrap(), Some(&policy())).await.unwrap();
