@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::LogError;
-use super::head;
+use super::{head, journal};
 
 /// Copies alive in this process (removed on drop; [`remove_copies`] for signal handlers).
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -50,13 +50,23 @@ impl Scratch {
         Ok(Self { dir })
     }
 
-    /// A copy of the log at `from` (the head first: a head copied after the
-    /// data could cover records the data copy does not have).
+    /// A copy of the log at `from`. The head first: a head copied after the
+    /// data could cover records the data copy does not have. Then the
+    /// journal, then sled's files: a writer deletes journal files only once
+    /// sled's files hold what they held, so whatever the journal copy misses
+    /// the later sled copy has (replay skips what sled holds, so the
+    /// overlap does no harm).
     pub(crate) fn copy_of(from: &Path) -> Result<Self, LogError> {
         let copy = Self::new()?;
         let head = from.join(head::FILE);
         if head.exists() {
             copy_file(&head, &copy.path().join(head::FILE))?;
+        }
+        let journal = from.join(journal::DIR);
+        if journal.is_dir() {
+            let target = copy.path().join(journal::DIR);
+            make_dir(&target)?;
+            copy_dir(&journal, &target, false)?;
         }
         copy_dir(from, copy.path(), true)?;
         Ok(copy)
@@ -85,19 +95,22 @@ fn copy_file(from: &Path, to: &Path) -> Result<(), LogError> {
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600)).map_err(io("set permissions of", to))
 }
 
-fn copy_dir(from: &Path, to: &Path, top: bool) -> Result<(), LogError> {
+fn make_dir(target: &Path) -> Result<(), LogError> {
     use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(target).map_err(io("create", target))?;
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(io("set permissions of", target))
+}
+
+fn copy_dir(from: &Path, to: &Path, top: bool) -> Result<(), LogError> {
     for entry in std::fs::read_dir(from).map_err(io("read", from))? {
         let entry = entry.map_err(io("read", from))?;
-        if top && entry.file_name() == head::FILE {
+        if top && (entry.file_name() == head::FILE || entry.file_name() == journal::DIR) {
             continue; // copied first
         }
         let target = to.join(entry.file_name());
         let kind = entry.file_type().map_err(io("stat", &entry.path()))?;
         if kind.is_dir() {
-            std::fs::create_dir_all(&target).map_err(io("create", &target))?;
-            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700))
-                .map_err(io("set permissions of", &target))?;
+            make_dir(&target)?;
             copy_dir(&entry.path(), &target, false)?;
         } else if kind.is_file() {
             copy_file(&entry.path(), &target)?;

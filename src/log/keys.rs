@@ -10,7 +10,7 @@
 //! | `p` | from-global (u64 BE) | the policy in force from that global sequence number on (JSON) |
 //! | `x` | global (u64 BE) | a loss accepted when the log was opened with `accept_loss` |
 //! | `a` | any | auxiliary data of a service (outside the chain: not verified, not compacted) |
-//! | `m` | field | metadata: format marker, log id, tip (when compaction removed the newest record) |
+//! | `m` | field | metadata: format marker, log id, tip (when compaction removed the newest record), the last journal frame applied |
 
 use crate::machine::InstanceName;
 
@@ -30,6 +30,9 @@ pub(crate) const META_LOG_ID: &[u8] = b"mlogid";
 /// Global and link of the newest record, written only when compaction deletes
 /// that record (purging a removed instance), so the tip outlives it.
 pub(crate) const META_TIP: &[u8] = b"mtip";
+/// The JSN of the last batch applied (big-endian u64), written in the same
+/// batch: which journal frames sled already holds (see `journal.rs`).
+pub(crate) const META_JOURNAL: &[u8] = b"mjournal";
 /// The format marker this build writes.
 pub(crate) const FORMAT: &str = "instance-lifecycle log v2";
 /// The marker of logs written before records were chained (read, and upgraded by a writer).

@@ -39,6 +39,7 @@ mod files;
 mod flush;
 mod head;
 mod integrity;
+mod journal;
 mod keys;
 pub mod record;
 mod recovery;
@@ -57,6 +58,7 @@ pub use error::LogError;
 pub use files::{lock_holder, remove_copies};
 pub use head::{Head, HeadRead, LogId};
 pub use integrity::{AcceptedLoss, HeadCheck};
+pub use journal::Replayed;
 pub use record::{Corruption, Digest, Event, InstanceSpec, Latest, Record};
 pub use recovery::{RecoveredInstance, Recovery, RecoveryMode, RecoveryOptions};
 pub use retention::{CompactionReport, Retention};
@@ -255,11 +257,18 @@ impl Log {
     }
 
     fn open_sled(path: &Path, config: LogConfig, access: Access, scratch: Option<Scratch>) -> Result<Self, LogError> {
-        // sled's own periodic flush stays on (its I/O runs best with it); our
-        // commits (see `flush.rs`) are what acknowledgements and the head wait for.
+        // The durable modes commit through the journal; every mode replays what one left.
+        let journaled = access == Access::Write && config.durability != Durability::Buffered;
+        // Without a journal, sled's own periodic flush is what `Buffered`
+        // may lose. With one, the journal holds every batch and sled's
+        // periodic flush would only stop appends while it runs (it holds a
+        // lock every `apply_batch` needs): sled writes a buffer when it
+        // fills, and checkpoints (`journal.rs`) flush it.
         let flush_ms = u64::try_from(config.flush_every.as_millis()).unwrap_or(u64::MAX).max(1);
-        let sled_config =
-            sled::Config::new().path(path).cache_capacity(config.cache_capacity).flush_every_ms(Some(flush_ms));
+        let sled_config = sled::Config::new()
+            .path(path)
+            .cache_capacity(config.cache_capacity)
+            .flush_every_ms((!journaled).then_some(flush_ms));
         // sled releases its lock a moment after the last handle drops (its I/O
         // threads finish first), so a log reopened in the same process may find
         // it still held: retry for a bounded time before calling it in use.
@@ -285,8 +294,16 @@ impl Log {
             }
         };
         check_not_foreign(&db, path)?;
-        let store = SledStore::new(db, path).map_err(|source| LogError::Open { path: path.to_path_buf(), source })?;
-        Self::init(Arc::new(store), Some(path.to_path_buf()), config, access, scratch)
+        let opened = |source| LogError::Open { path: path.to_path_buf(), source };
+        let store = Arc::new(SledStore::new(db, path, journaled).map_err(opened)?);
+        let replayed = store.replayed().is_some_and(|r| r.files > 0);
+        let log = Self::init(store.clone(), Some(path.to_path_buf()), config, access, scratch)?;
+        // Only once the log is accepted (a refused one keeps its journal as
+        // evidence): fold what was replayed into sled's files and let it go.
+        if replayed && access == Access::Write {
+            store.checkpoint().map_err(opened)?;
+        }
+        Ok(log)
     }
 
     fn init(
@@ -345,6 +362,13 @@ impl Log {
     /// writer only ever holds a log that was intact, behind, or accepted.
     pub fn head_check(&self) -> &HeadCheck {
         &self.inner.head_check
+    }
+
+    /// What opening replayed from the journal (`None` for a store without
+    /// one): after a crash, the batches the journal held and sled's files
+    /// did not; and where replay stopped, if it stopped early.
+    pub fn replayed(&self) -> Option<Replayed> {
+        self.inner.store.replayed()
     }
 
     /// The log's id (`None` for a format-v1 log opened for reading).
@@ -503,6 +527,11 @@ impl Log {
         w.last_global = global;
         w.last_link = link;
         w.tips.insert(name.clone(), Tip { seq: actual, link });
+        // Outside the writer lock: waiters woken by a commit take the
+        // flusher's lock, and a writer queued behind them would hold up every
+        // other writer. The flusher keeps the highest request it saw, so the
+        // order requests arrive in does not matter.
+        drop(w);
         if let Some(f) = &self.inner.flusher {
             f.request(global, link);
         }
@@ -824,7 +853,10 @@ impl Drop for Inner {
             let w = self.writer.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
             match self.log_id {
                 Some(id) if w.failed.is_none() => {
-                    drop(commit(self.store.as_ref(), id, w.last_global, w.last_link, Reach::Disk))
+                    if commit(self.store.as_ref(), id, w.last_global, w.last_link, Reach::Disk).is_ok() {
+                        // A clean close leaves sled's files holding everything, and no journal.
+                        drop(self.store.checkpoint());
+                    }
                 }
                 _ => drop(self.store.flush()),
             }

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use super::head::{self, Head, HeadFile, HeadRead};
+use super::journal::{self, Journal, Replayed};
+use super::keys;
 use crate::contain::quietly;
 
 /// An error of the storage layer.
@@ -115,9 +117,22 @@ pub trait Store: Send + Sync + 'static {
     fn reset_head(&self, head: &Head) -> Result<(), StoreError> {
         self.write_head(head, true)
     }
+    /// What opening found in the store's journal (`None`: it keeps none).
+    fn replayed(&self) -> Option<Replayed> {
+        None
+    }
+    /// Makes the store's own files hold everything applied (for a store
+    /// with a journal: what lets the journal's older files go).
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        self.flush()?;
+        self.sync()
+    }
 }
 
 /// The sled-backed store: one tree, so every batch is atomic (`apply_batch`).
+/// With a journal (the durable modes), every batch is also a journal frame,
+/// and `flush`/`sync` write and sync the journal instead of sled's files
+/// (see `journal.rs`).
 pub struct SledStore {
     db: sled::Db,
     tree: sled::Tree,
@@ -125,6 +140,10 @@ pub struct SledStore {
     /// What `sync` covers, opened once: a commit should cost syncs, not opens.
     synced: Mutex<Synced>,
     head: Mutex<Option<HeadFile>>,
+    journal: Option<Journal>,
+    replayed: Replayed,
+    /// One checkpoint at a time.
+    checkpointing: Mutex<()>,
 }
 
 /// The name of the one tree the log uses.
@@ -140,11 +159,40 @@ fn sled_call<T>(op: &'static str, dir: &Path, f: impl FnOnce() -> sled::Result<T
 }
 
 impl SledStore {
-    /// Wraps an opened sled database.
-    pub(crate) fn new(db: sled::Db, dir: &Path) -> Result<Self, StoreError> {
+    /// Wraps an opened sled database: first applies the journal frames sled
+    /// does not hold, then, with `journaled`, journals every batch from now on.
+    pub(crate) fn new(db: sled::Db, dir: &Path, journaled: bool) -> Result<Self, StoreError> {
         let tree = sled_call("opening the log's tree", dir, || db.open_tree(TREE))?;
-        Ok(Self { db, tree, dir: dir.to_path_buf(), synced: Mutex::new(Synced::default()), head: Mutex::new(None) })
+        let held = match sled_call("reading", dir, || tree.get(keys::META_JOURNAL))? {
+            Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| StoreError::Sled {
+                detail: format!("the journal position is {} bytes, not 8", v.len()),
+            })?,
+            None => 0,
+        };
+        let replay = journal::replay(dir, held, |jsn, writes| {
+            sled_call("replaying the journal", dir, || tree.apply_batch(batch_of(writes, Some(jsn))))
+        });
+        let (replayed, resume) = replay.map_err(Self::io("read", &dir.join(journal::DIR)))??;
+        if replayed.applied > 0 || replayed.stopped.is_some() {
+            let stopped = replayed.stopped.as_deref().unwrap_or("");
+            if replayed.damaged {
+                tracing::warn!(dir = %dir.display(), applied = replayed.applied, stopped, "journal replay stopped at damage");
+            } else {
+                tracing::info!(dir = %dir.display(), applied = replayed.applied, stopped, "journal replayed");
+            }
+        }
+        Ok(Self {
+            db,
+            tree,
+            dir: dir.to_path_buf(),
+            synced: Mutex::new(Synced::default()),
+            head: Mutex::new(None),
+            journal: journaled.then(|| Journal::new(dir, resume.number, resume.next_jsn)),
+            replayed,
+            checkpointing: Mutex::new(()),
+        })
     }
+
 
     fn io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> StoreError + 'p {
         move |source| StoreError::Io { op, path: path.to_path_buf(), source }
@@ -210,14 +258,24 @@ impl Store for SledStore {
     }
 
     fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (k, v) in writes {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
+        let Some(journal) = &self.journal else {
+            return sled_call("writing", &self.dir, || self.tree.apply_batch(batch_of(writes, None)));
+        };
+        // Under the journal's lock: frames are in the order sled applies them.
+        let mut pending = journal.pending();
+        let jsn = pending.next_jsn;
+        let before = pending.buf.len();
+        journal::encode_frame(jsn, &writes, &mut pending.buf);
+        match sled_call("writing", &self.dir, || self.tree.apply_batch(batch_of(writes, Some(jsn)))) {
+            Ok(()) => {
+                pending.next_jsn = jsn.saturating_add(1);
+                Ok(())
+            }
+            Err(e) => {
+                pending.buf.truncate(before);
+                Err(e)
             }
         }
-        sled_call("writing", &self.dir, || self.tree.apply_batch(batch))
     }
 
     fn scan(&self, prefix: &[u8]) -> Box<dyn Iterator<Item = Result<Pair, StoreError>> + Send + '_> {
@@ -254,19 +312,51 @@ impl Store for SledStore {
         }
     }
 
+    /// With a journal, writes its pending frames; without, sled's `flush`.
     fn flush(&self) -> Result<(), StoreError> {
-        sled_call("flushing", &self.dir, || self.db.flush()).map(drop)
+        match &self.journal {
+            Some(j) => j.write_out().map_err(Self::io("write", &self.dir.join(journal::DIR))),
+            None => self.flush_sled(),
+        }
     }
 
-    /// sled's `flush` is `pwrite` + `sync_file_range` on Linux, not fsync:
-    /// after it, data survives a process crash but not a power loss. So we
-    /// fsync the database files and the directory ourselves.
+    /// With a journal, `fdatasync` of its file (and a checkpoint when the
+    /// file is due for one); without, of sled's files (sled's `flush` is
+    /// `pwrite` + `sync_file_range` on Linux, not fsync: after it, data
+    /// survives a process crash but not a power loss).
     fn sync(&self) -> Result<(), StoreError> {
-        self.sync_files()
+        match &self.journal {
+            Some(j) => {
+                if j.sync().map_err(Self::io("fdatasync", &self.dir.join(journal::DIR)))? {
+                    self.checkpoint()?;
+                }
+                Ok(())
+            }
+            None => self.sync_files(),
+        }
+    }
+
+    /// sled flushed and synced; then the journal files it covers are deleted
+    /// (without a journal: every file a replay left).
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let _one = self.checkpointing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let jdir = self.dir.join(journal::DIR);
+        let below = match &self.journal {
+            Some(j) => j.rotate().map_err(Self::io("write", &jdir))?,
+            None => u64::MAX,
+        };
+        self.flush_sled()?;
+        self.sync_files()?;
+        journal::remove_before(&jdir, below).map_err(Self::io("remove old files of", &jdir))
+    }
+
+    fn replayed(&self) -> Option<Replayed> {
+        Some(self.replayed.clone())
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
-        sled_call("measuring", &self.dir, || self.db.size_on_disk())
+        let sled = sled_call("measuring", &self.dir, || self.db.size_on_disk())?;
+        Ok(sled + journal::size(&self.dir.join(journal::DIR)))
     }
 
     fn read_head(&self) -> Result<HeadRead, StoreError> {
@@ -282,7 +372,26 @@ impl Store for SledStore {
     }
 }
 
+/// A sled batch of `writes`, with the JSN of the journal frame it is.
+fn batch_of(writes: Vec<Write>, jsn: Option<u64>) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (k, v) in writes {
+        match v {
+            Some(v) => batch.insert(k, v),
+            None => batch.remove(k),
+        }
+    }
+    if let Some(jsn) = jsn {
+        batch.insert(keys::META_JOURNAL, &jsn.to_be_bytes());
+    }
+    batch
+}
+
 impl SledStore {
+    fn flush_sled(&self) -> Result<(), StoreError> {
+        sled_call("flushing", &self.dir, || self.db.flush()).map(drop)
+    }
+
     /// Writes the head, creating its file for a new log.
     fn put_head(&self, head: &Head, reset: bool, sync: bool) -> Result<(), StoreError> {
         let path = self.dir.join(head::FILE);

@@ -72,7 +72,7 @@ fn write_fleet(dir: &Path, durability: Durability, limit: usize, out: &mut dyn W
 }
 
 /// The writer's loop over `instances` (indices into the fleet), acknowledging with `ack(line)`.
-fn write_instances(log: &Log, instances: &[usize], limit: usize, ack: &mut dyn FnMut(&str)) {
+pub(crate) fn write_instances(log: &Log, instances: &[usize], limit: usize, ack: &mut dyn FnMut(&str)) {
     let recovery = log.recover(RecoveryOptions::default()).expect("recover");
     let mut drivers: Vec<Driver> = instances
         .iter()

@@ -18,6 +18,7 @@ mod exhaustive;
 mod fuzz_corpus;
 mod harness;
 mod hostile;
+mod journal;
 mod log;
 mod model;
 mod rules;

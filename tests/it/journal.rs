@@ -1,0 +1,170 @@
+//! The journal the durable modes commit through: what a crash leaves (sled's
+//! files behind, the journal holding the rest) comes back whole; a damaged
+//! journal is reported and kept, never skipped; a write a crash interrupted
+//! is not damage.
+//!
+//! "What a crash leaves" is a copy of a live log's directory: sled has
+//! written only what it chose to (in the durable modes it flushes only when
+//! a buffer fills or at a checkpoint), the journal everything acknowledged.
+
+use std::path::{Path, PathBuf};
+
+use instance_lifecycle::log::{HeadCheck, Log, LogConfig, LogError, Record};
+
+use crate::crash::write_instances;
+use crate::support::copy_tree;
+
+const WRITERS: usize = 8;
+const INSTANCES: usize = 24;
+const APPENDS_PER_WRITER: usize = 150;
+
+/// A log in `dir` after every writer's appends were acknowledged (GroupCommit,
+/// the default), still open, and every record it holds.
+fn live_log(dir: &Path) -> (Log, Vec<Record>) {
+    let log = Log::open(dir, LogConfig::default()).expect("open");
+    std::thread::scope(|s| {
+        for w in 0..WRITERS {
+            let log = &log;
+            s.spawn(move || {
+                let mine: Vec<usize> = (0..INSTANCES).filter(|i| i % WRITERS == w).collect();
+                write_instances(log, &mine, APPENDS_PER_WRITER, &mut |_| {});
+            });
+        }
+    });
+    let records: Vec<Record> = log.records().collect::<Result<_, _>>().expect("records");
+    assert!(records.len() > WRITERS * APPENDS_PER_WRITER / 2, "a log of some size: {}", records.len());
+    (log, records)
+}
+
+fn journal_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir.join("journal")) {
+        Ok(entries) => entries.map(|e| e.expect("entry").path()).collect(),
+        Err(_) => Vec::new(),
+    };
+    files.sort();
+    files
+}
+
+/// Where the frames of a journal file end (the zeros written ahead start),
+/// read with the layout `journal.rs` documents: an 8-byte magic, then frames
+/// of a 16-byte header (payload length first) and the payload.
+fn end_of_frames(bytes: &[u8]) -> usize {
+    let mut at = 8;
+    while at < bytes.len() && bytes[at..].iter().any(|&b| b != 0) {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        at += 16 + len;
+    }
+    at
+}
+
+fn records(log: &Log) -> Vec<Record> {
+    log.records().collect::<Result<_, _>>().expect("records")
+}
+
+#[test]
+fn what_a_crash_leaves_comes_back_whole_from_the_journal() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (src, crashed, sled_only) = (dir.path().join("log"), dir.path().join("crashed"), dir.path().join("sled-only"));
+    let (log, expected) = live_log(&src);
+    assert!(!journal_files(&src).is_empty(), "a durable log commits through its journal");
+    copy_tree(&src, &crashed);
+    copy_tree(&src, &sled_only);
+    std::fs::remove_dir_all(sled_only.join("journal")).expect("rm journal");
+    drop(log);
+    assert!(journal_files(&src).is_empty(), "a clean close folds the journal into sled's files");
+
+    // sled's files alone fall short of what was acknowledged, and the head says so.
+    match Log::open(&sled_only, LogConfig::default()) {
+        Err(LogError::Damaged { check, .. }) => assert!(matches!(*check, HeadCheck::Lost { .. }), "{check}"),
+        Err(e) => panic!("expected a refusal for lost records, got {e}"),
+        Ok(_) => panic!("sled's files alone opened as if nothing was lost"),
+    }
+
+    let log = Log::open(&crashed, LogConfig::default()).expect("reopen after the crash");
+    let replayed = log.replayed().expect("sled keeps a journal");
+    assert!(replayed.applied > 0, "sled's files lacked appends the journal had: {replayed:?}");
+    assert_eq!(replayed.stopped, None);
+    assert!(matches!(log.head_check(), HeadCheck::Intact { .. }), "{}", log.head_check());
+    assert_eq!(records(&log), expected, "every acknowledged record, unchanged, in order");
+    let report = log.verify_recorded(&instance_lifecycle::machine::Policy::preset(instance_lifecycle::machine::Preset::Whatsapp));
+    assert!(report.is_clean(), "{report:?}");
+    assert!(journal_files(&crashed).is_empty(), "opening folded the replayed journal into sled's files");
+
+    // Writing goes on after the replay, and survives the next crash as well.
+    let (tip, _) = log.tip();
+    let names: Vec<usize> = (0..INSTANCES).collect();
+    write_instances(&log, &names, 100, &mut |_| {});
+    let more = records(&log);
+    assert!(more.len() > expected.len() && more.iter().any(|r| r.global > tip));
+    let again = dir.path().join("again");
+    copy_tree(&crashed, &again);
+    drop(log);
+    let log = Log::open(&again, LogConfig::default()).expect("reopen after the second crash");
+    assert_eq!(records(&log), more);
+}
+
+#[test]
+fn a_damaged_journal_is_reported_and_kept_never_skipped() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (src, damaged) = (dir.path().join("log"), dir.path().join("damaged"));
+    let (log, expected) = live_log(&src);
+    copy_tree(&src, &damaged);
+    drop(log);
+    let files = journal_files(&damaged);
+    let file = files.first().expect("a journal file");
+    let mut bytes = std::fs::read(file).expect("read");
+    let middle = end_of_frames(&bytes) / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(file, &bytes).expect("damage");
+
+    match Log::open(&damaged, LogConfig::default()) {
+        Err(LogError::Damaged { check, .. }) => assert!(matches!(*check, HeadCheck::Lost { .. }), "{check}"),
+        Err(e) => panic!("expected a refusal for lost records, got {e}"),
+        Ok(_) => panic!("a journal damaged in its middle opened as if nothing was lost"),
+    }
+    assert_eq!(journal_files(&damaged), files, "a refused open keeps the journal as evidence");
+    assert_eq!(std::fs::read(file).expect("read"), bytes, "and leaves it as it was");
+
+    // Reading reports it too, without changing anything. The bad frame is in
+    // the newest file, where a crash could have cut a write short: the head,
+    // which covers the records after it, is what makes it a loss.
+    let (copy, _) = Log::open_copy(&damaged).expect("open a copy");
+    let replayed = copy.replayed().expect("journal");
+    assert!(replayed.stopped.as_deref().is_some_and(|s| s.contains("CRC") || s.contains("decode")), "{replayed:?}");
+    assert!(matches!(copy.head_check(), HeadCheck::Lost { .. }), "{}", copy.head_check());
+    drop(copy);
+
+    // Accepted, the loss is recorded; what is left is what came before the damage.
+    let config = LogConfig { accept_loss: true, ..LogConfig::default() };
+    let log = Log::open(&damaged, config).expect("open, accepting the loss");
+    assert_eq!(log.accepted_losses().expect("losses").len(), 1);
+    let left = records(&log);
+    assert!(left.len() < expected.len());
+    assert_eq!(left[..], expected[..left.len()], "the records before the damage, unchanged");
+}
+
+#[test]
+fn a_write_the_crash_interrupted_is_not_damage() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (src, torn) = (dir.path().join("log"), dir.path().join("torn"));
+    let (log, expected) = live_log(&src);
+    copy_tree(&src, &torn);
+    drop(log);
+    let last = journal_files(&torn).pop().expect("a journal file");
+    let mut bytes = std::fs::read(&last).expect("read");
+    let end = end_of_frames(&bytes);
+    // The start of a frame that never finished: a header claiming more than was written.
+    let torn_frame = [&2_000u32.to_le_bytes()[..], &[0xAB; 20]].concat();
+    if bytes.len() < end + torn_frame.len() {
+        bytes.resize(end + torn_frame.len(), 0);
+    }
+    bytes[end..end + torn_frame.len()].copy_from_slice(&torn_frame);
+    std::fs::write(&last, &bytes).expect("tear");
+
+    let log = Log::open(&torn, LogConfig::default()).expect("an interrupted write does not stop a writer");
+    let replayed = log.replayed().expect("journal");
+    assert!(!replayed.damaged, "{replayed:?}");
+    assert!(replayed.stopped.as_deref().is_some_and(|s| s.contains("the newest")), "{replayed:?}");
+    assert!(matches!(log.head_check(), HeadCheck::Intact { .. }), "{}", log.head_check());
+    assert_eq!(records(&log), expected);
+}
