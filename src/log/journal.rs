@@ -10,7 +10,7 @@
 //! sled still writes its files on its own (every `flush_every`, and whenever a
 //! buffer fills). A *checkpoint* makes sled's files durable, after which the
 //! journal files it covers are deleted: when the current file passes
-//! [`ROTATE_AT`], and when the log is opened or closed by a writer.
+//! `LogConfig::journal_file_max`, and when the log is opened or closed by a writer.
 //!
 //! **Replay is exact.** Each batch carries its journal sequence number (JSN)
 //! into sled, in the same atomic batch (key `mjournal`), so opening knows
@@ -47,11 +47,6 @@ use super::store::Write;
 pub(crate) const DIR: &str = "journal";
 const MAGIC: &[u8; 8] = b"ILJRNL\x00\x01";
 const FRAME_HEADER: usize = 16;
-/// A checkpoint starts a new file once the current one is this large: large
-/// enough that the checkpoint's sled flush (which stops appends while it
-/// runs) is rare — every ~50,000 appends of ~1.2 KiB — and small enough that
-/// replaying a file after a crash takes well under a second.
-pub(crate) const ROTATE_AT: u64 = 64 << 20;
 /// How far ahead of its frames a file is written with zeros. Overwriting
 /// blocks a file already has makes `fdatasync` a data sync alone; appending
 /// also changes the file's size, which costs a filesystem journal commit:
@@ -287,6 +282,8 @@ pub(crate) struct Journal {
     pending: Mutex<Pending>,
     /// The file; held across a write-out so that write-outs keep their order.
     out: Mutex<Out>,
+    /// The size at which a file is due for a checkpoint.
+    file_max: u64,
 }
 
 pub(crate) struct Pending {
@@ -309,11 +306,12 @@ struct Out {
 
 impl Journal {
     /// A journal whose next file is `number` and next frame `next_jsn`.
-    pub(crate) fn new(log_dir: &Path, number: u64, next_jsn: u64) -> Self {
+    pub(crate) fn new(log_dir: &Path, number: u64, next_jsn: u64, file_max: u64) -> Self {
         Self {
             dir: log_dir.join(DIR),
             pending: Mutex::new(Pending { buf: Vec::new(), next_jsn }),
             out: Mutex::new(Out { file: None, number, len: 0, zeroed: 0, dir_dirty: false, spare: Vec::new() }),
+            file_max,
         }
     }
 
@@ -376,11 +374,12 @@ impl Journal {
     pub(crate) fn sync(&self) -> io::Result<bool> {
         let (file, dir_dirty, due) = {
             let mut out = lock(&self.out);
-            (out.file.clone(), std::mem::take(&mut out.dir_dirty), out.len >= ROTATE_AT)
+            (out.file.clone(), std::mem::take(&mut out.dir_dirty), out.len >= self.file_max)
         };
         // Outside the lock: write-outs go on meanwhile. A rotation in between
         // synced the old file itself before letting go of it.
-        let result = file.map_or(Ok(()), |f| f.sync_data()).and_then(|()| if dir_dirty { sync_dir(&self.dir) } else { Ok(()) });
+        let result =
+            file.map_or(Ok(()), |f| f.sync_data()).and_then(|()| if dir_dirty { sync_dir(&self.dir) } else { Ok(()) });
         if result.is_err() && dir_dirty {
             lock(&self.out).dir_dirty = true;
         }
@@ -407,7 +406,6 @@ impl Journal {
         }
         Ok(out.number)
     }
-
 }
 
 /// Deletes every journal file in `dir` numbered below `number` (sled holds what they held).
@@ -468,7 +466,7 @@ mod tests {
     #[test]
     fn write_out_sync_and_rotate_keep_frames_in_order_across_files() {
         let dir = tempfile::tempdir().expect("dir");
-        let j = Journal::new(dir.path(), 1, 1);
+        let j = Journal::new(dir.path(), 1, 1, 1 << 20);
         let push = |k: &str| {
             let mut p = j.pending();
             let jsn = p.next_jsn;
@@ -486,11 +484,8 @@ mod tests {
         j.sync().expect("sync");
         let found = files(&dir.path().join(DIR)).expect("files");
         assert_eq!(found.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![1, 2]);
-        let jsns: Vec<u64> = found
-            .iter()
-            .flat_map(|(_, p)| read_file(&std::fs::read(p).expect("read")).0)
-            .map(|f| f.jsn)
-            .collect();
+        let jsns: Vec<u64> =
+            found.iter().flat_map(|(_, p)| read_file(&std::fs::read(p).expect("read")).0).map(|f| f.jsn).collect();
         assert_eq!(jsns, vec![1, 2, 3, 4]);
         remove_before(&dir.path().join(DIR), 2).expect("remove");
         let found = files(&dir.path().join(DIR)).expect("files");

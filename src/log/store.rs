@@ -160,8 +160,8 @@ fn sled_call<T>(op: &'static str, dir: &Path, f: impl FnOnce() -> sled::Result<T
 
 impl SledStore {
     /// Wraps an opened sled database: first applies the journal frames sled
-    /// does not hold, then, with `journaled`, journals every batch from now on.
-    pub(crate) fn new(db: sled::Db, dir: &Path, journaled: bool) -> Result<Self, StoreError> {
+    /// does not hold, then, given a file size for it, journals every batch from now on.
+    pub(crate) fn new(db: sled::Db, dir: &Path, journal_file_max: Option<u64>) -> Result<Self, StoreError> {
         let tree = sled_call("opening the log's tree", dir, || db.open_tree(TREE))?;
         let held = match sled_call("reading", dir, || tree.get(keys::META_JOURNAL))? {
             Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| StoreError::Sled {
@@ -187,12 +187,11 @@ impl SledStore {
             dir: dir.to_path_buf(),
             synced: Mutex::new(Synced::default()),
             head: Mutex::new(None),
-            journal: journaled.then(|| Journal::new(dir, resume.number, resume.next_jsn)),
+            journal: journal_file_max.map(|max| Journal::new(dir, resume.number, resume.next_jsn, max)),
             replayed,
             checkpointing: Mutex::new(()),
         })
     }
-
 
     fn io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> StoreError + 'p {
         move |source| StoreError::Io { op, path: path.to_path_buf(), source }

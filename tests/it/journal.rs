@@ -57,6 +57,12 @@ fn end_of_frames(bytes: &[u8]) -> usize {
     at
 }
 
+/// A journal file's number (its name, 16 hex digits).
+fn file_number(path: &Path) -> u64 {
+    let name = path.file_name().and_then(|n| n.to_str()).expect("a name");
+    u64::from_str_radix(name, 16).expect("a journal file's name is its number")
+}
+
 fn records(log: &Log) -> Vec<Record> {
     log.records().collect::<Result<_, _>>().expect("records")
 }
@@ -86,7 +92,8 @@ fn what_a_crash_leaves_comes_back_whole_from_the_journal() {
     assert_eq!(replayed.stopped, None);
     assert!(matches!(log.head_check(), HeadCheck::Intact { .. }), "{}", log.head_check());
     assert_eq!(records(&log), expected, "every acknowledged record, unchanged, in order");
-    let report = log.verify_recorded(&instance_lifecycle::machine::Policy::preset(instance_lifecycle::machine::Preset::Whatsapp));
+    let report = log
+        .verify_recorded(&instance_lifecycle::machine::Policy::preset(instance_lifecycle::machine::Preset::Whatsapp));
     assert!(report.is_clean(), "{report:?}");
     assert!(journal_files(&crashed).is_empty(), "opening folded the replayed journal into sled's files");
 
@@ -166,5 +173,67 @@ fn a_write_the_crash_interrupted_is_not_damage() {
     assert!(!replayed.damaged, "{replayed:?}");
     assert!(replayed.stopped.as_deref().is_some_and(|s| s.contains("the newest")), "{replayed:?}");
     assert!(matches!(log.head_check(), HeadCheck::Intact { .. }), "{}", log.head_check());
+    assert_eq!(records(&log), expected);
+}
+
+/// Checkpoints under load: with small journal files, sled is flushed and old
+/// files deleted many times while eight writers append and a reader copies
+/// the live log again and again (`Log::open_copy`: the head, the journal,
+/// then sled's files). Every copy holds everything committed before it
+/// began, and reports no loss; the journal never keeps more than the files
+/// since the last checkpoint.
+#[test]
+fn checkpoints_under_load_keep_everything_and_live_copies_stay_whole() {
+    let dir = tempfile::tempdir().expect("dir");
+    let src = dir.path().join("log");
+    let config = LogConfig { journal_file_max: instance_lifecycle::log::JOURNAL_FILE_MIN, ..LogConfig::default() };
+    let log = Log::open(&src, config.clone()).expect("open");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (copies, most_files, newest) = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let log = &log;
+                s.spawn(move || {
+                    let mine: Vec<usize> = (0..INSTANCES).filter(|i| i % WRITERS == w).collect();
+                    write_instances(log, &mine, 2_000, &mut |_| {});
+                })
+            })
+            .collect();
+        let reader = s.spawn(|| {
+            let (mut copies, mut most_files, mut newest) = (0, 0, 0);
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let committed = log.committed();
+                let files = journal_files(&src);
+                most_files = most_files.max(files.len());
+                newest = newest.max(files.last().map_or(0, |f| file_number(f)));
+                let (copy, in_use) = Log::open_copy(&src).expect("copy of a live log");
+                assert!(in_use);
+                assert!(!copy.head_check().is_damage(), "copy {copies}: {}", copy.head_check());
+                let globals: std::collections::BTreeSet<u64> = records(&copy).iter().map(|r| r.global).collect();
+                let missing = (1..=committed).find(|g| !globals.contains(g));
+                assert_eq!(missing, None, "copy {copies}: a record committed before the copy began is missing");
+                copies += 1;
+            }
+            (copies, most_files, newest)
+        });
+        for w in writers {
+            w.join().expect("writer");
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        reader.join().expect("reader")
+    });
+    assert!(copies >= 2, "the reader copied the live log {copies} times");
+    let expected = records(&log);
+    let newest = newest.max(journal_files(&src).last().map_or(0, |f| file_number(f)));
+    assert!(
+        newest >= 4,
+        "several checkpoints while the copies ran: the newest journal file is {newest}, {} records",
+        expected.len()
+    );
+    assert!(most_files <= 3, "old journal files go at each checkpoint: at most {most_files} seen at once");
+    let crashed = dir.path().join("crashed");
+    copy_tree(&src, &crashed);
+    drop(log);
+    let log = Log::open(&crashed, config).expect("reopen");
     assert_eq!(records(&log), expected);
 }
