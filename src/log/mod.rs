@@ -8,22 +8,28 @@
 //!    instance's previous one (`prev`, see [`record`]).
 //! 2. Apply one atomic batch: the record, its global-index entry, and the
 //!    instance's latest-state entry. Release the lock.
-//! 3. Wait for durability as the [`Durability`] mode says: a *commit* (sled
-//!    flush, fsync of its files, then the head moved up with one more
-//!    `fdatasync`) covering this append. `Buffered` does not wait; its
-//!    commits run on a period and stop at the OS (no fsync).
+//! 3. Wait for durability as the [`Durability`] mode says: a *commit*
+//!    covering this append. In the durable modes a commit is one write and
+//!    one `fdatasync` of the journal (every batch is also a journal frame,
+//!    see `journal.rs`; sled is never flushed on the commit path, because
+//!    its flush stops every other append while it runs), then the head moved
+//!    up with one more `fdatasync`. `Buffered` does not wait; its commits
+//!    run on a period, flush sled and stop at the OS (no fsync).
 //! 4. Only then may the caller apply the transition in memory. If any step
 //!    fails, the caller gets the error and the transition does not happen.
 //!
-//! Durability modes, and exactly what an acknowledged append survives (sled
-//! 0.34's `flush` is `pwrite` + `sync_file_range` on Linux, not an fsync, so
-//! every commit fsyncs sled's files itself):
+//! Durability modes, and exactly what an acknowledged append survives:
 //!
 //! | mode | an append returns after | process crash | power loss |
 //! |---|---|---|---|
 //! | [`Durability::Buffered`] | the batch is in sled's memory (sled writes it out every `flush_every`; a commit to the OS, without fsync, moves the head every `buffered_head_every`, a minute) | loses ≤ `flush_every` | loses what the OS had not written back; the head then reports what it covered as lost |
-//! | [`Durability::GroupCommit`] (default) | a shared commit covering it: the next commit starts as soon as the last ends (plus `group_commit_max_delay`, zero by default) and covers every append before it | loses nothing acknowledged | loses nothing acknowledged (if the disk honours fsync) |
+//! | [`Durability::GroupCommit`] (default) | a shared commit covering it: the next commit starts as soon as the last one's journal sync ends (plus `group_commit_max_delay`, zero by default) and covers every append before it; its head is synced while the next commit's journal is | loses nothing acknowledged | loses nothing acknowledged (if the disk honours fsync) |
 //! | [`Durability::Strict`] | a commit of its own, in the appending thread | loses nothing acknowledged | loses nothing acknowledged |
+//!
+//! After a crash, opening replays the journal frames sled's files lack
+//! ([`Log::replayed`]); a checkpoint (sled flushed and synced, older journal
+//! files deleted) runs when a journal file reaches
+//! [`LogConfig::journal_file_max`] and when a writer opens or closes the log.
 //!
 //! **Damage is noticed.** The head (a file beside sled's, see `head.rs`)
 //! records the newest record each commit covered. Opening compares it with
