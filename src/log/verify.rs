@@ -115,6 +115,13 @@ pub enum Finding {
         /// What is wrong.
         detail: String,
     },
+    /// Replaying the journal stopped at damage that no crash explains (a gap
+    /// between sled and the journal, or a bad frame in a file older than the
+    /// newest): batches after it were not applied.
+    Journal {
+        /// Where and why replay stopped.
+        detail: String,
+    },
     /// The log does not reach a head recorded elsewhere (see [`Log::check_anchor`]):
     /// the whole directory was restored from an older copy, or replaced.
     Anchor {
@@ -159,6 +166,7 @@ impl fmt::Display for Finding {
             Self::LatestMismatch { instance, detail } => write!(f, "{instance}: latest-state entry {detail}"),
             Self::Index { detail } => write!(f, "global index: {detail}"),
             Self::Anchor { expected, detail } => write!(f, "expected head {expected}: {detail}"),
+            Self::Journal { detail } => write!(f, "journal: {detail}"),
         }
     }
 }
@@ -181,6 +189,14 @@ pub enum Note {
     Legacy,
     /// A writer was told to accept a loss, and did.
     AcceptedLoss(AcceptedLoss),
+    /// The journal held batches sled's files did not (the writer stopped
+    /// before a checkpoint: a crash, or a copy of a live log), replayed at open.
+    JournalReplayed {
+        /// Batches applied.
+        applied: u64,
+        /// Where replay stopped short of the journal's end, at a write a crash interrupted.
+        stopped: Option<String>,
+    },
 }
 
 impl fmt::Display for Note {
@@ -193,6 +209,13 @@ impl fmt::Display for Note {
             Self::Legacy => f.write_str(
                 "written before logs had a head: a rollback of its database cannot be detected until a writer opens it",
             ),
+            Self::JournalReplayed { applied, stopped } => {
+                write!(
+                    f,
+                    "the journal held {applied} batch(es) sled's files did not (a stop before a checkpoint): replayed"
+                )?;
+                stopped.as_ref().map_or(Ok(()), |s| write!(f, "; it ends in {s}"))
+            }
             Self::AcceptedLoss(loss) => write!(
                 f,
                 "a loss was accepted at {} UTC: {}; numbering went on after global {}",
@@ -334,6 +357,13 @@ impl Log {
             check if check.is_damage() => report.findings.push(Finding::Head { check: check.clone() }),
             check @ HeadCheck::Behind { .. } => report.notes.push(Note::HeadBehind { check: check.clone() }),
             HeadCheck::Legacy => report.notes.push(Note::Legacy),
+            _ => {}
+        }
+        match self.replayed() {
+            Some(r) if r.damaged => report.findings.push(Finding::Journal { detail: r.stopped.unwrap_or_default() }),
+            Some(r) if r.applied > 0 || r.stopped.is_some() => {
+                report.notes.push(Note::JournalReplayed { applied: r.applied, stopped: r.stopped })
+            }
             _ => {}
         }
         match self.accepted_losses() {

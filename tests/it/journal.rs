@@ -9,10 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
-use instance_lifecycle::log::{HeadCheck, Log, LogConfig, LogError, Record};
+use instance_lifecycle::log::{HeadCheck, Log, LogConfig, LogError, Note, Record};
 
 use crate::crash::write_instances;
-use crate::support::copy_tree;
+use crate::support::{copy_tree, lifecycle, stderr, stdout};
 
 const WRITERS: usize = 8;
 const INSTANCES: usize = 24;
@@ -86,6 +86,12 @@ fn what_a_crash_leaves_comes_back_whole_from_the_journal() {
         Ok(_) => panic!("sled's files alone opened as if nothing was lost"),
     }
 
+    // An operator's look first: `lifecycle verify` (on a copy) says what the journal brought back.
+    let verify = lifecycle(&["verify", crashed.to_str().expect("utf-8")]);
+    assert!(verify.status.success(), "{}{}", stdout(&verify), stderr(&verify));
+    assert!(stdout(&verify).contains("the journal held"), "{}", stdout(&verify));
+    assert!(journal_files(&crashed).len() == 1, "reading changed nothing");
+
     let log = Log::open(&crashed, LogConfig::default()).expect("reopen after the crash");
     let replayed = log.replayed().expect("sled keeps a journal");
     assert!(replayed.applied > 0, "sled's files lacked appends the journal had: {replayed:?}");
@@ -95,6 +101,14 @@ fn what_a_crash_leaves_comes_back_whole_from_the_journal() {
     let report = log
         .verify_recorded(&instance_lifecycle::machine::Policy::preset(instance_lifecycle::machine::Preset::Whatsapp));
     assert!(report.is_clean(), "{report:?}");
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|n| matches!(n, Note::JournalReplayed { applied, stopped: None } if *applied == replayed.applied)),
+        "{:?}",
+        report.notes
+    );
     assert!(journal_files(&crashed).is_empty(), "opening folded the replayed journal into sled's files");
 
     // Writing goes on after the replay, and survives the next crash as well.
