@@ -322,10 +322,14 @@ impl Journal {
 
     /// Writes every frame appended so far to the current file (to the OS, no sync).
     pub(crate) fn write_out(&self) -> io::Result<()> {
-        let mut out = lock(&self.out);
+        self.write_pending(&mut lock(&self.out))
+    }
+
+    /// Takes the pending frames (leaving the spare buffer in their place) and writes them.
+    fn write_pending(&self, out: &mut Out) -> io::Result<()> {
         let mut buf = std::mem::take(&mut out.spare);
         std::mem::swap(&mut buf, &mut lock(&self.pending).buf);
-        let result = self.write_buf(&mut out, &buf);
+        let result = self.write_buf(out, &buf);
         buf.clear();
         out.spare = buf;
         result
@@ -392,12 +396,7 @@ impl Journal {
     /// those files may go once sled's files are durable.
     pub(crate) fn rotate(&self) -> io::Result<u64> {
         let mut out = lock(&self.out);
-        let mut buf = std::mem::take(&mut out.spare);
-        std::mem::swap(&mut buf, &mut lock(&self.pending).buf);
-        let result = self.write_buf(&mut out, &buf);
-        buf.clear();
-        out.spare = buf;
-        result?;
+        self.write_pending(&mut out)?;
         if let Some(f) = out.file.take() {
             f.sync_data()?;
             out.number += 1;

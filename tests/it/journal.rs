@@ -36,6 +36,17 @@ fn live_log(dir: &Path) -> (Log, Vec<Record>) {
     (log, records)
 }
 
+/// What a crash of a live log leaves (a copy of its directory taken while
+/// it is open), in a temporary directory, and the records acknowledged.
+fn crash_copy() -> (tempfile::TempDir, PathBuf, Vec<Record>) {
+    let dir = tempfile::tempdir().expect("dir");
+    let (src, copy) = (dir.path().join("log"), dir.path().join("crashed"));
+    let (log, expected) = live_log(&src);
+    copy_tree(&src, &copy);
+    drop(log);
+    (dir, copy, expected)
+}
+
 fn journal_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir.join("journal")) {
         Ok(entries) => entries.map(|e| e.expect("entry").path()).collect(),
@@ -55,6 +66,15 @@ fn end_of_frames(bytes: &[u8]) -> usize {
         at += 16 + len;
     }
     at
+}
+
+/// Opening `dir` for writing is refused because acknowledged records are lost.
+fn refused_as_lost(dir: &Path, what: &str) {
+    match Log::open(dir, LogConfig::default()) {
+        Err(LogError::Damaged { check, .. }) => assert!(matches!(*check, HeadCheck::Lost { .. }), "{what}: {check}"),
+        Err(e) => panic!("{what}: expected a refusal for lost records, got {e}"),
+        Ok(_) => panic!("{what}: opened as if nothing was lost"),
+    }
 }
 
 /// A journal file's number (its name, 16 hex digits).
@@ -80,11 +100,7 @@ fn what_a_crash_leaves_comes_back_whole_from_the_journal() {
     assert!(journal_files(&src).is_empty(), "a clean close folds the journal into sled's files");
 
     // sled's files alone fall short of what was acknowledged, and the head says so.
-    match Log::open(&sled_only, LogConfig::default()) {
-        Err(LogError::Damaged { check, .. }) => assert!(matches!(*check, HeadCheck::Lost { .. }), "{check}"),
-        Err(e) => panic!("expected a refusal for lost records, got {e}"),
-        Ok(_) => panic!("sled's files alone opened as if nothing was lost"),
-    }
+    refused_as_lost(&sled_only, "sled's files alone");
 
     // An operator's look first: `lifecycle verify` (on a copy) says what the journal brought back.
     let verify = lifecycle(&["verify", crashed.to_str().expect("utf-8")]);
@@ -126,11 +142,7 @@ fn what_a_crash_leaves_comes_back_whole_from_the_journal() {
 
 #[test]
 fn a_damaged_journal_is_reported_and_kept_never_skipped() {
-    let dir = tempfile::tempdir().expect("dir");
-    let (src, damaged) = (dir.path().join("log"), dir.path().join("damaged"));
-    let (log, expected) = live_log(&src);
-    copy_tree(&src, &damaged);
-    drop(log);
+    let (_dir, damaged, expected) = crash_copy();
     let files = journal_files(&damaged);
     let file = files.first().expect("a journal file");
     let mut bytes = std::fs::read(file).expect("read");
@@ -138,11 +150,7 @@ fn a_damaged_journal_is_reported_and_kept_never_skipped() {
     bytes[middle] ^= 0x40;
     std::fs::write(file, &bytes).expect("damage");
 
-    match Log::open(&damaged, LogConfig::default()) {
-        Err(LogError::Damaged { check, .. }) => assert!(matches!(*check, HeadCheck::Lost { .. }), "{check}"),
-        Err(e) => panic!("expected a refusal for lost records, got {e}"),
-        Ok(_) => panic!("a journal damaged in its middle opened as if nothing was lost"),
-    }
+    refused_as_lost(&damaged, "a journal damaged in its middle");
     assert_eq!(journal_files(&damaged), files, "a refused open keeps the journal as evidence");
     assert_eq!(std::fs::read(file).expect("read"), bytes, "and leaves it as it was");
 
@@ -166,11 +174,7 @@ fn a_damaged_journal_is_reported_and_kept_never_skipped() {
 
 #[test]
 fn a_write_the_crash_interrupted_is_not_damage() {
-    let dir = tempfile::tempdir().expect("dir");
-    let (src, torn) = (dir.path().join("log"), dir.path().join("torn"));
-    let (log, expected) = live_log(&src);
-    copy_tree(&src, &torn);
-    drop(log);
+    let (_dir, torn, expected) = crash_copy();
     let last = journal_files(&torn).pop().expect("a journal file");
     let mut bytes = std::fs::read(&last).expect("read");
     let end = end_of_frames(&bytes);
