@@ -298,8 +298,6 @@ struct Out {
     len: u64,
     /// Bytes of the file written so far, zeros ahead of the frames included.
     zeroed: u64,
-    /// The directory gained a file since its last sync.
-    dir_dirty: bool,
     /// The other buffer, swapped with `pending.buf` (keeps its allocation).
     spare: Vec<u8>,
 }
@@ -310,7 +308,7 @@ impl Journal {
         Self {
             dir: log_dir.join(DIR),
             pending: Mutex::new(Pending { buf: Vec::new(), next_jsn }),
-            out: Mutex::new(Out { file: None, number, len: 0, zeroed: 0, dir_dirty: false, spare: Vec::new() }),
+            out: Mutex::new(Out { file: None, number, len: 0, zeroed: 0, spare: Vec::new() }),
             file_max,
         }
     }
@@ -351,11 +349,14 @@ impl Journal {
                 let path = self.dir.join(file_name(out.number));
                 let f = OpenOptions::new().write(true).create_new(true).open(path)?;
                 f.write_all_at(MAGIC, 0)?;
+                // The new name is durable before any frame in the file can be
+                // acknowledged (here, under the lock, rather than in a sync
+                // that another thread's sync could skip while this one runs).
+                sync_dir(&self.dir)?;
                 let f = Arc::new(f);
                 out.file = Some(f.clone());
                 out.len = MAGIC.len() as u64;
                 out.zeroed = out.len;
-                out.dir_dirty = true;
                 f
             }
         };
@@ -372,22 +373,17 @@ impl Journal {
         Ok(())
     }
 
-    /// Makes everything written out so far durable: `fdatasync` of the file,
-    /// and of the directory when it gained the file. Returns whether the
-    /// file is due for a checkpoint.
+    /// Makes everything written out so far durable (`fdatasync` of the
+    /// file). Returns whether the file is due for a checkpoint.
     pub(crate) fn sync(&self) -> io::Result<bool> {
-        let (file, dir_dirty, due) = {
-            let mut out = lock(&self.out);
-            (out.file.clone(), std::mem::take(&mut out.dir_dirty), out.len >= self.file_max)
+        let (file, due) = {
+            let out = lock(&self.out);
+            (out.file.clone(), out.len >= self.file_max)
         };
         // Outside the lock: write-outs go on meanwhile. A rotation in between
         // synced the old file itself before letting go of it.
-        let result =
-            file.map_or(Ok(()), |f| f.sync_data()).and_then(|()| if dir_dirty { sync_dir(&self.dir) } else { Ok(()) });
-        if result.is_err() && dir_dirty {
-            lock(&self.out).dir_dirty = true;
-        }
-        result.map(|()| due)
+        file.map_or(Ok(()), |f| f.sync_data())?;
+        Ok(due)
     }
 
     /// Ends the current file: writes out what is pending, syncs it, and
