@@ -22,7 +22,8 @@
 //! missing, as it does for sled's own damage.
 //!
 //! File layout: `journal/<number, 16 hex digits>`, starting with the 8-byte
-//! magic `ILJRNL\0\x01`, then frames (little-endian):
+//! magic `ILJRNL\0\x01` and the 16-byte id of the log it belongs to, then
+//! frames (little-endian):
 //!
 //! | bytes | field |
 //! |---|---|
@@ -46,6 +47,10 @@ use super::store::Write;
 /// The journal's directory inside the log's.
 pub(crate) const DIR: &str = "journal";
 const MAGIC: &[u8; 8] = b"ILJRNL\x00\x01";
+/// A file's header: the magic, then the id of the log it belongs to (zeros
+/// when the log had none yet), so that a journal copied in from another log
+/// is refused, never replayed into this one.
+const HEADER: usize = MAGIC.len() + 16;
 const FRAME_HEADER: usize = 16;
 /// How far ahead of its frames a file is written with zeros. Overwriting
 /// blocks a file already has makes `fdatasync` a data sync alone; appending
@@ -131,11 +136,11 @@ pub(crate) enum FileEnd {
 /// Reads every whole, intact frame of one journal file, in order.
 pub(crate) fn read_file(bytes: &[u8]) -> (Vec<Frame>, FileEnd) {
     let damaged = |at: usize, detail: &str| FileEnd::Damaged { at: at as u64, detail: detail.to_owned() };
-    if bytes.get(..MAGIC.len()) != Some(MAGIC.as_slice()) {
+    if bytes.get(..MAGIC.len()) != Some(MAGIC.as_slice()) || bytes.len() < HEADER {
         return (Vec::new(), damaged(0, "no journal magic"));
     }
     let mut frames = Vec::new();
-    let mut at = MAGIC.len();
+    let mut at = HEADER;
     while at < bytes.len() {
         // The file is zeroed ahead of its frames (see `ZEROED_AHEAD`): zeros to the end are its end.
         if bytes[at..].iter().all(|&b| b == 0) {
@@ -164,6 +169,12 @@ pub(crate) fn read_file(bytes: &[u8]) -> (Vec<Frame>, FileEnd) {
         at += FRAME_HEADER + len;
     }
     (frames, FileEnd::Clean)
+}
+
+/// The log id in a file's header (`None`: no header, or written before the log had an id).
+fn file_id(bytes: &[u8]) -> Option<[u8; 16]> {
+    let id: [u8; 16] = bytes.get(MAGIC.len()..HEADER)?.try_into().ok()?;
+    (id != [0; 16]).then_some(id)
 }
 
 /// The journal's files in `dir`, oldest first, with their numbers.
@@ -222,11 +233,22 @@ pub(crate) struct Resume {
     pub(crate) next_jsn: u64,
 }
 
+/// A journal file of another log.
+#[derive(Debug)]
+pub(crate) struct Foreign {
+    pub(crate) file: PathBuf,
+    pub(crate) found: [u8; 16],
+    pub(crate) ours: [u8; 16],
+}
+
 /// Applies, in order, every frame of the journal in `log_dir` that sled
-/// (which holds every batch up to `held`) does not hold, through `apply`.
-pub(crate) fn replay<E>(
+/// (which holds every batch up to `held`, and belongs to log `id` if it
+/// has one yet) does not hold, through `apply`. A file of another log
+/// stops everything before anything is applied.
+pub(crate) fn replay<E: From<Foreign>>(
     log_dir: &Path,
     held: u64,
+    id: Option<[u8; 16]>,
     mut apply: impl FnMut(u64, Vec<Write>) -> Result<(), E>,
 ) -> Result<Result<(Replayed, Resume), E>, io::Error> {
     let found = files(&log_dir.join(DIR))?;
@@ -234,8 +256,18 @@ pub(crate) fn replay<E>(
     let mut resume = Resume { number: found.last().map_or(1, |(n, _)| n.saturating_add(1)), next_jsn: held };
     let mut held = held;
     let count = found.len();
-    for (i, (_, path)) in found.iter().enumerate() {
-        let (frames, end) = read_file(&std::fs::read(path)?);
+    let mut contents = Vec::with_capacity(count);
+    for (_, path) in &found {
+        let bytes = std::fs::read(path)?;
+        if let (Some(ours), Some(theirs)) = (id, file_id(&bytes))
+            && ours != theirs
+        {
+            return Ok(Err(E::from(Foreign { file: path.clone(), found: theirs, ours })));
+        }
+        contents.push(bytes);
+    }
+    for (i, ((_, path), bytes)) in found.iter().zip(contents).enumerate() {
+        let (frames, end) = read_file(&bytes);
         for frame in frames {
             resume.next_jsn = resume.next_jsn.max(frame.jsn);
             if report.stopped.is_some() {
@@ -318,22 +350,23 @@ impl Journal {
         lock(&self.pending)
     }
 
-    /// Writes every frame appended so far to the current file (to the OS, no sync).
-    pub(crate) fn write_out(&self) -> io::Result<()> {
-        self.write_pending(&mut lock(&self.out))
+    /// Writes every frame appended so far to the current file (to the OS,
+    /// no sync). `id` is asked for the log's id when a file is created.
+    pub(crate) fn write_out(&self, id: impl FnOnce() -> Option<[u8; 16]>) -> io::Result<()> {
+        self.write_pending(&mut lock(&self.out), id)
     }
 
     /// Takes the pending frames (leaving the spare buffer in their place) and writes them.
-    fn write_pending(&self, out: &mut Out) -> io::Result<()> {
+    fn write_pending(&self, out: &mut Out, id: impl FnOnce() -> Option<[u8; 16]>) -> io::Result<()> {
         let mut buf = std::mem::take(&mut out.spare);
         std::mem::swap(&mut buf, &mut lock(&self.pending).buf);
-        let result = self.write_buf(out, &buf);
+        let result = self.write_buf(out, &buf, id);
         buf.clear();
         out.spare = buf;
         result
     }
 
-    fn write_buf(&self, out: &mut Out, buf: &[u8]) -> io::Result<()> {
+    fn write_buf(&self, out: &mut Out, buf: &[u8], id: impl FnOnce() -> Option<[u8; 16]>) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -348,14 +381,17 @@ impl Journal {
                 }
                 let path = self.dir.join(file_name(out.number));
                 let f = OpenOptions::new().write(true).create_new(true).open(path)?;
-                f.write_all_at(MAGIC, 0)?;
+                let mut header = [0; HEADER];
+                header[..MAGIC.len()].copy_from_slice(MAGIC);
+                header[MAGIC.len()..].copy_from_slice(&id().unwrap_or_default());
+                f.write_all_at(&header, 0)?;
                 // The new name is durable before any frame in the file can be
                 // acknowledged (here, under the lock, rather than in a sync
                 // that another thread's sync could skip while this one runs).
                 sync_dir(&self.dir)?;
                 let f = Arc::new(f);
                 out.file = Some(f.clone());
-                out.len = MAGIC.len() as u64;
+                out.len = HEADER as u64;
                 out.zeroed = out.len;
                 f
             }
@@ -390,9 +426,9 @@ impl Journal {
     /// sends later frames to a new file. Returns that new file's number:
     /// every batch applied before the rotation is in a file below it, so
     /// those files may go once sled's files are durable.
-    pub(crate) fn rotate(&self) -> io::Result<u64> {
+    pub(crate) fn rotate(&self, id: impl FnOnce() -> Option<[u8; 16]>) -> io::Result<u64> {
         let mut out = lock(&self.out);
-        self.write_pending(&mut out)?;
+        self.write_pending(&mut out, id)?;
         if let Some(f) = out.file.take() {
             f.sync_data()?;
             out.number += 1;
@@ -424,13 +460,52 @@ pub(crate) fn size(dir: &Path) -> u64 {
 mod tests {
     use super::*;
 
+    fn header(id: Option<[u8; 16]>) -> [u8; HEADER] {
+        let mut h = [0; HEADER];
+        h[..MAGIC.len()].copy_from_slice(MAGIC);
+        h[MAGIC.len()..].copy_from_slice(&id.unwrap_or_default());
+        h
+    }
+
+    /// A replay refused (in these tests: only for a foreign file).
+    #[derive(Debug)]
+    struct Refused(PathBuf);
+
+    impl From<Foreign> for Refused {
+        fn from(f: Foreign) -> Self {
+            Self(f.file)
+        }
+    }
+
+    #[test]
+    fn a_journal_of_another_log_is_refused_before_anything_is_applied() {
+        let dir = journal_of(&[&[1, 2]]);
+        let refused = replay(dir.path(), 0, Some([8; 16]), |_, _| -> Result<(), Refused> {
+            panic!("nothing of another log's journal is applied")
+        });
+        let Ok(Err(Refused(file))) = refused else { panic!("not refused: {refused:?}") };
+        assert_eq!(file.file_name().and_then(|n| n.to_str()), Some("0000000000000001"));
+        // A log without an id yet (its first batch is in the journal) takes it.
+        let (applied, _, _) = {
+            let mut applied = Vec::new();
+            let (r, s) = replay(dir.path(), 0, None, |jsn, _| {
+                applied.push(jsn);
+                Ok::<(), Refused>(())
+            })
+            .expect("read")
+            .expect("apply");
+            (applied, r, s)
+        };
+        assert_eq!(applied, vec![1, 2]);
+    }
+
     fn write(k: &str, v: Option<&str>) -> Write {
         (k.as_bytes().to_vec(), v.map(|v| v.as_bytes().to_vec()))
     }
 
     #[test]
     fn frames_read_back_and_damage_is_found_where_it_is() {
-        let mut bytes = MAGIC.to_vec();
+        let mut bytes = header(None).to_vec();
         let a = vec![write("ra", Some("one")), write("ga", None)];
         let b = vec![write("rb", Some(""))];
         encode_frame(7, &a, &mut bytes);
@@ -455,7 +530,8 @@ mod tests {
             assert!(matches!(end, FileEnd::Damaged { .. }), "bit at {i}");
         }
         assert!(matches!(read_file(b"garbage!").1, FileEnd::Damaged { at: 0, .. }));
-        assert_eq!(read_file(MAGIC), (Vec::new(), FileEnd::Clean));
+        assert_eq!(read_file(&header(None)), (Vec::new(), FileEnd::Clean));
+        assert!(matches!(read_file(MAGIC).1, FileEnd::Damaged { at: 0, .. }), "a header cut short");
     }
 
     #[test]
@@ -470,12 +546,12 @@ mod tests {
         };
         push("a");
         push("b");
-        j.write_out().expect("write out");
+        j.write_out(|| None).expect("write out");
         assert!(!j.sync().expect("sync"), "a small file is not due");
         push("c");
-        assert_eq!(j.rotate().expect("rotate"), 2);
+        assert_eq!(j.rotate(|| None).expect("rotate"), 2);
         push("d");
-        j.write_out().expect("write out");
+        j.write_out(|| None).expect("write out");
         j.sync().expect("sync");
         let found = files(&dir.path().join(DIR)).expect("files");
         assert_eq!(found.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![1, 2]);
@@ -486,9 +562,9 @@ mod tests {
         let found = files(&dir.path().join(DIR)).expect("files");
         assert_eq!(found.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![2]);
         // Nothing pending: a rotation of an empty journal keeps the number.
-        j.write_out().expect("nothing to write");
-        assert_eq!(j.rotate().expect("rotate"), 3);
-        assert_eq!(j.rotate().expect("rotate again, nothing written"), 3);
+        j.write_out(|| None).expect("nothing to write");
+        assert_eq!(j.rotate(|| None).expect("rotate"), 3);
+        assert_eq!(j.rotate(|| None).expect("rotate again, nothing written"), 3);
     }
 
     /// Writes files of frames (each a list of JSNs) into a journal directory.
@@ -496,7 +572,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         std::fs::create_dir(dir.path().join(DIR)).expect("mkdir");
         for (i, jsns) in files.iter().enumerate() {
-            let mut bytes = MAGIC.to_vec();
+            let mut bytes = header(Some([9; 16])).to_vec();
             for &jsn in *jsns {
                 encode_frame(jsn, &[write(&format!("k{jsn}"), Some("v"))], &mut bytes);
             }
@@ -508,10 +584,10 @@ mod tests {
 
     fn replayed(dir: &Path, held: u64) -> (Vec<u64>, Replayed, Resume) {
         let mut applied = Vec::new();
-        let (report, resume) = replay(dir, held, |jsn, writes| {
+        let (report, resume) = replay(dir, held, Some([9; 16]), |jsn, writes| {
             assert_eq!(writes, vec![write(&format!("k{jsn}"), Some("v"))]);
             applied.push(jsn);
-            Ok::<(), ()>(())
+            Ok::<(), Refused>(())
         })
         .expect("read")
         .expect("apply");
@@ -545,7 +621,7 @@ mod tests {
         let (frames, _) = read_file(&bytes);
         assert_eq!(frames.len(), 3);
         // Damage the second frame of the older file: 3, 4, 5 must not be applied over the hole.
-        let second = MAGIC.len() + (bytes.len() - MAGIC.len() - 64) / 3;
+        let second = HEADER + (bytes.len() - HEADER - 64) / 3;
         bytes[second + FRAME_HEADER] ^= 1;
         std::fs::write(&first, &bytes).expect("damage");
         let (applied, report, resume) = replayed(dir.path(), 0);

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use super::head::{self, Head, HeadFile, HeadRead};
+use super::head::{self, Head, HeadFile, HeadRead, LogId};
 use super::journal::{self, Journal, Replayed};
 use super::keys;
 use crate::contain::quietly;
@@ -51,6 +51,18 @@ pub enum StoreError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A journal file in the log's directory belongs to another log.
+    #[error(
+        "{file} belongs to another log (id {found}), not to this one (id {ours}): refusing to replay it; move it out of the way"
+    )]
+    ForeignJournal {
+        /// The file.
+        file: PathBuf,
+        /// The id in its header.
+        found: String,
+        /// This log's id.
+        ours: String,
+    },
     /// The in-memory store was poisoned by a panic in another thread.
     #[error("memory store poisoned by a panic")]
     Poisoned,
@@ -72,6 +84,9 @@ impl StoreError {
     pub(crate) fn shown_as(self, from: &Path, to: &Path) -> Self {
         match self {
             Self::Io { op, path, source } => Self::Io { op, path: super::error::rebase(&path, from, to), source },
+            Self::ForeignJournal { file, found, ours } => {
+                Self::ForeignJournal { file: super::error::rebase(&file, from, to), found, ours }
+            }
             other => other,
         }
     }
@@ -169,7 +184,8 @@ impl SledStore {
             })?,
             None => 0,
         };
-        let replay = journal::replay(dir, held, |jsn, writes| {
+        let id = log_id(&tree, dir)?;
+        let replay = journal::replay(dir, held, id, |jsn, writes| {
             sled_call("replaying the journal", dir, || tree.apply_batch(batch_of(writes, Some(jsn))))
         });
         let (replayed, resume) = replay.map_err(Self::io("read", &dir.join(journal::DIR)))??;
@@ -314,7 +330,7 @@ impl Store for SledStore {
     /// With a journal, writes its pending frames; without, sled's `flush`.
     fn flush(&self) -> Result<(), StoreError> {
         match &self.journal {
-            Some(j) => j.write_out().map_err(Self::io("write", &self.dir.join(journal::DIR))),
+            Some(j) => j.write_out(|| self.log_id()).map_err(Self::io("write", &self.dir.join(journal::DIR))),
             None => self.flush_sled(),
         }
     }
@@ -341,7 +357,7 @@ impl Store for SledStore {
         let _one = self.checkpointing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let jdir = self.dir.join(journal::DIR);
         let below = match &self.journal {
-            Some(j) => j.rotate().map_err(Self::io("write", &jdir))?,
+            Some(j) => j.rotate(|| self.log_id()).map_err(Self::io("write", &jdir))?,
             None => u64::MAX,
         };
         self.flush_sled()?;
@@ -371,6 +387,18 @@ impl Store for SledStore {
     }
 }
 
+/// The log's id as sled holds it (`None` before the log is marked).
+fn log_id(tree: &sled::Tree, dir: &Path) -> Result<Option<[u8; 16]>, StoreError> {
+    let v = sled_call("reading", dir, || tree.get(keys::META_LOG_ID))?;
+    Ok(v.and_then(|v| v.as_ref().try_into().ok()))
+}
+
+impl From<journal::Foreign> for StoreError {
+    fn from(f: journal::Foreign) -> Self {
+        Self::ForeignJournal { file: f.file, found: LogId(f.found).to_string(), ours: LogId(f.ours).to_string() }
+    }
+}
+
 /// A sled batch of `writes`, with the JSN of the journal frame it is.
 fn batch_of(writes: Vec<Write>, jsn: Option<u64>) -> sled::Batch {
     let mut batch = sled::Batch::default();
@@ -387,6 +415,12 @@ fn batch_of(writes: Vec<Write>, jsn: Option<u64>) -> sled::Batch {
 }
 
 impl SledStore {
+    /// The log's id, for a new journal file's header (read when a file is
+    /// created: the log is marked before its first frame is written out).
+    fn log_id(&self) -> Option<[u8; 16]> {
+        log_id(&self.tree, &self.dir).ok().flatten()
+    }
+
     fn flush_sled(&self) -> Result<(), StoreError> {
         sled_call("flushing", &self.dir, || self.db.flush()).map(drop)
     }

@@ -57,10 +57,11 @@ fn journal_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Where the frames of a journal file end (the zeros written ahead start),
-/// read with the layout `journal.rs` documents: an 8-byte magic, then frames
-/// of a 16-byte header (payload length first) and the payload.
+/// read with the layout `journal.rs` documents: an 8-byte magic and the
+/// 16-byte log id, then frames of a 16-byte header (payload length first)
+/// and the payload.
 fn end_of_frames(bytes: &[u8]) -> usize {
-    let mut at = 8;
+    let mut at = 24;
     while at < bytes.len() && bytes[at..].iter().any(|&b| b != 0) {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
         at += 16 + len;
@@ -254,4 +255,28 @@ fn checkpoints_under_load_keep_everything_and_live_copies_stay_whole() {
     drop(log);
     let log = Log::open(&crashed, config).expect("reopen");
     assert_eq!(records(&log), expected);
+}
+
+/// A journal directory from another log is refused by name, for writing and
+/// for reading, and nothing is replayed or deleted.
+#[test]
+fn a_journal_of_another_log_is_refused_and_left_alone() {
+    let (_dir, crashed, _) = crash_copy();
+    let (_other_dir, other, _) = crash_copy();
+    std::fs::remove_dir_all(crashed.join("journal")).expect("rm");
+    copy_tree(&other.join("journal"), &crashed.join("journal"));
+    let files = journal_files(&crashed);
+    let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).expect("read")).collect();
+    let refusal = |e: LogError| {
+        let text = e.to_string();
+        assert!(text.contains("belongs to another log"), "{text}");
+        assert!(text.contains(&crashed.join("journal").display().to_string()), "names the file: {text}");
+    };
+    refusal(Log::open(&crashed, LogConfig::default()).err().expect("a foreign journal is refused"));
+    refusal(Log::open_copy(&crashed).err().expect("also when reading"));
+    let verify = lifecycle(&["verify", crashed.to_str().expect("utf-8")]);
+    assert!(!verify.status.success());
+    assert!(stderr(&verify).contains("belongs to another log"), "{}", stderr(&verify));
+    let after: Vec<Vec<u8>> = journal_files(&crashed).iter().map(|f| std::fs::read(f).expect("read")).collect();
+    assert_eq!(after, before, "the foreign journal is left as it was");
 }
