@@ -280,3 +280,40 @@ fn a_journal_of_another_log_is_refused_and_left_alone() {
     let after: Vec<Vec<u8>> = journal_files(&crashed).iter().map(|f| std::fs::read(f).expect("read")).collect();
     assert_eq!(after, before, "the foreign journal is left as it was");
 }
+
+/// sled's files rolled back to before the journal's oldest frame (the
+/// checkpoints that deleted the frames between had made them durable in
+/// sled's files, which are now older): replay finds a gap, applies nothing
+/// over it, and `verify` reports it as a finding beside the lost records.
+#[test]
+fn sled_rolled_back_behind_the_journal_is_a_gap_and_a_finding() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (src, earlier, rolled) = (dir.path().join("log"), dir.path().join("earlier"), dir.path().join("rolled"));
+    let config = LogConfig { journal_file_max: instance_lifecycle::log::JOURNAL_FILE_MIN, ..LogConfig::default() };
+    let log = Log::open(&src, config).expect("open");
+    let all: Vec<usize> = (0..INSTANCES).collect();
+    write_instances(&log, &all, 200, &mut |_| {});
+    copy_tree(&src, &earlier);
+    write_instances(&log, &all, 6_000, &mut |_| {});
+    copy_tree(&src, &rolled);
+    drop(log);
+    let first = journal_files(&rolled).first().map(|f| file_number(f)).expect("a journal file");
+    assert!(first > 1, "checkpoints deleted the journal's older files");
+    for entry in std::fs::read_dir(&earlier).expect("earlier") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().expect("name").to_owned();
+        if name != "head" && name != "journal" && path.is_file() {
+            std::fs::copy(&path, rolled.join(&name)).expect("roll back");
+        }
+    }
+    let (copy, _) = Log::open_copy(&rolled).expect("a copy reads");
+    let replayed = copy.replayed().expect("journal");
+    assert!(replayed.damaged && replayed.applied == 0, "{replayed:?}");
+    assert!(matches!(copy.head_check(), HeadCheck::Lost { .. }), "{}", copy.head_check());
+    let report = copy
+        .verify_recorded(&instance_lifecycle::machine::Policy::preset(instance_lifecycle::machine::Preset::Whatsapp));
+    let journal = report.findings.iter().map(ToString::to_string).find(|f| f.starts_with("journal:"));
+    assert!(journal.as_deref().is_some_and(|f| f.contains("a gap")), "{:?}", report.findings);
+    drop(copy);
+    refused_as_lost(&rolled, "sled's files behind the journal");
+}
