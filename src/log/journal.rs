@@ -256,17 +256,20 @@ pub(crate) fn replay<E: From<Foreign>>(
     let mut resume = Resume { number: found.last().map_or(1, |(n, _)| n.saturating_add(1)), next_jsn: held };
     let mut held = held;
     let count = found.len();
-    let mut contents = Vec::with_capacity(count);
+    // Every file's header first (a few bytes each): another log's file
+    // refuses the replay before anything is applied.
     for (_, path) in &found {
-        let bytes = std::fs::read(path)?;
-        if let (Some(ours), Some(theirs)) = (id, file_id(&bytes))
+        let mut header = Vec::with_capacity(HEADER);
+        io::Read::read_to_end(&mut io::Read::take(File::open(path)?, HEADER as u64), &mut header)?;
+        if let (Some(ours), Some(theirs)) = (id, file_id(&header))
             && ours != theirs
         {
             return Ok(Err(E::from(Foreign { file: path.clone(), found: theirs, ours })));
         }
-        contents.push(bytes);
     }
-    for (i, ((_, path), bytes)) in found.iter().zip(contents).enumerate() {
+    // Then one file in memory at a time.
+    for (i, (_, path)) in found.iter().enumerate() {
+        let bytes = std::fs::read(path)?;
         let (frames, end) = read_file(&bytes);
         for frame in frames {
             resume.next_jsn = resume.next_jsn.max(frame.jsn);
