@@ -160,7 +160,8 @@ fn a_damaged_journal_is_reported_and_kept_never_skipped() {
     // which covers the records after it, is what makes it a loss.
     let (copy, _) = Log::open_copy(&damaged).expect("open a copy");
     let replayed = copy.replayed().expect("journal");
-    assert!(replayed.stopped.as_deref().is_some_and(|s| s.contains("CRC") || s.contains("decode")), "{replayed:?}");
+    // Which check the flipped bit fails depends on where it lands (length, CRC, payload): any, at the frame.
+    assert!(replayed.stopped.as_deref().is_some_and(|s| s.contains("at offset") && !s.contains("gap")), "{replayed:?}");
     assert!(matches!(copy.head_check(), HeadCheck::Lost { .. }), "{}", copy.head_check());
     drop(copy);
 
