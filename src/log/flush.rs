@@ -6,9 +6,14 @@
 //! acknowledged record that later disappears is always detected.
 //!
 //! [`Flusher`] commits for `GroupCommit` and for `Buffered` (on a period):
-//! it waits for a request, optionally gathers for `window`, then commits
-//! everything requested before the commit started, the data and the head
-//! of consecutive commits overlapping.
+//! a commit covers everything requested before it started, optionally after
+//! gathering for `window`, the data and the head of consecutive commits
+//! overlapping. In `GroupCommit` a commit is led by a *blocking* appender
+//! when one is there to lead (leader/follower, as write groups in databases
+//! do): the first appender to find no data stage running commits the group
+//! itself, in its own thread, and hands the next group to a waiting appender
+//! when its data stage ends; the flusher's threads lead only for async
+//! waiters, which must not block a runtime thread on `fdatasync`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -52,13 +57,17 @@ fn commit_data(store: &dyn Store, reach: Reach) -> Result<(), StoreError> {
 }
 
 /// The flusher: commits on request, covering every append made before the
-/// commit started, in two stages on two threads so that they overlap: the
+/// commit started, in two stages so that consecutive commits overlap: the
 /// *data* thread makes the store durable (for sled with a journal: one write
 /// and one `fdatasync` of the journal) and hands the point it reached to the
 /// *head* thread, which writes the head there (one more `fdatasync`) and
 /// releases the appends it covers. While the head of one group is being
 /// synced, the data of the next already is: one sync period per group, not
-/// two, and never a head ahead of its data.
+/// two, and never a head ahead of its data. A blocking appender that leads
+/// runs both stages itself, one after the other; the next group's data stage
+/// (another leader's, or the data thread's) overlaps its head stage. Data
+/// stages never overlap each other (`data_busy`), so the points they reach
+/// only grow, and every head is written after the data stage that reached it.
 pub(crate) struct Flusher {
     shared: Arc<FlushShared>,
     threads: Vec<JoinHandle<()>>,
@@ -66,10 +75,18 @@ pub(crate) struct Flusher {
 
 struct FlushShared {
     state: Mutex<FlushState>,
-    /// Wakes the data thread: an append was requested (only when it was idle) or stop.
+    /// Blocking waiters lead their own commits (`GroupCommit`); otherwise
+    /// the data thread commits every group (`Buffered`, on its period).
+    leaders: bool,
+    /// How long a commit gathers appends before it starts.
+    window: Duration,
+    /// Wakes the data thread: there is a group no one leads, or stop.
     data_work: Condvar,
     /// Wakes the head thread: the data thread reached a new point, finished, or failed.
     head_work: Condvar,
+    store: Arc<dyn Store>,
+    log_id: LogId,
+    reach: Reach,
 }
 
 /// Someone waiting for a global to be durable.
@@ -91,8 +108,13 @@ impl Waiter {
 struct FlushState {
     /// The newest append: its global and link.
     requested: (u64, Digest),
-    /// Where the data thread's last completed commit reached.
+    /// Where the last completed data stage reached.
     data: (u64, Digest),
+    /// A data stage is running (the data thread's or a leader's).
+    data_busy: bool,
+    /// Where the data thread's last data stage reached: the head thread's work
+    /// (a leader writes its own head).
+    head_owed: (u64, Digest),
     /// Every global up to this one is durable and covered by the head.
     durable: u64,
     /// Who waits for which global; only those a commit covers are woken
@@ -110,28 +132,51 @@ impl FlushState {
     fn wake_all(&mut self) -> Vec<Waiter> {
         std::mem::take(&mut self.waiting).into_values().flatten().collect()
     }
+
+    /// Everyone waiting for a global up to `durable`.
+    fn take_covered(&mut self) -> Vec<Waiter> {
+        let still = self.waiting.split_off(&(self.durable.saturating_add(1)));
+        std::mem::replace(&mut self.waiting, still).into_values().flatten().collect()
+    }
+
+    /// Appends no data stage covers yet, and none is running: a group to lead.
+    fn unled(&self) -> bool {
+        !self.data_busy && self.requested.0 > self.data.0 && self.error.is_none()
+    }
 }
 
 impl Flusher {
-    /// Starts the threads; `window` is how long the data thread gathers appends before each commit.
-    pub(crate) fn start(store: Arc<dyn Store>, log_id: LogId, durable: u64, window: Duration, reach: Reach) -> Self {
+    /// Starts the threads; `window` is how long a commit gathers appends
+    /// before it starts; with `leaders`, blocking waiters lead their commits.
+    pub(crate) fn start(
+        store: Arc<dyn Store>,
+        log_id: LogId,
+        durable: u64,
+        window: Duration,
+        reach: Reach,
+        leaders: bool,
+    ) -> Self {
         let state = FlushState {
             requested: (durable, Digest::ZERO),
             data: (durable, Digest::ZERO),
             durable,
             ..FlushState::default()
         };
-        let shared =
-            Arc::new(FlushShared { state: Mutex::new(state), data_work: Condvar::new(), head_work: Condvar::new() });
+        let shared = Arc::new(FlushShared {
+            state: Mutex::new(state),
+            leaders,
+            window,
+            data_work: Condvar::new(),
+            head_work: Condvar::new(),
+            store: store.clone(),
+            log_id,
+            reach,
+        });
         let mut threads = Vec::new();
-        let (worker, data_store) = (shared.clone(), store.clone());
-        let data = std::thread::Builder::new()
-            .name("lifecycle-log-flush".into())
-            .spawn(move || worker.run_data(data_store.as_ref(), window, reach));
         let worker = shared.clone();
-        let head = std::thread::Builder::new()
-            .name("lifecycle-log-head".into())
-            .spawn(move || worker.run_head(store.as_ref(), log_id, reach));
+        let data = std::thread::Builder::new().name("lifecycle-log-flush".into()).spawn(move || worker.run_data());
+        let worker = shared.clone();
+        let head = std::thread::Builder::new().name("lifecycle-log-head".into()).spawn(move || worker.run_head());
         match (data, head) {
             (Ok(d), Ok(h)) => threads.extend([d, h]),
             (d, h) => {
@@ -149,27 +194,34 @@ impl Flusher {
         Self { shared, threads }
     }
 
-    /// Asks for a commit covering the append at `global`.
+    /// Says an append at `global` wants a commit. Without leaders the data
+    /// thread is woken if it was idle (one that is gathering or committing
+    /// looks at `requested` again before it waits); with leaders, whoever
+    /// waits for the append starts its commit.
     pub(crate) fn request(&self, global: u64, link: Digest) {
         let mut s = self.shared.lock();
-        // Only an idle data thread needs waking: one that is gathering or
-        // committing looks at `requested` again before it waits.
-        let idle = s.requested.0 <= s.data.0;
+        let idle = s.requested.0 <= s.data.0 && !s.data_busy;
         if global > s.requested.0 {
             s.requested = (global, link);
         }
-        if idle {
+        if idle && !self.shared.leaders {
             self.shared.data_work.notify_one();
         }
     }
 
-    /// Waits, blocking the thread, until `global` is durable.
+    /// Waits, blocking the thread, until `global` is durable; with leaders,
+    /// commits the group itself when no data stage is running.
     pub(crate) fn wait_blocking(&self, global: u64) -> Result<(), String> {
         loop {
             {
                 let mut s = self.shared.lock();
                 if let Some(done) = s.outcome(global) {
                     return done;
+                }
+                if self.shared.leaders && s.unled() && !s.stop {
+                    drop(s);
+                    self.shared.lead();
+                    continue;
                 }
                 s.waiting.entry(global).or_default().push(Waiter::Thread(std::thread::current()));
             }
@@ -178,7 +230,8 @@ impl Flusher {
         }
     }
 
-    /// Waits, without blocking a thread, until `global` is durable.
+    /// Waits, without blocking a thread, until `global` is durable. An async
+    /// waiter never leads: it wakes the data thread when no one else does.
     pub(crate) async fn wait_async(&self, global: u64) -> Result<(), String> {
         std::future::poll_fn(|cx| {
             let mut s = self.shared.lock();
@@ -186,6 +239,9 @@ impl Flusher {
                 Some(done) => Poll::Ready(done),
                 None => {
                     s.waiting.entry(global).or_default().push(Waiter::Task(cx.waker().clone()));
+                    if s.unled() {
+                        self.shared.data_work.notify_one();
+                    }
                     Poll::Pending
                 }
             }
@@ -241,65 +297,121 @@ impl FlushShared {
         woken.into_iter().for_each(Waiter::wake);
     }
 
-    fn run_data(&self, store: &dyn Store, window: Duration, reach: Reach) {
+    /// A blocking waiter's commit: the data stage (gathering for the window
+    /// first), then, after handing the next group to another waiter, the
+    /// head stage, waking everyone it covers.
+    fn lead(&self) {
+        {
+            let mut s = self.lock();
+            if !s.unled() {
+                return;
+            }
+            s.data_busy = true;
+        }
+        if !self.window.is_zero() {
+            std::thread::sleep(self.window);
+        }
+        let Some(reached) = self.data_stage() else { return };
+        self.head_stage(reached);
+    }
+
+    /// Runs one data stage (the caller set `data_busy`): everything requested
+    /// before it starts becomes durable. Hands the next unled group on, to a
+    /// blocking waiter or else the data thread, and says where it reached
+    /// (`None`: it failed, and everyone has heard).
+    fn data_stage(&self) -> Option<(u64, Digest)> {
+        let reached = self.lock().requested;
+        if let Err(e) = commit_data(self.store.as_ref(), self.reach) {
+            self.fail(format!("flush failed: {e}"));
+            return None;
+        }
+        let mut s = self.lock();
+        if reached.0 > s.data.0 {
+            s.data = reached;
+        }
+        s.data_busy = false;
+        let more = s.requested.0 > s.data.0 || s.stop;
+        drop(s);
+        if more {
+            self.data_work.notify_one();
+        }
+        Some(reached)
+    }
+
+    /// Writes the head at `reached` (whose data is durable) and wakes everyone it covers.
+    fn head_stage(&self, (global, link): (u64, Digest)) -> bool {
+        let head = Head { log_id: self.log_id, global, link };
+        if let Err(e) = self.store.write_head(&head, self.reach == Reach::Disk) {
+            self.fail(format!("writing the head failed: {e}"));
+            return false;
+        }
+        let mut s = self.lock();
+        s.durable = s.durable.max(global);
+        let covered = s.take_covered();
+        drop(s);
+        covered.into_iter().for_each(Waiter::wake);
+        true
+    }
+
+    fn run_data(&self) {
         loop {
             {
                 let mut s = self.lock();
-                while s.requested.0 <= s.data.0 && !s.stop && s.error.is_none() {
+                loop {
+                    if s.error.is_some() {
+                        drop(s);
+                        return self.data_ended();
+                    }
+                    if s.unled() {
+                        break;
+                    }
+                    if s.stop && !s.data_busy {
+                        drop(s);
+                        return self.data_ended(); // stopping with nothing left
+                    }
                     s = self.data_work.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
-                if s.error.is_some() || s.requested.0 <= s.data.0 {
-                    break; // failed, or stopping with nothing left
-                }
-                if !window.is_zero() && !s.stop {
+                s.data_busy = true;
+                if !self.window.is_zero() && !s.stop {
                     // Gather for the window; a stop cuts it short.
                     let (guard, _) = self
                         .data_work
-                        .wait_timeout_while(s, window, |s| !s.stop)
+                        .wait_timeout_while(s, self.window, |s| !s.stop)
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     drop(guard);
                 }
             }
-            // Everything requested before the commit starts is covered by it.
-            let reached = self.lock().requested;
-            if let Err(e) = commit_data(store, reach) {
-                self.fail(format!("flush failed: {e}"));
-                return;
-            }
+            let Some(reached) = self.data_stage() else { return };
             let mut s = self.lock();
-            if reached.0 > s.data.0 {
-                s.data = reached;
+            if reached.0 > s.head_owed.0 {
+                s.head_owed = reached;
             }
             drop(s);
             self.head_work.notify_one();
         }
+    }
+
+    fn data_ended(&self) {
         self.lock().data_ended = true;
         self.head_work.notify_one();
     }
 
-    fn run_head(&self, store: &dyn Store, log_id: LogId, reach: Reach) {
+    /// Writes the heads of the data thread's commits (a leader writes its own).
+    fn run_head(&self) {
         loop {
-            let (global, link) = {
+            let reached = {
                 let mut s = self.lock();
-                while s.data.0 <= s.durable && !s.data_ended && s.error.is_none() {
+                while s.head_owed.0 <= s.durable && !s.data_ended && s.error.is_none() {
                     s = self.head_work.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
-                if s.error.is_some() || s.data.0 <= s.durable {
+                if s.error.is_some() || s.head_owed.0 <= s.durable {
                     break; // failed, or the data thread ended and everything is covered
                 }
-                s.data
+                s.head_owed
             };
-            if let Err(e) = store.write_head(&Head { log_id, global, link }, reach == Reach::Disk) {
-                self.fail(format!("writing the head failed: {e}"));
+            if !self.head_stage(reached) {
                 return;
             }
-            let mut s = self.lock();
-            s.durable = s.durable.max(global);
-            let durable = s.durable;
-            let still = s.waiting.split_off(&(durable.saturating_add(1)));
-            let covered = std::mem::replace(&mut s.waiting, still);
-            drop(s);
-            covered.into_values().flatten().for_each(Waiter::wake);
         }
         let mut s = self.lock();
         s.ended = true;
@@ -320,7 +432,8 @@ mod tests {
     /// when no receiver existed, and such a waiter waited forever.
     #[test]
     fn a_commit_nobody_waited_for_is_seen_by_a_later_waiter() {
-        let flusher = Flusher::start(Arc::new(MemoryStore::new()), LogId::fresh(), 0, Duration::ZERO, Reach::Os);
+        let flusher =
+            Flusher::start(Arc::new(MemoryStore::new()), LogId::fresh(), 0, Duration::ZERO, Reach::Os, false);
         flusher.request(1, Digest::ZERO);
         flusher.wait_blocking(1).expect("committed");
         assert_eq!(flusher.durable(), 1);

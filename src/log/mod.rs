@@ -345,11 +345,12 @@ impl Log {
             // Every append commits for itself (`commit_now`).
             (Access::Write, Some(_), Durability::Strict) => None,
             (Access::Write, Some(id), mode) => {
-                let (window, reach) = match mode {
-                    Durability::Buffered => (config.buffered_head_every, Reach::Os),
-                    Durability::GroupCommit | Durability::Strict => (config.group_commit_max_delay, Reach::Disk),
+                // Buffered appends wait for nothing: its commits are the data thread's alone.
+                let (window, reach, leaders) = match mode {
+                    Durability::Buffered => (config.buffered_head_every, Reach::Os, false),
+                    Durability::GroupCommit | Durability::Strict => (config.group_commit_max_delay, Reach::Disk, true),
                 };
-                Some(Flusher::start(store.clone(), id, last_global, window, reach))
+                Some(Flusher::start(store.clone(), id, last_global, window, reach, leaders))
             }
         };
         let inner = Inner {

@@ -3,7 +3,9 @@
 //! every head written, and the writers record each acknowledgement. In the
 //! durable modes, with many concurrent writers: a head never covers more
 //! than the last completed sync covered, and an append is acknowledged only
-//! after a head covering it was written.
+//! after a head covering it was written. Who runs the commits is checked
+//! too: a blocking appender leads its group's commit in its own thread, an
+//! async one never blocks its runtime thread on a sync.
 
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +35,8 @@ struct Recorder {
     events: Mutex<Vec<Ev>>,
     /// The newest global applied, and what the last flush could cover.
     applied: Mutex<(u64, u64)>,
+    /// The name of the thread each sync ran on.
+    sync_threads: Mutex<Vec<String>>,
 }
 
 impl Recorder {
@@ -78,6 +82,8 @@ impl Store for Recorder {
         std::thread::sleep(std::time::Duration::from_micros(200)); // a disk's pace
         let covered = self.applied.lock().expect("lock").1;
         self.push(Ev::Synced(covered));
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        self.sync_threads.lock().expect("lock").push(thread);
         Ok(())
     }
     fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -157,4 +163,94 @@ fn the_order_check_fails_on_an_early_acknowledgement() {
     assert!(check(&ahead).is_err(), "a head ahead of the synced data");
     let good = [Ev::Applied(1), Ev::FlushStarted(1), Ev::Synced(1), Ev::Head(1), Ev::Acked(1)];
     assert_eq!(check(&good), Ok(1));
+}
+
+/// Where the syncs ran: the names of the threads, counted.
+fn sync_threads(store: &Recorder) -> std::collections::BTreeMap<String, usize> {
+    let mut counted = std::collections::BTreeMap::new();
+    for t in store.sync_threads.lock().expect("lock").iter() {
+        let t = if t.starts_with("blocking-") { "blocking-writer" } else { t.as_str() };
+        *counted.entry(t.to_string()).or_insert(0) += 1;
+    }
+    counted
+}
+
+/// Leader/follower: a blocking appender that finds no commit running leads
+/// one in its own thread — alone, it commits every append itself, as Strict
+/// does, without handing off to the flusher (under load the flusher's data
+/// thread chains the groups); async appenders never sync on a runtime
+/// thread; with both at once, the order still holds.
+#[test]
+fn a_blocking_appender_leads_its_commit_and_async_ones_never_sync_on_the_runtime() {
+    // One blocking writer, named so that its syncs are told apart.
+    let store = Arc::new(Recorder::default());
+    let log = Log::with_store(store.clone(), LogConfig::default()).expect("log");
+    store.sync_threads.lock().expect("lock").clear(); // opening's own commit
+    std::thread::scope(|s| {
+        let (log, store) = (log.clone(), store.clone());
+        std::thread::Builder::new()
+            .name("blocking-0".into())
+            .spawn_scoped(s, move || {
+                let n = name("b0");
+                for seq in 1..=60u64 {
+                    let a = log.append(&n, seq, Timestamp(seq), Event::created("ws://x/"), &Instance::new());
+                    store.push(Ev::Acked(a.expect("append").global));
+                }
+            })
+            .expect("thread");
+    });
+    let threads = sync_threads(&store);
+    assert_eq!(threads, [("blocking-writer".to_string(), 60)].into(), "who synced");
+    assert_eq!(check(&store.events.lock().expect("lock")), Ok(60));
+
+    // Async only, then both at once, on a runtime with named worker threads.
+    for blocking in [0, 4] {
+        let store = Arc::new(Recorder::default());
+        let log = Log::with_store(store.clone(), LogConfig::default()).expect("log");
+        store.sync_threads.lock().expect("lock").clear();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("runtime-worker")
+            .build()
+            .expect("runtime");
+        std::thread::scope(|s| {
+            for w in 0..blocking {
+                let (log, store) = (log.clone(), store.clone());
+                std::thread::Builder::new()
+                    .name(format!("blocking-{w}"))
+                    .spawn_scoped(s, move || {
+                        let n = name(&format!("b{w}"));
+                        for seq in 1..=30u64 {
+                            let a = log.append(&n, seq, Timestamp(seq), Event::created("ws://x/"), &Instance::new());
+                            store.push(Ev::Acked(a.expect("append").global));
+                        }
+                    })
+                    .expect("thread");
+            }
+            runtime.block_on(async {
+                let tasks: Vec<_> = (0..8)
+                    .map(|w| {
+                        let (log, store) = (log.clone(), store.clone());
+                        tokio::spawn(async move {
+                            let n = name(&format!("a{w}"));
+                            for seq in 1..=30u64 {
+                                let event = Event::created("ws://x/");
+                                let a = log.append_async(&n, seq, Timestamp(seq), event, &Instance::new()).await;
+                                store.push(Ev::Acked(a.expect("append").global));
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.expect("task");
+                }
+            });
+        });
+        let threads = sync_threads(&store);
+        assert!(!threads.contains_key("runtime-worker"), "a sync ran on a runtime thread: {threads:?}");
+        assert!(threads.contains_key("lifecycle-log-flush"), "async waiters are led by the data thread: {threads:?}");
+        let acks = 240 + blocking * 30;
+        assert_eq!(check(&store.events.lock().expect("lock")), Ok(acks), "{blocking} blocking writers beside async ones");
+        assert_eq!(log.tip().0, acks as u64);
+    }
 }
