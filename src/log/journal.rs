@@ -146,29 +146,41 @@ pub(crate) fn read_file(bytes: &[u8]) -> (Vec<Frame>, FileEnd) {
         if bytes[at..].iter().all(|&b| b == 0) {
             break;
         }
-        let Some(header) = bytes.get(at..at + FRAME_HEADER) else {
-            return (frames, damaged(at, "a frame header cut short"));
-        };
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if len > FRAME_MAX {
-            return (frames, damaged(at, "a frame longer than any batch"));
+        match frame_at(&bytes[at..]) {
+            Ok((frame, len)) => {
+                frames.push(frame);
+                at += len;
+            }
+            Err(detail) => return (frames, damaged(at, detail)),
         }
-        let Some(body) = bytes.get(at + 8..at + FRAME_HEADER + len) else {
-            return (frames, damaged(at, "a frame cut short"));
-        };
-        if crc32fast::hash(body) != crc {
-            return (frames, damaged(at, "a frame failing its CRC"));
-        }
-        let mut jsn = [0; 8];
-        jsn.copy_from_slice(&body[..8]);
-        let Some(writes) = decode_payload(&body[8..]) else {
-            return (frames, damaged(at, "a frame whose payload does not decode"));
-        };
-        frames.push(Frame { jsn: u64::from_le_bytes(jsn), writes });
-        at += FRAME_HEADER + len;
     }
     (frames, FileEnd::Clean)
+}
+
+/// The one frame at the start of `bytes`, and its length; or what is wrong with it.
+fn frame_at(bytes: &[u8]) -> Result<(Frame, usize), &'static str> {
+    let header = bytes.get(..FRAME_HEADER).ok_or("a frame header cut short")?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len > FRAME_MAX {
+        return Err("a frame longer than any batch");
+    }
+    let body = bytes.get(8..FRAME_HEADER + len).ok_or("a frame cut short")?;
+    if crc32fast::hash(body) != crc {
+        return Err("a frame failing its CRC");
+    }
+    let mut jsn = [0; 8];
+    jsn.copy_from_slice(&body[..8]);
+    let writes = decode_payload(&body[8..]).ok_or("a frame whose payload does not decode")?;
+    Ok((Frame { jsn: u64::from_le_bytes(jsn), writes }, FRAME_HEADER + len))
+}
+
+/// Exactly one frame (as `encode_frame` wrote it into a buffer of its own).
+pub(crate) fn decode_frame(bytes: &[u8]) -> Result<Frame, &'static str> {
+    match frame_at(bytes)? {
+        (frame, len) if len == bytes.len() => Ok(frame),
+        _ => Err("bytes after the frame"),
+    }
 }
 
 /// The log id in a file's header (`None`: no header, or written before the log had an id).
@@ -222,6 +234,10 @@ pub struct Replayed {
     /// is where a crash interrupts a write; whether it took anything
     /// acknowledged with it is the head check's to say ([`super::HeadCheck`]).
     pub damaged: bool,
+    /// A batch sled held in part (the process stopped while it was being
+    /// applied key by key), completed from its copy in sled before the
+    /// replay: its JSN. Never acknowledged (its commit had not begun).
+    pub completed: Option<u64>,
 }
 
 /// Where appending goes on after [`replay`].

@@ -33,6 +33,11 @@ pub(crate) const META_TIP: &[u8] = b"mtip";
 /// The JSN of the last batch applied (big-endian u64), written in the same
 /// batch: which journal frames sled already holds (see `journal.rs`).
 pub(crate) const META_JOURNAL: &[u8] = b"mjournal";
+/// The batch being applied key by key, as its journal frame: written before
+/// the batch's keys (and `mjournal` after them), so that sled recovering a
+/// prefix of its writes that holds part of the batch also holds the whole
+/// batch here, and opening completes it (see `store.rs`).
+pub(crate) const META_BATCH: &[u8] = b"mbatch";
 /// The format marker this build writes.
 pub(crate) const FORMAT: &str = "instance-lifecycle log v2";
 /// The marker of logs written before records were chained (read, and upgraded by a writer).

@@ -315,7 +315,7 @@ impl Log {
             SledStore::new(db, path, journaled.then_some(config.journal_file_max.max(JOURNAL_FILE_MIN)))
                 .map_err(opened)?,
         );
-        let replayed = store.replayed().is_some_and(|r| r.files > 0);
+        let replayed = store.replayed().is_some_and(|r| r.files > 0 || r.completed.is_some());
         let log = Self::init(store.clone(), Some(path.to_path_buf()), config, access, scratch)?;
         // Only once the log is accepted (a refused one keeps its journal as
         // evidence): fold what was replayed into sled's files and let it go.
@@ -535,14 +535,18 @@ impl Log {
         let bytes = record::encode_record(&record);
         let link = Digest::of(&bytes[4..]);
         let latest = Latest { seq: actual, global, at, instance: to.clone() };
-        let mut writes = vec![
-            (keys::record(name, actual), Some(bytes)),
-            (keys::global(global), Some(keys::record_suffix(name, actual))),
-            (keys::latest(name), Some(record::encode(&latest))),
-        ];
+        // In this order: a reader in this process may see the keys of a batch
+        // appear one by one (`SledStore::apply_by_key`), and each key is
+        // written before any key that leads a reader to it.
+        let mut writes = Vec::with_capacity(4);
         if let Some(spec) = spec {
             writes.push((keys::spec(name), Some(spec)));
         }
+        writes.extend([
+            (keys::record(name, actual), Some(bytes)),
+            (keys::global(global), Some(keys::record_suffix(name, actual))),
+            (keys::latest(name), Some(record::encode(&latest))),
+        ]);
         self.inner.store.apply(writes)?;
         w.last_global = global;
         w.last_link = link;
