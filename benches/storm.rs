@@ -332,6 +332,11 @@ async fn storm(n: usize) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).global_queue_interval(std::env::var("GQI").ok().and_then(|v| v.parse().ok()).unwrap_or(61)).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .global_queue_interval(std::env::var("GQI").ok().and_then(|v| v.parse().ok()).unwrap_or(61))
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(storm(scaled(10_000)));
 }

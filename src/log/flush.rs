@@ -432,8 +432,7 @@ mod tests {
     /// when no receiver existed, and such a waiter waited forever.
     #[test]
     fn a_commit_nobody_waited_for_is_seen_by_a_later_waiter() {
-        let flusher =
-            Flusher::start(Arc::new(MemoryStore::new()), LogId::fresh(), 0, Duration::ZERO, Reach::Os, false);
+        let flusher = Flusher::start(Arc::new(MemoryStore::new()), LogId::fresh(), 0, Duration::ZERO, Reach::Os, false);
         flusher.request(1, Digest::ZERO);
         flusher.wait_blocking(1).expect("committed");
         assert_eq!(flusher.durable(), 1);

@@ -250,7 +250,11 @@ fn a_blocking_appender_leads_its_commit_and_async_ones_never_sync_on_the_runtime
         assert!(!threads.contains_key("runtime-worker"), "a sync ran on a runtime thread: {threads:?}");
         assert!(threads.contains_key("lifecycle-log-flush"), "async waiters are led by the data thread: {threads:?}");
         let acks = 240 + blocking * 30;
-        assert_eq!(check(&store.events.lock().expect("lock")), Ok(acks), "{blocking} blocking writers beside async ones");
+        assert_eq!(
+            check(&store.events.lock().expect("lock")),
+            Ok(acks),
+            "{blocking} blocking writers beside async ones"
+        );
         assert_eq!(log.tip().0, acks as u64);
     }
 }
