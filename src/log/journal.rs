@@ -5,15 +5,20 @@
 //! commit path, which matters twice: sled's `flush` holds a process-wide lock
 //! that stops every `apply_batch` until its I/O completes (measured: groups of
 //! 7 appends out of 256 writers, because writers could not append while a
-//! flush ran), and a journal commit is one sync of one file.
+//! flush ran), and a journal commit is one sync of one file. For the same
+//! reason appends go into sled key by key (`SledStore::apply_by_key`): an
+//! `apply_batch` also writes out a buffer of sled's files for every batch.
 //!
-//! sled still writes its files on its own (every `flush_every`, and whenever a
-//! buffer fills). A *checkpoint* makes sled's files durable, after which the
+//! sled still writes its files on its own (whenever a buffer fills). A
+//! *checkpoint* makes sled's files durable, after which the
 //! journal files it covers are deleted: when the current file passes
 //! `LogConfig::journal_file_max`, and when the log is opened or closed by a writer.
 //!
 //! **Replay is exact.** Each batch carries its journal sequence number (JSN)
-//! into sled, in the same atomic batch (key `mjournal`), so opening knows
+//! into sled (key `mjournal`, in the same sled batch, or written last after
+//! the batch's keys with a copy of the batch written first: sled recovers
+//! a prefix of its writes, and opening completes a batch held in part from
+//! that copy before replaying), so opening knows
 //! which batches sled already holds: frames at or below sled's JSN are
 //! skipped, the one after is applied, and so on. A frame is never applied
 //! over a newer state (that would move some keys back), and never out of

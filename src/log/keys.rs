@@ -30,8 +30,9 @@ pub(crate) const META_LOG_ID: &[u8] = b"mlogid";
 /// Global and link of the newest record, written only when compaction deletes
 /// that record (purging a removed instance), so the tip outlives it.
 pub(crate) const META_TIP: &[u8] = b"mtip";
-/// The JSN of the last batch applied (big-endian u64), written in the same
-/// batch: which journal frames sled already holds (see `journal.rs`).
+/// The JSN of the last batch applied (big-endian u64), written with the
+/// batch (last, for one applied key by key): which journal frames sled
+/// already holds (see `journal.rs`).
 pub(crate) const META_JOURNAL: &[u8] = b"mjournal";
 /// The batch being applied key by key, as its journal frame: written before
 /// the batch's keys (and `mjournal` after them), so that sled recovering a

@@ -6,13 +6,14 @@
 //!    (a second writer or a lost update is [`LogError::SequenceConflict`]),
 //!    assign the next global sequence number, chain the record to the
 //!    instance's previous one (`prev`, see [`record`]).
-//! 2. Apply one atomic batch: the record, its global-index entry, and the
-//!    instance's latest-state entry. Release the lock.
+//! 2. Apply the batch: the record, its global-index entry, and the
+//!    instance's latest-state entry, all there after a crash or none
+//!    ([`Store::append`]; readers in this process may see them land one by
+//!    one, each before the entry that leads to it). Release the lock.
 //! 3. Wait for durability as the [`Durability`] mode says: a *commit*
 //!    covering this append. In the durable modes a commit is one write and
 //!    one `fdatasync` of the journal (every batch is also a journal frame,
-//!    see `journal.rs`; sled is never flushed on the commit path, because
-//!    its flush stops every other append while it runs), then the head moved
+//!    see `journal.rs`; sled is never flushed on the commit path), then the head moved
 //!    up with one more `fdatasync`. `Buffered` does not wait; its commits
 //!    run on a period, flush sled and stop at the OS (no fsync).
 //! 4. Only then may the caller apply the transition in memory. If any step
@@ -117,8 +118,9 @@ pub struct LogConfig {
     pub buffered_head_every: Duration,
     /// How large a journal file grows (durable modes) before a checkpoint
     /// flushes sled's files and starts a new one: 64 MiB, about 50,000
-    /// appends, makes the checkpoint's pause of appends rare and replay after
-    /// a crash well under a second. Floored at [`JOURNAL_FILE_MIN`].
+    /// appends, keeps replay after a crash well under a second and sled's
+    /// flushes rare (appends go on during one; a compaction step waits for
+    /// it). Floored at [`JOURNAL_FILE_MIN`].
     pub journal_file_max: u64,
     /// sled's page cache: 64 MiB holds the hot tail of a large fleet's log;
     /// sled's own default (1 GiB) is far more than a lifecycle log needs.
@@ -144,7 +146,7 @@ impl Default for LogConfig {
 }
 
 /// The smallest [`LogConfig::journal_file_max`]: below it checkpoints, each
-/// of which pauses appends while sled flushes, would come every few hundred appends.
+/// a flush of sled's files, would come every few hundred appends.
 pub const JOURNAL_FILE_MIN: u64 = 256 * 1024;
 
 /// An acknowledged append.
@@ -547,7 +549,7 @@ impl Log {
             (keys::global(global), Some(keys::record_suffix(name, actual))),
             (keys::latest(name), Some(record::encode(&latest))),
         ]);
-        self.inner.store.apply(writes)?;
+        self.inner.store.append(writes)?;
         w.last_global = global;
         w.last_link = link;
         w.tips.insert(name.clone(), Tip { seq: actual, link });

@@ -196,6 +196,9 @@ pub enum Note {
         applied: u64,
         /// Where replay stopped short of the journal's end, at a write a crash interrupted.
         stopped: Option<String>,
+        /// A batch sled held in part, completed at open (its JSN): the writer
+        /// stopped while putting it in, before its commit began.
+        completed: Option<u64>,
     },
 }
 
@@ -209,11 +212,14 @@ impl fmt::Display for Note {
             Self::Legacy => f.write_str(
                 "written before logs had a head: a rollback of its database cannot be detected until a writer opens it",
             ),
-            Self::JournalReplayed { applied, stopped } => {
+            Self::JournalReplayed { applied, stopped, completed } => {
                 write!(
                     f,
                     "the journal held {applied} batch(es) sled's files did not (a stop before a checkpoint): replayed"
                 )?;
+                if let Some(jsn) = completed {
+                    write!(f, "; batch {jsn}, which the writer stopped in the middle of putting in, was completed")?;
+                }
                 stopped.as_ref().map_or(Ok(()), |s| write!(f, "; it ends in {s}"))
             }
             Self::AcceptedLoss(loss) => write!(
@@ -361,9 +367,9 @@ impl Log {
         }
         match self.replayed() {
             Some(r) if r.damaged => report.findings.push(Finding::Journal { detail: r.stopped.unwrap_or_default() }),
-            Some(r) if r.applied > 0 || r.stopped.is_some() => {
-                report.notes.push(Note::JournalReplayed { applied: r.applied, stopped: r.stopped })
-            }
+            Some(r) if r.applied > 0 || r.stopped.is_some() || r.completed.is_some() => report
+                .notes
+                .push(Note::JournalReplayed { applied: r.applied, stopped: r.stopped, completed: r.completed }),
             _ => {}
         }
         match self.accepted_losses() {

@@ -122,7 +122,7 @@ fn what_a_crash_leaves_comes_back_whole_from_the_journal() {
         report
             .notes
             .iter()
-            .any(|n| matches!(n, Note::JournalReplayed { applied, stopped: None } if *applied == replayed.applied)),
+            .any(|n| matches!(n, Note::JournalReplayed { applied, stopped: None, .. } if *applied == replayed.applied)),
         "{:?}",
         report.notes
     );
