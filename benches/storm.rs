@@ -216,48 +216,34 @@ async fn storm(n: usize) {
     }
     if std::env::var("STORM_DEBUG").is_ok() {
         let drop_ms = dropped_wall.duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
-        let mut recorded: Vec<u64> = (0..n)
-            .filter_map(|i| {
-                let h = reopened.history(&InstanceName::new(name(i)).expect("name")).expect("history");
-                h.into_iter().find(|r| r.global > before && matches!(r.to.state, State::Open { .. })).map(|r| r.at.0)
-            })
-            .map(|at| at.saturating_sub(drop_ms))
-            .collect();
-        recorded.sort();
-        let q = |v: &[u64], f: f64| v[((v.len() as f64 * f) as usize).min(v.len() - 1)];
-        eprintln!(
-            "Open as recorded (ms after the drop): 10 {} / 50 {} / 90 {} / 99 {} / 100 {}",
-            q(&recorded, 0.1),
-            q(&recorded, 0.5),
-            q(&recorded, 0.9),
-            q(&recorded, 0.99),
-            q(&recorded, 1.0)
-        );
+        // Milliseconds after the drop of the first record after it that `pick` takes, per instance.
+        let after_drop = |pick: &dyn Fn(&instance_lifecycle::log::Record) -> bool| -> Vec<u64> {
+            let mut v: Vec<u64> = (0..n)
+                .filter_map(|i| {
+                    let h = reopened.history(&InstanceName::new(name(i)).expect("name")).expect("history");
+                    h.into_iter().find(|r| r.global > before && pick(r)).map(|r| r.at.0.saturating_sub(drop_ms))
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let show = |what: &str, v: &[u64]| {
+            let q =
+                |f: f64| v.get(((v.len() as f64 * f) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or(0);
+            eprintln!(
+                "{what} (ms after the drop): 10 {} / 50 {} / 90 {} / 99 {} / 100 {}",
+                q(0.1),
+                q(0.5),
+                q(0.9),
+                q(0.99),
+                q(1.0)
+            );
+        };
+        show("close seen", &after_drop(&|_| true));
+        show("Open as recorded", &after_drop(&|r| matches!(r.to.state, State::Open { .. })));
         let mut hooked: Vec<u64> = back.values().map(|d| d.as_millis() as u64).collect();
         hooked.sort();
-        eprintln!(
-            "Open as the hook saw it (ms after the drop): 10 {} / 50 {} / 90 {} / 99 {} / 100 {}",
-            q(&hooked, 0.1),
-            q(&hooked, 0.5),
-            q(&hooked, 0.9),
-            q(&hooked, 0.99),
-            q(&hooked, 1.0)
-        );
-        let mut closed: Vec<u64> = (0..n)
-            .filter_map(|i| {
-                let h = reopened.history(&InstanceName::new(name(i)).expect("name")).expect("history");
-                h.into_iter().find(|r| r.global > before).map(|r| r.at.0)
-            })
-            .map(|at| at.saturating_sub(drop_ms))
-            .collect();
-        closed.sort();
-        eprintln!(
-            "close seen (ms after the drop): 10 {} / 50 {} / 90 {} / 100 {}",
-            q(&closed, 0.1),
-            q(&closed, 0.5),
-            q(&closed, 0.9),
-            q(&closed, 1.0)
-        );
+        show("Open as the hook saw it", &hooked);
         for i in [100, 5000, 9999] {
             for r in reopened.history(&InstanceName::new(name(i)).expect("name")).expect("history") {
                 if r.global > before {
