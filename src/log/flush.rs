@@ -11,9 +11,13 @@
 //! overlapping. In `GroupCommit` a commit is led by a *blocking* appender
 //! when one is there to lead (leader/follower, as write groups in databases
 //! do): the first appender to find no data stage running commits the group
-//! itself, in its own thread, and hands the next group to a waiting appender
-//! when its data stage ends; the flusher's threads lead only for async
-//! waiters, which must not block a runtime thread on `fdatasync`.
+//! itself, in its own thread (alone, it commits as `Strict` does, with no
+//! hand-off). Appends that arrive meanwhile are taken by the flusher's data
+//! thread when that data stage ends, so that under load groups follow each
+//! other without waiting for a parked thread to be scheduled (handing the
+//! next group to a waiting appender was measured: 16 writers fell from
+//! ~10,500 to ~6,000 appends/s on 2 cores). Async waiters never lead: they
+//! must not block a runtime thread on `fdatasync`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -298,8 +302,7 @@ impl FlushShared {
     }
 
     /// A blocking waiter's commit: the data stage (gathering for the window
-    /// first), then, after handing the next group to another waiter, the
-    /// head stage, waking everyone it covers.
+    /// first), then the head stage, waking everyone it covers.
     fn lead(&self) {
         {
             let mut s = self.lock();
@@ -316,9 +319,9 @@ impl FlushShared {
     }
 
     /// Runs one data stage (the caller set `data_busy`): everything requested
-    /// before it starts becomes durable. Hands the next unled group on, to a
-    /// blocking waiter or else the data thread, and says where it reached
-    /// (`None`: it failed, and everyone has heard).
+    /// before it starts becomes durable. Wakes the data thread for the
+    /// appends that came meanwhile, and says where it reached (`None`: it
+    /// failed, and everyone has heard).
     fn data_stage(&self) -> Option<(u64, Digest)> {
         let reached = self.lock().requested;
         if let Err(e) = commit_data(self.store.as_ref(), self.reach) {
