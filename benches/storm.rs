@@ -68,10 +68,7 @@ async fn storm(n: usize) {
     let stamp = opens.clone();
     let config = EngineConfig {
         policy: policy.clone(),
-        log: LogConfig {
-            journal_file_max: std::env::var("STORM_JOURNAL_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20),
-            ..LogConfig::default()
-        },
+        log: LogConfig::default(),
         notifications_capacity: 1 << 20,
         compaction: None,
         on_transition: Some(Arc::new(move |note: &instance_lifecycle::engine::Notification| {
@@ -143,7 +140,6 @@ async fn storm(n: usize) {
             .collect()
     };
     let before_storm = accepts(&serde_json::from_str(&peer.ask("stats")).expect("stats json"));
-    let io_before = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
     opens.lock().expect("opens").clear();
     // The log's tip and commit point, sampled every 100 ms by a thread of its own.
     let sampling = Arc::new(AtomicBool::new(true));
@@ -172,10 +168,6 @@ async fn storm(n: usize) {
         }
     }
     let all_back = back.values().copied().max().unwrap_or(give_up);
-    if std::env::var("STORM_DEBUG").is_ok() {
-        let io_after = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
-        eprintln!("io before the storm:\n{io_before}io after it:\n{io_after}tip {} before {before}", log.tip().0);
-    }
     sampling.store(false, Ordering::Relaxed);
     let samples = sampler.join().expect("sampler");
     let rss = peak_rss_mib();
@@ -318,11 +310,6 @@ async fn storm(n: usize) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .global_queue_interval(std::env::var("GQI").ok().and_then(|v| v.parse().ok()).unwrap_or(61))
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(storm(scaled(10_000)));
 }
