@@ -234,6 +234,28 @@ impl Flusher {
         }
     }
 
+    /// Wakes each thread once its global is durable (or the flusher failed):
+    /// blocking appends another thread wrote (`combine.rs`). Starts the data
+    /// thread on them if no data stage is running.
+    pub(crate) fn wake_when_durable(&self, waiters: Vec<(u64, std::thread::Thread)>) {
+        if waiters.is_empty() {
+            return;
+        }
+        let mut s = self.shared.lock();
+        let mut now = Vec::new();
+        for (global, thread) in waiters {
+            match s.outcome(global) {
+                Some(_) => now.push(thread),
+                None => s.waiting.entry(global).or_default().push(Waiter::Thread(thread)),
+            }
+        }
+        if s.unled() {
+            self.shared.data_work.notify_one();
+        }
+        drop(s);
+        now.into_iter().for_each(|t| t.unpark());
+    }
+
     /// Waits, without blocking a thread, until `global` is durable. An async
     /// waiter never leads: it wakes the data thread when no one else does.
     pub(crate) async fn wait_async(&self, global: u64) -> Result<(), String> {

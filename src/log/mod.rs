@@ -41,6 +41,7 @@
 //! recorded in the log ([`AcceptedLoss`]) and global sequence numbers go on
 //! after the lost ones, never reused. Readers open a copy and report.
 
+mod combine;
 mod error;
 mod files;
 mod flush;
@@ -184,6 +185,8 @@ struct Inner {
     log_id: Option<LogId>,
     head_check: HeadCheck,
     writer: Mutex<Writer>,
+    /// Blocking appends queued for a write group (`GroupCommit`).
+    combine: combine::Combine,
     flusher: Option<Flusher>,
     /// The temporary directory the log lives in (a copy, or a temporary log), removed with it.
     _scratch: Option<Scratch>,
@@ -363,6 +366,7 @@ impl Log {
             log_id,
             head_check,
             writer: Mutex::new(writer),
+            combine: combine::Combine::default(),
             flusher,
             _scratch: scratch,
             hold: std::sync::atomic::AtomicU64::new(u64::MAX),
@@ -434,11 +438,13 @@ impl Log {
         event: Event,
         to: &Instance,
     ) -> Result<Appended, LogError> {
+        if let (Durability::GroupCommit, Some(f)) = (self.inner.config.durability, &self.inner.flusher) {
+            // Blocking appenders write in groups (`combine.rs`).
+            return self.append_grouped(f, name, expected_seq, at, event, to);
+        }
         let appended = self.write(name, expected_seq, at, event, to)?;
-        match (self.inner.config.durability, &self.inner.flusher) {
-            (Durability::Strict, _) => self.commit_now(appended)?,
-            (Durability::GroupCommit, Some(f)) => f.wait_blocking(appended.global).map_err(|e| self.fail(e))?,
-            _ => {}
+        if self.inner.config.durability == Durability::Strict {
+            self.commit_now(appended)?;
         }
         Ok(appended)
     }
@@ -503,10 +509,31 @@ impl Log {
         event: Event,
         to: &Instance,
     ) -> Result<Appended, LogError> {
+        let appended = self.write_locked(&mut self.writer(), name, expected_seq, at, event, to)?;
+        // Outside the writer lock: waiters woken by a commit take the
+        // flusher's lock, and a writer queued behind them would hold up every
+        // other writer. The flusher keeps the highest request it saw, so the
+        // order requests arrive in does not matter.
+        if let Some(f) = &self.inner.flusher {
+            f.request(appended.global, appended.link);
+        }
+        Ok(appended)
+    }
+
+    /// Checks and writes one record, holding the writer's lock (`w`); the
+    /// caller asks the flusher for its commit.
+    fn write_locked(
+        &self,
+        w: &mut Writer,
+        name: &InstanceName,
+        expected_seq: u64,
+        at: Timestamp,
+        event: Event,
+        to: &Instance,
+    ) -> Result<Appended, LogError> {
         if self.inner.access == Access::Read {
             return Err(LogError::ReadOnly);
         }
-        let mut w = self.writer();
         if let Some(message) = &w.failed {
             return Err(LogError::Failed(message.clone()));
         }
@@ -553,14 +580,6 @@ impl Log {
         w.last_global = global;
         w.last_link = link;
         w.tips.insert(name.clone(), Tip { seq: actual, link });
-        // Outside the writer lock: waiters woken by a commit take the
-        // flusher's lock, and a writer queued behind them would hold up every
-        // other writer. The flusher keeps the highest request it saw, so the
-        // order requests arrive in does not matter.
-        drop(w);
-        if let Some(f) = &self.inner.flusher {
-            f.request(global, link);
-        }
         Ok(Appended { seq: actual, global, link })
     }
 

@@ -252,7 +252,9 @@ fn simulate_virtual_is_reproducible_and_its_summary_adds_up() {
     let text = stdout(&h);
     assert!(text.contains(" creates (") && text.contains(" transitions"), "{text}");
     assert!(text.contains("virtual time: the same seed gives this head again"), "{text}");
-    assert!(text.contains("(next: cargo run -- inspect "), "under target/ the hint is cargo run: {text}");
+    // As this binary was built: `cargo test` builds debug, `cargo test --release` release.
+    let run = if cfg!(debug_assertions) { "cargo run -- inspect " } else { "cargo run --release -- inspect " };
+    assert!(text.contains(&format!("(next: {run}")), "under target/ the hint is cargo run: {text}");
 }
 
 /// `inspect --json` and `verify --json`: a documented shape, one object per line.

@@ -10,7 +10,9 @@
 use std::sync::{Arc, Mutex};
 
 use instance_lifecycle::log::store::{Pair, Write};
-use instance_lifecycle::log::{Durability, Event, Head, HeadRead, Log, LogConfig, MemoryStore, Store, StoreError};
+use instance_lifecycle::log::{
+    Durability, Event, Head, HeadRead, Log, LogConfig, LogError, MemoryStore, Store, StoreError,
+};
 use instance_lifecycle::machine::{Instance, Timestamp};
 
 use crate::support::name;
@@ -37,6 +39,8 @@ struct Recorder {
     applied: Mutex<(u64, u64)>,
     /// The name of the thread each sync ran on.
     sync_threads: Mutex<Vec<String>>,
+    /// The global of each record applied, and the name of the thread that applied it.
+    apply_threads: Mutex<Vec<(u64, String)>>,
 }
 
 impl Recorder {
@@ -60,6 +64,8 @@ impl Store for Recorder {
         if let Some(g) = global {
             applied.0 = applied.0.max(g);
             self.push(Ev::Applied(g));
+            let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+            self.apply_threads.lock().expect("lock").push((g, thread));
         }
         Ok(())
     }
@@ -257,4 +263,56 @@ fn a_blocking_appender_leads_its_commit_and_async_ones_never_sync_on_the_runtime
         );
         assert_eq!(log.tip().0, acks as u64);
     }
+}
+
+/// Blocking appenders write in groups: the first to find no one writing
+/// writes every append queued behind it. Each caller still gets its own
+/// answer: its own record, or its own error (a stale sequence number here)
+/// without failing anyone else's; and the order check holds.
+#[test]
+fn grouped_blocking_appends_answer_each_caller_with_its_own_result() {
+    let store = Arc::new(Recorder::default());
+    let log = Log::with_store(store.clone(), LogConfig::default()).expect("log");
+    let (writers, per_writer) = (32, 30u64);
+    let made_by = Mutex::new(std::collections::HashMap::new());
+    std::thread::scope(|s| {
+        for w in 0..writers {
+            let (log, store, made_by) = (&log, &store, &made_by);
+            std::thread::Builder::new()
+                .name(format!("blocking-{w}"))
+                .spawn_scoped(s, move || {
+                    let n = name(&format!("g{w}"));
+                    for seq in 1..=per_writer {
+                        if seq % 7 == 3 {
+                            let stale =
+                                log.append(&n, seq + 1, Timestamp(seq), Event::created("ws://x/"), &Instance::new());
+                            assert!(
+                                matches!(&stale, Err(LogError::SequenceConflict { instance, expected, actual })
+                                    if *instance == n && *expected == seq + 1 && *actual == seq),
+                                "writer {w}: {stale:?}"
+                            );
+                        }
+                        let a = log.append(&n, seq, Timestamp(seq), Event::created("ws://x/"), &Instance::new());
+                        let a = a.expect("append");
+                        assert_eq!(a.seq, seq, "writer {w} got another append's answer");
+                        store.push(Ev::Acked(a.global));
+                        made_by.lock().expect("lock").insert(a.global, format!("blocking-{w}"));
+                    }
+                })
+                .expect("thread");
+        }
+    });
+    let appends = writers * per_writer as usize;
+    assert_eq!(check(&store.events.lock().expect("lock")), Ok(appends));
+    assert_eq!(log.tip().0, appends as u64);
+    for w in 0..writers {
+        let history = log.history(&name(&format!("g{w}"))).expect("history");
+        let seqs: Vec<u64> = history.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=per_writer).collect::<Vec<_>>(), "writer {w}'s records");
+    }
+    // Groups formed: some appends were written by a thread other than the one that made them.
+    let made_by = made_by.into_inner().expect("lock");
+    let applied = store.apply_threads.lock().expect("lock");
+    let by_others = applied.iter().filter(|(g, t)| made_by.get(g).is_some_and(|m| m != t)).count();
+    assert!(by_others > 0, "no append of {appends} was written by another thread: no groups");
 }
