@@ -17,7 +17,10 @@
 //! other without waiting for a parked thread to be scheduled (handing the
 //! next group to a waiting appender was measured: 16 writers fell from
 //! ~10,500 to ~6,000 appends/s on 2 cores). Async waiters never lead: they
-//! must not block a runtime thread on `fdatasync`.
+//! must not block a runtime thread on `fdatasync`. Blocking appends reach
+//! the flusher in write groups (`combine.rs`): the thread that wrote a group
+//! hands the others' appends over with [`Flusher::wake_when_durable`] and
+//! then waits for (or leads) the commit of its own.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

@@ -429,7 +429,10 @@ impl Log {
     }
 
     /// Appends a record and waits for it to be durable as configured (blocking).
-    /// `expected_seq` is the sequence number the caller means to write.
+    /// `expected_seq` is the sequence number the caller means to write. In
+    /// `GroupCommit`, concurrent callers write in groups: the record may be
+    /// written by another caller's thread, and the answer (the append, or
+    /// this call's own error) is this call's.
     pub fn append(
         &self,
         name: &InstanceName,
