@@ -138,53 +138,116 @@ pub(crate) enum FileEnd {
     Damaged { at: u64, detail: String },
 }
 
-/// Reads every whole, intact frame of one journal file, in order.
+/// Reads every whole, intact frame of one journal file held in memory, in order.
+#[cfg(test)]
 pub(crate) fn read_file(bytes: &[u8]) -> (Vec<Frame>, FileEnd) {
-    let damaged = |at: usize, detail: &str| FileEnd::Damaged { at: at as u64, detail: detail.to_owned() };
-    if bytes.get(..MAGIC.len()) != Some(MAGIC.as_slice()) || bytes.len() < HEADER {
-        return (Vec::new(), damaged(0, "no journal magic"));
-    }
     let mut frames = Vec::new();
-    let mut at = HEADER;
-    while at < bytes.len() {
-        // The file is zeroed ahead of its frames (see `ZEROED_AHEAD`): zeros to the end are its end.
-        if bytes[at..].iter().all(|&b| b == 0) {
-            break;
-        }
-        match frame_at(&bytes[at..]) {
-            Ok((frame, len)) => {
-                frames.push(frame);
-                at += len;
+    let end = match Frames::new(bytes, bytes.len() as u64) {
+        Ok(Ok(mut reader)) => loop {
+            match reader.next_frame() {
+                Ok(Some(Ok(frame))) => frames.push(frame),
+                Ok(Some(Err(end))) => break end,
+                Ok(None) => break FileEnd::Clean,
+                Err(e) => break FileEnd::Damaged { at: reader.at, detail: e.to_string() },
             }
-            Err(detail) => return (frames, damaged(at, detail)),
-        }
-    }
-    (frames, FileEnd::Clean)
+        },
+        Ok(Err(end)) => end,
+        Err(e) => FileEnd::Damaged { at: 0, detail: e.to_string() },
+    };
+    (frames, end)
 }
 
-/// The one frame at the start of `bytes`, and its length; or what is wrong with it.
-fn frame_at(bytes: &[u8]) -> Result<(Frame, usize), &'static str> {
-    let header = bytes.get(..FRAME_HEADER).ok_or("a frame header cut short")?;
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if len > FRAME_MAX {
-        return Err("a frame longer than any batch");
+/// Reads a journal file's frames one at a time: memory holds one frame,
+/// never the file (a file of any size, or one claiming any frame length,
+/// costs at most one frame of [`FRAME_MAX`] bytes, and only if the file
+/// holds that many).
+pub(crate) struct Frames<R> {
+    src: R,
+    /// Offset of the next frame.
+    at: u64,
+    /// The file's length.
+    len: u64,
+}
+
+impl<R: io::Read> Frames<R> {
+    /// Checks the header of a file of `len` bytes read from `src`.
+    pub(crate) fn new(mut src: R, len: u64) -> io::Result<Result<Self, FileEnd>> {
+        let mut header = [0; HEADER];
+        if len < HEADER as u64 {
+            return Ok(Err(FileEnd::Damaged { at: 0, detail: "no journal magic".into() }));
+        }
+        src.read_exact(&mut header)?;
+        if header[..MAGIC.len()] != MAGIC[..] {
+            return Ok(Err(FileEnd::Damaged { at: 0, detail: "no journal magic".into() }));
+        }
+        Ok(Ok(Self { src, at: HEADER as u64, len }))
     }
-    let body = bytes.get(8..FRAME_HEADER + len).ok_or("a frame cut short")?;
-    if crc32fast::hash(body) != crc {
-        return Err("a frame failing its CRC");
+
+    /// The next frame; `None` at a clean end; a damaged end stops the file.
+    pub(crate) fn next_frame(&mut self) -> io::Result<Option<Result<Frame, FileEnd>>> {
+        let at = self.at;
+        let remaining = self.len.saturating_sub(at);
+        if remaining == 0 {
+            return Ok(None);
+        }
+        let damaged = |detail: &str| Ok(Some(Err(FileEnd::Damaged { at, detail: detail.to_owned() })));
+        let mut header = [0; FRAME_HEADER];
+        let got = usize::try_from(remaining).map_or(FRAME_HEADER, |r| r.min(FRAME_HEADER));
+        self.src.read_exact(&mut header[..got])?;
+        self.at += got as u64;
+        // The file is zeroed ahead of its frames (see `ZEROED_AHEAD`): zeros to the end are its end.
+        if header[..got].iter().all(|&b| b == 0) && self.rest_is_zeros()? {
+            return Ok(None);
+        }
+        if got < FRAME_HEADER {
+            return damaged("a frame header cut short");
+        }
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len > FRAME_MAX {
+            return damaged("a frame longer than any batch");
+        }
+        if len as u64 > self.len.saturating_sub(self.at) {
+            return damaged("a frame cut short");
+        }
+        let mut body = vec![0; 8 + len];
+        body[..8].copy_from_slice(&header[8..]);
+        self.src.read_exact(&mut body[8..])?;
+        self.at += len as u64;
+        if crc32fast::hash(&body) != crc {
+            return damaged("a frame failing its CRC");
+        }
+        let jsn = u64::from_le_bytes(header[8..].try_into().unwrap_or_default());
+        match decode_payload(&body[8..]) {
+            Some(writes) => Ok(Some(Ok(Frame { jsn, writes }))),
+            None => damaged("a frame whose payload does not decode"),
+        }
     }
-    let mut jsn = [0; 8];
-    jsn.copy_from_slice(&body[..8]);
-    let writes = decode_payload(&body[8..]).ok_or("a frame whose payload does not decode")?;
-    Ok((Frame { jsn: u64::from_le_bytes(jsn), writes }, FRAME_HEADER + len))
+
+    /// Reads the rest of the file a chunk at a time: whether it is all zeros.
+    fn rest_is_zeros(&mut self) -> io::Result<bool> {
+        let mut chunk = vec![0; 64 << 10];
+        while self.at < self.len {
+            let n = usize::try_from(self.len - self.at).map_or(chunk.len(), |r| r.min(chunk.len()));
+            self.src.read_exact(&mut chunk[..n])?;
+            self.at += n as u64;
+            if chunk[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Exactly one frame (as `encode_frame` wrote it into a buffer of its own).
-pub(crate) fn decode_frame(bytes: &[u8]) -> Result<Frame, &'static str> {
-    match frame_at(bytes)? {
-        (frame, len) if len == bytes.len() => Ok(frame),
-        _ => Err("bytes after the frame"),
+pub(crate) fn decode_frame(bytes: &[u8]) -> Result<Frame, String> {
+    let mut one = Frames { src: bytes, at: 0, len: bytes.len() as u64 };
+    match one.next_frame() {
+        Ok(Some(Ok(frame))) if one.at == one.len => Ok(frame),
+        Ok(Some(Ok(_))) => Err("bytes after the frame".into()),
+        Ok(Some(Err(FileEnd::Damaged { detail, .. }))) => Err(detail),
+        Ok(Some(Err(FileEnd::Clean)) | None) => Err("no frame".into()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -288,29 +351,39 @@ pub(crate) fn replay<E: From<Foreign>>(
             return Ok(Err(E::from(Foreign { file: path.clone(), found: theirs, ours })));
         }
     }
-    // Then one file in memory at a time.
+    // Then frame by frame: memory holds one frame, whatever the files hold.
     for (i, (_, path)) in found.iter().enumerate() {
-        let bytes = std::fs::read(path)?;
-        let (frames, end) = read_file(&bytes);
-        for frame in frames {
-            resume.next_jsn = resume.next_jsn.max(frame.jsn);
-            if report.stopped.is_some() {
-                continue; // only counting past the stop, for the next JSN
-            }
-            if frame.jsn <= held {
-                report.skipped += 1;
-            } else if Some(frame.jsn) == held.checked_add(1) {
-                if let Err(e) = apply(frame.jsn, frame.writes) {
-                    return Ok(Err(e));
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        let end = match Frames::new(io::BufReader::with_capacity(1 << 20, file), len)? {
+            Err(end) => end,
+            Ok(mut frames) => loop {
+                let frame = match frames.next_frame()? {
+                    None => break FileEnd::Clean,
+                    Some(Err(end)) => break end,
+                    Some(Ok(frame)) => frame,
+                };
+                resume.next_jsn = resume.next_jsn.max(frame.jsn);
+                if report.stopped.is_some() {
+                    continue; // only counting past the stop, for the next JSN
                 }
-                held = frame.jsn;
-                report.applied += 1;
-            } else {
-                report.stopped =
-                    Some(format!("sled holds batches up to {held} and the journal goes on at {}: a gap", frame.jsn));
-                report.damaged = true;
-            }
-        }
+                if frame.jsn <= held {
+                    report.skipped += 1;
+                } else if Some(frame.jsn) == held.checked_add(1) {
+                    if let Err(e) = apply(frame.jsn, frame.writes) {
+                        return Ok(Err(e));
+                    }
+                    held = frame.jsn;
+                    report.applied += 1;
+                } else {
+                    report.stopped = Some(format!(
+                        "sled holds batches up to {held} and the journal goes on at {}: a gap",
+                        frame.jsn
+                    ));
+                    report.damaged = true;
+                }
+            },
+        };
         if let (FileEnd::Damaged { at, detail }, None) = (end, &report.stopped) {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let last = i + 1 == count;
@@ -556,6 +629,56 @@ mod tests {
         assert!(matches!(read_file(b"garbage!").1, FileEnd::Damaged { at: 0, .. }));
         assert_eq!(read_file(&header(None)), (Vec::new(), FileEnd::Clean));
         assert!(matches!(read_file(MAGIC).1, FileEnd::Damaged { at: 0, .. }), "a header cut short");
+    }
+
+    /// A reader that says how much it was asked for at once.
+    struct Counting<'a> {
+        bytes: &'a [u8],
+        largest: usize,
+    }
+
+    impl std::io::Read for Counting<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.largest = self.largest.max(buf.len());
+            std::io::Read::read(&mut self.bytes, buf)
+        }
+    }
+
+    /// Opening reads a journal file a frame at a time, never whole: a
+    /// file of any size (a damaged or foreign one included) costs one frame
+    /// of memory. The zeros ahead of the frames end the file; anything
+    /// after them is damage where the zeros began.
+    #[test]
+    fn a_journal_file_is_read_a_frame_at_a_time() {
+        let mut bytes = header(None).to_vec();
+        for jsn in 1..=200 {
+            encode_frame(jsn, &[write("record", Some("value"))], &mut bytes);
+        }
+        let frames_end = bytes.len();
+        bytes.resize(frames_end + (4 << 20), 0);
+        let mut src = Counting { bytes: &bytes, largest: 0 };
+        let mut frames = Frames::new(&mut src, bytes.len() as u64).expect("read").expect("header");
+        let mut read = 0;
+        while let Some(frame) = frames.next_frame().expect("read") {
+            assert_eq!(frame.expect("intact").jsn, read + 1);
+            read += 1;
+        }
+        assert_eq!(read, 200);
+        assert!(src.largest <= 64 << 10, "asked for {} bytes at once", src.largest);
+
+        // One stray byte far into the zeros: the file does not end cleanly.
+        bytes[frames_end + (3 << 20)] = 1;
+        let (frames, end) = read_file(&bytes);
+        assert_eq!(frames.len(), 200);
+        assert!(matches!(end, FileEnd::Damaged { at, .. } if at == frames_end as u64), "{end:?}");
+
+        // A header claiming a huge frame the file does not hold: no allocation, damage.
+        let mut claim = header(None).to_vec();
+        claim.extend_from_slice(&(FRAME_MAX as u32).to_le_bytes());
+        claim.extend_from_slice(&[1; 12]);
+        let (frames, end) = read_file(&claim);
+        assert!(frames.is_empty());
+        assert!(matches!(end, FileEnd::Damaged { ref detail, .. } if detail == "a frame cut short"), "{end:?}");
     }
 
     #[test]
