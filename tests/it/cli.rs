@@ -476,3 +476,18 @@ fn simulate_cluster_moves_a_killed_hosts_instances_and_verifies_every_stream() {
     let removed = v["states"]["removed"].as_u64().unwrap_or(0);
     assert_eq!(owned + removed, 12, "every instance not removed has exactly one owner: {v}");
 }
+
+/// `serve --cluster … --data DIR`: in a cluster the stream is the log of
+/// record and the directory would never be written — which later looks like
+/// a log that lost everything. Said before anything starts; nothing created.
+#[test]
+fn serve_refuses_data_it_would_not_use_in_a_cluster() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("log");
+    let d = data.to_str().expect("utf-8");
+    let out = lifecycle(&["serve", "--cluster", "nats://127.0.0.1:1", "--data", d]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("has no effect in a cluster") && err.contains(d), "{err}");
+    assert!(!data.exists(), "nothing is created");
+}

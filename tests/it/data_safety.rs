@@ -76,6 +76,11 @@ fn finding_01_a_rolled_back_log_is_never_clean() {
     let before = digests(&data);
     let refused = lifecycle(&["recover", s(&data)]);
     assert_eq!(refused.status.code(), Some(1));
+    let said = lifecycle(&["recover", s(&data), "--json"]);
+    assert_eq!(said.status.code(), Some(1));
+    let said: serde_json::Value = serde_json::from_str(stdout(&said).trim()).expect("one JSON object");
+    assert_eq!(said["engine_opens"], false, "{said}");
+    assert!(said["head_check"].as_str().is_some_and(|c| c.contains(&tip.to_string())), "{said}");
     assert_eq!(digests(&data), before, "recover without --accept-loss writes nothing");
 
     let accepted = lifecycle(&["recover", s(&data), "--accept-loss"]);
@@ -84,6 +89,11 @@ fn finding_01_a_rolled_back_log_is_never_clean() {
     let v = lifecycle(&["verify", s(&data)]);
     assert!(v.status.success(), "{}", stdout(&v));
     assert!(stdout(&v).contains("note: a loss was accepted"), "{}", stdout(&v));
+    let again = lifecycle(&["recover", s(&data), "--accept-loss", "--json"]);
+    assert!(again.status.success(), "{}{}", stdout(&again), stderr(&again));
+    let again: serde_json::Value = serde_json::from_str(stdout(&again).trim()).expect("one JSON object");
+    assert_eq!((&again["accepted"], &again["resumed_after"]), (&serde_json::json!(false), &serde_json::Value::Null));
+    assert!(again["instances"].as_u64().is_some_and(|n| n > 0) && again["states"].is_object(), "{again}");
     // The next record takes the next number after every lost one.
     let log = Log::open_existing(&data, config).expect("opens after accepting");
     let n = instance_lifecycle::InstanceName::new("after-loss").expect("name");

@@ -146,6 +146,9 @@ enum Command {
         /// Accept what was lost: record it in the log and go on from what is left.
         #[arg(long)]
         accept_loss: bool,
+        /// The outcome as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Print every record in global order, one JSON object per line.
     Export {
@@ -305,9 +308,9 @@ fn main() -> ExitCode {
             output::clean_up_on_interrupt();
             read::verify(&dir, policy.map(Preset::from), expect_head.as_deref(), json)
         }
-        Command::Recover { dir, accept_loss } => {
+        Command::Recover { dir, accept_loss, json } => {
             output::clean_up_on_interrupt();
-            read::recover(&dir, accept_loss)
+            read::recover(&dir, accept_loss, json)
         }
         Command::Export { dir, format: ExportFormat::Jsonl } => {
             output::clean_up_on_interrupt();

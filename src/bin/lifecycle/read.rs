@@ -118,36 +118,65 @@ pub fn verify(dir: &Path, preset: Option<Preset>, expect_head: Option<&str>, jso
     Ok(code)
 }
 
-pub fn recover(dir: &Path, accept_loss: bool) -> Result<ExitCode, Failure> {
+pub fn recover(dir: &Path, accept_loss: bool, json: bool) -> Result<ExitCode, Failure> {
+    let shown = dir.display().to_string();
     if !accept_loss {
         let log = open_copy(dir)?;
         let check = log.head_check();
-        if check.is_damage() {
-            say!("{}: {check}", dir.display());
+        let damage = check.is_damage();
+        if json {
+            say!("{}", serde_json::json!({"log": shown, "head_check": check.to_string(), "engine_opens": !damage}));
+        } else if damage {
+            say!("{shown}: {check}");
             say!(
-                "an engine refuses to open it; `lifecycle recover {} --accept-loss` opens it anyway, records the loss, and goes on from what is left",
-                dir.display()
+                "an engine refuses to open it; `lifecycle recover {shown} --accept-loss` opens it anyway, records the loss, and goes on from what is left"
             );
-            return Ok(ExitCode::FAILURE);
+        } else {
+            say!("{shown}: {check}; an engine can open it");
         }
-        say!("{}: {check}; an engine can open it", dir.display());
-        return Ok(ExitCode::SUCCESS);
+        return Ok(if damage { ExitCode::FAILURE } else { ExitCode::SUCCESS });
     }
     let config = LogConfig { accept_loss: true, ..LogConfig::default() };
     let log = Log::open_existing(dir, config)?;
-    match log.head_check() {
-        check if check.is_damage() => {
-            let (after, _) = log.tip();
-            say!("accepted: {check}");
-            say!("the loss is recorded in the log; global sequence numbers go on after {after}");
+    let check = log.head_check().clone();
+    let (after, _) = log.tip();
+    if !json {
+        // Said before the recovery, which can fail: the loss is recorded already.
+        match &check {
+            check if check.is_damage() => {
+                say!("accepted: {check}");
+                say!("the loss is recorded in the log; global sequence numbers go on after {after}");
+            }
+            check @ HeadCheck::Behind { .. } => say!("{check}; the head now covers them"),
+            check => say!("nothing to accept: {check}"),
         }
-        check @ HeadCheck::Behind { .. } => say!("{check}; the head now covers them"),
-        check => say!("nothing to accept: {check}"),
     }
     let recovery = log.recover(RecoveryOptions { quarantine: true, ..RecoveryOptions::default() })?;
     let mut kinds = std::collections::BTreeMap::<StateKind, usize>::new();
     for r in recovery.instances.values() {
         *kinds.entry(r.instance.state.kind()).or_default() += 1;
+    }
+    if json {
+        let states: serde_json::Map<_, _> =
+            kinds.iter().map(|(k, n)| (k.as_str().to_string(), serde_json::json!(n))).collect();
+        let quarantined: Vec<_> = recovery
+            .quarantined
+            .iter()
+            .map(|(name, error)| serde_json::json!({"instance": name.to_string(), "error": error.to_string()}))
+            .collect();
+        say!(
+            "{}",
+            serde_json::json!({
+                "log": shown,
+                "head_check": check.to_string(),
+                "accepted": check.is_damage(),
+                "resumed_after": check.is_damage().then_some(after),
+                "instances": recovery.instances.len(),
+                "states": states,
+                "quarantined": quarantined,
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
     }
     let counts: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {}", k.as_str().to_lowercase())).collect();
     say!("{} instances as last recorded: {}", recovery.instances.len(), counts.join(", "));

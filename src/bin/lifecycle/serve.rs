@@ -53,6 +53,15 @@ pub async fn run(flags: Flags) -> Result<ExitCode, Failure> {
         Some(path) => ServeConfig::from_file(path).map_err(|e| fail(e.to_string()))?,
         None => ServeConfig::default(),
     };
+    if let (Some(data), true) = (&flags.data, flags.cluster.is_some() || config.cluster.is_some()) {
+        // Said before anything starts: a directory the operator named and
+        // nothing wrote to would look like a log that lost everything.
+        return Err(fail(format!(
+            "--data {} has no effect in a cluster: the stream is the log of record, and each host keeps its cache in a temporary directory; drop --data, or drop --cluster (and [cluster] in the settings file) to serve from {}",
+            data.display(),
+            data.display()
+        )));
+    }
     if let Some(data) = flags.data {
         config.data = data;
     }
