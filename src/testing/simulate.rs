@@ -530,7 +530,8 @@ pub async fn run(
                 progress(&snapshot(engine, start.elapsed(), options.duration, Stage::Running));
                 next_report += Duration::from_secs(1);
             }
-            let pause = (at_offset - start.elapsed()).min(Duration::from_millis(100));
+            // Saturating: time moved on since the loop's check (the progress line takes a while).
+            let pause = at_offset.saturating_sub(start.elapsed()).min(Duration::from_millis(100));
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 () = &mut stop => {
