@@ -15,6 +15,11 @@ use std::sync::Mutex;
 use super::LogError;
 use super::{head, journal};
 
+/// The directory, inside a log's, where journal files a replay could not
+/// apply are kept after a loss is accepted (`Store::keep_unreplayed`).
+/// Nothing reads it again; a copy for reading leaves it out.
+pub(crate) const KEPT: &str = "kept";
+
 /// Copies alive in this process (removed on drop; [`remove_copies`] for signal handlers).
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
@@ -106,6 +111,9 @@ fn copy_dir(from: &Path, to: &Path, top: bool) -> Result<(), LogError> {
         let entry = entry.map_err(io("read", from))?;
         if top && (entry.file_name() == head::FILE || entry.file_name() == journal::DIR) {
             continue; // copied first
+        }
+        if top && entry.file_name() == KEPT {
+            continue; // not the log's: what an accepted loss set aside
         }
         let target = to.join(entry.file_name());
         let kind = entry.file_type().map_err(io("stat", &entry.path()))?;

@@ -548,6 +548,29 @@ pub(crate) fn remove_before(dir: &Path, number: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Moves every journal file in `dir` numbered below `number` into `to`
+/// (created if need be) instead of deleting it: frames a replay could not
+/// apply, kept for whoever investigates the loss that was accepted, and out
+/// of every later replay's way. Each move is a rename within the log's
+/// directory; the directories are synced after.
+pub(crate) fn keep_before(dir: &Path, number: u64, to: &Path) -> io::Result<()> {
+    let old: Vec<_> = files(dir)?.into_iter().filter(|(n, _)| *n < number).collect();
+    if old.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(to)?;
+    for (_, path) in &old {
+        if let Some(name) = path.file_name() {
+            std::fs::rename(path, to.join(name))?;
+        }
+    }
+    sync_dir(to)?;
+    if let Some(parent) = to.parent() {
+        sync_dir(parent)?;
+    }
+    sync_dir(dir)
+}
+
 /// Bytes in the journal's files in `dir`.
 pub(crate) fn size(dir: &Path) -> u64 {
     files(dir).unwrap_or_default().iter().filter_map(|(_, p)| std::fs::metadata(p).ok()).map(|m| m.len()).sum()

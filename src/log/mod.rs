@@ -128,7 +128,9 @@ pub struct LogConfig {
     pub cache_capacity: u64,
     /// Open a log that lost records or its head (see [`HeadCheck`]) anyway:
     /// the loss is recorded in the log and writing goes on from what is
-    /// left. Off by default: a writer refuses such a log and says what was lost.
+    /// left. Journal files holding frames that could not be replayed are
+    /// moved under the log's `kept/`, not deleted ([`Log::kept`]). Off by
+    /// default: a writer refuses such a log and says what was lost.
     pub accept_loss: bool,
 }
 
@@ -377,6 +379,19 @@ impl Log {
     /// The directory of the log (`None` in memory).
     pub fn path(&self) -> Option<&Path> {
         self.inner.path.as_deref()
+    }
+
+    /// The directories where journal files were set aside when a loss was
+    /// accepted ([`LogConfig::accept_loss`]), oldest first: the bytes of the
+    /// frames opening could not replay, for whoever investigates the loss.
+    /// Nothing reads them again (a copy for reading leaves them out);
+    /// delete them once they are no longer needed.
+    pub fn kept(&self) -> Vec<PathBuf> {
+        let Some(dir) = self.path() else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(dir.join(files::KEPT)) else { return Vec::new() };
+        let mut kept: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        kept.sort();
+        kept
     }
 
     /// The configuration.
@@ -1053,6 +1068,13 @@ impl Opening<'_> {
         self.store.sync()?;
         self.store.reset_head(&Head { log_id: id, global: after, link })?;
         tracing::warn!(path = %self.path.display(), %check, resumed_after = after, "a loss was accepted and recorded in the log");
+        if let Some(kept) = self.store.keep_unreplayed() {
+            tracing::warn!(
+                path = %self.path.display(),
+                kept = %kept.display(),
+                "the journal files holding what could not be replayed are moved there, not deleted"
+            );
+        }
         Ok(())
     }
 }

@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::head::{self, Head, HeadFile, HeadRead, LogId};
 use super::journal::{self, Journal, Replayed};
-use super::keys;
+use super::{files, keys};
 use crate::contain::quietly;
 
 /// An error of the storage layer.
@@ -151,6 +151,16 @@ pub trait Store: Send + Sync + 'static {
         self.flush()?;
         self.sync()
     }
+    /// After a loss is accepted: if opening's replay stopped before the end
+    /// of the journal (damage, or a gap behind it), the journal files it
+    /// found hold frames that were never applied — the records the loss is
+    /// made of, or their neighbours. The next checkpoint moves those files
+    /// into the returned directory (under the log's `kept/`) instead of
+    /// deleting them: accepting a loss goes on without those records, it
+    /// does not destroy the only bytes that hold them. `None`: nothing to keep.
+    fn keep_unreplayed(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// The sled-backed store: one tree, so every batch is atomic (`apply_batch`).
@@ -166,8 +176,10 @@ pub struct SledStore {
     head: Mutex<Option<HeadFile>>,
     journal: Option<Journal>,
     replayed: Replayed,
-    /// One checkpoint at a time.
-    checkpointing: Mutex<()>,
+    /// One checkpoint at a time; and, once a loss was accepted over a replay
+    /// that stopped short, where the journal files a checkpoint would delete
+    /// go instead ([`Store::keep_unreplayed`]).
+    checkpointing: Mutex<Option<PathBuf>>,
     /// Set when a batch failed part-way through being applied key by key:
     /// sled's memory holds part of it, so nothing more is applied in this
     /// process (opening the log again completes the batch, see `apply_by_key`).
@@ -233,7 +245,7 @@ impl SledStore {
             head: Mutex::new(None),
             journal: journal_file_max.map(|max| Journal::new(dir, resume.number, resume.next_jsn, max)),
             replayed,
-            checkpointing: Mutex::new(()),
+            checkpointing: Mutex::new(None),
             broken: std::sync::OnceLock::new(),
         })
     }
@@ -370,7 +382,7 @@ impl Store for SledStore {
     /// sled flushed and synced; then the journal files it covers are deleted
     /// (without a journal: every file a replay left).
     fn checkpoint(&self) -> Result<(), StoreError> {
-        let _one = self.checkpointing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut keep = self.checkpointing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let jdir = self.dir.join(journal::DIR);
         let below = match &self.journal {
             Some(j) => j.rotate(|| self.log_id()).map_err(Self::io("write", &jdir))?,
@@ -378,7 +390,23 @@ impl Store for SledStore {
         };
         self.flush_sled()?;
         self.sync_files()?;
-        journal::remove_before(&jdir, below).map_err(Self::io("remove old files of", &jdir))
+        match &*keep {
+            // Kept until they are all moved: a failure leaves the rest for the next checkpoint to move.
+            Some(to) => {
+                journal::keep_before(&jdir, below, to).map_err(Self::io("move old files of", &jdir))?;
+                *keep = None;
+                Ok(())
+            }
+            None => journal::remove_before(&jdir, below).map_err(Self::io("remove old files of", &jdir)),
+        }
+    }
+
+    fn keep_unreplayed(&self) -> Option<PathBuf> {
+        self.replayed.stopped.as_ref()?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let to = self.dir.join(files::KEPT).join(format!("journal-{}", now.as_millis()));
+        *self.checkpointing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(to.clone());
+        Some(to)
     }
 
     fn replayed(&self) -> Option<Replayed> {

@@ -172,6 +172,60 @@ fn a_damaged_journal_is_reported_and_kept_never_skipped() {
     let left = records(&log);
     assert!(left.len() < expected.len());
     assert_eq!(left[..], expected[..left.len()], "the records before the damage, unchanged");
+    // The journal it could not replay is set aside whole, not deleted.
+    assert_kept(&log, &files, file, &bytes);
+    drop(log);
+    let log = Log::open(&damaged, LogConfig::default()).expect("reopen: the loss is behind it");
+    assert!(matches!(log.head_check(), HeadCheck::Intact { .. }), "{}", log.head_check());
+    assert_eq!(log.kept().len(), 1, "still kept, and not replayed again");
+    let (copy, _) = Log::open_copy(&damaged).expect("a copy for reading");
+    let copied = copy.path().expect("a directory").to_path_buf();
+    assert!(!copied.join("kept").exists(), "a copy for reading leaves the kept files out");
+}
+
+/// After the loss is accepted, `log.kept()` names one directory holding every
+/// journal file there was (`before`), the damaged one (`file`) byte for byte
+/// as it was (`bytes`); none of them is left in the journal.
+fn assert_kept(log: &Log, before: &[PathBuf], file: &Path, bytes: &[u8]) {
+    let kept = log.kept();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let name = file.file_name().expect("a name");
+    assert_eq!(std::fs::read(kept[0].join(name)).expect("the damaged file, kept"), bytes, "kept as it was");
+    for f in before {
+        assert!(kept[0].join(f.file_name().expect("a name")).is_file(), "{f:?} kept");
+    }
+    let dir = log.path().expect("a directory").to_path_buf();
+    assert!(journal_files(&dir).iter().all(|f| !before.contains(f)), "no longer in the journal");
+}
+
+/// `lifecycle recover --accept-loss --json` says where the journal it could
+/// not replay went; the damaged file is there as it was.
+#[test]
+fn recover_keeps_the_journal_it_could_not_replay_and_says_where() {
+    let (_dir, damaged, _) = crash_copy();
+    let files = journal_files(&damaged);
+    let file = files.first().expect("a journal file");
+    let mut bytes = std::fs::read(file).expect("read");
+    let middle = end_of_frames(&bytes) / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(file, &bytes).expect("damage");
+
+    let out = lifecycle(&["recover", damaged.to_str().expect("utf-8"), "--accept-loss", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON object");
+    assert_eq!(v["accepted"], true, "{v}");
+    let kept = v["kept"].as_array().expect("kept").clone();
+    assert_eq!(kept.len(), 1, "{v}");
+    let kept = PathBuf::from(kept[0].as_str().expect("a path"));
+    assert!(kept.starts_with(damaged.join("kept")), "{}", kept.display());
+    let name = file.file_name().expect("a name");
+    assert_eq!(std::fs::read(kept.join(name)).expect("kept"), bytes);
+
+    // An intact log has nothing to keep.
+    let out = lifecycle(&["recover", damaged.to_str().expect("utf-8"), "--accept-loss", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON object");
+    assert_eq!(v["accepted"], false, "{v}");
+    assert_eq!(v["kept"].as_array().map(Vec::len), Some(1), "the earlier one, still there: {v}");
 }
 
 #[test]

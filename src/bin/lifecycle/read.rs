@@ -150,6 +150,12 @@ pub fn recover(dir: &Path, accept_loss: bool, json: bool) -> Result<ExitCode, Fa
             check @ HeadCheck::Behind { .. } => say!("{check}; the head now covers them"),
             check => say!("nothing to accept: {check}"),
         }
+        for kept in log.kept() {
+            say!(
+                "kept: {} (journal files set aside by an accepted loss: the bytes opening could not replay; nothing reads them again)",
+                kept.display()
+            );
+        }
     }
     let recovery = log.recover(RecoveryOptions { quarantine: true, ..RecoveryOptions::default() })?;
     let mut kinds = std::collections::BTreeMap::<StateKind, usize>::new();
@@ -174,6 +180,7 @@ pub fn recover(dir: &Path, accept_loss: bool, json: bool) -> Result<ExitCode, Fa
                 "instances": recovery.instances.len(),
                 "states": states,
                 "quarantined": quarantined,
+                "kept": log.kept().iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
             })
         );
         return Ok(ExitCode::SUCCESS);
