@@ -69,6 +69,18 @@ fn end_of_frames(bytes: &[u8]) -> usize {
     at
 }
 
+/// Flips a bit halfway through the frames of the first journal file in
+/// `dir`: the journal files there were (the damaged one first) and its bytes now.
+fn damage_the_middle(dir: &Path) -> (Vec<PathBuf>, Vec<u8>) {
+    let files = journal_files(dir);
+    let file = files.first().expect("a journal file");
+    let mut bytes = std::fs::read(file).expect("read");
+    let middle = end_of_frames(&bytes) / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(file, &bytes).expect("damage");
+    (files, bytes)
+}
+
 /// Opening `dir` for writing is refused because acknowledged records are lost.
 fn refused_as_lost(dir: &Path, what: &str) {
     match Log::open(dir, LogConfig::default()) {
@@ -144,12 +156,8 @@ fn what_a_crash_leaves_comes_back_whole_from_the_journal() {
 #[test]
 fn a_damaged_journal_is_reported_and_kept_never_skipped() {
     let (_dir, damaged, expected) = crash_copy();
-    let files = journal_files(&damaged);
-    let file = files.first().expect("a journal file");
-    let mut bytes = std::fs::read(file).expect("read");
-    let middle = end_of_frames(&bytes) / 2;
-    bytes[middle] ^= 0x40;
-    std::fs::write(file, &bytes).expect("damage");
+    let (files, bytes) = damage_the_middle(&damaged);
+    let file = &files[0];
 
     refused_as_lost(&damaged, "a journal damaged in its middle");
     assert_eq!(journal_files(&damaged), files, "a refused open keeps the journal as evidence");
@@ -203,12 +211,8 @@ fn assert_kept(log: &Log, before: &[PathBuf], file: &Path, bytes: &[u8]) {
 #[test]
 fn recover_keeps_the_journal_it_could_not_replay_and_says_where() {
     let (_dir, damaged, _) = crash_copy();
-    let files = journal_files(&damaged);
-    let file = files.first().expect("a journal file");
-    let mut bytes = std::fs::read(file).expect("read");
-    let middle = end_of_frames(&bytes) / 2;
-    bytes[middle] ^= 0x40;
-    std::fs::write(file, &bytes).expect("damage");
+    let (files, bytes) = damage_the_middle(&damaged);
+    let file = &files[0];
 
     let out = lifecycle(&["recover", damaged.to_str().expect("utf-8"), "--accept-loss", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
