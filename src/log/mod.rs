@@ -387,11 +387,7 @@ impl Log {
     /// Nothing reads them again (a copy for reading leaves them out);
     /// delete them once they are no longer needed.
     pub fn kept(&self) -> Vec<PathBuf> {
-        let Some(dir) = self.path() else { return Vec::new() };
-        let Ok(entries) = std::fs::read_dir(dir.join(files::KEPT)) else { return Vec::new() };
-        let mut kept: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
-        kept.sort();
-        kept
+        self.path().map(kept_in).unwrap_or_default()
     }
 
     /// The configuration.
@@ -1077,6 +1073,15 @@ impl Opening<'_> {
         }
         Ok(())
     }
+}
+
+/// [`Log::kept`] for the log directory `dir`, without opening it (a reader
+/// that looks at a copy, which leaves them out, asks the original).
+pub fn kept_in(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir.join(files::KEPT)) else { return Vec::new() };
+    let mut kept: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    kept.sort();
+    kept
 }
 
 fn corrupt_key(what: &'static str, key: &[u8]) -> LogError {

@@ -230,6 +230,11 @@ fn recover_keeps_the_journal_it_could_not_replay_and_says_where() {
     let v: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON object");
     assert_eq!(v["accepted"], false, "{v}");
     assert_eq!(v["kept"].as_array().map(Vec::len), Some(1), "the earlier one, still there: {v}");
+
+    // `verify` (which reads a copy without them) says they are there.
+    let out = lifecycle(&["verify", damaged.to_str().expect("utf-8")]);
+    let said = stdout(&out);
+    assert!(said.contains(&format!("note: {} holds journal files", kept.display())), "{said}");
 }
 
 #[test]

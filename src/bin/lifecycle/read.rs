@@ -68,6 +68,12 @@ pub fn verify(dir: &Path, preset: Option<Preset>, expect_head: Option<&str>, jso
         report.findings.insert(0, finding);
     }
     preamble.extend(report.notes.iter().map(ToString::to_string));
+    preamble.extend(instance_lifecycle::log::kept_in(dir).iter().map(|k| {
+        format!(
+            "{} holds journal files an accepted loss set aside (the bytes opening could not replay); nothing reads them, delete them once they are no longer needed",
+            k.display()
+        )
+    }));
     let (global, link) = log.tip();
     let divergence = match report.first_divergence() {
         Some(Finding::Divergence { instance, seq, global, .. }) => Some((instance.to_string(), *seq, *global)),
