@@ -177,9 +177,12 @@ pub struct SledStore {
     journal: Option<Journal>,
     replayed: Replayed,
     /// One checkpoint at a time; and, once a loss was accepted over a replay
-    /// that stopped short, where the journal files a checkpoint would delete
-    /// go instead ([`Store::keep_unreplayed`]).
+    /// that stopped short, where the journal files found at open go instead
+    /// of being deleted ([`Store::keep_unreplayed`]).
     checkpointing: Mutex<Option<PathBuf>>,
+    /// Journal files numbered below this were there when the store opened
+    /// (what its replay read); later ones were written by this process.
+    found_below: u64,
     /// Without a journal (`Buffered`): the number of the next batch applied
     /// key by key, held across the batch so batches go in one at a time.
     /// The same numbers as the journal's JSNs (`mjournal` holds the last
@@ -251,6 +254,7 @@ impl SledStore {
             journal: journal_file_max.map(|max| Journal::new(dir, resume.number, resume.next_jsn, max)),
             replayed,
             checkpointing: Mutex::new(None),
+            found_below: resume.number,
             unjournaled: Mutex::new(resume.next_jsn),
             broken: std::sync::OnceLock::new(),
         })
@@ -396,15 +400,14 @@ impl Store for SledStore {
         };
         self.flush_sled()?;
         self.sync_files()?;
-        match &*keep {
-            // Kept until they are all moved: a failure leaves the rest for the next checkpoint to move.
-            Some(to) => {
-                journal::keep_before(&jdir, below, to).map_err(Self::io("move old files of", &jdir))?;
-                *keep = None;
-                Ok(())
-            }
-            None => journal::remove_before(&jdir, below).map_err(Self::io("remove old files of", &jdir)),
+        if let Some(to) = &*keep {
+            // The files replay read, moved; kept in mind until all are (a
+            // failure leaves the rest for the next checkpoint to move).
+            let found = below.min(self.found_below);
+            journal::keep_before(&jdir, found, to).map_err(Self::io("move old files of", &jdir))?;
+            *keep = None;
         }
+        journal::remove_before(&jdir, below).map_err(Self::io("remove old files of", &jdir))
     }
 
     fn keep_unreplayed(&self) -> Option<PathBuf> {
@@ -683,8 +686,24 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path) -> SledStore {
-        let db = sled::Config::new().path(dir).flush_every_ms(None).open().expect("sled");
-        SledStore::new(db, dir, Some(1 << 20)).expect("store")
+        SledStore::new(sled_db(dir), dir, Some(1 << 20)).expect("store")
+    }
+
+    /// sled at `dir`, as the durable modes open it. sled releases its lock a
+    /// moment after the last handle drops (its I/O threads finish first), so
+    /// a reopen right after a drop retries for a while, as `Log::open` does.
+    fn sled_db(dir: &Path) -> sled::Db {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match sled::Config::new().path(dir).flush_every_ms(None).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => return other.expect("sled"),
+            }
+        }
     }
 
     fn get(store: &SledStore, key: &[u8]) -> Option<Vec<u8>> {
@@ -747,10 +766,7 @@ mod tests {
     #[test]
     fn without_a_journal_batches_are_numbered_and_completed_the_same_way() {
         let dir = tempfile::tempdir().expect("dir");
-        let open = |dir: &Path| {
-            let db = sled::Config::new().path(dir).flush_every_ms(None).open().expect("sled");
-            SledStore::new(db, dir, None).expect("store")
-        };
+        let open = |dir: &Path| SledStore::new(sled_db(dir), dir, None).expect("store");
         let store = open(dir.path());
         store.append(vec![(b"k1".to_vec(), Some(b"one".to_vec()))]).expect("append");
         assert!(get(&store, keys::META_BATCH).is_some(), "applied key by key, with its copy");
@@ -790,7 +806,7 @@ mod tests {
         store.tree.insert(keys::META_BATCH, frame).expect("copy");
         store.db.flush().expect("flush");
         drop(store);
-        let db = sled::Config::new().path(dir.path()).open().expect("sled");
+        let db = sled_db(dir.path());
         match SledStore::new(db, dir.path(), Some(1 << 20)) {
             Err(StoreError::Sled { detail }) => assert!(detail.contains("damaged"), "{detail}"),
             Err(e) => panic!("another error: {e}"),

@@ -202,6 +202,8 @@ fn assert_kept(log: &Log, before: &[PathBuf], file: &Path, bytes: &[u8]) {
     for f in before {
         assert!(kept[0].join(f.file_name().expect("a name")).is_file(), "{f:?} kept");
     }
+    let there = std::fs::read_dir(&kept[0]).expect("kept").count();
+    assert_eq!(there, before.len(), "only the files replay read (not the one the acceptance was written to)");
     let dir = log.path().expect("a directory").to_path_buf();
     assert!(journal_files(&dir).iter().all(|f| !before.contains(f)), "no longer in the journal");
 }
