@@ -220,10 +220,10 @@ fn sigkill_loses_no_acknowledged_append() {
 }
 
 /// `Buffered` promises less (a crash loses what sled had not written out,
-/// up to `flush_every`), but never a batch in part: killed while sled's
-/// periodic flush writes appends out key by key, the log reopens whole
-/// (verification clean, recovery works), keeps what was flushed, and goes
-/// on being written.
+/// up to `flush_every`), but never a batch in part: killed at a random
+/// moment of appending key by key under sled's periodic flush, the log
+/// reopens whole (verification clean, recovery works), keeps what was
+/// flushed, and goes on being written.
 #[test]
 fn sigkill_leaves_a_buffered_log_whole() {
     let mut seed = 0x51_7cc1_b727_u64 ^ u64::from(std::process::id());
