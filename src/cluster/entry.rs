@@ -3,12 +3,14 @@
 //!
 //! An instance's subject is a sequence of [`StreamEntry`]s: a `Takeover` by
 //! every host that comes to own it (the first owner included, before its
-//! `Created`), then that owner's `Record`s. The entries are JSON, so a host
-//! in another language (or `nats stream view`) reads them as they are.
+//! `Created`), then that owner's `Record`s. Compaction replaces everything
+//! before a point with a `Snapshot` of the instance there (a JetStream
+//! roll-up), so a compacted subject starts with one. The entries are JSON,
+//! so a host in another language (or `nats stream view`) reads them as they are.
 
 use serde::{Deserialize, Serialize};
 
-use crate::log::{Event, InstanceSpec};
+use crate::log::{Event, InstanceSpec, Record};
 use crate::machine::{Instance, InstanceName, Policy, State, Timestamp};
 
 /// The header every entry carries with the epoch it was written under.
@@ -55,27 +57,51 @@ pub enum StreamEntry {
         /// What it connects to (so a new owner needs only the last entry).
         spec: InstanceSpec,
     },
+    /// Compaction: the instance as its record `seq` left it, written by its
+    /// owner as a roll-up that replaces every earlier entry of the subject.
+    /// Verification of a compacted subject starts here.
+    Snapshot {
+        /// The owner's epoch.
+        epoch: u64,
+        /// The owner.
+        host: String,
+        /// The sequence number of the record it stands for.
+        seq: u64,
+        /// That record's time.
+        at: Timestamp,
+        /// The instance as that record left it.
+        to: Instance,
+        /// What it connects to.
+        spec: InstanceSpec,
+    },
 }
 
 impl StreamEntry {
     /// The epoch it was written under.
     pub fn epoch(&self) -> u64 {
         match self {
-            Self::Takeover { epoch, .. } | Self::Record { epoch, .. } => *epoch,
+            Self::Takeover { epoch, .. } | Self::Record { epoch, .. } | Self::Snapshot { epoch, .. } => *epoch,
         }
     }
 
     /// The host that wrote it.
     pub fn host(&self) -> &str {
         match self {
-            Self::Takeover { host, .. } | Self::Record { host, .. } => host,
+            Self::Takeover { host, .. } | Self::Record { host, .. } | Self::Snapshot { host, .. } => host,
         }
     }
 
     /// The instance's last sequence number as of this entry.
     pub fn seq(&self) -> u64 {
         match self {
-            Self::Takeover { seq, .. } | Self::Record { seq, .. } => *seq,
+            Self::Takeover { seq, .. } | Self::Record { seq, .. } | Self::Snapshot { seq, .. } => *seq,
+        }
+    }
+
+    /// When it was written (a snapshot: when the record it stands for was).
+    pub fn at(&self) -> Timestamp {
+        match self {
+            Self::Takeover { at, .. } | Self::Record { at, .. } | Self::Snapshot { at, .. } => *at,
         }
     }
 
@@ -83,15 +109,38 @@ impl StreamEntry {
     pub fn instance(&self) -> Option<&Instance> {
         match self {
             Self::Takeover { to, .. } => to.as_ref(),
-            Self::Record { to, .. } => Some(to),
+            Self::Record { to, .. } | Self::Snapshot { to, .. } => Some(to),
         }
     }
 
     /// What the instance connects to.
     pub fn spec(&self) -> &InstanceSpec {
         match self {
-            Self::Takeover { spec, .. } | Self::Record { spec, .. } => spec,
+            Self::Takeover { spec, .. } | Self::Record { spec, .. } | Self::Snapshot { spec, .. } => spec,
         }
+    }
+
+    /// The entry as a record of the log, numbered by its stream sequence
+    /// (the cluster's global order): what history, events and webhooks show.
+    /// A takeover is not a record (`None`); a snapshot is one, as compaction
+    /// writes them in a local log. The chain's links are the local logs' own
+    /// and are not carried.
+    pub fn to_record(&self, name: &InstanceName, stream_seq: u64) -> Option<Record> {
+        let (event, to) = match self {
+            Self::Takeover { .. } => return None,
+            Self::Record { event, to, .. } => (event.clone(), to.clone()),
+            Self::Snapshot { to, spec, .. } => (Event::Snapshot { spec: spec.clone() }, to.clone()),
+        };
+        Some(Record {
+            instance: name.clone(),
+            seq: self.seq(),
+            global: stream_seq,
+            at: self.at(),
+            prev: None,
+            replaced: None,
+            event,
+            to,
+        })
     }
 
     /// Whether the instance is removed as of this entry (it needs no owner).
@@ -182,6 +231,15 @@ pub enum StreamViolation {
         /// The one that came.
         found: u64,
     },
+    /// A snapshot that is not the subject's first entry: a roll-up replaces
+    /// everything before it, so one after other entries was not written by compaction.
+    #[error("snapshot of record {seq} at stream sequence {stream_seq} is not the subject's first entry")]
+    MisplacedSnapshot {
+        /// The record it claims to stand for.
+        seq: u64,
+        /// Where it is.
+        stream_seq: u64,
+    },
     /// A transition that does not start where the previous entry left the instance.
     #[error("record {seq} starts from another state than the entry before it left")]
     BrokenChain {
@@ -204,8 +262,10 @@ pub enum StreamViolation {
 /// What one instance's entries add up to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StreamCheck {
-    /// Records.
+    /// Records (after the snapshot it starts from, if compacted).
     pub records: u64,
+    /// The sequence number of the snapshot a compacted subject starts from.
+    pub from_snapshot: Option<u64>,
     /// Takeovers (the first owner's included).
     pub takeovers: u64,
     /// The hosts that owned it, in order.
@@ -219,7 +279,9 @@ pub struct StreamCheck {
 /// Checks one instance's entries, in stream order, each with its stream
 /// sequence and epoch header: one gapless run of records, epochs that
 /// never go back, and every record written by the owner of the latest
-/// takeover, under its epoch — what fencing guarantees. With a policy,
+/// takeover, under its epoch — what fencing guarantees. A compacted subject
+/// starts from its snapshot, which stands in for its owner's takeover and
+/// the records before it. With a policy,
 /// every transition is also replayed through the rules (`machine::step`),
 /// as `lifecycle verify` does for a local log: R1–R12 per instance, across
 /// hosts.
@@ -256,6 +318,19 @@ pub fn check(
             });
         }
         match entry {
+            StreamEntry::Snapshot { epoch, host, seq: s, to, .. } => {
+                // A roll-up replaces every earlier entry of its subject: it is always the first.
+                let first = out.takeovers == 0 && out.records == 0 && out.from_snapshot.is_none();
+                if first {
+                    out.from_snapshot = Some(*s);
+                    out.owners.push(host.clone());
+                } else {
+                    out.violations.push(StreamViolation::MisplacedSnapshot { seq: *s, stream_seq: *stream_seq });
+                }
+                owner = Some((host.clone(), *epoch));
+                seq = *s;
+                out.last = Some(to.clone());
+            }
             StreamEntry::Takeover { epoch, host, .. } => {
                 out.takeovers += 1;
                 if entry.seq() != seq {

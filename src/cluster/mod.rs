@@ -1,5 +1,6 @@
 //! Beyond one host: every instance has exactly one owner across a fleet of
-//! hosts, on NATS JetStream (feature `cluster`).
+//! hosts, on NATS JetStream (feature `cluster`), and any host answers for
+//! any instance.
 //!
 //! - **Ownership** is a key per instance in a JetStream KV bucket. A host
 //!   claims a name with create-if-absent and renews it by compare-and-set on
@@ -7,39 +8,60 @@
 //!   renewal writes a new revision, whose age starts again). The revision of
 //!   the winning claim is the instance's **epoch**, its fencing token.
 //! - **The log of record** is a stream with one subject per instance. The
-//!   engine writes every record through a [`Fence`]: it is published with
-//!   `Nats-Expected-Last-Subject-Sequence` (the last entry this owner wrote
-//!   or read) and the epoch in a header, so once a newer owner has appended
-//!   its `Takeover`, every append of the older one is refused by the server
-//!   — not by us. Only then does the record reach the local log (a cache,
-//!   which this host keeps in a temporary directory) and the instance move.
+//!   engine writes every record through a [`Fence`](crate::engine::Fence):
+//!   it is published with `Nats-Expected-Last-Subject-Sequence` (the last
+//!   entry this owner wrote or read) and the epoch in a header, so once a
+//!   newer owner has appended its `Takeover`, every append of the older one
+//!   is refused by the server — not by us. Only then does the record reach
+//!   the local log (a cache, which this host keeps in a temporary
+//!   directory) and the instance move.
+//! - **Any host answers** ([`Cluster::command`], [`Cluster::create`],
+//!   [`Cluster::signal`]): a command for an instance another host owns is
+//!   forwarded to the owner over NATS request–reply and answered with what
+//!   the owner's engine said (module `rpc`); reads ([`Cluster::state`],
+//!   [`Cluster::list`], [`Cluster::history`]) come from the stream, through
+//!   a [`View`] each host folds from it, with read-your-writes.
 //! - **Leases end locally too**: a host drops an instance's socket when its
 //!   own deadline for the lease passes (it starts before the server's clock
 //!   for the same lease), on its first refused append, or when a renewal
 //!   finds the key gone or taken — whichever is first.
 //! - **Placement**: a host takes instances that have no live owner — on
-//!   create, and, twice per renewal period, any instance whose lease ran
-//!   out (the first host to claim it wins).
+//!   create, when a lease announces its end (released, or run out: the
+//!   bucket's limit markers), and when a command finds one.
+//! - **A bounded stream**: an owner compacts its instance's subject when it
+//!   holds more than `retention.keep_records` entries — a snapshot written
+//!   as a roll-up, fenced like any append — and removed instances' subjects
+//!   are purged `retention.removed_after` their removal; never past what a
+//!   durable consumer (a webhook) has yet to read.
 //!
 //! The engine's rules (R1–R12) hold per instance on whichever host owns it;
 //! a new owner takes the instance as start-up recovery does (R11).
 
 pub mod entry;
+mod host;
+mod rpc;
+pub mod view;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, consumer, kv, stream};
 use futures_util::StreamExt;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info, warn};
+use tracing::Instrument;
 
-use crate::engine::{Engine, EngineConfig, EngineError, Fence, FenceFuture, Offered, Refused};
-use crate::log::{Digest, InstanceSpec, Log, LogError};
-use crate::machine::{InstanceName, Policy, State};
+use crate::engine::{Command, Engine, EngineConfig, EngineError, Signaled, at_rest};
+use crate::log::{InstanceSpec, Log, LogError, Record, Retention};
+use crate::machine::{Input, InstanceName, Policy, State};
 pub use entry::{StreamCheck, StreamEntry, StreamViolation, check, name_of, token_of};
+use host::{Inner, StreamFence};
+use rpc::{Reply, Request};
+pub use view::{Row, Tap, View};
+
+/// How long a joining host waits for its view to read the stream and the
+/// leases: reading a stream of a million entries takes tens of seconds.
+const CATCH_UP_MAX: Duration = Duration::from_secs(300);
 
 /// How a host joins a cluster.
 #[derive(Clone, Debug)]
@@ -56,8 +78,8 @@ pub struct ClusterConfig {
     /// dead host stays without owner. 10 s: a short stall does not move
     /// instances, a dead host's instances move within seconds.
     pub lease_ttl: Duration,
-    /// How often leases are renewed and orphans looked for: a third of the
-    /// TTL gives two chances to renew before a lease runs out.
+    /// How often leases are renewed: a third of the TTL gives two chances
+    /// to renew before a lease runs out.
     pub renew_every: Duration,
     /// Replicas of the stream and the bucket (1 on a single server; 3 on a
     /// three-node cluster).
@@ -67,6 +89,17 @@ pub struct ClusterConfig {
     pub fencing: bool,
     /// How long a request to NATS may take before it counts as failed.
     pub request_timeout: Duration,
+    /// What the stream keeps: per instance, a snapshot and at most
+    /// `keep_records` entries after it; a removed instance's subject for
+    /// `removed_after`. `None`: everything, for ever.
+    pub retention: Option<Retention>,
+    /// How often removed instances past their retention are looked for: an
+    /// hour, as the local log's compaction.
+    pub retention_every: Duration,
+    /// Entries compaction may leave unread behind a durable consumer (a
+    /// webhook that is down) before it compacts anyway: a million entries
+    /// hold a receiver that is down for days at normal rates.
+    pub backlog_max: u64,
 }
 
 impl ClusterConfig {
@@ -81,6 +114,9 @@ impl ClusterConfig {
             replicas: 1,
             fencing: true,
             request_timeout: Duration::from_secs(5),
+            retention: Some(Retention::default()),
+            retention_every: Duration::from_secs(3600),
+            backlog_max: 1_000_000,
         }
     }
 
@@ -106,6 +142,12 @@ impl ClusterConfig {
         if self.replicas == 0 {
             return bad("replicas", "must be at least 1");
         }
+        if self.retention.as_ref().is_some_and(|r| r.keep_records == 0) {
+            return bad("retention.keep_records", "must be at least 1");
+        }
+        if self.retention_every.is_zero() {
+            return bad("retention_every", "must be above zero");
+        }
         Ok(())
     }
 
@@ -115,10 +157,6 @@ impl ClusterConfig {
 
     fn stream(&self) -> String {
         format!("{}-log", self.namespace)
-    }
-
-    fn subject(&self, name: &InstanceName) -> String {
-        format!("{}.inst.{}", self.namespace, token_of(name))
     }
 
     /// How often the host looks at its leases: often enough that a socket
@@ -160,32 +198,43 @@ pub enum ClusterError {
         /// The namespace asked for.
         namespace: String,
     },
-    /// Another host owns the instance.
-    #[error("instance {name} is owned by host {owner}")]
-    OwnedElsewhere {
+    /// The instance's owner (another host) answered with its engine's error.
+    #[error("{message}")]
+    Remote {
+        /// The host that answered.
+        owner: String,
+        /// The engine's error code ([`EngineError::code`]).
+        code: String,
+        /// The engine's message.
+        message: String,
+    },
+    /// No answer within the bound (the owner may have carried the command out).
+    #[error("{what} of {name} got no answer within {waited:?}")]
+    TimedOut {
         /// The instance.
         name: InstanceName,
-        /// Its owner.
-        owner: String,
+        /// What was asked.
+        what: &'static str,
+        /// How long it waited.
+        waited: Duration,
     },
     /// The engine refused.
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
 
-/// One owned instance.
-#[derive(Clone, Debug)]
-struct Owned {
-    /// The fencing token: the revision of the winning claim.
-    epoch: u64,
-    /// The lease's current revision (what the next renewal compares with).
-    revision: u64,
-    /// The stream sequence of the last entry of the instance's subject.
-    last: u64,
-    /// When this host stops trusting the lease.
-    deadline: Instant,
-    /// What the instance connects to (every entry carries it).
-    spec: InstanceSpec,
+impl ClusterError {
+    /// A stable, machine-readable name for the error: the engine's code for
+    /// the engine's errors (this host's or the owner's), `timed_out`, or
+    /// `cluster_unavailable`.
+    pub fn code(&self) -> &str {
+        match self {
+            Self::Engine(e) => e.code(),
+            Self::Remote { code, .. } => code,
+            Self::TimedOut { .. } => "timed_out",
+            Self::Config { .. } | Self::Nats { .. } | Self::NoCluster { .. } => "cluster_unavailable",
+        }
+    }
 }
 
 /// What a host did, for the simulator's summary and tests.
@@ -203,368 +252,24 @@ pub struct ClusterStats {
     pub refused: u64,
     /// Leases lost (deadline passed, key gone or taken).
     pub lost: u64,
+    /// Subjects this host compacted into a snapshot.
+    pub snapshots: u64,
+    /// Removed instances this host purged from the stream.
+    pub purged: u64,
+    /// Commands this host forwarded to another host's instance.
+    pub forwarded: u64,
 }
 
-struct Inner {
-    config: ClusterConfig,
-    js: jetstream::Context,
-    reader: ClusterReader,
-    owned: Mutex<HashMap<InstanceName, Owned>>,
-    engine: OnceLock<Engine>,
-    stats: Mutex<ClusterStats>,
-}
-
-impl Inner {
-    fn owned(&self) -> MutexGuard<'_, HashMap<InstanceName, Owned>> {
-        self.owned.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn stats(&self) -> MutexGuard<'_, ClusterStats> {
-        self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn nats(&self, op: &'static str, e: impl std::fmt::Display) -> ClusterError {
-        ClusterError::Nats { url: self.config.url.clone(), op, message: e.to_string() }
-    }
-
-    fn headers(&self, epoch: u64, expected_last: Option<u64>) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        if let Some(last) = expected_last.filter(|_| self.config.fencing) {
-            h.insert("Nats-Expected-Last-Subject-Sequence", last.to_string().as_str());
-        }
-        h.insert(entry::EPOCH_HEADER, epoch.to_string().as_str());
-        h.insert(entry::HOST_HEADER, self.config.host.as_str());
-        h
-    }
-
-    /// Publishes an entry expecting `last` as the subject's last sequence;
-    /// returns the new entry's stream sequence, or `Err(None)` when the
-    /// stream refused it for a newer entry (a newer owner).
-    async fn publish(
-        &self,
-        name: &InstanceName,
-        epoch: u64,
-        last: u64,
-        entry: &StreamEntry,
-    ) -> Result<u64, Option<String>> {
-        let headers = self.headers(epoch, Some(last));
-        let published = self.js.publish_with_headers(self.config.subject(name), headers, entry.encode().into()).await;
-        let ack = match published {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        match ack {
-            Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => Err(None),
-            Err(e) => Err(Some(e.to_string())),
-        }
-    }
-
-    /// Claims the lease of `name` (create-if-absent): the epoch, or the owner.
-    async fn claim(&self, name: &InstanceName) -> Result<Result<u64, String>, ClusterError> {
-        let key = token_of(name);
-        let value = self.config.host.clone().into_bytes();
-        let won = if self.config.fencing {
-            self.reader
-                .kv
-                .create(&key, value.into())
-                .await
-                .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string()))
-        } else {
-            // Without fencing a claim is a plain write: the last writer thinks it owns.
-            self.reader.kv.put(&key, value.into()).await.map_err(|e| (false, e.to_string()))
-        };
-        match won {
-            Ok(epoch) => {
-                self.stats().claims += 1;
-                Ok(Ok(epoch))
-            }
-            Err((true, _)) => {
-                let owner = match self.reader.kv.get(&key).await {
-                    Ok(Some(v)) => String::from_utf8_lossy(&v).into_owned(),
-                    _ => "another host".into(),
-                };
-                Ok(Err(owner))
-            }
-            Err((false, e)) => Err(self.nats("claiming a lease", e)),
-        }
-    }
-
-    /// Gives a lease back (its key is deleted if it is still our revision).
-    async fn release(&self, name: &InstanceName, revision: u64) {
-        if let Err(e) = self.reader.kv.delete_expect_revision(token_of(name), Some(revision)).await {
-            debug!(instance = %name, error = %e, "lease not released (already gone or taken)");
-        }
-    }
-
-    /// Becomes the owner of `name` with `epoch`: appends the takeover (after
-    /// whatever the subject holds now) and hands the instance to the engine.
-    /// Returns the state the engine holds it in, or `None` for a name with
-    /// no history yet (a create goes on from there).
-    async fn take_over(
-        self: &Arc<Self>,
-        name: &InstanceName,
-        epoch: u64,
-        claimed_at: Instant,
-        spec_if_new: Option<&InstanceSpec>,
-    ) -> Result<Option<State>, ClusterError> {
-        for _attempt in 0..5 {
-            let last = self.reader.last_entry(name).await?;
-            let (last_seq, previous) = match &last {
-                Some((seq, bytes)) => {
-                    let entry = StreamEntry::decode(bytes).map_err(|e| self.nats("decoding an entry", e))?;
-                    (*seq, Some(entry))
-                }
-                None => (0, None),
-            };
-            let spec = match (&previous, spec_if_new) {
-                (Some(p), _) => p.spec().clone(),
-                (None, Some(spec)) => spec.clone(),
-                (None, None) => return Ok(None),
-            };
-            let takeover = StreamEntry::Takeover {
-                epoch,
-                host: self.config.host.clone(),
-                from_host: previous.as_ref().map(|p| p.host().to_owned()),
-                seq: previous.as_ref().map_or(0, StreamEntry::seq),
-                at: self.engine.get().map_or(crate::machine::Timestamp(0), Engine::now),
-                to: previous.as_ref().and_then(|p| p.instance().cloned()),
-                spec: spec.clone(),
-            };
-            let stream_seq = match self.publish(name, epoch, last_seq, &takeover).await {
-                Ok(seq) => seq,
-                // The old owner wrote meanwhile (its lease ran out unnoticed): read again.
-                Err(None) => continue,
-                Err(Some(e)) => return Err(self.nats("appending a takeover", e)),
-            };
-            {
-                let mut stats = self.stats();
-                stats.takeovers += 1;
-                if previous.as_ref().is_some_and(|p| p.host() != self.config.host) {
-                    stats.failovers += 1;
-                }
-            }
-            let owned = Owned {
-                epoch,
-                revision: epoch,
-                last: stream_seq,
-                deadline: claimed_at + self.local_ttl(),
-                spec: spec.clone(),
-            };
-            self.owned().insert(name.clone(), owned);
-            let Some(previous) = previous else { return Ok(None) };
-            let Some(to) = previous.instance().cloned() else { return Ok(None) };
-            let engine = self.engine.get().ok_or_else(|| self.nats("taking over", "the engine is not started"))?;
-            engine.relinquish(name);
-            let anchor = Digest::of(&takeover.encode());
-            let state = engine.adopt(name.as_str(), spec, to, previous.seq(), anchor).await?;
-            info!(instance = %name, epoch, from = previous.host(), state = %state.kind(), "took over");
-            return Ok(Some(state));
-        }
-        Err(self.nats("appending a takeover", "the subject kept changing; the previous owner is still writing"))
-    }
-
-    /// The local deadline of a lease renewed now: the TTL less one tick,
-    /// so the socket is dropped before the server lets another host claim.
-    fn local_ttl(&self) -> Duration {
-        self.config.lease_ttl.saturating_sub(self.config.tick())
-    }
-
-    /// Lets go of an instance: forgets the lease and, unless the instance's
-    /// own task is the caller (it stops by itself on the refusal), drops its
-    /// task and socket at once.
-    fn lose(&self, name: &InstanceName, why: &str, drop_task: bool) {
-        if self.owned().remove(name).is_some() {
-            self.stats().lost += 1;
-            warn!(instance = %name, why, "lease lost; dropping the instance");
-        }
-        if drop_task && let Some(engine) = self.engine.get() {
-            engine.relinquish(name);
-        }
-    }
-
-    /// Drops every instance whose lease is past this host's deadline for
-    /// it. Never waits on NATS: it runs on its own timer, so a host cut off
-    /// from NATS still closes its sockets in time.
-    fn enforce_deadlines(&self) {
-        if !self.config.fencing {
-            return;
-        }
-        let now = Instant::now();
-        let expired: Vec<InstanceName> =
-            self.owned().iter().filter(|(_, o)| now >= o.deadline).map(|(n, _)| n.clone()).collect();
-        for name in expired {
-            self.lose(&name, "its local deadline passed before a renewal", true);
-        }
-    }
-
-    /// Gives back the leases of instances removed here: a removed instance
-    /// needs no owner (R1), and its name is free for a create on any host.
-    async fn release_removed(&self) {
-        let Some(engine) = self.engine.get() else { return };
-        let removed: Vec<(InstanceName, u64)> = self
-            .owned()
-            .iter()
-            .filter(|(n, _)| matches!(engine.state(n.as_str()), Err(EngineError::Removed { .. })))
-            .map(|(n, o)| (n.clone(), o.revision))
-            .collect();
-        for (name, revision) in removed {
-            self.owned().remove(&name);
-            // Not ours any more: a later create may happen on any host.
-            engine.relinquish(&name);
-            self.release(&name, revision).await;
-        }
-    }
-
-    /// Renews one lease, if this host still holds it.
-    async fn renew(&self, name: InstanceName, o: Owned) -> Option<InstanceName> {
-        let start = Instant::now();
-        let value = self.config.host.clone().into_bytes();
-        let update = self.reader.kv.update(token_of(&name), value.into(), o.revision);
-        // A renewal that takes longer than the period is as good as failed.
-        match tokio::time::timeout(self.config.renew_every, update).await {
-            Ok(Ok(revision)) => {
-                if let Some(mine) = self.owned().get_mut(&name).filter(|m| m.epoch == o.epoch) {
-                    mine.revision = revision;
-                    mine.deadline = start + self.local_ttl();
-                }
-                Some(name)
-            }
-            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision && self.config.fencing => {
-                self.lose(&name, "another host holds the lease", true);
-                None
-            }
-            Ok(Err(e)) => {
-                debug!(instance = %name, error = %e, "renewal failed; retrying until the deadline");
-                None
-            }
-            Err(_) => {
-                debug!(instance = %name, "renewal timed out; retrying until the deadline");
-                None
-            }
-        }
-    }
-
-    /// One round: renew the leases that are due (all at once), and take
-    /// instances without a live owner.
-    async fn round(self: &Arc<Self>, renewed: &mut HashMap<InstanceName, Instant>, scan: bool) {
-        self.enforce_deadlines();
-        self.release_removed().await;
-        let now = Instant::now();
-        let due: Vec<(InstanceName, Owned)> = self
-            .owned()
-            .iter()
-            .filter(|(n, _)| renewed.get(*n).is_none_or(|at| now.duration_since(*at) >= self.config.renew_every))
-            .map(|(n, o)| (n.clone(), o.clone()))
-            .collect();
-        let renewals = futures_util::future::join_all(due.into_iter().map(|(n, o)| self.renew(n, o))).await;
-        for name in renewals.into_iter().flatten() {
-            renewed.insert(name, now);
-        }
-        renewed.retain(|n, _| self.owned().contains_key(n));
-        if !scan {
-            return;
-        }
-        if let Err(e) = self.adopt_orphans().await {
-            debug!(error = %e, "looking for instances without an owner failed; trying next round");
-        }
-    }
-
-    /// Takes every instance whose subject has entries, that is not removed,
-    /// and whose lease is free.
-    async fn adopt_orphans(self: &Arc<Self>) -> Result<(), ClusterError> {
-        for name in self.reader.names().await? {
-            if self.owned().contains_key(&name) {
-                continue;
-            }
-            match self.reader.kv.entry(token_of(&name)).await {
-                Ok(Some(e)) if e.operation == kv::Operation::Put => continue,
-                Ok(_) => {}
-                Err(e) => return Err(self.nats("reading a lease", e)),
-            }
-            // Removed instances need no owner.
-            if let Some((_, bytes)) = self.reader.last_entry(&name).await?
-                && StreamEntry::decode(&bytes).is_ok_and(|e| e.removed())
-            {
-                continue;
-            }
-            // The lease's clock starts before the claim is sent, never after.
-            let claimed_at = Instant::now();
-            let Ok(epoch) = self.claim(&name).await? else { continue };
-            let span = tracing::info_span!("takeover", instance = %name, epoch);
-            match self.take_over(&name, epoch, claimed_at, None).instrument(span).await {
-                Ok(Some(_)) => {}
-                // A claim whose creator died before its first record: nothing to own.
-                Ok(None) => {
-                    self.owned().remove(&name);
-                    self.release(&name, epoch).await;
-                }
-                Err(e) => {
-                    warn!(instance = %name, error = %e, "takeover failed; giving the lease back");
-                    self.owned().remove(&name);
-                    self.release(&name, epoch).await;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The fence the engine writes through.
-struct StreamFence(Arc<Inner>);
-
-impl Fence for StreamFence {
-    fn record<'a>(&'a self, name: &'a InstanceName, record: Offered<'a>) -> FenceFuture<'a> {
-        Box::pin(async move {
-            let inner = &self.0;
-            let Some(o) = inner.owned().get(name).cloned() else {
-                return Err(Refused("this host does not own the instance".into()));
-            };
-            if inner.config.fencing && Instant::now() >= o.deadline {
-                inner.lose(name, "its local deadline passed", false);
-                return Err(Refused("the lease's local deadline passed".into()));
-            }
-            let entry = StreamEntry::Record {
-                epoch: o.epoch,
-                host: inner.config.host.clone(),
-                seq: record.seq,
-                at: record.at,
-                event: record.event.clone(),
-                to: record.to.clone(),
-                spec: o.spec.clone(),
-            };
-            match inner.publish(name, o.epoch, o.last, &entry).await {
-                Ok(stream_seq) => {
-                    if let Some(mine) = inner.owned().get_mut(name).filter(|m| m.epoch == o.epoch) {
-                        mine.last = stream_seq;
-                    }
-                    Ok(())
-                }
-                Err(None) => {
-                    inner.stats().refused += 1;
-                    // Not `lose`: the task that called us stops by itself on this answer.
-                    inner.owned().remove(name);
-                    Err(Refused("the stream holds a newer entry: another host took the instance over".into()))
-                }
-                Err(Some(e)) => {
-                    // Unknown whether the stream has it: this host stops the instance (the
-                    // task does, on this answer) and gives the lease back, so that an owner
-                    // — this host or another — takes it over from what the stream holds.
-                    let removed = inner.owned().remove(name);
-                    if let Some(mine) = removed {
-                        inner.stats().lost += 1;
-                        let (inner, name) = (inner.clone(), name.clone());
-                        tokio::spawn(async move { inner.release(&name, mine.revision).await });
-                    }
-                    Err(Refused(format!("the stream did not take the record: {e}")))
-                }
-            }
-        })
-    }
+/// What a routed request was answered with.
+enum Answer {
+    State(State),
+    Created,
+    Signaled(Signaled),
 }
 
 /// A host of the cluster: an engine whose records go through the cluster's
-/// stream, and the loop that keeps its leases. Cheap to clone.
+/// stream, the loops that keep its leases and its view of the cluster, and
+/// the subject on which it runs commands for other hosts. Cheap to clone.
 #[derive(Clone)]
 pub struct Cluster {
     inner: Arc<Inner>,
@@ -575,9 +280,20 @@ pub struct Cluster {
 impl Cluster {
     /// Joins the cluster: connects, makes sure the bucket and the stream
     /// exist, starts an engine on a temporary local log (a cache: the
-    /// stream is the log of record) with `engine` as its configuration, and
-    /// starts keeping leases.
-    pub async fn join(config: ClusterConfig, mut engine: EngineConfig) -> Result<(Self, Engine), ClusterError> {
+    /// stream is the log of record) with `engine` as its configuration,
+    /// reads the stream and the leases into its view, and starts keeping
+    /// leases and serving forwarded commands.
+    pub async fn join(config: ClusterConfig, engine: EngineConfig) -> Result<(Self, Engine), ClusterError> {
+        Self::join_with(config, engine, Vec::new()).await
+    }
+
+    /// [`Cluster::join`], with taps that see every entry of the stream as
+    /// the view applies it — from the first on, before `join` returns.
+    pub async fn join_with(
+        config: ClusterConfig,
+        mut engine: EngineConfig,
+        taps: Vec<Arc<dyn Tap>>,
+    ) -> Result<(Self, Engine), ClusterError> {
         config.validate()?;
         let nats =
             |op, e: &dyn std::fmt::Display| ClusterError::Nats { url: config.url.clone(), op, message: e.to_string() };
@@ -588,7 +304,7 @@ impl Cluster {
             .connect(config.url.as_str())
             .await
             .map_err(|e| nats("connecting", &e))?;
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         // Every host must count leases with the bucket's TTL: a host that
         // trusted a longer one could hold a socket past the server's expiry.
         if let Ok(existing) = js.get_key_value(config.bucket()).await {
@@ -611,51 +327,99 @@ impl Cluster {
                 description: "instance-lifecycle: the owner of each instance (key: instance, value: host)".into(),
                 history: 1,
                 max_age: config.lease_ttl,
+                // A lease that runs out leaves a marker: every host's view hears of it.
+                limit_markers: Some(config.lease_ttl),
                 storage: jetstream::stream::StorageType::File,
                 num_replicas: config.replicas,
                 ..Default::default()
             })
             .await
             .map_err(|e| nats("creating the lease bucket", &e))?;
-        let stream = js
-            .get_or_create_stream(stream::Config {
-                name: config.stream(),
-                description: Some("instance-lifecycle: every instance's records, one subject each".into()),
-                subjects: vec![format!("{}.inst.>", config.namespace)],
-                storage: stream::StorageType::File,
-                num_replicas: config.replicas,
-                allow_direct: true,
-                // History is the point: nobody deletes from it.
-                deny_delete: true,
-                deny_purge: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats("creating the stream", &e))?;
+        let (stream, rollups) = host::open_stream(&js, &config).await.map_err(|e| nats("creating the stream", &e))?;
         let reader = ClusterReader { url: config.url.clone(), namespace: config.namespace.clone(), kv, stream };
+        let view = View::new(&config.namespace, config.lease_ttl, config.renew_every);
+        for tap in taps {
+            view.tap(tap);
+        }
+        let requests = client
+            .subscribe(rpc::subject(&config.namespace, &config.host))
+            .await
+            .map_err(|e| nats("subscribing", &e))?;
         let inner = Arc::new(Inner {
+            compacting: rollups && config.retention.is_some(),
             config,
             js,
+            client,
             reader,
+            view,
             owned: Mutex::default(),
             engine: OnceLock::new(),
             stats: Mutex::default(),
+            hold: AtomicU64::new(0),
         });
         engine.fence = Some(Arc::new(StreamFence(inner.clone())));
         let log = Log::temporary(engine.log.clone()).map_err(|e| EngineError::log(None, e))?;
         let started = Engine::with_log(log, engine).await?;
         let _ = inner.engine.set(started.clone());
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(keep_leases(Arc::downgrade(&inner), stopped.clone()));
-        tokio::spawn(watch_deadlines(Arc::downgrade(&inner), stopped));
-        let stop = Arc::new(stop);
-        Ok((Self { inner, engine: started.clone(), stop }, started))
+        let cluster = Self { inner: inner.clone(), engine: started.clone(), stop: Arc::new(stop) };
+        let weak = Arc::downgrade(&inner);
+        let (stream, ns, kv) = (inner.reader.stream.clone(), inner.config.namespace.clone(), inner.reader.kv.clone());
+        tokio::spawn(view::follow_stream(Arc::downgrade(&inner.view), stream, ns, stopped.clone()));
+        tokio::spawn(view::follow_leases(Arc::downgrade(&inner.view), kv, stopped.clone()));
+        if let Err(e) = cluster.catch_up().await {
+            cluster.halt();
+            return Err(e);
+        }
+        tokio::spawn(host::keep_leases(weak.clone(), stopped.clone()));
+        tokio::spawn(host::watch_deadlines(weak.clone(), stopped.clone()));
+        tokio::spawn(host::find_orphans(weak.clone(), stopped.clone()));
+        tokio::spawn(host::keep_retention(weak.clone(), stopped.clone()));
+        tokio::spawn(host::serve_requests(weak, requests, stopped));
+        Ok((cluster, started))
+    }
+
+    /// Waits until the view has read every lease and every entry the stream holds now.
+    async fn catch_up(&self) -> Result<(), ClusterError> {
+        let view = &self.inner.view;
+        if !view.leases_read(CATCH_UP_MAX).await {
+            return Err(self.inner.nats("reading the leases", format!("not done within {CATCH_UP_MAX:?}")));
+        }
+        let last = self.last_stream_seq(None).await?;
+        if !view.applied_through(last, CATCH_UP_MAX).await {
+            return Err(self.inner.nats("reading the stream", format!("not done within {CATCH_UP_MAX:?}")));
+        }
+        Ok(())
+    }
+
+    /// The stream sequence of the newest entry (of one instance, or of all).
+    async fn last_stream_seq(&self, name: Option<&InstanceName>) -> Result<u64, ClusterError> {
+        let ns = &self.inner.config.namespace;
+        let subject = name.map_or_else(|| view::all_instances(ns), |n| view::subject_of(ns, n));
+        match self.inner.reader.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(self.inner.nats("reading the newest entry", e)),
+        }
+    }
+
+    /// Waits until this host's view holds everything the stream holds now
+    /// (of one instance, or of all): a read after it shows at least the
+    /// state any command answered before it ended in, on any host.
+    pub async fn sync(&self, name: Option<&InstanceName>) -> Result<(), ClusterError> {
+        let last = self.last_stream_seq(name).await?;
+        let bound = self.inner.config.request_timeout;
+        if self.inner.view.applied_through(last, bound).await {
+            Ok(())
+        } else {
+            Err(self.inner.nats("reading the stream", format!("the view did not reach entry {last} within {bound:?}")))
+        }
     }
 
     /// The fence this host's engine writes through: whoever records
     /// transitions for an instance this host owns (a benchmark of the write
     /// path, a host with its own recorder) appends through the same checks.
-    pub fn fence(&self) -> Arc<dyn Fence> {
+    pub fn fence(&self) -> Arc<dyn crate::engine::Fence> {
         Arc::new(StreamFence(self.inner.clone()))
     }
 
@@ -664,34 +428,279 @@ impl Cluster {
         &self.inner.config.host
     }
 
-    /// Creates an instance owned by this host: claims its lease, appends the
-    /// takeover, then creates it in the engine. A name another host owns is
-    /// [`ClusterError::OwnedElsewhere`]. A removed name is taken over first
-    /// and created again; a name with a live history but no owner is taken
-    /// over and `AlreadyExists`.
+    /// The cluster's namespace (its bucket, stream and subjects are named after it).
+    pub fn namespace(&self) -> &str {
+        &self.inner.config.namespace
+    }
+
+    /// The JetStream context of this host's NATS connection (for a
+    /// service's own buckets beside the cluster's).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
+    /// This host's NATS connection.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// The NATS server's URL.
+    pub fn url(&self) -> &str {
+        &self.inner.config.url
+    }
+
+    /// The stream of record.
+    pub fn stream(&self) -> &stream::Stream {
+        &self.inner.reader.stream
+    }
+
+    /// This host's view of the cluster.
+    pub fn view(&self) -> &View {
+        &self.inner.view
+    }
+
+    /// Creates an instance, on any host: a name no host owns is claimed
+    /// here (its takeover appended, then `Created`); a name another host
+    /// owns is created by that host, which answers — `already_exists` for a
+    /// live one, or it creates a removed one again. A removed name nobody
+    /// owns is taken over here and created again.
     pub async fn create(&self, name: &str, spec: InstanceSpec) -> Result<(), ClusterError> {
         let name = InstanceName::new(name).map_err(EngineError::from)?;
-        let engine = self.engine();
-        if !self.inner.owned().contains_key(&name) {
+        let deadline = Instant::now() + self.engine.command_bound();
+        let mut pause = Pause::new(self.inner.config.renew_every);
+        loop {
+            if self.inner.owns(&name) {
+                return Ok(self.engine.create(name.as_str(), spec).await?);
+            }
             // The lease's clock starts before the claim is sent, never after.
             let claimed_at = Instant::now();
-            let epoch = match self.inner.claim(&name).await? {
-                Ok(epoch) => epoch,
-                Err(owner) => return Err(ClusterError::OwnedElsewhere { name, owner }),
-            };
-            let span = tracing::info_span!("takeover", instance = %name, epoch);
-            match self.inner.take_over(&name, epoch, claimed_at, Some(&spec)).instrument(span).await {
-                Ok(Some(State::Removed { .. }) | None) => {}
-                Ok(Some(_)) => return Err(EngineError::AlreadyExists { name }.into()),
-                Err(e) => {
-                    self.inner.owned().remove(&name);
-                    self.inner.release(&name, epoch).await;
-                    return Err(e);
+            match self.inner.claim(&name).await? {
+                Ok(epoch) => {
+                    let span = tracing::info_span!("takeover", instance = %name, epoch);
+                    return match self.inner.take_over(&name, epoch, claimed_at, Some(&spec)).instrument(span).await {
+                        Ok(Some(State::Removed { .. }) | None) => Ok(self.engine.create(name.as_str(), spec).await?),
+                        Ok(Some(_)) => Err(EngineError::AlreadyExists { name }.into()),
+                        Err(e) => {
+                            self.inner.owned().remove(&name);
+                            self.inner.release(&name, epoch).await;
+                            Err(e)
+                        }
+                    };
+                }
+                Err(owner) if owner != self.host() => {
+                    let request = Request::Create { name: name.clone(), spec: spec.clone() };
+                    if let Some(answer) = self.ask(&owner, &request, deadline).await? {
+                        return answer.map(|_| ());
+                    }
+                }
+                // The bucket names this host, which holds no lease: a takeover of its own is under way.
+                Err(_) => {}
+            }
+            pause.wait(&name, "create", deadline).await?;
+        }
+    }
+
+    /// Runs a host command for an instance, on any host: here if this host
+    /// owns it, on its owner otherwise (forwarded once; its answer is this
+    /// answer). An instance without a live owner is taken over here first; a
+    /// removed one is answered as the engine answers a removed instance.
+    /// Returns once the owner's engine has answered, within its command bound.
+    pub async fn command(&self, name: &str, command: Command) -> Result<State, ClusterError> {
+        let name = InstanceName::new(name).map_err(EngineError::from)?;
+        match self.route(Request::Command { name, command }).await? {
+            Answer::State(state) => Ok(state),
+            Answer::Created | Answer::Signaled(_) => Err(self.inner.nats("forwarding", "an answer of another kind")),
+        }
+    }
+
+    /// Connects (or reconnects now), on whichever host owns the instance.
+    pub async fn connect(&self, name: &str) -> Result<State, ClusterError> {
+        self.command(name, Command::Connect).await
+    }
+
+    /// Logs out, on whichever host owns the instance (ends `Closed`, R5).
+    pub async fn logout(&self, name: &str) -> Result<State, ClusterError> {
+        self.command(name, Command::Logout).await
+    }
+
+    /// Restarts, on whichever host owns the instance.
+    pub async fn restart(&self, name: &str) -> Result<State, ClusterError> {
+        self.command(name, Command::Restart).await
+    }
+
+    /// Deletes, on whichever host owns the instance (ends `Removed`, R2).
+    pub async fn delete(&self, name: &str) -> Result<State, ClusterError> {
+        self.command(name, Command::Delete).await
+    }
+
+    /// Reports a signal of a connection the host holds itself (see
+    /// [`Engine::signal`]), to whichever host owns the instance.
+    pub async fn signal(&self, name: &str, input: Input) -> Result<Signaled, ClusterError> {
+        let name = InstanceName::new(name).map_err(EngineError::from)?;
+        match self.route(Request::Signal { name, input }).await? {
+            Answer::Signaled(signaled) => Ok(signaled),
+            Answer::Created | Answer::State(_) => Err(self.inner.nats("forwarding", "an answer of another kind")),
+        }
+    }
+
+    /// Runs `request` where its instance is owned (see [`Cluster::command`]).
+    async fn route(&self, request: Request) -> Result<Answer, ClusterError> {
+        let name = request.name().clone();
+        let what = match &request {
+            Request::Command { command, .. } => command.as_str(),
+            Request::Create { .. } => "create",
+            Request::Signal { .. } => "signal",
+        };
+        let deadline = Instant::now() + self.engine.command_bound();
+        let mut pause = Pause::new(self.inner.config.renew_every);
+        loop {
+            if self.inner.owns(&name) {
+                return self.here(request).await;
+            }
+            match self.inner.view.owner(&name) {
+                Some(owner) if owner != self.host() => {
+                    if let Some(answer) = self.ask(&owner, &request, deadline).await? {
+                        return answer;
+                    }
+                }
+                // The bucket names this host, which holds no lease: a takeover of its own is under way.
+                Some(_) => {}
+                None => {
+                    if let Some(answer) = self.unowned(&request).await? {
+                        return answer;
+                    }
                 }
             }
+            pause.wait(&name, what, deadline).await?;
         }
-        engine.create(name.as_str(), spec).await?;
-        Ok(())
+    }
+
+    /// Runs a request on this host's engine.
+    async fn here(&self, request: Request) -> Result<Answer, ClusterError> {
+        let engine = &self.engine;
+        Ok(match request {
+            Request::Command { name, command } => Answer::State(engine.command(name.as_str(), command).await?),
+            Request::Create { name, spec } => {
+                engine.create(name.as_str(), spec).await?;
+                Answer::Created
+            }
+            Request::Signal { name, input } => Answer::Signaled(engine.signal(name.as_str(), input).await?),
+        })
+    }
+
+    /// A request for an instance no host holds a lease on: unknown,
+    /// removed (the table answers, nothing moves: R1), or an orphan, which
+    /// this host takes over (`None`: run it now that it is here, or ask again).
+    async fn unowned(&self, request: &Request) -> Result<Option<Result<Answer, ClusterError>>, ClusterError> {
+        let name = request.name();
+        self.sync(Some(name)).await?;
+        let Some(row) = self.inner.view.row(name) else {
+            return Ok(Some(Err(EngineError::UnknownInstance { name: name.clone() }.into())));
+        };
+        if row.removed() {
+            let (input, signal) = match request {
+                Request::Command { command, .. } => (command.input(), false),
+                Request::Signal { input, .. } => (input.clone(), true),
+                Request::Create { .. } => return Ok(None),
+            };
+            let policy = self.engine.policy();
+            let answer = match at_rest(name, &row.instance, &input, policy, self.engine.now()) {
+                Some(Ok((instance, why))) if signal => Ok(Answer::Signaled(Signaled::ignored(&instance, why))),
+                Some(Ok((instance, _))) => Ok(Answer::State(instance.state)),
+                Some(Err(e)) => Err(e.into()),
+                // R1: the table never moves a removed instance.
+                None => Err(EngineError::Removed { name: name.clone() }.into()),
+            };
+            return Ok(Some(answer));
+        }
+        if let Err(e) = self.inner.adopt(name).await {
+            tracing::debug!(instance = %name, error = %e, "taking over an orphan for a command failed; asking again");
+        }
+        Ok(None)
+    }
+
+    /// Asks `owner` to run `request`; `None` when it does not own the
+    /// instance (any more) or is gone: look again. Never sent twice: an
+    /// owner that does not answer in time may have run it.
+    async fn ask(
+        &self,
+        owner: &str,
+        request: &Request,
+        deadline: Instant,
+    ) -> Result<Option<Result<Answer, ClusterError>>, ClusterError> {
+        use async_nats::RequestErrorKind;
+        let waited = deadline.saturating_duration_since(Instant::now());
+        let payload = serde_json::to_vec(request).unwrap_or_default();
+        let ask = async_nats::Request::new().payload(payload.into()).timeout(Some(waited));
+        let subject = rpc::subject(&self.inner.config.namespace, owner);
+        self.inner.stats().forwarded += 1;
+        let message = match self.inner.client.send_request(subject, ask).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => return Ok(None),
+            Err(e) if e.kind() == RequestErrorKind::TimedOut => {
+                let what = match request {
+                    Request::Command { command, .. } => command.as_str(),
+                    Request::Create { .. } => "create",
+                    Request::Signal { .. } => "signal",
+                };
+                return Err(ClusterError::TimedOut { name: request.name().clone(), what, waited });
+            }
+            Err(e) => return Err(self.inner.nats("forwarding a command", e)),
+        };
+        let reply: Reply =
+            serde_json::from_slice(&message.payload).map_err(|e| self.inner.nats("reading an owner's answer", e))?;
+        Ok(match reply {
+            Reply::NotOwner => None,
+            Reply::State(state) => Some(Ok(Answer::State(state))),
+            Reply::Created => Some(Ok(Answer::Created)),
+            Reply::Signaled(s) => Some(Ok(Answer::Signaled(s))),
+            Reply::Failed { code, message } => {
+                Some(Err(ClusterError::Remote { owner: owner.to_owned(), code, message }))
+            }
+        })
+    }
+
+    /// An instance's state, from the log of record, on any host (removed:
+    /// [`EngineError::Removed`]; unknown: [`EngineError::UnknownInstance`]).
+    pub async fn state(&self, name: &str) -> Result<State, ClusterError> {
+        let name = InstanceName::new(name).map_err(EngineError::from)?;
+        match self.row(&name).await? {
+            Some(row) if row.removed() => Err(EngineError::Removed { name }.into()),
+            Some(row) => Ok(row.instance.state),
+            None => Err(EngineError::UnknownInstance { name }.into()),
+        }
+    }
+
+    /// An instance's row of the view (removed ones too, until purged), read-your-writes.
+    pub async fn row(&self, name: &InstanceName) -> Result<Option<Row>, ClusterError> {
+        self.sync(Some(name)).await?;
+        Ok(self.inner.view.row(name))
+    }
+
+    /// Every instance that is not removed, with its state, by name, from
+    /// the log of record, read-your-writes.
+    pub async fn list(&self) -> Result<Vec<(InstanceName, State)>, ClusterError> {
+        self.sync(None).await?;
+        Ok(self
+            .inner
+            .view
+            .rows()
+            .into_iter()
+            .filter(|(_, r)| !r.removed())
+            .map(|(n, r)| (n, r.instance.state))
+            .collect())
+    }
+
+    /// An instance's records as the stream holds them (since its last
+    /// snapshot, if compacted), numbered by stream sequence.
+    pub async fn history(&self, name: &str) -> Result<Vec<Record>, ClusterError> {
+        let name = InstanceName::new(name).map_err(EngineError::from)?;
+        let entries = self.inner.reader.entries(&name).await?;
+        let records: Vec<Record> = entries
+            .iter()
+            .filter_map(|(seq, _, entry)| entry.as_ref().ok().and_then(|e| e.to_record(&name, *seq)))
+            .collect();
+        if entries.is_empty() { Err(EngineError::UnknownInstance { name }.into()) } else { Ok(records) }
     }
 
     /// The engine this host runs (commands for instances it owns).
@@ -706,6 +715,11 @@ impl Cluster {
         out
     }
 
+    /// Whether this host owns `name` now.
+    pub fn owns(&self, name: &InstanceName) -> bool {
+        self.inner.owns(name)
+    }
+
     /// What this host did so far.
     pub fn stats(&self) -> ClusterStats {
         let mut s = self.inner.stats().clone();
@@ -718,9 +732,10 @@ impl Cluster {
         &self.inner.reader
     }
 
-    /// Leaves the cluster gracefully: stops keeping leases, stops the
-    /// engine (sockets dropped, states kept) and gives every lease back, so
-    /// other hosts take the instances at once rather than after the TTL.
+    /// Leaves the cluster gracefully: stops keeping leases and serving
+    /// forwarded commands, stops the engine (sockets dropped, states kept)
+    /// and gives every lease back, so other hosts take the instances at
+    /// once rather than after the TTL.
     pub async fn leave(&self) -> Result<(), ClusterError> {
         self.stop.send_replace(true);
         self.engine().shutdown().await?;
@@ -744,14 +759,38 @@ impl Cluster {
     }
 }
 
+/// The pause between looks for an instance's owner (a takeover under way,
+/// a lease about to run out): short at first, at most half a renewal period.
+struct Pause {
+    next: Duration,
+    max: Duration,
+}
+
+impl Pause {
+    fn new(renew_every: Duration) -> Self {
+        Self { next: Duration::from_millis(5), max: renew_every / 2 }
+    }
+
+    async fn wait(&mut self, name: &InstanceName, what: &'static str, deadline: Instant) -> Result<(), ClusterError> {
+        let now = Instant::now();
+        if now + self.next >= deadline {
+            let waited = self.max.max(deadline.saturating_duration_since(now));
+            return Err(ClusterError::TimedOut { name: name.clone(), what, waited });
+        }
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
+        Ok(())
+    }
+}
+
 /// Reads a cluster's leases and streams without taking part in it (an
 /// operator's view: `lifecycle cluster`). Cheap to clone.
 #[derive(Clone)]
 pub struct ClusterReader {
     url: String,
     namespace: String,
-    kv: kv::Store,
-    stream: stream::Stream,
+    pub(crate) kv: kv::Store,
+    pub(crate) stream: stream::Stream,
 }
 
 impl ClusterReader {
@@ -778,7 +817,7 @@ impl ClusterReader {
     }
 
     fn subject(&self, name: &InstanceName) -> String {
-        format!("{}.inst.{}", self.namespace, token_of(name))
+        view::subject_of(&self.namespace, name)
     }
 
     /// Every instance name the stream has entries for, sorted.
@@ -804,7 +843,7 @@ impl ClusterReader {
     }
 
     /// The last entry of an instance's subject: its stream sequence and its bytes.
-    async fn last_entry(&self, name: &InstanceName) -> Result<Option<(u64, Vec<u8>)>, ClusterError> {
+    pub(crate) async fn last_entry(&self, name: &InstanceName) -> Result<Option<(u64, Vec<u8>)>, ClusterError> {
         match self.stream.get_last_raw_message_by_subject(&self.subject(name)).await {
             Ok(m) => Ok(Some((m.sequence, m.payload.to_vec()))),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
@@ -812,62 +851,34 @@ impl ClusterReader {
         }
     }
 
+    /// Every entry of `name`'s subject, in order: its stream sequence, its
+    /// epoch header, and the entry (or why it is not one of ours). Read with
+    /// one ordered consumer, not an entry at a time.
+    pub async fn entries(
+        &self,
+        name: &InstanceName,
+    ) -> Result<Vec<(u64, Option<String>, Result<StreamEntry, String>)>, ClusterError> {
+        let Some((last, _)) = self.last_entry(name).await? else { return Ok(Vec::new()) };
+        let config = consumer::pull::OrderedConfig { filter_subject: self.subject(name), ..Default::default() };
+        let consumer = self.stream.create_consumer(config).await.map_err(|e| self.nats("reading a subject", e))?;
+        let mut messages = consumer.messages().await.map_err(|e| self.nats("reading a subject", e))?;
+        let mut entries = Vec::new();
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| self.nats("reading a subject", e))?;
+            let seq = m.info().map_err(|e| self.nats("reading a subject", e))?.stream_sequence;
+            let header = m.headers.as_ref().and_then(|h| h.get(entry::EPOCH_HEADER)).map(|v| v.as_str().to_owned());
+            entries.push((seq, header, StreamEntry::decode(&m.payload).map_err(|e| e.to_string())));
+            if seq >= last {
+                break;
+            }
+        }
+        Ok(entries)
+    }
+
     /// Every entry of `name`'s subject, in order, checked (see [`check`]);
     /// with a policy, every transition is replayed through the rules too.
     pub async fn verify(&self, name: &InstanceName, policy: Option<&Policy>) -> Result<StreamCheck, ClusterError> {
-        let subject = self.subject(name);
-        let mut entries = Vec::new();
-        let mut from = 1u64;
-        loop {
-            let got = self.stream.raw_message_builder().sequence(from).next_by_subject(subject.clone()).send().await;
-            let m = match got {
-                Ok(m) => m,
-                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
-                Err(e) => return Err(self.nats("reading a subject", e)),
-            };
-            let header = m.headers.get(entry::EPOCH_HEADER).map(|v| v.as_str().to_owned());
-            entries.push((m.sequence, header, StreamEntry::decode(&m.payload).map_err(|e| e.to_string())));
-            from = m.sequence.saturating_add(1);
-        }
-        Ok(check(name, &entries, policy))
-    }
-}
-
-/// The loop that keeps a host's leases, until the host stops or is dropped.
-async fn keep_leases(inner: std::sync::Weak<Inner>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut renewed = HashMap::new();
-    // Orphans are looked for twice per renewal period: a dead host's
-    // instances move within the TTL and half a period of its last renewal.
-    let (tick, every) = match inner.upgrade() {
-        Some(i) => (i.config.tick(), i.config.renew_every / 2),
-        None => return,
-    };
-    let mut scanned = Instant::now();
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            () = tokio::time::sleep(tick) => {}
-        }
-        let Some(inner) = inner.upgrade() else { return };
-        let scan = scanned.elapsed() >= every;
-        if scan {
-            scanned = Instant::now();
-        }
-        inner.round(&mut renewed, scan).await;
-    }
-}
-
-/// The watchdog: drops instances past their lease deadline, on its own
-/// timer, whatever the renewals are waiting for.
-async fn watch_deadlines(inner: std::sync::Weak<Inner>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let Some(tick) = inner.upgrade().map(|i| i.config.tick()) else { return };
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            () = tokio::time::sleep(tick) => {}
-        }
-        let Some(inner) = inner.upgrade() else { return };
-        inner.enforce_deadlines();
+        Ok(check(name, &self.entries(name).await?, policy))
     }
 }
 

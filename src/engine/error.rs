@@ -93,6 +93,25 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// A stable, machine-readable name for the error (the service's error
+    /// `code`; what a cluster host forwards for an owner's answer).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidName(_) => "invalid_name",
+            Self::InvalidUrl(_) => "invalid_url",
+            Self::NotASignal { .. } => "not_a_signal",
+            Self::UnknownInstance { .. } => "unknown_instance",
+            Self::AlreadyExists { .. } => "already_exists",
+            Self::Closing { .. } => "closing",
+            Self::Removed { .. } => "removed",
+            Self::TimedOut { .. } => "timed_out",
+            Self::ShutDown => "shutting_down",
+            Self::Interrupted { .. } => "interrupted",
+            Self::Log { .. } => "log_failure",
+            Self::Policy(_) | Self::InvalidConfig { .. } => "internal",
+        }
+    }
+
     pub(crate) fn log(instance: Option<InstanceName>, source: LogError) -> Self {
         Self::Log { instance, source: Box::new(source) }
     }

@@ -58,6 +58,42 @@ use task::{Channels, Start, Task};
 /// Transport signals queued per instance.
 const SIGNAL_CAPACITY: usize = 32;
 
+/// A host command, as a value (what a cluster host forwards to the owner).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    /// Connect (or reconnect now).
+    Connect,
+    /// Log out (ends `Closed`, R5).
+    Logout,
+    /// Drop the connection and start a fresh attempt.
+    Restart,
+    /// Delete (ends `Removed`, R2).
+    Delete,
+}
+
+impl Command {
+    /// The engine's input for it.
+    pub fn input(self) -> Input {
+        match self {
+            Self::Connect => Input::Connect,
+            Self::Logout => Input::Logout,
+            Self::Restart => Input::Restart,
+            Self::Delete => Input::Delete,
+        }
+    }
+
+    /// Its name (`connect`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Logout => "logout",
+            Self::Restart => "restart",
+            Self::Delete => "delete",
+        }
+    }
+}
+
 /// The engine. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -187,10 +223,9 @@ impl Engine {
                 Delivery::Answered(Err(EngineError::UnknownInstance { name: name.clone() }))
             }
             Some(Entry::Idle { view, .. } | Entry::Removed { view }) => {
-                match step(name, &view.instance, input, &self.shared.policy, self.shared.clock.now()) {
-                    Outcome::Ignored(why) => Delivery::Answered(Ok((view.instance.clone(), why))),
-                    Outcome::Rejected(r) => Delivery::Answered(Err(EngineError::rejected(name, r))),
-                    Outcome::Transition(_) | Outcome::Effects(_) => match entries.remove(name) {
+                match at_rest(name, &view.instance, input, &self.shared.policy, self.shared.clock.now()) {
+                    Some(answer) => Delivery::Answered(answer),
+                    None => match entries.remove(name) {
                         Some(Entry::Idle { view, spec }) => {
                             let driver = Driver::restored(name.clone(), view.instance, view.seq);
                             let entry = self.spawn(driver, spec, Vec::new(), Some(msg));
@@ -367,25 +402,25 @@ impl Engine {
 
     /// Connects (or reconnects now). Returns once the attempt has started.
     pub async fn connect(&self, name: &str) -> Result<State, EngineError> {
-        self.command(name, Input::Connect, "connect").await
+        self.command(name, Command::Connect).await
     }
 
     /// Logs out; returns once the instance is `Closed` — within the logout and
     /// close time-outs, whatever the socket does (R5).
     pub async fn logout(&self, name: &str) -> Result<State, EngineError> {
-        self.command(name, Input::Logout, "logout").await
+        self.command(name, Command::Logout).await
     }
 
     /// Drops the connection, if any, and starts a fresh attempt.
     pub async fn restart(&self, name: &str) -> Result<State, EngineError> {
-        self.command(name, Input::Restart, "restart").await
+        self.command(name, Command::Restart).await
     }
 
     /// Deletes; returns once the instance is `Removed` — within the logout,
     /// close and cleanup time-outs, whatever the socket does (R2). Deleting a
     /// removed instance returns its recorded `Removed` state and does nothing.
     pub async fn delete(&self, name: &str) -> Result<State, EngineError> {
-        self.command(name, Input::Delete, "delete").await
+        self.command(name, Command::Delete).await
     }
 
     /// The longest a command can take: every wait it can cause (logout,
@@ -397,14 +432,17 @@ impl Engine {
         t.logout + t.close + t.cleanup + t.connect + Duration::from_secs(5)
     }
 
-    async fn command(&self, name: &str, input: Input, command: &'static str) -> Result<State, EngineError> {
+    /// Runs a host command: [`Engine::connect`], [`Engine::logout`],
+    /// [`Engine::restart`] or [`Engine::delete`], named by a value.
+    pub async fn command(&self, name: &str, command: Command) -> Result<State, EngineError> {
         self.check_open()?;
         let name = InstanceName::new(name)?;
         let (reply, answer) = oneshot::channel();
-        if let Some((instance, _)) = self.send(&name, Box::new(Msg::Command { input, command, reply })).await? {
+        let msg = Msg::Command { input: command.input(), command: command.as_str(), reply };
+        if let Some((instance, _)) = self.send(&name, Box::new(msg)).await? {
             return Ok(instance.state);
         }
-        self.answer(name, command, answer).await
+        self.answer(name, command.as_str(), answer).await
     }
 
     /// Reports a signal of a connection the host holds itself (an instance
@@ -586,6 +624,25 @@ impl Engine {
         let log = self.shared.log.clone();
         tokio::task::spawn_blocking(move || log.sync()).await.map_err(EngineError::join)??;
         Ok(())
+    }
+}
+
+/// What the table answers an instance at rest without moving it: the
+/// instance as it rests and why the input changed nothing, or the rejection
+/// (a connect of a removed instance: R1) — `None` when the input moves it
+/// (then a task must carry it out). A removed instance is always answered
+/// here: nothing moves it.
+pub fn at_rest(
+    name: &InstanceName,
+    instance: &Instance,
+    input: &Input,
+    policy: &Policy,
+    now: Timestamp,
+) -> Option<Result<(Instance, Ignored), EngineError>> {
+    match step(name, instance, input, policy, now) {
+        Outcome::Ignored(why) => Some(Ok((instance.clone(), why))),
+        Outcome::Rejected(r) => Some(Err(EngineError::rejected(name, r))),
+        Outcome::Transition(_) | Outcome::Effects(_) => None,
     }
 }
 

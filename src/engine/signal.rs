@@ -2,12 +2,12 @@
 //! (an `external:` endpoint), the host tells the engine what the connection
 //! did, and the engine answers with what the rules made of it.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::machine::{Effect, Generation, Ignored, Input, Instance, State};
 
 /// What the engine made of a signal a host reported ([`Engine::signal`](super::Engine::signal)).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Signaled {
     /// The instance's state after it.
     pub state: State,
@@ -18,7 +18,7 @@ pub struct Signaled {
 }
 
 /// What the rules did with a reported signal.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum SignalOutcome {
     /// A transition, recorded as `seq`, with the effects it decided.

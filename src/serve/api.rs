@@ -17,7 +17,7 @@ use super::events::{EventBody, Subscription};
 use super::external::{HostEffect, HostSignal};
 use super::fleet::{ActionView, FleetView, TableEdge, actions};
 use super::webhook::{DeadLetter, WebhookStatus};
-use crate::engine::Signaled;
+use crate::engine::{Command, Signaled};
 use crate::log::InstanceSpec;
 use crate::machine::{InstanceName, State, StateKind};
 use crate::transport::Endpoint;
@@ -91,8 +91,8 @@ impl InstanceView {
 
     fn with_actions(mut self, app: &AppState) -> Self {
         if let Ok(name) = InstanceName::new(self.name.as_str()) {
-            let now = app.engine.now();
-            self.actions = Some(actions(&name, &self.detail, app.engine.policy(), now));
+            let engine = app.engine();
+            self.actions = Some(actions(&name, &self.detail, engine.policy(), engine.now()));
         }
         self
     }
@@ -157,7 +157,7 @@ pub(crate) async fn create(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
-    app.auth.global(&headers, "instance creation")?;
+    app.auth.global(&headers, "instance creation").await?;
     let body: CreateInstance = json_body(&body)?;
     let name = name_of(&body.name)?;
     let url = match body.transport {
@@ -172,17 +172,20 @@ pub(crate) async fn create(
     };
     let token = match body.token {
         Some(t) if t.is_empty() => return Err(ApiError::body("token: empty")),
-        Some(t) if app.auth.token_taken(&t) => {
+        Some(t) if app.auth.token_taken(&t).await? => {
             return Err(ApiError::new(StatusCode::CONFLICT, "token_taken", "this token is already in use"));
         }
         Some(t) => t,
         None => new_token()?,
     };
     let started = Instant::now();
-    app.create(name.as_str(), InstanceSpec { url }).await?;
+    app.instances.create(name.as_str(), InstanceSpec { url }).await?;
     app.auth.set_token(&name, &token).await?;
-    let state =
-        if body.connect { app.engine.connect(name.as_str()).await? } else { app.engine.state(name.as_str())? };
+    let state = if body.connect {
+        app.instances.command(name.as_str(), Command::Connect).await?
+    } else {
+        app.instances.state(name.as_str()).await?
+    };
     let instance = timed(&app, "create", started, InstanceView::of(name.as_str(), state));
     Ok((StatusCode::CREATED, Json(Created { instance, token })))
 }
@@ -195,7 +198,7 @@ pub(crate) async fn list(
     headers: HeaderMap,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Vec<InstanceView>>, ApiError> {
-    let caller = app.auth.caller(&headers)?;
+    let caller = app.auth.caller(&headers).await?;
     let kind = match query.state.as_deref() {
         None => None,
         Some(s) => Some(StateKind::parse(s).ok_or_else(|| {
@@ -203,8 +206,9 @@ pub(crate) async fn list(
         })?),
     };
     let out = app
-        .engine
+        .instances
         .list()
+        .await?
         .into_iter()
         .filter(|(name, _)| {
             matches!(&caller, Caller::Global) || matches!(&caller, Caller::Instance(own) if own == name)
@@ -223,34 +227,22 @@ pub(crate) async fn get(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<InstanceView>, ApiError> {
-    app.auth.instance(&headers, &name)?;
-    match app.engine.state(&name) {
-        Ok(state) => Ok(Json(InstanceView::of(&name, state).with_actions(&app))),
-        // Removed: the recorded state is what a host wants to see.
-        Err(crate::engine::EngineError::Removed { .. }) => {
-            let history = app.engine.history(&name).await?;
-            let state = history.last().map(|r| r.to.state.clone()).ok_or_else(|| ApiError::internal("no records"))?;
-            Ok(Json(InstanceView::of(&name, state).with_actions(&app)))
-        }
-        Err(e) => Err(e.into()),
-    }
+    app.auth.instance(&headers, &name).await?;
+    // Removed too: the recorded state is what a host wants to see.
+    let state = app.instances.recorded(&name).await?;
+    Ok(Json(InstanceView::of(&name, state).with_actions(&app)))
 }
 
 async fn command(
     app: &AppState,
     headers: &HeaderMap,
     name: &str,
-    command: &'static str,
+    command: Command,
 ) -> Result<Json<InstanceView>, ApiError> {
-    app.auth.instance(headers, name)?;
+    app.auth.instance(headers, name).await?;
     let started = Instant::now();
-    let result = match command {
-        "connect" => app.engine.connect(name).await,
-        "logout" => app.engine.logout(name).await,
-        "restart" => app.engine.restart(name).await,
-        _ => app.engine.delete(name).await,
-    };
-    let state = timed(app, command, started, result)?;
+    let result = app.instances.command(name, command).await;
+    let state = timed(app, command.as_str(), started, result)?;
     Ok(Json(InstanceView::of(name, state)))
 }
 
@@ -262,7 +254,7 @@ pub(crate) async fn connect(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<InstanceView>, ApiError> {
-    command(&app, &headers, &name, "connect").await
+    command(&app, &headers, &name, Command::Connect).await
 }
 
 /// Log out; answers once the instance is `Closed`, within the policy's bounds, whatever the socket does (R5).
@@ -273,7 +265,7 @@ pub(crate) async fn logout(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<InstanceView>, ApiError> {
-    command(&app, &headers, &name, "logout").await
+    command(&app, &headers, &name, Command::Logout).await
 }
 
 /// Drop the connection, if any, and start a fresh attempt.
@@ -284,7 +276,7 @@ pub(crate) async fn restart(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<InstanceView>, ApiError> {
-    command(&app, &headers, &name, "restart").await
+    command(&app, &headers, &name, Command::Restart).await
 }
 
 /// Delete: always reaches `Removed`, within the policy's bounds (R2); a repeated delete answers the same.
@@ -295,7 +287,7 @@ pub(crate) async fn delete(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<InstanceView>, ApiError> {
-    command(&app, &headers, &name, "delete").await
+    command(&app, &headers, &name, Command::Delete).await
 }
 
 /// An instance's recorded history (after `after`, if given).
@@ -307,14 +299,13 @@ pub(crate) async fn history(
     Path(name): Path<String>,
     Query(query): Query<AfterQuery>,
 ) -> Result<Json<Vec<EventBody>>, ApiError> {
-    app.auth.instance(&headers, &name)?;
+    app.auth.instance(&headers, &name).await?;
     if query.instance.is_some() {
         return Err(ApiError::body("instance: not a parameter of history (the name is in the path)"));
     }
     let after = query.after.unwrap_or(0);
-    let history = app.engine.history(&name).await?;
-    let policy = app.engine.policy();
-    Ok(Json(history.iter().filter(|r| r.seq > after).map(|r| EventBody::of(r, policy)).collect()))
+    let history = app.instances.history(&name, app.engine().policy()).await?;
+    Ok(Json(history.into_iter().filter(|e| e.seq > after).collect()))
 }
 
 /// Report a signal of a connection the host holds (`transport: external`).
@@ -327,19 +318,19 @@ pub(crate) async fn signal(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Signaled>, ApiError> {
-    app.auth.instance(&headers, &name)?;
+    app.auth.instance(&headers, &name).await?;
     let signal: HostSignal = json_body(&body)?;
     let instance = name_of(&name)?;
     let input = signal.input();
     if let HostSignal::Pairing { code: Some(code), .. } = &signal {
-        app.pairing.set(&instance, code.clone());
+        app.pairing.set(&instance, code.clone()).await;
     }
     if input.ends_connection()
         && let Some(generation) = input.generation()
     {
         app.hub.ended(&instance, generation);
     }
-    Ok(Json(app.engine.signal(&name, input).await?))
+    Ok(Json(app.instances.signal(&name, input).await?))
 }
 
 /// A live stream of the effects hosts must carry out for their `external` instances (SSE, event `effect`).
@@ -352,22 +343,33 @@ pub(crate) async fn effects(
 ) -> Result<Response, ApiError> {
     let filter = query.get("instance").cloned();
     if let Some(name) = &filter {
-        app.auth.instance(&headers, name)?;
+        app.auth.instance(&headers, name).await?;
     } else {
-        app.auth.global(&headers, "every instance's effects")?;
+        app.auth.global(&headers, "every instance's effects").await?;
     }
     if let Some(unknown) = query.keys().find(|k| *k != "instance") {
         return Err(ApiError::body(format!("unknown parameter {unknown}")));
     }
-    let rx = app.hub.subscribe();
+    let source = match app.instances.cluster() {
+        // In a cluster the owner may be another host: its effects come over NATS.
+        Some(cluster) => {
+            let instance = filter.as_deref().map(name_of).transpose()?;
+            let subject = super::external::effects_subject(cluster.namespace(), instance.as_ref());
+            let subscriber = cluster.client().subscribe(subject).await.map_err(|e| {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable", format!("effects: {e}"))
+            })?;
+            Effects::Cluster(subscriber)
+        }
+        None => Effects::Local(app.hub.subscribe()),
+    };
     // The stream ends when the service shuts down: a graceful shutdown waits for
     // every open connection, and this one would otherwise never end.
-    let stream = futures_util::stream::unfold((rx, app.shutdown.clone()), move |(mut rx, mut shutdown)| {
+    let stream = futures_util::stream::unfold((source, app.shutdown.clone()), move |(mut source, mut shutdown)| {
         let filter = filter.clone();
         async move {
             loop {
                 let received = tokio::select! {
-                    r = rx.recv() => r,
+                    r = source.next() => r?,
                     _ = shutdown.wait_for(|s| *s) => return None,
                 };
                 match received {
@@ -376,15 +378,14 @@ pub(crate) async fn effects(
                         let data = serde_json::to_string(&e).unwrap_or_default();
                         let event =
                             axum::response::sse::Event::default().id(e.id.to_string()).event("effect").data(data);
-                        return Some((Ok::<_, std::convert::Infallible>(event), (rx, shutdown)));
+                        return Some((Ok::<_, std::convert::Infallible>(event), (source, shutdown)));
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    Err(n) => {
                         let event = axum::response::sse::Event::default().event("lagged").data(format!(
                             "{{\"missed\":{n},\"what_to_do\":\"read each instance's state and reconnect\"}}"
                         ));
-                        return Some((Ok(event), (rx, shutdown)));
+                        return Some((Ok(event), (source, shutdown)));
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 }
             }
         }
@@ -392,6 +393,32 @@ pub(crate) async fn effects(
     let sse = axum::response::sse::Sse::new(stream)
         .keep_alive(axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(15)));
     Ok(sse.into_response())
+}
+
+/// Where `/v1/effects` reads: this host's hub, or the cluster's NATS.
+enum Effects {
+    Local(tokio::sync::broadcast::Receiver<HostEffect>),
+    Cluster(async_nats::Subscriber),
+}
+
+impl Effects {
+    /// The next effect, or how many were missed; `None` when the source ended.
+    async fn next(&mut self) -> Option<Result<HostEffect, u64>> {
+        use futures_util::StreamExt;
+        match self {
+            Self::Local(rx) => match rx.recv().await {
+                Ok(e) => Some(Ok(e)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Some(Err(n)),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+            },
+            Self::Cluster(subscriber) => loop {
+                let message = subscriber.next().await?;
+                if let Ok(effect) = serde_json::from_slice(&message.payload) {
+                    return Some(Ok(effect));
+                }
+            },
+        }
+    }
 }
 
 /// The transitions of every instance as they are recorded (SSE; the id is
@@ -406,11 +433,11 @@ pub(crate) async fn events(
 ) -> Result<Response, ApiError> {
     let instance = match &query.instance {
         Some(name) => {
-            app.auth.instance(&headers, name)?;
+            app.auth.instance(&headers, name).await?;
             Some(name_of(name)?)
         }
         None => {
-            app.auth.global(&headers, "every instance's events")?;
+            app.auth.global(&headers, "every instance's events").await?;
             None
         }
     };
@@ -423,9 +450,12 @@ pub(crate) async fn events(
         )
     })?;
     // Without a position, the stream starts now.
-    let after = after.unwrap_or_else(|| app.engine.log().committed());
+    let after = match after {
+        Some(after) => after,
+        None => app.instances.position().await?,
+    };
     let sub = Subscription { after, instance };
-    let feed = super::events::Feed::of(&app.engine);
+    let feed = super::events::Feed::of(&app.instances);
     Ok(super::events::stream(feed, sub, permit, app.shutdown.clone(), app.metrics.clone()).into_response())
 }
 
@@ -445,7 +475,7 @@ pub(crate) fn resume_point(headers: &HeaderMap, after: Option<u64>) -> Result<Op
 /// The transition table as a Mermaid state diagram.
 #[utoipa::path(get, path = "/v1/diagram", responses((status = 200, description = "text/plain Mermaid", body = String)))]
 pub(crate) async fn diagram(AxumState(app): AxumState<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    app.auth.caller(&headers)?;
+    app.auth.caller(&headers).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], app.diagram.to_string()).into_response())
 }
 
@@ -456,30 +486,42 @@ pub(crate) async fn fleet(
     AxumState(app): AxumState<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<FleetView>, ApiError> {
-    app.auth.global(&headers, "the fleet view")?;
-    let now = app.engine.now().0;
-    Ok(Json(super::fleet::read(&app.fleet).view(now, false, &app.engine.policy().name)))
+    app.auth.global(&headers, "the fleet view").await?;
+    // Read-your-writes: the view covers at least what the log of record held when asked.
+    app.instances.position().await?;
+    let engine = app.engine();
+    let mut view = super::fleet::read(&app.fleet).view(engine.now().0, false, &engine.policy().name);
+    if let Some(cluster) = app.instances.cluster() {
+        let owners = cluster.view().owners();
+        for row in &mut view.instances {
+            row.owner = InstanceName::new(row.name.as_str()).ok().and_then(|n| owners.get(&n).cloned());
+        }
+    }
+    Ok(Json(view))
 }
 
 /// The transition table's edges (what `/v1/diagram` draws), as JSON.
 #[utoipa::path(get, path = "/v1/table", responses((status = 200, body = [TableEdge])))]
 pub(crate) async fn table(AxumState(app): AxumState<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    app.auth.caller(&headers)?;
+    app.auth.caller(&headers).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], app.table.to_string()).into_response())
 }
 
 /// Liveness: always open, no key needed.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
-pub(crate) async fn health(AxumState(app): AxumState<AppState>) -> Json<Health> {
-    Json(Health { status: "ok", instances: app.engine.list().len(), committed: app.engine.log().committed() })
+pub(crate) async fn health(AxumState(app): AxumState<AppState>) -> Result<Json<Health>, ApiError> {
+    let committed = app.instances.position().await?;
+    let instances = app.instances.list().await?.len();
+    Ok(Json(Health { status: "ok", instances, committed }))
 }
 
 /// Prometheus metrics (text exposition).
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "text/plain; version=0.0.4", body = String)))]
 pub(crate) async fn metrics(AxumState(app): AxumState<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    app.auth.global(&headers, "metrics")?;
+    app.auth.global(&headers, "metrics").await?;
     let mut counts: Vec<(StateKind, usize)> = StateKind::ALL.iter().map(|k| (*k, 0)).collect();
-    for (_, state) in app.engine.list() {
+    // This host's engine: in a cluster, the instances it owns (each host reports its own).
+    for (_, state) in app.engine().list() {
         if let Some(c) = counts.iter_mut().find(|(k, _)| *k == state.kind()) {
             c.1 += 1;
         }
@@ -494,8 +536,8 @@ pub(crate) async fn webhooks(
     AxumState(app): AxumState<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<WebhookStatus>>, ApiError> {
-    app.auth.global(&headers, "webhooks")?;
-    Ok(Json(app.outbox.status()))
+    app.auth.global(&headers, "webhooks").await?;
+    Ok(Json(app.outbox.status().await?))
 }
 
 /// Events given up on, oldest first, per webhook.
@@ -504,8 +546,8 @@ pub(crate) async fn dead_letters(
     AxumState(app): AxumState<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<DeadLetter>>, ApiError> {
-    app.auth.global(&headers, "webhooks")?;
-    Ok(Json(app.outbox.dead_letters()?))
+    app.auth.global(&headers, "webhooks").await?;
+    Ok(Json(app.outbox.dead_letters().await?))
 }
 
 /// Post a dead letter once more; it is removed when delivered.
@@ -516,7 +558,7 @@ pub(crate) async fn retry_dead(
     headers: HeaderMap,
     Path((webhook, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    app.auth.global(&headers, "webhooks")?;
+    app.auth.global(&headers, "webhooks").await?;
     app.outbox.retry(&webhook, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -72,7 +72,7 @@ pub struct ApiError {
     /// The HTTP status.
     pub status: StatusCode,
     /// A stable, machine-readable code (`unknown_instance`, `invalid_name`, …).
-    pub code: &'static str,
+    pub code: std::borrow::Cow<'static, str>,
     /// What happened, for a person.
     pub message: String,
 }
@@ -99,7 +99,7 @@ pub struct ErrorDetail {
 impl ApiError {
     /// An error with its status, code and message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self { status, code: code.into(), message: message.into() }
     }
 
     pub(crate) fn unauthorized() -> Self {
@@ -123,24 +123,25 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The HTTP status of an error code (the engine's, forwarded or not).
+    pub(crate) fn status_of(code: &str) -> StatusCode {
+        match code {
+            "invalid_name" | "invalid_url" | "not_a_signal" | "invalid_body" => StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_instance" | "not_found" => StatusCode::NOT_FOUND,
+            "already_exists" | "closing" | "owned_elsewhere" | "token_taken" => StatusCode::CONFLICT,
+            "removed" => StatusCode::GONE,
+            "timed_out" => StatusCode::GATEWAY_TIMEOUT,
+            "shutting_down" | "log_failure" | "cluster_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        let message = e.to_string();
-        let (status, code) = match &e {
-            EngineError::InvalidName(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_name"),
-            EngineError::InvalidUrl(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_url"),
-            EngineError::NotASignal { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "not_a_signal"),
-            EngineError::UnknownInstance { .. } => (StatusCode::NOT_FOUND, "unknown_instance"),
-            EngineError::AlreadyExists { .. } => (StatusCode::CONFLICT, "already_exists"),
-            EngineError::Closing { .. } => (StatusCode::CONFLICT, "closing"),
-            EngineError::Removed { .. } => (StatusCode::GONE, "removed"),
-            EngineError::TimedOut { .. } => (StatusCode::GATEWAY_TIMEOUT, "timed_out"),
-            EngineError::ShutDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
-            EngineError::Interrupted { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "interrupted"),
-            EngineError::Log { .. } => (StatusCode::SERVICE_UNAVAILABLE, "log_failure"),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        };
-        Self { status, code, message }
+        let code = e.code();
+        Self { status: Self::status_of(code), code: code.into(), message: e.to_string() }
     }
 }
 
@@ -149,10 +150,14 @@ impl From<crate::cluster::ClusterError> for ApiError {
         use crate::cluster::ClusterError;
         match e {
             ClusterError::Engine(e) => e.into(),
-            e @ ClusterError::OwnedElsewhere { .. } => {
-                Self::new(StatusCode::CONFLICT, "owned_elsewhere", e.to_string())
+            // The owner's own answer, as it gave it.
+            ClusterError::Remote { code, message, .. } => {
+                Self { status: Self::status_of(&code), code: code.into(), message }
             }
-            e => Self::new(StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable", e.to_string()),
+            e => {
+                let code = e.code().to_owned();
+                Self { status: Self::status_of(&code), code: code.into(), message: e.to_string() }
+            }
         }
     }
 }
@@ -165,7 +170,7 @@ impl From<LogError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: ErrorDetail { code: self.code.to_owned(), message: self.message } };
+        let body = ErrorBody { error: ErrorDetail { code: self.code.into_owned(), message: self.message } };
         (self.status, Json(body)).into_response()
     }
 }

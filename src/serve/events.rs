@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, oneshot, watch};
 use utoipa::ToSchema;
 
 use super::metrics::Metrics;
-use crate::engine::{Engine, Notification};
+use crate::engine::Notification;
 use crate::log::{Event, Log, Record};
 use crate::machine::{ClosePhase, ClosedCause, InstanceName, Policy, State, StateKind, Timestamp, rule_of};
 
@@ -75,6 +75,9 @@ pub struct EventBody {
     /// The full record: input, effects, the states before and after (the log's own structure).
     #[schema(value_type = Object)]
     pub detail: serde_json::Value,
+    /// In a cluster: the host that recorded it (the instance's owner then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// A connection's end as people read it: `401 logged out — final`.
@@ -179,7 +182,21 @@ impl EventBody {
             close,
             reconnect,
             detail,
+            host: None,
         }
+    }
+
+    /// The JSON view of a cluster stream's entry at `stream_seq` (its id and
+    /// `global`), with the host that wrote it; `None` for a takeover, which
+    /// is not a record.
+    pub fn of_entry(
+        name: &InstanceName,
+        stream_seq: u64,
+        entry: &crate::cluster::StreamEntry,
+        policy: &Policy,
+    ) -> Option<Self> {
+        let record = entry.to_record(name, stream_seq)?;
+        Some(Self { host: Some(entry.host().to_owned()), ..Self::of(&record, policy) })
     }
 }
 
@@ -189,19 +206,33 @@ pub(crate) struct Subscription {
     pub(crate) instance: Option<InstanceName>,
 }
 
-/// Where a stream's records come from: the log, the policy that gives them
-/// meaning, and — from a running engine — the wake-up on each new record
-/// (without one, as in a replay of a copied log, the log is polled each second).
+/// Where a stream's records come from, and the policy that gives them meaning.
 pub(crate) struct Feed {
-    pub(crate) log: Log,
+    pub(crate) source: Source,
     pub(crate) policy: Arc<Policy>,
-    pub(crate) wake: Option<broadcast::Receiver<Notification>>,
+}
+
+/// The log of record a feed reads.
+pub(crate) enum Source {
+    /// A local log, and — from a running engine — the wake-up on each new
+    /// record (without one, as in a replay of a copied log, the log is polled each second).
+    Log { log: Log, wake: Option<broadcast::Receiver<Notification>> },
+    /// A cluster's stream (ids are stream sequences, the same on every host).
+    Stream { stream: Box<async_nats::jetstream::stream::Stream>, namespace: String },
 }
 
 impl Feed {
-    /// A running engine's feed.
-    pub(crate) fn of(engine: &Engine) -> Self {
-        Self { log: engine.log().clone(), policy: Arc::new(engine.policy().clone()), wake: Some(engine.subscribe()) }
+    /// The service's feed: its engine's log, or its cluster's stream.
+    pub(crate) fn of(instances: &super::instances::Instances) -> Self {
+        let engine = instances.engine();
+        let policy = Arc::new(engine.policy().clone());
+        let source = match instances.cluster() {
+            Some(cluster) => {
+                Source::Stream { stream: Box::new(cluster.stream().clone()), namespace: cluster.namespace().to_owned() }
+            }
+            None => Source::Log { log: engine.log().clone(), wake: Some(engine.subscribe()) },
+        };
+        Self { source, policy }
     }
 }
 
@@ -241,10 +272,32 @@ impl Drop for Place {
     }
 }
 
-fn sse_event(r: &Record, policy: &Policy) -> SseEvent {
-    let body = EventBody::of(r, policy);
-    let data = serde_json::to_string(&body).unwrap_or_default();
-    SseEvent::default().id(body.id).event(body.event).data(data)
+fn sse_event(body: &EventBody) -> SseEvent {
+    let data = serde_json::to_string(body).unwrap_or_default();
+    SseEvent::default().id(body.id.clone()).event(body.event).data(data)
+}
+
+/// Hands one event to the subscriber: false when the stream is over (the
+/// client left, or was too slow and was told where to resume).
+async fn hand_over(
+    tx: &mpsc::Sender<SseEvent>,
+    last: &mut Option<oneshot::Sender<SseEvent>>,
+    body: &EventBody,
+) -> bool {
+    match tokio::time::timeout(SLOW_SUBSCRIBER, tx.send(sse_event(body))).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false, // the client left
+        Err(_) => {
+            let data = serde_json::json!({
+                "reason": format!("the stream was not read for {} s with events waiting", SLOW_SUBSCRIBER.as_secs()),
+                "resume": "reconnect with Last-Event-ID set to the last id received",
+            });
+            if let Some(last) = last.take() {
+                let _ = last.send(SseEvent::default().event("dropped").data(data.to_string()));
+            }
+            false
+        }
+    }
 }
 
 /// Reads the log from the subscription's point on and feeds the channel,
@@ -258,14 +311,23 @@ async fn produce(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _place = place;
-    let Feed { log, policy, mut wake } = feed;
-    let log = Arc::new(log);
+    let mut last = Some(last);
+    let Feed { source, policy } = feed;
+    let (log, mut wake) = match source {
+        Source::Log { log, wake } => (Arc::new(log), wake),
+        Source::Stream { stream, namespace } => {
+            return produce_stream(*stream, namespace, policy, sub, tx, last, shutdown).await;
+        }
+    };
     loop {
         let (reader, after) = (log.clone(), sub.after);
         let page = match tokio::task::spawn_blocking(move || reader.records_after(after, PAGE)).await {
             Ok(Ok(page)) => page,
             Ok(Err(e)) => {
-                let _ = last.send(SseEvent::default().event("error").data(format!("the log could not be read: {e}")));
+                if let Some(last) = last.take() {
+                    let _ =
+                        last.send(SseEvent::default().event("error").data(format!("the log could not be read: {e}")));
+                }
                 return;
             }
             Err(_) => return,
@@ -291,18 +353,70 @@ async fn produce(
             if sub.instance.as_ref().is_some_and(|n| *n != r.instance) {
                 continue;
             }
-            match tokio::time::timeout(SLOW_SUBSCRIBER, tx.send(sse_event(r, &policy))).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return, // the client left
-                Err(_) => {
-                    let data = serde_json::json!({
-                        "reason": format!("the stream was not read for {} s with events waiting", SLOW_SUBSCRIBER.as_secs()),
-                        "resume": "reconnect with Last-Event-ID set to the last id received",
-                    });
-                    let _ = last.send(SseEvent::default().event("dropped").data(data.to_string()));
-                    return;
-                }
+            if !hand_over(&tx, &mut last, &EventBody::of(r, &policy)).await {
+                return;
             }
+        }
+    }
+}
+
+/// [`produce`] from a cluster's stream: an ordered consumer from the
+/// subscription's point (a stream sequence: the same on every host, so a
+/// client that reconnects to another host with `Last-Event-ID` misses
+/// nothing and sees nothing twice). Takeovers are not records and are not sent.
+async fn produce_stream(
+    stream: async_nats::jetstream::stream::Stream,
+    namespace: String,
+    policy: Arc<Policy>,
+    sub: Subscription,
+    tx: mpsc::Sender<SseEvent>,
+    mut last: Option<oneshot::Sender<SseEvent>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use async_nats::jetstream::consumer;
+    use futures_util::StreamExt;
+    let filter_subject = match &sub.instance {
+        Some(name) => crate::cluster::view::subject_of(&namespace, name),
+        None => crate::cluster::view::all_instances(&namespace),
+    };
+    let config = consumer::pull::OrderedConfig {
+        filter_subject,
+        deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: sub.after.saturating_add(1) },
+        ..Default::default()
+    };
+    let fail = |last: &mut Option<oneshot::Sender<SseEvent>>, e: String| {
+        if let Some(last) = last.take() {
+            let _ = last.send(SseEvent::default().event("error").data(format!("the stream could not be read: {e}")));
+        }
+    };
+    let mut messages = match stream.create_consumer(config).await {
+        Ok(c) => match c.messages().await {
+            Ok(m) => m,
+            Err(e) => return fail(&mut last, e.to_string()),
+        },
+        Err(e) => return fail(&mut last, e.to_string()),
+    };
+    let prefix = format!("{namespace}.inst.");
+    loop {
+        let message = tokio::select! {
+            m = messages.next() => m,
+            _ = shutdown.changed() => return,
+            () = tx.closed() => return,
+        };
+        let m = match message {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return fail(&mut last, e.to_string()),
+            None => return,
+        };
+        let Ok(info) = m.info() else { continue };
+        let seq = info.stream_sequence;
+        let name = m.subject.as_str().strip_prefix(&prefix).and_then(crate::cluster::name_of);
+        let entry = crate::cluster::StreamEntry::decode(&m.payload).ok();
+        let Some(body) = name.zip(entry).and_then(|(n, e)| EventBody::of_entry(&n, seq, &e, &policy)) else {
+            continue;
+        };
+        if !hand_over(&tx, &mut last, &body).await {
+            return;
         }
     }
 }

@@ -33,21 +33,62 @@ use super::AppState;
 use super::auth::{Caller, new_token};
 use super::error::ApiError;
 use super::events::rfc3339;
+use crate::engine::Command;
 use crate::log::{Event, InstanceSpec, Record};
 use crate::machine::{ClosedCause, Input, InstanceName, State, StateKind};
 
 /// The latest pairing code each instance's host reported (not recorded in
-/// the log): what `qrcode.updated` and `connect` show.
+/// the log): what `qrcode.updated` and `connect` show. In a cluster they
+/// are kept in a KV bucket of its NATS too (`<namespace>-pairing`, for an
+/// hour), so that any host shows them and any host's webhook sends them.
 #[derive(Default)]
-pub(crate) struct PairingCodes(Mutex<HashMap<InstanceName, String>>);
+pub(crate) struct PairingCodes {
+    local: Mutex<HashMap<InstanceName, String>>,
+    bucket: Option<async_nats::jetstream::kv::Store>,
+}
+
+/// How long a pairing code is kept in a cluster: WhatsApp's QR codes live a minute.
+const PAIRING_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl PairingCodes {
-    pub(crate) fn set(&self, name: &InstanceName, code: String) {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(name.clone(), code);
+    /// A cluster's codes, in its `<namespace>-pairing` bucket (created if missing).
+    pub(crate) async fn cluster(
+        cluster: &crate::cluster::Cluster,
+    ) -> Result<Self, async_nats::jetstream::context::CreateKeyValueError> {
+        let bucket = cluster
+            .jetstream()
+            .create_or_update_key_value(async_nats::jetstream::kv::Config {
+                bucket: format!("{}-pairing", cluster.namespace()),
+                description: "instance-lifecycle: the latest pairing code of each instance".into(),
+                history: 1,
+                max_age: PAIRING_KEPT,
+                storage: async_nats::jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await?;
+        Ok(Self { local: Mutex::default(), bucket: Some(bucket) })
     }
 
-    pub(crate) fn get(&self, name: &InstanceName) -> Option<String> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
+    fn local(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceName, String>> {
+        self.local.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) async fn set(&self, name: &InstanceName, code: String) {
+        self.local().insert(name.clone(), code.clone());
+        if let Some(bucket) = &self.bucket
+            && let Err(e) = bucket.put(crate::cluster::token_of(name), code.into()).await
+        {
+            tracing::warn!(instance = %name, error = %e, "the pairing code is kept on this host only");
+        }
+    }
+
+    pub(crate) async fn get(&self, name: &InstanceName) -> Option<String> {
+        if let Some(bucket) = &self.bucket
+            && let Ok(Some(code)) = bucket.get(crate::cluster::token_of(name)).await
+        {
+            return Some(String::from_utf8_lossy(&code).into_owned());
+        }
+        self.local().get(name).cloned()
     }
 }
 
@@ -112,7 +153,7 @@ pub(crate) async fn create(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), EvoError> {
-    app.auth.global(&headers, "instance creation")?;
+    app.auth.global(&headers, "instance creation").await?;
     let body: CreateBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.to_string()))?;
     let Some(name) = body.instance_name.filter(|n| !n.is_empty()) else {
@@ -134,8 +175,7 @@ pub(crate) async fn create(
         )
     })?;
     // Evolution answers a taken name with 403 "already in use".
-    if let Ok(state) = app.engine.state(&name) {
-        let _ = state;
+    if app.instances.state(&name).await.is_ok() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "already_exists",
@@ -144,17 +184,21 @@ pub(crate) async fn create(
         .into());
     }
     let token = match body.token.filter(|t| !t.is_empty()) {
-        Some(t) if app.auth.token_taken(&t) => {
+        Some(t) if app.auth.token_taken(&t).await? => {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "token_taken", "this token is already in use").into());
         }
         Some(t) => t,
         None => new_token()?,
     };
     let started = std::time::Instant::now();
-    app.create(&name, InstanceSpec { url }).await?;
+    app.instances.create(&name, InstanceSpec { url }).await?;
     let instance = InstanceName::new(name.as_str()).map_err(|e| ApiError::body(e.to_string()))?;
     app.auth.set_token(&instance, &token).await?;
-    let state = if body.qrcode { app.engine.connect(&name).await? } else { app.engine.state(&name)? };
+    let state = if body.qrcode {
+        app.instances.command(&name, Command::Connect).await?
+    } else {
+        app.instances.state(&name).await?
+    };
     app.metrics.command("create", started.elapsed());
     let body = json!({
         "instance": {
@@ -169,16 +213,18 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-fn check(app: &AppState, headers: &HeaderMap, name: &str) -> Result<(), EvoError> {
-    app.auth.instance(headers, name)?;
-    // Evolution's guard: an unknown name is 404 "does not exist".
-    match app.engine.state(name) {
-        Err(crate::engine::EngineError::UnknownInstance { .. } | crate::engine::EngineError::Removed { .. }) => Err(
-            ApiError::new(StatusCode::NOT_FOUND, "unknown_instance", format!("The \"{name}\" instance does not exist"))
-                .into(),
-        ),
+/// Evolution's guard: an unknown (or removed) name is 404 "does not exist". The state, otherwise.
+async fn check(app: &AppState, headers: &HeaderMap, name: &str) -> Result<State, EvoError> {
+    app.auth.instance(headers, name).await?;
+    match app.instances.state(name).await {
+        Err(e) if e.code == "unknown_instance" || e.code == "removed" => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_instance",
+            format!("The \"{name}\" instance does not exist"),
+        )
+        .into()),
         Err(e) => Err(e.into()),
-        Ok(_) => Ok(()),
+        Ok(state) => Ok(state),
     }
 }
 
@@ -189,9 +235,9 @@ pub(crate) async fn connect(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, EvoError> {
-    check(&app, &headers, &name)?;
+    check(&app, &headers, &name).await?;
     let started = std::time::Instant::now();
-    let state = app.engine.connect(&name).await?;
+    let state = app.instances.command(&name, Command::Connect).await?;
     app.metrics.command("connect", started.elapsed());
     if state.kind() == StateKind::Open {
         return Ok(Json(connection_state(&name, &state)));
@@ -201,7 +247,7 @@ pub(crate) async fn connect(
         State::Connecting { phase: crate::machine::Phase::Pairing { codes }, .. } => *codes,
         _ => 0,
     };
-    Ok(Json(json!({ "pairingCode": app.pairing.get(&instance), "code": null, "count": codes })))
+    Ok(Json(json!({ "pairingCode": app.pairing.get(&instance).await, "code": null, "count": codes })))
 }
 
 /// `GET /instance/connectionState/{name}`.
@@ -210,8 +256,7 @@ pub(crate) async fn connection_state_route(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, EvoError> {
-    check(&app, &headers, &name)?;
-    let state = app.engine.state(&name)?;
+    let state = check(&app, &headers, &name).await?;
     Ok(Json(connection_state(&name, &state)))
 }
 
@@ -221,9 +266,9 @@ pub(crate) async fn restart(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, EvoError> {
-    check(&app, &headers, &name)?;
+    check(&app, &headers, &name).await?;
     let started = std::time::Instant::now();
-    let state = app.engine.restart(&name).await?;
+    let state = app.instances.command(&name, Command::Restart).await?;
     app.metrics.command("restart", started.elapsed());
     Ok(Json(connection_state(&name, &state)))
 }
@@ -234,9 +279,9 @@ pub(crate) async fn logout(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, EvoError> {
-    check(&app, &headers, &name)?;
+    check(&app, &headers, &name).await?;
     let started = std::time::Instant::now();
-    app.engine.logout(&name).await?;
+    app.instances.command(&name, Command::Logout).await?;
     app.metrics.command("logout", started.elapsed());
     Ok(Json(success("Instance logged out")))
 }
@@ -248,9 +293,9 @@ pub(crate) async fn delete(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, EvoError> {
-    check(&app, &headers, &name)?;
+    check(&app, &headers, &name).await?;
     let started = std::time::Instant::now();
-    app.engine.delete(&name).await?;
+    app.instances.command(&name, Command::Delete).await?;
     app.metrics.command("delete", started.elapsed());
     Ok(Json(success("Instance deleted")))
 }
@@ -269,8 +314,8 @@ pub(crate) async fn fetch_instances(
     headers: HeaderMap,
     Query(query): Query<FetchQuery>,
 ) -> Result<Json<Value>, EvoError> {
-    let caller = app.auth.caller(&headers)?;
-    let list = app.engine.list();
+    let caller = app.auth.caller(&headers).await?;
+    let list = app.instances.list().await?;
     let wanted = |name: &InstanceName| {
         query.instance_name.as_deref().is_none_or(|q| q == name.as_str())
             && match &caller {
@@ -303,11 +348,12 @@ pub(crate) async fn fetch_instances(
 }
 
 /// The Evolution webhook events a record makes (event name, envelope).
+/// `pairing_code` is the instance's latest code, for a record of one.
 pub(crate) fn webhook_events(
     record: &Record,
     server_url: Option<&str>,
     destination: &str,
-    pairing: &PairingCodes,
+    pairing_code: Option<String>,
 ) -> Vec<(String, Value)> {
     let Event::Transition { from, input, .. } = &record.event else { return Vec::new() };
     let to = &record.to.state;
@@ -326,8 +372,7 @@ pub(crate) fn webhook_events(
     };
     let mut out = Vec::new();
     if matches!(input, Input::PairingCode { .. }) {
-        let code = pairing.get(&record.instance);
-        let data = json!({ "qrcode": { "instance": name, "pairingCode": code, "code": null, "base64": null } });
+        let data = json!({ "qrcode": { "instance": name, "pairingCode": pairing_code, "code": null, "base64": null } });
         out.push(("qrcode.updated".to_owned(), envelope("qrcode.updated", data)));
     }
     if from.state.coarse() != to.coarse() || to.kind() == StateKind::Removed {

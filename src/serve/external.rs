@@ -10,6 +10,11 @@
 //! the generation it was given; the engine's rules decide (a stale
 //! generation is ignored, R12) and the answer carries the transition and
 //! its effects.
+//!
+//! In a cluster the host's client may be connected to any host, not the
+//! owner: the owner relays each effect over the cluster's NATS
+//! (`<namespace>.effects.<instance>`, not stored: effects are live, as on
+//! one host), and `/v1/effects` on every host streams them from there.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,7 +30,7 @@ use crate::transport::{BoxFuture, ConnectSpec, Control, Endpoint, Signals, Trans
 const EFFECTS_BUFFER: usize = 1024;
 
 /// What the host must do for one of its connections.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HostEffect {
     /// Increasing over the service's life: the SSE id.
     pub id: u64,
@@ -40,7 +45,7 @@ pub struct HostEffect {
 }
 
 /// What to do.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "effect", rename_all = "snake_case")]
 pub enum HostAction {
     /// Open a new connection for this generation (resuming this identity, if any)
@@ -178,10 +183,24 @@ impl HostSignal {
     }
 }
 
+/// Effects queued for the cluster's NATS; past it, the newest are dropped
+/// (and a subscriber that lagged reads each instance's state, as on one host).
+const RELAY_BUFFER: usize = 4096;
+
 /// The host's side of every external connection.
 pub(crate) struct Hub {
     effects: broadcast::Sender<HostEffect>,
     state: Mutex<HubState>,
+    /// In a cluster: where effects go to be published, in order.
+    relay: Mutex<Option<mpsc::Sender<HostEffect>>>,
+}
+
+/// The subject an instance's effects are published on in a cluster (`None`: every instance's).
+pub(crate) fn effects_subject(namespace: &str, instance: Option<&InstanceName>) -> String {
+    match instance {
+        Some(name) => format!("{namespace}.effects.{}", crate::cluster::token_of(name)),
+        None => format!("{namespace}.effects.>"),
+    }
 }
 
 #[derive(Default)]
@@ -194,7 +213,27 @@ struct HubState {
 
 impl Hub {
     pub(crate) fn new() -> Arc<Self> {
-        Arc::new(Self { effects: broadcast::channel(EFFECTS_BUFFER).0, state: Mutex::default() })
+        Arc::new(Self {
+            effects: broadcast::channel(EFFECTS_BUFFER).0,
+            state: Mutex::default(),
+            relay: Mutex::default(),
+        })
+    }
+
+    /// Publishes every effect from now on on the cluster's NATS too, in the
+    /// order emitted, until the service is dropped.
+    pub(crate) fn relay(&self, client: async_nats::Client, namespace: String) {
+        let (tx, mut rx) = mpsc::channel::<HostEffect>(RELAY_BUFFER);
+        *self.relay.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+        tokio::spawn(async move {
+            while let Some(effect) = rx.recv().await {
+                let subject = effects_subject(&namespace, Some(&effect.instance));
+                let body = serde_json::to_vec(&effect).unwrap_or_default();
+                if let Err(e) = client.publish(subject, body.into()).await {
+                    tracing::warn!(instance = %effect.instance, error = %e, "an effect was not relayed to the cluster");
+                }
+            }
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
@@ -212,7 +251,13 @@ impl Hub {
             s.next_id
         };
         tracing::debug!(instance = %instance, %generation, ?action, "effect for the host");
-        let _ = self.effects.send(HostEffect { id, instance: instance.clone(), generation: generation.0, action });
+        let effect = HostEffect { id, instance: instance.clone(), generation: generation.0, action };
+        if let Some(relay) = self.relay.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref()
+            && relay.try_send(effect.clone()).is_err()
+        {
+            tracing::warn!(instance = %instance, "the cluster's effect relay is full: an effect was dropped");
+        }
+        let _ = self.effects.send(effect);
     }
 
     /// The host reported the end of this connection.

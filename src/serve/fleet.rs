@@ -53,6 +53,10 @@ pub struct FleetRow {
     pub reconnects: VecDeque<u64>,
     /// The global sequence number of its newest record.
     pub global: u64,
+    /// In a cluster: the host holding its lease now (none: no live owner —
+    /// removed, or between owners).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// How often the fleet took one edge of the table, by one kind of input.
@@ -110,6 +114,7 @@ impl FleetIndex {
             close: None,
             reconnects: VecDeque::new(),
             global: e.global,
+            owner: None,
         });
         if e.event == "created" {
             row.close = None;
@@ -123,6 +128,9 @@ impl FleetIndex {
         row.state.clone_from(&e.state);
         row.generation = e.generation;
         row.global = e.global;
+        if e.host.is_some() {
+            row.owner.clone_from(&e.host);
+        }
         if e.close.is_some() {
             row.close.clone_from(&e.close);
         }
@@ -208,9 +216,14 @@ fn write(index: &SharedIndex) -> std::sync::RwLockWriteGuard<'_, FleetIndex> {
 
 /// Builds the index from the whole log (blocking), for a replay or before a service starts following.
 pub(crate) fn build(log: &Log, policy: &Policy) -> Result<SharedIndex, LogError> {
-    let mut index = FleetIndex::default();
-    index.catch_up(log, policy)?;
-    Ok(Arc::new(RwLock::new(index)))
+    let index = SharedIndex::default();
+    catch_up(&index, log, policy)?;
+    Ok(index)
+}
+
+/// Brings a shared index up to the log's end (blocking).
+pub(crate) fn catch_up(index: &SharedIndex, log: &Log, policy: &Policy) -> Result<usize, LogError> {
+    write(index).catch_up(log, policy)
 }
 
 /// Keeps the index up to date with a running engine until shutdown: woken
@@ -254,6 +267,22 @@ pub(crate) fn follow(
             }
         }
     })
+}
+
+/// The fleet view of a cluster: folded from every entry of the stream as
+/// this host's view of the cluster applies it (so a read that waited for
+/// the view covers the index too).
+pub(crate) struct StreamTap {
+    pub(crate) index: SharedIndex,
+    pub(crate) policy: Policy,
+}
+
+impl crate::cluster::Tap for StreamTap {
+    fn entry(&self, stream_seq: u64, name: &InstanceName, entry: &crate::cluster::StreamEntry) {
+        if let Some(body) = EventBody::of_entry(name, stream_seq, entry, &self.policy) {
+            write(&self.index).apply(&body);
+        }
+    }
 }
 
 /// Whether a host command is allowed in a state, and if not, why: the

@@ -25,6 +25,7 @@ mod events;
 mod evolution;
 mod external;
 mod fleet;
+mod instances;
 mod metrics;
 mod openapi;
 mod replay;
@@ -241,9 +242,8 @@ impl ServeConfig {
 /// What every handler shares.
 #[derive(Clone)]
 pub(crate) struct AppState {
-    engine: Engine,
-    /// This host's part in a cluster, if it is one.
-    cluster: Option<crate::cluster::Cluster>,
+    /// This host's engine, or the cluster it is one host of: every route asks here.
+    instances: instances::Instances,
     config: Arc<ServeConfig>,
     auth: Arc<auth::Auth>,
     hub: Arc<external::Hub>,
@@ -260,12 +260,9 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
-    /// Creates an instance: in a cluster, by claiming it first.
-    pub(crate) async fn create(&self, name: &str, spec: crate::log::InstanceSpec) -> Result<(), error::ApiError> {
-        match &self.cluster {
-            Some(cluster) => cluster.create(name, spec).await.map_err(error::ApiError::from),
-            None => self.engine.create(name, spec).await.map_err(error::ApiError::from),
-        }
+    /// This host's engine (its policy, its clock, the instances it runs).
+    pub(crate) fn engine(&self) -> &Engine {
+        self.instances.engine()
     }
 }
 
@@ -298,9 +295,14 @@ impl Service {
             on_transition: Some(hook),
             ..EngineConfig::default()
         };
+        // The fleet view is a fold of the log of record: in a cluster, fed by the
+        // host's view of the stream as it reads it (from the first entry on).
+        let index = fleet::SharedIndex::default();
         let (engine, cluster) = match &config.cluster {
             Some(settings) => {
-                let (cluster, engine) = crate::cluster::Cluster::join(settings.config(), engine_config).await?;
+                let tap = Arc::new(fleet::StreamTap { index: index.clone(), policy: engine_config.policy.clone() });
+                let (cluster, engine) =
+                    crate::cluster::Cluster::join_with(settings.config(), engine_config, vec![tap]).await?;
                 (engine, Some(cluster))
             }
             None => (Engine::open(&config.data, engine_config).await?, None),
@@ -317,28 +319,46 @@ impl Service {
         };
         let addr = listener.local_addr().map_err(|source| ServeError::Listen { addr: config.listen, source })?;
         let log = engine.log().clone();
-        let pairing = Arc::new(evolution::PairingCodes::default());
         let limits = webhook::OutboxLimits {
             dead_letters_max: config.limits.dead_letters_max,
             backlog_max: config.limits.backlog_max,
             server_url: config.server_url.clone(),
             policy: Arc::new(engine.policy().clone()),
         };
-        let outbox = Arc::new(webhook::Outbox::load(&config.webhooks, &log, &metrics, limits, &pairing)?);
-        let auth = Arc::new(auth::Auth::load(config.api_key.as_deref(), log)?);
+        let (pairing, outbox, auth) = match &cluster {
+            // In a cluster everything a user was promised lives in the cluster's NATS.
+            Some(c) => {
+                hub.relay(c.client().clone(), c.namespace().to_owned());
+                let pairing = Arc::new(evolution::PairingCodes::cluster(c).await.map_err(|e| ServeError::Invalid {
+                    field: "cluster",
+                    reason: format!("the pairing codes' bucket: {e}"),
+                })?);
+                let outbox = webhook::Outbox::cluster(&config.webhooks, c, &metrics, limits, &pairing).await?;
+                (pairing.clone(), outbox, auth::Auth::cluster(config.api_key.as_deref(), c).await?)
+            }
+            None => {
+                let pairing = Arc::new(evolution::PairingCodes::default());
+                let outbox = webhook::Outbox::load(&config.webhooks, &log, &metrics, limits, &pairing)?;
+                (pairing, outbox, Arc::new(auth::Auth::load(config.api_key.as_deref(), log)?))
+            }
+        };
+        let outbox = Arc::new(outbox);
         let (stop, shutdown) = watch::channel(false);
         let mut workers = outbox.start(&engine, &shutdown);
-        let index = {
-            let (log, policy) = (engine.log().clone(), engine.policy().clone());
-            tokio::task::spawn_blocking(move || fleet::build(&log, &policy))
+        if cluster.is_none() {
+            let (log, policy, reading) = (engine.log().clone(), engine.policy().clone(), index.clone());
+            tokio::task::spawn_blocking(move || fleet::catch_up(&reading, &log, &policy))
                 .await
-                .map_err(|e| ServeError::Server(std::io::Error::other(e.to_string())))??
-        };
-        workers.push(fleet::follow(&engine, index.clone(), shutdown.clone()));
+                .map_err(|e| ServeError::Server(std::io::Error::other(e.to_string())))??;
+            workers.push(fleet::follow(&engine, index.clone(), shutdown.clone()));
+        }
         let timeout = config.limits.request_timeout.unwrap_or(engine.command_bound() + Duration::from_secs(5));
+        let instances = match &cluster {
+            Some(c) => instances::Instances::Cluster(c.clone()),
+            None => instances::Instances::Local(engine.clone()),
+        };
         let state = AppState {
-            engine: engine.clone(),
-            cluster: cluster.clone(),
+            instances,
             subscribers: Arc::new(Semaphore::new(config.limits.sse_subscribers)),
             config: Arc::new(config),
             auth,

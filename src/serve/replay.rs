@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, watch};
 
 use super::api::{AfterQuery, Health, InstanceView};
 use super::error::{ApiError, ServeError};
-use super::events::{EventBody, Feed, Subscription};
+use super::events::{EventBody, Feed, Source, Subscription};
 use super::fleet::{self, FleetView, SharedIndex};
 use super::metrics::Metrics;
 use crate::log::{Log, LogError};
@@ -228,7 +228,7 @@ async fn events(
             "too many event streams; try again later",
         )
     })?;
-    let feed = Feed { log: s.log.clone(), policy: s.policy.clone(), wake: None };
+    let feed = Feed { source: Source::Log { log: s.log.clone(), wake: None }, policy: s.policy.clone() };
     Ok(super::events::stream(feed, Subscription { after, instance }, permit, s.shutdown.clone(), s.metrics.clone())
         .into_response())
 }

@@ -20,13 +20,28 @@
 //! `backlog_max` records behind the log's tip; past that, compaction may
 //! take the oldest undelivered records (hourly; it keeps each instance's
 //! last 1,000 records), and the webhook then skips what is gone.
+//!
+//! **In a cluster** the outbox is the cluster's stream, not a host's log:
+//! each webhook is a durable JetStream consumer of the stream (its cursor
+//! is the consumer's acknowledgement floor, kept by the server), and every
+//! host pulls from it. The consumer lets one event out at a time
+//! (`max_ack_pending = 1`), so events go out in stream order — in order per
+//! instance — from whichever host pulled it; a host that dies holding one
+//! leaves it unacknowledged and the server gives it to another host after
+//! `ack_wait` (a host that stops cleanly hands it back at once). A host
+//! delivering an event tells the server it is still at it while it retries.
+//! Dead letters live in a KV bucket of the cluster (`<namespace>-dead`),
+//! listed and retried from any host. Compaction of the stream holds back
+//! from what a durable consumer has not acknowledged (see `cluster`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use async_nats::jetstream::{consumer, kv, stream};
 use backon::BackoffBuilder;
+use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -202,20 +217,41 @@ pub(crate) struct OutboxLimits {
     pub(crate) policy: Arc<crate::machine::Policy>,
 }
 
+/// How long the server waits for a cluster host's word on an event before
+/// it gives the event to another host: a host at work says so every third of it.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Where the outbox's cursors and dead letters are.
+#[derive(Clone)]
+enum Backing {
+    /// One host: the log (records, cursors and dead letters in its auxiliary space).
+    Log(Log),
+    /// A cluster: the stream (a durable consumer per webhook), dead letters in a KV bucket.
+    Stream(Arc<StreamBacking>),
+}
+
+/// A cluster's outbox.
+struct StreamBacking {
+    stream: stream::Stream,
+    namespace: String,
+    dead: kv::Store,
+}
+
 /// Every webhook's worker.
 pub(crate) struct Outbox {
     workers: Vec<Arc<Worker>>,
-    log: Log,
+    backing: Backing,
     limits: OutboxLimits,
 }
 
 struct Worker {
     config: WebhookConfig,
     id: String,
+    /// One host: the last record passed (global sequence number).
     cursor: AtomicU64,
     dead: AtomicU64,
     client: reqwest::Client,
-    log: Log,
+    backing: Backing,
     metrics: Arc<Metrics>,
     limits: OutboxLimits,
     pairing: Arc<evolution::PairingCodes>,
@@ -225,9 +261,30 @@ fn key(id: &str, what: &str) -> Vec<u8> {
     format!("serve/webhook/{id}/{what}").into_bytes()
 }
 
+/// A webhook's durable consumer in a cluster (consumer names hold no `.`).
+fn consumer_name(id: &str) -> String {
+    format!("webhook-{}", id.replace('.', "="))
+}
+
+/// A dead letter's key in the cluster's bucket: the webhook, then the event, sortable.
+fn dead_key(webhook: &str, id: &str) -> String {
+    format!("{}.{}", webhook.replace('.', "="), sortable(id))
+}
+
 fn now_ms() -> u64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn http_client() -> Result<reqwest::Client, ServeError> {
+    reqwest::Client::builder()
+        .user_agent(concat!("instance-lifecycle/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| ServeError::Client(e.to_string()))
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable", format!("{what}: {e}"))
 }
 
 impl Outbox {
@@ -239,17 +296,10 @@ impl Outbox {
         limits: OutboxLimits,
         pairing: &Arc<evolution::PairingCodes>,
     ) -> Result<Self, ServeError> {
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("instance-lifecycle/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ServeError::Client(e.to_string()))?;
+        let client = http_client()?;
         let mut workers = Vec::new();
         for config in configs {
-            config.check()?;
-            let id = config.id();
-            if workers.iter().any(|w: &Arc<Worker>| w.id == id) {
-                return Err(ServeError::Invalid { field: "webhooks", reason: format!("two webhooks with id {id}") });
-            }
+            let id = checked_id(config, &workers)?;
             let cursor = match log.aux_get(&key(&id, "cursor"))? {
                 Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().unwrap_or([0; 8])),
                 None => {
@@ -265,15 +315,87 @@ impl Outbox {
                 cursor: AtomicU64::new(cursor),
                 dead: AtomicU64::new(dead),
                 client: client.clone(),
-                log: log.clone(),
+                backing: Backing::Log(log.clone()),
                 metrics: metrics.clone(),
                 limits: limits.clone(),
                 pairing: pairing.clone(),
             }));
         }
-        let outbox = Self { workers, log: log.clone(), limits };
+        let outbox = Self { workers, backing: Backing::Log(log.clone()), limits };
         outbox.hold();
         Ok(outbox)
+    }
+
+    /// A cluster's outbox: each webhook's durable consumer of the stream
+    /// (created by the first host; a new one starts at the stream's end, or
+    /// its start with `from_start`), and the dead letters' bucket.
+    pub(crate) async fn cluster(
+        configs: &[WebhookConfig],
+        cluster: &crate::cluster::Cluster,
+        metrics: &Arc<Metrics>,
+        limits: OutboxLimits,
+        pairing: &Arc<evolution::PairingCodes>,
+    ) -> Result<Self, ServeError> {
+        let client = http_client()?;
+        let failed = |what: &str, e: &dyn std::fmt::Display| ServeError::Invalid {
+            field: "webhooks",
+            reason: format!("{what} on the cluster's NATS: {e}"),
+        };
+        let dead = cluster
+            .jetstream()
+            .create_or_update_key_value(kv::Config {
+                bucket: format!("{}-dead", cluster.namespace()),
+                description: "instance-lifecycle: webhook events given up on (key: webhook.event)".into(),
+                history: 1,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed("creating the dead letters' bucket", &e))?;
+        let stream = cluster.stream().clone();
+        let backing = Backing::Stream(Arc::new(StreamBacking {
+            stream: stream.clone(),
+            namespace: cluster.namespace().to_owned(),
+            dead,
+        }));
+        let mut workers = Vec::new();
+        for config in configs {
+            let id = checked_id(config, &workers)?;
+            let durable = consumer::pull::Config {
+                durable_name: Some(consumer_name(&id)),
+                description: Some(format!("instance-lifecycle webhook {id} ({})", config.url)),
+                filter_subject: crate::cluster::view::all_instances(cluster.namespace()),
+                deliver_policy: if config.from_start {
+                    consumer::DeliverPolicy::All
+                } else {
+                    consumer::DeliverPolicy::New
+                },
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                // One event out at a time, whichever host holds it: stream order.
+                max_ack_pending: 1,
+                ..Default::default()
+            };
+            stream
+                .get_or_create_consumer::<consumer::pull::Config>(&consumer_name(&id), durable)
+                .await
+                .map_err(|e| failed("creating the webhook's consumer", &e))?;
+            let worker = Worker {
+                config: config.clone(),
+                id,
+                cursor: AtomicU64::new(0),
+                dead: AtomicU64::new(0),
+                client: client.clone(),
+                backing: backing.clone(),
+                metrics: metrics.clone(),
+                limits: limits.clone(),
+                pairing: pairing.clone(),
+            };
+            let kept = worker.dead_letters().await.map_or(0, |d| d.len() as u64);
+            worker.dead.store(kept, Ordering::SeqCst);
+            workers.push(Arc::new(worker));
+        }
+        Ok(Self { workers, backing, limits })
     }
 
     /// Starts the workers; they stop when `shutdown` turns true.
@@ -286,48 +408,65 @@ impl Outbox {
             .iter()
             .map(|w| {
                 let span = tracing::info_span!("webhook", webhook = %w.id);
-                tokio::spawn(w.clone().run(self.clone(), engine.clone(), shutdown.clone()).instrument(span))
+                match &w.backing {
+                    Backing::Log(_) => {
+                        tokio::spawn(w.clone().run(self.clone(), engine.clone(), shutdown.clone()).instrument(span))
+                    }
+                    Backing::Stream(b) => tokio::spawn(
+                        w.clone()
+                            .run_stream(b.stream.clone(), format!("{}.inst.", b.namespace), shutdown.clone())
+                            .instrument(span),
+                    ),
+                }
             })
             .collect()
     }
 
     /// Holds compaction back from every record a webhook has yet to pass, within the backlog bound.
     fn hold(&self) {
+        let Backing::Log(log) = &self.backing else { return };
         let Some(min) = self.workers.iter().map(|w| w.cursor.load(Ordering::SeqCst)).min() else {
-            self.log.release_hold();
+            log.release_hold();
             return;
         };
-        let floor = self.log.committed().saturating_sub(self.limits.backlog_max);
-        self.log.hold_from(min.max(floor).saturating_add(1));
+        let floor = log.committed().saturating_sub(self.limits.backlog_max);
+        log.hold_from(min.max(floor).saturating_add(1));
     }
 
-    pub(crate) fn status(&self) -> Vec<WebhookStatus> {
-        let committed = self.log.committed();
-        self.workers
-            .iter()
-            .map(|w| {
-                let cursor = w.cursor.load(Ordering::SeqCst);
-                WebhookStatus {
-                    id: w.id.clone(),
-                    url: w.config.url.clone(),
-                    format: w.config.format,
-                    cursor,
-                    depth: committed.saturating_sub(cursor),
-                    dead: w.dead.load(Ordering::SeqCst),
+    pub(crate) async fn status(&self) -> Result<Vec<WebhookStatus>, ApiError> {
+        let mut out = Vec::new();
+        for w in &self.workers {
+            let (cursor, depth) = match &self.backing {
+                Backing::Log(log) => {
+                    let cursor = w.cursor.load(Ordering::SeqCst);
+                    (cursor, log.committed().saturating_sub(cursor))
                 }
-            })
-            .collect()
+                Backing::Stream(b) => {
+                    let info = b
+                        .stream
+                        .consumer_info(consumer_name(&w.id))
+                        .await
+                        .map_err(|e| unavailable("reading a webhook's consumer", e))?;
+                    (info.ack_floor.stream_sequence, info.num_pending + info.num_ack_pending as u64)
+                }
+            };
+            out.push(WebhookStatus {
+                id: w.id.clone(),
+                url: w.config.url.clone(),
+                format: w.config.format,
+                cursor,
+                depth,
+                dead: w.dead.load(Ordering::SeqCst),
+            });
+        }
+        Ok(out)
     }
 
     /// Every dead letter of every webhook.
-    pub(crate) fn dead_letters(&self) -> Result<Vec<DeadLetter>, ApiError> {
+    pub(crate) async fn dead_letters(&self) -> Result<Vec<DeadLetter>, ApiError> {
         let mut out = Vec::new();
         for w in &self.workers {
-            for (_, value) in self.log.aux_scan(&key(&w.id, "dead/"))? {
-                if let Ok(letter) = serde_json::from_slice::<DeadLetter>(&value) {
-                    out.push(letter);
-                }
-            }
+            out.extend(w.dead_letters().await?.into_iter().map(|(_, letter)| letter));
         }
         Ok(out)
     }
@@ -342,9 +481,7 @@ impl Outbox {
             )
         };
         let w = self.workers.iter().find(|w| w.id == webhook).ok_or_else(not_found)?;
-        let dead_key = key(&w.id, &format!("dead/{}", sortable(id)));
-        let value = self.log.aux_get(&dead_key)?.ok_or_else(not_found)?;
-        let letter: DeadLetter = serde_json::from_slice(&value).map_err(|e| ApiError::internal(e.to_string()))?;
+        let letter = w.dead_letter(id).await?.ok_or_else(not_found)?;
         let outgoing = Outgoing {
             id: letter.id.clone(),
             event: letter.event.clone(),
@@ -353,8 +490,7 @@ impl Outbox {
         };
         match w.post(&outgoing, letter.attempts + 1).await {
             Ok(()) => {
-                self.log.aux_apply(vec![(dead_key, None)])?;
-                w.dead.fetch_sub(1, Ordering::SeqCst);
+                w.forget_dead(id).await?;
                 w.metrics.delivered(&w.id);
                 Ok(())
             }
@@ -364,6 +500,16 @@ impl Outbox {
             }
         }
     }
+}
+
+/// A webhook's id, checked and unique among `workers`.
+fn checked_id(config: &WebhookConfig, workers: &[Arc<Worker>]) -> Result<String, ServeError> {
+    config.check()?;
+    let id = config.id();
+    if workers.iter().any(|w| w.id == id) {
+        return Err(ServeError::Invalid { field: "webhooks", reason: format!("two webhooks with id {id}") });
+    }
+    Ok(id)
 }
 
 /// Dead-letter keys sort by event: `GLOBAL` zero-padded, then `.K`.
@@ -380,13 +526,14 @@ struct Failure {
 
 impl Worker {
     async fn run(self: Arc<Self>, outbox: Arc<Outbox>, engine: Engine, mut shutdown: watch::Receiver<bool>) {
+        let Backing::Log(log) = self.backing.clone() else { return };
         let mut wake = engine.subscribe();
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            let (log, after) = (self.log.clone(), self.cursor.load(Ordering::SeqCst));
-            let page = match tokio::task::spawn_blocking(move || log.records_after(after, PAGE)).await {
+            let (reader, after) = (log.clone(), self.cursor.load(Ordering::SeqCst));
+            let page = match tokio::task::spawn_blocking(move || reader.records_after(after, PAGE)).await {
                 Ok(Ok(page)) => page,
                 Ok(Err(e)) => {
                     tracing::error!(webhook = %self.id, error = %e, "cannot read the log; retrying in 1 s");
@@ -395,7 +542,7 @@ impl Worker {
                 }
                 Err(_) => return,
             };
-            self.report();
+            self.report(log.committed().saturating_sub(self.cursor.load(Ordering::SeqCst)));
             if page.is_empty() {
                 tokio::select! {
                     _ = wake.recv() => {}
@@ -405,12 +552,12 @@ impl Worker {
                 continue;
             }
             for record in &page {
-                for outgoing in self.render(record) {
+                for outgoing in self.render(record).await {
                     if !self.deliver(&outgoing, &mut shutdown).await {
                         return; // shutting down: this record is redelivered after the restart
                     }
                 }
-                if let Err(e) = self.advance(record.global) {
+                if let Err(e) = self.advance(&log, record.global) {
                     tracing::error!(webhook = %self.id, error = %e, "cannot save the cursor; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     break;
@@ -420,19 +567,99 @@ impl Worker {
         }
     }
 
-    fn report(&self) {
-        let depth = self.log.committed().saturating_sub(self.cursor.load(Ordering::SeqCst));
+    /// A cluster host's worker: pulls the webhook's events from its durable
+    /// consumer (one at a time, whichever host pulls it), delivers each,
+    /// and acknowledges it only then — or hands it back when stopping.
+    async fn run_stream(self: Arc<Self>, stream: stream::Stream, prefix: String, mut shutdown: watch::Receiver<bool>) {
+        use async_nats::jetstream::AckKind;
+        let mut pause = Duration::from_millis(100);
+        'pull: loop {
+            let consumer: Result<consumer::PullConsumer, _> = stream.get_consumer(&consumer_name(&self.id)).await;
+            let messages = match consumer {
+                Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let mut messages = match messages {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(webhook = %self.id, error = %e, "cannot pull the webhook's events; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            loop {
+                let message = tokio::select! {
+                    m = messages.next() => m,
+                    _ = shutdown.changed() => return,
+                };
+                let message = match message {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        tracing::debug!(webhook = %self.id, error = %e, "pulling the webhook's events failed; pulling again");
+                        continue 'pull;
+                    }
+                    None => continue 'pull,
+                };
+                pause = Duration::from_millis(100);
+                let Ok(info) = message.info() else { continue };
+                let (seq, pending) = (info.stream_sequence, info.pending);
+                let name = message.subject.as_str().strip_prefix(&prefix).and_then(crate::cluster::name_of);
+                let entry = crate::cluster::StreamEntry::decode(&message.payload).ok();
+                let record = name.zip(entry).and_then(|(n, e)| e.to_record(&n, seq));
+                let outgoing = match &record {
+                    Some(r) => self.render(r).await,
+                    None => Vec::new(), // a takeover, or not one of ours: nothing to post
+                };
+                // Tell the server this host is still at it while it retries.
+                let progress = async {
+                    loop {
+                        tokio::time::sleep(ACK_WAIT / 3).await;
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                };
+                let delivered = tokio::select! {
+                    d = self.deliver_all(&outgoing, &mut shutdown) => d,
+                    () = progress => false,
+                };
+                if !delivered {
+                    // Stopping: hand it back, another host delivers it now.
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    return;
+                }
+                if let Err(e) = message.double_ack().await {
+                    // Delivered, not acknowledged: it comes again (at least once).
+                    tracing::debug!(webhook = %self.id, event = seq, error = %e, "acknowledgement not confirmed");
+                }
+                self.report(pending);
+            }
+        }
+    }
+
+    async fn deliver_all(&self, outgoing: &[Outgoing], shutdown: &mut watch::Receiver<bool>) -> bool {
+        for o in outgoing {
+            if !self.deliver(o, shutdown).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn report(&self, depth: u64) {
         self.metrics.webhook_state(&self.id, depth, self.dead.load(Ordering::SeqCst));
     }
 
-    fn advance(&self, global: u64) -> Result<(), LogError> {
-        self.log.aux_apply(vec![(key(&self.id, "cursor"), Some(global.to_be_bytes().to_vec()))])?;
+    fn advance(&self, log: &Log, global: u64) -> Result<(), LogError> {
+        log.aux_apply(vec![(key(&self.id, "cursor"), Some(global.to_be_bytes().to_vec()))])?;
         self.cursor.store(global, Ordering::SeqCst);
         Ok(())
     }
 
     /// The events a record makes for this webhook, filtered.
-    fn render(&self, record: &Record) -> Vec<Outgoing> {
+    async fn render(&self, record: &Record) -> Vec<Outgoing> {
         let all = match self.config.format {
             WebhookFormat::Lifecycle => match record.event {
                 Event::Snapshot { .. } => Vec::new(),
@@ -442,7 +669,10 @@ impl Worker {
                 }
             },
             WebhookFormat::Evolution => {
-                evolution::webhook_events(record, self.limits.server_url.as_deref(), &self.config.url, &self.pairing)
+                let pairing =
+                    matches!(&record.event, Event::Transition { input: crate::machine::Input::PairingCode { .. }, .. });
+                let code = if pairing { self.pairing.get(&record.instance).await } else { None };
+                evolution::webhook_events(record, self.limits.server_url.as_deref(), &self.config.url, code)
                     .into_iter()
                     .map(|(event, body)| (event, serde_json::to_vec(&body).unwrap_or_default()))
                     .collect()
@@ -480,7 +710,7 @@ impl Worker {
                     self.metrics.failed(&self.id);
                     let next = if failure.permanent { None } else { delays.next() };
                     let Some(delay) = next else {
-                        self.bury(outgoing, attempt, failure.message);
+                        self.bury(outgoing, attempt, failure.message).await;
                         return true;
                     };
                     tracing::debug!(webhook = %self.id, event = %outgoing.id, attempt, error = %failure.message, ?delay, "delivery failed; retrying");
@@ -525,7 +755,67 @@ impl Worker {
         Err(Failure { message: format!("{} answered {status}", self.config.url), permanent })
     }
 
-    fn bury(&self, outgoing: &Outgoing, attempts: u32, error: String) {
+    /// This webhook's dead letters, oldest first, with their keys.
+    async fn dead_letters(&self) -> Result<Vec<(String, DeadLetter)>, ApiError> {
+        let mut out = Vec::new();
+        match &self.backing {
+            Backing::Log(log) => {
+                for (k, value) in log.aux_scan(&key(&self.id, "dead/"))? {
+                    if let Ok(letter) = serde_json::from_slice::<DeadLetter>(&value) {
+                        out.push((String::from_utf8_lossy(&k).into_owned(), letter));
+                    }
+                }
+            }
+            Backing::Stream(b) => {
+                let dead = &b.dead;
+                let prefix = format!("{}.", self.id.replace('.', "="));
+                let mut keys: Vec<String> = Vec::new();
+                let mut listed = dead.keys().await.map_err(|e| unavailable("listing dead letters", e))?;
+                while let Some(k) = listed.next().await {
+                    let k = k.map_err(|e| unavailable("listing dead letters", e))?;
+                    if k.starts_with(&prefix) {
+                        keys.push(k);
+                    }
+                }
+                keys.sort();
+                for k in keys {
+                    if let Some(value) = dead.get(&k).await.map_err(|e| unavailable("reading a dead letter", e))?
+                        && let Ok(letter) = serde_json::from_slice::<DeadLetter>(&value)
+                    {
+                        out.push((k, letter));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, ApiError> {
+        let value = match &self.backing {
+            Backing::Log(log) => log.aux_get(&key(&self.id, &format!("dead/{}", sortable(id))))?,
+            Backing::Stream(b) => b
+                .dead
+                .get(dead_key(&self.id, id))
+                .await
+                .map_err(|e| unavailable("reading a dead letter", e))?
+                .map(|b| b.to_vec()),
+        };
+        value.map(|v| serde_json::from_slice(&v).map_err(|e| ApiError::internal(e.to_string()))).transpose()
+    }
+
+    async fn forget_dead(&self, id: &str) -> Result<(), ApiError> {
+        match &self.backing {
+            Backing::Log(log) => log.aux_apply(vec![(key(&self.id, &format!("dead/{}", sortable(id))), None)])?,
+            Backing::Stream(b) => {
+                let dead = &b.dead;
+                dead.purge(dead_key(&self.id, id)).await.map_err(|e| unavailable("removing a dead letter", e))?;
+            }
+        }
+        self.dead.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn bury(&self, outgoing: &Outgoing, attempts: u32, error: String) {
         tracing::warn!(webhook = %self.id, event = %outgoing.id, instance = %outgoing.instance, attempts, %error, "webhook event given up on: kept as a dead letter");
         let letter = DeadLetter {
             webhook: self.id.clone(),
@@ -537,22 +827,35 @@ impl Worker {
             at: now_ms(),
             body: serde_json::from_slice(&outgoing.body).unwrap_or(serde_json::Value::Null),
         };
-        let mut writes = vec![(
-            key(&self.id, &format!("dead/{}", sortable(&outgoing.id))),
-            Some(serde_json::to_vec(&letter).unwrap_or_default()),
-        )];
-        let kept = self.dead.load(Ordering::SeqCst);
-        if kept >= self.limits.dead_letters_max
-            && let Ok(oldest) = self.log.aux_scan(&key(&self.id, "dead/"))
-            && let Some((old_key, _)) = oldest.into_iter().next()
-        {
+        let value = serde_json::to_vec(&letter).unwrap_or_default();
+        let full = self.dead.load(Ordering::SeqCst) >= self.limits.dead_letters_max;
+        let oldest = if full { self.dead_letters().await.ok().and_then(|d| d.into_iter().next()) } else { None };
+        if full {
             tracing::warn!(webhook = %self.id, cap = self.limits.dead_letters_max, "dead letters at their cap: the oldest is discarded");
-            writes.push((old_key, None));
-        } else {
-            self.dead.fetch_add(1, Ordering::SeqCst);
         }
-        if let Err(e) = self.log.aux_apply(writes) {
-            tracing::error!(webhook = %self.id, error = %e, "cannot keep the dead letter");
+        let kept = match &self.backing {
+            Backing::Log(log) => {
+                let mut writes = vec![(key(&self.id, &format!("dead/{}", sortable(&outgoing.id))), Some(value))];
+                if let Some((old, _)) = &oldest {
+                    writes.push((old.clone().into_bytes(), None));
+                }
+                log.aux_apply(writes).map_err(|e| e.to_string())
+            }
+            Backing::Stream(b) => {
+                let dead = &b.dead;
+                let put = dead.put(dead_key(&self.id, &outgoing.id), value.into()).await.map(|_| ());
+                if let (Ok(()), Some((old, _))) = (&put, &oldest) {
+                    let _ = dead.purge(old).await;
+                }
+                put.map_err(|e| e.to_string())
+            }
+        };
+        match kept {
+            Ok(()) if oldest.is_none() => {
+                self.dead.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(()) => {}
+            Err(e) => tracing::error!(webhook = %self.id, error = %e, "cannot keep the dead letter"),
         }
     }
 }
