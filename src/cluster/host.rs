@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
 use super::entry::{self, StreamEntry, token_of};
-use super::rpc::{Reply, Request};
+use super::rpc::{Answers, Envelope, Reply, Request, Seen};
 use super::view::{View, subject_of};
 use super::{ClusterConfig, ClusterError, ClusterReader, ClusterStats};
 use crate::engine::{Engine, EngineError, Fence, FenceFuture, Offered, Refused};
@@ -54,6 +54,10 @@ pub(super) struct Inner {
     /// Compaction keeps every entry from this stream sequence on: what a
     /// durable consumer (a webhook) has not acknowledged yet, within the backlog bound.
     pub(super) hold: AtomicU64,
+    /// The forwarded requests this host ran or runs, so that a repeat is run once.
+    pub(super) answers: Mutex<Answers>,
+    /// Numbers this host's forwarded requests.
+    pub(super) asked: AtomicU64,
 }
 
 impl Inner {
@@ -63,6 +67,10 @@ impl Inner {
 
     pub(super) fn owns(&self, name: &InstanceName) -> bool {
         self.owned().contains_key(name)
+    }
+
+    pub(super) fn answers(&self) -> MutexGuard<'_, Answers> {
+        self.answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(super) fn stats(&self) -> MutexGuard<'_, ClusterStats> {
@@ -133,6 +141,7 @@ impl Inner {
         match won {
             Ok(epoch) => {
                 self.stats().claims += 1;
+                debug!(instance = %name, epoch, "lease claimed");
                 Ok(Ok(epoch))
             }
             Err((true, _)) => {
@@ -148,8 +157,9 @@ impl Inner {
 
     /// Gives a lease back (its key is deleted if it is still our revision).
     pub(super) async fn release(&self, name: &InstanceName, revision: u64) {
-        if let Err(e) = self.reader.kv.delete_expect_revision(token_of(name), Some(revision)).await {
-            debug!(instance = %name, error = %e, "lease not released (already gone or taken)");
+        match self.reader.kv.delete_expect_revision(token_of(name), Some(revision)).await {
+            Ok(()) => debug!(instance = %name, revision, "lease given back"),
+            Err(e) => debug!(instance = %name, error = %e, "lease not released (already gone or taken)"),
         }
     }
 
@@ -327,6 +337,7 @@ impl Inner {
         // A renewal that takes longer than the period is as good as failed.
         match tokio::time::timeout(self.config.renew_every, update).await {
             Ok(Ok(revision)) => {
+                debug!(instance = %name, revision, "lease renewed");
                 if let Some(mine) = self.owned().get_mut(&name).filter(|m| m.epoch == o.epoch) {
                     mine.revision = revision;
                     mine.deadline = start + self.local_ttl();
@@ -405,14 +416,15 @@ impl Inner {
 
     /// What durable consumers still have to read: compaction keeps every
     /// entry from the oldest unacknowledged one on, but never more than
-    /// `backlog_max` entries behind the stream's end.
+    /// `backlog_max` entries behind the stream's end. Without a durable
+    /// consumer nothing is held.
     async fn refresh_hold(&self) {
         let mut stream = self.reader.stream.clone();
         let last = match stream.info().await {
             Ok(info) => info.state.last_sequence,
             Err(e) => return debug!(error = %e, "cannot read the stream's end; the hold stays"),
         };
-        let mut floor = last.saturating_add(1);
+        let mut floor = u64::MAX;
         let mut consumers = stream.consumers();
         while let Some(c) = consumers.next().await {
             match c {
@@ -571,7 +583,8 @@ pub(super) async fn keep_retention(inner: Weak<Inner>, mut stop: watch::Receiver
 }
 
 /// Serves the requests other hosts forward to this one, each in its own
-/// task (a logout may take its whole bound), until `stop`.
+/// task (a logout may take its whole bound), until `stop`: says "accepted"
+/// at once, runs each request id once, and answers every copy of it.
 pub(super) async fn serve_requests(
     inner: Weak<Inner>,
     mut requests: async_nats::Subscriber,
@@ -584,17 +597,36 @@ pub(super) async fn serve_requests(
         };
         let Some(message) = message else { return };
         let Some(inner) = inner.upgrade() else { return };
-        let Some(reply_to) = message.reply.clone() else { continue };
+        let Some(inbox) = message.reply.as_ref().map(ToString::to_string) else { continue };
         tokio::spawn(async move {
-            let reply = match serde_json::from_slice::<Request>(&message.payload) {
-                Ok(request) => {
-                    let span = tracing::info_span!("forwarded", instance = %request.name());
-                    inner.serve(request).instrument(span).await
+            let send = async |to: &str, reply: &Reply| {
+                if let Err(e) = inner.client.publish(to.to_owned(), reply.encode().into()).await {
+                    debug!(error = %e, "an answer to a forwarded request was not sent");
                 }
-                Err(e) => Reply::Failed { code: "invalid_body".into(), message: format!("not a request: {e}") },
             };
-            if let Err(e) = inner.client.publish(reply_to, reply.encode().into()).await {
-                debug!(error = %e, "the answer to a forwarded request was not sent");
+            let envelope = match serde_json::from_slice::<Envelope>(&message.payload) {
+                Ok(e) => e,
+                Err(e) => {
+                    let reply = Reply::Failed { code: "invalid_body".into(), message: format!("not a request: {e}") };
+                    return send(&inbox, &reply).await;
+                }
+            };
+            if !inner.owns(envelope.request.name()) {
+                return send(&inbox, &Reply::NotOwner).await;
+            }
+            send(&inbox, &Reply::Accepted).await;
+            let seen = inner.answers().arrived(&envelope.id, &inbox);
+            match seen {
+                Seen::Done(reply) => send(&inbox, &reply).await,
+                Seen::Running => {}
+                Seen::New => {
+                    let span = tracing::info_span!("forwarded", instance = %envelope.request.name());
+                    let reply = inner.serve(envelope.request).instrument(span).await;
+                    let repeats = inner.answers().finished(&envelope.id, &reply);
+                    for to in std::iter::once(inbox).chain(repeats) {
+                        send(&to, &reply).await;
+                    }
+                }
             }
         });
     }
@@ -625,6 +657,15 @@ impl Fence for StreamFence {
             };
             match inner.publish(name, o.epoch, o.last, &entry, false).await {
                 Ok(stream_seq) => {
+                    if matches!(record.to.state, State::Removed { .. }) {
+                        // A removed instance needs no owner (R1): its name is free for a
+                        // create on any host at once. The engine keeps it as removed.
+                        let mine = inner.owned().remove(name);
+                        if let Some(mine) = mine {
+                            inner.release(name, mine.revision).await;
+                        }
+                        return Ok(());
+                    }
                     let now = {
                         let mut owned = inner.owned();
                         let Some(mine) = owned.get_mut(name).filter(|m| m.epoch == o.epoch) else { return Ok(()) };

@@ -56,7 +56,7 @@ use crate::log::{InstanceSpec, Log, LogError, Record, Retention};
 use crate::machine::{Input, InstanceName, Policy, State};
 pub use entry::{StreamCheck, StreamEntry, StreamViolation, check, name_of, token_of};
 use host::{Inner, StreamFence};
-use rpc::{Reply, Request};
+use rpc::{Envelope, Reply, Request};
 pub use view::{Row, Tap, View};
 
 /// How long a joining host waits for its view to read the stream and the
@@ -356,6 +356,8 @@ impl Cluster {
             engine: OnceLock::new(),
             stats: Mutex::default(),
             hold: AtomicU64::new(0),
+            answers: Mutex::default(),
+            asked: AtomicU64::new(0),
         });
         engine.fence = Some(Arc::new(StreamFence(inner.clone())));
         let log = Log::temporary(engine.log.clone()).map_err(|e| EngineError::log(None, e))?;
@@ -468,6 +470,7 @@ impl Cluster {
         let name = InstanceName::new(name).map_err(EngineError::from)?;
         let deadline = Instant::now() + self.engine.command_bound();
         let mut pause = Pause::new(self.inner.config.renew_every);
+        let envelope = self.envelope(Request::Create { name: name.clone(), spec: spec.clone() });
         loop {
             if self.inner.owns(&name) {
                 return Ok(self.engine.create(name.as_str(), spec).await?);
@@ -488,8 +491,7 @@ impl Cluster {
                     };
                 }
                 Err(owner) if owner != self.host() => {
-                    let request = Request::Create { name: name.clone(), spec: spec.clone() };
-                    if let Some(answer) = self.ask(&owner, &request, deadline).await? {
+                    if let Some(answer) = self.ask(&owner, &envelope, deadline).await? {
                         return answer.map(|_| ());
                     }
                 }
@@ -545,28 +547,24 @@ impl Cluster {
 
     /// Runs `request` where its instance is owned (see [`Cluster::command`]).
     async fn route(&self, request: Request) -> Result<Answer, ClusterError> {
-        let name = request.name().clone();
-        let what = match &request {
-            Request::Command { command, .. } => command.as_str(),
-            Request::Create { .. } => "create",
-            Request::Signal { .. } => "signal",
-        };
+        let (name, what) = (request.name().clone(), request.what());
         let deadline = Instant::now() + self.engine.command_bound();
         let mut pause = Pause::new(self.inner.config.renew_every);
+        let envelope = self.envelope(request);
         loop {
             if self.inner.owns(&name) {
-                return self.here(request).await;
+                return self.here(envelope.request).await;
             }
             match self.inner.view.owner(&name) {
                 Some(owner) if owner != self.host() => {
-                    if let Some(answer) = self.ask(&owner, &request, deadline).await? {
+                    if let Some(answer) = self.ask(&owner, &envelope, deadline).await? {
                         return answer;
                     }
                 }
                 // The bucket names this host, which holds no lease: a takeover of its own is under way.
                 Some(_) => {}
                 None => {
-                    if let Some(answer) = self.unowned(&request).await? {
+                    if let Some(answer) = self.unowned(&envelope.request).await? {
                         return answer;
                     }
                 }
@@ -619,45 +617,66 @@ impl Cluster {
         Ok(None)
     }
 
-    /// Asks `owner` to run `request`; `None` when it does not own the
-    /// instance (any more) or is gone: look again. Never sent twice: an
-    /// owner that does not answer in time may have run it.
+    /// Asks `owner` to run `request` (once: see module `rpc`); `None` when it
+    /// does not own the instance (any more), or nobody took the request in
+    /// a renewal period (the owner is gone): look again, and ask again with the same id.
     async fn ask(
         &self,
         owner: &str,
-        request: &Request,
+        envelope: &Envelope,
         deadline: Instant,
     ) -> Result<Option<Result<Answer, ClusterError>>, ClusterError> {
-        use async_nats::RequestErrorKind;
-        let waited = deadline.saturating_duration_since(Instant::now());
-        let payload = serde_json::to_vec(request).unwrap_or_default();
-        let ask = async_nats::Request::new().payload(payload.into()).timeout(Some(waited));
+        let client = &self.inner.client;
+        let inbox = client.new_inbox();
+        let mut answers =
+            client.subscribe(inbox.clone()).await.map_err(|e| self.inner.nats("forwarding a command", e))?;
+        let payload = serde_json::to_vec(envelope).unwrap_or_default();
         let subject = rpc::subject(&self.inner.config.namespace, owner);
         self.inner.stats().forwarded += 1;
-        let message = match self.inner.client.send_request(subject, ask).await {
-            Ok(m) => m,
-            Err(e) if e.kind() == RequestErrorKind::NoResponders => return Ok(None),
-            Err(e) if e.kind() == RequestErrorKind::TimedOut => {
-                let what = match request {
-                    Request::Command { command, .. } => command.as_str(),
-                    Request::Create { .. } => "create",
-                    Request::Signal { .. } => "signal",
-                };
-                return Err(ClusterError::TimedOut { name: request.name().clone(), what, waited });
+        client
+            .publish_with_reply(subject, inbox, payload.into())
+            .await
+            .map_err(|e| self.inner.nats("forwarding a command", e))?;
+        let request = &envelope.request;
+        let accept_by = (Instant::now() + self.inner.config.renew_every).min(deadline);
+        let mut accepted = false;
+        loop {
+            let by = if accepted { deadline } else { accept_by };
+            let message = match tokio::time::timeout_at(by, answers.next()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Err(self.inner.nats("forwarding a command", "the answer's subscription ended")),
+                // Nobody took it: a host that died (look again).
+                Err(_) if !accepted => return Ok(None),
+                Err(_) => {
+                    let waited = self.engine.command_bound();
+                    return Err(ClusterError::TimedOut { name: request.name().clone(), what: request.what(), waited });
+                }
+            };
+            if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                return Ok(None);
             }
-            Err(e) => return Err(self.inner.nats("forwarding a command", e)),
-        };
-        let reply: Reply =
-            serde_json::from_slice(&message.payload).map_err(|e| self.inner.nats("reading an owner's answer", e))?;
-        Ok(match reply {
-            Reply::NotOwner => None,
-            Reply::State(state) => Some(Ok(Answer::State(state))),
-            Reply::Created => Some(Ok(Answer::Created)),
-            Reply::Signaled(s) => Some(Ok(Answer::Signaled(s))),
-            Reply::Failed { code, message } => {
-                Some(Err(ClusterError::Remote { owner: owner.to_owned(), code, message }))
-            }
-        })
+            let reply: Reply = serde_json::from_slice(&message.payload)
+                .map_err(|e| self.inner.nats("reading an owner's answer", e))?;
+            return Ok(match reply {
+                Reply::Accepted => {
+                    accepted = true;
+                    continue;
+                }
+                Reply::NotOwner => None,
+                Reply::State(state) => Some(Ok(Answer::State(state))),
+                Reply::Created => Some(Ok(Answer::Created)),
+                Reply::Signaled(s) => Some(Ok(Answer::Signaled(s))),
+                Reply::Failed { code, message } => {
+                    Some(Err(ClusterError::Remote { owner: owner.to_owned(), code, message }))
+                }
+            });
+        }
+    }
+
+    /// A new request of this host's, with its id.
+    fn envelope(&self, request: Request) -> Envelope {
+        let n = self.inner.asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Envelope { id: format!("{}-{}-{n}", self.host(), std::process::id()), request }
     }
 
     /// An instance's state, from the log of record, on any host (removed:
@@ -853,12 +872,28 @@ impl ClusterReader {
 
     /// Every entry of `name`'s subject, in order: its stream sequence, its
     /// epoch header, and the entry (or why it is not one of ours). Read with
-    /// one ordered consumer, not an entry at a time.
+    /// one ordered consumer; when the server cannot make one (a replicated
+    /// stream electing its leader), an entry at a time by direct gets, which
+    /// any replica answers.
     pub async fn entries(
         &self,
         name: &InstanceName,
     ) -> Result<Vec<(u64, Option<String>, Result<StreamEntry, String>)>, ClusterError> {
         let Some((last, _)) = self.last_entry(name).await? else { return Ok(Vec::new()) };
+        match self.entries_by_consumer(name, last).await {
+            Ok(entries) => Ok(entries),
+            Err(e) => {
+                tracing::debug!(instance = %name, error = %e, "reading a subject by direct gets");
+                self.entries_one_by_one(name).await
+            }
+        }
+    }
+
+    async fn entries_by_consumer(
+        &self,
+        name: &InstanceName,
+        last: u64,
+    ) -> Result<Vec<(u64, Option<String>, Result<StreamEntry, String>)>, ClusterError> {
         let config = consumer::pull::OrderedConfig { filter_subject: self.subject(name), ..Default::default() };
         let consumer = self.stream.create_consumer(config).await.map_err(|e| self.nats("reading a subject", e))?;
         let mut messages = consumer.messages().await.map_err(|e| self.nats("reading a subject", e))?;
@@ -871,6 +906,27 @@ impl ClusterReader {
             if seq >= last {
                 break;
             }
+        }
+        Ok(entries)
+    }
+
+    async fn entries_one_by_one(
+        &self,
+        name: &InstanceName,
+    ) -> Result<Vec<(u64, Option<String>, Result<StreamEntry, String>)>, ClusterError> {
+        let subject = self.subject(name);
+        let mut entries = Vec::new();
+        let mut from = 1u64;
+        loop {
+            let got = self.stream.raw_message_builder().sequence(from).next_by_subject(subject.clone()).send().await;
+            let m = match got {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(self.nats("reading a subject", e)),
+            };
+            let header = m.headers.get(entry::EPOCH_HEADER).map(|v| v.as_str().to_owned());
+            entries.push((m.sequence, header, StreamEntry::decode(&m.payload).map_err(|e| e.to_string())));
+            from = m.sequence.saturating_add(1);
         }
         Ok(entries)
     }

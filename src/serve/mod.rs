@@ -109,11 +109,24 @@ pub struct ClusterSettings {
     pub renew_every: Option<Duration>,
     /// Replicas of the stream and the bucket.
     pub replicas: usize,
+    /// Entries the stream keeps per instance after its last snapshot.
+    pub keep_records: u64,
+    /// How long a removed instance's subject is kept.
+    #[serde(with = "humantime_serde")]
+    pub removed_after: Duration,
+    /// How often removed instances past `removed_after` are purged.
+    #[serde(with = "humantime_serde")]
+    pub retention_every: Duration,
+    /// How long a host that died holding a webhook event delays it (the
+    /// event then goes to another host).
+    #[serde(with = "humantime_serde")]
+    pub webhook_ack_wait: Duration,
 }
 
 impl Default for ClusterSettings {
     fn default() -> Self {
         let d = crate::cluster::ClusterConfig::new("nats://127.0.0.1:4222", "");
+        let retention = d.retention.clone().unwrap_or_default();
         Self {
             url: d.url,
             host: None,
@@ -121,6 +134,10 @@ impl Default for ClusterSettings {
             lease_ttl: d.lease_ttl,
             renew_every: None,
             replicas: d.replicas,
+            keep_records: retention.keep_records,
+            removed_after: retention.removed_after,
+            retention_every: d.retention_every,
+            webhook_ack_wait: webhook::ACK_WAIT,
         }
     }
 }
@@ -137,6 +154,10 @@ impl ClusterSettings {
         c.lease_ttl = self.lease_ttl;
         c.renew_every = self.renew_every.unwrap_or(self.lease_ttl / 3);
         c.replicas = self.replicas;
+        c.retention =
+            Some(crate::log::Retention { keep_records: self.keep_records, removed_after: self.removed_after });
+        c.retention_every = self.retention_every;
+        c.backlog_max = 1_000_000;
         c
     }
 }
@@ -333,7 +354,9 @@ impl Service {
                     field: "cluster",
                     reason: format!("the pairing codes' bucket: {e}"),
                 })?);
-                let outbox = webhook::Outbox::cluster(&config.webhooks, c, &metrics, limits, &pairing).await?;
+                let ack_wait = config.cluster.as_ref().map_or(webhook::ACK_WAIT, |c| c.webhook_ack_wait);
+                let outbox =
+                    webhook::Outbox::cluster(&config.webhooks, c, &metrics, limits, &pairing, ack_wait).await?;
                 (pairing.clone(), outbox, auth::Auth::cluster(config.api_key.as_deref(), c).await?)
             }
             None => {

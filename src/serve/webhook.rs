@@ -218,8 +218,9 @@ pub(crate) struct OutboxLimits {
 }
 
 /// How long the server waits for a cluster host's word on an event before
-/// it gives the event to another host: a host at work says so every third of it.
-const ACK_WAIT: Duration = Duration::from_secs(30);
+/// it gives the event to another host (a host at work says so every third of
+/// it): how long a host that died holding an event delays it.
+pub(crate) const ACK_WAIT: Duration = Duration::from_secs(30);
 
 /// Where the outbox's cursors and dead letters are.
 #[derive(Clone)]
@@ -235,6 +236,9 @@ struct StreamBacking {
     stream: stream::Stream,
     namespace: String,
     dead: kv::Store,
+    /// This host: named in `X-Lifecycle-Host` on every post it makes.
+    host: String,
+    ack_wait: Duration,
 }
 
 /// Every webhook's worker.
@@ -261,14 +265,23 @@ fn key(id: &str, what: &str) -> Vec<u8> {
     format!("serve/webhook/{id}/{what}").into_bytes()
 }
 
-/// A webhook's durable consumer in a cluster (consumer names hold no `.`).
+/// A webhook's id as NATS names allow it (consumer names and KV key
+/// tokens: letters, digits, `-`, `_`): what can be kept of it, and a digest
+/// of the whole, so two ids never share a name (an id defaults to its URL).
+fn safe_id(id: &str) -> String {
+    let kept: String =
+        id.chars().take(40).map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+    format!("{kept}-{}", &blake3::hash(id.as_bytes()).to_hex()[..12])
+}
+
+/// A webhook's durable consumer in a cluster.
 fn consumer_name(id: &str) -> String {
-    format!("webhook-{}", id.replace('.', "="))
+    format!("webhook-{}", safe_id(id))
 }
 
 /// A dead letter's key in the cluster's bucket: the webhook, then the event, sortable.
 fn dead_key(webhook: &str, id: &str) -> String {
-    format!("{}.{}", webhook.replace('.', "="), sortable(id))
+    format!("{}.{}", safe_id(webhook), sortable(id))
 }
 
 fn now_ms() -> u64 {
@@ -335,6 +348,7 @@ impl Outbox {
         metrics: &Arc<Metrics>,
         limits: OutboxLimits,
         pairing: &Arc<evolution::PairingCodes>,
+        ack_wait: Duration,
     ) -> Result<Self, ServeError> {
         let client = http_client()?;
         let failed = |what: &str, e: &dyn std::fmt::Display| ServeError::Invalid {
@@ -357,6 +371,8 @@ impl Outbox {
             stream: stream.clone(),
             namespace: cluster.namespace().to_owned(),
             dead,
+            host: cluster.host().to_owned(),
+            ack_wait,
         }));
         let mut workers = Vec::new();
         for config in configs {
@@ -371,7 +387,7 @@ impl Outbox {
                     consumer::DeliverPolicy::New
                 },
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
+                ack_wait,
                 // One event out at a time, whichever host holds it: stream order.
                 max_ack_pending: 1,
                 ..Default::default()
@@ -412,11 +428,9 @@ impl Outbox {
                     Backing::Log(_) => {
                         tokio::spawn(w.clone().run(self.clone(), engine.clone(), shutdown.clone()).instrument(span))
                     }
-                    Backing::Stream(b) => tokio::spawn(
-                        w.clone()
-                            .run_stream(b.stream.clone(), format!("{}.inst.", b.namespace), shutdown.clone())
-                            .instrument(span),
-                    ),
+                    Backing::Stream(b) => {
+                        tokio::spawn(w.clone().run_stream(b.clone(), shutdown.clone()).instrument(span))
+                    }
                 }
             })
             .collect()
@@ -570,8 +584,9 @@ impl Worker {
     /// A cluster host's worker: pulls the webhook's events from its durable
     /// consumer (one at a time, whichever host pulls it), delivers each,
     /// and acknowledges it only then — or hands it back when stopping.
-    async fn run_stream(self: Arc<Self>, stream: stream::Stream, prefix: String, mut shutdown: watch::Receiver<bool>) {
+    async fn run_stream(self: Arc<Self>, backing: Arc<StreamBacking>, mut shutdown: watch::Receiver<bool>) {
         use async_nats::jetstream::AckKind;
+        let (stream, prefix) = (&backing.stream, format!("{}.inst.", backing.namespace));
         let mut pause = Duration::from_millis(100);
         'pull: loop {
             let consumer: Result<consumer::PullConsumer, _> = stream.get_consumer(&consumer_name(&self.id)).await;
@@ -617,7 +632,7 @@ impl Worker {
                 // Tell the server this host is still at it while it retries.
                 let progress = async {
                     loop {
-                        tokio::time::sleep(ACK_WAIT / 3).await;
+                        tokio::time::sleep(backing.ack_wait / 3).await;
                         let _ = message.ack_with(AckKind::Progress).await;
                     }
                 };
@@ -734,6 +749,9 @@ impl Worker {
             .header("x-lifecycle-event", &outgoing.event)
             .header("x-lifecycle-instance", &outgoing.instance)
             .header("x-lifecycle-attempt", attempt.to_string());
+        if let Backing::Stream(b) = &self.backing {
+            request = request.header("x-lifecycle-host", &b.host);
+        }
         for (name, value) in &self.config.headers {
             request = request.header(name, value);
         }
@@ -768,7 +786,7 @@ impl Worker {
             }
             Backing::Stream(b) => {
                 let dead = &b.dead;
-                let prefix = format!("{}.", self.id.replace('.', "="));
+                let prefix = format!("{}.", safe_id(&self.id));
                 let mut keys: Vec<String> = Vec::new();
                 let mut listed = dead.keys().await.map_err(|e| unavailable("listing dead letters", e))?;
                 while let Some(k) = listed.next().await {

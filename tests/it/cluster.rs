@@ -24,7 +24,7 @@ use tokio::time::sleep;
 use crate::engine::fast;
 
 /// A nats-server for one test, or a loud skip (a failure under CI).
-fn nats_server() -> Option<NatsServer> {
+pub(crate) fn nats_server() -> Option<NatsServer> {
     match NatsServer::start() {
         Ok(server) => Some(server),
         Err(e) => {
@@ -36,7 +36,7 @@ fn nats_server() -> Option<NatsServer> {
 }
 
 /// The policy of every host here (the streams are replayed through the rules under it).
-fn policy() -> Policy {
+pub(crate) fn policy() -> Policy {
     fast(Preset::Rfc6455)
 }
 
@@ -128,7 +128,7 @@ async fn race(hosts: &[(Cluster, Engine)], names: &[String], url: &str) -> Vec<V
     winners
 }
 
-async fn wait_until(what: &str, within: Duration, mut ok: impl AsyncFnMut() -> bool) {
+pub(crate) async fn wait_until(what: &str, within: Duration, mut ok: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !ok().await {
         assert!(Instant::now() < deadline, "{what}: not within {within:?}");
@@ -356,15 +356,26 @@ async fn a_server_killed_and_restarted_loses_no_acknowledged_record() {
 }
 
 /// A `lifecycle serve --cluster` host in its own process.
-struct HostProcess {
+pub(crate) struct HostProcess {
     child: Child,
-    base: String,
-    client: reqwest::Client,
+    pub(crate) id: String,
+    pub(crate) base: String,
+    pub(crate) client: reqwest::Client,
     _dir: tempfile::TempDir,
 }
 
 impl HostProcess {
-    fn spawn(nats: &NatsServer, id: &str, peer_url: &str) -> Self {
+    pub(crate) fn spawn(nats: &NatsServer, id: &str, peer_url: &str) -> Self {
+        Self::spawn_with(nats, id, peer_url, |_| {})
+    }
+
+    /// A host whose settings `tweak` changes first (webhooks, keys, retention).
+    pub(crate) fn spawn_with(
+        nats: &NatsServer,
+        id: &str,
+        peer_url: &str,
+        tweak: impl FnOnce(&mut instance_lifecycle::serve::ServeConfig),
+    ) -> Self {
         use std::io::BufRead;
         let dir = tempfile::tempdir().expect("dir");
         let config = instance_lifecycle::serve::ServeConfig {
@@ -381,25 +392,37 @@ impl HostProcess {
             }),
             ..Default::default()
         };
+        let mut config = config;
+        tweak(&mut config);
         let path = dir.path().join("serve.toml");
         std::fs::write(&path, toml::to_string(&config).expect("settings as TOML")).expect("write settings");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lifecycle"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn lifecycle serve");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_lifecycle"));
+        command.args(["serve", "--config"]).arg(&path).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // LIFECYCLE_TEST_HOST_LOGS=DIR keeps each host's debug log in DIR/<host>.log.
+        if let Some(logs) = std::env::var_os("LIFECYCLE_TEST_HOST_LOGS") {
+            let file = std::fs::File::create(std::path::Path::new(&logs).join(format!("{id}.log"))).expect("log file");
+            command.stderr(file).env("RUST_LOG", "instance_lifecycle=debug");
+        }
+        let mut child = command.spawn().expect("spawn lifecycle serve");
         let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines().map_while(Result::ok);
-        let line = lines.find(|l| l.contains("serving http://")).expect("the host says where it serves");
+        let Some(line) = lines.find(|l| l.contains("serving http://")) else {
+            let mut why = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut why);
+            }
+            panic!("{id} did not start serving: {why}");
+        };
+        // Its warnings and errors are not read: a full pipe must not block it.
+        drop(child.stderr.take());
         // Keep reading: a closed pipe would end the host at its next line.
         std::thread::spawn(move || lines.for_each(drop));
         let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).expect("address");
+        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
-        Self { child, base: format!("http://{addr}"), client, _dir: dir }
+        Self { child, id: id.to_owned(), base: format!("http://{addr}"), client, _dir: dir }
     }
 
-    async fn create(&self, name: &str) -> reqwest::StatusCode {
+    pub(crate) async fn create(&self, name: &str) -> reqwest::StatusCode {
         let body = serde_json::json!({ "name": name, "connect": true });
         let req = self.client.post(format!("{}/v1/instances", self.base)).header("content-type", "application/json");
         let resp = req.body(body.to_string()).send().await.expect("create");
@@ -407,7 +430,7 @@ impl HostProcess {
     }
 
     /// Creates `names` here, connected, and waits until the peer has each open.
-    async fn create_open(&self, names: &[String], peer: &TestPeer) {
+    pub(crate) async fn create_open(&self, names: &[String], peer: &TestPeer) {
         for name in names {
             assert_eq!(self.create(name).await, reqwest::StatusCode::CREATED, "{name}");
         }
@@ -422,7 +445,7 @@ impl HostProcess {
     }
 
     /// The instance's host, as this host's `/v1/fleet` says (`None`: no live owner).
-    async fn owner(&self, name: &str) -> Option<String> {
+    pub(crate) async fn owner(&self, name: &str) -> Option<String> {
         let resp = self.client.get(format!("{}/v1/fleet", self.base)).send().await.ok()?;
         let v: serde_json::Value = serde_json::from_str(&resp.text().await.ok()?).ok()?;
         let rows = v["instances"].as_array()?;
@@ -432,7 +455,7 @@ impl HostProcess {
 
     /// The instance's state kind, as this host answers for it (any host
     /// answers for any instance; `None`: unknown).
-    async fn kind(&self, name: &str) -> Option<String> {
+    pub(crate) async fn kind(&self, name: &str) -> Option<String> {
         let resp = self.client.get(format!("{}/v1/instances/{name}", self.base)).send().await.ok()?;
         if !resp.status().is_success() {
             return None;
@@ -441,7 +464,7 @@ impl HostProcess {
         v["kind"].as_str().map(str::to_lowercase)
     }
 
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().expect("kill");
         assert!(status.success(), "kill {signal}");
     }
@@ -454,11 +477,11 @@ impl Drop for HostProcess {
     }
 }
 
-const TTL: Duration = Duration::from_secs(2);
-const RENEW: Duration = Duration::from_millis(500);
+pub(crate) const TTL: Duration = Duration::from_secs(2);
+pub(crate) const RENEW: Duration = Duration::from_millis(500);
 
 /// An operator's view of the cluster the host processes form (it takes no part in it).
-async fn observer(nats: &NatsServer) -> ClusterReader {
+pub(crate) async fn observer(nats: &NatsServer) -> ClusterReader {
     ClusterReader::connect(&nats.url(), "lifecycle").await.expect("read the cluster")
 }
 

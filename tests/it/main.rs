@@ -7,6 +7,7 @@
 
 mod cli;
 mod cluster;
+mod cluster_service;
 mod corruption;
 mod crash;
 mod dashboard;

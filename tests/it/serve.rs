@@ -471,7 +471,7 @@ async fn dead_letters_are_listed_and_retried() {
 }
 
 /// Reads an SSE stream until `n` events with ids (or the time is up).
-async fn read_sse(client: &reqwest::Client, url: &str, last_id: Option<u64>, n: usize) -> Vec<(u64, Value)> {
+pub(crate) async fn read_sse(client: &reqwest::Client, url: &str, last_id: Option<u64>, n: usize) -> Vec<(u64, Value)> {
     let mut req = client.get(url);
     if let Some(id) = last_id {
         req = req.header("last-event-id", id.to_string());
