@@ -492,6 +492,7 @@ pub(crate) async fn fleet(
     let engine = app.engine();
     let mut view = super::fleet::read(&app.fleet).view(engine.now().0, false, &engine.policy().name);
     if let Some(cluster) = app.instances.cluster() {
+        view.host = Some(cluster.host().to_owned());
         let owners = cluster.view().owners();
         for row in &mut view.instances {
             row.owner = InstanceName::new(row.name.as_str()).ok().and_then(|n| owners.get(&n).cloned());

@@ -87,6 +87,9 @@ pub struct FleetView {
     pub instances: Vec<FleetRow>,
     /// The edges the fleet took, with their counts.
     pub edges: Vec<EdgeCount>,
+    /// In a cluster: the host that answered (rows then carry their `owner`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// The rows and edge counts, folded from events.
@@ -178,7 +181,7 @@ impl FleetIndex {
                 count,
             })
             .collect();
-        FleetView { position: self.position, read_only, now, policy: policy.to_owned(), instances, edges }
+        FleetView { position: self.position, read_only, now, policy: policy.to_owned(), instances, edges, host: None }
     }
 
     /// Reads the log's records after the index's position and applies them;

@@ -17,6 +17,8 @@ export const model = {
   skew: 0,
   /** A replay's fixed "now" (its newest record), or null when live. */
   frozenNow: null,
+  /** In a cluster: the host that answered (rows then show their owner). */
+  host: null,
 };
 
 export function now() {
@@ -34,6 +36,8 @@ export function load(view) {
   model.policy = view.policy;
   model.frozenNow = view.read_only ? view.now : null;
   model.skew = view.now - Date.now();
+  model.host = view.host ?? null;
+  document.body.classList.toggle('cluster', model.host !== null);
 }
 
 function bump(from, to, n) {
@@ -63,6 +67,7 @@ export function apply(e) {
   row.generation = e.generation;
   row.global = e.global;
   if (e.close) row.close = e.close;
+  if (e.host) row.owner = e.host;
   if (e.reconnect) row.reconnects.push(e.at);
   if (e.from && e.input) bump(e.from, e.to, 1);
 }
@@ -80,6 +85,8 @@ const COLUMNS = [
   { key: 'generation', label: 'Gen', value: (r) => r.generation, num: true },
   { key: 'close', label: 'Last close', value: (r) => (r.close ? r.close.code ?? 0 : -1) },
   { key: 'reconnects', label: 'Reconnects 1 h', value: (r, t) => reconnects(r, t), num: true },
+  // Only in a cluster (the page shows it when the service says it is one host of one).
+  { key: 'owner', label: 'Owner', value: (r) => r.owner ?? '', extra: 'owner' },
 ];
 
 export class FleetView {
@@ -130,7 +137,7 @@ export class FleetView {
   buildHead() {
     const head = document.getElementById('head');
     for (const c of COLUMNS) {
-      const cell = el('div', { role: 'columnheader', class: c.num ? 'num' : '', 'data-key': c.key },
+      const cell = el('div', { role: 'columnheader', class: [c.num ? 'num' : '', c.extra ?? ''].join(' ').trim(), 'data-key': c.key },
         el('button', { type: 'button', onclick: () => this.sortBy(c.key) }, c.label));
       head.append(cell);
     }
@@ -238,6 +245,7 @@ export class FleetView {
       el('div', { role: 'cell', class: 'num' }, String(r.generation)),
       el('div', { role: 'cell', class: 'close', title: close(r.close) }, close(r.close)),
       el('div', { role: 'cell', class: 'num reconnects' }, n >= STORM ? `${n} storm` : String(n)),
+      el('div', { role: 'cell', class: 'owner', title: r.owner ? `held by ${r.owner}` : 'no live owner' }, r.owner ?? '—'),
     );
   }
 }
