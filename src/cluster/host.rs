@@ -52,12 +52,14 @@ pub(super) struct Inner {
     /// Whether this host compacts subjects (the stream allows roll-ups and retention is set).
     pub(super) compacting: bool,
     /// Compaction keeps every entry from this stream sequence on: what a
-    /// durable consumer (a webhook) has not acknowledged yet, within the backlog bound.
+    /// reader (a webhook) has not read yet, within the backlog bound.
     pub(super) hold: AtomicU64,
     /// The forwarded requests this host ran or runs, so that a repeat is run once.
     pub(super) answers: Mutex<Answers>,
     /// Numbers this host's forwarded requests.
     pub(super) asked: AtomicU64,
+    /// The readers compaction waits for.
+    pub(super) readers: kv::Store,
 }
 
 impl Inner {
@@ -381,7 +383,7 @@ impl Inner {
     /// due: a snapshot of the instance as that record left it, published as
     /// a roll-up that replaces every earlier entry — fenced like any append
     /// (a newer owner's entry makes the server refuse it). Not while a
-    /// durable consumer (a webhook) has entries of the subject to read.
+    /// reader (a webhook) has entries of the subject to read.
     async fn compact(&self, name: &InstanceName, o: &Owned, stream_seq: u64, record: &Offered<'_>) {
         let Some(retention) = self.config.retention.as_ref().filter(|_| self.compacting) else { return };
         if o.entries <= retention.keep_records || stream_seq >= self.hold.load(Ordering::SeqCst) {
@@ -414,10 +416,10 @@ impl Inner {
         }
     }
 
-    /// What durable consumers still have to read: compaction keeps every
-    /// entry from the oldest unacknowledged one on, but never more than
-    /// `backlog_max` entries behind the stream's end. Without a durable
-    /// consumer nothing is held.
+    /// What readers (webhooks) and durable consumers still have to read:
+    /// compaction keeps every entry from the oldest unread one on, but never
+    /// more than `backlog_max` entries behind the stream's end. Without a
+    /// reader nothing is held.
     async fn refresh_hold(&self) {
         let mut stream = self.reader.stream.clone();
         let last = match stream.info().await {
@@ -433,6 +435,22 @@ impl Inner {
                 }
                 Ok(_) => {}
                 Err(e) => return debug!(error = %e, "cannot list the stream's consumers; the hold stays"),
+            }
+        }
+        let mut keys = match self.readers.keys().await {
+            Ok(keys) => keys,
+            Err(e) => return debug!(error = %e, "cannot list the stream's readers; the hold stays"),
+        };
+        while let Some(key) = keys.next().await {
+            let Ok(key) = key else { return debug!("cannot list the stream's readers; the hold stays") };
+            match self.readers.get(&key).await {
+                Ok(Some(value)) => {
+                    if let Ok(reader) = serde_json::from_slice::<super::ReaderCursor>(&value) {
+                        floor = floor.min(reader.cursor.saturating_add(1));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return debug!(error = %e, "cannot read a reader's cursor; the hold stays"),
             }
         }
         let bound = last.saturating_sub(self.config.backlog_max);

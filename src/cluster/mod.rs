@@ -32,7 +32,7 @@
 //!   holds more than `retention.keep_records` entries — a snapshot written
 //!   as a roll-up, fenced like any append — and removed instances' subjects
 //!   are purged `retention.removed_after` their removal; never past what a
-//!   durable consumer (a webhook) has yet to read.
+//!   reader (a webhook: [`ReaderCursor`]) or a durable consumer has yet to read.
 //!
 //! The engine's rules (R1–R12) hold per instance on whichever host owns it;
 //! a new owner takes the instance as start-up recovery does (R11).
@@ -96,7 +96,7 @@ pub struct ClusterConfig {
     /// How often removed instances past their retention are looked for: an
     /// hour, as the local log's compaction.
     pub retention_every: Duration,
-    /// Entries compaction may leave unread behind a durable consumer (a
+    /// Entries compaction may leave unread behind a reader (a
     /// webhook that is down) before it compacts anyway: a million entries
     /// hold a receiver that is down for days at normal rates.
     pub backlog_max: u64,
@@ -260,6 +260,18 @@ pub struct ClusterStats {
     pub forwarded: u64,
 }
 
+/// A reader of the stream that compaction must wait for (a webhook's
+/// deliverer): its entry in the cluster's `<namespace>-readers` bucket. The
+/// host holding it writes it by compare-and-set on the entry's revision, so
+/// that two hosts never both believe they hold it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReaderCursor {
+    /// The host that reads now (empty: nobody; the next host to look takes it).
+    pub host: String,
+    /// The stream sequence of the last entry it is done with.
+    pub cursor: u64,
+}
+
 /// What a routed request was answered with.
 enum Answer {
     State(State),
@@ -336,6 +348,18 @@ impl Cluster {
             .await
             .map_err(|e| nats("creating the lease bucket", &e))?;
         let (stream, rollups) = host::open_stream(&js, &config).await.map_err(|e| nats("creating the stream", &e))?;
+        let readers = js
+            .create_or_update_key_value(kv::Config {
+                bucket: format!("{}-readers", config.namespace),
+                description: "instance-lifecycle: readers of the stream compaction waits for (value: host, cursor)"
+                    .into(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats("creating the readers' bucket", &e))?;
         let reader = ClusterReader { url: config.url.clone(), namespace: config.namespace.clone(), kv, stream };
         let view = View::new(&config.namespace, config.lease_ttl, config.renew_every);
         for tap in taps {
@@ -358,6 +382,7 @@ impl Cluster {
             hold: AtomicU64::new(0),
             answers: Mutex::default(),
             asked: AtomicU64::new(0),
+            readers,
         });
         engine.fence = Some(Arc::new(StreamFence(inner.clone())));
         let log = Log::temporary(engine.log.clone()).map_err(|e| EngineError::log(None, e))?;
@@ -449,6 +474,11 @@ impl Cluster {
     /// The NATS server's URL.
     pub fn url(&self) -> &str {
         &self.inner.config.url
+    }
+
+    /// The readers of the stream that compaction waits for ([`ReaderCursor`] by reader).
+    pub fn readers(&self) -> &kv::Store {
+        &self.inner.readers
     }
 
     /// The stream of record.

@@ -21,18 +21,22 @@
 //! take the oldest undelivered records (hourly; it keeps each instance's
 //! last 1,000 records), and the webhook then skips what is gone.
 //!
-//! **In a cluster** the outbox is the cluster's stream, not a host's log:
-//! each webhook is a durable JetStream consumer of the stream (its cursor
-//! is the consumer's acknowledgement floor, kept by the server), and every
-//! host pulls from it. The consumer lets one event out at a time
-//! (`max_ack_pending = 1`), so events go out in stream order — in order per
-//! instance — from whichever host pulled it; a host that dies holding one
-//! leaves it unacknowledged and the server gives it to another host after
-//! `ack_wait` (a host that stops cleanly hands it back at once). A host
-//! delivering an event tells the server it is still at it while it retries.
-//! Dead letters live in a KV bucket of the cluster (`<namespace>-dead`),
-//! listed and retried from any host. Compaction of the stream holds back
-//! from what a durable consumer has not acknowledged (see `cluster`).
+//! **In a cluster** the outbox is the cluster's stream, not a host's log.
+//! Each webhook has one deliverer at a time, whichever host holds the
+//! webhook's entry in the cluster's readers bucket (`<namespace>-readers`,
+//! a [`ReaderCursor`](crate::cluster::ReaderCursor): the host and the
+//! cursor, a stream sequence). The holder reads the stream in order from
+//! the cursor (an ordered consumer) and posts each record's events, in
+//! stream order — so in order per instance — and moves the cursor by
+//! compare-and-set on the entry's revision every few hundred milliseconds,
+//! or while it retries, at least every third of `ack_wait`: that write is
+//! its lease. A host that finds the entry unchanged for `ack_wait` takes it
+//! over from its cursor (what the dead holder delivered since its last
+//! write is posted again: at least once, the same event ids); a host that
+//! stops cleanly hands it over at once. A holder whose write is refused
+//! stops at once: another host holds the webhook. Dead letters live in a KV
+//! bucket of the cluster (`<namespace>-dead`), listed and retried from any
+//! host. Compaction of the stream waits for every reader's cursor (see `cluster`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -227,7 +231,8 @@ pub(crate) const ACK_WAIT: Duration = Duration::from_secs(30);
 enum Backing {
     /// One host: the log (records, cursors and dead letters in its auxiliary space).
     Log(Log),
-    /// A cluster: the stream (a durable consumer per webhook), dead letters in a KV bucket.
+    /// A cluster: the stream (one deliverer per webhook, its cursor in the
+    /// readers bucket), dead letters in a KV bucket.
     Stream(Arc<StreamBacking>),
 }
 
@@ -236,10 +241,16 @@ struct StreamBacking {
     stream: stream::Stream,
     namespace: String,
     dead: kv::Store,
+    readers: kv::Store,
     /// This host: named in `X-Lifecycle-Host` on every post it makes.
     host: String,
+    /// How long a holder's silence makes its webhook another host's.
     ack_wait: Duration,
 }
+
+/// How often a holder writes its cursor while it delivers (and at most how
+/// much is posted again after it dies): a few writes per second, not one per event.
+const CURSOR_EVERY: Duration = Duration::from_millis(250);
 
 /// Every webhook's worker.
 pub(crate) struct Outbox {
@@ -274,8 +285,8 @@ fn safe_id(id: &str) -> String {
     format!("{kept}-{}", &blake3::hash(id.as_bytes()).to_hex()[..12])
 }
 
-/// A webhook's durable consumer in a cluster.
-fn consumer_name(id: &str) -> String {
+/// A webhook's entry in the cluster's readers bucket.
+fn reader_key(id: &str) -> String {
     format!("webhook-{}", safe_id(id))
 }
 
@@ -339,8 +350,8 @@ impl Outbox {
         Ok(outbox)
     }
 
-    /// A cluster's outbox: each webhook's durable consumer of the stream
-    /// (created by the first host; a new one starts at the stream's end, or
+    /// A cluster's outbox: each webhook's entry in the readers bucket
+    /// (made by the first host; a new one starts at the stream's end, or at
     /// its start with `from_start`), and the dead letters' bucket.
     pub(crate) async fn cluster(
         configs: &[WebhookConfig],
@@ -367,35 +378,34 @@ impl Outbox {
             .await
             .map_err(|e| failed("creating the dead letters' bucket", &e))?;
         let stream = cluster.stream().clone();
+        let readers = cluster.readers().clone();
         let backing = Backing::Stream(Arc::new(StreamBacking {
             stream: stream.clone(),
             namespace: cluster.namespace().to_owned(),
             dead,
+            readers: readers.clone(),
             host: cluster.host().to_owned(),
             ack_wait,
         }));
+        // Where a new webhook starts: the stream's end now (or its start).
+        let end = {
+            let all = crate::cluster::view::all_instances(cluster.namespace());
+            match stream.get_last_raw_message_by_subject(&all).await {
+                Ok(m) => m.sequence,
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
+                Err(e) => return Err(failed("reading the stream's end", &e)),
+            }
+        };
         let mut workers = Vec::new();
         for config in configs {
             let id = checked_id(config, &workers)?;
-            let durable = consumer::pull::Config {
-                durable_name: Some(consumer_name(&id)),
-                description: Some(format!("instance-lifecycle webhook {id} ({})", config.url)),
-                filter_subject: crate::cluster::view::all_instances(cluster.namespace()),
-                deliver_policy: if config.from_start {
-                    consumer::DeliverPolicy::All
-                } else {
-                    consumer::DeliverPolicy::New
-                },
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait,
-                // One event out at a time, whichever host holds it: stream order.
-                max_ack_pending: 1,
-                ..Default::default()
-            };
-            stream
-                .get_or_create_consumer::<consumer::pull::Config>(&consumer_name(&id), durable)
-                .await
-                .map_err(|e| failed("creating the webhook's consumer", &e))?;
+            let start =
+                crate::cluster::ReaderCursor { host: String::new(), cursor: if config.from_start { 0 } else { end } };
+            match readers.create(reader_key(&id), serde_json::to_vec(&start).unwrap_or_default().into()).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(failed("registering the webhook's cursor", &e)),
+            }
             let worker = Worker {
                 config: config.clone(),
                 id,
@@ -456,12 +466,17 @@ impl Outbox {
                     (cursor, log.committed().saturating_sub(cursor))
                 }
                 Backing::Stream(b) => {
-                    let info = b
-                        .stream
-                        .consumer_info(consumer_name(&w.id))
+                    let entry = b
+                        .readers
+                        .get(reader_key(&w.id))
                         .await
-                        .map_err(|e| unavailable("reading a webhook's consumer", e))?;
-                    (info.ack_floor.stream_sequence, info.num_pending + info.num_ack_pending as u64)
+                        .map_err(|e| unavailable("reading a webhook's cursor", e))?;
+                    let cursor = entry
+                        .and_then(|v| serde_json::from_slice::<crate::cluster::ReaderCursor>(&v).ok())
+                        .map_or(0, |r| r.cursor);
+                    let all = crate::cluster::view::all_instances(&b.namespace);
+                    let end = b.stream.get_last_raw_message_by_subject(&all).await.map_or(cursor, |m| m.sequence);
+                    (cursor, end.saturating_sub(cursor))
                 }
             };
             out.push(WebhookStatus {
@@ -581,76 +596,178 @@ impl Worker {
         }
     }
 
-    /// A cluster host's worker: pulls the webhook's events from its durable
-    /// consumer (one at a time, whichever host pulls it), delivers each,
-    /// and acknowledges it only then — or hands it back when stopping.
+    /// A cluster host's worker: holds the webhook when no other host does,
+    /// and delivers from its cursor while it holds it.
     async fn run_stream(self: Arc<Self>, backing: Arc<StreamBacking>, mut shutdown: watch::Receiver<bool>) {
-        use async_nats::jetstream::AckKind;
-        let (stream, prefix) = (&backing.stream, format!("{}.inst.", backing.namespace));
-        let mut pause = Duration::from_millis(100);
-        'pull: loop {
-            let consumer: Result<consumer::PullConsumer, _> = stream.get_consumer(&consumer_name(&self.id)).await;
-            let messages = match consumer {
-                Ok(c) => c.messages().await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            let mut messages = match messages {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(webhook = %self.id, error = %e, "cannot pull the webhook's events; retrying");
+        let mut watched: Option<(u64, tokio::time::Instant)> = None;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.take(&backing, &mut watched).await {
+                Some((revision, cursor)) => {
+                    tracing::info!(webhook = %self.id, cursor, "delivering this webhook from this host");
+                    if self.deliver_from(&backing, revision, cursor, &mut shutdown).await {
+                        return;
+                    }
+                    watched = None;
+                }
+                None => {
                     tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
+                        () = tokio::time::sleep(backing.ack_wait / 6) => {}
                         _ = shutdown.changed() => return,
                     }
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                    continue;
+                }
+            }
+        }
+    }
+
+    /// Takes the webhook if nobody holds it (its entry names no host, or
+    /// has not moved for `ack_wait`): the entry's revision and the cursor.
+    async fn take(
+        &self,
+        backing: &StreamBacking,
+        watched: &mut Option<(u64, tokio::time::Instant)>,
+    ) -> Option<(u64, u64)> {
+        use crate::cluster::ReaderCursor;
+        let key = reader_key(&self.id);
+        let entry = match backing.readers.entry(&key).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => e,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::debug!(webhook = %self.id, error = %e, "cannot read the webhook's cursor");
+                return None;
+            }
+        };
+        let Ok(reader) = serde_json::from_slice::<ReaderCursor>(&entry.value) else { return None };
+        let free = reader.host.is_empty() || reader.host == backing.host;
+        let silent = match watched {
+            Some((revision, since)) if *revision == entry.revision => since.elapsed() >= backing.ack_wait,
+            _ => {
+                *watched = Some((entry.revision, tokio::time::Instant::now()));
+                false
+            }
+        };
+        if !free && !silent {
+            return None;
+        }
+        let mine = ReaderCursor { host: backing.host.clone(), cursor: reader.cursor };
+        let value = serde_json::to_vec(&mine).unwrap_or_default();
+        match backing.readers.update(&key, value.into(), entry.revision).await {
+            Ok(revision) => Some((revision, reader.cursor)),
+            Err(_) => None, // another host took it first
+        }
+    }
+
+    /// Delivers from `cursor` while this host holds the webhook; true when
+    /// shutting down (the webhook handed over), false when another host took it.
+    async fn deliver_from(
+        &self,
+        backing: &StreamBacking,
+        revision: u64,
+        cursor: u64,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let held = std::sync::Mutex::new((revision, cursor, tokio::time::Instant::now()));
+        // Writes the cursor (by compare-and-set): false when another host holds the webhook.
+        let save = async |delivered: u64, host: &str| -> bool {
+            let revision = held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0;
+            let value = crate::cluster::ReaderCursor { host: host.to_owned(), cursor: delivered };
+            let value = serde_json::to_vec(&value).unwrap_or_default();
+            match backing.readers.update(reader_key(&self.id), value.into(), revision).await {
+                Ok(revision) => {
+                    *held.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        (revision, delivered, tokio::time::Instant::now());
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(webhook = %self.id, error = %e, "another host delivers this webhook now");
+                    false
+                }
+            }
+        };
+        let config = consumer::pull::OrderedConfig {
+            filter_subject: crate::cluster::view::all_instances(&backing.namespace),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: cursor.saturating_add(1) },
+            ..Default::default()
+        };
+        let messages = match backing.stream.create_consumer(config).await {
+            Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(webhook = %self.id, error = %e, "cannot read the stream; handing the webhook back");
+                let _ = save(cursor, "").await;
+                return false;
+            }
+        };
+        let prefix = format!("{}.inst.", backing.namespace);
+        let beat = backing.ack_wait / 3;
+        let mut delivered = cursor;
+        loop {
+            let message = tokio::select! {
+                m = tokio::time::timeout(beat, messages.next()) => m,
+                _ = shutdown.changed() => {
+                    save(delivered, "").await;
+                    return true;
                 }
             };
-            loop {
-                let message = tokio::select! {
-                    m = messages.next() => m,
-                    _ = shutdown.changed() => return,
-                };
-                let message = match message {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => {
-                        tracing::debug!(webhook = %self.id, error = %e, "pulling the webhook's events failed; pulling again");
-                        continue 'pull;
+            let message = match message {
+                // Nothing new: say this host is still here.
+                Err(_) => {
+                    if !save(delivered, &backing.host).await {
+                        return false;
                     }
-                    None => continue 'pull,
-                };
-                pause = Duration::from_millis(100);
-                let Ok(info) = message.info() else { continue };
-                let (seq, pending) = (info.stream_sequence, info.pending);
-                let name = message.subject.as_str().strip_prefix(&prefix).and_then(crate::cluster::name_of);
-                let entry = crate::cluster::StreamEntry::decode(&message.payload).ok();
-                let record = name.zip(entry).and_then(|(n, e)| e.to_record(&n, seq));
-                let outgoing = match &record {
-                    Some(r) => self.render(r).await,
-                    None => Vec::new(), // a takeover, or not one of ours: nothing to post
-                };
-                // Tell the server this host is still at it while it retries.
-                let progress = async {
-                    loop {
-                        tokio::time::sleep(backing.ack_wait / 3).await;
-                        let _ = message.ack_with(AckKind::Progress).await;
+                    continue;
+                }
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(webhook = %self.id, error = %e, "reading the stream failed; reading it again");
+                    let _ = save(delivered, "").await;
+                    return false;
+                }
+                Ok(None) => {
+                    let _ = save(delivered, "").await;
+                    return false;
+                }
+            };
+            let Ok(info) = message.info() else { continue };
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            let name = message.subject.as_str().strip_prefix(&prefix).and_then(crate::cluster::name_of);
+            let entry = crate::cluster::StreamEntry::decode(&message.payload).ok();
+            let record = name.zip(entry).and_then(|(n, e)| e.to_record(&n, seq));
+            let outgoing = match &record {
+                Some(r) => self.render(r).await,
+                None => Vec::new(), // a takeover, or not one of ours: nothing to post
+            };
+            // While it retries, this host keeps saying it holds the webhook.
+            let heartbeat = async {
+                loop {
+                    tokio::time::sleep(beat).await;
+                    if !save(delivered, &backing.host).await {
+                        return;
                     }
-                };
-                let delivered = tokio::select! {
-                    d = self.deliver_all(&outgoing, &mut shutdown) => d,
-                    () = progress => false,
-                };
-                if !delivered {
-                    // Stopping: hand it back, another host delivers it now.
-                    let _ = message.ack_with(AckKind::Nak(None)).await;
-                    return;
                 }
-                if let Err(e) = message.double_ack().await {
-                    // Delivered, not acknowledged: it comes again (at least once).
-                    tracing::debug!(webhook = %self.id, event = seq, error = %e, "acknowledgement not confirmed");
+            };
+            let went = tokio::select! {
+                d = self.deliver_all(&outgoing, shutdown) => Some(d),
+                () = heartbeat => None,
+            };
+            match went {
+                None => return false, // another host took it
+                Some(false) => {
+                    save(delivered, "").await; // shutting down: this event goes again, from another host
+                    return true;
                 }
-                self.report(pending);
+                Some(true) => delivered = seq,
             }
+            let since = held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).2;
+            if (pending == 0 || since.elapsed() >= CURSOR_EVERY) && !save(delivered, &backing.host).await {
+                return false;
+            }
+            self.report(pending);
         }
     }
 

@@ -129,7 +129,7 @@ async fn every_route_answers_the_same_through_every_host() {
     for path in ["/v1/instances", "/v1/instances/acme", "/v1/instances/idle/history", "/instance/fetchInstances"] {
         same_everywhere(&hosts, Method::GET, path, None).await;
     }
-    // The fleet view: every instance, with its owner, the same on every host but for "now"
+    // The fleet view: every instance, with its owner, the same on every host but for "now" and who answered
     // (once every host has heard of the leases given back).
     wait_until("gone's lease given back, everywhere", Duration::from_secs(5), async || {
         let mut free = true;
@@ -145,7 +145,9 @@ async fn every_route_answers_the_same_through_every_host() {
     for host in hosts {
         let (status, mut fleet) = ask(host, Method::GET, "/v1/fleet", None).await;
         assert_eq!(status, 200);
+        assert_eq!(fleet["host"].as_str(), Some(host.id.as_str()), "the fleet view says who answered");
         fleet["now"] = Value::Null;
+        fleet["host"] = Value::Null;
         fleets.push(fleet);
     }
     assert!(fleets.iter().all(|f| *f == fleets[0]), "fleet views differ: {fleets:#?}");
