@@ -2,22 +2,41 @@
 //! Evolution client can point at the service, and Evolution's webhook
 //! envelope for lifecycle events.
 //!
-//! Faithful: the routes, `apikey` auth (global key or the instance's
-//! token), the response shapes of create / connect / connectionState /
-//! restart / logout / delete / fetchInstances, the error envelope
-//! `{status, error, response: {message}}`, and the webhook envelope
-//! `{event, instance, data, destination, date_time, sender, server_url,
-//! apikey}`. Different, on purpose: a zombie is `connecting`, never `open`
-//! (Evolution #1153, #2443); logout succeeds on any instance and always ends
-//! `close` (R5; Evolution answers 400 when the socket is already gone);
-//! delete always removes and always sends `remove.instance` (R2; Evolution
-//! answers 400 and sends nothing when its logout throws). Accepted and
-//! ignored at create: the WhatsApp settings (`rejectCall`, `msgCall`,
-//! `groupsIgnore`, `alwaysOnline`, `readMessages`, `readStatus`,
-//! `syncFullHistory`), `number`, `integration`, and the per-instance
-//! `webhook` (configure webhooks on the service). Not filled: `apikey` in
-//! the webhook envelope (tokens are kept only as digests), profile names and
-//! pictures, QR images (`base64`).
+//! Held against Evolution's source (`whatsapp.baileys.service.ts`,
+//! `connectionUpdate`; `instance.controller.ts`; the `Instance` model):
+//!
+//! - Faithful: the routes, `apikey` auth (global key or the instance's
+//!   token), the response shapes of create / connect / connectionState /
+//!   restart / logout / delete / fetchInstances, the error envelope
+//!   `{status, error, response: {message}}`, and the webhook envelope
+//!   `{event, instance, data, destination, date_time, sender, server_url,
+//!   apikey}` for `connection.update` (`{instance, state, statusReason,
+//!   wuid}`), `qrcode.updated`, `logout.instance`, `remove.instance` and
+//!   `status.instance` (`{instance, status: "closed", disconnectionAt,
+//!   disconnectionReasonCode}`, when an instance closes for good, as
+//!   Evolution sends it when it will not reconnect).
+//! - Every status comes from the recorded transition, never a constant
+//!   ([`status_reason`]): a close's own status (Baileys' `statusCode`: 408,
+//!   428, 440, 515, …), 401 (`DisconnectReason.loggedOut`) for a logout —
+//!   what Baileys reports for one, whatever close code the socket ended
+//!   with — and 200 for a state that is not a close (Evolution's `?? 200`).
+//!   `fetchInstances` rows carry `disconnectionReasonCode` and
+//!   `disconnectionAt` (when the instance last entered `close`) from the log,
+//!   which knows them better than Evolution's database row does.
+//! - Different, on purpose: a zombie is `connecting`, never `open`
+//!   (Evolution #1153, #2443); logout succeeds on any instance and always
+//!   ends `close` (R5; Evolution answers 400 when the socket is already
+//!   gone); delete always removes and always sends `remove.instance` (R2;
+//!   Evolution answers 400 and sends nothing when its logout throws).
+//! - Accepted and ignored at create: the WhatsApp settings (`rejectCall`,
+//!   `msgCall`, `groupsIgnore`, `alwaysOnline`, `readMessages`,
+//!   `readStatus`, `syncFullHistory`), `number`, `integration`, and the
+//!   per-instance `webhook` (configure webhooks on the service).
+//! - Not filled: `apikey` in the webhook envelope (tokens are kept only as
+//!   digests), profile names and pictures (`profileName`,
+//!   `profilePictureUrl`), QR images (`base64`), `disconnectionObject`
+//!   (Baileys' error object; the log keeps the close's reason in words,
+//!   in `/v1/instances/NAME/history`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -137,6 +156,21 @@ pub(crate) struct CreateBody {
 
 fn state_of(state: &State) -> &'static str {
     state.coarse().as_str()
+}
+
+/// Baileys' `DisconnectReason.loggedOut`: what Evolution reports for a logout.
+const LOGGED_OUT: u16 = 401;
+
+/// The status Evolution reports for a state, from the record that led to
+/// it: the close's own status, 401 for a logout (or the logout a delete
+/// starts with), 200 for a state that is not a close (or a close without a
+/// status: a lost connection).
+pub(crate) fn status_reason(input: Option<&Input>, to: &State) -> u16 {
+    match to {
+        State::Closed { cause: ClosedCause::LoggedOut { .. }, .. } | State::Closing { .. } => LOGGED_OUT,
+        State::Closed { status: Some(s), .. } => s.0,
+        _ => input.and_then(|i| i.closed()).and_then(|(_, status, _)| status).map_or(200, |s| s.0),
+    }
 }
 
 fn connection_state(name: &str, state: &State) -> Value {
@@ -316,6 +350,10 @@ pub(crate) async fn fetch_instances(
 ) -> Result<Json<Value>, EvoError> {
     let caller = app.auth.caller(&headers).await?;
     let list = app.instances.list().await?;
+    let fleet: HashMap<InstanceName, u64> = super::fleet::read(&app.fleet)
+        .rows()
+        .filter_map(|r| Some((InstanceName::new(r.name.as_str()).ok()?, r.since)))
+        .collect();
     let wanted = |name: &InstanceName| {
         query.instance_name.as_deref().is_none_or(|q| q == name.as_str())
             && match &caller {
@@ -327,12 +365,20 @@ pub(crate) async fn fetch_instances(
         .iter()
         .filter(|(name, _)| wanted(name))
         .map(|(name, state)| {
+            // When it last entered `close`, from the fleet view (the log's fold).
+            let closed_at = (state.coarse() == crate::machine::CoarseStatus::Close)
+                .then(|| fleet.get(name).map(|since| rfc3339(crate::machine::Timestamp(*since))))
+                .flatten();
+            let code =
+                matches!(state, State::Closed { .. } | State::Removed { .. }).then(|| status_reason(None, state));
             json!({
                 "id": name.as_str(),
                 "name": name.as_str(),
                 "connectionStatus": state_of(state),
                 "ownerJid": state.identity().map(|i| i.as_str().to_owned()),
                 "integration": "WHATSAPP-BAILEYS",
+                "disconnectionReasonCode": code,
+                "disconnectionAt": closed_at,
                 "state": state.to_string(),
             })
         })
@@ -375,13 +421,25 @@ pub(crate) fn webhook_events(
         let data = json!({ "qrcode": { "instance": name, "pairingCode": pairing_code, "code": null, "base64": null } });
         out.push(("qrcode.updated".to_owned(), envelope("qrcode.updated", data)));
     }
+    // A removal reports how the instance's last session ended: a logout (what a
+    // delete starts with), or, for one that rested closed, the close it rested after.
+    let reported = if to.kind() == StateKind::Removed { &from.state } else { to };
+    let status = status_reason(Some(input), reported);
     if from.state.coarse() != to.coarse() || to.kind() == StateKind::Removed {
-        let status_reason = input.closed().and_then(|(_, status, _)| status).map_or(200, |s| s.0);
-        let mut data = json!({ "instance": name, "state": state_of(to), "statusReason": status_reason });
+        let mut data = json!({ "instance": name, "state": state_of(to), "statusReason": status });
         if let Some(identity) = to.identity() {
             data["wuid"] = json!(identity.as_str());
         }
         out.push(("connection.update".to_owned(), envelope("connection.update", data)));
+    }
+    if to.kind() == StateKind::Closed && from.state.kind() != StateKind::Closed {
+        let data = json!({
+            "instance": name,
+            "status": "closed",
+            "disconnectionAt": rfc3339(record.at),
+            "disconnectionReasonCode": status,
+        });
+        out.push(("status.instance".to_owned(), envelope("status.instance", data)));
     }
     if matches!(to, State::Closed { cause: ClosedCause::LoggedOut { .. }, .. })
         && from.state.kind() != StateKind::Closed

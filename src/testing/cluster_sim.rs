@@ -31,6 +31,10 @@ pub struct ClusterOptions {
     pub preset: Preset,
     /// Lease TTL (renewals every third of it).
     pub lease_ttl: Duration,
+    /// Entries each instance's subject keeps after its last snapshot
+    /// (compaction; small in a simulation, so that a long run shows the
+    /// stream level off).
+    pub keep_records: u64,
 }
 
 /// One host, as the run ends.
@@ -65,6 +69,8 @@ pub struct ClusterSummary {
     pub violations: Vec<(InstanceName, StreamViolation)>,
     /// Handshakes the peer saw while another connection of the same name was live (none expected).
     pub overlaps: u32,
+    /// The stream's size through the run: (second, entries, bytes), ten samples and the end.
+    pub stream: Vec<(u64, u64, u64)>,
 }
 
 /// Why a run could not be done.
@@ -90,6 +96,17 @@ struct Host {
     killed: bool,
 }
 
+/// The stream's entries and bytes now, at `second` of the run.
+async fn stream_size(cluster: &Cluster, second: u64) -> Result<(u64, u64, u64), ClusterSimError> {
+    let mut stream = cluster.stream().clone();
+    let info = stream.info().await.map_err(|e| ClusterError::Nats {
+        url: cluster.url().to_owned(),
+        op: "reading the stream's size",
+        message: e.to_string(),
+    })?;
+    Ok((second, info.state.messages, info.state.bytes))
+}
+
 /// Runs the simulation; `progress` hears what it is doing.
 pub async fn run_cluster(options: &ClusterOptions, progress: impl Fn(&str)) -> Result<ClusterSummary, ClusterSimError> {
     if !(1..=16).contains(&options.hosts) {
@@ -110,6 +127,8 @@ pub async fn run_cluster(options: &ClusterOptions, progress: impl Fn(&str)) -> R
         config.namespace = "sim".into();
         config.lease_ttl = options.lease_ttl;
         config.renew_every = options.lease_ttl / 3;
+        config.retention =
+            Some(crate::log::Retention { keep_records: options.keep_records, ..crate::log::Retention::default() });
         let engine = EngineConfig {
             policy: policy.clone(),
             log: LogConfig::default(),
@@ -136,8 +155,14 @@ pub async fn run_cluster(options: &ClusterOptions, progress: impl Fn(&str)) -> R
     let seconds = options.duration.as_secs().max(1);
     // Kills at a third and two thirds of the run (one for a short run).
     let kills: Vec<u64> = if seconds >= 6 { vec![seconds / 3, 2 * seconds / 3] } else { vec![seconds / 2] };
+    let sample_every = (seconds / 10).max(1);
     for second in 0..seconds {
         progress(&format!("chaos: second {}/{seconds}", second + 1));
+        if second % sample_every == 0
+            && let Some(host) = hosts.iter().find(|h| !h.killed)
+        {
+            summary.stream.push(stream_size(&host.cluster, second).await?);
+        }
         if kills.contains(&second) && hosts.iter().filter(|h| !h.killed).count() > 1 {
             // The host owning the most instances: the kill that moves the most.
             let victim = (0..hosts.len())
@@ -172,6 +197,7 @@ pub async fn run_cluster(options: &ClusterOptions, progress: impl Fn(&str)) -> R
     progress("verifying every instance's stream");
     let observer = &hosts.iter().find(|h| !h.killed).map(|h| h.cluster.clone());
     let Some(observer) = observer else { return Err(ClusterSimError::Options("no host left".into())) };
+    summary.stream.push(stream_size(observer, seconds).await?);
     for name in observer.reader().names().await? {
         let check = observer.reader().verify(&name, Some(&policy)).await?;
         summary.streams += 1;

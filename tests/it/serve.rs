@@ -393,6 +393,68 @@ async fn evolution_765_and_1407_over_http() {
     svc.stop().await;
 }
 
+/// Every status in Evolution's envelopes and routes comes from the recorded
+/// transition (PR 2501's reviewers): a logout reports 401, as Baileys'
+/// `DisconnectReason.loggedOut`, not a hard-coded 200; a peer's close
+/// reports its own status; `status.instance` and `fetchInstances` carry the
+/// code and when the session ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evolution_reports_the_real_close_reason() {
+    let (receiver, hook) = Receiver::start().await;
+    let svc = Svc::start(fast(Preset::Whatsapp), |c| {
+        c.webhooks.push(WebhookConfig { format: WebhookFormat::Evolution, ..WebhookConfig::new(hook) });
+    })
+    .await;
+    for name in ["out", "replaced"] {
+        let (status, _) = svc.post("/instance/create", json!({"instanceName": name, "qrcode": true})).await;
+        assert_eq!(status, StatusCode::CREATED);
+        svc.until(&format!("/instance/connectionState/{name}"), |v| state(v) == "open", Duration::from_secs(5)).await;
+    }
+    let (status, body) = svc.delete("/instance/logout/out").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    svc.peer.act("replaced", Action::Close(4440));
+    svc.until("/v1/instances/replaced", |v| v["kind"] == "Closed", Duration::from_secs(5)).await;
+    let closed = |name: &'static str| {
+        move |e: &[Value]| {
+            e.iter().any(|v| v["event"] == "status.instance" && v["instance"] == name)
+                && e.iter().any(|v| {
+                    v["event"] == "connection.update" && v["instance"] == name && v["data"]["state"] == "close"
+                })
+        }
+    };
+    receiver.until(closed("out"), Duration::from_secs(10)).await;
+    receiver.until(closed("replaced"), Duration::from_secs(10)).await;
+    for (name, code) in [("out", 401), ("replaced", 440)] {
+        let updates = receiver.named("connection.update", name);
+        let close: Vec<&Value> = updates.iter().filter(|v| v["data"]["state"] == "close").collect();
+        assert!(!close.is_empty() && close.iter().all(|v| v["data"]["statusReason"] == code), "{name}: {updates:#?}");
+        let opened: Vec<&Value> = updates.iter().filter(|v| v["data"]["state"] == "open").collect();
+        assert!(opened.iter().all(|v| v["data"]["statusReason"] == 200), "{name}: {opened:#?}");
+        let status = &receiver.named("status.instance", name)[0]["data"];
+        assert_eq!(
+            (status["status"].as_str(), status["disconnectionReasonCode"].as_u64()),
+            (Some("closed"), Some(code)),
+            "{status}"
+        );
+        assert!(status["disconnectionAt"].as_str().is_some_and(|t| t.ends_with('Z')), "{status}");
+        let (_, fetched) = svc.get(&format!("/instance/fetchInstances?instanceName={name}")).await;
+        assert_eq!(fetched[0]["disconnectionReasonCode"], code, "{fetched}");
+        assert!(fetched[0]["disconnectionAt"].as_str().is_some_and(|t| t.ends_with('Z')), "{fetched}");
+    }
+    let (_, both) = svc.get("/instance/fetchInstances").await;
+    assert_eq!(both.as_array().map(Vec::len), Some(2), "{both}");
+    let (status, _) = svc.delete("/instance/delete/out").await;
+    assert_eq!(status, StatusCode::OK);
+    receiver.until(|e| e.iter().any(|v| v["event"] == "remove.instance"), Duration::from_secs(10)).await;
+    let last = receiver.named("connection.update", "out").last().cloned().unwrap_or_default();
+    assert_eq!(
+        (last["data"]["state"].as_str(), last["data"]["statusReason"].as_u64()),
+        (Some("close"), Some(401)),
+        "{last}"
+    );
+    svc.stop().await;
+}
+
 /// Webhooks while the receiver is down, then up: every event arrives (at
 /// least once), in order per instance, signed; none is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,6 +192,7 @@ pub async fn run_cluster(options: &Options, hosts: usize, json: bool) -> Result<
         seed: options.seed,
         preset: options.preset,
         lease_ttl: std::time::Duration::from_secs(3),
+        keep_records: 100,
     };
     if !json && !quiet() {
         eprintln!(
@@ -218,7 +219,7 @@ pub async fn run_cluster(options: &Options, hosts: usize, json: bool) -> Result<
                 serde_json::json!({
                     "host": h.host, "killed": h.killed, "owned": h.stats.owned, "claims": h.stats.claims,
                     "takeovers": h.stats.takeovers, "failovers": h.stats.failovers,
-                    "refused": h.stats.refused, "lost": h.stats.lost,
+                    "refused": h.stats.refused, "lost": h.stats.lost, "snapshots": h.stats.snapshots,
                 })
             })
             .collect();
@@ -226,6 +227,7 @@ pub async fn run_cluster(options: &Options, hosts: usize, json: bool) -> Result<
         let out = serde_json::json!({
             "hosts": hosts, "kills": s.kills, "events": s.events, "streams": s.streams, "records": s.records,
             "takeovers": s.takeovers, "states": s.states, "violations": violations, "overlaps": s.overlaps, "clean": clean,
+            "stream": s.stream.iter().map(|(second, entries, bytes)| serde_json::json!({"second": second, "entries": entries, "bytes": bytes})).collect::<Vec<_>>(),
         });
         say!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -258,12 +260,15 @@ pub async fn run_cluster(options: &Options, hosts: usize, json: bool) -> Result<
         let states: Vec<String> = s.states.iter().map(|(k, n)| format!("{n} {k}")).collect();
         say!("host kills: {}; chaos events: {}", s.kills, s.events);
         say!(
-            "streams: {} instances ({}), {} records, {} takeovers",
+            "streams: {} instances ({}), {} records and {} takeovers kept (each subject compacted past 100 entries)",
             s.streams,
             states.join(", "),
             s.records,
             s.takeovers
         );
+        let sizes: Vec<String> =
+            s.stream.iter().map(|(second, entries, bytes)| format!("{second}s {entries}/{}K", bytes / 1024)).collect();
+        say!("stream size (entries/bytes) through the run: {}", sizes.join(", "));
         say!(
             "verification: {} (one owner at a time, epochs never going back, gapless records, every transition replayed through the rules); peer: {} overlapping connections",
             if s.violations.is_empty() {
