@@ -60,6 +60,8 @@ pub(super) struct Inner {
     pub(super) asked: AtomicU64,
     /// The readers compaction waits for.
     pub(super) readers: kv::Store,
+    /// Set when the host leaves or halts: it takes nothing over from then on.
+    pub(super) stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -69,6 +71,10 @@ impl Inner {
 
     pub(super) fn owns(&self, name: &InstanceName) -> bool {
         self.owned().contains_key(name)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 
     pub(super) fn answers(&self) -> MutexGuard<'_, Answers> {
@@ -239,7 +245,15 @@ impl Inner {
             let engine = self.engine()?;
             engine.relinquish(name);
             let anchor = Digest::of(&takeover.encode());
+            // A host that stopped meanwhile must not start a socket nobody will watch over.
+            if self.stopping() {
+                return Err(self.nats("taking over", "the host is stopping"));
+            }
             let state = engine.adopt(name.as_str(), spec, to, previous.seq(), anchor).await?;
+            if self.stopping() {
+                engine.relinquish(name);
+                return Err(self.nats("taking over", "the host is stopping"));
+            }
             info!(instance = %name, epoch, from = previous.host(), state = %state.kind(), "took over");
             return Ok(Some(state));
         }
@@ -251,6 +265,9 @@ impl Inner {
     pub(super) async fn adopt(self: &Arc<Self>, name: &InstanceName) -> Result<bool, ClusterError> {
         if self.owns(name) {
             return Ok(true);
+        }
+        if self.stopping() {
+            return Ok(false);
         }
         // Removed instances need no owner.
         if let Some((_, bytes)) = self.reader.last_entry(name).await?
@@ -574,6 +591,9 @@ pub(super) async fn find_orphans(inner: Weak<Inner>, mut stop: watch::Receiver<b
     loop {
         for name in candidates {
             let Some(inner) = inner.upgrade() else { return };
+            if *stop.borrow() {
+                return;
+            }
             if let Err(e) = inner.adopt(&name).await {
                 debug!(instance = %name, error = %e, "taking an orphan failed; it stays a candidate");
             }

@@ -383,6 +383,7 @@ impl Cluster {
             answers: Mutex::default(),
             asked: AtomicU64::new(0),
             readers,
+            stopped: std::sync::atomic::AtomicBool::new(false),
         });
         engine.fence = Some(Arc::new(StreamFence(inner.clone())));
         let log = Log::temporary(engine.log.clone()).map_err(|e| EngineError::log(None, e))?;
@@ -786,6 +787,7 @@ impl Cluster {
     /// and gives every lease back, so other hosts take the instances at
     /// once rather than after the TTL.
     pub async fn leave(&self) -> Result<(), ClusterError> {
+        self.inner.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
         self.stop.send_replace(true);
         self.engine().shutdown().await?;
         let owned: Vec<_> = self.inner.owned().drain().collect();
@@ -799,10 +801,12 @@ impl Cluster {
     /// renewals, every socket dropped, no lease given back (others take the
     /// instances when the leases run out).
     pub fn halt(&self) {
+        self.inner.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
         self.stop.send_replace(true);
         let engine = self.engine();
+        // Every socket goes: the leases' and any a takeover under way started.
         let owned: Vec<_> = self.inner.owned().drain().map(|(n, _)| n).collect();
-        for name in owned {
+        for name in owned.into_iter().chain(engine.list().into_iter().map(|(n, _)| n)) {
             engine.relinquish(&name);
         }
     }

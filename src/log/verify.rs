@@ -365,13 +365,7 @@ impl Log {
             HeadCheck::Legacy => report.notes.push(Note::Legacy),
             _ => {}
         }
-        match self.replayed() {
-            Some(r) if r.damaged => report.findings.push(Finding::Journal { detail: r.stopped.unwrap_or_default() }),
-            Some(r) if r.applied > 0 || r.stopped.is_some() || r.completed.is_some() => report
-                .notes
-                .push(Note::JournalReplayed { applied: r.applied, stopped: r.stopped, completed: r.completed }),
-            _ => {}
-        }
+        judge_replay(self.replayed(), &mut report);
         match self.accepted_losses() {
             Ok(losses) => report.notes.extend(losses.into_iter().map(Note::AcceptedLoss)),
             Err(error) => report.findings.push(Finding::Corrupt { error }),
@@ -563,6 +557,75 @@ impl Log {
             report
                 .findings
                 .push(Finding::Index { detail: format!("{dangling} entries point at no record (first: global {g})") });
+        }
+    }
+}
+
+/// The journal replay's verdict at open: a stop no crash explains (a gap, a
+/// bad frame in an older file) is a finding; a replay that applied,
+/// stopped at the tail or completed a batch is a note; one that found
+/// everything in sled already says nothing.
+fn judge_replay(replayed: Option<super::journal::Replayed>, report: &mut Report) {
+    match replayed {
+        Some(r) if r.damaged => report.findings.push(Finding::Journal { detail: r.stopped.unwrap_or_default() }),
+        Some(r) if r.applied > 0 || r.stopped.is_some() || r.completed.is_some() => {
+            report.notes.push(Note::JournalReplayed { applied: r.applied, stopped: r.stopped, completed: r.completed });
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod journal_verdicts {
+    use super::*;
+    use crate::log::journal::Replayed;
+
+    fn judged(r: Option<Replayed>) -> Report {
+        let mut report = Report::default();
+        judge_replay(r, &mut report);
+        report
+    }
+
+    fn quiet() -> Replayed {
+        Replayed { files: 2, applied: 0, skipped: 5, stopped: None, damaged: false, completed: None }
+    }
+
+    #[test]
+    fn a_replay_that_found_everything_in_sled_says_nothing() {
+        for r in [None, Some(quiet())] {
+            let report = judged(r);
+            assert!(report.findings.is_empty() && report.notes.is_empty(), "{report:?}");
+        }
+    }
+
+    #[test]
+    fn damage_no_crash_explains_is_a_finding_not_a_note() {
+        let stopped = Some("a gap after frame 7".to_owned());
+        for applied in [0, 3] {
+            let report = judged(Some(Replayed { damaged: true, applied, stopped: stopped.clone(), ..quiet() }));
+            assert!(
+                matches!(report.findings.as_slice(), [Finding::Journal { detail }] if detail == "a gap after frame 7"),
+                "{report:?}"
+            );
+            assert!(report.notes.is_empty(), "{report:?}");
+        }
+        let report = judged(Some(Replayed { damaged: true, ..quiet() }));
+        assert!(matches!(report.findings.as_slice(), [Finding::Journal { detail }] if detail.is_empty()), "{report:?}");
+    }
+
+    #[test]
+    fn each_thing_a_replay_did_is_a_note_on_its_own() {
+        let cases = [
+            Replayed { applied: 1, ..quiet() },
+            Replayed { stopped: Some("frame 9 cut short".into()), ..quiet() },
+            Replayed { completed: Some(4), ..quiet() },
+        ];
+        for r in cases {
+            let expected =
+                Note::JournalReplayed { applied: r.applied, stopped: r.stopped.clone(), completed: r.completed };
+            let report = judged(Some(r));
+            assert!(report.findings.is_empty(), "{report:?}");
+            assert_eq!(report.notes, vec![expected]);
         }
     }
 }

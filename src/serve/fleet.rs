@@ -430,6 +430,52 @@ mod tests {
         assert!(later.instances.iter().all(|r| r.reconnects.is_empty()));
     }
 
+    /// The one table of fold cases: events as `/v1/events` sends them, and
+    /// the rows the service's fold makes of them. The page's fold replays the
+    /// same file (`tests/ui/fleet-fold.test.mjs`); `LIFECYCLE_BLESS=1` writes
+    /// it again after a deliberate change of either.
+    #[test]
+    fn the_fold_cases_the_page_replays_are_the_services() {
+        let (log, policy) = fleet_log();
+        let mut events: Vec<EventBody> =
+            log.records_after(0, usize::MAX).expect("records").iter().map(|r| EventBody::of(r, &policy)).collect();
+        // As in a cluster: beta's records were written by a host, which the fold keeps as its owner.
+        for e in events.iter_mut().filter(|e| e.instance.as_str() == "beta") {
+            e.host = Some("gw-2".into());
+        }
+        let mut index = FleetIndex::default();
+        for e in &events {
+            index.apply(e);
+        }
+        let mut rows: Vec<&FleetRow> = index.rows().collect();
+        rows.sort_by(|a, b| a.name.cmp(&b.name));
+        let table = serde_json::json!({ "events": events, "rows": rows });
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fleet-fold.json");
+        if std::env::var_os("LIFECYCLE_BLESS").is_some() {
+            let text = serde_json::to_string_pretty(&table).expect("json") + "\n";
+            std::fs::write(&path, text).expect("write the fold cases");
+        }
+        let kept: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("tests/fixtures/fleet-fold.json"))
+                .expect("json");
+        assert_eq!(kept, table, "the fold cases changed: check, then LIFECYCLE_BLESS=1 cargo test fold_cases");
+        assert_eq!(rows.iter().find(|r| r.name == "beta").and_then(|r| r.owner.as_deref()), Some("gw-2"));
+    }
+
+    /// The transition table as `/v1/table` serves it, for the page's tests
+    /// (`tests/ui/diagram.test.mjs` lays the diagram out from it).
+    #[test]
+    fn the_table_the_page_draws_is_the_services() {
+        let table = serde_json::to_value(table()).expect("json");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/table.json");
+        if std::env::var_os("LIFECYCLE_BLESS").is_some() {
+            std::fs::write(&path, serde_json::to_string_pretty(&table).expect("json") + "\n").expect("write");
+        }
+        let kept: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("tests/fixtures/table.json")).expect("json");
+        assert_eq!(kept, table, "the table changed: check, then LIFECYCLE_BLESS=1 cargo test table_the_page");
+    }
+
     #[test]
     fn a_name_created_again_starts_a_fresh_row() {
         let (log, policy) = fleet_log();

@@ -288,3 +288,26 @@ async fn replay_serves_a_log_read_only_and_writes_nothing() {
     assert!(status.success(), "{status:?}");
     assert_eq!(digests(&log_dir), before, "replay wrote to the log it read");
 }
+
+/// The page's modules in Node's own test runner (`tests/ui/`): its fold
+/// replays the service's table of fold cases (`tests/fixtures/fleet-fold.json`,
+/// checked against `FleetIndex::apply` by a unit test) — one source of truth
+/// for both — and its diagram, laid out from the service's transition table
+/// (`tests/fixtures/table.json`), has no edge count covering another.
+#[test]
+fn the_pages_modules_pass_their_node_tests() {
+    let has_node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(has_node || std::env::var_os("CI").is_none(), "CI must have Node (.ci/run installs it)");
+    if !has_node {
+        eprintln!("\n*** SKIPPED: node not found: tests/ui/ is not run here ***\n");
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
+    let out = Command::new("node").arg("--test").arg(&dir).output().expect("node --test");
+    assert!(
+        out.status.success(),
+        "node --test tests/ui failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -192,7 +192,7 @@ pub async fn run_cluster(options: &Options, hosts: usize, json: bool) -> Result<
         seed: options.seed,
         preset: options.preset,
         lease_ttl: std::time::Duration::from_secs(3),
-        keep_records: 100,
+        keep_records: 20,
     };
     if !json && !quiet() {
         eprintln!(
@@ -260,7 +260,7 @@ pub async fn run_cluster(options: &Options, hosts: usize, json: bool) -> Result<
         let states: Vec<String> = s.states.iter().map(|(k, n)| format!("{n} {k}")).collect();
         say!("host kills: {}; chaos events: {}", s.kills, s.events);
         say!(
-            "streams: {} instances ({}), {} records and {} takeovers kept (each subject compacted past 100 entries)",
+            "streams: {} instances ({}), {} records and {} takeovers kept (each subject compacted past 20 entries)",
             s.streams,
             states.join(", "),
             s.records,

@@ -1,7 +1,9 @@
 // The fleet view: live tiles per state and a virtualised table of every
 // instance. Rows come from `/v1/fleet`; each event of `/v1/events` is then
 // applied with `apply`, the few lines that mirror the service's own fold
-// (`FleetIndex::apply` in src/serve/fleet.rs). Events are applied as they
+// (`FleetIndex::apply` in src/serve/fleet.rs). Both replay one table of
+// cases, tests/fixtures/fleet-fold.json (a Rust test writes and checks it,
+// tests/ui/fleet-fold.test.mjs replays it here). Events are applied as they
 // come and drawn once per animation frame, so 10,000 instances stay smooth.
 
 import { KINDS, STORM, HOUR, duration, close, detail, el, badge } from './words.js';
@@ -37,7 +39,7 @@ export function load(view) {
   model.frozenNow = view.read_only ? view.now : null;
   model.skew = view.now - Date.now();
   model.host = view.host ?? null;
-  document.body.classList.toggle('cluster', model.host !== null);
+  globalThis.document?.body.classList.toggle('cluster', model.host !== null);
 }
 
 function bump(from, to, n) {
