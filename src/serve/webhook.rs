@@ -71,7 +71,7 @@ pub enum WebhookFormat {
     #[default]
     Lifecycle,
     /// Evolution API's envelope `{event, instance, data, date_time, …}` for
-    /// `connection.update`, `qrcode.updated`, `logout.instance`, `remove.instance`.
+    /// `connection.update`, `qrcode.updated`, `logout.instance`, `remove.instance`, `status.instance`.
     Evolution,
 }
 
