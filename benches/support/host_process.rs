@@ -60,9 +60,16 @@ impl HostProcess {
         let _ = self.child.wait();
     }
 
+    /// Sends a signal (`KILL`, `TERM`) without waiting: the process may be shared.
+    #[allow(dead_code)] // not every benchmark signals
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status();
+    }
+
     /// SIGTERM, and the wait for a clean stop (leases given back, log synced).
+    #[allow(dead_code)] // not every benchmark stops its hosts cleanly
     pub fn stop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.signal("TERM");
         let _ = self.child.wait();
     }
 }

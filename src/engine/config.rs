@@ -49,8 +49,10 @@ pub struct EngineConfig {
 pub struct Compaction {
     /// What is kept (records per instance, how long removed instances stay).
     pub retention: Retention,
-    /// How often, at least 1 s; the first run is one period after start.
-    /// Hourly keeps the log near its retained size at negligible cost.
+    /// How often, at least 1 s. Counted from the last compaction the log
+    /// records, across restarts: a start that finds one overdue runs it a
+    /// second later, in the background. Hourly keeps the log near its
+    /// retained size at negligible cost.
     pub every: Duration,
 }
 

@@ -10,7 +10,7 @@
 //! | `p` | from-global (u64 BE) | the policy in force from that global sequence number on (JSON) |
 //! | `x` | global (u64 BE) | a loss accepted when the log was opened with `accept_loss` |
 //! | `a` | any | auxiliary data of a service (outside the chain: not verified, not compacted) |
-//! | `m` | field | metadata: format marker, log id, tip (when compaction removed the newest record), the last journal frame applied |
+//! | `m` | field | metadata: format marker, log id, tip (when compaction removed the newest record), the last journal frame applied, when compaction last ran |
 
 use crate::machine::InstanceName;
 
@@ -39,6 +39,9 @@ pub(crate) const META_JOURNAL: &[u8] = b"mjournal";
 /// prefix of its writes that holds part of the batch also holds the whole
 /// batch here, and opening completes it (see `store.rs`).
 pub(crate) const META_BATCH: &[u8] = b"mbatch";
+/// When the log was last compacted (ms since the Unix epoch, big-endian
+/// u64): the compaction schedule survives restarts.
+pub(crate) const META_COMPACTED: &[u8] = b"mcompacted";
 /// The format marker this build writes.
 pub(crate) const FORMAT: &str = "instance-lifecycle log v2";
 /// The marker of logs written before records were chained (read, and upgraded by a writer).

@@ -835,19 +835,26 @@ impl Log {
         let store = self.store();
         let mut out = Vec::new();
         let mut from = after.checked_add(1);
+        // The global index a page at a time (one range read), then each record.
         while let Some(next) = from.filter(|g| *g <= committed && out.len() < limit) {
-            let Some((key, target)) = store.first_from(&keys::global(next), &[keys::GLOBAL])? else { break };
-            let Some(global) = keys::parse_global(&key) else { return Err(corrupt_key("index key", &key)) };
-            if global > committed {
+            let page = store.page_from(&keys::global(next), &[keys::GLOBAL], limit - out.len())?;
+            if page.is_empty() {
                 break;
             }
-            let mut record_key = vec![keys::RECORD];
-            record_key.extend_from_slice(&target);
-            // Compaction may delete the record between the two reads: skip it, as if read a moment later.
-            if let Some(value) = store.get(&record_key)? {
-                out.push(decode_pair((record_key, value))?);
+            from = None;
+            for (key, target) in page {
+                let Some(global) = keys::parse_global(&key) else { return Err(corrupt_key("index key", &key)) };
+                if global > committed {
+                    return Ok(out);
+                }
+                let mut record_key = vec![keys::RECORD];
+                record_key.extend_from_slice(&target);
+                // Compaction may delete the record between the two reads: skip it, as if read a moment later.
+                if let Some(value) = store.get(&record_key)? {
+                    out.push(decode_pair((record_key, value))?);
+                }
+                from = global.checked_add(1);
             }
-            from = global.checked_add(1);
         }
         Ok(out)
     }

@@ -103,7 +103,24 @@ impl Log {
             report.snapshotted += 1;
             report.records_deleted += cut as u64;
         }
+        // Written last: a compaction cut short by a crash is not recorded as
+        // done (what it did stays done, and the next start finds it overdue).
+        self.store().apply(vec![(keys::META_COMPACTED.to_vec(), Some(now.0.to_be_bytes().to_vec()))])?;
         Ok(report)
+    }
+
+    /// When the log was last compacted to the end (`None`: never, or by a
+    /// version that did not record it). The time is the compacting clock's
+    /// `now`: a schedule that survives restarts reads it.
+    pub fn last_compacted(&self) -> Result<Option<Timestamp>, LogError> {
+        let Some(bytes) = self.store().get(keys::META_COMPACTED)? else { return Ok(None) };
+        let ms: [u8; 8] = bytes.as_slice().try_into().map_err(|_| LogError::Corrupt {
+            what: "compaction time",
+            instance: None,
+            seq: None,
+            problem: super::record::Corruption::Decode { message: format!("{} bytes, not 8", bytes.len()) },
+        })?;
+        Ok(Some(Timestamp(u64::from_be_bytes(ms))))
     }
 }
 

@@ -120,6 +120,20 @@ pub trait Store: Send + Sync + 'static {
     fn last(&self, prefix: &[u8]) -> Result<Option<Pair>, StoreError>;
     /// The first pair at or after `from` whose key starts with `prefix`.
     fn first_from(&self, from: &[u8], prefix: &[u8]) -> Result<Option<Pair>, StoreError>;
+    /// Up to `limit` pairs at or after `from` whose keys start with
+    /// `prefix`, in key order: one range read where the store can (a reader
+    /// paging through the global index), `first_from` repeated where not.
+    fn page_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
+        let mut out: Vec<Pair> = Vec::new();
+        let mut next = from.to_vec();
+        while out.len() < limit {
+            let Some(pair) = self.first_from(&next, prefix)? else { break };
+            next.clone_from(&pair.0);
+            next.push(0); // the first key after this one
+            out.push(pair);
+        }
+        Ok(out)
+    }
     /// Makes applied batches survive a crash of this process (written to the OS).
     fn flush(&self) -> Result<(), StoreError>;
     /// Makes flushed data survive a power loss (fsync of the files).
@@ -363,6 +377,17 @@ impl Store for SledStore {
             Some((k, v)) if k.starts_with(prefix) => Ok(Some((k.to_vec(), v.to_vec()))),
             _ => Ok(None),
         }
+    }
+
+    fn page_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
+        sled_call("reading", &self.dir, || {
+            self.tree
+                .range(from..)
+                .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
+                .take(limit)
+                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+                .collect()
+        })
     }
 
     /// With a journal, writes its pending frames; without, sled's `flush`.
@@ -649,6 +674,16 @@ impl Store for MemoryStore {
             .next()
             .filter(|(k, _)| k.starts_with(prefix))
             .map(|(k, v)| (k.clone(), v.clone())))
+    }
+
+    fn page_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
+        let map = self.lock()?;
+        Ok(map
+            .range(from.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -487,10 +487,8 @@ pub(crate) async fn fleet(
     headers: HeaderMap,
 ) -> Result<Json<FleetView>, ApiError> {
     app.auth.global(&headers, "the fleet view").await?;
-    // Read-your-writes: the view covers at least what the log of record held when asked.
-    app.instances.position().await?;
     let engine = app.engine();
-    let mut view = super::fleet::read(&app.fleet).view(engine.now().0, false, &engine.policy().name);
+    let mut view = app.fleet().await?.view(engine.now().0, false, &engine.policy().name);
     if let Some(cluster) = app.instances.cluster() {
         view.host = Some(cluster.host().to_owned());
         let owners = cluster.view().owners();
@@ -527,6 +525,12 @@ pub(crate) async fn metrics(AxumState(app): AxumState<AppState>, headers: Header
             c.1 += 1;
         }
     }
+    let log = app.engine().log().clone();
+    // Reads of the store (its files' sizes, one key): off the async threads.
+    let (bytes, compacted) = tokio::task::spawn_blocking(move || (log.size_on_disk(), log.last_compacted()))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    app.metrics.log_state(bytes.unwrap_or(0), compacted.ok().flatten().map(|t| t.0));
     let text = app.metrics.render(&counts);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }

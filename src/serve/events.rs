@@ -147,20 +147,28 @@ fn websocket_close_name(code: u16) -> Option<&'static str> {
 impl EventBody {
     /// The JSON view of a record; `policy` gives close statuses their meaning.
     pub fn of(r: &Record, policy: &Policy) -> Self {
-        let (mut rule, mut close, mut reconnect) = (None, None, false);
-        let (event, input, from, detail) = match &r.event {
-            Event::Created { spec } => ("created", None, None, serde_json::json!({ "spec": spec, "to": r.to })),
-            Event::Snapshot { spec } => ("snapshot", None, None, serde_json::json!({ "spec": spec, "to": r.to })),
+        let detail = match &r.event {
+            Event::Created { spec } | Event::Snapshot { spec } => serde_json::json!({ "spec": spec, "to": r.to }),
             Event::Transition { from, input, effects } => {
+                serde_json::json!({ "input": input, "effects": effects, "from": from, "to": r.to })
+            }
+        };
+        Self { time: rfc3339(r.at), detail, ..Self::folded(r, policy) }
+    }
+
+    /// What the fleet fold reads of a record ([`super::FleetIndex::apply`]):
+    /// the body without its `detail` and `time`, which are most of its cost
+    /// (a service folds its whole log into the fleet view at start).
+    pub(crate) fn folded(r: &Record, policy: &Policy) -> Self {
+        let (mut rule, mut close, mut reconnect) = (None, None, false);
+        let (event, input, from) = match &r.event {
+            Event::Created { .. } => ("created", None, None),
+            Event::Snapshot { .. } => ("snapshot", None, None),
+            Event::Transition { from, input, .. } => {
                 rule = rule_of(&from.state, input, &r.to.state);
                 close = CloseView::of(&from.state, input, &r.to.state, policy);
                 reconnect = r.to.generation > from.generation && from.state.kind() != StateKind::Closed;
-                (
-                    "transition",
-                    Some(input.kind().to_string()),
-                    Some(from.state.kind().to_string()),
-                    serde_json::json!({ "input": input, "effects": effects, "from": from, "to": r.to }),
-                )
+                ("transition", Some(input.kind().to_string()), Some(from.state.kind().to_string()))
             }
         };
         Self {
@@ -170,7 +178,7 @@ impl EventBody {
             seq: r.seq,
             global: r.global,
             at: r.at.0,
-            time: rfc3339(r.at),
+            time: String::new(),
             input,
             from,
             to: r.to.state.kind().to_string(),
@@ -181,7 +189,7 @@ impl EventBody {
             rule_title: rule.map(|r| r.title()),
             close,
             reconnect,
-            detail,
+            detail: serde_json::Value::Null,
             host: None,
         }
     }

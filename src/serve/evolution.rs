@@ -350,10 +350,8 @@ pub(crate) async fn fetch_instances(
 ) -> Result<Json<Value>, EvoError> {
     let caller = app.auth.caller(&headers).await?;
     let list = app.instances.list().await?;
-    let fleet: HashMap<InstanceName, u64> = super::fleet::read(&app.fleet)
-        .rows()
-        .filter_map(|r| Some((InstanceName::new(r.name.as_str()).ok()?, r.since)))
-        .collect();
+    let fleet: HashMap<InstanceName, u64> =
+        app.fleet().await?.rows().filter_map(|r| Some((InstanceName::new(r.name.as_str()).ok()?, r.since))).collect();
     let wanted = |name: &InstanceName| {
         query.instance_name.as_deref().is_none_or(|q| q == name.as_str())
             && match &caller {

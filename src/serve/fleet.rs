@@ -194,7 +194,7 @@ impl FleetIndex {
                 return Ok(n);
             }
             for r in &page {
-                self.apply(&EventBody::of(r, policy));
+                self.apply(&EventBody::folded(r, policy));
             }
             n += page.len();
         }
@@ -217,7 +217,7 @@ fn write(index: &SharedIndex) -> std::sync::RwLockWriteGuard<'_, FleetIndex> {
     index.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Builds the index from the whole log (blocking), for a replay or before a service starts following.
+/// Builds the index from the whole log (blocking), for a replay.
 pub(crate) fn build(log: &Log, policy: &Policy) -> Result<SharedIndex, LogError> {
     let index = SharedIndex::default();
     catch_up(&index, log, policy)?;
@@ -231,35 +231,48 @@ pub(crate) fn catch_up(index: &SharedIndex, log: &Log, policy: &Policy) -> Resul
 
 /// Keeps the index up to date with a running engine until shutdown: woken
 /// by each transition, and once a second regardless (a notification can lag).
+/// It starts from an empty index and folds the log in the background, so a
+/// service answers before its fleet view is built; the returned watch says
+/// up to which committed position the index has read (`/v1/fleet` waits for
+/// the position it was asked at).
 pub(crate) fn follow(
     engine: &Engine,
     index: SharedIndex,
     mut shutdown: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
+) -> (tokio::task::JoinHandle<()>, watch::Receiver<u64>) {
     let log = engine.log().clone();
     let policy = Arc::new(engine.policy().clone());
     let mut wake = engine.subscribe();
-    tokio::spawn(async move {
+    let (covered_tx, covered) = watch::channel(0);
+    let task = tokio::spawn(async move {
         loop {
             let (log, policy, index) = (log.clone(), policy.clone(), index.clone());
             // Reads into a private copy of the position, then applies under the lock: handlers never wait on the log.
             let caught = tokio::task::spawn_blocking(move || {
+                // Everything committed by now is read once a page comes back short.
+                let committed = log.committed();
                 let after = read(&index).position();
                 let page = log.records_after(after, PAGE)?;
                 let full = page.len() == PAGE;
-                let bodies: Vec<EventBody> = page.iter().map(|r| EventBody::of(r, &policy)).collect();
+                let bodies: Vec<EventBody> = page.iter().map(|r| EventBody::folded(r, &policy)).collect();
                 let mut guard = write(&index);
                 for b in &bodies {
                     if b.global > guard.position() {
                         guard.apply(b);
                     }
                 }
-                Ok::<bool, LogError>(full)
+                Ok::<Option<u64>, LogError>((!full).then_some(committed))
             })
             .await;
             match caught {
-                Ok(Ok(true)) => continue,
-                Ok(Ok(false)) => {}
+                Ok(Ok(None)) => continue,
+                Ok(Ok(Some(committed))) => {
+                    covered_tx.send_if_modified(|c| {
+                        let newer = committed > *c;
+                        *c = (*c).max(committed);
+                        newer
+                    });
+                }
                 Ok(Err(e)) => tracing::warn!(error = %e, "the fleet view could not read the log; retrying"),
                 Err(_) => return,
             }
@@ -269,7 +282,8 @@ pub(crate) fn follow(
                 _ = shutdown.wait_for(|s| *s) => return,
             }
         }
-    })
+    });
+    (task, covered)
 }
 
 /// The fleet view of a cluster: folded from every entry of the stream as

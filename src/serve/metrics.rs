@@ -48,6 +48,9 @@ pub(crate) struct Metrics {
     dead: Family<WebhookLabel, Gauge>,
     depth: Family<WebhookLabel, Gauge>,
     subscribers: Gauge,
+    log_bytes: Gauge,
+    compacted_at: Gauge,
+    start: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -71,6 +74,9 @@ impl Metrics {
             dead: Family::default(),
             depth: Family::default(),
             subscribers: Gauge::default(),
+            log_bytes: Gauge::default(),
+            compacted_at: Gauge::default(),
+            start: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("instances", "Instances by state (removed ones are not counted)", m.instances.clone());
@@ -101,6 +107,21 @@ impl Metrics {
             m.depth.clone(),
         );
         registry.register("sse_subscribers", "Open /v1/events streams", m.subscribers.clone());
+        registry.register(
+            "log_size_bytes",
+            "This host's log on disk (bounded by [retention]: records kept per instance, removed instances kept for removed_after)",
+            m.log_bytes.clone(),
+        );
+        registry.register(
+            "log_last_compaction_timestamp_seconds",
+            "When the log was last compacted, by any run of the service (0: never); the next is one [retention] period later",
+            m.compacted_at.clone(),
+        );
+        registry.register(
+            "start_seconds",
+            "How long this service's start took, from opening the log to answering (the fleet view follows in the background)",
+            m.start.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -144,6 +165,17 @@ impl Metrics {
         let label = WebhookLabel { webhook: webhook.to_owned() };
         self.depth.get_or_create(&label).set(i64::try_from(depth).unwrap_or(i64::MAX));
         self.dead.get_or_create(&label).set(i64::try_from(dead).unwrap_or(i64::MAX));
+    }
+
+    /// The log's size and when it was last compacted (ms since the Unix epoch), as of a scrape.
+    pub(crate) fn log_state(&self, bytes: u64, compacted_at: Option<u64>) {
+        self.log_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.compacted_at.set(i64::try_from(compacted_at.unwrap_or(0) / 1000).unwrap_or(i64::MAX));
+    }
+
+    /// How long the start took.
+    pub(crate) fn started(&self, took: Duration) {
+        self.start.set(took.as_secs_f64());
     }
 
     pub(crate) fn subscribers(&self, delta: i64) {

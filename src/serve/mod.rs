@@ -85,6 +85,8 @@ pub struct ServeConfig {
     pub webhooks: Vec<WebhookConfig>,
     /// Bounds on what clients can make the service do.
     pub limits: Limits,
+    /// What the log keeps, and how often it is compacted.
+    pub retention: RetentionSettings,
     /// Join a cluster of hosts on NATS JetStream (`[cluster]`; `--cluster`).
     pub cluster: Option<ClusterSettings>,
 }
@@ -178,6 +180,44 @@ mod preset_name {
     }
 }
 
+/// `[retention]`: what the log keeps and how often it is compacted. The
+/// schedule survives restarts (the log records when it last compacted): a
+/// service restarted more often than `every` still compacts, soon after a
+/// start that finds compaction overdue, in the background.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Records kept per instance after its last snapshot.
+    pub keep_records: u64,
+    /// How long a removed instance's history is kept.
+    #[serde(with = "humantime_serde")]
+    pub removed_after: Duration,
+    /// How often the log is compacted (at least 1 s).
+    #[serde(with = "humantime_serde")]
+    pub every: Duration,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        let engine = crate::engine::Compaction::default();
+        Self {
+            keep_records: engine.retention.keep_records,
+            removed_after: engine.retention.removed_after,
+            every: engine.every,
+        }
+    }
+}
+
+impl RetentionSettings {
+    /// The engine's compaction with these settings.
+    pub fn compaction(&self) -> crate::engine::Compaction {
+        crate::engine::Compaction {
+            retention: crate::log::Retention { keep_records: self.keep_records, removed_after: self.removed_after },
+            every: self.every,
+        }
+    }
+}
+
 /// Bounds on what clients can make the service do.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -221,6 +261,7 @@ impl Default for ServeConfig {
             log: LogConfig::default(),
             webhooks: Vec::new(),
             limits: Limits::default(),
+            retention: RetentionSettings::default(),
             cluster: None,
         }
     }
@@ -250,6 +291,12 @@ impl ServeConfig {
             crate::transport::Endpoint::parse(url)
                 .map_err(|e| ServeError::Invalid { field: "default_url", reason: e.to_string() })?;
         }
+        if self.retention.every < Duration::from_secs(1) || self.retention.keep_records == 0 {
+            return Err(ServeError::Invalid {
+                field: "retention",
+                reason: "every must be at least 1 s and keep_records at least 1".into(),
+            });
+        }
         if self.limits.sse_subscribers == 0 || self.limits.body_bytes < 1024 {
             return Err(ServeError::Invalid {
                 field: "limits",
@@ -277,6 +324,8 @@ pub(crate) struct AppState {
     table: Arc<str>,
     /// The fleet view's rows, kept up to date by a follower of the log.
     fleet: fleet::SharedIndex,
+    /// A single host's: up to which committed position the fleet view has read.
+    fleet_covered: Option<watch::Receiver<u64>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -284,6 +333,23 @@ impl AppState {
     /// This host's engine (its policy, its clock, the instances it runs).
     pub(crate) fn engine(&self) -> &Engine {
         self.instances.engine()
+    }
+
+    /// The fleet view, once it covers at least what the log of record held
+    /// when asked (read-your-writes; right after a start, when the fold of
+    /// the log has caught up — within the request's bound).
+    pub(crate) async fn fleet(&self) -> Result<std::sync::RwLockReadGuard<'_, fleet::FleetIndex>, ApiError> {
+        let position = self.instances.position().await?;
+        if let Some(mut covered) = self.fleet_covered.clone()
+            && covered.wait_for(|&c| c >= position).await.is_err()
+        {
+            return Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the service is stopping",
+            ));
+        }
+        Ok(fleet::read(&self.fleet))
     }
 }
 
@@ -301,6 +367,7 @@ impl Service {
     /// Opens the engine on `config.data` (restoring every instance, R11),
     /// binds `config.listen` and starts serving and delivering webhooks.
     pub async fn start(config: ServeConfig) -> Result<Self, ServeError> {
+        let starting = std::time::Instant::now();
         config.check()?;
         let metrics = Arc::new(metrics::Metrics::new());
         let hub = external::Hub::new();
@@ -314,19 +381,47 @@ impl Service {
             log: config.log.clone(),
             transport: Arc::new(external::Routed { ws, hub: hub.clone() }),
             on_transition: Some(hook),
+            compaction: Some(config.retention.compaction()),
             ..EngineConfig::default()
         };
         // The fleet view is a fold of the log of record: in a cluster, fed by the
         // host's view of the stream as it reads it (from the first entry on).
         let index = fleet::SharedIndex::default();
-        let (engine, cluster) = match &config.cluster {
+        let limits = webhook::OutboxLimits {
+            dead_letters_max: config.limits.dead_letters_max,
+            backlog_max: config.limits.backlog_max,
+            server_url: config.server_url.clone(),
+            policy: Arc::new(engine_config.policy.clone()),
+        };
+        let (engine, cluster, (pairing, outbox, auth)) = match &config.cluster {
             Some(settings) => {
                 let tap = Arc::new(fleet::StreamTap { index: index.clone(), policy: engine_config.policy.clone() });
-                let (cluster, engine) =
+                let (c, engine) =
                     crate::cluster::Cluster::join_with(settings.config(), engine_config, vec![tap]).await?;
-                (engine, Some(cluster))
+                // In a cluster everything a user was promised lives in the cluster's NATS.
+                hub.relay(c.client().clone(), c.namespace().to_owned());
+                let pairing = Arc::new(evolution::PairingCodes::cluster(&c).await.map_err(|e| {
+                    ServeError::Invalid { field: "cluster", reason: format!("the pairing codes' bucket: {e}") }
+                })?);
+                let ack_wait = settings.webhook_ack_wait;
+                let outbox =
+                    webhook::Outbox::cluster(&config.webhooks, &c, &metrics, limits, &pairing, ack_wait).await?;
+                let parts = (pairing, outbox, auth::Auth::cluster(config.api_key.as_deref(), &c).await?);
+                (engine, Some(c), parts)
             }
-            None => (Engine::open(&config.data, engine_config).await?, None),
+            None => {
+                // The webhooks' hold on compaction is set before the engine starts,
+                // so its first compaction (soon, when overdue) spares what they have
+                // yet to deliver.
+                let (path, log_config) = (config.data.clone(), config.log.clone());
+                let log = tokio::task::spawn_blocking(move || crate::log::Log::open(path, log_config))
+                    .await
+                    .map_err(|e| ServeError::Server(std::io::Error::other(e.to_string())))??;
+                let pairing = Arc::new(evolution::PairingCodes::default());
+                let outbox = webhook::Outbox::load(&config.webhooks, &log, &metrics, limits, &pairing)?;
+                let auth = Arc::new(auth::Auth::load(config.api_key.as_deref(), log.clone())?);
+                (Engine::with_log(log, engine_config).await?, None, (pairing, outbox, auth))
+            }
         };
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
@@ -339,47 +434,25 @@ impl Service {
             }
         };
         let addr = listener.local_addr().map_err(|source| ServeError::Listen { addr: config.listen, source })?;
-        let log = engine.log().clone();
-        let limits = webhook::OutboxLimits {
-            dead_letters_max: config.limits.dead_letters_max,
-            backlog_max: config.limits.backlog_max,
-            server_url: config.server_url.clone(),
-            policy: Arc::new(engine.policy().clone()),
-        };
-        let (pairing, outbox, auth) = match &cluster {
-            // In a cluster everything a user was promised lives in the cluster's NATS.
-            Some(c) => {
-                hub.relay(c.client().clone(), c.namespace().to_owned());
-                let pairing = Arc::new(evolution::PairingCodes::cluster(c).await.map_err(|e| ServeError::Invalid {
-                    field: "cluster",
-                    reason: format!("the pairing codes' bucket: {e}"),
-                })?);
-                let ack_wait = config.cluster.as_ref().map_or(webhook::ACK_WAIT, |c| c.webhook_ack_wait);
-                let outbox =
-                    webhook::Outbox::cluster(&config.webhooks, c, &metrics, limits, &pairing, ack_wait).await?;
-                (pairing.clone(), outbox, auth::Auth::cluster(config.api_key.as_deref(), c).await?)
-            }
-            None => {
-                let pairing = Arc::new(evolution::PairingCodes::default());
-                let outbox = webhook::Outbox::load(&config.webhooks, &log, &metrics, limits, &pairing)?;
-                (pairing, outbox, Arc::new(auth::Auth::load(config.api_key.as_deref(), log)?))
-            }
-        };
         let outbox = Arc::new(outbox);
         let (stop, shutdown) = watch::channel(false);
         let mut workers = outbox.start(&engine, &shutdown);
-        if cluster.is_none() {
-            let (log, policy, reading) = (engine.log().clone(), engine.policy().clone(), index.clone());
-            tokio::task::spawn_blocking(move || fleet::catch_up(&reading, &log, &policy))
-                .await
-                .map_err(|e| ServeError::Server(std::io::Error::other(e.to_string())))??;
-            workers.push(fleet::follow(&engine, index.clone(), shutdown.clone()));
-        }
+        // A single host's fleet view is folded from its log in the background:
+        // the service answers at once, `/v1/fleet` when the fold has caught up.
+        let fleet_covered = match &cluster {
+            Some(_) => None,
+            None => {
+                let (task, covered) = fleet::follow(&engine, index.clone(), shutdown.clone());
+                workers.push(task);
+                Some(covered)
+            }
+        };
         let timeout = config.limits.request_timeout.unwrap_or(engine.command_bound() + Duration::from_secs(5));
         let instances = match &cluster {
             Some(c) => instances::Instances::Cluster(c.clone()),
             None => instances::Instances::Local(engine.clone()),
         };
+        metrics.started(starting.elapsed());
         let state = AppState {
             instances,
             subscribers: Arc::new(Semaphore::new(config.limits.sse_subscribers)),
@@ -392,6 +465,7 @@ impl Service {
             diagram: crate::diagram::Diagram::from_rules().render(crate::diagram::Format::Mermaid).into(),
             table: serde_json::to_string(&fleet::table()).unwrap_or_default().into(),
             fleet: index,
+            fleet_covered,
             shutdown: shutdown.clone(),
         };
         let protection = if state.auth.enabled() { "API key" } else { "none (loopback only)" };

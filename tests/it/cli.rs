@@ -446,7 +446,18 @@ async fn inspect_follow_sees_a_running_engine_and_stops_on_sigint() {
     assert!(first < std::time::Duration::from_secs(1), "seen {first:?} after the append");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGINT) };
-    let status = child.wait().expect("wait");
+    // Bounded: a follower that ignores Ctrl-C fails the test instead of hanging it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("inspect --follow still running 10 s after Ctrl-C");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert!(status.success(), "Ctrl-C ends it cleanly: {status:?}");
     engine.shutdown().await.expect("shutdown");
 }

@@ -78,6 +78,9 @@ impl Store for Recorder {
     fn first_from(&self, from: &[u8], prefix: &[u8]) -> Result<Option<Pair>, StoreError> {
         self.inner.first_from(from, prefix)
     }
+    fn page_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
+        self.inner.page_from(from, prefix, limit)
+    }
     fn flush(&self) -> Result<(), StoreError> {
         let mut applied = self.applied.lock().expect("lock");
         applied.1 = applied.0;

@@ -10,7 +10,7 @@ use instance_lifecycle::engine::{Cleanup, Compaction, Engine, EngineConfig, Engi
 use instance_lifecycle::log::{Event, InstanceSpec, LogConfig, Retention};
 use instance_lifecycle::machine::{
     CloseInitiator, ClosedCause, ClosingStep, Effect, Heartbeat, Input, InputKind, InstanceName, LogoutOutcome, Phase,
-    Policy, Preset, State, StepOutcome, Timeouts,
+    Policy, Preset, State, StepOutcome, Timeouts, Timestamp,
 };
 use instance_lifecycle::testing::peer::{Action, Fault, TestPeer};
 use instance_lifecycle::transport::{ReferenceProtocol, TlsConfigError, WsLimits, WsTransport};
@@ -881,4 +881,57 @@ async fn a_reconnect_storm_comes_back_spread_and_within_budget() {
     }
     let report = log.verify_recorded(&policy);
     assert!(report.is_clean(), "{:#?}", report.findings);
+}
+
+/// The compaction schedule survives restarts (issue 33): an engine that
+/// never lives a whole period — each life 10 minutes of virtual time, ended
+/// without a shutdown — still compacts once a period, counted from the last
+/// compaction the log records, and a removed instance past its retention is
+/// gone after the crash loop. (Before, the first compaction came one period
+/// after each start: such a host never compacted.)
+#[test]
+fn compaction_survives_a_crash_loop_and_runs_when_overdue() {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().expect("runtime");
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().expect("dir");
+        let (life, every) = (Duration::from_secs(600), Duration::from_secs(3600));
+        let retention = Retention { keep_records: 1_000, removed_after: Duration::from_secs(1800) };
+        let t0 = instance_lifecycle::testing::EPOCH;
+        let open = |epoch: Timestamp| {
+            let config = EngineConfig {
+                epoch: Some(epoch),
+                compaction: Some(Compaction { retention: retention.clone(), every }),
+                log: LogConfig { durability: instance_lifecycle::log::Durability::Buffered, ..LogConfig::default() },
+                ..EngineConfig::default()
+            };
+            Engine::open(dir.path(), config)
+        };
+        let mut compacted = Vec::new();
+        for i in 0..7u32 {
+            let epoch = t0.saturating_add(life * i);
+            let engine = open(epoch).await.expect("open");
+            if i == 0 {
+                engine.create("gone", InstanceSpec { url: "ws://127.0.0.1:9/".into() }).await.expect("create");
+                engine.delete("gone").await.expect("delete");
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            compacted.push(engine.log().last_compacted().expect("readable"));
+            if i < 6 {
+                assert!(matches!(engine.state("gone"), Err(EngineError::Removed { .. })), "life {i}: kept 30 min");
+            }
+            tokio::time::sleep(life - Duration::from_secs(2)).await;
+            drop(engine); // a crash: no shutdown
+        }
+        let first = t0.saturating_add(Duration::from_secs(1));
+        // Life 0 found no compaction recorded: overdue, run a second after the start.
+        assert_eq!(compacted[0], Some(first));
+        // Lives 1 to 5 start within the period: none of them compacts.
+        assert!(compacted[1..6].iter().all(|c| *c == Some(first)), "{compacted:?}");
+        // Life 6 starts a period after the last one: overdue, and the removed instance goes.
+        assert_eq!(compacted[6], Some(t0.saturating_add(life * 6 + Duration::from_secs(1))));
+        let engine = open(t0.saturating_add(life * 7)).await.expect("open");
+        assert!(matches!(engine.state("gone"), Err(EngineError::UnknownInstance { .. })), "purged");
+        engine.shutdown().await.expect("shutdown");
+    });
 }

@@ -201,8 +201,24 @@ fn write_sample_log(dir: &Path) -> Policy {
 }
 
 /// Rewrites one stored value with sled directly, as damage or another program would.
+/// Opens the log's sled database directly. sled releases its lock a moment
+/// after the last handle drops (its I/O threads finish first): retry for a
+/// bounded time, as `Log::open` does.
+fn sled_open(dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                assert!(std::time::Instant::now() < deadline, "sled's lock still held after 10 s: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            opened => return opened.expect("sled open"),
+        }
+    }
+}
+
 fn tamper(dir: &Path, f: impl FnOnce(&sled::Tree)) {
-    let db = sled::open(dir).expect("sled open");
+    let db = sled_open(dir);
     let tree = db.open_tree(instance_lifecycle::log::store::TREE).expect("tree");
     f(&tree);
     db.flush().expect("flush");
@@ -304,7 +320,7 @@ fn foreign_empty_file_and_newer_logs_are_typed_errors() {
     // Another program's sled database.
     let dir = tempfile::tempdir().expect("temp dir");
     {
-        let db = sled::open(dir.path()).expect("sled");
+        let db = sled_open(dir.path());
         db.open_tree("users").expect("tree").insert("alice", "x").expect("insert");
         db.flush().expect("flush");
     }

@@ -908,3 +908,60 @@ fn rand_suffix() -> u64 {
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::SeqCst)
 }
+
+/// The fleet view after a restart is the one before it (issue 33): a
+/// service folds its log into the view in the background, answering at
+/// once, and `/v1/fleet` waits until the fold covers the log — so the first
+/// answer after the start already holds every row and every edge count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_view_after_a_restart_is_the_one_before() {
+    let svc = Svc::start(fast(Preset::Whatsapp), |_| {}).await;
+    for name in ["kept", "restarted", "gone"] {
+        let (status, body) = svc.post("/v1/instances", json!({"name": name, "connect": true})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        svc.until(&format!("/v1/instances/{name}"), |v| v["status"] == "open", Duration::from_secs(5)).await;
+    }
+    for _ in 0..3 {
+        let (status, _) = svc.post("/v1/instances/restarted/restart", json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        svc.until("/v1/instances/restarted", |v| v["status"] == "open", Duration::from_secs(5)).await;
+    }
+    // At rest before the stop: nothing reconnects after the start to change the view.
+    for name in ["kept", "restarted"] {
+        let (status, body) = svc.post(&format!("/v1/instances/{name}/logout"), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, _) = svc.delete("/v1/instances/gone").await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, before) = svc.get("/v1/fleet").await;
+    let dir = svc.stop_keeping_the_log().await;
+    let data = dir.path().join("log");
+    let svc = Svc::start(fast(Preset::Whatsapp), |c| c.data = data).await;
+    let (status, after) = svc.get("/v1/fleet").await;
+    assert_eq!(status, StatusCode::OK, "{after}");
+    assert_eq!(before["instances"].as_array().map(Vec::len), Some(3), "{before}");
+    assert!(before["edges"].as_array().is_some_and(|e| e.len() > 5), "{before}");
+    for field in ["position", "instances", "edges"] {
+        assert_eq!(after[field], before[field], "{field} differs after the restart");
+    }
+    // What bounds the restart and the log's size, as metrics: the start's
+    // time, the log's size, and the compaction this start found overdue
+    // (none was ever recorded) a second after it.
+    let gauge = |text: &str, name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(-1.0)
+    };
+    let start = Instant::now();
+    let metrics = loop {
+        let text = svc.client.get(format!("{}/metrics", svc.base)).send().await.expect("metrics").text().await;
+        let text = text.expect("text");
+        if gauge(&text, "lifecycle_log_last_compaction_timestamp_seconds") > 1e9 {
+            break text;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no compaction after the restart: {text}");
+        sleep(Duration::from_millis(100)).await;
+    };
+    assert!(gauge(&metrics, "lifecycle_log_size_bytes") > 0.0, "{metrics}");
+    assert!(gauge(&metrics, "lifecycle_start_seconds") > 0.0, "{metrics}");
+    svc.stop().await;
+    drop(dir);
+}

@@ -375,10 +375,15 @@ pub async fn follow(dir: &Path, q: Query) -> Result<ExitCode, Failure> {
     }
     let mut seen = fingerprint(dir);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // One listener for the whole run: a Ctrl-C that arrives while a page is
+    // being read is kept until the loop looks again (a listener made anew
+    // each turn missed it, and the process ran on).
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            _ = &mut ctrl_c => return Ok(ExitCode::SUCCESS),
         }
         let now = fingerprint(dir);
         if now == seen {
