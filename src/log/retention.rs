@@ -1,7 +1,9 @@
 //! Retention: the log must not grow without bound on a long-running host.
 //! Per instance, the history beyond the last `keep_records` records is
 //! replaced by a snapshot (which starts a new chain, so verification stays
-//! valid); a removed instance's history is deleted `removed_after` its removal.
+//! valid); a removed instance's history is deleted `removed_after` its
+//! removal — the whole name's when it was not created again, the removed
+//! incarnations' (up to a snapshot of the new one's first record) when it was.
 
 use std::time::Duration;
 
@@ -73,12 +75,22 @@ impl Log {
                 continue;
             }
             let keep = usize::try_from(retention.keep_records).unwrap_or(usize::MAX);
-            if history.len() <= keep.saturating_add(1) {
-                continue;
-            }
+            let by_length = history.len().saturating_sub(keep.saturating_add(1));
+            // An earlier incarnation of a name created again is a removed
+            // instance too: it goes `removed_after` its removal, whatever the
+            // length (a name reused all day would otherwise keep every
+            // incarnation up to `keep_records`). The cut is then the new
+            // incarnation's first record.
+            let by_removal = history
+                .iter()
+                .rposition(|r| {
+                    matches!(r.to.state, State::Removed { .. })
+                        && now.saturating_since(r.at) >= retention.removed_after
+                })
+                .map_or(0, |i| i + 1);
             // The snapshot replaces the record at `cut` too: it must be below the hold.
             let below_hold = history.partition_point(|r| r.global < held);
-            let cut = (history.len() - keep - 1).min(below_hold.saturating_sub(1));
+            let cut = by_length.max(by_removal).min(below_hold.saturating_sub(1)).min(history.len() - 1);
             if cut == 0 {
                 continue;
             }
