@@ -9,6 +9,9 @@
 //! `CRASH_ROUNDS` (default 500; about half an hour) and `CRASH_CLIENTS`
 //! (default 8) set the size; retention is set short (removed instances kept
 //! 20 s, compaction every 30 s) so that many rounds cover several periods.
+//! The log holds what retention keeps — about 50 s of this traffic — so its
+//! size is compared with the rounds just after that span has passed (the
+//! rounds before it are shown too: the log is still filling then).
 //! Not part of CI.
 
 #[path = "support/host_process.rs"]
@@ -40,6 +43,8 @@ struct Round {
     start: Duration,
     bytes: u64,
     ops: u64,
+    /// Since the first spawn, at the end of the round.
+    elapsed: Duration,
 }
 
 fn env(name: &str, default: usize) -> usize {
@@ -162,6 +167,7 @@ async fn bench() {
     let acked: Arc<Mutex<HashMap<String, Acked>>> =
         Arc::new(Mutex::new(names.iter().flatten().map(|n| (n.clone(), Acked::Absent)).collect()));
     let (mut results, mut lost, mut unverified) = (Vec::new(), Vec::new(), 0);
+    let began = Instant::now();
     for round in 0..rounds {
         let spawned = Instant::now();
         let host = Arc::new(HostProcess::start(config.clone()));
@@ -203,22 +209,36 @@ async fn bench() {
         }
         let bytes = dir_size(data.path());
         eprintln!("round {round}: start {:.3} s, {} MB, {ops} ops", start.as_secs_f64(), bytes as f64 / 1e6);
-        results.push(Round { start, bytes, ops });
+        results.push(Round { start, bytes, ops, elapsed: began.elapsed() });
     }
     let window = 10.min(rounds / 2);
+    // The log holds what retention keeps: the records of the last
+    // `removed_after`, plus up to one period until the next compaction. Until
+    // that much time has passed it is filling, not growing; the size is
+    // compared from then on (and, for the record, with the very first rounds).
+    let filled = config.retention.removed_after + config.retention.every;
+    let settled = results.iter().position(|r| r.elapsed >= filled).unwrap_or(0).min(results.len() - 2 * window);
     let first = &results[..window];
+    let steady = &results[settled..settled + window];
     let last = &results[results.len() - window..];
     let start_of = |rs: &[Round]| median(rs.iter().map(|r| r.start.as_secs_f64()).collect());
     let size_of = |rs: &[Round]| median(rs.iter().map(|r| r.bytes as f64 / 1e6).collect());
     let ops: u64 = results.iter().map(|r| r.ops).sum();
     println!("## Crash loop: `lifecycle serve` SIGKILLed {rounds} times under {clients} HTTP clients");
     println!();
-    println!("| measurement | last {window} rounds (median) | first {window} rounds (median) | ratio | target |");
+    println!("| measurement | last {window} rounds (median) | baseline (median of {window} rounds) | ratio | target |");
     println!("|---|---|---|---|---|");
     let (s0, s1) = (start_of(first), start_of(last));
-    println!("| spawn → first successful request | {s1:.3} s | {s0:.3} s | {:.2}× | ≤ 1.5× |", s1 / s0);
-    let (b0, b1) = (size_of(first), size_of(last));
-    println!("| log directory size | {b1:.1} MB | {b0:.1} MB | {:.2}× | ≤ 1.5× |", b1 / b0);
+    println!("| spawn → first successful request | {s1:.3} s | the first rounds: {s0:.3} s | {:.2}× | ≤ 1.5× |", s1 / s0);
+    let (b0, b1) = (size_of(steady), size_of(last));
+    println!(
+        "| log directory size | {b1:.1} MB | rounds {settled}–{}, once retention's span ({} s) has passed: {b0:.1} MB | {:.2}× | ≤ 1.5× |",
+        settled + window - 1,
+        filled.as_secs(),
+        b1 / b0
+    );
+    let b00 = size_of(first);
+    println!("| log directory size | {b1:.1} MB | the first rounds (still filling): {b00:.1} MB | {:.2}× | (shown) |", b1 / b00);
     println!();
     println!(
         "{ops} operations acknowledged over the run; acknowledged operations lost: {} (target 0); kills after which `lifecycle verify` failed: {unverified} (target 0).",

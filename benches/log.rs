@@ -215,28 +215,71 @@ fn recovery(records: usize, per_instance: usize) -> (f64, f64, f64, usize) {
     (raw, fast, replay, records)
 }
 
-/// The disk's own pace: the same record bytes appended to a plain file and
-/// `fdatasync`ed after each one.
-fn plain_file_appends(per: usize) -> f64 {
-    let dir = tempfile::tempdir().expect("dir");
-    let mut file = std::fs::File::create(dir.path().join("plain")).expect("file");
-    let start = Instant::now();
-    for seq in 1..=per as u64 {
-        let (event, to) = transition(seq);
-        let record = instance_lifecycle::log::Record {
-            instance: name(0),
-            seq,
-            global: seq,
-            at: Timestamp(seq),
-            prev: Some(instance_lifecycle::log::Digest::ZERO),
-            replaced: None,
-            event,
-            to,
-        };
-        std::io::Write::write_all(&mut file, &instance_lifecycle::log::record::encode_record(&record)).expect("write");
-        file.sync_data().expect("fdatasync");
+/// The bytes of one record as the log encodes it (the baselines write these).
+fn record_bytes(seq: u64) -> Vec<u8> {
+    let (event, to) = transition(seq);
+    let record = instance_lifecycle::log::Record {
+        instance: name(0),
+        seq,
+        global: seq,
+        at: Timestamp(seq),
+        prev: Some(instance_lifecycle::log::Digest::ZERO),
+        replaced: None,
+        event,
+        to,
+    };
+    instance_lifecycle::log::record::encode_record(&record)
+}
+
+/// The disk's own pace at this concurrency: `threads` threads append the
+/// same record bytes to one plain file; whoever finds no sync running
+/// becomes the leader and `fdatasync`s for everyone queued behind it (the
+/// followers wait for it). What any design on this disk can reach with this
+/// many writers; with one writer, one `fdatasync` per record.
+fn plain_group_commit(threads: usize, per_thread: usize) -> f64 {
+    use std::io::Write;
+    struct Shared {
+        file: std::fs::File,
+        /// Records written, records covered by a finished sync, a sync running.
+        written: u64,
+        synced: u64,
+        syncing: bool,
     }
-    per as f64 / start.elapsed().as_secs_f64()
+    let dir = tempfile::tempdir().expect("dir");
+    let file = std::fs::File::create(dir.path().join("plain")).expect("file");
+    let group = (Mutex::new(Shared { file, written: 0, synced: 0, syncing: false }), Condvar::new());
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let group = &group;
+            s.spawn(move || {
+                let (m, cv) = group;
+                for seq in 1..=per_thread as u64 {
+                    let bytes = record_bytes(seq);
+                    let mut g = m.lock().expect("lock");
+                    g.file.write_all(&bytes).expect("write");
+                    g.written += 1;
+                    let mine = g.written;
+                    while g.synced < mine {
+                        if g.syncing {
+                            g = cv.wait(g).expect("wait");
+                            continue;
+                        }
+                        // The leader: everything written so far goes in this sync.
+                        g.syncing = true;
+                        let (target, file) = (g.written, g.file.try_clone().expect("clone"));
+                        drop(g);
+                        file.sync_data().expect("fdatasync");
+                        g = m.lock().expect("lock");
+                        g.synced = target;
+                        g.syncing = false;
+                        cv.notify_all();
+                    }
+                }
+            });
+        }
+    });
+    (threads * per_thread) as f64 / start.elapsed().as_secs_f64()
 }
 
 /// Best of two interleaved rounds of each side: a shared, noisy machine slows
@@ -288,34 +331,22 @@ fn main() {
         }
         row(&label, ours, "raw sled, same writes", raw, "≥ 0.80×");
     }
-    // Group commit against committing every record (Strict), and the disk's own pace.
-    let per = scaled(3_000);
-    let group_rows: [(usize, usize, Durability, &str); 3] = [
-        (1, per, Durability::Strict, "≥ 0.90×"),
-        (16, scaled(1_500), Durability::Strict, "≥ 3.00×"),
-        (256, scaled(100), Durability::Buffered, "≥ 0.50×"),
-    ];
-    for (threads, per, baseline, target) in group_rows {
-        let label = format!("appends/s, GroupCommit, {threads} writer(s) × {per}");
-        if !wanted(&format!("{label} group")) {
+    // Each mode against the disk's own pace at the same concurrency: a plain
+    // file, the same record bytes, one leader's fdatasync for everyone queued.
+    // GroupCommit is held to it; Strict and Buffered are shown beside it.
+    for (threads, per) in [(1, scaled(3_000)), (16, scaled(1_500)), (256, scaled(100))] {
+        let group = format!("appends/s, GroupCommit, {threads} writer(s) × {per}");
+        if !wanted(&format!("{group} plain")) {
             continue;
         }
-        let (ours, base) = best_of_two(
-            || log_appends(Durability::GroupCommit, threads, per).0,
-            || log_appends(baseline, threads, per).0,
-        );
-        row(&label, ours, &format!("{baseline:?}, same writers"), base, target);
-    }
-    if wanted("plain file strict") {
-        let per = scaled(3_000);
-        let (ours, plain) = best_of_two(|| log_appends(Durability::Strict, 1, per).0, || plain_file_appends(per));
-        row(
-            &format!("appends/s, Strict, 1 writer × {per}"),
-            ours,
-            "plain file, same bytes + fdatasync each (the disk's pace)",
-            plain,
-            "(shown)",
-        );
+        let baseline = "plain file, same bytes, group fdatasync (the disk's pace)";
+        let (ours, plain) =
+            best_of_two(|| log_appends(Durability::GroupCommit, threads, per).0, || plain_group_commit(threads, per));
+        row(&group, ours, baseline, plain, "≥ 0.70×");
+        for mode in [Durability::Strict, Durability::Buffered] {
+            let ours = log_appends(mode, threads, per).0;
+            row(&format!("appends/s, {mode:?}, {threads} writer(s) × {per}"), ours, baseline, plain, "(shown)");
+        }
     }
     if !wanted("recovery") {
         return;
