@@ -80,7 +80,7 @@ async fn fenced(cluster: &Cluster, fence: &Arc<dyn Fence>, round: usize, writers
     let tasks = names.into_iter().map(|name| {
         let fence = fence.clone();
         tokio::spawn(async move {
-            let (event, to) = (Event::Created { spec: spec() }, Instance::new());
+            let (event, to) = (Event::Created { spec: spec(), token: None }, Instance::new());
             let mut latencies = Vec::with_capacity(per_writer);
             for k in 0..per_writer {
                 let t = Instant::now();
@@ -103,7 +103,7 @@ async fn raw(js: &async_nats::jetstream::Context, round: usize, writers: usize, 
         host: "host-0".into(),
         seq: 2,
         at: Timestamp(0),
-        event: Event::Created { spec: spec() },
+        event: Event::Created { spec: spec(), token: None },
         to: Instance::new(),
         spec: spec(),
     };

@@ -229,7 +229,10 @@ async fn bench() {
     println!("| measurement | last {window} rounds (median) | baseline (median of {window} rounds) | ratio | target |");
     println!("|---|---|---|---|---|");
     let (s0, s1) = (start_of(first), start_of(last));
-    println!("| spawn → first successful request | {s1:.3} s | the first rounds: {s0:.3} s | {:.2}× | ≤ 1.5× |", s1 / s0);
+    println!(
+        "| spawn → first successful request | {s1:.3} s | the first rounds: {s0:.3} s | {:.2}× | ≤ 1.5× |",
+        s1 / s0
+    );
     let (b0, b1) = (size_of(steady), size_of(last));
     println!(
         "| log directory size | {b1:.1} MB | rounds {settled}–{}, once retention's span ({} s) has passed: {b0:.1} MB | {:.2}× | ≤ 1.5× |",
@@ -238,7 +241,10 @@ async fn bench() {
         b1 / b0
     );
     let b00 = size_of(first);
-    println!("| log directory size | {b1:.1} MB | the first rounds (still filling): {b00:.1} MB | {:.2}× | (shown) |", b1 / b00);
+    println!(
+        "| log directory size | {b1:.1} MB | the first rounds (still filling): {b00:.1} MB | {:.2}× | (shown) |",
+        b1 / b00
+    );
     println!();
     println!(
         "{ops} operations acknowledged over the run; acknowledged operations lost: {} (target 0); kills after which `lifecycle verify` failed: {unverified} (target 0).",

@@ -35,7 +35,7 @@ fn drive(log: &Log, policy: &Policy, name: &InstanceName, t: &mut u64, inputs: &
     let mut inst = Instance::new();
     let mut seq = log.next_seq(name);
     let spec = InstanceSpec { url: "ws://127.0.0.1:9/start-bench".into() };
-    log.append(name, seq, Timestamp(*t), Event::Created { spec }, &inst).expect("create");
+    log.append(name, seq, Timestamp(*t), Event::Created { spec, token: None }, &inst).expect("create");
     let mut n = 1;
     for input in inputs {
         *t += 10;

@@ -129,7 +129,7 @@ impl StreamEntry {
         let (event, to) = match self {
             Self::Takeover { .. } => return None,
             Self::Record { event, to, .. } => (event.clone(), to.clone()),
-            Self::Snapshot { to, spec, .. } => (Event::Snapshot { spec: spec.clone() }, to.clone()),
+            Self::Snapshot { to, spec, .. } => (Event::Snapshot { spec: spec.clone(), token: None }, to.clone()),
         };
         Some(Record {
             instance: name.clone(),
@@ -409,7 +409,7 @@ mod tests {
             host: host.into(),
             seq: 1,
             at: Timestamp(0),
-            event: Event::Created { spec: spec() },
+            event: Event::Created { spec: spec(), token: None },
             to: Instance::new(),
             spec: spec(),
         }

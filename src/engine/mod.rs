@@ -273,6 +273,20 @@ impl Engine {
     /// Creates an instance (in `Closed`, not connected). A removed name can be
     /// created again, as a new instance.
     pub async fn create(&self, name: &str, spec: InstanceSpec) -> Result<(), EngineError> {
+        self.create_with_token(name, spec, None).await
+    }
+
+    /// [`Engine::create`], with the digest of the instance's own API token
+    /// committed in its `Created` record — one commit for both, and the
+    /// token in the chain (`lifecycle serve` creates this way). The log
+    /// keeps the digest beside the spec ([`crate::log::Log::tokens`]) until
+    /// the instance is created again or purged.
+    pub async fn create_with_token(
+        &self,
+        name: &str,
+        spec: InstanceSpec,
+        token: Option<crate::log::Digest>,
+    ) -> Result<(), EngineError> {
         self.check_open()?;
         let name = InstanceName::new(name)?;
         Endpoint::parse(&spec.url)?;
@@ -289,7 +303,7 @@ impl Engine {
         let mut retried = false;
         let appended = loop {
             let seq = self.shared.log.next_seq(&name);
-            let event = Event::Created { spec: spec.clone() };
+            let event = Event::Created { spec: spec.clone(), token };
             match self.shared.append(&name, seq, self.shared.clock.now(), event, &instance).await {
                 Err(LogError::SequenceConflict { .. }) if !retried => retried = true,
                 other => break other,

@@ -7,6 +7,7 @@
 //! | `g` | global (u64 BE) | name ‖ 0 ‖ seq: the global-order index |
 //! | `l` | name | the latest-state entry (a cache of the last record's `to`) |
 //! | `s` | name | the instance's spec (from its `Created` record) |
+//! | `t` | name | the digest of the instance's API token (from its `Created` record, when it has one) |
 //! | `p` | from-global (u64 BE) | the policy in force from that global sequence number on (JSON) |
 //! | `x` | global (u64 BE) | a loss accepted when the log was opened with `accept_loss` |
 //! | `a` | any | auxiliary data of a service (outside the chain: not verified, not compacted) |
@@ -18,6 +19,7 @@ pub(crate) const RECORD: u8 = b'r';
 pub(crate) const GLOBAL: u8 = b'g';
 pub(crate) const LATEST: u8 = b'l';
 pub(crate) const SPEC: u8 = b's';
+pub(crate) const TOKEN: u8 = b't';
 
 pub(crate) const POLICY: u8 = b'p';
 pub(crate) const LOSS: u8 = b'x';
@@ -116,8 +118,16 @@ pub(crate) fn aux(key: &[u8]) -> Vec<u8> {
 }
 
 pub(crate) fn spec(name: &InstanceName) -> Vec<u8> {
+    named(SPEC, name)
+}
+
+pub(crate) fn token(name: &InstanceName) -> Vec<u8> {
+    named(TOKEN, name)
+}
+
+fn named(prefix: u8, name: &InstanceName) -> Vec<u8> {
     let mut k = Vec::with_capacity(name.as_str().len() + 1);
-    k.push(SPEC);
+    k.push(prefix);
     k.extend_from_slice(name.as_str().as_bytes());
     k
 }

@@ -560,8 +560,10 @@ impl Log {
         }
         let global =
             w.last_global.checked_add(1).ok_or_else(|| LogError::Exhausted { what: "the global order".into() })?;
-        let spec = match &event {
-            Event::Created { spec } => Some(record::encode(spec)),
+        // A create writes its spec and its token's digest beside the record
+        // (a name created again without a token loses the old one's).
+        let origin = match &event {
+            Event::Created { spec, token } => Some((record::encode(spec), token.map(|t| t.0.to_vec()))),
             Event::Transition { .. } | Event::Snapshot { .. } => None,
         };
         let prev = tip.map_or(Digest::ZERO, |t| t.link);
@@ -581,9 +583,10 @@ impl Log {
         // In this order: a reader in this process may see the keys of a batch
         // appear one by one (`SledStore::apply_by_key`), and each key is
         // written before any key that leads a reader to it.
-        let mut writes = Vec::with_capacity(4);
-        if let Some(spec) = spec {
+        let mut writes = Vec::with_capacity(5);
+        if let Some((spec, token)) = origin {
             writes.push((keys::spec(name), Some(spec)));
+            writes.push((keys::token(name), token));
         }
         writes.extend([
             (keys::record(name, actual), Some(bytes)),
@@ -630,7 +633,7 @@ impl Log {
                 at,
                 prev: Some(Digest::ZERO),
                 replaced: Some(replaced),
-                event: Event::Snapshot { spec: spec.clone() },
+                event: Event::Snapshot { spec: spec.clone(), token: None },
                 to: to.clone(),
             };
             let latest = Latest { seq, global, at, instance: to.clone() };
@@ -640,6 +643,7 @@ impl Log {
             writes.push((keys::global(global), Some(keys::record_suffix(name, seq))));
             writes.push((keys::latest(name), Some(record::encode(&latest))));
             writes.push((keys::spec(name), Some(record::encode(&spec))));
+            writes.push((keys::token(name), None));
             self.inner.store.apply(writes)?;
             w.last_global = global;
             w.last_link = replaced;
@@ -766,6 +770,31 @@ impl Log {
             seq: None,
             problem,
         })
+    }
+
+    /// Every instance's token digest, as its `Created` record committed it
+    /// (instances created without one are not listed), in name order.
+    pub fn tokens(&self) -> Result<Vec<(InstanceName, Digest)>, LogError> {
+        let corrupt = |key: &[u8], message: String| LogError::Corrupt {
+            what: "token entry",
+            instance: Some(String::from_utf8_lossy(&key[1..]).into_owned()),
+            seq: None,
+            problem: record::Corruption::Decode { message },
+        };
+        self.inner
+            .store
+            .scan(&[keys::TOKEN])
+            .map(|pair| {
+                let (key, value) = pair?;
+                let name = std::str::from_utf8(&key[1..])
+                    .ok()
+                    .and_then(|n| InstanceName::new(n).ok())
+                    .ok_or_else(|| corrupt(&key, "not an instance name".into()))?;
+                let digest: [u8; 32] =
+                    value.as_slice().try_into().map_err(|_| corrupt(&key, format!("{} bytes, not 32", value.len())))?;
+                Ok((name, Digest(digest)))
+            })
+            .collect()
     }
 
     /// One record.

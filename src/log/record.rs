@@ -3,13 +3,16 @@
 //! consumed.
 //!
 //! On disk a value is `crc32(payload) as u32 LE ‖ payload`, where `payload`
-//! is postcard of the envelope `V1(RecordV1) | V2(RecordV2)`. Postcard writes
-//! the variant index first, so the version is the payload's first byte: an
-//! unknown one is reported as such, not as garbage. New versions add
-//! variants; old ones never change. This build writes V2 and reads both.
+//! is postcard of the envelope `V1(RecordV1) | V2(RecordV2) | V3(RecordV3)`.
+//! Postcard writes the variant index first, so the version is the payload's
+//! first byte: an unknown one is reported as such, not as garbage. New
+//! versions add variants; old ones never change. This build writes V3 and
+//! reads all three. V3 is V2 with the digest of the instance's API token in
+//! its `Created` (and `Snapshot`) event, so a create commits its token with
+//! its record, in one commit, and the token is in the chain.
 //!
-//! **The chain (V2).** A record's *digest* is BLAKE3 over its payload. Every
-//! V2 record carries `prev`, the *link* of its instance's previous record
+//! **The chain (V2 and V3).** A record's *digest* is BLAKE3 over its payload. Every
+//! chained record carries `prev`, the *link* of its instance's previous record
 //! ([`Digest::ZERO`] for an instance's first record), and a record's link is
 //! its digest — except for a snapshot, whose link is the digest of the record
 //! it replaced (kept in `replaced`), so the chain runs through compaction. A
@@ -24,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::machine::{Effect, Input, Instance, InstanceName, Timestamp};
 
 /// The newest version this build writes.
-pub const VERSION_CURRENT: u8 = 2;
+pub const VERSION_CURRENT: u8 = 3;
 
 /// BLAKE3 of a record's payload (or of anything the log commits to).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -140,6 +143,10 @@ pub enum Event {
     Created {
         /// The host's spec.
         spec: InstanceSpec,
+        /// BLAKE3 of the instance's own API token, when the host gave it one
+        /// (`lifecycle serve` does): committed with the record, in its chain.
+        #[serde(default)]
+        token: Option<Digest>,
     },
     /// A transition decided by the rules.
     Transition {
@@ -155,13 +162,25 @@ pub enum Event {
     Snapshot {
         /// The spec of the instance, carried over from its `Created` record.
         spec: InstanceSpec,
+        /// Its token's digest, carried over from its `Created` record.
+        #[serde(default)]
+        token: Option<Digest>,
     },
 }
 
 impl Event {
     /// A `Created` event for an instance connecting to `url`.
     pub fn created(url: impl Into<String>) -> Self {
-        Self::Created { spec: InstanceSpec { url: url.into() } }
+        Self::Created { spec: InstanceSpec { url: url.into() }, token: None }
+    }
+
+    /// The spec and token digest of the incarnation a `Created` or
+    /// `Snapshot` record starts (`None` for a transition).
+    pub fn origin(&self) -> Option<(&InstanceSpec, Option<Digest>)> {
+        match self {
+            Self::Created { spec, token } | Self::Snapshot { spec, token } => Some((spec, *token)),
+            Self::Transition { .. } => None,
+        }
     }
 
     /// The record of a transition the driver decided.
@@ -262,6 +281,35 @@ pub enum Corruption {
     },
 }
 
+/// The event as V1 and V2 records carry it (no token digest). Frozen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum EventV2 {
+    Created { spec: InstanceSpec },
+    Transition { from: Instance, input: Input, effects: Vec<Effect> },
+    Snapshot { spec: InstanceSpec },
+}
+
+impl From<EventV2> for Event {
+    fn from(e: EventV2) -> Self {
+        match e {
+            EventV2::Created { spec } => Self::Created { spec, token: None },
+            EventV2::Transition { from, input, effects } => Self::Transition { from, input, effects },
+            EventV2::Snapshot { spec } => Self::Snapshot { spec, token: None },
+        }
+    }
+}
+
+impl From<&Event> for EventV2 {
+    /// For writing an unchained (V1) record again: a V1 record never had a token.
+    fn from(e: &Event) -> Self {
+        match e.clone() {
+            Event::Created { spec, .. } => Self::Created { spec },
+            Event::Transition { from, input, effects } => Self::Transition { from, input, effects },
+            Event::Snapshot { spec, .. } => Self::Snapshot { spec },
+        }
+    }
+}
+
 /// Version 1 (no chain), as written before records were chained. Frozen.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct RecordV1 {
@@ -269,13 +317,26 @@ struct RecordV1 {
     seq: u64,
     global: u64,
     at: Timestamp,
-    event: Event,
+    event: EventV2,
     to: Instance,
 }
 
 /// Version 2 (chained). Frozen.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct RecordV2 {
+    instance: InstanceName,
+    seq: u64,
+    global: u64,
+    at: Timestamp,
+    prev: Digest,
+    replaced: Option<Digest>,
+    event: EventV2,
+    to: Instance,
+}
+
+/// Version 3 (chained; the token's digest in `Created` and `Snapshot`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct RecordV3 {
     instance: InstanceName,
     seq: u64,
     global: u64,
@@ -291,13 +352,17 @@ struct RecordV2 {
 enum Wire {
     V1(RecordV1),
     V2(RecordV2),
+    V3(RecordV3),
 }
 
-/// The same envelope, borrowing, for writing without copying the record.
+/// The same envelope, borrowing, for writing without copying the record
+/// (V1 only for a record read as V1; V2 is never written again).
 #[derive(Serialize)]
 enum WireRef<'a> {
     V1(V1Ref<'a>),
-    V2(V2Ref<'a>),
+    #[allow(dead_code)] // the variant holds V3's place in the order
+    V2(()),
+    V3(V3Ref<'a>),
 }
 
 #[derive(Serialize)]
@@ -306,12 +371,12 @@ struct V1Ref<'a> {
     seq: u64,
     global: u64,
     at: Timestamp,
-    event: &'a Event,
+    event: EventV2,
     to: &'a Instance,
 }
 
 #[derive(Serialize)]
-struct V2Ref<'a> {
+struct V3Ref<'a> {
     instance: &'a InstanceName,
     seq: u64,
     global: u64,
@@ -332,10 +397,20 @@ impl From<Wire> for Record {
                 at: r.at,
                 prev: None,
                 replaced: None,
-                event: r.event,
+                event: r.event.into(),
                 to: r.to,
             },
             Wire::V2(r) => Self {
+                instance: r.instance,
+                seq: r.seq,
+                global: r.global,
+                at: r.at,
+                prev: Some(r.prev),
+                replaced: r.replaced,
+                event: r.event.into(),
+                to: r.to,
+            },
+            Wire::V3(r) => Self {
                 instance: r.instance,
                 seq: r.seq,
                 global: r.global,
@@ -386,11 +461,11 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], versioned: bool
     Ok(value)
 }
 
-/// Encodes a record: V2 when it is chained, V1 (as it was read) when not.
+/// Encodes a record: V3 when it is chained, V1 (as it was read) when not.
 pub fn encode_record(r: &Record) -> Vec<u8> {
     let (instance, event, to) = (&r.instance, &r.event, &r.to);
     match r.prev {
-        Some(prev) => encode(&WireRef::V2(V2Ref {
+        Some(prev) => encode(&WireRef::V3(V3Ref {
             instance,
             seq: r.seq,
             global: r.global,
@@ -400,7 +475,9 @@ pub fn encode_record(r: &Record) -> Vec<u8> {
             event,
             to,
         })),
-        None => encode(&WireRef::V1(V1Ref { instance, seq: r.seq, global: r.global, at: r.at, event, to })),
+        None => {
+            encode(&WireRef::V1(V1Ref { instance, seq: r.seq, global: r.global, at: r.at, event: event.into(), to }))
+        }
     }
 }
 
@@ -464,14 +541,14 @@ mod tests {
         // A newer version, correctly checksummed.
         let mut payload = encode_record(&sample(Some(Digest::ZERO)))[4..].to_vec();
         payload[0] = VERSION_CURRENT;
-        assert_eq!(decode_record(&checksummed(&payload)), Err(Corruption::UnknownVersion { version: 3 }));
+        assert_eq!(decode_record(&checksummed(&payload)), Err(Corruption::UnknownVersion { version: 4 }));
     }
 
     #[test]
     fn labels_and_failures_say_what_a_record_records() {
         use crate::machine::{Reason, StepOutcome, StepReport};
         assert_eq!(Event::created("ws://x/").label(), "created");
-        assert_eq!(Event::Snapshot { spec: InstanceSpec { url: "ws://x/".into() } }.label(), "snapshot");
+        assert_eq!(Event::Snapshot { spec: InstanceSpec { url: "ws://x/".into() }, token: None }.label(), "snapshot");
         assert_eq!(sample(None).event.label(), "connect");
         let with = |input: Input| Record {
             event: Event::Transition { from: Instance::new(), input, effects: vec![] },
@@ -509,9 +586,9 @@ mod tests {
     /// The borrowed writer and the owned reader agree on the bytes, and the
     /// versions are where the envelope says: V1 records of older logs still read.
     #[test]
-    fn versions_are_the_first_payload_byte_and_v1_still_reads() {
-        let v2 = encode_record(&sample(Some(Digest::ZERO)));
-        assert_eq!(v2[4], 1, "V2 is variant 1");
+    fn versions_are_the_first_payload_byte_and_v1_and_v2_still_read() {
+        let v3 = encode_record(&sample(Some(Digest::ZERO)));
+        assert_eq!(v3[4], 2, "V3 is variant 2");
         let v1 = encode_record(&sample(None));
         assert_eq!(v1[4], 0, "V1 is variant 0");
         let legacy = RecordV1 {
@@ -519,16 +596,36 @@ mod tests {
             seq: 1,
             global: 7,
             at: Timestamp(1_700_000_000_000),
-            event: sample(None).event,
+            event: EventV2::from(&sample(None).event),
             to: Instance::new(),
         };
         #[derive(Serialize)]
         enum LegacyEnvelope {
             V1(RecordV1),
+            V2(RecordV2),
         }
         assert_eq!(encode(&LegacyEnvelope::V1(legacy)), v1, "V1 bytes are what older builds wrote");
-        let (record, digest) = decode_record_with_digest(&v2).expect("decodes");
-        assert_eq!(digest, Digest::of(&v2[4..]));
+        // A V2 record, as the builds before the token's digest wrote them, reads with no token.
+        let v2 = encode(&LegacyEnvelope::V2(RecordV2 {
+            instance: InstanceName::new("acme").expect("valid"),
+            seq: 1,
+            global: 7,
+            at: Timestamp(1_700_000_000_000),
+            prev: Digest::ZERO,
+            replaced: None,
+            event: EventV2::Created { spec: InstanceSpec { url: "ws://x/".into() } },
+            to: Instance::new(),
+        }));
+        assert_eq!(v2[4], 1, "V2 is variant 1");
+        let read = decode_record(&v2).expect("V2 decodes");
+        assert_eq!(read.event, Event::created("ws://x/"));
+        // A V3 create carries its token's digest through the bytes.
+        let token = Some(Digest::of(b"token"));
+        let created = Record { event: Event::Created { spec: InstanceSpec { url: "ws://x/".into() }, token }, ..read };
+        assert_eq!(decode_record(&encode_record(&created)), Ok(created.clone()));
+        assert_eq!(created.event.origin().map(|(_, t)| t), Some(token));
+        let (record, digest) = decode_record_with_digest(&v3).expect("decodes");
+        assert_eq!(digest, Digest::of(&v3[4..]));
         assert_eq!(record.link(digest), digest);
         let snapshot = Record { replaced: Some(Digest::of(b"old")), ..record };
         assert_eq!(snapshot.link(digest), Digest::of(b"old"), "a snapshot links as the record it replaced");

@@ -64,6 +64,7 @@ impl Log {
                 let mut writes: Vec<_> = history.iter().flat_map(|r| deletes(r)).collect();
                 writes.push((keys::latest(&name), None));
                 writes.push((keys::spec(&name), None));
+                writes.push((keys::token(&name), None));
                 if last.global == w.last_global {
                     // The newest record of the log goes: the tip (which the head is checked against) stays.
                     writes.push((keys::META_TIP.to_vec(), Some(integrity::tip_value(w.last_global, w.last_link))));
@@ -84,8 +85,7 @@ impl Log {
             let by_removal = history
                 .iter()
                 .rposition(|r| {
-                    matches!(r.to.state, State::Removed { .. })
-                        && now.saturating_since(r.at) >= retention.removed_after
+                    matches!(r.to.state, State::Removed { .. }) && now.saturating_since(r.at) >= retention.removed_after
                 })
                 .map_or(0, |i| i + 1);
             // The snapshot replaces the record at `cut` too: it must be below the hold.
@@ -96,15 +96,12 @@ impl Log {
             }
             let (base, base_digest) = &chained[cut];
             // The spec comes from the start of this incarnation: its Created record or a snapshot.
-            let spec = history[..=cut].iter().rev().find_map(|r| match &r.event {
-                Event::Created { spec } | Event::Snapshot { spec } => Some(spec.clone()),
-                Event::Transition { .. } => None,
-            });
-            let Some(spec) = spec else { continue };
+            let origin = history[..=cut].iter().rev().find_map(|r| r.event.origin());
+            let Some((spec, token)) = origin.map(|(s, t)| (s.clone(), t)) else { continue };
             // The snapshot links as the record it replaces, so the records after it still chain
             // (its own `prev` points into the history it replaces and is not checked).
             let snapshot = Record {
-                event: Event::Snapshot { spec },
+                event: Event::Snapshot { spec, token },
                 prev: Some(base.prev.unwrap_or(Digest::ZERO)),
                 replaced: Some(base.link(*base_digest)),
                 ..(*base).clone()

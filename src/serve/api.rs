@@ -179,8 +179,8 @@ pub(crate) async fn create(
         None => new_token()?,
     };
     let started = Instant::now();
-    app.instances.create(name.as_str(), InstanceSpec { url }).await?;
-    app.auth.set_token(&name, &token).await?;
+    app.instances.create(name.as_str(), InstanceSpec { url }, &token).await?;
+    app.auth.created(&name, &token).await?;
     let state = if body.connect {
         app.instances.command(name.as_str(), Command::Connect).await?
     } else {

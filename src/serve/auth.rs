@@ -4,8 +4,11 @@
 //! compared as BLAKE3 digests, in constant time. Without a global key (the
 //! default, on 127.0.0.1 only) the API is open.
 //!
-//! Where the token digests live: in the log's auxiliary space on one host;
-//! in a cluster, in a KV bucket of the cluster's NATS (`<namespace>-tokens`),
+//! Where the token digests live: on one host, in the log — committed in the
+//! instance's `Created` record with it (one commit), kept beside its spec,
+//! and gone when the instance is purged (logs written before kept them in
+//! the auxiliary space: still read, and dropped once their instance is
+//! gone); in a cluster, in a KV bucket of the cluster's NATS (`<namespace>-tokens`),
 //! so that a token works on every host, after any restart or failover. Each
 //! host mirrors the bucket (a watch) and asks it directly for a digest it
 //! does not know yet (a token made on another host a moment ago).
@@ -21,7 +24,8 @@ use super::error::ApiError;
 use crate::log::Log;
 use crate::machine::InstanceName;
 
-/// Where instance tokens live in the log's auxiliary space.
+/// Where instance tokens lived in the log's auxiliary space before they
+/// were committed with the `Created` record (read, never written).
 const TOKENS: &[u8] = b"serve/token/";
 
 /// Who a request is.
@@ -35,7 +39,8 @@ pub(crate) enum Caller {
 
 /// Where the digests are kept.
 enum Store {
-    Log(Log),
+    /// In the log, with each instance's `Created` record.
+    Log,
     /// Keys `n.<instance token>` (the instance's digest, hex) and
     /// `d.<digest hex>` (the instance it opens): a digest opens an instance
     /// only while the instance's own key names it, so a replaced token never opens it again.
@@ -54,20 +59,29 @@ fn hex(hash: &blake3::Hash) -> String {
 }
 
 impl Auth {
-    /// Loads the instance tokens kept in the log.
-    pub(crate) fn load(global: Option<&str>, log: Log) -> Result<Self, crate::log::LogError> {
-        let mut tokens = HashMap::new();
+    /// Loads the instance tokens kept in the log: the digests committed with
+    /// `Created` records, and those an older version kept in the auxiliary
+    /// space for instances the log still holds and whose record has none
+    /// (the others — purged since, or superseded — are deleted).
+    pub(crate) fn load(global: Option<&str>, log: &Log) -> Result<Self, crate::log::LogError> {
+        let mut tokens: HashMap<InstanceName, blake3::Hash> =
+            log.tokens()?.into_iter().map(|(name, digest)| (name, blake3::Hash::from_bytes(digest.0))).collect();
+        let mut stale = Vec::new();
         for (key, value) in log.aux_scan(TOKENS)? {
             let name = std::str::from_utf8(&key[TOKENS.len()..]).ok().and_then(|n| InstanceName::new(n).ok());
-            if let (Some(name), Ok(digest)) = (name, <[u8; 32]>::try_from(value.as_slice())) {
-                tokens.insert(name, blake3::Hash::from_bytes(digest));
+            match (name, <[u8; 32]>::try_from(value.as_slice())) {
+                // Superseded by a record's token, or its instance gone: dropped.
+                (Some(name), Ok(digest)) if !tokens.contains_key(&name) && log.spec(&name)?.is_some() => {
+                    tokens.insert(name, blake3::Hash::from_bytes(digest));
+                }
+                _ => stale.push((key, None)),
             }
         }
-        Ok(Self {
-            global: global.map(|k| blake3::hash(k.as_bytes())),
-            tokens: Mutex::new(tokens),
-            store: Store::Log(log),
-        })
+        if !stale.is_empty() {
+            tracing::info!(count = stale.len(), "dropping the tokens of instances no longer in the log");
+            log.aux_apply(stale)?;
+        }
+        Ok(Self { global: global.map(|k| blake3::hash(k.as_bytes())), tokens: Mutex::new(tokens), store: Store::Log })
     }
 
     /// The tokens of a cluster, in its `<namespace>-tokens` bucket (created if
@@ -175,26 +189,16 @@ impl Auth {
         }
     }
 
-    /// Sets `name`'s token (its digest is kept, never the token).
-    ///
-    /// Durable before it returns, as the creation it follows is (unless the
-    /// log is `Buffered`; in a cluster, as the bucket's writes are): a client
-    /// holding a token the service forgot after a crash would be locked out
-    /// of its own instance.
-    pub(crate) async fn set_token(&self, name: &InstanceName, token: &str) -> Result<(), ApiError> {
+    /// Takes in the token `name` was just created with (its digest is kept,
+    /// never the token). On one host the digest was committed with the
+    /// `Created` record ([`super::instances::Instances::create`]); in a
+    /// cluster it is written to the bucket here, durable before this returns
+    /// (a client holding a token the service forgot would be locked out of
+    /// its own instance).
+    pub(crate) async fn created(&self, name: &InstanceName, token: &str) -> Result<(), ApiError> {
         let digest = blake3::hash(token.as_bytes());
         match &self.store {
-            Store::Log(log) => {
-                let mut key = TOKENS.to_vec();
-                key.extend_from_slice(name.as_str().as_bytes());
-                log.aux_apply(vec![(key, Some(digest.as_bytes().to_vec()))])?;
-                if log.config().durability != crate::log::Durability::Buffered {
-                    let log = log.clone();
-                    tokio::task::spawn_blocking(move || log.sync_aux())
-                        .await
-                        .map_err(|e| ApiError::internal(format!("syncing the token: {e}")))??;
-                }
-            }
+            Store::Log => {}
             Store::Kv(bucket) => {
                 let failed = |e: &dyn std::fmt::Display| {
                     ApiError::new(
@@ -251,4 +255,43 @@ pub(crate) fn new_token() -> Result<String, ApiError> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|e| ApiError::internal(format!("no randomness for a token: {e}")))?;
     Ok(bytes.iter().map(|b| format!("{b:02X}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{Digest, Event, InstanceSpec};
+    use crate::machine::{Instance, Timestamp};
+
+    fn name(n: &str) -> InstanceName {
+        InstanceName::new(n).expect("valid name")
+    }
+
+    /// Tokens come from the `Created` records; those an older version kept in
+    /// the auxiliary space still open instances the log holds, and are
+    /// dropped for instances it no longer holds (purged since).
+    #[test]
+    fn tokens_load_from_created_records_and_legacy_ones_of_gone_instances_are_dropped() {
+        let log = Log::in_memory().expect("log");
+        let spec = InstanceSpec { url: "ws://127.0.0.1:9/".into() };
+        let token = Some(Digest::of(b"new-token"));
+        log.append(&name("new"), 1, Timestamp(0), Event::Created { spec: spec.clone(), token }, &Instance::new())
+            .expect("create");
+        log.append(&name("old"), 1, Timestamp(0), Event::Created { spec, token: None }, &Instance::new())
+            .expect("create");
+        let legacy = |n: &str, t: &str| {
+            let mut key = TOKENS.to_vec();
+            key.extend_from_slice(n.as_bytes());
+            (key, Some(blake3::hash(t.as_bytes()).as_bytes().to_vec()))
+        };
+        log.aux_apply(vec![legacy("old", "old-token"), legacy("gone", "gone-token"), legacy("new", "stale")])
+            .expect("legacy tokens");
+        let auth = Auth::load(Some("global"), &log).expect("load");
+        assert_eq!(auth.known(&blake3::hash(b"new-token")), Some(name("new")));
+        assert_eq!(auth.known(&blake3::hash(b"old-token")), Some(name("old")), "a legacy token still opens");
+        assert_eq!(auth.known(&blake3::hash(b"stale")), None, "the record's token wins over a legacy one");
+        assert_eq!(auth.known(&blake3::hash(b"gone-token")), None);
+        let left: Vec<_> = log.aux_scan(TOKENS).expect("scan").into_iter().map(|(k, _)| k).collect();
+        assert_eq!(left, vec![b"serve/token/old".to_vec()], "the gone and the superseded ones are deleted");
+    }
 }

@@ -148,7 +148,10 @@ impl EventBody {
     /// The JSON view of a record; `policy` gives close statuses their meaning.
     pub fn of(r: &Record, policy: &Policy) -> Self {
         let detail = match &r.event {
-            Event::Created { spec } | Event::Snapshot { spec } => serde_json::json!({ "spec": spec, "to": r.to }),
+            // The token's digest stays in the log: a weak token could be guessed from it.
+            Event::Created { spec, .. } | Event::Snapshot { spec, .. } => {
+                serde_json::json!({ "spec": spec, "to": r.to })
+            }
             Event::Transition { from, input, effects } => {
                 serde_json::json!({ "input": input, "effects": effects, "from": from, "to": r.to })
             }

@@ -225,9 +225,9 @@ pub(crate) async fn create(
         None => new_token()?,
     };
     let started = std::time::Instant::now();
-    app.instances.create(&name, InstanceSpec { url }).await?;
+    app.instances.create(&name, InstanceSpec { url }, &token).await?;
     let instance = InstanceName::new(name.as_str()).map_err(|e| ApiError::body(e.to_string()))?;
-    app.auth.set_token(&instance, &token).await?;
+    app.auth.created(&instance, &token).await?;
     let state = if body.qrcode {
         app.instances.command(&name, Command::Connect).await?
     } else {

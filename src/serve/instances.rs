@@ -38,9 +38,14 @@ impl Instances {
     }
 
     /// Creates an instance (in a cluster: claimed here, or created by its owner).
-    pub(crate) async fn create(&self, name: &str, spec: InstanceSpec) -> Result<(), ApiError> {
+    /// Creates an instance with its own API token: on one host the token's
+    /// digest is committed in the `Created` record (one commit for both); in
+    /// a cluster it goes to the token bucket afterwards ([`super::auth::Auth::created`]).
+    pub(crate) async fn create(&self, name: &str, spec: InstanceSpec, token: &str) -> Result<(), ApiError> {
         match self {
-            Self::Local(engine) => Ok(engine.create(name, spec).await?),
+            Self::Local(engine) => {
+                Ok(engine.create_with_token(name, spec, Some(crate::log::Digest::of(token.as_bytes()))).await?)
+            }
             Self::Cluster(cluster) => Ok(cluster.create(name, spec).await?),
         }
     }

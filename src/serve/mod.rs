@@ -419,7 +419,7 @@ impl Service {
                     .map_err(|e| ServeError::Server(std::io::Error::other(e.to_string())))??;
                 let pairing = Arc::new(evolution::PairingCodes::default());
                 let outbox = webhook::Outbox::load(&config.webhooks, &log, &metrics, limits, &pairing)?;
-                let auth = Arc::new(auth::Auth::load(config.api_key.as_deref(), log.clone())?);
+                let auth = Arc::new(auth::Auth::load(config.api_key.as_deref(), &log)?);
                 (Engine::with_log(log, engine_config).await?, None, (pairing, outbox, auth))
             }
         };

@@ -4,7 +4,8 @@
 use std::path::Path;
 
 use instance_lifecycle::log::{
-    Durability, Event, Finding, Log, LogConfig, LogError, RecoveryMode, RecoveryOptions, Retention,
+    Digest, Durability, Event, Finding, InstanceSpec, Log, LogConfig, LogError, RecoveryMode, RecoveryOptions,
+    Retention,
 };
 use instance_lifecycle::machine::{
     self, CloseInitiator, Generation, Input, Instance, InstanceName, Policy, Preset, State, Timestamp,
@@ -486,7 +487,8 @@ fn compaction_drops_removed_incarnations_of_a_name_created_again() {
             d.feed(Input::CleanupFinished { steps: vec![] });
             for s in &d.steps {
                 seq += 1;
-                let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
+                let event =
+                    Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
                 log.append(&n, seq, Timestamp(created.0 + 1_000), event, &s.to).expect("delete");
             }
         }
@@ -512,6 +514,65 @@ fn compaction_drops_removed_incarnations_of_a_name_created_again() {
     assert_eq!(recovery.instances[&n].instance, Instance::new());
     // The name goes on from where it was.
     assert_eq!(log.next_seq(&n), seq + 1);
+}
+
+/// A token's digest committed with a `Created` record is listed beside the
+/// spec, survives its instance's snapshot, is replaced (or cleared) when the
+/// name is created again, and goes when the instance is purged.
+#[test]
+fn a_created_records_token_lives_and_goes_with_its_instance() {
+    let log = Log::in_memory().expect("log");
+    let policy = Policy::preset(Preset::Whatsapp);
+    let spec = || InstanceSpec { url: "ws://127.0.0.1:9/".into() };
+    let (a, b) = (name("a"), name("b"));
+    let (ta, tb) = (Digest::of(b"token-a"), Digest::of(b"token-b"));
+    log.append(&a, 1, Timestamp(0), Event::Created { spec: spec(), token: Some(ta) }, &Instance::new()).expect("a");
+    log.append(&b, 1, Timestamp(0), Event::Created { spec: spec(), token: Some(tb) }, &Instance::new()).expect("b");
+    assert_eq!(log.tokens().expect("tokens"), vec![(a.clone(), ta), (b.clone(), tb)]);
+    // b is deleted and purged; a gets a long history and is snapshotted.
+    let mut d = Driver::new(b.clone(), policy.clone());
+    d.feed(Input::Delete);
+    d.feed(Input::CleanupFinished { steps: vec![] });
+    for (i, s) in d.steps.iter().enumerate() {
+        let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
+        log.append(&b, 2 + i as u64, Timestamp(1), event, &s.to).expect("delete b");
+    }
+    let mut d = Driver::new(a.clone(), policy.clone());
+    for _ in 0..3 {
+        d.feed(Input::Connect);
+        let g = d.instance().generation;
+        d.feed(Input::TransportOpened { generation: g, identity: machine::Identity::new("peer").ok() });
+        d.feed(Input::Logout);
+        d.feed(Input::LogoutConfirmed { generation: g });
+        d.feed(Input::CloseFinished { generation: g });
+    }
+    assert!(d.steps.len() > 3);
+    for (i, s) in d.steps.iter().enumerate() {
+        let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
+        log.append(&a, 2 + i as u64, Timestamp(1), event, &s.to).expect("a's history");
+    }
+    let retention = Retention { keep_records: 2, removed_after: std::time::Duration::from_secs(1) };
+    let report = log.compact(Timestamp(10_000), &retention).expect("compact");
+    assert_eq!((report.snapshotted, report.purged.clone()), (1, vec![b.clone()]));
+    assert_eq!(log.tokens().expect("tokens"), vec![(a.clone(), ta)], "b's token went with b");
+    let first = log.history(&a).expect("history").remove(0);
+    assert_eq!(first.event.origin().map(|(_, t)| t), Some(Some(ta)), "the snapshot carries the token");
+    assert!(log.verify(&policy).is_clean(), "{:#?}", log.verify(&policy).findings);
+    // b created again without a token has none; with one, the new one.
+    log.append(&b, 1, Timestamp(20_000), Event::created("ws://127.0.0.1:9/"), &Instance::new()).expect("b again");
+    assert_eq!(log.tokens().expect("tokens"), vec![(a.clone(), ta)]);
+    let mut d = Driver::new(b.clone(), policy.clone());
+    d.feed(Input::Delete);
+    d.feed(Input::CleanupFinished { steps: vec![] });
+    for (i, s) in d.steps.iter().enumerate() {
+        let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
+        log.append(&b, 2 + i as u64, Timestamp(20_001), event, &s.to).expect("delete b");
+    }
+    let again = Digest::of(b"token-b2");
+    let seq = log.next_seq(&b);
+    log.append(&b, seq, Timestamp(20_002), Event::Created { spec: spec(), token: Some(again) }, &Instance::new())
+        .expect("b a third time");
+    assert_eq!(log.tokens().expect("tokens"), vec![(a, ta), (b, again)]);
 }
 
 #[test]
@@ -684,7 +745,7 @@ fn each_defect_is_found_as_what_it_is() {
             "a snapshot mid-history",
             |t| {
                 rewrite(t, "i1", 3, |r| {
-                    r.event = Event::Snapshot { spec: instance_lifecycle::log::InstanceSpec { url: "ws://x/".into() } };
+                    r.event = Event::Snapshot { spec: InstanceSpec { url: "ws://x/".into() }, token: None };
                     r.replaced = Some(instance_lifecycle::log::Digest::ZERO);
                 })
             },
@@ -694,7 +755,7 @@ fn each_defect_is_found_as_what_it_is() {
             "a snapshot without the digest it replaced",
             |t| {
                 rewrite(t, "i1", 1, |r| {
-                    r.event = Event::Snapshot { spec: instance_lifecycle::log::InstanceSpec { url: "ws://x/".into() } };
+                    r.event = Event::Snapshot { spec: InstanceSpec { url: "ws://x/".into() }, token: None };
                 })
             },
             |f| matches!(f, Finding::Misplaced { instance, seq: 1, event } if instance.as_str() == "i1" && event.contains("without")),

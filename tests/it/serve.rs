@@ -844,7 +844,8 @@ async fn the_node_host_example_runs() {
 }
 
 /// An instance's token is durable when create answers: a SIGKILL right
-/// after it does not lock the client out of its own instance.
+/// after it does not lock the client out of its own instance. Its digest is
+/// in the `Created` record itself (one commit, in the chain).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_token_survives_a_sigkill() {
     let peer = TestPeer::start().await.expect("peer");
@@ -875,6 +876,14 @@ async fn an_instance_token_survives_a_sigkill() {
     assert_eq!(status.as_u16(), 200, "the token still opens its instance after a SIGKILL");
     let _ = child.kill();
     let _ = child.wait();
+    let (log, _) = instance_lifecycle::log::Log::open_copy(&data).expect("copy");
+    let history = log.history(&instance_lifecycle::machine::InstanceName::new("mine").expect("name")).expect("history");
+    let digest = instance_lifecycle::log::Digest::of(token.as_bytes());
+    assert!(
+        matches!(&history[0].event, instance_lifecycle::log::Event::Created { token: Some(d), .. } if *d == digest),
+        "{:?}",
+        history[0].event
+    );
 }
 
 /// A page of another origin cannot command the service through the
