@@ -274,7 +274,7 @@ fn main() {
                 ("state", &http.state, &direct.state),
                 ("delete", &http.delete, &direct.delete),
             ] {
-                let target = if what == "connect" || what == "delete" { "≥ 0.50× at p50" } else { "" };
+                let target = if what == "state" { "" } else { "≥ 0.50× at p50" };
                 println!(
                     "| {what}, {n} instances, {in_flight} in flight: calls/s; p50; p99 | {:.0}/s; {}; {} | {:.0}/s; {}; {} | {:.2}× calls/s, {:.2}× at p50 | {target} |",
                     h.per_second,
