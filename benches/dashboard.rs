@@ -51,7 +51,8 @@ fn fleet_log(dir: &std::path::Path, n: usize) {
     let now = Timestamp(wall_ms() as u64);
     for i in 0..n {
         let name = InstanceName::new(format!("inst-{i:05}")).expect("name");
-        log.append(&name, 1, now, Event::Created { spec: spec.clone(), token: None }, &Instance::new()).expect("append");
+        log.append(&name, 1, now, Event::Created { spec: spec.clone(), token: None }, &Instance::new())
+            .expect("append");
     }
     log.sync().expect("sync");
 }

@@ -83,7 +83,8 @@ async fn idle_instances(n: usize) -> (f64, f64) {
     let before = heap();
     for i in 0..n {
         let nm = InstanceName::new(name("idle", i)).expect("name");
-        log.append(&nm, 1, Timestamp(0), Event::Created { spec: spec.clone(), token: None }, &Instance::new()).expect("append");
+        log.append(&nm, 1, Timestamp(0), Event::Created { spec: spec.clone(), token: None }, &Instance::new())
+            .expect("append");
     }
     let log_only = (heap() - before) as f64 / n as f64;
     drop(log);
@@ -208,9 +209,15 @@ async fn log_throughput(instances: usize, per: usize) -> f64 {
             let nm = InstanceName::new(name("tp", i)).expect("name");
             let spec = InstanceSpec { url: "ws://sim/".into() };
             for seq in 1..=per as u64 {
-                log.append_async(&nm, seq, Timestamp(seq), Event::Created { spec: spec.clone(), token: None }, &Instance::new())
-                    .await
-                    .expect("append");
+                log.append_async(
+                    &nm,
+                    seq,
+                    Timestamp(seq),
+                    Event::Created { spec: spec.clone(), token: None },
+                    &Instance::new(),
+                )
+                .await
+                .expect("append");
             }
         }));
     }

@@ -223,7 +223,8 @@ async fn idle_heap(peer: &str, n: usize) -> (f64, f64) {
     let before = heap();
     for i in 0..n {
         let nm = InstanceName::new(format!("idle-{i:06}")).expect("name");
-        log.append(&nm, 1, Timestamp(0), Event::Created { spec: spec.clone(), token: None }, &Instance::new()).expect("append");
+        log.append(&nm, 1, Timestamp(0), Event::Created { spec: spec.clone(), token: None }, &Instance::new())
+            .expect("append");
     }
     let log_only = (heap() - before) as f64 / n as f64;
     drop(log);

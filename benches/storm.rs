@@ -14,6 +14,12 @@
 //! a plain thread samples the log every 100 ms. (Reading them from the
 //! notification stream in this task timed the bench's own lag: with 10,000
 //! busy tasks on two workers, a task that drains a queue runs in slices.)
+//! Beside it, in every round, the same storm with bare tokio-tungstenite
+//! clients (no engine, no log) on a fresh peer process: the same number of
+//! sessions, the same `drop-all`, the same jittered delays (the policy's own
+//! `backoff_delay`), reconnecting on their own — the floor of any gateway
+//! holding these sessions on this machine. The CPU time of the process from
+//! the drop until all are back is shown for both.
 //! `STORM_DEBUG=1` also prints what three instances went through after the
 //! drop, with the engine's own timestamps (ms, last five digits).
 //!
@@ -89,6 +95,100 @@ struct Round {
     records: u64,
     instances: u64,
     findings: Vec<String>,
+    /// CPU time of this process (engine, log, transport) from the drop until all were back.
+    cpu: Duration,
+    /// The same storm as bare clients, run right after on a fresh peer.
+    bare: Bare,
+}
+
+/// The same storm as bare tokio-tungstenite clients: no engine, no log.
+struct Bare {
+    t100: Duration,
+    cpu: Duration,
+    back: usize,
+}
+
+/// CPU time (user + system) of this process so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage writes into the struct it is given and nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1_000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// One bare client: connect, say hello, wait for `ready` (Open), read until
+/// the connection ends, then reconnect after the delay the engine's policy
+/// would wait (the same jittered backoff, by name and attempt) — what any
+/// gateway holding these sessions must do at the least.
+async fn bare_client(i: usize, url: String, policy: Policy, opened: tokio::sync::mpsc::UnboundedSender<Instant>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let name = InstanceName::new(name(i)).expect("name");
+    let mut attempt = 0;
+    loop {
+        if attempt > 0 {
+            tokio::time::sleep(policy.backoff_delay(&name, attempt)).await;
+        }
+        attempt += 1;
+        let connect = tokio::time::timeout(Duration::from_secs(20), tokio_tungstenite::connect_async(url.as_str()));
+        let Ok(Ok((mut ws, _))) = connect.await else { continue };
+        let hello = serde_json::json!({"type": "hello", "instance": name.as_str(), "resume": null}).to_string();
+        if ws.send(Message::text(hello)).await.is_err() {
+            continue;
+        }
+        let mut open = false;
+        while let Some(Ok(message)) = ws.next().await {
+            if let Message::Text(text) = message
+                && !open
+                && serde_json::from_str::<serde_json::Value>(text.as_str()).is_ok_and(|v| v["type"] == "ready")
+            {
+                open = true;
+                attempt = 1;
+                if opened.send(Instant::now()).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The storm with bare clients on a fresh peer process: the fleet comes up,
+/// the peer drops every connection, and the clients come back.
+async fn bare_storm(n: usize, policy: &Policy) -> Bare {
+    let mut peer = PeerProcess::start();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let clients: Vec<_> =
+        (0..n).map(|i| tokio::spawn(bare_client(i, peer.url.clone(), policy.clone(), tx.clone()))).collect();
+    drop(tx);
+    let mut up = 0;
+    while up < n {
+        match tokio::time::timeout(Duration::from_secs(120), rx.recv()).await {
+            Ok(Some(_)) => up += 1,
+            _ => panic!("the bare fleet did not come up: {up} of {n}"),
+        }
+    }
+    let cpu = process_cpu();
+    let dropped_at = Instant::now();
+    let reply = peer.ask("drop-all");
+    assert!(reply.starts_with("dropped"), "{reply}");
+    let (mut back, mut last) = (0, Duration::ZERO);
+    while back < n {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(at)) => {
+                back += 1;
+                last = last.max(at.saturating_duration_since(dropped_at));
+            }
+            _ => break,
+        }
+    }
+    let cpu = process_cpu().saturating_sub(cpu);
+    for c in clients {
+        c.abort();
+    }
+    Bare { t100: if back == n { last } else { Duration::from_secs(60) }, cpu, back }
 }
 
 async fn storm(n: usize) -> Round {
@@ -198,6 +298,7 @@ async fn storm(n: usize) -> Round {
             samples
         })
     };
+    let cpu_before = process_cpu();
     let dropped_at = Instant::now();
     let dropped_wall = std::time::SystemTime::now();
     let reply = peer.ask("drop-all");
@@ -211,6 +312,7 @@ async fn storm(n: usize) -> Round {
         }
     }
     let all_back = back.values().copied().max().unwrap_or(give_up);
+    let cpu = process_cpu().saturating_sub(cpu_before);
     sampling.store(false, Ordering::Relaxed);
     let samples = sampler.join().expect("sampler");
     let rss = peak_rss_mib();
@@ -294,7 +396,11 @@ async fn storm(n: usize) -> Round {
     let report = reopened.verify_recorded(&policy);
     assert!(!times.is_empty(), "nobody came back");
     let t100 = if times.len() == n { all_back.min(*times.last().expect("some")) } else { give_up };
+    drop(peer);
+    let bare = bare_storm(n, &policy).await;
     Round {
+        cpu,
+        bare,
         t100,
         bound: policy.backoff.base * policy.backoff.factor + connect_p99 + Duration::from_secs(2),
         first_backoff_max: policy.backoff.base * policy.backoff.factor,
@@ -349,6 +455,27 @@ fn print_rows(n: usize, rounds: &[Round]) {
         ),
         format!("{:.2}× (rounds: {})", m.t100.as_secs_f64() / m.bound.as_secs_f64(), all.join(", ")),
         "≤ 1.00×",
+    );
+    let bare_all: Vec<String> =
+        order.iter().map(|r| format!("{:.2}×", r.t100.as_secs_f64() / r.bare.t100.as_secs_f64().max(1e-3))).collect();
+    row(
+        "time until the fleet is back (100 % Open) against bare clients",
+        format!("{} s", secs(m.t100)),
+        format!(
+            "the same {n} sessions as bare tokio-tungstenite clients (no engine, no log), same peer, same drop, same jittered delays: {} s ({} back)",
+            secs(m.bare.t100),
+            m.bare.back
+        ),
+        format!("{:.2}× (rounds: {})", m.t100.as_secs_f64() / m.bare.t100.as_secs_f64().max(1e-3), bare_all.join(", ")),
+        "≤ 1.50×",
+    );
+    let per = |cpu: Duration| cpu.as_secs_f64() * 1e6 / n as f64;
+    row(
+        "CPU time per instance back (this process: engine, log and transport; user + system)",
+        format!("{:.0} µs", per(m.cpu)),
+        format!("bare clients: {:.0} µs", per(m.bare.cpu)),
+        format!("{:.2}×", per(m.cpu) / per(m.bare.cpu).max(1e-9)),
+        "(shown)",
     );
     let peak = rounds.iter().map(|r| r.peak as f64 / r.spread_rate).fold(0.0, f64::max);
     row(

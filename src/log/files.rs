@@ -137,6 +137,9 @@ pub(crate) fn check_existing(path: &Path) -> Result<(), LogError> {
         Ok(_) => {}
     }
     std::fs::read_dir(path).map_err(io("read", path))?;
+    if super::rewrite::interrupted(path) {
+        return Ok(()); // a rewrite cut short after sled's old files went: opening finishes it
+    }
     for file in ["db", "conf"] {
         let p = path.join(file);
         match std::fs::metadata(&p) {

@@ -11,7 +11,7 @@
 //! | `p` | from-global (u64 BE) | the policy in force from that global sequence number on (JSON) |
 //! | `x` | global (u64 BE) | a loss accepted when the log was opened with `accept_loss` |
 //! | `a` | any | auxiliary data of a service (outside the chain: not verified, not compacted) |
-//! | `m` | field | metadata: format marker, log id, tip (when compaction removed the newest record), the last journal frame applied, when compaction last ran |
+//! | `m` | field | metadata: format marker, log id, tip (when compaction removed the newest record), the last journal frame applied, when compaction last ran and what the log held then |
 
 use crate::machine::InstanceName;
 
@@ -44,6 +44,8 @@ pub(crate) const META_BATCH: &[u8] = b"mbatch";
 /// When the log was last compacted (ms since the Unix epoch, big-endian
 /// u64): the compaction schedule survives restarts.
 pub(crate) const META_COMPACTED: &[u8] = b"mcompacted";
+/// The bytes of keys and values the log held at its last compaction or rewrite (u64 BE).
+pub(crate) const META_LIVE: &[u8] = b"mlive";
 /// The format marker this build writes.
 pub(crate) const FORMAT: &str = "instance-lifecycle log v2";
 /// The marker of logs written before records were chained (read, and upgraded by a writer).

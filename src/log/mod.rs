@@ -52,6 +52,7 @@ mod keys;
 pub mod record;
 mod recovery;
 mod retention;
+mod rewrite;
 pub mod store;
 mod verify;
 
@@ -132,6 +133,11 @@ pub struct LogConfig {
     /// moved under the log's `kept/`, not deleted ([`Log::kept`]). Off by
     /// default: a writer refuses such a log and says what was lost.
     pub accept_loss: bool,
+    /// sled's files are rewritten when a writer opens the log and finds them
+    /// larger than this and more than 8× the bytes the last compaction
+    /// counted (sled reuses deleted keys' space but rarely gives it back:
+    /// see `rewrite.rs`). 64 MiB: smaller logs are never worth a copy.
+    pub rewrite_above: u64,
 }
 
 impl Default for LogConfig {
@@ -144,6 +150,7 @@ impl Default for LogConfig {
             cache_capacity: 64 * 1024 * 1024,
             journal_file_max: 64 * 1024 * 1024,
             accept_loss: false,
+            rewrite_above: 64 * 1024 * 1024,
         }
     }
 }
@@ -245,7 +252,9 @@ impl Log {
     pub fn open_copy(path: impl AsRef<Path>) -> Result<(Self, bool), LogError> {
         let path = path.as_ref();
         files::check_existing(path)?;
-        let in_use = files::is_locked(&path.join("db"))?;
+        // A rewrite cut short after sled's old files went has no `db` yet: no one holds it.
+        let db = path.join("db");
+        let in_use = db.exists() && files::is_locked(&db)?;
         let copy = Scratch::copy_of(path)?;
         let at = copy.path().to_path_buf();
         let config = LogConfig { durability: Durability::Buffered, ..LogConfig::default() };
@@ -280,6 +289,39 @@ impl Log {
     }
 
     fn open_sled(path: &Path, config: LogConfig, access: Access, scratch: Option<Scratch>) -> Result<Self, LogError> {
+        // A rewrite of sled's files a crash cut short is finished (or undone) first.
+        rewrite::finish(path)?;
+        let log = Self::open_sled_once(path, config.clone(), access, scratch)?;
+        if access != Access::Write || log.inner._scratch.is_some() {
+            return Ok(log);
+        }
+        let (size, live) = (log.size_on_disk()?, log.live_bytes()?);
+        if !rewrite::due(size, live, config.rewrite_above) {
+            return Ok(log);
+        }
+        // Everything is in sled's files now (the open checkpointed what the
+        // journal held): close, copy, swap, open again.
+        drop(log);
+        let open = |dir: &Path| open_db(&sled::Config::new().path(dir).flush_every_ms(None), dir);
+        let done = rewrite::rewrite(path, size, &open)?;
+        let log = Self::open_sled_once(path, config, access, None)?;
+        tracing::info!(
+            path = %path.display(),
+            before_bytes = done.before,
+            live_bytes = done.live,
+            after_bytes = log.size_on_disk().unwrap_or(0),
+            took_ms = done.took.as_millis() as u64,
+            "sled's files held far more than the log keeps: rewritten"
+        );
+        Ok(log)
+    }
+
+    fn open_sled_once(
+        path: &Path,
+        config: LogConfig,
+        access: Access,
+        scratch: Option<Scratch>,
+    ) -> Result<Self, LogError> {
         // The durable modes commit through the journal; every mode replays what one left.
         let journaled = access == Access::Write && config.durability != Durability::Buffered;
         // Without a journal, sled's own periodic flush is what `Buffered`
@@ -292,30 +334,7 @@ impl Log {
             .path(path)
             .cache_capacity(config.cache_capacity)
             .flush_every_ms((!journaled).then_some(flush_ms));
-        // sled releases its lock a moment after the last handle drops (its I/O
-        // threads finish first), so a log reopened in the same process may find
-        // it still held: retry for a bounded time before calling it in use.
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
-        let db = loop {
-            // sled 0.34 can panic on damaged files (upstream #1527, #1533): contain it.
-            match crate::contain::quietly(|| sled_config.open()) {
-                Ok(Ok(db)) => break db,
-                Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
-                    if std::time::Instant::now() >= deadline {
-                        let holder = files::lock_holder(&path.join("db"));
-                        return Err(LogError::InUse { path: path.to_path_buf(), holder });
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Ok(Err(e)) => {
-                    return Err(LogError::Open { path: path.to_path_buf(), source: StoreError::from_sled(e, path) });
-                }
-                Err(message) => {
-                    let source = StoreError::Panicked { op: "opening", message };
-                    return Err(LogError::Open { path: path.to_path_buf(), source });
-                }
-            }
-        };
+        let db = open_db(&sled_config, path)?;
         check_not_foreign(&db, path)?;
         let opened = |source| LogError::Open { path: path.to_path_buf(), source };
         let store = Arc::new(
@@ -936,6 +955,25 @@ impl Log {
     pub fn size_on_disk(&self) -> Result<u64, LogError> {
         Ok(self.inner.store.size_on_disk()?)
     }
+
+    /// The bytes of keys and values the log held when it was last compacted
+    /// (or rewritten): what its files would need without sled's leftovers.
+    /// `None` before either ran.
+    pub fn live_bytes(&self) -> Result<Option<u64>, LogError> {
+        self.meta_number(keys::META_LIVE, "live bytes")
+    }
+
+    /// A big-endian `u64` kept under a metadata key (`None`: never written).
+    pub(crate) fn meta_number(&self, key: &[u8], what: &'static str) -> Result<Option<u64>, LogError> {
+        let Some(bytes) = self.store().get(key)? else { return Ok(None) };
+        let n: [u8; 8] = bytes.as_slice().try_into().map_err(|_| LogError::Corrupt {
+            what,
+            instance: None,
+            seq: None,
+            problem: record::Corruption::Decode { message: format!("{} bytes, not 8", bytes.len()) },
+        })?;
+        Ok(Some(u64::from_be_bytes(n)))
+    }
 }
 
 impl Drop for Inner {
@@ -1182,4 +1220,32 @@ fn check_not_foreign(db: &sled::Db, path: &Path) -> Result<(), LogError> {
         return Err(LogError::Foreign { path: path.to_path_buf(), detail: "its default tree holds data".into() });
     }
     Ok(())
+}
+
+/// Opens sled at `path`. sled releases its lock a moment after the last
+/// handle drops (its I/O threads finish first), so a log reopened in the same
+/// process may find it still held: retried for a bounded time before it is
+/// called in use. sled 0.34 can panic on damaged files (upstream #1527,
+/// #1533): contained, as a typed error.
+fn open_db(sled_config: &sled::Config, path: &Path) -> Result<sled::Db, LogError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match crate::contain::quietly(|| sled_config.open()) {
+            Ok(Ok(db)) => return Ok(db),
+            Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    let holder = files::lock_holder(&path.join("db"));
+                    return Err(LogError::InUse { path: path.to_path_buf(), holder });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(Err(e)) => {
+                return Err(LogError::Open { path: path.to_path_buf(), source: StoreError::from_sled(e, path) });
+            }
+            Err(message) => {
+                let source = StoreError::Panicked { op: "opening", message };
+                return Err(LogError::Open { path: path.to_path_buf(), source });
+            }
+        }
+    }
 }

@@ -112,9 +112,16 @@ impl Log {
             report.snapshotted += 1;
             report.records_deleted += cut as u64;
         }
+        // What the log holds now, for the next writer's open to tell whether
+        // sled's files are worth rewriting (`rewrite.rs`).
+        let live =
+            self.store().scan(&[]).try_fold(0u64, |sum, pair| pair.map(|(k, v)| sum + (k.len() + v.len()) as u64))?;
         // Written last: a compaction cut short by a crash is not recorded as
         // done (what it did stays done, and the next start finds it overdue).
-        self.store().apply(vec![(keys::META_COMPACTED.to_vec(), Some(now.0.to_be_bytes().to_vec()))])?;
+        self.store().apply(vec![
+            (keys::META_LIVE.to_vec(), Some(live.to_be_bytes().to_vec())),
+            (keys::META_COMPACTED.to_vec(), Some(now.0.to_be_bytes().to_vec())),
+        ])?;
         Ok(report)
     }
 
@@ -122,14 +129,7 @@ impl Log {
     /// version that did not record it). The time is the compacting clock's
     /// `now`: a schedule that survives restarts reads it.
     pub fn last_compacted(&self) -> Result<Option<Timestamp>, LogError> {
-        let Some(bytes) = self.store().get(keys::META_COMPACTED)? else { return Ok(None) };
-        let ms: [u8; 8] = bytes.as_slice().try_into().map_err(|_| LogError::Corrupt {
-            what: "compaction time",
-            instance: None,
-            seq: None,
-            problem: super::record::Corruption::Decode { message: format!("{} bytes, not 8", bytes.len()) },
-        })?;
-        Ok(Some(Timestamp(u64::from_be_bytes(ms))))
+        Ok(self.meta_number(keys::META_COMPACTED, "compaction time")?.map(Timestamp))
     }
 }
 

@@ -497,7 +497,8 @@ mod tests {
         index.catch_up(&log, &policy).expect("catch up");
         let at = Timestamp(index.newest() + 1);
         let (beta, spec) = (name("beta"), InstanceSpec { url: "ws://127.0.0.1:1".into() });
-        log.append(&beta, log.next_seq(&beta), at, Event::Created { spec, token: None }, &Instance::new()).expect("recreate");
+        log.append(&beta, log.next_seq(&beta), at, Event::Created { spec, token: None }, &Instance::new())
+            .expect("recreate");
         assert_eq!(index.catch_up(&log, &policy).expect("catch up"), 1);
         let view = index.view(at.0, false, "p");
         let beta = view.instances.iter().find(|r| r.name == "beta").expect("beta");

@@ -575,6 +575,66 @@ fn a_created_records_token_lives_and_goes_with_its_instance() {
     assert_eq!(log.tokens().expect("tokens"), vec![(a, ta), (b, again)]);
 }
 
+/// sled keeps the space of deleted keys for itself: after a churn of
+/// instances its files hold far more than the log keeps. A writer that opens
+/// such a log rewrites them (past `rewrite_above` and 8× what the last
+/// compaction counted), and the log is the same log after it.
+#[test]
+fn sled_files_far_larger_than_the_log_are_rewritten_when_a_writer_opens_it() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = LogConfig { rewrite_above: 1 << 20, ..buffered() };
+    let policy = Policy::preset(Preset::Whatsapp);
+    let (before, kept) = {
+        let log = Log::open(dir.path(), config.clone()).expect("open");
+        for i in 0..150 {
+            let mut d = Driver::new(name(&format!("churn-{i:03}")), policy.clone());
+            for _ in 0..10 {
+                d.feed(Input::Connect);
+                let g = d.instance().generation;
+                d.feed(Input::TransportOpened { generation: g, identity: machine::Identity::new("peer").ok() });
+                d.feed(Input::Logout);
+                d.feed(Input::LogoutConfirmed { generation: g });
+                d.feed(Input::CloseFinished { generation: g });
+            }
+            if i >= 10 {
+                d.feed(Input::Delete);
+                d.feed(Input::CleanupFinished { steps: vec![] });
+            }
+            append_to_log(&log, &d).expect("append");
+        }
+        log.sync().expect("sync");
+        let retention = Retention { keep_records: 5, removed_after: std::time::Duration::ZERO };
+        let report = log.compact(Timestamp(u64::MAX / 2), &retention).expect("compact");
+        assert_eq!(report.purged.len(), 140);
+        log.sync().expect("sync");
+        let live = log.live_bytes().expect("live").expect("counted by the compaction");
+        let size = log.size_on_disk().expect("size");
+        assert!(size > 8 * live && size > 1 << 20, "the test needs a bloated store: {size} bytes for {live}");
+        let kept = log.recover(RecoveryOptions::default()).expect("recover").instances;
+        (size, kept)
+    };
+    let db = |d: &Path| std::fs::metadata(d.join("db")).expect("db").ino();
+    let old = db(dir.path());
+    let log = Log::open(dir.path(), config).expect("reopen");
+    assert_ne!(db(dir.path()), old, "sled's files were rewritten");
+    let after = log.size_on_disk().expect("size");
+    assert!(after * 4 < before, "{after} bytes after, {before} before");
+    assert_eq!(log.recover(RecoveryOptions::default()).expect("recover").instances, kept);
+    assert!(log.verify(&policy).is_clean(), "{:#?}", log.verify(&policy).findings);
+    assert!(matches!(log.head_check(), instance_lifecycle::log::HeadCheck::Intact { .. }), "{:?}", log.head_check());
+    // And it takes appends on from where it was.
+    let n = name("churn-000");
+    log.append(
+        &n,
+        log.next_seq(&n),
+        Timestamp(u64::MAX / 2),
+        Event::Transition { from: kept[&n].instance.clone(), input: Input::Delete, effects: vec![] },
+        &Instance::new(),
+    )
+    .expect("append after the rewrite");
+}
+
 #[test]
 fn a_name_can_be_created_again_after_removal_as_a_new_instance() {
     let log = Log::in_memory().expect("log");
