@@ -624,15 +624,10 @@ fn sled_files_far_larger_than_the_log_are_rewritten_when_a_writer_opens_it() {
     assert!(log.verify(&policy).is_clean(), "{:#?}", log.verify(&policy).findings);
     assert!(matches!(log.head_check(), instance_lifecycle::log::HeadCheck::Intact { .. }), "{:?}", log.head_check());
     // And it takes appends on from where it was.
-    let n = name("churn-000");
-    log.append(
-        &n,
-        log.next_seq(&n),
-        Timestamp(u64::MAX / 2),
-        Event::Transition { from: kept[&n].instance.clone(), input: Input::Delete, effects: vec![] },
-        &Instance::new(),
-    )
-    .expect("append after the rewrite");
+    let fresh = name("fresh");
+    log.append(&fresh, 1, Timestamp(u64::MAX / 2), Event::created("ws://127.0.0.1:9/"), &Instance::new())
+        .expect("append after the rewrite");
+    assert!(log.verify(&policy).is_clean());
 }
 
 #[test]
