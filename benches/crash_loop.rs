@@ -10,8 +10,9 @@
 //! (default 8) set the size; retention is set short (removed instances kept
 //! 20 s, compaction every 30 s) so that many rounds cover several periods.
 //! The log holds what retention keeps — about 50 s of this traffic — so its
-//! size is compared with the rounds just after that span has passed (the
-//! rounds before it are shown too: the log is still filling then).
+//! size and the restart time are compared with the rounds just after that
+//! span has passed (the rounds before it are shown too: the log is still
+//! filling then, and a smaller log opens faster).
 //! Not part of CI.
 
 #[path = "support/host_process.rs"]
@@ -228,10 +229,16 @@ async fn bench() {
     println!();
     println!("| measurement | last {window} rounds (median) | baseline (median of {window} rounds) | ratio | target |");
     println!("|---|---|---|---|---|");
-    let (s0, s1) = (start_of(first), start_of(last));
+    let (s0, s1) = (start_of(steady), start_of(last));
     println!(
-        "| spawn → first successful request | {s1:.3} s | the first rounds: {s0:.3} s | {:.2}× | ≤ 1.5× |",
+        "| spawn → first successful request | {s1:.3} s | rounds {settled}–{}, once retention's span has passed: {s0:.3} s | {:.2}× | ≤ 1.5× |",
+        settled + window - 1,
         s1 / s0
+    );
+    let s00 = start_of(first);
+    println!(
+        "| spawn → first successful request | {s1:.3} s | the first rounds (a smaller log): {s00:.3} s | {:.2}× | (shown) |",
+        s1 / s00
     );
     let (b0, b1) = (size_of(steady), size_of(last));
     println!(
