@@ -37,10 +37,10 @@ impl Instances {
         }
     }
 
-    /// Creates an instance (in a cluster: claimed here, or created by its owner).
-    /// Creates an instance with its own API token: on one host the token's
-    /// digest is committed in the `Created` record (one commit for both); in
-    /// a cluster it goes to the token bucket afterwards ([`super::auth::Auth::created`]).
+    /// Creates an instance (in a cluster: claimed here, or created by its
+    /// owner) with its own API token: on one host the token's digest is
+    /// committed in the `Created` record (one commit for both); in a cluster
+    /// it goes to the token bucket afterwards ([`super::auth::Auth::created`]).
     pub(crate) async fn create(&self, name: &str, spec: InstanceSpec, token: &str) -> Result<(), ApiError> {
         match self {
             Self::Local(engine) => {
