@@ -306,6 +306,12 @@ pub struct Replayed {
     /// applied key by key), completed from its copy in sled before the
     /// replay: its JSN. Never acknowledged (its commit had not begun).
     pub completed: Option<u64>,
+    /// Damage replay read past because continuity was proven: the next
+    /// intact frame (in a later file) carries the very next number sled
+    /// needed, so the damaged bytes held nothing it lacked — a frame a crash
+    /// tore before its commit (its number then used again), or bytes past a
+    /// file's last frame. One line per bridge, saying where.
+    pub bridged: Vec<String>,
 }
 
 /// Where appending goes on after [`replay`].
@@ -352,6 +358,9 @@ pub(crate) fn replay<E: From<Foreign>>(
         }
     }
     // Then frame by frame: memory holds one frame, whatever the files hold.
+    // Damage at the end of a file stops the replay unless the next intact
+    // frame proves, by its number, that nothing sled lacks was lost in it.
+    let mut damage: Option<String> = None;
     for (i, (_, path)) in found.iter().enumerate() {
         let file = File::open(path)?;
         let len = file.metadata()?.len();
@@ -366,6 +375,19 @@ pub(crate) fn replay<E: From<Foreign>>(
                 resume.next_jsn = resume.next_jsn.max(frame.jsn);
                 if report.stopped.is_some() {
                     continue; // only counting past the stop, for the next JSN
+                }
+                if let Some(detail) = damage.take() {
+                    if frame.jsn > held.saturating_add(1) {
+                        // Frames sled lacks may have been in the damaged bytes: a hole.
+                        report.stopped = Some(format!("{detail}, not the newest: damage"));
+                        report.damaged = true;
+                        continue;
+                    }
+                    report.bridged.push(format!(
+                        "{detail}; the next file goes on at frame {} where sled needed {}: nothing lost",
+                        frame.jsn,
+                        held.saturating_add(1)
+                    ));
                 }
                 if frame.jsn <= held {
                     report.skipped += 1;
@@ -386,18 +408,24 @@ pub(crate) fn replay<E: From<Foreign>>(
         };
         if let (FileEnd::Damaged { at, detail }, None) = (end, &report.stopped) {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let last = i + 1 == count;
-            report.stopped = Some(format!(
-                "{detail} at offset {at} of journal file {name}{}",
-                if last {
-                    ", the newest: where a crash interrupts a write (the head check tells whether anything acknowledged is missing)"
-                } else {
-                    ", not the newest: damage"
-                }
-            ));
-            // Later files cannot be applied over the hole; their JSNs still count.
-            report.damaged = !last;
+            let at = format!("{detail} at offset {at} of journal file {name}");
+            if i + 1 == count {
+                report.stopped = Some(format!(
+                    "{at}, the newest: where a crash interrupts a write (the head check tells whether anything acknowledged is missing)"
+                ));
+            } else {
+                // Decided by the next intact frame, in a later file.
+                damage = Some(match damage.take() {
+                    Some(earlier) => format!("{earlier}; then {at}"),
+                    None => at,
+                });
+            }
         }
+    }
+    if let Some(detail) = damage {
+        // No intact frame after it: nothing proves continuity.
+        report.stopped = Some(format!("{detail}, not the newest: damage"));
+        report.damaged = true;
     }
     resume.next_jsn = resume.next_jsn.saturating_add(1);
     Ok(Ok((report, resume)))
@@ -799,6 +827,8 @@ mod tests {
         assert!(report.damaged, "{report:?}");
         assert_eq!(resume.next_jsn, 6, "numbers past the damage are never reused");
 
+        assert!(report.bridged.is_empty());
+
         // The same damage in the newest file is a write the crash interrupted.
         let dir = journal_of(&[&[1, 2, 3]]);
         let only = dir.path().join(DIR).join(file_name(1));
@@ -806,5 +836,55 @@ mod tests {
         let (applied, report, _) = replayed(dir.path(), 0);
         assert_eq!(applied, vec![1]);
         assert!(!report.damaged && report.stopped.as_deref().is_some_and(|s| s.contains("the newest")));
+    }
+
+    /// Damage at the end of an older file is read past when the next file
+    /// goes on exactly where sled needs it (continuity proven by number): a
+    /// frame a crash tore, its number used again after the restart, or
+    /// bytes past a file's last frame. When the next number is beyond, it
+    /// stays a hole.
+    #[test]
+    fn replay_reads_past_damage_when_the_next_file_proves_continuity() {
+        // Frame 3 torn by a crash; after the restart frame 3 is written again, in the next file.
+        let dir = journal_of(&[&[1, 2, 3], &[3, 4]]);
+        let first = dir.path().join(DIR).join(file_name(1));
+        let mut bytes = std::fs::read(&first).expect("read");
+        let third = HEADER + 2 * (bytes.len() - HEADER - 64) / 3;
+        bytes.truncate(third + FRAME_HEADER + 3);
+        std::fs::write(&first, &bytes).expect("tear");
+        let (applied, report, resume) = replayed(dir.path(), 0);
+        assert_eq!(applied, vec![1, 2, 3, 4]);
+        assert!(!report.damaged && report.stopped.is_none(), "{report:?}");
+        assert_eq!(report.bridged.len(), 1, "{report:?}");
+        assert!(report.bridged[0].contains("journal file 0000000000000001") && report.bridged[0].contains("frame 3"));
+        assert_eq!(resume.next_jsn, 5);
+
+        // Bytes past the last frame of an older file.
+        let dir = journal_of(&[&[1, 2], &[3]]);
+        let first = dir.path().join(DIR).join(file_name(1));
+        let mut bytes = std::fs::read(&first).expect("read");
+        let end = bytes.len() - 64;
+        bytes[end + 10] = 0xff;
+        std::fs::write(&first, &bytes).expect("garbage");
+        let (applied, report, _) = replayed(dir.path(), 0);
+        assert_eq!(applied, vec![1, 2, 3]);
+        assert!(!report.damaged && report.bridged.len() == 1, "{report:?}");
+
+        // Sled already holds what the damage could have held: read past too.
+        let (applied, report, _) = replayed(dir.path(), 2);
+        assert_eq!(applied, vec![3]);
+        assert!(!report.damaged && report.bridged.len() == 1, "{report:?}");
+
+        // The next file goes on past a number sled lacks: a hole, as before.
+        let dir = journal_of(&[&[1, 2, 3], &[5]]);
+        let first = dir.path().join(DIR).join(file_name(1));
+        let mut bytes = std::fs::read(&first).expect("read");
+        let third = HEADER + 2 * (bytes.len() - HEADER - 64) / 3;
+        bytes.truncate(third + FRAME_HEADER + 3);
+        std::fs::write(&first, &bytes).expect("tear");
+        let (applied, report, _) = replayed(dir.path(), 0);
+        assert_eq!(applied, vec![1, 2]);
+        assert!(report.damaged && report.bridged.is_empty(), "{report:?}");
+        assert!(report.stopped.as_deref().is_some_and(|s| s.contains("not the newest")), "{report:?}");
     }
 }

@@ -199,6 +199,9 @@ pub enum Note {
         /// A batch sled held in part, completed at open (its JSN): the writer
         /// stopped while putting it in, before its commit began.
         completed: Option<u64>,
+        /// Damage replay read past, continuity proven by the next frame's
+        /// number (see [`super::journal::Replayed::bridged`]).
+        bridged: Vec<String>,
     },
 }
 
@@ -212,13 +215,16 @@ impl fmt::Display for Note {
             Self::Legacy => f.write_str(
                 "written before logs had a head: a rollback of its database cannot be detected until a writer opens it",
             ),
-            Self::JournalReplayed { applied, stopped, completed } => {
+            Self::JournalReplayed { applied, stopped, completed, bridged } => {
                 write!(
                     f,
                     "the journal held {applied} batch(es) sled's files did not (a stop before a checkpoint): replayed"
                 )?;
                 if let Some(jsn) = completed {
                     write!(f, "; batch {jsn}, which the writer stopped in the middle of putting in, was completed")?;
+                }
+                for b in bridged {
+                    write!(f, "; read past {b}")?;
                 }
                 stopped.as_ref().map_or(Ok(()), |s| write!(f, "; it ends in {s}"))
             }
@@ -568,8 +574,13 @@ impl Log {
 fn judge_replay(replayed: Option<super::journal::Replayed>, report: &mut Report) {
     match replayed {
         Some(r) if r.damaged => report.findings.push(Finding::Journal { detail: r.stopped.unwrap_or_default() }),
-        Some(r) if r.applied > 0 || r.stopped.is_some() || r.completed.is_some() => {
-            report.notes.push(Note::JournalReplayed { applied: r.applied, stopped: r.stopped, completed: r.completed });
+        Some(r) if r.applied > 0 || r.stopped.is_some() || r.completed.is_some() || !r.bridged.is_empty() => {
+            report.notes.push(Note::JournalReplayed {
+                applied: r.applied,
+                stopped: r.stopped,
+                completed: r.completed,
+                bridged: r.bridged,
+            });
         }
         _ => {}
     }
@@ -587,7 +598,7 @@ mod journal_verdicts {
     }
 
     fn quiet() -> Replayed {
-        Replayed { files: 2, applied: 0, skipped: 5, stopped: None, damaged: false, completed: None }
+        Replayed { files: 2, applied: 0, skipped: 5, stopped: None, damaged: false, completed: None, bridged: vec![] }
     }
 
     #[test]
@@ -619,10 +630,15 @@ mod journal_verdicts {
             Replayed { applied: 1, ..quiet() },
             Replayed { stopped: Some("frame 9 cut short".into()), ..quiet() },
             Replayed { completed: Some(4), ..quiet() },
+            Replayed { bridged: vec!["a frame cut short at offset 90 of journal file 1".into()], ..quiet() },
         ];
         for r in cases {
-            let expected =
-                Note::JournalReplayed { applied: r.applied, stopped: r.stopped.clone(), completed: r.completed };
+            let expected = Note::JournalReplayed {
+                applied: r.applied,
+                stopped: r.stopped.clone(),
+                completed: r.completed,
+                bridged: r.bridged.clone(),
+            };
             let report = judged(Some(r));
             assert!(report.findings.is_empty(), "{report:?}");
             assert_eq!(report.notes, vec![expected]);
