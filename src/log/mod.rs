@@ -305,14 +305,16 @@ impl Log {
         let open = |dir: &Path| open_db(&sled::Config::new().path(dir).flush_every_ms(None), dir);
         let done = rewrite::rewrite(path, size, &open)?;
         let log = Self::open_sled_once(path, config, access, None)?;
-        tracing::info!(
-            path = %path.display(),
-            before_bytes = done.before,
-            live_bytes = done.live,
-            after_bytes = log.size_on_disk().unwrap_or(0),
-            took_ms = done.took.as_millis() as u64,
-            "sled's files held far more than the log keeps: rewritten"
-        );
+        if let Some(done) = done {
+            tracing::info!(
+                path = %path.display(),
+                before_bytes = done.before,
+                live_bytes = done.live,
+                after_bytes = log.size_on_disk().unwrap_or(0),
+                took_ms = done.took.as_millis() as u64,
+                "sled's files held far more than the log keeps: rewritten"
+            );
+        }
         Ok(log)
     }
 

@@ -158,28 +158,37 @@ fn copy(dir: &Path, open: &dyn Fn(&Path) -> Result<sled::Db, LogError>) -> Resul
     };
     let old = open(dir)?;
     let new = open(&new_dir)?;
-    let mut live = 0u64;
-    for name in old.tree_names() {
-        let from = old.open_tree(&name).map_err(failed(dir))?;
-        let to = if name == old.name() { (*new).clone() } else { new.open_tree(&name).map_err(failed(&new_dir))? };
-        let mut batch = sled::Batch::default();
-        let mut in_batch = 0;
-        for pair in from.iter() {
-            let (k, v) = pair.map_err(failed(dir))?;
-            live += (k.len() + v.len()) as u64;
-            batch.insert(k, v);
-            in_batch += 1;
-            if in_batch == 10_000 {
-                to.apply_batch(std::mem::take(&mut batch)).map_err(failed(&new_dir))?;
-                in_batch = 0;
+    // sled 0.34 can panic on damaged files (upstream #1527, #1533): contained.
+    let copied = crate::contain::quietly(|| -> Result<u64, LogError> {
+        let mut live = 0u64;
+        for name in old.tree_names() {
+            let from = old.open_tree(&name).map_err(failed(dir))?;
+            let to =
+                if name == old.name() { (*new).clone() } else { new.open_tree(&name).map_err(failed(&new_dir))? };
+            let mut batch = sled::Batch::default();
+            let mut in_batch = 0;
+            for pair in from.iter() {
+                let (k, v) = pair.map_err(failed(dir))?;
+                live += (k.len() + v.len()) as u64;
+                batch.insert(k, v);
+                in_batch += 1;
+                if in_batch == 10_000 {
+                    to.apply_batch(std::mem::take(&mut batch)).map_err(failed(&new_dir))?;
+                    in_batch = 0;
+                }
             }
+            to.apply_batch(batch).map_err(failed(&new_dir))?;
         }
-        to.apply_batch(batch).map_err(failed(&new_dir))?;
-    }
-    let tree = new.open_tree(super::store::TREE).map_err(failed(&new_dir))?;
-    tree.insert(keys::META_LIVE, &live.to_be_bytes()).map_err(failed(&new_dir))?;
-    new.flush().map_err(failed(&new_dir))?;
-    drop((tree, new, old));
+        let tree = new.open_tree(super::store::TREE).map_err(failed(&new_dir))?;
+        tree.insert(keys::META_LIVE, &live.to_be_bytes()).map_err(failed(&new_dir))?;
+        new.flush().map_err(failed(&new_dir))?;
+        Ok(live)
+    });
+    drop((new, old));
+    let live = copied.map_err(|message| LogError::Open {
+        path: dir.to_path_buf(),
+        source: super::store::StoreError::Panicked { op: "copying", message },
+    })??;
     wait_released(&new_dir)?;
     wait_released(dir)?;
     sync_tree(&new_dir)?;
@@ -189,17 +198,32 @@ fn copy(dir: &Path, open: &dyn Fn(&Path) -> Result<sled::Db, LogError>) -> Resul
     Ok(live)
 }
 
-/// Rewrites the closed store at `dir` (see the module doc).
+/// Rewrites the closed store at `dir` (see the module doc). A copy that
+/// fails (a full disk, say) is thrown away and the old files stay the store:
+/// `Ok(None)`, with the reason logged — the rewrite only saves space, and a
+/// log must not stop opening for it. A failure once the old files may be
+/// gone is an error: the next open finishes the swap.
 pub(crate) fn rewrite(
     dir: &Path,
     before: u64,
     open: &dyn Fn(&Path) -> Result<sled::Db, LogError>,
-) -> Result<Rewritten, LogError> {
+) -> Result<Option<Rewritten>, LogError> {
     let started = std::time::Instant::now();
     finish(dir)?;
-    let live = copy(dir, open)?;
+    let live = match copy(dir, open) {
+        Ok(live) => live,
+        Err(error) if !interrupted(dir) => {
+            tracing::warn!(%error, "rewriting sled's files failed: the log opens with the files it had");
+            let new = dir.join(NEW);
+            if new.exists() {
+                std::fs::remove_dir_all(&new).map_err(io("remove", &new))?;
+            }
+            return Ok(None);
+        }
+        Err(error) => return Err(error),
+    };
     swap(dir)?;
-    Ok(Rewritten { before, live, took: started.elapsed() })
+    Ok(Some(Rewritten { before, live, took: started.elapsed() }))
 }
 
 #[cfg(test)]
@@ -297,6 +321,34 @@ mod tests {
             whole(dir.path());
             assert_eq!(inode(&dir.path().join("db")), copied, "{what}: the copy is the store");
         }
+    }
+
+    /// A copy that fails (here: the new database cannot be opened) is thrown
+    /// away; the old files stay the store, untouched.
+    #[test]
+    fn a_failed_copy_leaves_the_old_files_the_store() {
+        let dir = tempfile::tempdir().expect("dir");
+        sample(dir.path());
+        let old = inode(&dir.path().join("db"));
+        let refuse_new = |d: &Path| {
+            if d.ends_with(NEW) {
+                std::fs::create_dir_all(d).expect("the half-made copy");
+                return Err(LogError::Io {
+                    op: "open",
+                    path: d.to_path_buf(),
+                    source: std::io::Error::other("disk full"),
+                });
+            }
+            open_db_for_test(d)
+        };
+        assert_eq!(rewrite(dir.path(), 0, &refuse_new).expect("not an error"), None);
+        assert_eq!(inode(&dir.path().join("db")), old);
+        whole(dir.path());
+        // And a copy that works swaps.
+        let done = rewrite(dir.path(), 7, &open_db_for_test).expect("rewrite").expect("rewritten");
+        assert!(done.before == 7 && done.live > 0);
+        assert_ne!(inode(&dir.path().join("db")), old);
+        whole(dir.path());
     }
 
     #[test]
