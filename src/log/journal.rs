@@ -845,13 +845,17 @@ mod tests {
     /// stays a hole.
     #[test]
     fn replay_reads_past_damage_when_the_next_file_proves_continuity() {
-        // Frame 3 torn by a crash; after the restart frame 3 is written again, in the next file.
+        // The third of three equal frames of file 1 torn by a crash: cut short after a few bytes.
+        let tear_third = |dir: &Path| {
+            let first = dir.join(DIR).join(file_name(1));
+            let mut bytes = std::fs::read(&first).expect("read");
+            let third = HEADER + 2 * (bytes.len() - HEADER - 64) / 3;
+            bytes.truncate(third + FRAME_HEADER + 3);
+            std::fs::write(&first, &bytes).expect("tear");
+        };
+        // Frame 3 torn; after the restart frame 3 is written again, in the next file.
         let dir = journal_of(&[&[1, 2, 3], &[3, 4]]);
-        let first = dir.path().join(DIR).join(file_name(1));
-        let mut bytes = std::fs::read(&first).expect("read");
-        let third = HEADER + 2 * (bytes.len() - HEADER - 64) / 3;
-        bytes.truncate(third + FRAME_HEADER + 3);
-        std::fs::write(&first, &bytes).expect("tear");
+        tear_third(dir.path());
         let (applied, report, resume) = replayed(dir.path(), 0);
         assert_eq!(applied, vec![1, 2, 3, 4]);
         assert!(!report.damaged && report.stopped.is_none(), "{report:?}");
@@ -877,11 +881,7 @@ mod tests {
 
         // The next file goes on past a number sled lacks: a hole, as before.
         let dir = journal_of(&[&[1, 2, 3], &[5]]);
-        let first = dir.path().join(DIR).join(file_name(1));
-        let mut bytes = std::fs::read(&first).expect("read");
-        let third = HEADER + 2 * (bytes.len() - HEADER - 64) / 3;
-        bytes.truncate(third + FRAME_HEADER + 3);
-        std::fs::write(&first, &bytes).expect("tear");
+        tear_third(dir.path());
         let (applied, report, _) = replayed(dir.path(), 0);
         assert_eq!(applied, vec![1, 2]);
         assert!(report.damaged && report.bridged.is_empty(), "{report:?}");

@@ -321,31 +321,24 @@ struct RecordV1 {
     to: Instance,
 }
 
-/// Version 2 (chained). Frozen.
+/// A chained record as stored; versions differ in their event only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct RecordV2 {
+struct Chained<E> {
     instance: InstanceName,
     seq: u64,
     global: u64,
     at: Timestamp,
     prev: Digest,
     replaced: Option<Digest>,
-    event: EventV2,
+    event: E,
     to: Instance,
 }
 
+/// Version 2 (chained). Frozen.
+type RecordV2 = Chained<EventV2>;
+
 /// Version 3 (chained; the token's digest in `Created` and `Snapshot`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct RecordV3 {
-    instance: InstanceName,
-    seq: u64,
-    global: u64,
-    at: Timestamp,
-    prev: Digest,
-    replaced: Option<Digest>,
-    event: Event,
-    to: Instance,
-}
+type RecordV3 = Chained<Event>;
 
 /// The envelope as stored. Variant order is the version: never reorder.
 #[derive(Deserialize)]
@@ -400,26 +393,23 @@ impl From<Wire> for Record {
                 event: r.event.into(),
                 to: r.to,
             },
-            Wire::V2(r) => Self {
-                instance: r.instance,
-                seq: r.seq,
-                global: r.global,
-                at: r.at,
-                prev: Some(r.prev),
-                replaced: r.replaced,
-                event: r.event.into(),
-                to: r.to,
-            },
-            Wire::V3(r) => Self {
-                instance: r.instance,
-                seq: r.seq,
-                global: r.global,
-                at: r.at,
-                prev: Some(r.prev),
-                replaced: r.replaced,
-                event: r.event,
-                to: r.to,
-            },
+            Wire::V2(r) => r.into(),
+            Wire::V3(r) => r.into(),
+        }
+    }
+}
+
+impl<E: Into<Event>> From<Chained<E>> for Record {
+    fn from(r: Chained<E>) -> Self {
+        Self {
+            instance: r.instance,
+            seq: r.seq,
+            global: r.global,
+            at: r.at,
+            prev: Some(r.prev),
+            replaced: r.replaced,
+            event: r.event.into(),
+            to: r.to,
         }
     }
 }

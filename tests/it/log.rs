@@ -15,6 +15,34 @@ use proptest::prelude::*;
 
 use crate::support::name;
 
+/// `n` rounds of connect → open → logout → logout confirmed → closed.
+fn open_and_log_out(d: &mut Driver, n: usize) {
+    for _ in 0..n {
+        d.feed(Input::Connect);
+        let g = d.instance().generation;
+        d.feed(Input::TransportOpened { generation: g, identity: machine::Identity::new("peer").ok() });
+        d.feed(Input::Logout);
+        d.feed(Input::LogoutConfirmed { generation: g });
+        d.feed(Input::CloseFinished { generation: g });
+    }
+}
+
+/// A delete, with its cleanup done.
+fn delete(d: &mut Driver) {
+    d.feed(Input::Delete);
+    d.feed(Input::CleanupFinished { steps: vec![] });
+}
+
+/// Appends the driver's steps as records from `seq` on, all at `at`;
+/// returns the sequence number of the last.
+fn append_steps(log: &Log, d: &Driver, seq: u64, at: Timestamp) -> u64 {
+    for (i, s) in d.steps.iter().enumerate() {
+        let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
+        log.append(d.name(), seq + i as u64, at, event, &s.to).expect("append");
+    }
+    seq + d.steps.len() as u64 - 1
+}
+
 const FLEET: usize = 5;
 
 fn buffered() -> LogConfig {
@@ -428,17 +456,7 @@ fn compaction_keeps_a_snapshot_and_the_tail_and_purges_removed_instances() {
     let log = Log::in_memory().expect("log");
     let policy = Policy::preset(Preset::Whatsapp);
     let mut d = Driver::new(name("busy"), policy.clone());
-    for _ in 0..20 {
-        d.feed(Input::Connect);
-        let g = d.instance().generation;
-        d.feed(Input::TransportOpened {
-            generation: g,
-            identity: instance_lifecycle::machine::Identity::new("peer").ok(),
-        });
-        d.feed(Input::Logout);
-        d.feed(Input::LogoutConfirmed { generation: g });
-        d.feed(Input::CloseFinished { generation: g });
-    }
+    open_and_log_out(&mut d, 20);
     append_to_log(&log, &d).expect("append");
     let mut gone = Driver::new(name("gone"), policy.clone());
     gone.feed(Input::Delete);
@@ -483,14 +501,8 @@ fn compaction_drops_removed_incarnations_of_a_name_created_again() {
         log.append(&n, seq, created, Event::created("ws://127.0.0.1:9/"), &Instance::new()).expect("create");
         if life < 2 {
             let mut d = Driver::new(n.clone(), policy.clone());
-            d.feed(Input::Delete);
-            d.feed(Input::CleanupFinished { steps: vec![] });
-            for s in &d.steps {
-                seq += 1;
-                let event =
-                    Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
-                log.append(&n, seq, Timestamp(created.0 + 1_000), event, &s.to).expect("delete");
-            }
+            delete(&mut d);
+            seq = append_steps(&log, &d, seq + 1, Timestamp(created.0 + 1_000));
         }
     }
     let retention = Retention { keep_records: 1_000, removed_after: std::time::Duration::from_secs(5) };
@@ -531,26 +543,12 @@ fn a_created_records_token_lives_and_goes_with_its_instance() {
     assert_eq!(log.tokens().expect("tokens"), vec![(a.clone(), ta), (b.clone(), tb)]);
     // b is deleted and purged; a gets a long history and is snapshotted.
     let mut d = Driver::new(b.clone(), policy.clone());
-    d.feed(Input::Delete);
-    d.feed(Input::CleanupFinished { steps: vec![] });
-    for (i, s) in d.steps.iter().enumerate() {
-        let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
-        log.append(&b, 2 + i as u64, Timestamp(1), event, &s.to).expect("delete b");
-    }
+    delete(&mut d);
+    append_steps(&log, &d, 2, Timestamp(1));
     let mut d = Driver::new(a.clone(), policy.clone());
-    for _ in 0..3 {
-        d.feed(Input::Connect);
-        let g = d.instance().generation;
-        d.feed(Input::TransportOpened { generation: g, identity: machine::Identity::new("peer").ok() });
-        d.feed(Input::Logout);
-        d.feed(Input::LogoutConfirmed { generation: g });
-        d.feed(Input::CloseFinished { generation: g });
-    }
+    open_and_log_out(&mut d, 3);
     assert!(d.steps.len() > 3);
-    for (i, s) in d.steps.iter().enumerate() {
-        let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
-        log.append(&a, 2 + i as u64, Timestamp(1), event, &s.to).expect("a's history");
-    }
+    append_steps(&log, &d, 2, Timestamp(1));
     let retention = Retention { keep_records: 2, removed_after: std::time::Duration::from_secs(1) };
     let report = log.compact(Timestamp(10_000), &retention).expect("compact");
     assert_eq!((report.snapshotted, report.purged.clone()), (1, vec![b.clone()]));
@@ -562,12 +560,8 @@ fn a_created_records_token_lives_and_goes_with_its_instance() {
     log.append(&b, 1, Timestamp(20_000), Event::created("ws://127.0.0.1:9/"), &Instance::new()).expect("b again");
     assert_eq!(log.tokens().expect("tokens"), vec![(a.clone(), ta)]);
     let mut d = Driver::new(b.clone(), policy.clone());
-    d.feed(Input::Delete);
-    d.feed(Input::CleanupFinished { steps: vec![] });
-    for (i, s) in d.steps.iter().enumerate() {
-        let event = Event::Transition { from: s.from.clone(), input: s.input.clone(), effects: s.effects.clone() };
-        log.append(&b, 2 + i as u64, Timestamp(20_001), event, &s.to).expect("delete b");
-    }
+    delete(&mut d);
+    append_steps(&log, &d, 2, Timestamp(20_001));
     let again = Digest::of(b"token-b2");
     let seq = log.next_seq(&b);
     log.append(&b, seq, Timestamp(20_002), Event::Created { spec: spec(), token: Some(again) }, &Instance::new())
@@ -589,17 +583,9 @@ fn sled_files_far_larger_than_the_log_are_rewritten_when_a_writer_opens_it() {
         let log = Log::open(dir.path(), config.clone()).expect("open");
         for i in 0..150 {
             let mut d = Driver::new(name(&format!("churn-{i:03}")), policy.clone());
-            for _ in 0..10 {
-                d.feed(Input::Connect);
-                let g = d.instance().generation;
-                d.feed(Input::TransportOpened { generation: g, identity: machine::Identity::new("peer").ok() });
-                d.feed(Input::Logout);
-                d.feed(Input::LogoutConfirmed { generation: g });
-                d.feed(Input::CloseFinished { generation: g });
-            }
+            open_and_log_out(&mut d, 10);
             if i >= 10 {
-                d.feed(Input::Delete);
-                d.feed(Input::CleanupFinished { steps: vec![] });
+                delete(&mut d);
             }
             append_to_log(&log, &d).expect("append");
         }
