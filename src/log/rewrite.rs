@@ -98,7 +98,9 @@ pub(crate) fn finish(dir: &Path) -> Result<(), LogError> {
         std::fs::remove_dir_all(&new).map_err(io("remove", &new))?;
         sync_dir(dir)?;
     }
-    if dir.join(READY).exists() {
+    // Only a directory is a complete copy: a stray file of that name never
+    // makes sled's files go.
+    if interrupted(dir) {
         swap(dir)?;
     }
     let marker = dir.join(SWAPPING);
@@ -321,6 +323,25 @@ mod tests {
             whole(dir.path());
             assert_eq!(inode(&dir.path().join("db")), copied, "{what}: the copy is the store");
         }
+    }
+
+    /// A stray file named like the rewrite's complete copy is not one: the
+    /// store's files stay, and a rewrite that cannot put its copy there gives
+    /// up and leaves the store as it was.
+    #[test]
+    fn a_stray_file_named_like_the_copy_never_makes_the_store_go() {
+        let dir = tempfile::tempdir().expect("dir");
+        sample(dir.path());
+        let old = inode(&dir.path().join("db"));
+        std::fs::write(dir.path().join(READY), b"not a copy").expect("stray file");
+        finish(dir.path()).expect("finish");
+        assert_eq!(inode(&dir.path().join("db")), old);
+        assert_eq!(rewrite(dir.path(), 0, &open_db_for_test).expect("not an error"), None);
+        assert_eq!(inode(&dir.path().join("db")), old);
+        assert_eq!(std::fs::read(dir.path().join(READY)).expect("left alone"), b"not a copy");
+        assert!(!dir.path().join(NEW).exists());
+        let log = Log::open_existing(dir.path(), config()).expect("open");
+        assert_eq!(log.names().expect("names").len(), 50);
     }
 
     /// A copy that fails (here: the new database cannot be opened) is thrown
