@@ -1,19 +1,20 @@
 //! The one flush path: a *commit* makes everything appended so far durable
-//! (sled flush, then fsync of its files) and then moves the head up to the
-//! newest record it covers (one more `fdatasync`). A head is never written
-//! before the data it covers is durable, and an append waiting for
-//! durability is released only after the head covering it is written, so an
-//! acknowledged record that later disappears is always detected.
+//! and moves the head up to the newest record it covers
+//! ([`Store::commit`]): for sled with a journal, one write and one
+//! `fdatasync` of the journal, ending with a commit frame that *is* the head
+//! until the next checkpoint; otherwise sled's flush (and fsync), then the
+//! head file. A head is never ahead of the data it covers, and an append
+//! waiting for durability is released only after the commit covering it, so
+//! an acknowledged record that later disappears is detected.
 //!
 //! [`Flusher`] commits for `GroupCommit` and for `Buffered` (on a period):
 //! a commit covers everything requested before it started, optionally after
-//! gathering for `window`, the data and the head of consecutive commits
-//! overlapping. In `GroupCommit` a commit is led by a *blocking* appender
-//! when one is there to lead (leader/follower, as write groups in databases
-//! do): the first appender to find no data stage running commits the group
-//! itself, in its own thread (alone, it commits as `Strict` does, with no
-//! hand-off). Appends that arrive meanwhile are taken by the flusher's data
-//! thread when that data stage ends, so that under load groups follow each
+//! gathering for `window`. In `GroupCommit` a commit is led by a *blocking*
+//! appender when one is there to lead (leader/follower, as write groups in
+//! databases do): the first appender to find no commit running commits the
+//! group itself, in its own thread (alone, it commits as `Strict` does, with
+//! no hand-off). Appends that arrive meanwhile are taken by the flusher's
+//! thread when that commit ends, so that under load groups follow each
 //! other without waiting for a parked thread to be scheduled (handing the
 //! next group to a waiting appender was measured: 16 writers fell from
 //! ~10,500 to ~6,000 appends/s on 2 cores). Async waiters never lead: they
@@ -41,8 +42,7 @@ pub(crate) enum Reach {
     Disk,
 }
 
-/// Makes everything applied so far reach `reach`, then the head covering
-/// `(global, link)` — never the other way round.
+/// Makes everything applied so far reach `reach`, and the head cover `(global, link)`.
 pub(crate) fn commit(
     store: &dyn Store,
     log_id: LogId,
@@ -50,47 +50,27 @@ pub(crate) fn commit(
     link: Digest,
     reach: Reach,
 ) -> Result<(), StoreError> {
-    commit_data(store, reach)?;
-    store.write_head(&Head { log_id, global, link }, reach == Reach::Disk)
+    store.commit(&Head { log_id, global, link }, reach == Reach::Disk)
 }
 
-/// The first half of a commit: everything applied so far reaches `reach`.
-fn commit_data(store: &dyn Store, reach: Reach) -> Result<(), StoreError> {
-    store.flush()?;
-    if reach == Reach::Disk {
-        store.sync()?;
-    }
-    Ok(())
-}
-
-/// The flusher: commits on request, covering every append made before the
-/// commit started, in two stages so that consecutive commits overlap: the
-/// *data* thread makes the store durable (for sled with a journal: one write
-/// and one `fdatasync` of the journal) and hands the point it reached to the
-/// *head* thread, which writes the head there (one more `fdatasync`) and
-/// releases the appends it covers. While the head of one group is being
-/// synced, the data of the next already is: one sync period per group, not
-/// two, and never a head ahead of its data. A blocking appender that leads
-/// runs both stages itself, one after the other; the next group's data stage
-/// (another leader's, or the data thread's) overlaps its head stage. Data
-/// stages never overlap each other (`data_busy`), so the points they reach
-/// only grow, and every head is written after the data stage that reached it.
+/// The flusher: commits on request, each covering every append made before
+/// it started. Commits never overlap each other (`busy`), so the points
+/// they reach only grow. A blocking appender that leads runs the commit in
+/// its own thread; otherwise the flusher's thread does.
 pub(crate) struct Flusher {
     shared: Arc<FlushShared>,
-    threads: Vec<JoinHandle<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 struct FlushShared {
     state: Mutex<FlushState>,
     /// Blocking waiters lead their own commits (`GroupCommit`); otherwise
-    /// the data thread commits every group (`Buffered`, on its period).
+    /// the flusher's thread commits every group (`Buffered`, on its period).
     leaders: bool,
     /// How long a commit gathers appends before it starts.
     window: Duration,
-    /// Wakes the data thread: there is a group no one leads, or stop.
-    data_work: Condvar,
-    /// Wakes the head thread: the data thread reached a new point, finished, or failed.
-    head_work: Condvar,
+    /// Wakes the flusher's thread: there is a group no one leads, or stop.
+    work: Condvar,
     store: Arc<dyn Store>,
     log_id: LogId,
     reach: Reach,
@@ -115,13 +95,8 @@ impl Waiter {
 struct FlushState {
     /// The newest append: its global and link.
     requested: (u64, Digest),
-    /// Where the last completed data stage reached.
-    data: (u64, Digest),
-    /// A data stage is running (the data thread's or a leader's).
-    data_busy: bool,
-    /// Where the data thread's last data stage reached: the head thread's work
-    /// (a leader writes its own head).
-    head_owed: (u64, Digest),
+    /// A commit is running (the flusher thread's or a leader's).
+    busy: bool,
     /// Every global up to this one is durable and covered by the head.
     durable: u64,
     /// Who waits for which global; only those a commit covers are woken
@@ -129,9 +104,7 @@ struct FlushState {
     waiting: BTreeMap<u64, Vec<Waiter>>,
     error: Option<String>,
     stop: bool,
-    /// The data thread has ended: the head thread ends once it caught up.
-    data_ended: bool,
-    /// Both threads have ended.
+    /// The flusher's thread has ended.
     ended: bool,
 }
 
@@ -146,15 +119,26 @@ impl FlushState {
         std::mem::replace(&mut self.waiting, still).into_values().flatten().collect()
     }
 
-    /// Appends no data stage covers yet, and none is running: a group to lead.
+    /// Appends no commit covers yet, and none is running: a group to lead.
     fn unled(&self) -> bool {
-        !self.data_busy && self.requested.0 > self.data.0 && self.error.is_none()
+        !self.busy && self.requested.0 > self.durable && self.error.is_none()
+    }
+
+    /// `Some` once waiting for `global` is over: durable, or never will be.
+    fn outcome(&self, global: u64) -> Option<Result<(), String>> {
+        if let Some(e) = &self.error {
+            return Some(Err(e.clone()));
+        }
+        if self.durable >= global {
+            return Some(Ok(()));
+        }
+        self.ended.then(|| Err("the log is closing".into()))
     }
 }
 
 impl Flusher {
-    /// Starts the threads; `window` is how long a commit gathers appends
-    /// before it starts; with `leaders`, blocking waiters lead their commits.
+    /// Starts the flusher's thread; `window` is how long a commit gathers
+    /// appends before it starts; with `leaders`, blocking waiters lead their commits.
     pub(crate) fn start(
         store: Arc<dyn Store>,
         log_id: LogId,
@@ -163,61 +147,46 @@ impl Flusher {
         reach: Reach,
         leaders: bool,
     ) -> Self {
-        let state = FlushState {
-            requested: (durable, Digest::ZERO),
-            data: (durable, Digest::ZERO),
-            durable,
-            ..FlushState::default()
-        };
+        let state = FlushState { requested: (durable, Digest::ZERO), durable, ..FlushState::default() };
         let shared = Arc::new(FlushShared {
             state: Mutex::new(state),
             leaders,
             window,
-            data_work: Condvar::new(),
-            head_work: Condvar::new(),
-            store: store.clone(),
+            work: Condvar::new(),
+            store,
             log_id,
             reach,
         });
-        let mut threads = Vec::new();
         let worker = shared.clone();
-        let data = std::thread::Builder::new().name("lifecycle-log-flush".into()).spawn(move || worker.run_data());
-        let worker = shared.clone();
-        let head = std::thread::Builder::new().name("lifecycle-log-head".into()).spawn(move || worker.run_head());
-        match (data, head) {
-            (Ok(d), Ok(h)) => threads.extend([d, h]),
-            (d, h) => {
-                // Without both, nothing is ever acknowledged: say so to every waiter.
-                let mut s = shared.lock();
-                s.error = Some("the flusher threads could not be started".into());
-                s.stop = true;
-                s.ended = true;
-                drop(s);
-                shared.data_work.notify_all();
-                shared.head_work.notify_all();
-                threads.extend(d.into_iter().chain(h));
+        let thread = std::thread::Builder::new().name("lifecycle-log-flush".into()).spawn(move || worker.run());
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(_) => {
+                // Without it, nothing is ever acknowledged: say so to every waiter.
+                shared.fail("the flusher thread could not be started".into());
+                None
             }
-        }
-        Self { shared, threads }
+        };
+        Self { shared, thread }
     }
 
-    /// Says an append at `global` wants a commit. Without leaders the data
-    /// thread is woken if it was idle (one that is gathering or committing
-    /// looks at `requested` again before it waits); with leaders, whoever
-    /// waits for the append starts its commit.
+    /// Says an append at `global` wants a commit. Without leaders the
+    /// flusher's thread is woken if it was idle (one that is gathering or
+    /// committing looks at `requested` again before it waits); with
+    /// leaders, whoever waits for the append starts its commit.
     pub(crate) fn request(&self, global: u64, link: Digest) {
         let mut s = self.shared.lock();
-        let idle = s.requested.0 <= s.data.0 && !s.data_busy;
+        let idle = s.requested.0 <= s.durable && !s.busy;
         if global > s.requested.0 {
             s.requested = (global, link);
         }
         if idle && !self.shared.leaders {
-            self.shared.data_work.notify_one();
+            self.shared.work.notify_one();
         }
     }
 
     /// Waits, blocking the thread, until `global` is durable; with leaders,
-    /// commits the group itself when no data stage is running.
+    /// commits the group itself when no commit is running.
     pub(crate) fn wait_blocking(&self, global: u64) -> Result<(), String> {
         loop {
             {
@@ -238,8 +207,8 @@ impl Flusher {
     }
 
     /// Wakes each thread once its global is durable (or the flusher failed):
-    /// blocking appends another thread wrote (`combine.rs`). Starts the data
-    /// thread on them if no data stage is running.
+    /// blocking appends another thread wrote (`combine.rs`). Starts the
+    /// flusher's thread on them if no commit is running.
     pub(crate) fn wake_when_durable(&self, waiters: Vec<(u64, std::thread::Thread)>) {
         if waiters.is_empty() {
             return;
@@ -253,14 +222,14 @@ impl Flusher {
             }
         }
         if s.unled() {
-            self.shared.data_work.notify_one();
+            self.shared.work.notify_one();
         }
         drop(s);
         now.into_iter().for_each(|t| t.unpark());
     }
 
     /// Waits, without blocking a thread, until `global` is durable. An async
-    /// waiter never leads: it wakes the data thread when no one else does.
+    /// waiter never leads: it wakes the flusher's thread when no one else does.
     pub(crate) async fn wait_async(&self, global: u64) -> Result<(), String> {
         std::future::poll_fn(|cx| {
             let mut s = self.shared.lock();
@@ -269,7 +238,7 @@ impl Flusher {
                 None => {
                     s.waiting.entry(global).or_default().push(Waiter::Task(cx.waker().clone()));
                     if s.unled() {
-                        self.shared.data_work.notify_one();
+                        self.shared.work.notify_one();
                     }
                     Poll::Pending
                 }
@@ -283,27 +252,13 @@ impl Flusher {
         self.shared.lock().durable
     }
 
-    /// Commits what was requested, then ends the threads.
+    /// Commits what was requested, then ends the thread.
     pub(crate) fn stop(mut self) {
         self.shared.lock().stop = true;
-        self.shared.data_work.notify_all();
-        self.shared.head_work.notify_all();
-        for t in self.threads.drain(..) {
+        self.shared.work.notify_all();
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-impl FlushState {
-    /// `Some` once waiting for `global` is over: durable, or never will be.
-    fn outcome(&self, global: u64) -> Option<Result<(), String>> {
-        if let Some(e) = &self.error {
-            return Some(Err(e.clone()));
-        }
-        if self.durable >= global {
-            return Some(Ok(()));
-        }
-        self.ended.then(|| Err("the log is closing".into()))
     }
 }
 
@@ -317,135 +272,87 @@ impl FlushShared {
         let mut s = self.lock();
         s.error.get_or_insert(message);
         s.stop = true;
-        s.data_ended = true;
         s.ended = true;
         let woken = s.wake_all();
         drop(s);
-        self.data_work.notify_all();
-        self.head_work.notify_all();
+        self.work.notify_all();
         woken.into_iter().for_each(Waiter::wake);
     }
 
-    /// A blocking waiter's commit: the data stage (gathering for the window
-    /// first), then the head stage, waking everyone it covers.
+    /// A blocking waiter's commit (gathering for the window first).
     fn lead(&self) {
         {
             let mut s = self.lock();
             if !s.unled() {
                 return;
             }
-            s.data_busy = true;
+            s.busy = true;
         }
         if !self.window.is_zero() {
             std::thread::sleep(self.window);
         }
-        let Some(reached) = self.data_stage() else { return };
-        self.head_stage(reached);
+        self.commit();
     }
 
-    /// Runs one data stage (the caller set `data_busy`): everything requested
-    /// before it starts becomes durable. Wakes the data thread for the
-    /// appends that came meanwhile, and says where it reached (`None`: it
-    /// failed, and everyone has heard).
-    fn data_stage(&self) -> Option<(u64, Digest)> {
-        let reached = self.lock().requested;
-        if let Err(e) = commit_data(self.store.as_ref(), self.reach) {
-            self.fail(format!("flush failed: {e}"));
-            return None;
-        }
-        let mut s = self.lock();
-        if reached.0 > s.data.0 {
-            s.data = reached;
-        }
-        s.data_busy = false;
-        let more = s.requested.0 > s.data.0 || s.stop;
-        drop(s);
-        if more {
-            self.data_work.notify_one();
-        }
-        Some(reached)
-    }
-
-    /// Writes the head at `reached` (whose data is durable) and wakes everyone it covers.
-    fn head_stage(&self, (global, link): (u64, Digest)) -> bool {
+    /// Runs one commit (the caller set `busy`): everything requested before
+    /// it starts becomes durable, and everyone it covers is woken. Wakes the
+    /// flusher's thread for the appends that came meanwhile. `false`: it
+    /// failed, and everyone has heard.
+    fn commit(&self) -> bool {
+        let (global, link) = self.lock().requested;
         let head = Head { log_id: self.log_id, global, link };
-        if let Err(e) = self.store.write_head(&head, self.reach == Reach::Disk) {
-            self.fail(format!("writing the head failed: {e}"));
+        if let Err(e) = self.store.commit(&head, self.reach == Reach::Disk) {
+            self.fail(format!("commit failed: {e}"));
             return false;
         }
         let mut s = self.lock();
         s.durable = s.durable.max(global);
+        s.busy = false;
         let covered = s.take_covered();
+        let more = s.requested.0 > s.durable || s.stop;
         drop(s);
+        if more {
+            self.work.notify_one();
+        }
         covered.into_iter().for_each(Waiter::wake);
         true
     }
 
-    fn run_data(&self) {
+    fn run(&self) {
         loop {
             {
                 let mut s = self.lock();
                 loop {
                     if s.error.is_some() {
-                        drop(s);
-                        return self.data_ended();
+                        return;
                     }
                     if s.unled() {
                         break;
                     }
-                    if s.stop && !s.data_busy {
+                    if s.stop && !s.busy {
+                        // Stopping with nothing left: whoever still waits hears so.
+                        s.ended = true;
+                        let woken = s.wake_all();
                         drop(s);
-                        return self.data_ended(); // stopping with nothing left
+                        woken.into_iter().for_each(Waiter::wake);
+                        return;
                     }
-                    s = self.data_work.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
+                    s = self.work.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
-                s.data_busy = true;
+                s.busy = true;
                 if !self.window.is_zero() && !s.stop {
                     // Gather for the window; a stop cuts it short.
                     let (guard, _) = self
-                        .data_work
+                        .work
                         .wait_timeout_while(s, self.window, |s| !s.stop)
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     drop(guard);
                 }
             }
-            let Some(reached) = self.data_stage() else { return };
-            let mut s = self.lock();
-            if reached.0 > s.head_owed.0 {
-                s.head_owed = reached;
-            }
-            drop(s);
-            self.head_work.notify_one();
-        }
-    }
-
-    fn data_ended(&self) {
-        self.lock().data_ended = true;
-        self.head_work.notify_one();
-    }
-
-    /// Writes the heads of the data thread's commits (a leader writes its own).
-    fn run_head(&self) {
-        loop {
-            let reached = {
-                let mut s = self.lock();
-                while s.head_owed.0 <= s.durable && !s.data_ended && s.error.is_none() {
-                    s = self.head_work.wait(s).unwrap_or_else(std::sync::PoisonError::into_inner);
-                }
-                if s.error.is_some() || s.head_owed.0 <= s.durable {
-                    break; // failed, or the data thread ended and everything is covered
-                }
-                s.head_owed
-            };
-            if !self.head_stage(reached) {
+            if !self.commit() {
                 return;
             }
         }
-        let mut s = self.lock();
-        s.ended = true;
-        let woken = s.wake_all();
-        drop(s);
-        woken.into_iter().for_each(Waiter::wake);
     }
 }
 

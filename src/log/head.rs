@@ -11,12 +11,19 @@
 //!
 //! | bytes | field |
 //! |---|---|
-//! | 0..8 | magic `ILHEAD\0\x01` |
+//! | 0..8 | magic `ILHEAD\0\x02` |
 //! | 8..24 | the log's id (a head from another log is refused) |
 //! | 24..32 | write counter |
 //! | 32..40 | global sequence number of the tip |
 //! | 40..72 | the tip record's link (its digest; for a snapshot, the replaced record's) |
-//! | 72..76 | CRC-32 of bytes 0..72 |
+//! | 72..80 | the journal file the log goes on in: a file numbered at least this must exist (0: none needed, after a clean close) |
+//! | 80..84 | CRC-32 of bytes 0..80 |
+//!
+//! Slots of format 1 (`ILHEAD\0\x01`: no journal number, CRC at 72..76)
+//! are still read. With the journal the head file moves only at
+//! checkpoints and at a clean close (the journal's commit frames are the
+//! head in between, see `journal.rs`); the journal number is what tells a
+//! journal deleted whole from one that was never needed.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -30,8 +37,10 @@ use super::record::Digest;
 pub(crate) const FILE: &str = "head";
 /// Bytes per slot.
 pub(crate) const SLOT_LEN: usize = 128;
-const MAGIC: &[u8; 8] = b"ILHEAD\x00\x01";
-const USED: usize = 76;
+const MAGIC: &[u8; 8] = b"ILHEAD\x00\x02";
+const MAGIC_V1: &[u8; 8] = b"ILHEAD\x00\x01";
+const USED: usize = 84;
+const USED_V1: usize = 76;
 
 /// A log's identity, chosen when it is created: tells a head (or a copy)
 /// of one log from another's.
@@ -91,56 +100,86 @@ pub enum HeadRead {
     },
     /// The newest valid slot.
     Found(Head),
+    /// The head names journal file `from` as where the log goes on, and the
+    /// journal holds no file numbered that or later: it was deleted, and
+    /// with it whatever was acknowledged since the head last moved.
+    JournalMissing {
+        /// The head file's newest slot.
+        head: Head,
+        /// The number it names.
+        from: u64,
+    },
 }
 
-fn encode_slot(head: &Head, counter: u64) -> [u8; SLOT_LEN] {
+/// One slot as read: the head, the write counter and the journal number.
+#[derive(Clone, Copy)]
+struct Slot {
+    head: Head,
+    counter: u64,
+    journal: u64,
+}
+
+fn encode_slot(head: &Head, counter: u64, journal: u64) -> [u8; SLOT_LEN] {
     let mut slot = [0u8; SLOT_LEN];
     slot[..8].copy_from_slice(MAGIC);
     slot[8..24].copy_from_slice(&head.log_id.0);
     slot[24..32].copy_from_slice(&counter.to_le_bytes());
     slot[32..40].copy_from_slice(&head.global.to_le_bytes());
     slot[40..72].copy_from_slice(&head.link.0);
-    let crc = crc32fast::hash(&slot[..72]);
-    slot[72..USED].copy_from_slice(&crc.to_le_bytes());
+    slot[72..80].copy_from_slice(&journal.to_le_bytes());
+    let crc = crc32fast::hash(&slot[..80]);
+    slot[80..USED].copy_from_slice(&crc.to_le_bytes());
     slot
 }
 
-fn decode_slot(slot: &[u8]) -> Option<(Head, u64)> {
-    let slot = slot.get(..USED)?;
-    if &slot[..8] != MAGIC {
-        return None;
-    }
-    let crc = u32::from_le_bytes(slot[72..76].try_into().ok()?);
-    if crc != crc32fast::hash(&slot[..72]) {
+fn decode_slot(slot: &[u8]) -> Option<Slot> {
+    let (used, v1) = match slot.get(..8)? {
+        m if m == MAGIC => (USED, false),
+        m if m == MAGIC_V1 => (USED_V1, true),
+        _ => return None,
+    };
+    let slot = slot.get(..used)?;
+    let crc = u32::from_le_bytes(slot[used - 4..used].try_into().ok()?);
+    if crc != crc32fast::hash(&slot[..used - 4]) {
         return None;
     }
     let u64_at = |at: usize| slot[at..at + 8].try_into().ok().map(u64::from_le_bytes);
     let log_id = LogId(slot[8..24].try_into().ok()?);
     let link = Digest(slot[40..72].try_into().ok()?);
-    Some((Head { log_id, global: u64_at(32)?, link }, u64_at(24)?))
+    let journal = if v1 { 0 } else { u64_at(72)? };
+    Some(Slot { head: Head { log_id, global: u64_at(32)?, link }, counter: u64_at(24)?, journal })
 }
 
 /// Reads the head file in `dir`.
+#[cfg(test)]
 pub(crate) fn read(dir: &Path) -> io::Result<HeadRead> {
+    read_with_journal(dir).map(|(read, _)| read)
+}
+
+/// Reads the head file in `dir`, and the journal file number it names.
+pub(crate) fn read_with_journal(dir: &Path) -> io::Result<(HeadRead, u64)> {
     let bytes = match std::fs::read(dir.join(FILE)) {
         Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HeadRead::Missing),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((HeadRead::Missing, 0)),
         Err(e) => return Err(e),
     };
     Ok(match newest(&bytes) {
-        Some((head, _)) => HeadRead::Found(head),
-        None => HeadRead::Unreadable {
-            detail: format!(
-                "{} bytes, no valid slot (expected {} bytes: two checksummed slots)",
-                bytes.len(),
-                2 * SLOT_LEN
-            ),
-        },
+        Some(slot) => (HeadRead::Found(slot.head), slot.journal),
+        None => (
+            HeadRead::Unreadable {
+                detail: format!(
+                    "{} bytes, no valid slot (expected {} bytes: two checksummed slots)",
+                    bytes.len(),
+                    2 * SLOT_LEN
+                ),
+            },
+            0,
+        ),
     })
 }
 
-fn newest(bytes: &[u8]) -> Option<(Head, u64)> {
-    (0..2).filter_map(|i| bytes.get(i * SLOT_LEN..(i + 1) * SLOT_LEN).and_then(decode_slot)).max_by_key(|(_, c)| *c)
+fn newest(bytes: &[u8]) -> Option<Slot> {
+    (0..2).filter_map(|i| bytes.get(i * SLOT_LEN..(i + 1) * SLOT_LEN).and_then(decode_slot)).max_by_key(|s| s.counter)
 }
 
 /// The open head file of a writable log.
@@ -151,19 +190,21 @@ pub(crate) struct HeadFile {
     counter: u64,
     /// The global of the newest head written: heads only move forward.
     written: u64,
+    /// The newest head on disk.
+    last: Option<Head>,
 }
 
 impl HeadFile {
     /// Creates the head file of a new log holding `head`, durably (file and directory).
-    pub(crate) fn create(dir: &Path, head: &Head) -> io::Result<Self> {
+    pub(crate) fn create(dir: &Path, head: &Head, journal: u64) -> io::Result<Self> {
         let path = dir.join(FILE);
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
         let mut both = [0u8; 2 * SLOT_LEN];
-        both[..SLOT_LEN].copy_from_slice(&encode_slot(head, 1));
+        both[..SLOT_LEN].copy_from_slice(&encode_slot(head, 1, journal));
         file.write_all_at(&both, 0)?;
         file.sync_all()?;
         File::open(dir)?.sync_all()?;
-        Ok(Self { file, counter: 1, written: head.global })
+        Ok(Self { file, counter: 1, written: head.global, last: Some(*head) })
     }
 
     /// Opens the existing head file for writing (its newest slot is `current`).
@@ -172,35 +213,42 @@ impl HeadFile {
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
         let mut bytes = Vec::new();
         io::Read::read_to_end(&mut &file, &mut bytes)?;
-        let (written, counter) = newest(&bytes).map_or((0, 0), |(h, c)| (h.global, c));
+        let slot = newest(&bytes);
+        let (written, counter) = slot.map_or((0, 0), |s| (s.head.global, s.counter));
         if bytes.len() < 2 * SLOT_LEN {
             file.set_len((2 * SLOT_LEN) as u64)?;
         }
-        Ok(Self { file, counter, written })
+        Ok(Self { file, counter, written, last: slot.map(|s| s.head) })
     }
 
-    /// Writes `head` into the older slot; with `sync`, waits until it is on
-    /// disk. A head behind the one already written is not written (heads
-    /// only move forward).
-    pub(crate) fn write(&mut self, head: &Head, sync: bool) -> io::Result<()> {
+    /// The newest head on disk (`None`: neither slot was valid when opened).
+    pub(crate) fn last(&self) -> Option<Head> {
+        self.last
+    }
+
+    /// Writes `head` (the log going on in journal file `journal`) into the
+    /// older slot; with `sync`, waits until it is on disk. A head behind the
+    /// one already written is not written (heads only move forward).
+    pub(crate) fn write(&mut self, head: &Head, journal: u64, sync: bool) -> io::Result<()> {
         if head.global < self.written {
             return Ok(());
         }
         let counter = self.counter.wrapping_add(1);
         let offset = (counter % 2) * SLOT_LEN as u64;
-        self.file.write_all_at(&encode_slot(head, counter), offset)?;
+        self.file.write_all_at(&encode_slot(head, counter, journal), offset)?;
         if sync {
             self.file.sync_data()?;
         }
         self.counter = counter;
         self.written = head.global;
+        self.last = Some(*head);
         Ok(())
     }
 
     /// Writes `head` even if it is behind the last one (accepting a loss resets the head).
-    pub(crate) fn reset(&mut self, head: &Head) -> io::Result<()> {
+    pub(crate) fn reset(&mut self, head: &Head, journal: u64) -> io::Result<()> {
         self.written = 0;
-        self.write(head, true)
+        self.write(head, journal, true)
     }
 }
 
@@ -215,13 +263,13 @@ mod tests {
     #[test]
     fn the_newest_valid_slot_wins_and_a_torn_slot_leaves_the_other() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut f = HeadFile::create(dir.path(), &head(0)).expect("create");
+        let mut f = HeadFile::create(dir.path(), &head(0), 0).expect("create");
         assert_eq!(read(dir.path()).expect("read"), HeadRead::Found(head(0)));
         for g in 1..=5 {
-            f.write(&head(g), true).expect("write");
+            f.write(&head(g), 0, true).expect("write");
             assert_eq!(read(dir.path()).expect("read"), HeadRead::Found(head(g)));
         }
-        f.write(&head(3), true).expect("a head behind is skipped");
+        f.write(&head(3), 0, true).expect("a head behind is skipped");
         assert_eq!(read(dir.path()).expect("read"), HeadRead::Found(head(5)));
         // Tear the newest slot: the previous head is read.
         let mut bytes = std::fs::read(dir.path().join(FILE)).expect("bytes");
@@ -231,7 +279,7 @@ mod tests {
         assert_eq!(read(dir.path()).expect("read"), HeadRead::Found(head(4)));
         // Reopened, it goes on from the valid slot.
         let mut f = HeadFile::open(dir.path()).expect("open");
-        f.write(&head(6), false).expect("write");
+        f.write(&head(6), 0, false).expect("write");
         assert_eq!(read(dir.path()).expect("read"), HeadRead::Found(head(6)));
         std::fs::write(dir.path().join(FILE), b"garbage").expect("garbage");
         assert!(matches!(read(dir.path()).expect("read"), HeadRead::Unreadable { .. }));

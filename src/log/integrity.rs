@@ -58,6 +58,21 @@ pub enum HeadCheck {
     },
     /// A log of this format always has a head file; it is gone.
     Missing,
+    /// The head names the journal file the log goes on in, and the journal
+    /// holds no file from there on: it was deleted (or never copied), and
+    /// with it whatever was acknowledged since the head file last moved —
+    /// how much cannot be told.
+    JournalMissing {
+        /// The journal file number the head names.
+        from: u64,
+    },
+    /// The head shows no loss, but the journal is damaged where no crash
+    /// could have damaged it (see [`super::Replayed::damaged`]): what the
+    /// damage held may have been acknowledged.
+    JournalDamaged {
+        /// Where replay stopped, and why.
+        detail: String,
+    },
     /// The head file is there but neither of its slots can be read.
     Unreadable {
         /// Why.
@@ -83,7 +98,13 @@ impl HeadCheck {
     pub fn is_damage(&self) -> bool {
         matches!(
             self,
-            Self::Lost { .. } | Self::Diverged { .. } | Self::Missing | Self::Unreadable { .. } | Self::Foreign { .. }
+            Self::Lost { .. }
+                | Self::Diverged { .. }
+                | Self::Missing
+                | Self::JournalMissing { .. }
+                | Self::JournalDamaged { .. }
+                | Self::Unreadable { .. }
+                | Self::Foreign { .. }
         )
     }
 }
@@ -110,6 +131,11 @@ impl fmt::Display for HeadCheck {
             Self::Missing => {
                 f.write_str("the head file is missing (it is what tells a complete log from a rolled-back one)")
             }
+            Self::JournalMissing { from } => write!(
+                f,
+                "the journal is missing: the head says the log goes on in journal file {from:016x} and there is no such file or later one (the journal was deleted or not copied; what it held since the last checkpoint is lost, and how much cannot be told)"
+            ),
+            Self::JournalDamaged { detail } => write!(f, "the journal is damaged: {detail}"),
             Self::Unreadable { detail } => write!(f, "the head file is unreadable: {detail}"),
             Self::Foreign { head, log } => {
                 write!(f, "the head file belongs to another log (head of log {head}, this is log {log})")
@@ -190,6 +216,12 @@ pub(crate) fn check(
         HeadRead::NotKept => return Ok(HeadCheck::NotKept),
         HeadRead::Missing => return Ok(HeadCheck::Missing),
         HeadRead::Unreadable { detail } => return Ok(HeadCheck::Unreadable { detail }),
+        HeadRead::JournalMissing { head, from } => {
+            return Ok(match compare(store, &head, log_id, tip)? {
+                foreign @ HeadCheck::Foreign { .. } => foreign,
+                _ => HeadCheck::JournalMissing { from },
+            });
+        }
         HeadRead::Found(head) => head,
     };
     compare(store, &head, log_id, tip)

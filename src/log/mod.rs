@@ -346,8 +346,11 @@ impl Log {
         let replayed = store.replayed().is_some_and(|r| r.files > 0 || r.completed.is_some());
         let log = Self::init(store.clone(), Some(path.to_path_buf()), config, access, scratch)?;
         // Only once the log is accepted (a refused one keeps its journal as
-        // evidence): fold what was replayed into sled's files and let it go.
-        if replayed && access == Access::Write {
+        // evidence): fold what was replayed into sled's files and let it go;
+        // with a journal, always: the checkpoint starts the journal file the
+        // head names as where the log goes on (so a journal deleted whole is
+        // told from one never needed).
+        if access == Access::Write && (replayed || journaled) {
             store.checkpoint().map_err(opened)?;
         }
         Ok(log)
@@ -990,7 +993,7 @@ impl Drop for Inner {
                 Some(id) if w.failed.is_none() => {
                     if commit(self.store.as_ref(), id, w.last_global, w.last_link, Reach::Disk).is_ok() {
                         // A clean close leaves sled's files holding everything, and no journal.
-                        drop(self.store.checkpoint());
+                        drop(self.store.close());
                     }
                 }
                 _ => drop(self.store.flush()),
@@ -1041,7 +1044,7 @@ impl Opening<'_> {
         let (id, check) = match self.store.read_head()? {
             HeadRead::Found(h) if h.global == 0 => (h.log_id, HeadCheck::Intact { global: 0 }),
             // Every record is gone; the head remains.
-            HeadRead::Found(h) => {
+            HeadRead::Found(h) | HeadRead::JournalMissing { head: h, .. } => {
                 let check = HeadCheck::Lost { head: h.global, tip: 0 };
                 self.accept(&check, h.log_id, h.global, h.link)?;
                 (h.log_id, check)
@@ -1093,14 +1096,19 @@ impl Opening<'_> {
             }
         };
         let (global, link) = integrity::tip(self.store)?;
-        let check = integrity::check(self.store, self.store.read_head()?, id, (global, link))?;
+        let mut check = integrity::check(self.store, self.store.read_head()?, id, (global, link))?;
+        if !check.is_damage()
+            && let Some(replayed) = self.store.replayed().filter(|r| r.damaged)
+        {
+            check = HeadCheck::JournalDamaged { detail: replayed.stopped.unwrap_or_default() };
+        }
         if self.access == Access::Read {
             return Ok((Some(id), check));
         }
         match &check {
             HeadCheck::Lost { head, .. } => {
                 let head_link = match self.store.read_head()? {
-                    HeadRead::Found(h) => h.link,
+                    HeadRead::Found(h) | HeadRead::JournalMissing { head: h, .. } => h.link,
                     _ => link,
                 };
                 self.accept(&check, id, *head, head_link)?;

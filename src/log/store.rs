@@ -138,6 +138,17 @@ pub trait Store: Send + Sync + 'static {
     fn flush(&self) -> Result<(), StoreError>;
     /// Makes flushed data survive a power loss (fsync of the files).
     fn sync(&self) -> Result<(), StoreError>;
+    /// A commit: everything applied so far reaches the OS (and with `sync`
+    /// the disk), and the head moves up to `head`, which covers it — never
+    /// the other way round. By default `flush`, `sync`, then the head; a
+    /// store with a journal does all of it with one write and one sync.
+    fn commit(&self, head: &Head, sync: bool) -> Result<(), StoreError> {
+        self.flush()?;
+        if sync {
+            self.sync()?;
+        }
+        self.write_head(head, sync)
+    }
     /// Bytes used on disk (0 for memory).
     fn size_on_disk(&self) -> Result<u64, StoreError>;
     /// The head, as last made durable.
@@ -165,6 +176,12 @@ pub trait Store: Send + Sync + 'static {
         self.flush()?;
         self.sync()
     }
+    /// The last checkpoint of a writer that closes: the store's own files
+    /// then hold everything, and nothing more is needed to read them (for a
+    /// store with a journal: the head names no journal file).
+    fn close(&self) -> Result<(), StoreError> {
+        self.checkpoint()
+    }
     /// After a loss is accepted: if opening's replay stopped before the end
     /// of the journal (damage, or a gap behind it), the journal files it
     /// found hold frames that were never applied — the records the loss is
@@ -189,6 +206,14 @@ pub struct SledStore {
     synced: Mutex<Synced>,
     head: Mutex<Option<HeadFile>>,
     journal: Option<Journal>,
+    /// With a journal: the newest head a commit made durable (in a commit
+    /// frame), or opening found in the journal. The head file moves up to
+    /// it at each checkpoint; until then the journal holds it.
+    committed: Mutex<Option<Head>>,
+    /// The journal file number the head file names (written with it): a
+    /// file numbered at least this must exist. 0 until a checkpoint starts
+    /// a file, and after the checkpoint of a clean close.
+    journal_from: std::sync::atomic::AtomicU64,
     replayed: Replayed,
     /// One checkpoint at a time; and, once a loss was accepted over a replay
     /// that stopped short, where the journal files found at open go instead
@@ -265,7 +290,13 @@ impl SledStore {
             dir: dir.to_path_buf(),
             synced: Mutex::new(Synced::default()),
             head: Mutex::new(None),
-            journal: journal_file_max.map(|max| Journal::new(dir, resume.number, resume.next_jsn, max)),
+            journal: journal_file_max.map(|max| Journal::new(dir, resume, max)),
+            journal_from: std::sync::atomic::AtomicU64::new(0),
+            committed: Mutex::new(id.zip(replayed.journal_head).map(|(id, (global, link))| Head {
+                log_id: LogId(id),
+                global,
+                link,
+            })),
             replayed,
             checkpointing: Mutex::new(None),
             found_below: resume.number,
@@ -390,49 +421,49 @@ impl Store for SledStore {
         })
     }
 
-    /// With a journal, writes its pending frames; without, sled's `flush`.
+    /// With a journal, writes its pending frames and syncs them (a write to
+    /// the journal is never left unsynced: see `journal.rs`), with a
+    /// checkpoint when the file is due for one; without, sled's `flush`.
     fn flush(&self) -> Result<(), StoreError> {
         match &self.journal {
-            Some(j) => j.write_out(|| self.log_id()).map_err(Self::io("write", &self.dir.join(journal::DIR))),
+            Some(_) => self.commit_journal(None),
             None => self.flush_sled(),
         }
     }
 
-    /// With a journal, `fdatasync` of its file (and a checkpoint when the
-    /// file is due for one); without, of sled's files (sled's `flush` is
-    /// `pwrite` + `sync_file_range` on Linux, not fsync: after it, data
-    /// survives a process crash but not a power loss).
+    /// With a journal, nothing more (`flush` synced); without, `fsync` of
+    /// sled's files (sled's `flush` is `pwrite` + `sync_file_range` on
+    /// Linux, not fsync: after it, data survives a process crash but not a
+    /// power loss).
     fn sync(&self) -> Result<(), StoreError> {
         match &self.journal {
-            Some(j) => {
-                if j.sync().map_err(Self::io("fdatasync", &self.dir.join(journal::DIR)))? {
-                    self.checkpoint()?;
-                }
-                Ok(())
-            }
+            Some(_) => Ok(()),
             None => self.sync_files(),
         }
     }
 
-    /// sled flushed and synced; then the journal files it covers are deleted
-    /// (without a journal: every file a replay left).
-    fn checkpoint(&self) -> Result<(), StoreError> {
-        let mut keep = self.checkpointing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let jdir = self.dir.join(journal::DIR);
-        let below = match &self.journal {
-            Some(j) => j.rotate(|| self.log_id()).map_err(Self::io("write", &jdir))?,
-            None => u64::MAX,
-        };
-        self.flush_sled()?;
-        self.sync_files()?;
-        if let Some(to) = &*keep {
-            // The files replay read, moved; kept in mind until all are (a
-            // failure leaves the rest for the next checkpoint to move).
-            let found = below.min(self.found_below);
-            journal::keep_before(&jdir, found, to).map_err(Self::io("move old files of", &jdir))?;
-            *keep = None;
+    /// With a journal: the frames and a commit frame naming `head`, one
+    /// write and one `fdatasync`; the head file moves at the next
+    /// checkpoint. Without: sled's flush (and sync), then the head file.
+    fn commit(&self, head: &Head, sync: bool) -> Result<(), StoreError> {
+        if self.journal.is_none() {
+            self.flush_sled()?;
+            if sync {
+                self.sync_files()?;
+            }
+            return self.put_head(head, false, sync);
         }
-        journal::remove_before(&jdir, below).map_err(Self::io("remove old files of", &jdir))
+        self.commit_journal(Some(head))
+    }
+
+    /// sled flushed and synced, the head file moved up; then the journal
+    /// files they cover are deleted (without a journal: every file a replay left).
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        self.checkpoint_then(false)
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        self.checkpoint_then(true)
     }
 
     fn keep_unreplayed(&self) -> Option<PathBuf> {
@@ -452,8 +483,22 @@ impl Store for SledStore {
         Ok(sled + journal::size(&self.dir.join(journal::DIR)))
     }
 
+    /// The head file, or the newest commit in the journal when that is
+    /// newer (the journal is the head between checkpoints).
     fn read_head(&self) -> Result<HeadRead, StoreError> {
-        head::read(&self.dir).map_err(Self::io("read", &self.dir.join(head::FILE)))
+        let (file, from) = head::read_with_journal(&self.dir).map_err(Self::io("read", &self.dir.join(head::FILE)))?;
+        if let (HeadRead::Found(head), true) = (&file, from > 0) {
+            let jdir = self.dir.join(journal::DIR);
+            let files = journal::files(&jdir).map_err(Self::io("read", &jdir))?;
+            if files.last().is_none_or(|(n, _)| *n < from) {
+                return Ok(HeadRead::JournalMissing { head: *head, from });
+            }
+        }
+        let committed = *self.committed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(match (file, committed) {
+            (HeadRead::Found(h), Some(c)) if c.log_id == h.log_id && c.global > h.global => HeadRead::Found(c),
+            (file, _) => file,
+        })
     }
 
     fn write_head(&self, head: &Head, sync: bool) -> Result<(), StoreError> {
@@ -461,7 +506,11 @@ impl Store for SledStore {
     }
 
     fn reset_head(&self, head: &Head) -> Result<(), StoreError> {
-        self.put_head(head, true, true)
+        self.put_head(head, true, true)?;
+        if self.journal.is_some() {
+            *self.committed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(*head);
+        }
+        Ok(())
     }
 }
 
@@ -511,7 +560,7 @@ impl SledStore {
                 sled_call("writing", &self.dir, || self.tree.apply_batch(batch_of(writes, Some(jsn))))?;
             } else {
                 let mut frame = Vec::new();
-                journal::encode_frame(jsn, &writes, &mut frame);
+                journal::encode_frame(jsn, 0, &writes, &mut frame);
                 self.apply_by_key(jsn, frame, writes)?;
             }
             *next = jsn.saturating_add(1);
@@ -522,9 +571,7 @@ impl SledStore {
         if let Some(why) = self.broken.get() {
             return Err(StoreError::Sled { detail: why.clone() });
         }
-        let jsn = pending.next_jsn;
-        let before = pending.buf.len();
-        journal::encode_frame(jsn, &writes, &mut pending.buf);
+        let (jsn, before, crc) = pending.frame(&writes);
         let result = if !by_key || removes {
             sled_call("writing", &self.dir, || self.tree.apply_batch(batch_of(writes, Some(jsn))))
         } else {
@@ -532,15 +579,10 @@ impl SledStore {
             self.apply_by_key(jsn, frame, writes)
         };
         match result {
-            Ok(()) => {
-                pending.next_jsn = jsn.saturating_add(1);
-                Ok(())
-            }
-            Err(e) => {
-                pending.buf.truncate(before);
-                Err(e)
-            }
+            Ok(()) => pending.keep(jsn, crc),
+            Err(_) => pending.drop_from(before),
         }
+        result
     }
 
     /// Applies a batch without removals key by key. sled's `apply_batch`
@@ -580,6 +622,79 @@ impl SledStore {
         log_id(&self.tree, &self.dir).ok().flatten()
     }
 
+    /// A checkpoint: sled's files made durable, the head file moved up to
+    /// the newest commit, then the journal files they cover deleted. When
+    /// `closing`, the head names no journal file (none is needed to read
+    /// what sled's files now hold); otherwise it names the file the log goes on in.
+    fn checkpoint_then(&self, closing: bool) -> Result<(), StoreError> {
+        let mut keep = self.checkpointing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let jdir = self.dir.join(journal::DIR);
+        // The newest commit, read before the rotation: its frames are in the
+        // files the rotation ends, so sled's flush below makes them durable.
+        let committed = *self.committed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let below = match &self.journal {
+            Some(j) => j.rotate(|| self.log_id()).map_err(Self::io("write", &jdir))?,
+            None => u64::MAX,
+        };
+        self.flush_sled()?;
+        self.sync_files()?;
+        // The head file takes over from the commit frames before the files
+        // holding them go, naming the file the log goes on in (none when closing).
+        if let Some(j) = &self.journal {
+            let from = if closing { 0 } else { j.start_file(|| self.log_id()).map_err(Self::io("write", &jdir))? };
+            self.journal_from.store(from, std::sync::atomic::Ordering::SeqCst);
+            self.move_head(committed)?;
+        }
+        if let Some(to) = &*keep {
+            // The files replay read, moved; kept in mind until all are (a
+            // failure leaves the rest for the next checkpoint to move).
+            let found = below.min(self.found_below);
+            journal::keep_before(&jdir, found, to).map_err(Self::io("move old files of", &jdir))?;
+            *keep = None;
+        }
+        journal::remove_before(&jdir, below).map_err(Self::io("remove old files of", &jdir))
+    }
+
+    /// Writes the head file at the newer of `committed` and the head it
+    /// holds, with the journal number of now (creating the file if need be).
+    fn move_head(&self, committed: Option<Head>) -> Result<(), StoreError> {
+        let path = self.dir.join(head::FILE);
+        let from = self.journal_from.load(std::sync::atomic::Ordering::SeqCst);
+        let mut slot = self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_none() && path.exists() {
+            *slot = Some(HeadFile::open(&self.dir).map_err(Self::io("open", &path))?);
+        }
+        let last = slot.as_ref().and_then(HeadFile::last);
+        let head = match (committed, last) {
+            (Some(c), Some(l)) => Some(if c.global >= l.global { c } else { l }),
+            (c, l) => c.or(l),
+        };
+        let Some(head) = head else { return Ok(()) };
+        let written = match slot.as_mut() {
+            Some(file) => file.write(&head, from, true),
+            None => HeadFile::create(&self.dir, &head, from).map(|f| *slot = Some(f)),
+        };
+        written.map_err(Self::io("write", &path))
+    }
+
+    /// A journal commit (`head`: with a commit frame naming it), then the
+    /// checkpoint the journal's size calls for.
+    fn commit_journal(&self, head: Option<&Head>) -> Result<(), StoreError> {
+        let Some(j) = &self.journal else { return Ok(()) };
+        let tip = head.map(|h| (h.global, h.link));
+        let due = j.commit(tip, || self.log_id()).map_err(Self::io("write", &self.dir.join(journal::DIR)))?;
+        if let Some(head) = head {
+            let mut committed = self.committed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if committed.is_none_or(|c| c.global < head.global) {
+                *committed = Some(*head);
+            }
+        }
+        if due {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
     fn flush_sled(&self) -> Result<(), StoreError> {
         sled_call("flushing", &self.dir, || self.db.flush()).map(drop)
     }
@@ -589,10 +704,11 @@ impl SledStore {
         let path = self.dir.join(head::FILE);
         let io = Self::io("write", &path);
         let mut slot = self.head.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let write = |f: &mut HeadFile| if reset { f.reset(head) } else { f.write(head, sync) };
+        let from = self.journal_from.load(std::sync::atomic::Ordering::SeqCst);
+        let write = |f: &mut HeadFile| if reset { f.reset(head, from) } else { f.write(head, from, sync) };
         let result = match slot.as_mut() {
             Some(file) => write(file),
-            None if !path.exists() => HeadFile::create(&self.dir, head).map(|f| *slot = Some(f)),
+            None if !path.exists() => HeadFile::create(&self.dir, head, from).map(|f| *slot = Some(f)),
             None => HeadFile::open(&self.dir).and_then(|mut f| {
                 write(&mut f)?;
                 *slot = Some(f);
@@ -761,7 +877,7 @@ mod tests {
         // Batch 2, stopped after its first key.
         let writes = vec![(b"k2".to_vec(), Some(b"two".to_vec())), (b"k3".to_vec(), Some(b"three".to_vec()))];
         let mut frame = Vec::new();
-        journal::encode_frame(2, &writes, &mut frame);
+        journal::encode_frame(2, 0, &writes, &mut frame);
         store.tree.insert(keys::META_BATCH, frame).expect("copy");
         store.tree.insert(b"k2", b"two").expect("first key");
         store.db.flush().expect("flush");
@@ -811,7 +927,7 @@ mod tests {
         // Batch 3, stopped after its first key.
         let writes = vec![(b"k2".to_vec(), Some(b"two".to_vec())), (b"k3".to_vec(), Some(b"three".to_vec()))];
         let mut frame = Vec::new();
-        journal::encode_frame(3, &writes, &mut frame);
+        journal::encode_frame(3, 0, &writes, &mut frame);
         store.tree.insert(keys::META_BATCH, frame).expect("copy");
         store.tree.insert(b"k2", b"two").expect("first key");
         store.db.flush().expect("flush");
@@ -835,7 +951,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let store = open(dir.path());
         let mut frame = Vec::new();
-        journal::encode_frame(1, &[(b"k".to_vec(), Some(b"v".to_vec()))], &mut frame);
+        journal::encode_frame(1, 0, &[(b"k".to_vec(), Some(b"v".to_vec()))], &mut frame);
         let last = frame.len() - 1;
         frame[last] ^= 1;
         store.tree.insert(keys::META_BATCH, frame).expect("copy");

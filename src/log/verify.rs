@@ -598,7 +598,7 @@ mod journal_verdicts {
     }
 
     fn quiet() -> Replayed {
-        Replayed { files: 2, applied: 0, skipped: 5, stopped: None, damaged: false, completed: None, bridged: vec![] }
+        Replayed { files: 2, skipped: 5, ..Replayed::default() }
     }
 
     #[test]

@@ -19,9 +19,13 @@ const INSTANCES: usize = 24;
 const APPENDS_PER_WRITER: usize = 150;
 
 /// A log in `dir` after every writer's appends were acknowledged (GroupCommit,
-/// the default), still open, and every record it holds.
-fn live_log(dir: &Path) -> (Log, Vec<Record>) {
+/// the default), still open, and every record it holds. With `opened`, a
+/// copy of the directory right after opening, before any append.
+fn live_log(dir: &Path, opened: Option<&Path>) -> (Log, Vec<Record>) {
     let log = Log::open(dir, LogConfig::default()).expect("open");
+    if let Some(opened) = opened {
+        copy_tree(dir, opened);
+    }
     std::thread::scope(|s| {
         for w in 0..WRITERS {
             let log = &log;
@@ -38,12 +42,22 @@ fn live_log(dir: &Path) -> (Log, Vec<Record>) {
 
 /// What a crash of a live log leaves (a copy of its directory taken while
 /// it is open), in a temporary directory, and the records acknowledged.
+/// sled's files in it are as they were right after opening: sled wrote
+/// nothing on its own (how much it writes depends on its buffers), so the
+/// journal holds every append and replay must bring each one back.
 fn crash_copy() -> (tempfile::TempDir, PathBuf, Vec<Record>) {
     let dir = tempfile::tempdir().expect("dir");
-    let (src, copy) = (dir.path().join("log"), dir.path().join("crashed"));
-    let (log, expected) = live_log(&src);
+    let (src, copy, opened) = (dir.path().join("log"), dir.path().join("crashed"), dir.path().join("opened"));
+    let (log, expected) = live_log(&src, Some(&opened));
     copy_tree(&src, &copy);
     drop(log);
+    for entry in std::fs::read_dir(&opened).expect("opened") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().expect("name").to_owned();
+        if name != "head" && name != "journal" && path.is_file() {
+            std::fs::copy(&path, copy.join(&name)).expect("sled's files as they were");
+        }
+    }
     (dir, copy, expected)
 }
 
@@ -58,25 +72,36 @@ fn journal_files(dir: &Path) -> Vec<PathBuf> {
 
 /// Where the frames of a journal file end (the zeros written ahead start),
 /// read with the layout `journal.rs` documents: an 8-byte magic and the
-/// 16-byte log id, then frames of a 16-byte header (payload length first)
+/// 16-byte log id, then frames of a 20-byte header (payload length first)
 /// and the payload.
 fn end_of_frames(bytes: &[u8]) -> usize {
     let mut at = 24;
     while at < bytes.len() && bytes[at..].iter().any(|&b| b != 0) {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
-        at += 16 + len;
+        at += 20 + len;
     }
     at
 }
 
-/// Flips a bit halfway through the frames of the first journal file in
-/// `dir`: the journal files there were (the damaged one first) and its bytes now.
+/// Flips a bit in the payload of the first batch frame (not a commit frame,
+/// whose payload starts with tag 2) halfway through the frames of the first
+/// journal file in `dir`: the journal files there were (the damaged one
+/// first) and its bytes now.
 fn damage_the_middle(dir: &Path) -> (Vec<PathBuf>, Vec<u8>) {
     let files = journal_files(dir);
     let file = files.first().expect("a journal file");
     let mut bytes = std::fs::read(file).expect("read");
     let middle = end_of_frames(&bytes) / 2;
-    bytes[middle] ^= 0x40;
+    let mut at = 24;
+    loop {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        assert!(len > 0, "a batch frame past the middle");
+        if at >= middle && bytes[at + 20] != 2 {
+            break;
+        }
+        at += 20 + len;
+    }
+    bytes[at + 20 + 3] ^= 0x40;
     std::fs::write(file, &bytes).expect("damage");
     (files, bytes)
 }
@@ -86,7 +111,7 @@ fn refused_as_lost(dir: &Path, what: &str) {
     match Log::open(dir, LogConfig::default()) {
         Err(LogError::Damaged { check, .. }) => assert!(matches!(*check, HeadCheck::Lost { .. }), "{what}: {check}"),
         Err(e) => panic!("{what}: expected a refusal for lost records, got {e}"),
-        Ok(_) => panic!("{what}: opened as if nothing was lost"),
+        Ok(log) => panic!("{what}: opened as if nothing was lost: {:?} {}", log.replayed(), log.head_check()),
     }
 }
 
@@ -104,7 +129,7 @@ fn records(log: &Log) -> Vec<Record> {
 fn what_a_crash_leaves_comes_back_whole_from_the_journal() {
     let dir = tempfile::tempdir().expect("dir");
     let (src, crashed, sled_only) = (dir.path().join("log"), dir.path().join("crashed"), dir.path().join("sled-only"));
-    let (log, expected) = live_log(&src);
+    let (log, expected) = live_log(&src, None);
     assert!(!journal_files(&src).is_empty(), "a durable log commits through its journal");
     copy_tree(&src, &crashed);
     copy_tree(&src, &sled_only);
@@ -112,8 +137,15 @@ fn what_a_crash_leaves_comes_back_whole_from_the_journal() {
     drop(log);
     assert!(journal_files(&src).is_empty(), "a clean close folds the journal into sled's files");
 
-    // sled's files alone fall short of what was acknowledged, and the head says so.
-    refused_as_lost(&sled_only, "sled's files alone");
+    // sled's files alone fall short of what was acknowledged; the head names
+    // the journal file the log went on in, so a journal deleted whole is damage.
+    match Log::open(&sled_only, LogConfig::default()) {
+        Err(LogError::Damaged { check, .. }) => {
+            assert!(matches!(*check, HeadCheck::JournalMissing { .. }), "{check}")
+        }
+        Err(e) => panic!("expected a refusal for a missing journal, got {e}"),
+        Ok(_) => panic!("sled's files alone opened as if nothing was lost"),
+    }
 
     // An operator's look first: `lifecycle verify` (on a copy) says what the journal brought back.
     let verify = lifecycle(&["verify", crashed.to_str().expect("utf-8")]);
@@ -138,7 +170,9 @@ fn what_a_crash_leaves_comes_back_whole_from_the_journal() {
         "{:?}",
         report.notes
     );
-    assert!(journal_files(&crashed).is_empty(), "opening folded the replayed journal into sled's files");
+    let left = journal_files(&crashed);
+    assert_eq!(left.len(), 1, "opening folded the replayed journal into sled's files and started one file");
+    assert_eq!(std::fs::metadata(&left[0]).expect("file").len(), 24, "a header, no frame: {left:?}");
 
     // Writing goes on after the replay, and survives the next crash as well.
     let (tip, _) = log.tip();
@@ -386,4 +420,155 @@ fn sled_rolled_back_behind_the_journal_is_a_gap_and_a_finding() {
     assert!(journal.as_deref().is_some_and(|f| f.contains("a gap")), "{:?}", report.findings);
     drop(copy);
     refused_as_lost(&rolled, "sled's files behind the journal");
+}
+
+/// The frames of a journal file of format 2: (offset, length with header, is a commit frame).
+fn frames_of(bytes: &[u8]) -> Vec<(usize, usize, bool)> {
+    let (mut at, end, mut out) = (24, end_of_frames(bytes), Vec::new());
+    while at < end {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        out.push((at, 20 + len, bytes[at + 20] == 2));
+        at += 20 + len;
+    }
+    out
+}
+
+/// What a reader and a writer make of a damaged copy: one row of the matrix.
+struct Verdict {
+    /// `Log::open_copy`'s head check says damage (verify is not clean).
+    damage: bool,
+    /// A writer without `accept_loss` opened it.
+    opened: bool,
+    /// Every acknowledged record is there, unchanged.
+    whole: bool,
+    said: String,
+}
+
+fn verdict(dir: &Path, expected: &[Record]) -> Verdict {
+    let (copy, _) = Log::open_copy(dir).expect("a damaged journal is read, not refused");
+    let damage = copy.head_check().is_damage();
+    let said = format!("{}; replay: {:?}", copy.head_check(), copy.replayed().and_then(|r| r.stopped));
+    let whole = records(&copy) == expected;
+    drop(copy);
+    let opened = Log::open(dir, LogConfig::default()).is_ok();
+    Verdict { damage, opened, whole, said }
+}
+
+/// The corruption matrix for the journal's own format (one sync per commit,
+/// #29): a commit frame's tip damaged, the last frame torn, the newest file
+/// cut at a frame boundary, the head file one checkpoint behind. No case
+/// panics; a case that lost an acknowledged record is never clean and
+/// never opened by a writer; a case that lost nothing opens whole.
+#[test]
+fn journal_matrix_never_calls_a_lost_acknowledgement_clean() {
+    let mut rows = Vec::new();
+    let mut row = |name: &str, v: &Verdict| {
+        rows.push(format!(
+            "| {name} | damage: {} | writer opened: {} | every record: {} | {} |",
+            v.damage, v.opened, v.whole, v.said
+        ))
+    };
+
+    // A commit frame's tip damaged (one with frames after it): the frame
+    // fails its CRC and the batch after it proves nothing was lost.
+    let (_dir, log, expected) = crash_copy();
+    let file = journal_files(&log).pop().expect("a journal file");
+    let mut bytes = std::fs::read(&file).expect("read");
+    let frames = frames_of(&bytes);
+    let (at, _, _) = frames[..frames.len() - 1].iter().rev().find(|f| f.2).copied().expect("a commit frame");
+    bytes[at + 20 + 1 + 8 + 5] ^= 0x01; // a byte of its link
+    std::fs::write(&file, &bytes).expect("damage");
+    let v = verdict(&log, &expected);
+    row("a commit frame's tip damaged", &v);
+    assert!(!v.damage && v.opened && v.whole, "{}", v.said);
+
+    // The last frame torn (half of it written): the write a crash interrupts.
+    let (_dir, log, expected) = crash_copy();
+    let file = journal_files(&log).pop().expect("a journal file");
+    let bytes = std::fs::read(&file).expect("read");
+    let &(at, len, commit) = frames_of(&bytes).last().expect("frames");
+    assert!(commit, "a commit ends with its commit frame");
+    let mut torn = bytes[..at + len / 2].to_vec();
+    torn.resize(bytes.len(), 0);
+    std::fs::write(&file, &torn).expect("tear");
+    let v = verdict(&log, &expected);
+    row("the last frame torn", &v);
+    assert!(!v.damage && v.opened && v.whole, "{}", v.said);
+
+    // The newest file cut at a frame boundary (its zeros gone with its tail):
+    // acknowledged frames are gone, and the cut shows.
+    let (_dir, log, expected) = crash_copy();
+    let file = journal_files(&log).pop().expect("a journal file");
+    let bytes = std::fs::read(&file).expect("read");
+    let frames = frames_of(&bytes);
+    let (at, _, _) = frames[frames.len() / 2];
+    std::fs::write(&file, &bytes[..at]).expect("cut");
+    let v = verdict(&log, &expected);
+    row("the newest journal file cut at a frame boundary", &v);
+    assert!(v.damage && !v.opened && !v.whole, "{}", v.said);
+    assert!(v.said.contains("cut at a frame boundary"), "{}", v.said);
+
+    // The head file one checkpoint behind (put back from before the last
+    // checkpoint): the journal's commit frames and sled's files hold the
+    // rest; nothing is lost and nothing is called lost.
+    let dir = tempfile::tempdir().expect("dir");
+    let (src, crashed) = (dir.path().join("log"), dir.path().join("crashed"));
+    let config = LogConfig { journal_file_max: instance_lifecycle::log::JOURNAL_FILE_MIN, ..LogConfig::default() };
+    let live = Log::open(&src, config.clone()).expect("open");
+    let all: Vec<usize> = (0..INSTANCES).collect();
+    write_instances(&live, &all, 3_000, &mut |_| {});
+    let first = journal_files(&src).first().map(|f| file_number(f)).expect("a journal file");
+    let old_head = std::fs::read(src.join("head")).expect("head");
+    write_instances(&live, &all, 3_000, &mut |_| {});
+    let later = journal_files(&src).first().map(|f| file_number(f)).expect("a journal file");
+    assert!(later > first, "a checkpoint between the two copies of the head: {first} then {later}");
+    let expected = records(&live);
+    copy_tree(&src, &crashed);
+    drop(live);
+    std::fs::write(crashed.join("head"), &old_head).expect("the head one checkpoint behind");
+    let v = verdict(&crashed, &expected);
+    row("the head one checkpoint behind", &v);
+    assert!(!v.damage && v.opened && v.whole, "{}", v.said);
+
+    println!("| case | verdict | | | |\n|---|---|---|---|---|\n{}", rows.join("\n"));
+}
+
+/// A log written before one sync per commit (journal files of format 1,
+/// the head moved by every commit; `tests/fixtures/log-v3-journal-v1`, left
+/// by a writer that exited without closing) opens, verifies clean, replays
+/// its journal, and is upgraded by the first write: new journal files are
+/// of format 2, and it reopens whole after a crash and after a clean close.
+#[test]
+fn a_log_of_the_previous_journal_format_opens_verifies_and_is_upgraded() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/log-v3-journal-v1");
+    let dir = tempfile::tempdir().expect("dir");
+    let log_dir = dir.path().join("log");
+    copy_tree(&fixture, &log_dir);
+    let magic = |p: &Path| std::fs::read(p).expect("read")[..8].to_vec();
+    assert_eq!(journal_files(&log_dir).iter().map(|f| magic(f)).collect::<Vec<_>>(), vec![b"ILJRNL\x00\x01".to_vec()]);
+
+    let out = lifecycle(&["verify", log_dir.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("clean: 44 records of 4 instances"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("head: 44:2b2bda8dca47e4d5"), "{}", stdout(&out));
+
+    let log = Log::open(&log_dir, LogConfig::default()).expect("a writer opens it");
+    assert!(matches!(log.head_check(), HeadCheck::Intact { global: 44 }), "{}", log.head_check());
+    assert!(log.replayed().expect("journal").applied > 0);
+    let before = records(&log);
+    assert_eq!(before.len(), 44);
+    let names: Vec<usize> = (0..4).collect();
+    write_instances(&log, &names, 40, &mut |_| {});
+    let after = records(&log);
+    assert!(after.len() > 44 && after[..44] == before[..]);
+    let files = journal_files(&log_dir);
+    assert!(!files.is_empty() && files.iter().all(|f| magic(f) == b"ILJRNL\x00\x02"), "{files:?}");
+    let crashed = dir.path().join("crashed");
+    copy_tree(&log_dir, &crashed);
+    drop(log);
+    for d in [&crashed, &log_dir] {
+        let log = Log::open(d, LogConfig::default()).expect("reopen");
+        assert!(!log.head_check().is_damage(), "{}", log.head_check());
+        assert_eq!(records(&log), after);
+    }
 }
