@@ -1,12 +1,15 @@
 //! Does the log still hold everything it acknowledged? Opening compares the
-//! head (kept outside sled, see `head.rs`) with the tip sled returns: the
-//! newest record's global sequence number and link.
+//! head (kept outside sled: the newer of the head file, `head.rs`, and the
+//! journal's newest commit frame, `journal.rs`) with the tip sled returns:
+//! the newest record's global sequence number and link.
 //!
-//! How far the head may trail the tip, exactly: in the durable modes the
-//! head is written after each flush + fsync and before any append it covers
-//! is acknowledged, so after a crash the log may hold records beyond the head
-//! only if they were *not yet acknowledged* (appended, flushed by sled on its
-//! own, then the process died before the head write) — with the engine, at
+//! How far the head may trail the tip, exactly: in the durable modes each
+//! commit's one synced write ends with the commit frame that moves the head,
+//! before any append it covers is acknowledged, so after a crash the log may
+//! hold records beyond the head only if they were *not yet acknowledged*
+//! (appended, written by sled on its own, then the process died before the
+//! commit) — or if the commit frame of the last write could not count (see
+//! `journal.rs`: a torn last write) — with the engine, at
 //! most one per instance that had a transition in flight. In `Buffered` mode
 //! the head trails by whatever the last `flush_every` period appended. A head
 //! ahead of the tip means records the log once made durable are gone.

@@ -13,9 +13,11 @@
 //! 3. Wait for durability as the [`Durability`] mode says: a *commit*
 //!    covering this append. In the durable modes a commit is one write and
 //!    one `fdatasync` of the journal (every batch is also a journal frame,
-//!    see `journal.rs`; sled is never flushed on the commit path), then the head moved
-//!    up with one more `fdatasync`. `Buffered` does not wait; its commits
-//!    run on a period, flush sled and stop at the OS (no fsync).
+//!    and the commit's write ends with a commit frame naming the tip: the
+//!    journal is the head between checkpoints, see `journal.rs`; sled is
+//!    never flushed on the commit path). `Buffered` does not wait; its
+//!    commits run on a period, flush sled, move the head file and stop at
+//!    the OS (no fsync).
 //! 4. Only then may the caller apply the transition in memory. If any step
 //!    fails, the caller gets the error and the transition does not happen.
 //!
@@ -24,16 +26,17 @@
 //! | mode | an append returns after | process crash | power loss |
 //! |---|---|---|---|
 //! | [`Durability::Buffered`] | the batch is in sled's memory (sled writes it out every `flush_every`; a commit to the OS, without fsync, moves the head every `buffered_head_every`, a minute) | loses ≤ `flush_every` | loses what the OS had not written back; the head then reports what it covered as lost |
-//! | [`Durability::GroupCommit`] (default) | a shared commit covering it: the next commit starts as soon as the last one's journal sync ends (plus `group_commit_max_delay`, zero by default) and covers every append before it; its head is synced while the next commit's journal is | loses nothing acknowledged | loses nothing acknowledged (if the disk honours fsync) |
+//! | [`Durability::GroupCommit`] (default) | a shared commit covering it (one `fdatasync`): the next commit starts as soon as the last one's sync ends (plus `group_commit_max_delay`, zero by default) and covers every append before it | loses nothing acknowledged | loses nothing acknowledged (if the disk honours fsync) |
 //! | [`Durability::Strict`] | a commit of its own, in the appending thread | loses nothing acknowledged | loses nothing acknowledged |
 //!
 //! After a crash, opening replays the journal frames sled's files lack
-//! ([`Log::replayed`]); a checkpoint (sled flushed and synced, older journal
-//! files deleted) runs when a journal file reaches
+//! ([`Log::replayed`]); a checkpoint (sled flushed and synced, the head file
+//! moved up, older journal files deleted) runs when a journal file reaches
 //! [`LogConfig::journal_file_max`] and when a writer opens or closes the log.
 //!
-//! **Damage is noticed.** The head (a file beside sled's, see `head.rs`)
-//! records the newest record each commit covered. Opening compares it with
+//! **Damage is noticed.** The head — the newer of the head file beside
+//! sled's (`head.rs`, moved at checkpoints) and the journal's newest commit
+//! frame — records the newest record a commit covered. Opening compares it with
 //! the tip sled returns ([`HeadCheck`]): sled silently rolls back to an older
 //! consistent state when it finds damage, and without the head that would
 //! look like a clean, shorter log. A writer refuses a log that lost records
