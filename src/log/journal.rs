@@ -575,6 +575,30 @@ pub struct Replayed {
     /// have been torn: how far the log was acknowledged since the head file
     /// last moved. Opening takes the newer of this and the head file.
     pub journal_head: Option<(u64, Digest)>,
+    /// Records in intact frames past where replay stopped, which sled does
+    /// not hold and replay could not apply (never over a hole): instance
+    /// name and sequence number, in frame order, the first
+    /// [`LOST_LISTED`]. What the damaged bytes themselves held cannot be named.
+    pub lost: Vec<(String, u64)>,
+    /// How many more such records there were than `lost` lists.
+    pub lost_unlisted: u64,
+}
+
+/// At most this many records are listed in [`Replayed::lost`].
+pub const LOST_LISTED: usize = 10_000;
+
+impl Replayed {
+    /// Notes the records of a batch replay could not apply.
+    fn lose(&mut self, writes: &[Write]) {
+        for (key, value) in writes {
+            let Some((name, seq)) = value.as_ref().and_then(|_| super::keys::parse_record(key)) else { continue };
+            if self.lost.len() < LOST_LISTED {
+                self.lost.push((String::from_utf8_lossy(name).into_owned(), seq));
+            } else {
+                self.lost_unlisted += 1;
+            }
+        }
+    }
 }
 
 /// Where appending goes on after [`replay`].
@@ -722,7 +746,11 @@ pub(crate) fn replay<E: From<Foreign>>(
                 continue;
             }
             if report.stopped.is_some() {
-                continue; // only counting past the stop, for the next JSN and the head
+                // Past the stop: counting for the next JSN and the head, and naming what is lost.
+                if frame.jsn > held {
+                    report.lose(&frame.writes);
+                }
+                continue;
             }
             if let Some(d) = damage.take() {
                 if frame.jsn > held.saturating_add(1) {
@@ -730,6 +758,7 @@ pub(crate) fn replay<E: From<Foreign>>(
                     let (why, damaged) = d.verdict();
                     report.stopped = Some(why);
                     report.damaged = damaged;
+                    report.lose(&frame.writes);
                     continue;
                 }
                 report.bridged.push(format!(
@@ -751,6 +780,7 @@ pub(crate) fn replay<E: From<Foreign>>(
                 report.stopped =
                     Some(format!("sled holds batches up to {held} and the journal goes on at {}: a gap", frame.jsn));
                 report.damaged = true;
+                report.lose(&frame.writes);
             }
         }
     }

@@ -70,7 +70,7 @@ pub use error::LogError;
 pub use files::{lock_holder, remove_copies};
 pub use head::{Head, HeadRead, LogId};
 pub use integrity::{AcceptedLoss, HeadCheck};
-pub use journal::Replayed;
+pub use journal::{LOST_LISTED, Replayed};
 pub use record::{Corruption, Digest, Event, InstanceSpec, Latest, Record};
 pub use recovery::{RecoveredInstance, Recovery, RecoveryMode, RecoveryOptions};
 pub use retention::{CompactionReport, Retention};

@@ -205,6 +205,8 @@ fn a_damaged_journal_is_reported_and_kept_never_skipped() {
     // Which check the flipped bit fails depends on where it lands (length, CRC, payload): any, at the frame.
     assert!(replayed.stopped.as_deref().is_some_and(|s| s.contains("at offset") && !s.contains("gap")), "{replayed:?}");
     assert!(matches!(copy.head_check(), HeadCheck::Lost { .. }), "{}", copy.head_check());
+    // The records in the intact frames past the damage are named: each one acknowledged, none left.
+    assert!(!replayed.lost.is_empty(), "{replayed:?}");
     drop(copy);
 
     // Accepted, the loss is recorded; what is left is what came before the damage.
@@ -214,6 +216,13 @@ fn a_damaged_journal_is_reported_and_kept_never_skipped() {
     let left = records(&log);
     assert!(left.len() < expected.len());
     assert_eq!(left[..], expected[..left.len()], "the records before the damage, unchanged");
+    for (instance, seq) in &replayed.lost {
+        assert!(
+            expected.iter().any(|r| r.instance.to_string() == *instance && r.seq == *seq),
+            "{instance} {seq} was acknowledged"
+        );
+        assert!(!left.iter().any(|r| r.instance.to_string() == *instance && r.seq == *seq), "{instance} {seq} is gone");
+    }
     // The journal it could not replay is set aside whole, not deleted.
     assert_kept(&log, &files, file, &bytes);
     drop(log);
@@ -260,6 +269,8 @@ fn recover_keeps_the_journal_it_could_not_replay_and_says_where() {
     assert!(kept.starts_with(damaged.join("kept")), "{}", kept.display());
     let name = file.file_name().expect("a name");
     assert_eq!(std::fs::read(kept.join(name)).expect("kept"), bytes);
+    let lost = v["lost"].as_array().expect("lost");
+    assert!(!lost.is_empty() && lost.iter().all(|l| l["instance"].is_string() && l["seqs"].is_array()), "{v}");
 
     // An intact log has nothing to keep.
     let out = lifecycle(&["recover", damaged.to_str().expect("utf-8"), "--accept-loss", "--json"]);

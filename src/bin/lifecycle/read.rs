@@ -162,6 +162,13 @@ pub fn recover(dir: &Path, accept_loss: bool, json: bool) -> Result<ExitCode, Fa
                 kept.display()
             );
         }
+        let (lost, unlisted) = lost_records(&log);
+        for (instance, seqs) in &lost {
+            say!("lost: {instance} {} (in journal frames past the damage, which replay could not apply)", ranges(seqs));
+        }
+        if unlisted > 0 {
+            say!("lost: {unlisted} more record(s) past those listed");
+        }
     }
     let recovery = log.recover(RecoveryOptions { quarantine: true, ..RecoveryOptions::default() })?;
     let mut kinds = std::collections::BTreeMap::<StateKind, usize>::new();
@@ -187,6 +194,8 @@ pub fn recover(dir: &Path, accept_loss: bool, json: bool) -> Result<ExitCode, Fa
                 "states": states,
                 "quarantined": quarantined,
                 "kept": log.kept().iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                "lost": lost_records(&log).0.iter().map(|(instance, seqs)| serde_json::json!({"instance": instance, "seqs": seqs})).collect::<Vec<_>>(),
+                "lost_unlisted": lost_records(&log).1,
             })
         );
         return Ok(ExitCode::SUCCESS);
@@ -213,4 +222,34 @@ pub fn export(dir: &Path) -> Result<ExitCode, Failure> {
     }
     out.flush().map_err(|_| Failure::Closed)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Which instances lost which records, as the journal frames past the
+/// damage name them (`Replayed::lost`), by instance; and how many more there were.
+fn lost_records(log: &Log) -> (std::collections::BTreeMap<String, Vec<u64>>, u64) {
+    let mut by = std::collections::BTreeMap::<String, Vec<u64>>::new();
+    let Some(replayed) = log.replayed() else { return (by, 0) };
+    for (instance, seq) in replayed.lost {
+        by.entry(instance).or_default().push(seq);
+    }
+    by.values_mut().for_each(|seqs| {
+        seqs.sort_unstable();
+        seqs.dedup();
+    });
+    (by, replayed.lost_unlisted)
+}
+
+/// `seq 3, 5..9` for sequence numbers in order.
+fn ranges(seqs: &[u64]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < seqs.len() {
+        let mut j = i;
+        while j + 1 < seqs.len() && seqs[j + 1] == seqs[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j { seqs[i].to_string() } else { format!("{}..{}", seqs[i], seqs[j]) });
+        i = j + 1;
+    }
+    format!("seq {}", parts.join(", "))
 }
