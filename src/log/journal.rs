@@ -110,6 +110,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A commit's tip: the global sequence number of the newest record it
+/// covers, and that record's link.
+pub(crate) type Tip = (u64, Digest);
+
 /// A journal file's format, from its magic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Format {
@@ -153,7 +157,7 @@ pub(crate) fn encode_frame(jsn: u64, prev: u32, writes: &[Write], out: &mut Vec<
 
 /// Appends a commit frame: the commit covers every record up to `global`,
 /// whose link is `link`; `jsn` is the newest batch's before it.
-pub(crate) fn encode_commit(jsn: u64, prev: u32, (global, link): (u64, Digest), out: &mut Vec<u8>) -> u32 {
+pub(crate) fn encode_commit(jsn: u64, prev: u32, (global, link): Tip, out: &mut Vec<u8>) -> u32 {
     let start = begin_frame(jsn, prev, out);
     out.push(COMMIT_TAG);
     out.extend_from_slice(&global.to_le_bytes());
@@ -184,7 +188,7 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// A frame's payload: a batch's writes, or a commit's tip.
-fn decode_payload(mut payload: &[u8]) -> Option<(Vec<Write>, Option<(u64, Digest)>)> {
+fn decode_payload(mut payload: &[u8]) -> Option<(Vec<Write>, Option<Tip>)> {
     fn take<'a>(p: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         let (head, rest) = (p.get(..n)?, p.get(n..)?);
         *p = rest;
@@ -223,7 +227,7 @@ pub(crate) struct Frame {
     /// A batch's writes (none for a commit frame).
     pub(crate) writes: Vec<Write>,
     /// A commit frame: the tip the commit covered (global, link).
-    pub(crate) tip: Option<(u64, Digest)>,
+    pub(crate) tip: Option<Tip>,
 }
 
 impl Frame {
@@ -877,14 +881,14 @@ impl Journal {
     /// makes them durable with one `fdatasync`. `id` is asked for the log's
     /// id when a file is created. Returns whether the file is due for a
     /// checkpoint.
-    pub(crate) fn commit(&self, tip: Option<(u64, Digest)>, id: impl FnOnce() -> Option<[u8; 16]>) -> io::Result<bool> {
+    pub(crate) fn commit(&self, tip: Option<Tip>, id: impl FnOnce() -> Option<[u8; 16]>) -> io::Result<bool> {
         self.commit_locked(&mut lock(&self.out), tip, id)
     }
 
     fn commit_locked(
         &self,
         out: &mut Out,
-        tip: Option<(u64, Digest)>,
+        tip: Option<Tip>,
         id: impl FnOnce() -> Option<[u8; 16]>,
     ) -> io::Result<bool> {
         let mut buf = std::mem::take(&mut out.spare);
