@@ -118,7 +118,7 @@ impl fmt::Display for HeadCheck {
             Self::Intact { global } => write!(f, "the head matches the log (global {global})"),
             Self::Behind { head, tip } => write!(
                 f,
-                "the head trails the log by {} record(s) (global {}..={tip}, appended but never acknowledged before the last stop; not a loss)",
+                "the head trails the log by {} record(s) (global {}..={tip}, appended after the last commit the log can count before the last stop: never acknowledged, or in a last write whose commit frame could not be read; all here, not a loss)",
                 tip - head,
                 head + 1
             ),

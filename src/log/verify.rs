@@ -366,6 +366,8 @@ impl Log {
     fn verify_with(&self, rules: &Rules<'_>) -> Report {
         let mut report = Report::default();
         match self.head_check() {
+            // The journal's own finding (below) says the same, where it is.
+            HeadCheck::JournalDamaged { .. } => {}
             check if check.is_damage() => report.findings.push(Finding::Head { check: check.clone() }),
             check @ HeadCheck::Behind { .. } => report.notes.push(Note::HeadBehind { check: check.clone() }),
             HeadCheck::Legacy => report.notes.push(Note::Legacy),

@@ -518,6 +518,12 @@ fn journal_matrix_never_calls_a_lost_acknowledgement_clean() {
     row("the newest journal file cut at a frame boundary", &v);
     assert!(v.damage && !v.opened && !v.whole, "{}", v.said);
     assert!(v.said.contains("cut at a frame boundary"), "{}", v.said);
+    let out = lifecycle(&["verify", log.to_str().expect("utf-8")]);
+    let said = stdout(&out);
+    let findings: Vec<&str> = said.lines().filter(|l| l.starts_with("- ")).collect();
+    assert!(!out.status.success(), "{said}");
+    assert_eq!(findings.len(), 1, "said once: {findings:?}");
+    assert!(findings[0].contains("cut at a frame boundary"), "{findings:?}");
 
     // The head file one checkpoint behind (put back from before the last
     // checkpoint): the journal's commit frames and sled's files hold the
