@@ -155,6 +155,10 @@ fn an_append_is_acknowledged_only_after_a_commit_covers_it() {
         if durability == Durability::GroupCommit && writers > 1 {
             assert!(heads < acks, "commits are shared: {heads} heads for {acks} appends");
         }
+        // One sync per commit: every head written after exactly one sync,
+        // never a flush or sync of its own outside a commit.
+        let syncs = events.iter().filter(|e| matches!(e, Ev::Synced(_))).count();
+        assert_eq!(syncs, heads, "{durability:?} × {writers}: {syncs} syncs for {heads} commits");
         assert_eq!(log.tip().0, (writers * 40) as u64);
     }
 }
