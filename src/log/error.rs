@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::integrity::HeadCheck;
 use super::record::Corruption;
-use super::store::StoreError;
+use super::store::{StoreError, rebase};
 use crate::machine::InstanceName;
 
 /// An error of the event log.
@@ -130,15 +130,6 @@ pub enum LogError {
         /// Why (a newer owner's takeover, a lease that ran out).
         reason: String,
     },
-}
-
-/// `path` with its prefix `from` replaced by `to` (a temporary copy shown as the original).
-pub(crate) fn rebase(path: &Path, from: &Path, to: &Path) -> PathBuf {
-    match path.strip_prefix(from) {
-        Ok(rest) if rest.as_os_str().is_empty() => to.to_path_buf(),
-        Ok(rest) => to.join(rest),
-        Err(_) => path.to_path_buf(),
-    }
 }
 
 impl LogError {

@@ -18,8 +18,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::head::{Head, HeadRead, LogId};
 use super::record::{Digest, decode_record_with_digest};
+use super::store::{Head, HeadRead, LogId};
 use super::{LogError, Store, keys};
 use crate::machine::Timestamp;
 

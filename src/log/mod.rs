@@ -44,13 +44,8 @@
 //! recorded in the log ([`AcceptedLoss`]) and global sequence numbers go on
 //! after the lost ones, never reused. Readers open a copy and report.
 
-mod combine;
 mod error;
-mod files;
-mod flush;
-mod head;
 mod integrity;
-mod journal;
 mod keys;
 pub mod record;
 mod recovery;
@@ -67,36 +62,23 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use error::LogError;
-pub use files::{lock_holder, remove_copies};
-pub use head::{Head, HeadRead, LogId};
 pub use integrity::{AcceptedLoss, HeadCheck};
-pub use journal::{LOST_LISTED, Replayed};
 pub use record::{Corruption, Digest, Event, InstanceSpec, Latest, Record};
 pub use recovery::{RecoveredInstance, Recovery, RecoveryMode, RecoveryOptions};
 pub use retention::{CompactionReport, Retention};
-pub use store::{MemoryStore, Pair, SledStore, Store, StoreError};
+pub use store::{
+    Durability, Head, HeadRead, LOST_LISTED, LogId, MemoryStore, Pair, Replayed, SledStore, Store, StoreError,
+    lock_holder, remove_copies,
+};
 #[cfg(feature = "cluster")]
 pub(crate) use verify::replay;
 pub use verify::{Finding, Note, Report};
 
 use crate::machine::{Instance, InstanceName, Pending, Policy, Timestamp};
-use files::Scratch;
-use flush::{Flusher, Reach, commit};
+use store::{Commits, Covered, Pace, Scratch, Tip as CommitTip, commit_to};
 
 /// How long opening waits for a lock that another handle is releasing.
 const LOCK_WAIT: Duration = Duration::from_secs(1);
-
-/// How durable an acknowledged append is. See the module docs for the table.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Durability {
-    /// Return at once; a commit runs every `flush_every`.
-    Buffered,
-    /// Wait for a commit shared with every append of the window.
-    #[default]
-    GroupCommit,
-    /// Wait for a commit started at once.
-    Strict,
-}
 
 /// Log configuration. Every bound has a reason.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +155,23 @@ pub struct Appended {
     pub link: Digest,
 }
 
+impl Covered for Appended {
+    fn tip(&self) -> CommitTip {
+        (self.global, self.link)
+    }
+}
+
+/// One append as its caller asked for it: the record to write, before the
+/// log numbers and chains it.
+struct Entry {
+    name: InstanceName,
+    /// The sequence number the caller means to write.
+    expected_seq: u64,
+    at: Timestamp,
+    event: Event,
+    to: Instance,
+}
+
 /// What a log was opened for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Access {
@@ -197,9 +196,8 @@ struct Inner {
     log_id: Option<LogId>,
     head_check: HeadCheck,
     writer: Mutex<Writer>,
-    /// Blocking appends queued for a write group (`GroupCommit`).
-    combine: combine::Combine,
-    flusher: Option<Flusher>,
+    /// How appends become durable and acknowledged (`store::Commits`).
+    commits: Commits<Entry, Appended, LogError>,
     /// The temporary directory the log lives in (a copy, or a temporary log), removed with it.
     _scratch: Option<Scratch>,
     /// Compaction keeps records from this global sequence number on ([`Log::hold_from`]).
@@ -242,7 +240,7 @@ impl Log {
     /// Opens an existing log for writing; a directory without one is [`LogError::NotALog`].
     pub fn open_existing(path: impl AsRef<Path>, config: LogConfig) -> Result<Self, LogError> {
         let path = path.as_ref();
-        files::check_existing(path)?;
+        check_existing(path)?;
         Self::open_sled(path, config, Access::Write, None)
     }
 
@@ -254,10 +252,10 @@ impl Log {
     /// name `path`, never the copy.
     pub fn open_copy(path: impl AsRef<Path>) -> Result<(Self, bool), LogError> {
         let path = path.as_ref();
-        files::check_existing(path)?;
+        check_existing(path)?;
         // A rewrite cut short after sled's old files went has no `db` yet: no one holds it.
         let db = path.join("db");
-        let in_use = db.exists() && files::is_locked(&db)?;
+        let in_use = db.exists() && store::is_locked(&db)?;
         let copy = Scratch::copy_of(path)?;
         let at = copy.path().to_path_buf();
         let config = LogConfig { durability: Durability::Buffered, ..LogConfig::default() };
@@ -372,21 +370,14 @@ impl Log {
         // After an accepted loss the tip is past every lost number (see `Opening::accept`).
         let (last_global, last_link) = integrity::tip(store.as_ref())?;
         let writer = Writer { last_global, last_link, tips: load_tips(store.as_ref())?, failed: None };
-        let flusher = match (access, log_id, config.durability) {
-            (Access::Read, ..) | (_, None, _) => None,
-            // Memory logs commit on sync and drop; a thread per simulated log is not worth it.
-            (Access::Write, Some(_), Durability::Buffered) if path.is_none() => None,
-            // Every append commits for itself (`commit_now`).
-            (Access::Write, Some(_), Durability::Strict) => None,
-            (Access::Write, Some(id), mode) => {
-                // Buffered appends wait for nothing: its commits are the data thread's alone.
-                let (window, reach, leaders) = match mode {
-                    Durability::Buffered => (config.buffered_head_every, Reach::Os, false),
-                    Durability::GroupCommit | Durability::Strict => (config.group_commit_max_delay, Reach::Disk, true),
-                };
-                Some(Flusher::start(store.clone(), id, last_global, window, reach, leaders))
-            }
+        let pace = Pace {
+            durability: config.durability,
+            max_delay: config.group_commit_max_delay,
+            buffered_every: config.buffered_head_every,
+            threads: path.is_some(),
         };
+        let committing = if access == Access::Write { log_id } else { None };
+        let commits = Commits::start(store.clone(), committing, last_global, pace);
         let inner = Inner {
             store,
             path,
@@ -395,8 +386,7 @@ impl Log {
             log_id,
             head_check,
             writer: Mutex::new(writer),
-            combine: combine::Combine::default(),
-            flusher,
+            commits,
             _scratch: scratch,
             hold: std::sync::atomic::AtomicU64::new(u64::MAX),
         };
@@ -450,10 +440,7 @@ impl Log {
     /// `Buffered` and `Strict`, which keep no shared commit, the tip): how far
     /// durability lags behind appends.
     pub fn committed(&self) -> u64 {
-        match &self.inner.flusher {
-            Some(f) if self.inner.config.durability == Durability::GroupCommit => f.durable(),
-            _ => self.tip().0,
-        }
+        self.inner.commits.committed(self.tip().0)
     }
 
     pub(crate) fn store(&self) -> &dyn Store {
@@ -468,9 +455,9 @@ impl Log {
 
     /// Appends a record and waits for it to be durable as configured (blocking).
     /// `expected_seq` is the sequence number the caller means to write. In
-    /// `GroupCommit`, concurrent callers write in groups: the record may be
-    /// written by another caller's thread, and the answer (the append, or
-    /// this call's own error) is this call's.
+    /// `GroupCommit` and `Buffered`, concurrent callers write in groups: the
+    /// record may be written by another caller's thread, and the answer (the
+    /// append, or this call's own error) is this call's.
     pub fn append(
         &self,
         name: &InstanceName,
@@ -479,15 +466,8 @@ impl Log {
         event: Event,
         to: &Instance,
     ) -> Result<Appended, LogError> {
-        if let (Durability::GroupCommit, Some(f)) = (self.inner.config.durability, &self.inner.flusher) {
-            // Blocking appenders write in groups (`combine.rs`).
-            return self.append_grouped(f, name, expected_seq, at, event, to);
-        }
-        let appended = self.write(name, expected_seq, at, event, to)?;
-        if self.inner.config.durability == Durability::Strict {
-            self.commit_now(appended)?;
-        }
-        Ok(appended)
+        let entry = Entry { name: name.clone(), expected_seq, at, event, to: to.clone() };
+        self.inner.commits.append_blocking(entry, &|group| self.write_group(group), &|message| self.fail(message))
     }
 
     /// [`Log::append`] for async callers: the wait for durability does not block a thread.
@@ -499,30 +479,16 @@ impl Log {
         event: Event,
         to: &Instance,
     ) -> Result<Appended, LogError> {
-        let appended = self.write(name, expected_seq, at, event, to)?;
+        let entry = Entry { name: name.clone(), expected_seq, at, event, to: to.clone() };
+        let appended = self.write_locked(&mut self.writer(), entry)?;
+        self.inner.commits.written(appended.tip());
         self.durable_async(appended).await?;
         Ok(appended)
     }
 
     /// Waits, without blocking a thread, until `appended` is as durable as configured.
     async fn durable_async(&self, appended: Appended) -> Result<(), LogError> {
-        match (self.inner.config.durability, &self.inner.flusher) {
-            (Durability::Strict, _) => {
-                // A commit of its own blocks on the disk: not on a runtime thread.
-                let log = self.clone();
-                tokio::task::spawn_blocking(move || log.commit_now(appended))
-                    .await
-                    .map_err(|e| self.fail(format!("commit task: {e}")))?
-            }
-            (Durability::GroupCommit, Some(f)) => f.wait_async(appended.global).await.map_err(|e| self.fail(e)),
-            _ => Ok(()),
-        }
-    }
-
-    /// `Strict`: a commit of this append's own, in the caller's thread.
-    fn commit_now(&self, a: Appended) -> Result<(), LogError> {
-        let Some(id) = self.inner.log_id else { return Ok(()) };
-        commit(self.store(), id, a.global, a.link, Reach::Disk).map_err(|e| self.fail(format!("commit failed: {e}")))
+        self.inner.commits.durable(appended.tip()).await.map_err(|e| self.fail(e))
     }
 
     /// Appends a transition the driver decided (`machine::Driver::feed`),
@@ -541,49 +507,29 @@ impl Log {
         LogError::Failed(message)
     }
 
-    /// Steps 1 and 2 of the write path.
-    fn write(
-        &self,
-        name: &InstanceName,
-        expected_seq: u64,
-        at: Timestamp,
-        event: Event,
-        to: &Instance,
-    ) -> Result<Appended, LogError> {
-        let appended = self.write_locked(&mut self.writer(), name, expected_seq, at, event, to)?;
-        // Outside the writer lock: waiters woken by a commit take the
-        // flusher's lock, and a writer queued behind them would hold up every
-        // other writer. The flusher keeps the highest request it saw, so the
-        // order requests arrive in does not matter.
-        if let Some(f) = &self.inner.flusher {
-            f.request(appended.global, appended.link);
-        }
-        Ok(appended)
+    /// Steps 1 and 2 of the write path for a group of blocking appends, under
+    /// one hold of the writer's lock: one answer per entry, in order.
+    fn write_group(&self, group: Vec<Entry>) -> Vec<Result<Appended, LogError>> {
+        let mut w = self.writer();
+        group.into_iter().map(|entry| self.write_locked(&mut w, entry)).collect()
     }
 
     /// Checks and writes one record, holding the writer's lock (`w`); the
-    /// caller asks the flusher for its commit.
-    fn write_locked(
-        &self,
-        w: &mut Writer,
-        name: &InstanceName,
-        expected_seq: u64,
-        at: Timestamp,
-        event: Event,
-        to: &Instance,
-    ) -> Result<Appended, LogError> {
+    /// caller asks for its commit (`Commits::written`).
+    fn write_locked(&self, w: &mut Writer, entry: Entry) -> Result<Appended, LogError> {
+        let Entry { name, expected_seq, at, event, to } = entry;
         if self.inner.access == Access::Read {
             return Err(LogError::ReadOnly);
         }
         if let Some(message) = &w.failed {
             return Err(LogError::Failed(message.clone()));
         }
-        let tip = w.tips.get(name).copied();
+        let tip = w.tips.get(&name).copied();
         // A log written elsewhere may hold any number: running out is an error, not a wrap.
         let actual = tip.map_or(0, |t| t.seq).checked_add(1);
         let actual = actual.ok_or_else(|| LogError::Exhausted { what: format!("instance {name}") })?;
         if expected_seq != actual {
-            return Err(LogError::SequenceConflict { instance: name.clone(), expected: expected_seq, actual });
+            return Err(LogError::SequenceConflict { instance: name, expected: expected_seq, actual });
         }
         let global =
             w.last_global.checked_add(1).ok_or_else(|| LogError::Exhausted { what: "the global order".into() })?;
@@ -594,19 +540,11 @@ impl Log {
             Event::Transition { .. } | Event::Snapshot { .. } => None,
         };
         let prev = tip.map_or(Digest::ZERO, |t| t.link);
-        let record = Record {
-            instance: name.clone(),
-            seq: actual,
-            global,
-            at,
-            prev: Some(prev),
-            replaced: None,
-            event,
-            to: to.clone(),
-        };
+        let latest = Latest { seq: actual, global, at, instance: to.clone() };
+        let record = Record { instance: name, seq: actual, global, at, prev: Some(prev), replaced: None, event, to };
+        let name = &record.instance;
         let bytes = record::encode_record(&record);
         let link = Digest::of(&bytes[4..]);
-        let latest = Latest { seq: actual, global, at, instance: to.clone() };
         // In this order: a reader in this process may see the keys of a batch
         // appear one by one (`SledStore::apply_by_key`), and each key is
         // written before any key that leads a reader to it.
@@ -623,7 +561,7 @@ impl Log {
         self.inner.store.append(writes)?;
         w.last_global = global;
         w.last_link = link;
-        w.tips.insert(name.clone(), Tip { seq: actual, link });
+        w.tips.insert(record.instance, Tip { seq: actual, link });
         Ok(Appended { seq: actual, global, link })
     }
 
@@ -675,11 +613,9 @@ impl Log {
             w.last_global = global;
             w.last_link = replaced;
             w.tips.insert(name.clone(), Tip { seq, link: replaced });
-            if let Some(f) = &self.inner.flusher {
-                f.request(global, replaced);
-            }
             Appended { seq, global, link: replaced }
         };
+        self.inner.commits.written(appended.tip());
         self.durable_async(appended).await?;
         Ok(appended)
     }
@@ -754,15 +690,7 @@ impl Log {
         if self.inner.access == Access::Read {
             return Ok(());
         }
-        let (global, link) = self.tip();
-        match self.inner.log_id {
-            Some(id) => commit(self.store(), id, global, link, Reach::Disk)?,
-            None => {
-                self.store().flush()?;
-                self.store().sync()?;
-            }
-        }
-        Ok(())
+        Ok(commit_to(self.store(), self.inner.log_id, self.tip())?)
     }
 
     /// Makes every auxiliary write so far durable: the store's data, not
@@ -986,21 +914,11 @@ impl Log {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(f) = self.flusher.take() {
-            f.stop();
-        }
         if self.access == Access::Write {
             // Best effort: make everything appended durable, head included, before the files close.
             let w = self.writer.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
-            match self.log_id {
-                Some(id) if w.failed.is_none() => {
-                    if commit(self.store.as_ref(), id, w.last_global, w.last_link, Reach::Disk).is_ok() {
-                        // A clean close leaves sled's files holding everything, and no journal.
-                        drop(self.store.close());
-                    }
-                }
-                _ => drop(self.store.flush()),
-            }
+            let tip = w.failed.is_none().then_some((w.last_global, w.last_link));
+            self.commits.close(tip);
         }
     }
 }
@@ -1118,7 +1036,7 @@ impl Opening<'_> {
             }
             damage if damage.is_damage() => self.accept(&check, id, global, link)?,
             // The records past the head were never acknowledged, but they are here: cover them.
-            HeadCheck::Behind { .. } => commit(self.store, id, global, link, Reach::Disk)?,
+            HeadCheck::Behind { .. } => commit_to(self.store, Some(id), (global, link))?,
             _ => {}
         }
         Ok((Some(id), check))
@@ -1165,7 +1083,7 @@ impl Opening<'_> {
 /// [`Log::kept`] for the log directory `dir`, without opening it (a reader
 /// that looks at a copy, which leaves them out, asks the original).
 pub fn kept_in(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir.join(files::KEPT)) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(dir.join(store::KEPT)) else { return Vec::new() };
     let mut kept: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
     kept.sort();
     kept
@@ -1218,6 +1136,33 @@ fn load_tips(store: &dyn Store) -> Result<HashMap<InstanceName, Tip>, LogError> 
     Ok(tips)
 }
 
+/// The errors opening an existing log gives before touching anything: no
+/// such path, not a directory, unreadable (with the system's reason), no log.
+fn check_existing(path: &Path) -> Result<(), LogError> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LogError::NotALog { path: path.into() }),
+        Err(source) => return Err(LogError::Io { op: "read", path: path.into(), source }),
+        Ok(m) if !m.is_dir() => return Err(LogError::NotADirectory { path: path.into() }),
+        Ok(_) => {}
+    }
+    std::fs::read_dir(path).map_err(|source| LogError::Io { op: "read", path: path.into(), source })?;
+    if rewrite::interrupted(path) {
+        return Ok(()); // a rewrite cut short after sled's old files went: opening finishes it
+    }
+    for file in ["db", "conf"] {
+        let p = path.join(file);
+        match std::fs::metadata(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LogError::NotALog { path: path.into() }),
+            Err(source) => return Err(LogError::Io { op: "read", path: p, source }),
+            Ok(m) if !m.is_file() => return Err(LogError::NotALog { path: path.into() }),
+            Ok(_) => {
+                std::fs::File::open(&p).map_err(|source| LogError::Io { op: "read", path: p.clone(), source })?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_not_foreign(db: &sled::Db, path: &Path) -> Result<(), LogError> {
     let ours = |name: &[u8]| name == store::TREE || name == b"__sled__default";
     let looked = crate::contain::quietly(|| (db.tree_names().into_iter().find(|n| !ours(n)), db.is_empty()));
@@ -1247,7 +1192,7 @@ fn open_db(sled_config: &sled::Config, path: &Path) -> Result<sled::Db, LogError
             Ok(Ok(db)) => return Ok(db),
             Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
                 if std::time::Instant::now() >= deadline {
-                    let holder = files::lock_holder(&path.join("db"));
+                    let holder = store::lock_holder(&path.join("db"));
                     return Err(LogError::InUse { path: path.to_path_buf(), holder });
                 }
                 std::thread::sleep(Duration::from_millis(5));

@@ -82,7 +82,7 @@ fn sync_tree(dir: &Path) -> Result<(), LogError> {
 /// it go only once its own I/O threads have finished with the files.
 fn wait_released(dir: &Path) -> Result<(), LogError> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while let Some(holder) = super::files::lock_holder(&dir.join("db")) {
+    while let Some(holder) = super::store::lock_holder(&dir.join("db")) {
         if std::time::Instant::now() >= deadline {
             return Err(LogError::InUse { path: dir.to_path_buf(), holder: Some(holder) });
         }

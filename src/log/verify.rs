@@ -200,7 +200,7 @@ pub enum Note {
         /// stopped while putting it in, before its commit began.
         completed: Option<u64>,
         /// Damage replay read past, continuity proven by the next frame's
-        /// number (see [`super::journal::Replayed::bridged`]).
+        /// number (see [`super::Replayed::bridged`]).
         bridged: Vec<String>,
     },
 }
@@ -573,7 +573,7 @@ impl Log {
 /// bad frame in an older file) is a finding; a replay that applied,
 /// stopped at the tail or completed a batch is a note; one that found
 /// everything in sled already says nothing.
-fn judge_replay(replayed: Option<super::journal::Replayed>, report: &mut Report) {
+fn judge_replay(replayed: Option<super::Replayed>, report: &mut Report) {
     match replayed {
         Some(r) if r.damaged => report.findings.push(Finding::Journal { detail: r.stopped.unwrap_or_default() }),
         Some(r) if r.applied > 0 || r.stopped.is_some() || r.completed.is_some() || !r.bridged.is_empty() => {
@@ -591,7 +591,7 @@ fn judge_replay(replayed: Option<super::journal::Replayed>, report: &mut Report)
 #[cfg(test)]
 mod journal_verdicts {
     use super::*;
-    use crate::log::journal::Replayed;
+    use crate::log::Replayed;
 
     fn judged(r: Option<Replayed>) -> Report {
         let mut report = Report::default();

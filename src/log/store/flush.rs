@@ -30,8 +30,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::head::{Head, LogId};
-use super::record::Digest;
-use super::store::{Store, StoreError};
+use super::kv::Store;
+use crate::log::record::Digest;
 
 /// How far a commit goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,17 +40,6 @@ pub(crate) enum Reach {
     Os,
     /// To the disk: survives a power loss, if the disk honours fsync (the durable modes).
     Disk,
-}
-
-/// Makes everything applied so far reach `reach`, and the head cover `(global, link)`.
-pub(crate) fn commit(
-    store: &dyn Store,
-    log_id: LogId,
-    global: u64,
-    link: Digest,
-    reach: Reach,
-) -> Result<(), StoreError> {
-    store.commit(&Head { log_id, global, link }, reach == Reach::Disk)
 }
 
 /// The flusher: commits on request, each covering every append made before
@@ -359,7 +348,7 @@ impl FlushShared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::store::MemoryStore;
+    use crate::log::store::memory::MemoryStore;
 
     /// A commit that completes while no one waits must still be seen by a
     /// waiter that comes a moment later (an append acknowledged after its

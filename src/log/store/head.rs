@@ -31,7 +31,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::record::Digest;
+use crate::log::record::Digest;
 
 /// The head file's name inside the log directory.
 pub(crate) const FILE: &str = "head";

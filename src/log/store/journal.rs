@@ -74,8 +74,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::record::Digest;
-use super::store::Write;
+use crate::log::keys;
+use crate::log::record::Digest;
+
+/// One write of an atomic batch: a value to insert, or `None` to remove the key.
+pub type Write = (Vec<u8>, Option<Vec<u8>>);
 
 /// The journal's directory inside the log's.
 pub(crate) const DIR: &str = "journal";
@@ -595,7 +598,7 @@ impl Replayed {
     /// Notes the records of a batch replay could not apply.
     fn lose(&mut self, writes: &[Write]) {
         for (key, value) in writes {
-            let Some((name, seq)) = value.as_ref().and_then(|_| super::keys::parse_record(key)) else { continue };
+            let Some((name, seq)) = value.as_ref().and_then(|_| keys::parse_record(key)) else { continue };
             if self.lost.len() < LOST_LISTED {
                 self.lost.push((String::from_utf8_lossy(name).into_owned(), seq));
             } else {

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::LogError;
+use super::error::StoreError;
 use super::{head, journal};
 
 /// The directory, inside a log's, where journal files a replay could not
@@ -45,8 +45,8 @@ pub(crate) struct Scratch {
 
 impl Scratch {
     /// An empty one.
-    pub(crate) fn new() -> Result<Self, LogError> {
-        let dir = tempfile::Builder::new().prefix("lifecycle-").tempdir().map_err(|source| LogError::Io {
+    pub(crate) fn new() -> Result<Self, StoreError> {
+        let dir = tempfile::Builder::new().prefix("lifecycle-").tempdir().map_err(|source| StoreError::Io {
             op: "create a directory in",
             path: std::env::temp_dir(),
             source,
@@ -61,7 +61,7 @@ impl Scratch {
     /// sled's files hold what they held, so whatever the journal copy misses
     /// the later sled copy has (replay skips what sled holds, so the
     /// overlap does no harm).
-    pub(crate) fn copy_of(from: &Path) -> Result<Self, LogError> {
+    pub(crate) fn copy_of(from: &Path) -> Result<Self, StoreError> {
         let copy = Self::new()?;
         let head = from.join(head::FILE);
         if head.exists() {
@@ -88,25 +88,25 @@ impl Drop for Scratch {
     }
 }
 
-fn io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> LogError + 'p {
-    move |source| LogError::Io { op, path: path.to_path_buf(), source }
+fn io<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> StoreError + 'p {
+    move |source| StoreError::Io { op, path: path.to_path_buf(), source }
 }
 
 /// Copies a file and makes the copy writable by us (sled opens read-write,
 /// and the original may be read-only: a log kept for investigation).
-fn copy_file(from: &Path, to: &Path) -> Result<(), LogError> {
+fn copy_file(from: &Path, to: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::copy(from, to).map_err(io("copy", from))?;
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600)).map_err(io("set permissions of", to))
 }
 
-fn make_dir(target: &Path) -> Result<(), LogError> {
+fn make_dir(target: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(target).map_err(io("create", target))?;
     std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(io("set permissions of", target))
 }
 
-fn copy_dir(from: &Path, to: &Path, top: bool) -> Result<(), LogError> {
+fn copy_dir(from: &Path, to: &Path, top: bool) -> Result<(), StoreError> {
     for entry in std::fs::read_dir(from).map_err(io("read", from))? {
         let entry = entry.map_err(io("read", from))?;
         if top && (entry.file_name() == head::FILE || entry.file_name() == journal::DIR) {
@@ -127,40 +127,13 @@ fn copy_dir(from: &Path, to: &Path, top: bool) -> Result<(), LogError> {
     Ok(())
 }
 
-/// The errors opening an existing log gives before touching anything: no
-/// such path, not a directory, unreadable (with the system's reason), no log.
-pub(crate) fn check_existing(path: &Path) -> Result<(), LogError> {
-    match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LogError::NotALog { path: path.into() }),
-        Err(source) => return Err(LogError::Io { op: "read", path: path.into(), source }),
-        Ok(m) if !m.is_dir() => return Err(LogError::NotADirectory { path: path.into() }),
-        Ok(_) => {}
-    }
-    std::fs::read_dir(path).map_err(io("read", path))?;
-    if super::rewrite::interrupted(path) {
-        return Ok(()); // a rewrite cut short after sled's old files went: opening finishes it
-    }
-    for file in ["db", "conf"] {
-        let p = path.join(file);
-        match std::fs::metadata(&p) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(LogError::NotALog { path: path.into() }),
-            Err(source) => return Err(LogError::Io { op: "read", path: p, source }),
-            Ok(m) if !m.is_file() => return Err(LogError::NotALog { path: path.into() }),
-            Ok(_) => {
-                std::fs::File::open(&p).map_err(io("read", &p))?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Whether another process holds sled's lock on `db` (sled takes an exclusive `flock`).
-pub(crate) fn is_locked(db: &Path) -> Result<bool, LogError> {
+pub(crate) fn is_locked(db: &Path) -> Result<bool, StoreError> {
     let file = std::fs::File::open(db).map_err(io("open", db))?;
     match file.try_lock() {
         Ok(()) => Ok(false),
         Err(std::fs::TryLockError::WouldBlock) => Ok(true),
-        Err(std::fs::TryLockError::Error(source)) => Err(LogError::Io { op: "lock", path: db.to_path_buf(), source }),
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Io { op: "lock", path: db.to_path_buf(), source }),
     }
 }
 

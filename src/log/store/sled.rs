@@ -1,198 +1,21 @@
-//! Storage behind a small trait: ordered keys, atomic batches, flush and
-//! sync, and the head kept beside the data. [`SledStore`] is the real one;
-//! [`MemoryStore`] is for deterministic simulation (sled runs its own I/O
-//! threads, which virtual time cannot control).
+//! [`SledStore`]: the real store, sled's one tree plus the journal and
+//! the head file beside it.
 //!
 //! sled 0.34 can panic or return internal debug text on damaged files: every
 //! call into it is contained (no panic crosses this module, and nothing is
 //! printed for one) and its errors become plain [`StoreError`]s.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
+use super::error::StoreError;
+use super::files::KEPT;
 use super::head::{self, Head, HeadFile, HeadRead, LogId};
-use super::journal::{self, Journal, Replayed};
-use super::{files, keys};
+use super::journal::{self, Journal, Replayed, Write};
+use super::kv::{Pair, Store};
 use crate::contain::quietly;
-
-/// An error of the storage layer.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// sled found damaged data in its files.
-    #[error("the database files are damaged{}", offset.map(|o| format!(" (at file offset {o})")).unwrap_or_default())]
-    Damaged {
-        /// Where sled found it, when it says.
-        offset: Option<u64>,
-    },
-    /// sled failed in a way that is not damage (an internal error, an unsupported use).
-    #[error("the database failed: {detail}")]
-    Sled {
-        /// What sled said, without its debug decorations.
-        detail: String,
-    },
-    /// sled panicked (contained; it does so on some damaged files).
-    #[error("the database failed while {op} (sled panicked: {message}); its files are probably damaged")]
-    Panicked {
-        /// What was being done.
-        op: &'static str,
-        /// The panic message.
-        message: String,
-    },
-    /// A file operation failed.
-    #[error("{op} {path}: {source}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// On which path.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// A journal file in the log's directory belongs to another log.
-    #[error(
-        "{file} belongs to another log (id {found}), not to this one (id {ours}): refusing to replay it; move it out of the way"
-    )]
-    ForeignJournal {
-        /// The file.
-        file: PathBuf,
-        /// The id in its header.
-        found: String,
-        /// This log's id.
-        ours: String,
-    },
-    /// The in-memory store was poisoned by a panic in another thread.
-    #[error("memory store poisoned by a panic")]
-    Poisoned,
-}
-
-impl StoreError {
-    /// Maps sled's error to ours; `path` names the database for I/O errors.
-    pub(crate) fn from_sled(e: sled::Error, path: &Path) -> Self {
-        match e {
-            sled::Error::Corruption { at, .. } => Self::Damaged { offset: at.map(|p| p.lid()) },
-            sled::Error::Io(source) => Self::Io { op: "read or write", path: path.to_path_buf(), source },
-            sled::Error::CollectionNotFound(_) => Self::Sled { detail: "a tree of the log is missing".into() },
-            sled::Error::Unsupported(detail) => Self::Sled { detail },
-            sled::Error::ReportableBug(detail) => Self::Sled { detail: format!("internal error: {detail}") },
-        }
-    }
-
-    /// The same error with `from` (a temporary copy) shown as `to` (the original).
-    pub(crate) fn shown_as(self, from: &Path, to: &Path) -> Self {
-        match self {
-            Self::Io { op, path, source } => Self::Io { op, path: super::error::rebase(&path, from, to), source },
-            Self::ForeignJournal { file, found, ours } => {
-                Self::ForeignJournal { file: super::error::rebase(&file, from, to), found, ours }
-            }
-            other => other,
-        }
-    }
-}
-
-/// One write of an atomic batch: a value to insert, or `None` to remove the key.
-pub type Write = (Vec<u8>, Option<Vec<u8>>);
-
-/// A key-value pair read from a store.
-pub type Pair = (Vec<u8>, Vec<u8>);
-
-/// Ordered key-value storage with atomic batches, and a head kept where a
-/// rollback of the data cannot reach it.
-pub trait Store: Send + Sync + 'static {
-    /// Reads one key.
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Applies every write or none, and readers see all of it or none.
-    fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError>;
-    /// Applies every write or none as far as a crash goes (opening again
-    /// finds all of it or none), but readers in this process may see the
-    /// writes land one by one, in the order given: for a batch whose every
-    /// key is written before any key that leads a reader to it (an append).
-    /// Cheaper than [`Store::apply`] where the store can do it (sled, see
-    /// `SledStore::apply_by_key`).
-    fn append(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        self.apply(writes)
-    }
-    /// Every pair whose key starts with `prefix`, in key order.
-    fn scan(&self, prefix: &[u8]) -> Box<dyn Iterator<Item = Result<Pair, StoreError>> + Send + '_>;
-    /// The last pair whose key starts with `prefix`.
-    fn last(&self, prefix: &[u8]) -> Result<Option<Pair>, StoreError>;
-    /// The first pair at or after `from` whose key starts with `prefix`.
-    fn first_from(&self, from: &[u8], prefix: &[u8]) -> Result<Option<Pair>, StoreError>;
-    /// Up to `limit` pairs at or after `from` whose keys start with
-    /// `prefix`, in key order: one range read where the store can (a reader
-    /// paging through the global index), `first_from` repeated where not.
-    fn page_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
-        let mut out: Vec<Pair> = Vec::new();
-        let mut next = from.to_vec();
-        while out.len() < limit {
-            let Some(pair) = self.first_from(&next, prefix)? else { break };
-            next.clone_from(&pair.0);
-            next.push(0); // the first key after this one
-            out.push(pair);
-        }
-        Ok(out)
-    }
-    /// Makes applied batches survive a crash of this process (written to the OS).
-    fn flush(&self) -> Result<(), StoreError>;
-    /// Makes flushed data survive a power loss (fsync of the files).
-    fn sync(&self) -> Result<(), StoreError>;
-    /// A commit: everything applied so far reaches the OS (and with `sync`
-    /// the disk), and the head moves up to `head`, which covers it — never
-    /// the other way round. By default `flush`, `sync`, then the head; a
-    /// store with a journal does all of it with one write and one sync.
-    fn commit(&self, head: &Head, sync: bool) -> Result<(), StoreError> {
-        self.flush()?;
-        if sync {
-            self.sync()?;
-        }
-        self.write_head(head, sync)
-    }
-    /// Bytes used on disk (0 for memory).
-    fn size_on_disk(&self) -> Result<u64, StoreError>;
-    /// The head, as last made durable.
-    fn read_head(&self) -> Result<HeadRead, StoreError> {
-        Ok(HeadRead::NotKept)
-    }
-    /// Writes `head`, and with `sync` waits until it is on disk. Call only
-    /// after the data it covers went as far (`flush`, and `sync` for a synced
-    /// head): a head must never be ahead of the data. A head behind the last
-    /// one written is skipped.
-    fn write_head(&self, _head: &Head, _sync: bool) -> Result<(), StoreError> {
-        Ok(())
-    }
-    /// Writes `head` durably even if it is behind the last one (accepting a loss).
-    fn reset_head(&self, head: &Head) -> Result<(), StoreError> {
-        self.write_head(head, true)
-    }
-    /// What opening found in the store's journal (`None`: it keeps none).
-    fn replayed(&self) -> Option<Replayed> {
-        None
-    }
-    /// Makes the store's own files hold everything applied (for a store
-    /// with a journal: what lets the journal's older files go).
-    fn checkpoint(&self) -> Result<(), StoreError> {
-        self.flush()?;
-        self.sync()
-    }
-    /// The last checkpoint of a writer that closes: the store's own files
-    /// then hold everything, and nothing more is needed to read them (for a
-    /// store with a journal: the head names no journal file).
-    fn close(&self) -> Result<(), StoreError> {
-        self.checkpoint()
-    }
-    /// After a loss is accepted: if opening's replay stopped before the end
-    /// of the journal (damage, or a gap behind it), the journal files it
-    /// found hold frames that were never applied — the records the loss is
-    /// made of, or their neighbours. The next checkpoint moves those files
-    /// into the returned directory (under the log's `kept/`) instead of
-    /// deleting them: accepting a loss goes on without those records, it
-    /// does not destroy the only bytes that hold them. `None`: nothing to keep.
-    fn keep_unreplayed(&self) -> Option<PathBuf> {
-        None
-    }
-}
+use crate::log::keys;
 
 /// The sled-backed store: one tree, so every batch is atomic (`apply_batch`).
 /// With a journal (the durable modes), every batch is also a journal frame,
@@ -469,7 +292,7 @@ impl Store for SledStore {
     fn keep_unreplayed(&self) -> Option<PathBuf> {
         self.replayed.stopped.as_ref()?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let to = self.dir.join(files::KEPT).join(format!("journal-{}", now.as_millis()));
+        let to = self.dir.join(KEPT).join(format!("journal-{}", now.as_millis()));
         *self.checkpointing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(to.clone());
         Some(to)
     }
@@ -716,119 +539,6 @@ impl SledStore {
             }),
         };
         result.map_err(io)
-    }
-}
-
-type Map = BTreeMap<Vec<u8>, Vec<u8>>;
-
-/// An in-memory store: a `BTreeMap` behind a mutex, and the head beside it.
-/// Nothing survives the process.
-#[derive(Default)]
-pub struct MemoryStore {
-    map: Mutex<Map>,
-    head: Mutex<Option<Head>>,
-}
-
-impl MemoryStore {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn lock(&self) -> Result<MutexGuard<'_, Map>, StoreError> {
-        self.map.lock().map_err(|_| StoreError::Poisoned)
-    }
-
-    fn head_lock(&self) -> Result<MutexGuard<'_, Option<Head>>, StoreError> {
-        self.head.lock().map_err(|_| StoreError::Poisoned)
-    }
-}
-
-impl Store for MemoryStore {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.lock()?.get(key).cloned())
-    }
-
-    fn apply(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        let mut map = self.lock()?;
-        for (k, v) in writes {
-            match v {
-                Some(v) => map.insert(k, v),
-                None => map.remove(&k),
-            };
-        }
-        Ok(())
-    }
-
-    fn scan(&self, prefix: &[u8]) -> Box<dyn Iterator<Item = Result<Pair, StoreError>> + Send + '_> {
-        match self.lock() {
-            Ok(map) => {
-                let pairs: Vec<_> = map
-                    .range(prefix.to_vec()..)
-                    .take_while(|(k, _)| k.starts_with(prefix))
-                    .map(|(k, v)| Ok((k.clone(), v.clone())))
-                    .collect();
-                Box::new(pairs.into_iter())
-            }
-            Err(e) => Box::new(std::iter::once(Err(e))),
-        }
-    }
-
-    fn last(&self, prefix: &[u8]) -> Result<Option<Pair>, StoreError> {
-        let map = self.lock()?;
-        Ok(map
-            .range(prefix.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .last()
-            .map(|(k, v)| (k.clone(), v.clone())))
-    }
-
-    fn first_from(&self, from: &[u8], prefix: &[u8]) -> Result<Option<Pair>, StoreError> {
-        let map = self.lock()?;
-        Ok(map
-            .range(from.to_vec()..)
-            .next()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone())))
-    }
-
-    fn page_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
-        let map = self.lock()?;
-        Ok(map
-            .range(from.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
-    }
-
-    fn flush(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    fn sync(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(0)
-    }
-
-    fn read_head(&self) -> Result<HeadRead, StoreError> {
-        Ok(self.head_lock()?.map_or(HeadRead::Missing, HeadRead::Found))
-    }
-
-    fn write_head(&self, head: &Head, _sync: bool) -> Result<(), StoreError> {
-        let mut current = self.head_lock()?;
-        if current.is_none_or(|c| c.global <= head.global) {
-            *current = Some(*head);
-        }
-        Ok(())
-    }
-
-    fn reset_head(&self, head: &Head) -> Result<(), StoreError> {
-        *self.head_lock()? = Some(*head);
-        Ok(())
     }
 }
 

@@ -1,0 +1,173 @@
+//! [`Commits`]: how an append written to the store becomes acknowledged,
+//! per [`Durability`] mode — the one object the log holds for it. It owns
+//! the flusher (`flush.rs`) and the write groups (`groups.rs`) and decides
+//! which of them an append goes through:
+//!
+//! | mode | blocking append | async append | commits |
+//! |---|---|---|---|
+//! | `Buffered` | written in a group, answered at once | written, answered at once | the flusher's thread, every `buffered_head_every`, to the OS |
+//! | `GroupCommit` | written in a group, answered once a commit covers it | written, answered once a commit covers it | led by a blocking waiter, else the flusher's thread, to the disk |
+//! | `Strict` | written alone, then a commit of its own in the caller's thread | the same, on a blocking thread | the appender's own |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::StoreError;
+use super::flush::{Flusher, Reach};
+use super::groups::{Covered, Groups, Submit};
+use super::head::{Head, LogId};
+use super::journal::Tip;
+use super::kv::Store;
+
+/// How durable an acknowledged append is. See the log's module docs for the table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Durability {
+    /// Return at once; a commit runs every `flush_every`.
+    Buffered,
+    /// Wait for a commit shared with every append of the window.
+    #[default]
+    GroupCommit,
+    /// Wait for a commit started at once.
+    Strict,
+}
+
+/// How a log's commits are paced (from its configuration).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pace {
+    /// The mode.
+    pub(crate) durability: Durability,
+    /// How long a `GroupCommit` commit gathers appends before it starts.
+    pub(crate) max_delay: Duration,
+    /// How often `Buffered` commits (to the OS).
+    pub(crate) buffered_every: Duration,
+    /// Whether a thread may be started for commits (a memory log used
+    /// for deterministic simulation starts none).
+    pub(crate) threads: bool,
+}
+
+/// The commits of one log: `T` is what an append is, `A` what it answers, `E` its error.
+pub(crate) struct Commits<T, A, E> {
+    store: Arc<dyn Store>,
+    /// `None`: nothing is committed (a log opened to read, or a format-v1 one).
+    log_id: Option<LogId>,
+    durability: Durability,
+    flusher: Option<Flusher>,
+    groups: Groups<T, A, E>,
+}
+
+impl<T, A: Covered, E> Commits<T, A, E> {
+    /// Commits for a log whose commits cover everything up to `durable`;
+    /// `log_id: None` commits nothing (the log is read, not written).
+    pub(crate) fn start(store: Arc<dyn Store>, log_id: Option<LogId>, durable: u64, pace: Pace) -> Self {
+        let flusher = match (log_id, pace.durability) {
+            (None, _) => None,
+            // Every append commits for itself.
+            (Some(_), Durability::Strict) => None,
+            // Memory logs commit on sync and drop; a thread per simulated log is not worth it.
+            (Some(_), Durability::Buffered) if !pace.threads => None,
+            // Buffered appends wait for nothing: its commits are the flusher thread's alone.
+            (Some(id), Durability::Buffered) => {
+                Some(Flusher::start(store.clone(), id, durable, pace.buffered_every, Reach::Os, false))
+            }
+            (Some(id), Durability::GroupCommit) => {
+                Some(Flusher::start(store.clone(), id, durable, pace.max_delay, Reach::Disk, true))
+            }
+        };
+        Self { store, log_id, durability: pace.durability, flusher, groups: Groups::default() }
+    }
+
+    /// A blocking append: `write` writes a group of inputs (taking the
+    /// writer's lock itself) and answers each; this returns `input`'s answer
+    /// once it is as durable as the mode says. A failed commit's message
+    /// goes through `fail`.
+    pub(crate) fn append_blocking(
+        &self,
+        input: T,
+        write: &dyn Fn(Vec<T>) -> Vec<Result<A, E>>,
+        fail: &dyn Fn(String) -> E,
+    ) -> Result<A, E> {
+        if self.durability == Durability::Strict {
+            let answer = write(vec![input]).pop();
+            let answer = answer.unwrap_or_else(|| Err(fail("the append was not written".into())))?;
+            self.commit_now(answer.tip()).map_err(|e| fail(format!("commit failed: {e}")))?;
+            return Ok(answer);
+        }
+        let wait = self.durability == Durability::GroupCommit && self.flusher.is_some();
+        self.groups.submit(input, &Submit { write, fail, flusher: self.flusher.as_ref(), wait })
+    }
+
+    /// Says an append written outside a group (async, an import) wants a
+    /// commit. Call outside the writer's lock: waiters woken by a commit
+    /// take the flusher's lock, and a writer queued behind them would hold
+    /// up every other writer. The flusher keeps the highest tip it saw, so
+    /// the order calls arrive in does not matter.
+    pub(crate) fn written(&self, (global, link): Tip) {
+        if let Some(f) = &self.flusher {
+            f.request(global, link);
+        }
+    }
+
+    /// Waits, without blocking a thread, until the append at `tip`
+    /// (already [`Commits::written`]) is as durable as the mode says.
+    pub(crate) async fn durable(&self, tip: Tip) -> Result<(), String> {
+        match (self.durability, &self.flusher) {
+            (Durability::Strict, _) => {
+                // A commit of its own blocks on the disk: not on a runtime thread.
+                let (store, log_id) = (self.store.clone(), self.log_id);
+                let done = tokio::task::spawn_blocking(move || commit_to(store.as_ref(), log_id, tip))
+                    .await
+                    .map_err(|e| format!("commit task: {e}"))?;
+                done.map_err(|e| format!("commit failed: {e}"))
+            }
+            (Durability::GroupCommit, Some(f)) => f.wait_async(tip.0).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// A commit of `tip`'s own, in this thread: everything applied so far
+    /// reaches the disk and the head covers `tip`.
+    pub(crate) fn commit_now(&self, tip: Tip) -> Result<(), StoreError> {
+        commit_to(self.store.as_ref(), self.log_id, tip)
+    }
+
+    /// The newest global sequence number a completed commit covers:
+    /// `GroupCommit`'s shared commits; the other modes keep none, so `tip`.
+    pub(crate) fn committed(&self, tip: u64) -> u64 {
+        match &self.flusher {
+            Some(f) if self.durability == Durability::GroupCommit => f.durable(),
+            _ => tip,
+        }
+    }
+
+    /// Closes: the flusher commits what was requested and stops; then, for a
+    /// log that did not fail (`tip` given), a last commit and a clean close
+    /// (the store's own files hold everything, and no journal is needed to
+    /// read them). Best effort: a log that failed is only flushed.
+    pub(crate) fn close(&mut self, tip: Option<Tip>) {
+        if let Some(f) = self.flusher.take() {
+            f.stop();
+        }
+        match (self.log_id, tip) {
+            (Some(_), Some(tip)) => {
+                if self.commit_now(tip).is_ok() {
+                    drop(self.store.close());
+                }
+            }
+            _ => drop(self.store.flush()),
+        }
+    }
+}
+
+/// Makes everything applied so far reach the disk and the head cover
+/// `tip`; without a log id (a format-v1 log) there is no head: flush and sync.
+pub(crate) fn commit_to(store: &dyn Store, log_id: Option<LogId>, (global, link): Tip) -> Result<(), StoreError> {
+    match log_id {
+        Some(log_id) => store.commit(&Head { log_id, global, link }, true),
+        None => {
+            store.flush()?;
+            store.sync()
+        }
+    }
+}
