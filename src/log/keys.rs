@@ -39,7 +39,7 @@ pub(crate) const META_JOURNAL: &[u8] = b"mjournal";
 /// The batch being applied key by key, as its journal frame: written before
 /// the batch's keys (and `mjournal` after them), so that sled recovering a
 /// prefix of its writes that holds part of the batch also holds the whole
-/// batch here, and opening completes it (see `store.rs`).
+/// batch here, and opening completes it (see `store/sled.rs`).
 pub(crate) const META_BATCH: &[u8] = b"mbatch";
 /// When the log was last compacted (ms since the Unix epoch, big-endian
 /// u64): the compaction schedule survives restarts.

@@ -245,7 +245,7 @@ impl Log {
     }
 
     /// Opens a copy of the log at `path` for reading, so that reading never
-    /// writes to the original (sled writes on open; see `files.rs`). The copy
+    /// writes to the original (sled writes on open; see `store/files.rs`). The copy
     /// is removed when the last clone is dropped. Damage is reported by
     /// [`Log::head_check`] and [`Log::verify`], never refused. Returns whether
     /// another process held the original at the time of the copy. Errors
@@ -455,9 +455,9 @@ impl Log {
 
     /// Appends a record and waits for it to be durable as configured (blocking).
     /// `expected_seq` is the sequence number the caller means to write. In
-    /// `GroupCommit` and `Buffered`, concurrent callers write in groups: the
-    /// record may be written by another caller's thread, and the answer (the
-    /// append, or this call's own error) is this call's.
+    /// `GroupCommit`, concurrent callers write in groups: the record may be
+    /// written by another caller's thread, and the answer (the append, or
+    /// this call's own error) is this call's.
     pub fn append(
         &self,
         name: &InstanceName,

@@ -19,7 +19,7 @@
 //! next group to a waiting appender was measured: 16 writers fell from
 //! ~10,500 to ~6,000 appends/s on 2 cores). Async waiters never lead: they
 //! must not block a runtime thread on `fdatasync`. Blocking appends reach
-//! the flusher in write groups (`combine.rs`): the thread that wrote a group
+//! the flusher in write groups (`groups.rs`): the thread that wrote a group
 //! hands the others' appends over with [`Flusher::wake_when_durable`] and
 //! then waits for (or leads) the commit of its own.
 
@@ -196,7 +196,7 @@ impl Flusher {
     }
 
     /// Wakes each thread once its global is durable (or the flusher failed):
-    /// blocking appends another thread wrote (`combine.rs`). Starts the
+    /// blocking appends another thread wrote (`groups.rs`). Starts the
     /// flusher's thread on them if no commit is running.
     pub(crate) fn wake_when_durable(&self, waiters: Vec<(u64, std::thread::Thread)>) {
         if waiters.is_empty() {

@@ -1,7 +1,7 @@
-//! Write groups for blocking appenders: one thread writes the appends of
-//! every thread queued behind it, under one hold of the writer's lock, and
-//! (where acknowledgements wait for a commit) hands each to the flusher to
-//! be woken once its commit covers it, as write groups in databases do.
+//! Write groups for blocking appenders (`GroupCommit`): one thread writes
+//! the appends of every thread queued behind it, under one hold of the
+//! writer's lock, and hands each to the flusher to be woken once its commit
+//! covers it, as write groups in databases do.
 //!
 //! Why: with many blocking appenders on few cores, the writer's lock is the
 //! one serial step of an append, and taking it in turn costs more than the
@@ -10,9 +10,8 @@
 //! preempted by threads that commits woke), and it sat free between holders
 //! while the next one was scheduled; one core in three idled. A thread
 //! queued here parks once, until its append is durable (or failed), instead
-//! of once for the lock and once more for the commit. `Buffered` appends
-//! wait for no commit, but the lock costs them the same: they are written
-//! in groups too, and woken as soon as their group is written.
+//! of once for the lock and once more for the commit. (Appends that wait
+//! for no commit gain nothing from it: see `commits.rs`.)
 //!
 //! What an append *is* belongs to the caller: a group is written by the
 //! caller's `write` closure (the log's, which checks sequence numbers and
@@ -88,11 +87,9 @@ pub(crate) struct Submit<'a, T, A, E> {
     /// The error every caller hears after a writing thread panicked (the
     /// log takes no more appends then: what it wrote is unknown to its callers).
     pub(crate) fail: &'a dyn Fn(String) -> E,
-    /// Where a written group's newest append is requested, and (with
-    /// `wait`) whose commits the answers wait for.
+    /// Where a written group's newest append is requested, and whose
+    /// commits the answers wait for (`None`: answered once written).
     pub(crate) flusher: Option<&'a Flusher>,
-    /// Acknowledge only once a commit covers the append (`GroupCommit`).
-    pub(crate) wait: bool,
 }
 
 /// If the thread writing a group unwinds, whoever it had not answered hears
@@ -125,7 +122,7 @@ impl<T, A: Covered, E> Groups<T, A, E> {
     /// Queues `input`; the first thread to find no one writing writes the
     /// queue, group after group, until it is empty (or hands the role on,
     /// see [`ROUNDS`]). Returns this input's answer once it is written and,
-    /// with [`Submit::wait`], durable (the thread leads the commit if none
+    /// with a [`Submit::flusher`], durable (the thread leads the commit if none
     /// is running). `Err(message)` from the flusher goes through `fail`.
     pub(crate) fn submit(&self, input: T, how: &Submit<'_, T, A, E>) -> Result<A, E> {
         let me = Arc::new(Submitted {
@@ -141,7 +138,7 @@ impl<T, A: Covered, E> Groups<T, A, E> {
         let answer = if writes {
             self.write_groups(how, &me)
         } else {
-            // Woken when the append is written (and durable, if waited for),
+            // Woken when the append is written and durable,
             // or failed, or to write. A wake-up can come early: the
             // flusher's wait below waits for the rest.
             loop {
@@ -154,7 +151,7 @@ impl<T, A: Covered, E> Groups<T, A, E> {
                 }
             }
         }?;
-        if let (true, Some(f)) = (how.wait, how.flusher) {
+        if let Some(f) = how.flusher {
             f.wait_blocking(answer.tip().0).map_err(how.fail)?;
         }
         Ok(answer)
@@ -163,8 +160,8 @@ impl<T, A: Covered, E> Groups<T, A, E> {
     /// Writes queued appends until the queue is empty, or for [`ROUNDS`]
     /// groups and then hands the role to the oldest queued append's thread;
     /// returns `me`'s answer (`me` is queued when this starts). The others
-    /// are handed to the flusher, or woken at once (theirs failed, or no
-    /// commit is waited for).
+    /// are handed to the flusher, or woken at once (theirs failed, or
+    /// there is no flusher to wait for).
     fn write_groups(&self, how: &Submit<'_, T, A, E>, me: &Arc<Submitted<T, A, E>>) -> Result<A, E> {
         let mut guard = Writing { groups: self, how, taken: Vec::new() };
         let mut mine = None;
@@ -207,7 +204,7 @@ impl<T, A: Covered, E> Groups<T, A, E> {
                     continue;
                 }
                 *lock(&s.answer) = Answer::Done(result);
-                match (covered, how.wait && how.flusher.is_some()) {
+                match (covered, how.flusher.is_some()) {
                     (Some((global, _)), true) => durable_for.push((global, s.thread.clone())),
                     _ => now.push(s.thread.clone()),
                 }
@@ -279,7 +276,7 @@ mod tests {
                     start.wait();
                     for k in 0..EACH {
                         let input = t * 1000 + k;
-                        let how = Submit { write, fail, flusher: None, wait: false };
+                        let how = Submit { write, fail, flusher: None };
                         match groups.submit(input, &how) {
                             Ok(put) => assert_eq!(put, Put(input)),
                             Err(e) => assert_eq!(e, format!("refused {input}")),
@@ -315,8 +312,7 @@ mod tests {
             failed.fetch_add(1, Ordering::Relaxed);
             m
         };
-        let submit =
-            |input: u64| groups.submit(input, &Submit { write: &write, fail: &fail, flusher: None, wait: false });
+        let submit = |input: u64| groups.submit(input, &Submit { write: &write, fail: &fail, flusher: None });
         let outcomes = std::thread::scope(|s| {
             let submit = &submit;
             let first = s.spawn(move || std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| submit(13))));
