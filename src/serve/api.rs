@@ -14,13 +14,13 @@ use super::AppState;
 use super::auth::{Caller, new_token};
 use super::error::{ApiError, ErrorBody};
 use super::events::{EventBody, Subscription};
-use super::external::{HostEffect, HostSignal};
 use super::fleet::{ActionView, FleetView, TableEdge, actions};
 use super::webhook::{DeadLetter, WebhookStatus};
 use crate::engine::{Command, Signaled};
 use crate::log::InstanceSpec;
 use crate::machine::{InstanceName, State, StateKind};
 use crate::transport::Endpoint;
+use crate::transport::{HostEffect, HostSignal};
 
 /// How an instance's connection is held.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ToSchema)]
@@ -325,11 +325,7 @@ pub(crate) async fn signal(
     if let HostSignal::Pairing { code: Some(code), .. } = &signal {
         app.pairing.set(&instance, code.clone()).await;
     }
-    if input.ends_connection()
-        && let Some(generation) = input.generation()
-    {
-        app.hub.ended(&instance, generation);
-    }
+    app.hub.reported(&instance, &input);
     Ok(Json(app.instances.signal(&name, input).await?))
 }
 
@@ -354,7 +350,7 @@ pub(crate) async fn effects(
         // In a cluster the owner may be another host: its effects come over NATS.
         Some(cluster) => {
             let instance = filter.as_deref().map(name_of).transpose()?;
-            let subject = super::external::effects_subject(cluster.namespace(), instance.as_ref());
+            let subject = super::effects_subject(cluster.namespace(), instance.as_ref());
             let subscriber = cluster.client().subscribe(subject).await.map_err(|e| {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable", format!("effects: {e}"))
             })?;

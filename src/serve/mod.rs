@@ -23,7 +23,6 @@ mod auth;
 mod error;
 mod events;
 mod evolution;
-mod external;
 mod fleet;
 mod instances;
 mod metrics;
@@ -45,10 +44,10 @@ use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 
+pub use crate::transport::{HostAction, HostEffect, HostSignal, Initiator};
 pub use api::{AfterQuery, CreateInstance, Created, Health, InstanceView, ListQuery, TransportKind};
 pub use error::{ApiError, ErrorBody, ErrorDetail, ServeError};
 pub use events::{CloseView, EventBody, SLOW_SUBSCRIBER};
-pub use external::{HostAction, HostEffect, HostSignal, Initiator};
 pub use fleet::{ActionView, EdgeCount, FleetIndex, FleetRow, FleetView, RECONNECT_WINDOW, TableEdge};
 pub use openapi::ApiDoc;
 pub use replay::Replay;
@@ -57,7 +56,7 @@ pub use webhook::{DeadLetter, WebhookConfig, WebhookFormat, WebhookStatus, signa
 use crate::engine::{Engine, EngineConfig};
 use crate::log::LogConfig;
 use crate::machine::{Policy, Preset};
-use crate::transport::{ReferenceProtocol, WsLimits, WsTransport};
+use crate::transport::{Hub, ReferenceProtocol, Routed, WsLimits, WsTransport};
 
 /// The service's settings: `lifecycle serve --config FILE` reads them as
 /// TOML (durations as text: `"10s"`, `"2m"`); flags override the file.
@@ -314,7 +313,7 @@ pub(crate) struct AppState {
     instances: instances::Instances,
     config: Arc<ServeConfig>,
     auth: Arc<auth::Auth>,
-    hub: Arc<external::Hub>,
+    hub: Arc<Hub>,
     metrics: Arc<metrics::Metrics>,
     outbox: Arc<webhook::Outbox>,
     pairing: Arc<evolution::PairingCodes>,
@@ -363,6 +362,41 @@ pub struct Service {
     workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Effects queued for the cluster's NATS; past it, the newest are dropped
+/// (and a subscriber that lagged reads each instance's state, as on one host).
+const RELAY_BUFFER: usize = 4096;
+
+/// The subject an instance's effects are published on in a cluster (`None`: every instance's).
+pub(crate) fn effects_subject(namespace: &str, instance: Option<&crate::InstanceName>) -> String {
+    match instance {
+        Some(name) => format!("{namespace}.effects.{}", crate::cluster::token_of(name)),
+        None => format!("{namespace}.effects.>"),
+    }
+}
+
+/// In a cluster the host's client may be connected to any host, not the
+/// owner: the owner publishes each effect on the cluster's NATS
+/// (`<namespace>.effects.<instance>`, not stored: effects are live, as on
+/// one host), in the order emitted, until the service is dropped, and
+/// `/v1/effects` on every host streams them from there.
+fn relay_effects(hub: &Hub, client: async_nats::Client, namespace: String) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::transport::HostEffect>(RELAY_BUFFER);
+    hub.listen(Box::new(move |effect| {
+        if tx.try_send(effect.clone()).is_err() {
+            tracing::warn!(instance = %effect.instance, "the cluster's effect relay is full: an effect was dropped");
+        }
+    }));
+    tokio::spawn(async move {
+        while let Some(effect) = rx.recv().await {
+            let subject = effects_subject(&namespace, Some(&effect.instance));
+            let body = serde_json::to_vec(&effect).unwrap_or_default();
+            if let Err(e) = client.publish(subject, body.into()).await {
+                tracing::warn!(instance = %effect.instance, error = %e, "an effect was not relayed to the cluster");
+            }
+        }
+    });
+}
+
 impl Service {
     /// Opens the engine on `config.data` (restoring every instance, R11),
     /// binds `config.listen` and starts serving and delivering webhooks.
@@ -370,7 +404,7 @@ impl Service {
         let starting = std::time::Instant::now();
         config.check()?;
         let metrics = Arc::new(metrics::Metrics::new());
-        let hub = external::Hub::new();
+        let hub = Hub::new();
         let hook = {
             let metrics = metrics.clone();
             Arc::new(move |n: &crate::engine::Notification| metrics.transition(n)) as crate::engine::TransitionHook
@@ -379,7 +413,7 @@ impl Service {
         let engine_config = EngineConfig {
             policy: config.policy(),
             log: config.log.clone(),
-            transport: Arc::new(external::Routed { ws, hub: hub.clone() }),
+            transport: Arc::new(Routed::new(ws, hub.clone())),
             on_transition: Some(hook),
             compaction: Some(config.retention.compaction()),
             ..EngineConfig::default()
@@ -399,7 +433,7 @@ impl Service {
                 let (c, engine) =
                     crate::cluster::Cluster::join_with(settings.config(), engine_config, vec![tap]).await?;
                 // In a cluster everything a user was promised lives in the cluster's NATS.
-                hub.relay(c.client().clone(), c.namespace().to_owned());
+                relay_effects(&hub, c.client().clone(), c.namespace().to_owned());
                 let pairing = Arc::new(evolution::PairingCodes::cluster(&c).await.map_err(|e| {
                     ServeError::Invalid { field: "cluster", reason: format!("the pairing codes' bucket: {e}") }
                 })?);

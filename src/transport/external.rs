@@ -5,37 +5,46 @@
 //! When the engine opens a connection for such an instance, [`Hub`] turns it
 //! into effects for the host — `open` for generation g, then `send_logout`,
 //! `close {status}`, `ping`, and `abort` when the engine drops the
-//! connection — published on `GET /v1/effects` (SSE). The host reports what
-//! its connection does with `POST /v1/instances/{name}/signals`, tagged with
-//! the generation it was given; the engine's rules decide (a stale
-//! generation is ignored, R12) and the answer carries the transition and
-//! its effects.
+//! connection. The host reports what its connection does as a
+//! [`HostSignal`] tagged with the generation it was given; the engine's
+//! rules decide (a stale generation is ignored, R12).
 //!
-//! In a cluster the host's client may be connected to any host, not the
-//! owner: the owner relays each effect over the cluster's NATS
-//! (`<namespace>.effects.<instance>`, not stored: effects are live, as on
-//! one host), and `/v1/effects` on every host streams them from there.
+//! One implementation, three hosts: a Rust host gives the engine a
+//! [`Routed`] transport and listens on the hub ([`Hub::listen`]); `lifecycle
+//! serve` publishes effects on `GET /v1/effects` (SSE) and takes signals on
+//! `POST /v1/instances/{name}/signals`; the Node package calls a JavaScript
+//! callback per effect and takes signals from JavaScript. Each passes every
+//! signal through [`Hub::reported`] before the engine's `signal`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use instance_lifecycle::transport::{Hub, ReferenceProtocol, Routed, WsLimits, WsTransport};
+//! let hub = Hub::new();
+//! hub.listen(Box::new(|effect| println!("do {:?} for {}", effect.action, effect.instance)));
+//! let ws = WsTransport::new(Arc::new(ReferenceProtocol), WsLimits::default());
+//! let transport = Arc::new(Routed::new(ws, hub.clone())); // EngineConfig::transport
+//! ```
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
-use utoipa::ToSchema;
 
+use super::{BoxFuture, ConnectSpec, Control, Endpoint, Signals, Transport, WsTransport};
 use crate::machine::{CloseInitiator, Generation, Identity, Input, InstanceName, Reason, StatusCode};
-use crate::transport::{BoxFuture, ConnectSpec, Control, Endpoint, Signals, Transport, WsTransport};
 
-/// Effects kept for SSE subscribers that fall behind: a slower one is told it lagged.
+/// Effects kept for subscribers that fall behind ([`Hub::subscribe`]): a slower one is told it lagged.
 const EFFECTS_BUFFER: usize = 1024;
 
 /// What the host must do for one of its connections.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "serve", derive(utoipa::ToSchema))]
 pub struct HostEffect {
     /// Increasing over the service's life: the SSE id.
     pub id: u64,
     /// The instance.
-    #[schema(value_type = String)]
+    #[cfg_attr(feature = "serve", schema(value_type = String))]
     pub instance: InstanceName,
     /// The connection it concerns: every signal about it carries this.
     pub generation: u64,
@@ -45,7 +54,8 @@ pub struct HostEffect {
 }
 
 /// What to do.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "serve", derive(utoipa::ToSchema))]
 #[serde(tag = "effect", rename_all = "snake_case")]
 pub enum HostAction {
     /// Open a new connection for this generation (resuming this identity, if any)
@@ -68,7 +78,8 @@ pub enum HostAction {
 }
 
 /// A signal as a host reports it.
-#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Deserialize)]
+#[cfg_attr(feature = "serve", derive(utoipa::ToSchema))]
 #[serde(tag = "signal", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HostSignal {
     /// The session is usable; `identity` is who it is (R6: without one it does not open).
@@ -137,7 +148,8 @@ pub enum HostSignal {
 }
 
 /// Who ended a connection.
-#[derive(Clone, Copy, Debug, Default, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[cfg_attr(feature = "serve", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Initiator {
     /// The peer (a close frame, Baileys' `connection: close` with a status).
@@ -183,24 +195,17 @@ impl HostSignal {
     }
 }
 
-/// Effects queued for the cluster's NATS; past it, the newest are dropped
-/// (and a subscriber that lagged reads each instance's state, as on one host).
-const RELAY_BUFFER: usize = 4096;
+/// Called with every effect, in the order emitted, in the task that emits
+/// it: it must not block (hand the effect on: a channel, a JavaScript
+/// threadsafe function).
+pub type EffectListener = Box<dyn Fn(&HostEffect) + Send + Sync>;
 
-/// The host's side of every external connection.
-pub(crate) struct Hub {
+/// The host's side of every external connection: where effects come out.
+pub struct Hub {
     effects: broadcast::Sender<HostEffect>,
     state: Mutex<HubState>,
-    /// In a cluster: where effects go to be published, in order.
-    relay: Mutex<Option<mpsc::Sender<HostEffect>>>,
-}
-
-/// The subject an instance's effects are published on in a cluster (`None`: every instance's).
-pub(crate) fn effects_subject(namespace: &str, instance: Option<&InstanceName>) -> String {
-    match instance {
-        Some(name) => format!("{namespace}.effects.{}", crate::cluster::token_of(name)),
-        None => format!("{namespace}.effects.>"),
-    }
+    /// Who hears every effect, in order, without loss (unlike a subscriber, which may lag).
+    listeners: Mutex<Vec<EffectListener>>,
 }
 
 #[derive(Default)]
@@ -212,36 +217,41 @@ struct HubState {
 }
 
 impl Hub {
-    pub(crate) fn new() -> Arc<Self> {
+    /// A hub with no listener and no subscriber yet.
+    pub fn new() -> Arc<Self> {
         Arc::new(Self {
             effects: broadcast::channel(EFFECTS_BUFFER).0,
             state: Mutex::default(),
-            relay: Mutex::default(),
+            listeners: Mutex::default(),
         })
     }
 
-    /// Publishes every effect from now on on the cluster's NATS too, in the
-    /// order emitted, until the service is dropped.
-    pub(crate) fn relay(&self, client: async_nats::Client, namespace: String) {
-        let (tx, mut rx) = mpsc::channel::<HostEffect>(RELAY_BUFFER);
-        *self.relay.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
-        tokio::spawn(async move {
-            while let Some(effect) = rx.recv().await {
-                let subject = effects_subject(&namespace, Some(&effect.instance));
-                let body = serde_json::to_vec(&effect).unwrap_or_default();
-                if let Err(e) = client.publish(subject, body.into()).await {
-                    tracing::warn!(instance = %effect.instance, error = %e, "an effect was not relayed to the cluster");
-                }
-            }
-        });
+    /// Calls `listener` with every effect from now on, in order, none
+    /// missed: for a host that carries effects out (and must see each one).
+    pub fn listen(&self, listener: EffectListener) {
+        self.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(listener);
+    }
+
+    /// Every effect from now on, for watchers that may fall behind: one that
+    /// does is told how many it missed (`RecvError::Lagged`), after the
+    /// newest [`EFFECTS_BUFFER`] are kept.
+    pub fn subscribe(&self) -> broadcast::Receiver<HostEffect> {
+        self.effects.subscribe()
+    }
+
+    /// Call with every signal a host reports, before the engine's `signal`:
+    /// once the host has reported a connection's end, no `abort` is owed for it.
+    pub fn reported(&self, instance: &InstanceName, input: &Input) {
+        if input.ends_connection()
+            && let Some(generation) = input.generation()
+            && let Some(ended) = self.lock().live.get_mut(&(instance.clone(), generation))
+        {
+            *ended = true;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<HostEffect> {
-        self.effects.subscribe()
     }
 
     fn emit(&self, instance: &InstanceName, generation: Generation, action: HostAction) {
@@ -252,19 +262,10 @@ impl Hub {
         };
         tracing::debug!(instance = %instance, %generation, ?action, "effect for the host");
         let effect = HostEffect { id, instance: instance.clone(), generation: generation.0, action };
-        if let Some(relay) = self.relay.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref()
-            && relay.try_send(effect.clone()).is_err()
-        {
-            tracing::warn!(instance = %instance, "the cluster's effect relay is full: an effect was dropped");
+        for listener in self.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
+            listener(&effect);
         }
         let _ = self.effects.send(effect);
-    }
-
-    /// The host reported the end of this connection.
-    pub(crate) fn ended(&self, instance: &InstanceName, generation: Generation) {
-        if let Some(ended) = self.lock().live.get_mut(&(instance.clone(), generation)) {
-            *ended = true;
-        }
     }
 
     /// Runs one external connection: tells the host to open it, passes the
@@ -301,11 +302,19 @@ impl Hub {
     }
 }
 
-/// The service's transport: WebSocket endpoints through the engine's own
-/// transport, `external:` endpoints through the hub.
-pub(crate) struct Routed {
-    pub(crate) ws: WsTransport,
-    pub(crate) hub: Arc<Hub>,
+/// A transport for hosts that hold some connections themselves: WebSocket
+/// endpoints through the engine's own transport, `external:` endpoints
+/// through the hub.
+pub struct Routed {
+    ws: WsTransport,
+    hub: Arc<Hub>,
+}
+
+impl Routed {
+    /// Routes `external:` instances to `hub`, the others to `ws`.
+    pub fn new(ws: WsTransport, hub: Arc<Hub>) -> Self {
+        Self { ws, hub }
+    }
 }
 
 impl Transport for Routed {
@@ -314,5 +323,101 @@ impl Transport for Routed {
             Endpoint::External => Box::pin(self.hub.clone().run(spec, control)),
             Endpoint::Ws(_) => self.ws.run(spec, control, signals),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{ReferenceProtocol, WsLimits};
+
+    fn spec(instance: &InstanceName, generation: u64) -> ConnectSpec {
+        ConnectSpec {
+            instance: instance.clone(),
+            generation: Generation(generation),
+            endpoint: Endpoint::External,
+            resume: Identity::new("1234@s.whatsapp.net").ok(),
+            connect_timeout: std::time::Duration::from_secs(1),
+        }
+    }
+
+    /// A listener hears every effect of a connection in order: open with the
+    /// identity to resume, the engine's controls, and `abort` when the engine
+    /// drops a connection whose end the host never reported — but none for
+    /// one it did report.
+    #[tokio::test]
+    async fn a_listener_hears_every_effect_in_order_and_abort_only_when_owed() {
+        let hub = Hub::new();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let into = heard.clone();
+        hub.listen(Box::new(move |e| into.lock().expect("lock").push((e.id, e.generation, e.action.clone()))));
+        let routed = Routed::new(WsTransport::new(Arc::new(ReferenceProtocol), WsLimits::default()), hub.clone());
+        let name = InstanceName::new("acme").expect("name");
+        let (signals_tx, _signals_rx) = mpsc::channel(8);
+
+        // Generation 1: pinged, then dropped by the engine without a reported end.
+        let (control, rx) = mpsc::channel(8);
+        let run = tokio::spawn(routed.run(spec(&name, 1), rx, Signals::new(Generation(1), signals_tx.clone())));
+        control.send(Control::Ping).await.expect("ping");
+        control.send(Control::Close { status: StatusCode(1000) }).await.expect("close");
+        drop(control);
+        run.await.expect("run");
+
+        // Generation 2: the host reports its close first; the drop owes nothing.
+        let (control, rx) = mpsc::channel(8);
+        let run = tokio::spawn(routed.run(spec(&name, 2), rx, Signals::new(Generation(2), signals_tx)));
+        tokio::task::yield_now().await;
+        let closed = HostSignal::Closed {
+            generation: 2,
+            status: Some(428),
+            reason: "connection closed".into(),
+            initiator: Initiator::Peer,
+        };
+        // Until the hub has the connection, a report finds nothing to mark: wait for its open.
+        while heard.lock().expect("lock").len() < 5 {
+            tokio::task::yield_now().await;
+        }
+        hub.reported(&name, &closed.input());
+        drop(control);
+        run.await.expect("run");
+
+        let heard = heard.lock().expect("lock").clone();
+        let resume = Some("1234@s.whatsapp.net".to_owned());
+        assert_eq!(
+            heard.iter().map(|(_, g, a)| (*g, a.clone())).collect::<Vec<_>>(),
+            vec![
+                (1, HostAction::Open { resume: resume.clone() }),
+                (1, HostAction::Ping),
+                (1, HostAction::Close { status: 1000 }),
+                (1, HostAction::Abort),
+                (2, HostAction::Open { resume }),
+            ]
+        );
+        assert!(heard.windows(2).all(|w| w[0].0 < w[1].0), "ids increase: {heard:?}");
+    }
+
+    /// A stale generation's report marks nothing: the live connection is still owed its abort.
+    #[tokio::test]
+    async fn a_report_for_another_generation_leaves_the_abort_owed() {
+        let hub = Hub::new();
+        let aborts = Arc::new(Mutex::new(0));
+        let into = aborts.clone();
+        hub.listen(Box::new(move |e| {
+            if e.action == HostAction::Abort {
+                *into.lock().expect("lock") += 1;
+            }
+        }));
+        let routed = Routed::new(WsTransport::new(Arc::new(ReferenceProtocol), WsLimits::default()), hub.clone());
+        let name = InstanceName::new("acme").expect("name");
+        let (signals_tx, _signals_rx) = mpsc::channel(8);
+        let (control, rx) = mpsc::channel(8);
+        let run = tokio::spawn(routed.run(spec(&name, 3), rx, Signals::new(Generation(3), signals_tx)));
+        control.send(Control::Ping).await.expect("ping");
+        let stale =
+            HostSignal::Closed { generation: 2, status: None, reason: String::new(), initiator: Initiator::Transport };
+        hub.reported(&name, &stale.input());
+        drop(control);
+        run.await.expect("run");
+        assert_eq!(*aborts.lock().expect("lock"), 1);
     }
 }

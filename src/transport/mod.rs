@@ -9,6 +9,7 @@
 //! ([`Input::ends_connection`]) or when the engine drops its control sender
 //! (an abort): the engine never waits on a dead socket.
 
+mod external;
 mod protocol;
 mod ws;
 
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+pub use external::{EffectListener, HostAction, HostEffect, HostSignal, Hub, Initiator, Routed};
 pub use protocol::{PeerMessage, Protocol, ProtocolError, ReferenceProtocol};
 pub use ws::{TlsConfigError, WsLimits, WsTransport, tls_trusting};
 
