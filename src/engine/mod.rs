@@ -110,6 +110,24 @@ struct Restored {
     effects: Vec<Effect>,
 }
 
+/// A signal in an instance's inbox ([`Engine::deliver_signal`]): what the rules make of it, to wait for.
+pub struct SignalAnswer(Answer);
+
+enum Answer {
+    Ready(Box<Signaled>),
+    Queued { engine: Engine, name: InstanceName, answer: oneshot::Receiver<Result<Signaled, EngineError>> },
+}
+
+impl SignalAnswer {
+    /// Waits (within the command bound) for what the rules made of the signal.
+    pub async fn answer(self) -> Result<Signaled, EngineError> {
+        match self.0 {
+            Answer::Ready(signaled) => Ok(*signaled),
+            Answer::Queued { engine, name, answer } => engine.answer(name, "signal", answer).await,
+        }
+    }
+}
+
 /// Where a command went.
 enum Delivery {
     /// Answered without a task: the table ignored the input at rest (the
@@ -468,6 +486,16 @@ impl Engine {
     /// its connection. Host commands, timers and runtime events are not
     /// signals ([`EngineError::NotASignal`]).
     pub async fn signal(&self, name: &str, input: Input) -> Result<Signaled, EngineError> {
+        self.deliver_signal(name, input).await?.answer().await
+    }
+
+    /// [`Engine::signal`] in two steps, for a host that reports signals in
+    /// order from one place (the Node package): this returns once the
+    /// signal is in the instance's inbox (or answered at rest), and
+    /// [`SignalAnswer::answer`] waits for what the rules made of it. Signals
+    /// delivered one after the other are applied in that order, however
+    /// their answers are awaited.
+    pub async fn deliver_signal(&self, name: &str, input: Input) -> Result<SignalAnswer, EngineError> {
         self.check_open()?;
         let name = InstanceName::new(name)?;
         if !signal::is_reportable(&input) {
@@ -475,9 +503,9 @@ impl Engine {
         }
         let (reply, answer) = oneshot::channel();
         if let Some((instance, reason)) = self.send(&name, Box::new(Msg::Signal { input, reply })).await? {
-            return Ok(Signaled::ignored(&instance, reason));
+            return Ok(SignalAnswer(Answer::Ready(Box::new(Signaled::ignored(&instance, reason)))));
         }
-        self.answer(name, "signal", answer).await
+        Ok(SignalAnswer(Answer::Queued { engine: self.clone(), name, answer }))
     }
 
     /// Puts a command or signal in the instance's inbox (waking it if it

@@ -1,0 +1,220 @@
+'use strict';
+// The instance-lifecycle engine in this process. See index.d.ts for the API
+// and README.md ("From Node") for a Baileys host.
+
+const { join } = require('node:path');
+
+const native = require(process.env.INSTANCE_LIFECYCLE_ADDON ?? join(__dirname, 'instance_lifecycle.node'));
+
+/** An error of the engine: `code` is the REST API's error code. */
+class LifecycleError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.name = 'LifecycleError';
+    this.code = code;
+  }
+}
+
+/** The native side says `[code] message`; JavaScript gets `error.code`. */
+function coded(e) {
+  const m = /^\[([a-z_]+)\] ([\s\S]*)$/.exec(e instanceof Error ? e.message : '');
+  return m ? new LifecycleError(m[1], m[2]) : e;
+}
+
+async function settle(promise) {
+  try {
+    return await promise;
+  } catch (e) {
+    throw coded(e);
+  }
+}
+
+function now(f) {
+  try {
+    return f();
+  } catch (e) {
+    throw coded(e);
+  }
+}
+
+const SIGNALS = {
+  opened: 'opened',
+  pairing: 'pairing',
+  closed: 'closed',
+  writeFailed: 'write_failed',
+  heartbeatMissed: 'heartbeat_missed',
+  pong: 'pong',
+  logoutConfirmed: 'logout_confirmed',
+  logoutFailed: 'logout_failed',
+  closeFinished: 'close_finished',
+};
+
+const EFFECTS = { open: 'open', send_logout: 'sendLogout', close: 'close', ping: 'ping', abort: 'abort' };
+
+/** `{ kind: 'closed', generation, status }` → the engine's `{ signal: 'closed', … }`. */
+function toNative(signal) {
+  if (signal === null || typeof signal !== 'object') {
+    throw new LifecycleError('invalid_body', 'a signal is an object: { kind, generation, ... }');
+  }
+  const { kind, ...rest } = signal;
+  const name = SIGNALS[kind];
+  if (name === undefined) {
+    throw new LifecycleError('invalid_body', `signal kind ${JSON.stringify(kind)}: one of ${Object.keys(SIGNALS).join(', ')}`);
+  }
+  if (!Number.isSafeInteger(rest.generation) || rest.generation < 0) {
+    throw new LifecycleError('invalid_body', 'signal: generation must be the integer the open effect carried');
+  }
+  return { signal: name, ...rest };
+}
+
+function fromNativeEffect(e) {
+  const { effect, ...rest } = e;
+  return { kind: EFFECTS[effect] ?? effect, ...rest };
+}
+
+class Engine {
+  #native;
+  #onCallbackError;
+  #subscriptions = new Set();
+
+  constructor(handle, onCallbackError) {
+    this.#native = handle;
+    this.#onCallbackError = onCallbackError;
+  }
+
+  /**
+   * Opens the engine on the log in `dir` (created if missing) and restores
+   * every instance in it.
+   */
+  static async open(dir, options = {}) {
+    const { onCallbackError, ...rest } = options;
+    const handle = await settle(native.NativeEngine.open(String(dir), rest));
+    return new Engine(handle, onCallbackError);
+  }
+
+  create(name, spec) {
+    return settle(Promise.resolve().then(() => this.#native.create(name, spec ?? {})));
+  }
+
+  connect(name) {
+    return this.#command(name, 'connect');
+  }
+
+  logout(name) {
+    return this.#command(name, 'logout');
+  }
+
+  restart(name) {
+    return this.#command(name, 'restart');
+  }
+
+  delete(name) {
+    return this.#command(name, 'delete');
+  }
+
+  #command(name, command) {
+    return settle(Promise.resolve().then(() => this.#native.command(name, command)));
+  }
+
+  state(name) {
+    return now(() => this.#native.state(name));
+  }
+
+  list() {
+    return now(() => this.#native.list());
+  }
+
+  history(name) {
+    return settle(Promise.resolve().then(() => this.#native.history(name)));
+  }
+
+  /**
+   * Reports what a connection the host holds did. Signals are applied in
+   * the order of calls (this call puts it in line before it returns); the
+   * promise settles with what the rules made of it: `outcome` is
+   * `'applied'` or `'ignored'` (a signal of an older generation: R12).
+   */
+  signal(name, signal) {
+    let pending;
+    try {
+      pending = this.#native.signal(name, toNative(signal));
+    } catch (e) {
+      return Promise.reject(coded(e));
+    }
+    return settle(pending);
+  }
+
+  /** Calls `callback(effect)` for each effect of a host-held connection, in order. Returns the unsubscribe function. */
+  onEffect(callback) {
+    return this.#subscribe('onEffect', callback, fromNativeEffect);
+  }
+
+  /** Calls `callback(transition)` after every transition. Returns the unsubscribe function. */
+  onTransition(callback) {
+    return this.#subscribe('onTransition', callback, (t) => t);
+  }
+
+  /**
+   * Every transition from now on, as an async iterator. Ending the loop
+   * (`break`) unsubscribes; a pending iteration never keeps Node alive.
+   */
+  transitions() {
+    const queue = [];
+    const waiting = [];
+    let done = false;
+    const unsubscribe = this.onTransition((t) => {
+      const next = waiting.shift();
+      if (next) next({ value: t, done: false });
+      else queue.push(t);
+    });
+    const finish = () => {
+      done = true;
+      unsubscribe();
+      for (const next of waiting.splice(0)) next({ value: undefined, done: true });
+      return Promise.resolve({ value: undefined, done: true });
+    };
+    return {
+      next: () => {
+        if (queue.length > 0) return Promise.resolve({ value: queue.shift(), done: false });
+        if (done) return Promise.resolve({ value: undefined, done: true });
+        return new Promise((resolve) => waiting.push(resolve));
+      },
+      return: finish,
+      [Symbol.asyncIterator]() {
+        return this;
+      },
+    };
+  }
+
+  #subscribe(method, callback, shape) {
+    if (typeof callback !== 'function') throw new LifecycleError('invalid_body', `${method}: a callback function`);
+    // A throw in the host's callback is the host's: it is reported, and the
+    // engine (which never waits for callbacks) goes on.
+    const guarded = (value) => {
+      try {
+        callback(shape(value));
+      } catch (e) {
+        if (this.#onCallbackError) this.#onCallbackError(e, value);
+        else process.emitWarning(`instance-lifecycle: a ${method} callback threw: ${e?.stack ?? e}`);
+      }
+    };
+    const id = now(() => this.#native[method](guarded));
+    const unsubscribe = () => {
+      if (this.#subscriptions.delete(unsubscribe)) this.#native.unsubscribe(id);
+    };
+    this.#subscriptions.add(unsubscribe);
+    return unsubscribe;
+  }
+
+  /**
+   * Stops every instance and closes the log, within `closeTimeoutMs`
+   * (instances still mid-command then are stopped where they are). Ends
+   * every subscription. Calling it again does nothing.
+   */
+  async close() {
+    for (const unsubscribe of [...this.#subscriptions]) unsubscribe();
+    await settle(this.#native.close());
+  }
+}
+
+module.exports = { Engine, LifecycleError };
