@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -125,13 +125,19 @@ struct Queued {
 /// The engine, opened on a log directory.
 #[napi]
 pub struct NativeEngine {
-    core: Core,
+    /// Taken by `close`: the log is released when the last clone of the engine goes.
+    open: Mutex<Option<Open>>,
     hub: Arc<Hub>,
     effects: Arc<Listeners>,
     transitions: Arc<Listeners>,
-    signals: mpsc::UnboundedSender<Queued>,
     close_timeout: Duration,
-    closed: Arc<AtomicBool>,
+}
+
+/// What an open engine holds.
+struct Open {
+    core: Core,
+    signals: mpsc::UnboundedSender<Queued>,
+    delivering: tokio::task::JoinHandle<()>,
 }
 
 fn parse_options(options: Option<OpenOptions>) -> Result<(Policy, LogConfig, Duration)> {
@@ -198,16 +204,18 @@ impl NativeEngine {
         };
         let core = Core::open(PathBuf::from(dir), config).await.map_err(engine_error)?;
         let (signals, queue) = mpsc::unbounded_channel();
-        tokio::spawn(deliver(core.clone(), queue));
-        Ok(NativeEngine {
-            core,
-            hub,
-            effects,
-            transitions,
-            signals,
-            close_timeout,
-            closed: Arc::new(AtomicBool::new(false)),
-        })
+        let delivering = tokio::spawn(deliver(core.clone(), queue));
+        let open = Mutex::new(Some(Open { core, signals, delivering }));
+        Ok(NativeEngine { open, hub, effects, transitions, close_timeout })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Open>> {
+        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The engine, while it is open.
+    fn core(&self) -> Result<Core> {
+        self.lock().as_ref().map(|o| o.core.clone()).ok_or_else(|| coded("shut_down", "the engine is closed"))
     }
 
     /// Creates an instance; its state after.
@@ -221,7 +229,7 @@ impl NativeEngine {
             (None, true) => instance_lifecycle::transport::Endpoint::EXTERNAL.to_owned(),
             (None, false) => return Err(coded("invalid_body", "give a url, or external: true")),
         };
-        let core = self.core.clone();
+        let core = self.core()?;
         core.create(&name, instance_lifecycle::log::InstanceSpec { url }).await.map_err(engine_error)?;
         let state = core.state(&name).map_err(engine_error)?;
         Ok(view(&name, &state))
@@ -230,7 +238,7 @@ impl NativeEngine {
     /// `connect`, `logout`, `restart` or `delete`; the state it ended in.
     #[napi(catch_unwind)]
     pub async fn command(&self, name: String, command: String) -> Result<Value> {
-        let core = self.core.clone();
+        let core = self.core()?;
         let state = match command.as_str() {
             "connect" => core.connect(&name).await,
             "logout" => core.logout(&name).await,
@@ -245,20 +253,20 @@ impl NativeEngine {
     /// An instance's state.
     #[napi(catch_unwind)]
     pub fn state(&self, name: String) -> Result<Value> {
-        let state = self.core.state(&name).map_err(engine_error)?;
+        let state = self.core()?.state(&name).map_err(engine_error)?;
         Ok(view(&name, &state))
     }
 
     /// Every instance that is not removed.
     #[napi(catch_unwind)]
-    pub fn list(&self) -> Value {
-        Value::Array(self.core.list().iter().map(|(name, state)| view(name.as_str(), state)).collect())
+    pub fn list(&self) -> Result<Value> {
+        Ok(Value::Array(self.core()?.list().iter().map(|(name, state)| view(name.as_str(), state)).collect()))
     }
 
     /// An instance's recorded history, oldest first.
     #[napi(catch_unwind)]
     pub async fn history(&self, name: String) -> Result<Value> {
-        let records = self.core.history(&name).await.map_err(engine_error)?;
+        let records = self.core()?.history(&name).await.map_err(engine_error)?;
         serde_json::to_value(records).map_err(|e| coded("internal", e))
     }
 
@@ -274,9 +282,12 @@ impl NativeEngine {
             self.hub.reported(&instance, &input);
         }
         let (reply, answer) = oneshot::channel();
-        self.signals.send(Queued { name, input, reply }).map_err(|_| coded("closing", "the engine is closed"))?;
+        let sent = self.lock().as_ref().map(|o| o.signals.send(Queued { name, input, reply }));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(coded("shut_down", "the engine is closed"));
+        }
         env.spawn_future(async move {
-            let signaled = answer.await.map_err(|_| coded("closing", "the engine closed before answering"))?;
+            let signaled = answer.await.map_err(|_| coded("shut_down", "the engine closed before answering"))?;
             let signaled = signaled.map_err(engine_error)?;
             let outcome = match &signaled.outcome {
                 SignalOutcome::Ignored { .. } => "ignored",
@@ -312,18 +323,21 @@ impl NativeEngine {
 
     /// Stops every instance and closes the log, within the close bound
     /// (tasks still running then are stopped where they are). Every
-    /// subscription ends. Idempotent.
+    /// subscription ends, and the log's directory is released for another
+    /// engine or `lifecycle` to open. Idempotent.
     #[napi(catch_unwind)]
     pub async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
-        let core = self.core.clone();
+        let Some(Open { core, signals, delivering }) = self.lock().take() else { return Ok(()) };
         let bound = self.close_timeout + Duration::from_secs(1);
-        let result = tokio::time::timeout(bound, core.shutdown()).await;
+        let stopped = tokio::time::timeout(bound, core.shutdown()).await;
+        // No more signals: the delivering task ends, and with it its clone of the engine.
+        drop(signals);
+        let _ = delivering.await;
         self.effects.lock().clear();
         self.transitions.lock().clear();
-        match result {
+        // The last clone: the log closes cleanly here (a last commit, sled's files released).
+        tokio::task::spawn_blocking(move || drop(core)).await.map_err(|e| coded("internal", e))?;
+        match stopped {
             Ok(r) => r.map_err(engine_error),
             Err(_) => Err(coded("timed_out", format!("close did not finish within {bound:?}"))),
         }

@@ -1,0 +1,79 @@
+// The engine's API from JavaScript: commands, reads, errors with the REST
+// codes, persistence across a reopen, and a log the CLI verifies.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Engine, LifecycleError, engine, tempDir } from './support.mjs';
+
+const repo = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+
+test('create, state, list, history and delete of an external instance', async (t) => {
+  const { engine: e } = await engine(t);
+  const created = await e.create('acme', { external: true });
+  assert.equal(created.name, 'acme');
+  assert.equal(created.kind, 'Closed');
+  assert.equal(e.state('acme').kind, 'Closed');
+  assert.deepEqual(e.list().map((v) => v.name), ['acme']);
+  const removed = await e.delete('acme');
+  assert.equal(removed.kind, 'Removed');
+  assert.deepEqual(e.list(), []);
+  const history = await e.history('acme');
+  assert.ok(history.length >= 2, 'created and removed are recorded');
+  assert.equal(history[0].seq, 1);
+  assert.ok('Created' in history[0].event, JSON.stringify(history[0].event));
+});
+
+test('errors are LifecycleErrors with the REST API codes', async (t) => {
+  const { engine: e } = await engine(t);
+  const code = async (f) => {
+    try {
+      await f();
+    } catch (err) {
+      assert.ok(err instanceof LifecycleError, `${err}`);
+      assert.ok(err instanceof Error);
+      return err.code;
+    }
+    assert.fail('no error');
+  };
+  assert.equal(await code(() => e.state('NOPE!')), 'invalid_name');
+  assert.equal(await code(() => e.connect('nobody')), 'unknown_instance');
+  await e.create('dup', { external: true });
+  assert.equal(await code(() => e.create('dup', { external: true })), 'already_exists');
+  assert.equal(await code(() => e.create('bad-url', { url: 'http://not-a-websocket' })), 'invalid_url');
+  assert.equal(await code(() => e.create('both', { url: 'ws://x/', external: true })), 'invalid_body');
+  await e.delete('dup');
+  assert.equal(await code(() => e.connect('dup')), 'removed');
+  assert.equal(await code(() => e.signal('dup', { kind: 'sideways', generation: 1 })), 'invalid_body');
+  assert.equal(await code(() => Engine.open(tempDir(t), { policy: 'carrier-pigeon' })), 'invalid_option');
+});
+
+test('instances survive a close and reopen (R11)', async (t) => {
+  const dir = tempDir(t);
+  const first = await Engine.open(dir);
+  await first.create('keep', { external: true });
+  await first.create('gone', { external: true });
+  await first.delete('gone');
+  await first.close();
+  await first.close(); // idempotent
+  const again = await Engine.open(dir);
+  t.after(() => again.close());
+  assert.deepEqual(again.list().map((v) => v.name), ['keep']);
+  assert.equal(again.state('keep').kind, 'Closed');
+});
+
+test('a log written from Node verifies with `lifecycle verify`', async (t) => {
+  const dir = tempDir(t);
+  const e = await Engine.open(dir);
+  await e.create('a', { external: true });
+  const opened = e.connect('a');
+  await new Promise((r) => setTimeout(r, 50));
+  await e.close();
+  await opened.catch(() => {}); // interrupted by the close: either answer is fine here
+  const bin = join(repo, 'target', 'debug', 'lifecycle');
+  if (!existsSync(bin)) execFileSync('cargo', ['build', '--bin', 'lifecycle'], { cwd: repo, stdio: 'inherit' });
+  const out = execFileSync(bin, ['verify', dir], { encoding: 'utf8' });
+  assert.match(out, /clean/, out);
+});
