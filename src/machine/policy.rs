@@ -300,6 +300,7 @@ impl Policy {
                 CloseRule::new(Code(405), Any, Stop, "client outdated"),
                 CloseRule::new(Code(406), Any, Stop, "banned"),
                 CloseRule::new(Code(409), Any, Stop, "bad user agent"),
+                CloseRule::new(Code(411), Any, Stop, "multi-device mismatch"),
                 CloseRule::new(Code(440), Any, Stop, "replaced by another session"),
                 CloseRule::new(Code(408), BeforeOpen, Stop, "pairing codes ran out"),
                 CloseRule::new(Code(408), AfterOpen, Reconnect, "connection lost"),
@@ -539,6 +540,29 @@ mod tests {
             assert_eq!(Preset::parse(p.as_str()), Ok(p));
         }
         assert!(Preset::parse("bogus").is_err());
+    }
+
+    #[test]
+    /// Every status of Baileys 7's `DisconnectReason`, and what the
+    /// `whatsapp` preset does with it (`lib/Types/index.ts` there).
+    #[test]
+    fn whatsapp_preset_covers_baileys_7_disconnect_reasons() {
+        let wa = Policy::preset(Preset::Whatsapp);
+        let (before, after) = (ClosePhase::BeforeOpen, ClosePhase::AfterOpen);
+        for (reason, code, phase, action) in [
+            ("connectionClosed", 428, after, Reconnect),
+            ("connectionLost", 408, after, Reconnect),
+            ("timedOut (QR refs ended)", 408, before, Stop),
+            ("loggedOut", 401, after, Stop),
+            ("badSession", 500, after, Reconnect),
+            ("restartRequired", 515, before, ReconnectNow),
+            ("multideviceMismatch", 411, before, Stop),
+            ("forbidden", 403, after, Stop),
+            ("connectionReplaced", 440, after, Stop),
+            ("unavailableService", 503, after, Reconnect),
+        ] {
+            assert_eq!(wa.close_action(Some(StatusCode(code)), phase), action, "{reason} ({code})");
+        }
     }
 
     #[test]
@@ -791,7 +815,8 @@ mod tests {
         b.close_rules.pop();
         let d = a.differences(&b);
         assert!(d.contains(&"timeouts.close: 5s vs 1.5s".to_owned()), "{d:?}");
-        assert!(d.iter().any(|x| x.starts_with("close_rules[13].") && x.ends_with("vs absent")), "{d:?}");
+        let last = format!("close_rules[{}].", b.close_rules.len());
+        assert!(d.iter().any(|x| x.starts_with(&last) && x.ends_with("vs absent")), "{d:?}");
         a.jitter_seed = 3;
         assert!(a.differences(&b).contains(&"jitter_seed: 3 vs 0".to_owned()));
     }

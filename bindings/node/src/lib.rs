@@ -55,6 +55,53 @@ pub struct OpenOptions {
     pub close_timeout_ms: Option<u32>,
     /// Open a log that lost records anyway, recording the loss (as `lifecycle recover --accept-loss`).
     pub accept_loss: Option<bool>,
+    /// The preset's timings, changed (milliseconds; each one optional).
+    pub timing: Option<Timing>,
+}
+
+/// Timings of the rules, in milliseconds: what a test or a host with its own needs changes.
+#[napi(object)]
+pub struct Timing {
+    /// How often an open session is pinged.
+    pub heartbeat_interval_ms: Option<u32>,
+    /// How long a pong may take before the session is a zombie (R7).
+    pub heartbeat_deadline_ms: Option<u32>,
+    /// The first reconnect delay.
+    pub backoff_base_ms: Option<u32>,
+    /// The longest reconnect delay.
+    pub backoff_cap_ms: Option<u32>,
+    /// How long a session stays open before its retry counter resets.
+    pub stable_period_ms: Option<u32>,
+    /// Bound on opening a connection.
+    pub connect_timeout_ms: Option<u32>,
+    /// Bound on waiting for the next pairing code.
+    pub pairing_code_timeout_ms: Option<u32>,
+    /// Bound on a logout.
+    pub logout_timeout_ms: Option<u32>,
+    /// Bound on closing a connection.
+    pub close_connection_timeout_ms: Option<u32>,
+    /// Bound on the whole cleanup of a delete.
+    pub cleanup_timeout_ms: Option<u32>,
+}
+
+impl Timing {
+    fn apply(&self, p: &mut Policy) {
+        let ms = |v: Option<u32>, into: &mut Duration| {
+            if let Some(v) = v {
+                *into = Duration::from_millis(u64::from(v));
+            }
+        };
+        ms(self.heartbeat_interval_ms, &mut p.heartbeat.interval);
+        ms(self.heartbeat_deadline_ms, &mut p.heartbeat.deadline);
+        ms(self.backoff_base_ms, &mut p.backoff.base);
+        ms(self.backoff_cap_ms, &mut p.backoff.cap);
+        ms(self.stable_period_ms, &mut p.backoff.stable_period);
+        ms(self.connect_timeout_ms, &mut p.timeouts.connect);
+        ms(self.pairing_code_timeout_ms, &mut p.timeouts.pairing_code);
+        ms(self.logout_timeout_ms, &mut p.timeouts.logout);
+        ms(self.close_connection_timeout_ms, &mut p.timeouts.close);
+        ms(self.cleanup_timeout_ms, &mut p.timeouts.cleanup);
+    }
 }
 
 /// What `create` is given: a WebSocket the engine holds, or a connection the host holds.
@@ -141,8 +188,13 @@ struct Open {
 }
 
 fn parse_options(options: Option<OpenOptions>) -> Result<(Policy, LogConfig, Duration)> {
-    let options =
-        options.unwrap_or(OpenOptions { policy: None, durability: None, close_timeout_ms: None, accept_loss: None });
+    let options = options.unwrap_or(OpenOptions {
+        policy: None,
+        durability: None,
+        close_timeout_ms: None,
+        accept_loss: None,
+        timing: None,
+    });
     let preset = Preset::parse(options.policy.as_deref().unwrap_or("whatsapp"))
         .map_err(|e| coded("invalid_option", format!("policy: {e}")))?;
     let durability = match options.durability.as_deref().unwrap_or("group-commit") {
@@ -158,7 +210,12 @@ fn parse_options(options: Option<OpenOptions>) -> Result<(Policy, LogConfig, Dur
     };
     let log = LogConfig { durability, accept_loss: options.accept_loss.unwrap_or(false), ..LogConfig::default() };
     let close_timeout = Duration::from_millis(u64::from(options.close_timeout_ms.unwrap_or(5_000)));
-    Ok((Policy::preset(preset), log, close_timeout))
+    let mut policy = Policy::preset(preset);
+    if let Some(timing) = &options.timing {
+        timing.apply(&mut policy);
+    }
+    policy.validate().map_err(|e| coded("invalid_option", format!("timing: {e}")))?;
+    Ok((policy, log, close_timeout))
 }
 
 /// Delivers reported signals to the engine one at a time, in the order
@@ -215,7 +272,7 @@ impl NativeEngine {
 
     /// The engine, while it is open.
     fn core(&self) -> Result<Core> {
-        self.lock().as_ref().map(|o| o.core.clone()).ok_or_else(|| coded("shut_down", "the engine is closed"))
+        self.lock().as_ref().map(|o| o.core.clone()).ok_or_else(|| coded("shutting_down", "the engine is closed"))
     }
 
     /// Creates an instance; its state after.
@@ -284,10 +341,10 @@ impl NativeEngine {
         let (reply, answer) = oneshot::channel();
         let sent = self.lock().as_ref().map(|o| o.signals.send(Queued { name, input, reply }));
         if !matches!(sent, Some(Ok(()))) {
-            return Err(coded("shut_down", "the engine is closed"));
+            return Err(coded("shutting_down", "the engine is closed"));
         }
         env.spawn_future(async move {
-            let signaled = answer.await.map_err(|_| coded("shut_down", "the engine closed before answering"))?;
+            let signaled = answer.await.map_err(|_| coded("shutting_down", "the engine closed before answering"))?;
             let signaled = signaled.map_err(engine_error)?;
             let outcome = match &signaled.outcome {
                 SignalOutcome::Ignored { .. } => "ignored",

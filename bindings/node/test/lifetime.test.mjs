@@ -49,7 +49,7 @@ test('close() ends within its bound with instances mid-command, and settles them
   const settled = await Promise.all(inFlight);
   assert.equal(settled.length, names.length);
   for (const s of settled) assert.ok(typeof s === 'string', `${s}`);
-  await assert.rejects(() => e.connect('m1'), { code: 'shut_down' });
+  await assert.rejects(() => e.connect('m1'), { code: 'shutting_down' });
   // The directory is free: another engine opens it, and the instances are there (R11).
   const again = await Engine.open(dir);
   t.after(() => again.close());
