@@ -22,6 +22,7 @@ mod hostile;
 mod journal;
 mod log;
 mod model;
+mod node;
 mod rules;
 mod seeds;
 mod serve;

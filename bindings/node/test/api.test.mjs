@@ -72,7 +72,8 @@ test('a log written from Node verifies with `lifecycle verify`', async (t) => {
   await new Promise((r) => setTimeout(r, 50));
   await e.close();
   await opened.catch(() => {}); // interrupted by the close: either answer is fine here
-  const bin = join(repo, 'target', 'debug', 'lifecycle');
+  // `cargo test` passes its own build of the CLI; alone, the workspace's debug build (made if missing).
+  const bin = process.env.INSTANCE_LIFECYCLE_CLI ?? join(repo, 'target', 'debug', 'lifecycle');
   if (!existsSync(bin)) execFileSync('cargo', ['build', '--bin', 'lifecycle'], { cwd: repo, stdio: 'inherit' });
   const out = execFileSync(bin, ['verify', dir], { encoding: 'utf8' });
   assert.match(out, /clean/, out);
