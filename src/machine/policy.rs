@@ -542,7 +542,6 @@ mod tests {
         assert!(Preset::parse("bogus").is_err());
     }
 
-    #[test]
     /// Every status of Baileys 7's `DisconnectReason`, and what the
     /// `whatsapp` preset does with it (`lib/Types/index.ts` there).
     #[test]
