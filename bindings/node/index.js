@@ -37,35 +37,10 @@ function now(f) {
   }
 }
 
-const SIGNALS = {
-  opened: 'opened',
-  pairing: 'pairing',
-  closed: 'closed',
-  writeFailed: 'write_failed',
-  heartbeatMissed: 'heartbeat_missed',
-  pong: 'pong',
-  logoutConfirmed: 'logout_confirmed',
-  logoutFailed: 'logout_failed',
-  closeFinished: 'close_finished',
-};
+/** State kinds by index, as the native side packs them. */
+const KINDS = ['Connecting', 'Open', 'Closing', 'Closed', 'Zombie', 'Removed'];
 
 const EFFECTS = { open: 'open', send_logout: 'sendLogout', close: 'close', ping: 'ping', abort: 'abort' };
-
-/** `{ kind: 'closed', generation, status }` → the engine's `{ signal: 'closed', … }`. */
-function toNative(signal) {
-  if (signal === null || typeof signal !== 'object') {
-    throw new LifecycleError('invalid_body', 'a signal is an object: { kind, generation, ... }');
-  }
-  const { kind, ...rest } = signal;
-  const name = SIGNALS[kind];
-  if (name === undefined) {
-    throw new LifecycleError('invalid_body', `signal kind ${JSON.stringify(kind)}: one of ${Object.keys(SIGNALS).join(', ')}`);
-  }
-  if (!Number.isSafeInteger(rest.generation) || rest.generation < 0) {
-    throw new LifecycleError('invalid_body', 'signal: generation must be the integer the open effect carried');
-  }
-  return { signal: name, ...rest };
-}
 
 function fromNativeEffect(e) {
   const { effect, ...rest } = e;
@@ -76,10 +51,34 @@ class Engine {
   #native;
   #onCallbackError;
   #subscriptions = new Set();
+  /** ticket → { resolve, reject } of signals waiting for their answer. */
+  #pending = new Map();
+  /** A timer that keeps Node alive while signals wait (the answers' way back does not). */
+  #keepAlive = null;
+  /** Signals of this turn of the event loop, handed over together (in order) at its end. */
+  #outbox = [];
 
   constructor(handle, onCallbackError) {
     this.#native = handle;
     this.#onCallbackError = onCallbackError;
+    handle.onAnswers((answers) => this.#answered(answers));
+  }
+
+  /** Answers packed by the native side: four numbers each (see `Answers` in src/lib.rs). */
+  #answered(answers) {
+    const numbers = answers?.numbers ?? [];
+    for (let i = 0; i + 3 < numbers.length; i += 4) {
+      const waiting = this.#pending.get(numbers[i]);
+      if (waiting === undefined) continue;
+      this.#pending.delete(numbers[i]);
+      const [outcome, which, generation] = [numbers[i + 1], numbers[i + 2], numbers[i + 3]];
+      if (outcome === 2) waiting.reject(coded(new Error(answers.errors[which])));
+      else waiting.resolve({ outcome: outcome === 1 ? 'ignored' : 'applied', state: KINDS[which], generation });
+    }
+    if (this.#pending.size === 0 && this.#keepAlive !== null) {
+      clearInterval(this.#keepAlive);
+      this.#keepAlive = null;
+    }
   }
 
   /**
@@ -135,13 +134,33 @@ class Engine {
    * `'applied'` or `'ignored'` (a signal of an older generation: R12).
    */
   signal(name, signal) {
-    let pending;
-    try {
-      pending = this.#native.signal(name, toNative(signal));
-    } catch (e) {
-      return Promise.reject(coded(e));
+    if (signal === null || typeof signal !== 'object') {
+      return Promise.reject(new LifecycleError('invalid_body', 'a signal is an object: { kind, generation, ... }'));
     }
-    return settle(pending);
+    if (this.#keepAlive === null) this.#keepAlive = setInterval(() => {}, 1 << 30);
+    return new Promise((resolve, reject) => {
+      if (this.#outbox.push({ item: { name, signal }, resolve, reject }) === 1) queueMicrotask(() => this.#flush());
+    });
+  }
+
+  /** Hands this turn's signals to the engine in one call, in the order they were reported. */
+  #flush() {
+    const batch = this.#outbox;
+    this.#outbox = [];
+    let accepted;
+    try {
+      accepted = this.#native.signals(batch.map((b) => b.item));
+    } catch (e) {
+      for (const b of batch) b.reject(coded(e));
+      this.#answered(null);
+      return;
+    }
+    batch.forEach((b, i) => {
+      const a = accepted[i];
+      if (a.error !== undefined && a.error !== null) b.reject(coded(new Error(a.error)));
+      else this.#pending.set(a.ticket, b);
+    });
+    this.#answered(null);
   }
 
   /** Calls `callback(effect)` for each effect of a host-held connection, in order. Returns the unsubscribe function. */
@@ -213,7 +232,15 @@ class Engine {
    */
   async close() {
     for (const unsubscribe of [...this.#subscriptions]) unsubscribe();
-    await settle(this.#native.close());
+    try {
+      await settle(this.#native.close());
+    } finally {
+      // Answers the engine still owed were handed over before close returned;
+      // let them be settled, then fail whatever is left.
+      await new Promise((r) => setImmediate(r));
+      for (const [, waiting] of this.#pending) waiting.reject(new LifecycleError('shutting_down', 'the engine closed before answering'));
+      this.#answered(null);
+    }
   }
 }
 

@@ -22,15 +22,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use instance_lifecycle::engine::{Engine as Core, EngineConfig, EngineError, Notification, SignalOutcome};
+use instance_lifecycle::engine::{Engine as Core, EngineConfig, EngineError, Notification, SignalOutcome, Signaled};
 use instance_lifecycle::log::{Durability, LogConfig};
 use instance_lifecycle::machine::{Input, Policy, Preset, State};
-use instance_lifecycle::transport::{HostEffect, HostSignal, Hub, ReferenceProtocol, Routed, WsLimits, WsTransport};
+use instance_lifecycle::transport::{
+    HostEffect, HostSignal, Hub, Initiator, ReferenceProtocol, Routed, WsLimits, WsTransport,
+};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// A JavaScript callback that never keeps Node alive (weak) and takes one JSON value.
 type Callback = ThreadsafeFunction<Value, (), Value, Status, false, true>;
@@ -164,10 +166,150 @@ impl Listeners {
 
 /// One reported signal on its way to the engine, and where its answer goes.
 struct Queued {
+    ticket: u32,
     name: String,
     input: Input,
-    reply: oneshot::Sender<std::result::Result<instance_lifecycle::engine::Signaled, EngineError>>,
 }
+
+/// What the rules made of a signal, for `index.js` to settle the promise of `ticket` with.
+struct Answer {
+    ticket: u32,
+    result: std::result::Result<Signaled, EngineError>,
+}
+
+/// State kinds by index, as `index.js` reads them from [`Answers::numbers`].
+const KINDS: [&str; 6] = ["Connecting", "Open", "Closing", "Closed", "Zombie", "Removed"];
+
+/// A batch of answers, packed for the crossing: per answer four numbers
+/// (ticket; 0 applied, 1 ignored, 2 failed; the state kind's index in
+/// `KINDS`, or the index of its message in `errors`; the generation), and
+/// the messages of the failed ones (`[code] message`). No object per answer.
+#[napi(object)]
+pub struct Answers {
+    /// Four numbers per answer.
+    pub numbers: Float64Array,
+    /// The failed answers' messages.
+    pub errors: Vec<String>,
+}
+
+impl Answers {
+    fn pack(batch: Vec<Answer>) -> Self {
+        let mut numbers = Vec::with_capacity(batch.len() * 4);
+        let mut errors = Vec::new();
+        for Answer { ticket, result } in batch {
+            numbers.push(f64::from(ticket));
+            match result {
+                Ok(signaled) => {
+                    let ignored = matches!(signaled.outcome, SignalOutcome::Ignored { .. });
+                    let kind = signaled.state.kind().to_string();
+                    numbers.push(if ignored { 1.0 } else { 0.0 });
+                    numbers.push(KINDS.iter().position(|k| *k == kind).unwrap_or(0) as f64);
+                    numbers.push(signaled.generation.0 as f64);
+                }
+                Err(e) => {
+                    numbers.extend([2.0, errors.len() as f64, 0.0]);
+                    errors.push(format!("[{}] {e}", e.code()));
+                }
+            }
+        }
+        Self { numbers: Float64Array::new(numbers), errors }
+    }
+}
+
+/// One signal of a batch: the instance and what its connection did.
+#[napi(object)]
+pub struct SignalItem {
+    /// The instance.
+    pub name: String,
+    /// The signal.
+    pub signal: SignalInput,
+}
+
+/// A signal taken in line (`ticket`), or refused at once (`error`, `[code] message`).
+#[napi(object)]
+pub struct Accepted {
+    /// The ticket its answer will carry.
+    pub ticket: Option<u32>,
+    /// Why it was refused.
+    pub error: Option<String>,
+}
+
+/// A signal as JavaScript reports it: `{ kind, generation, ... }` (camelCase kinds).
+#[napi(object)]
+pub struct SignalInput {
+    /// `opened`, `pairing`, `closed`, `writeFailed`, `heartbeatMissed`, `pong`,
+    /// `logoutConfirmed`, `logoutFailed` or `closeFinished`.
+    pub kind: String,
+    /// The connection's generation, as the `open` effect gave it.
+    pub generation: f64,
+    /// `opened`: the peer's identity.
+    pub identity: Option<String>,
+    /// `pairing`: the code.
+    pub code: Option<String>,
+    /// `closed`: the status.
+    pub status: Option<f64>,
+    /// `closed`: why, in words.
+    pub reason: Option<String>,
+    /// `closed`: `peer` (default), `local` or `transport`.
+    pub initiator: Option<String>,
+    /// `writeFailed`, `logoutFailed`: the error.
+    pub error: Option<String>,
+}
+
+impl SignalInput {
+    /// The one mapping of host signals ([`HostSignal`]), from JavaScript's shape.
+    fn host_signal(self) -> Result<HostSignal> {
+        let generation = self.generation;
+        if !(generation.is_finite() && generation >= 0.0 && generation.fract() == 0.0 && generation < 9.007e15) {
+            return Err(coded("invalid_body", "signal: generation must be the integer the open effect carried"));
+        }
+        let generation = generation as u64;
+        let text = |v: Option<String>| v.unwrap_or_default();
+        Ok(match self.kind.as_str() {
+            "opened" => HostSignal::Opened { generation, identity: self.identity },
+            "pairing" => HostSignal::Pairing { generation, code: self.code },
+            "closed" => {
+                let status = match self.status {
+                    None => None,
+                    Some(s) if s.fract() == 0.0 && (0.0..=65535.0).contains(&s) => Some(s as u16),
+                    Some(s) => return Err(coded("invalid_body", format!("signal: status {s} is not a status code"))),
+                };
+                let initiator = match self.initiator.as_deref() {
+                    None | Some("peer") => Initiator::Peer,
+                    Some("local") => Initiator::Local,
+                    Some("transport") => Initiator::Transport,
+                    Some(other) => {
+                        return Err(coded(
+                            "invalid_body",
+                            format!("signal: initiator {other:?}: peer, local or transport"),
+                        ));
+                    }
+                };
+                HostSignal::Closed { generation, status, reason: text(self.reason), initiator }
+            }
+            "writeFailed" => HostSignal::WriteFailed { generation, error: text(self.error) },
+            "heartbeatMissed" => HostSignal::HeartbeatMissed { generation },
+            "pong" => HostSignal::Pong { generation },
+            "logoutConfirmed" => HostSignal::LogoutConfirmed { generation },
+            "logoutFailed" => HostSignal::LogoutFailed { generation, error: text(self.error) },
+            "closeFinished" => HostSignal::CloseFinished { generation },
+            other => {
+                return Err(coded(
+                    "invalid_body",
+                    format!(
+                        "signal kind {other:?}: one of opened, pairing, closed, writeFailed, heartbeatMissed, pong, logoutConfirmed, logoutFailed, closeFinished"
+                    ),
+                ));
+            }
+        })
+    }
+}
+
+/// The answers' way back to JavaScript: one threadsafe function for every
+/// answer, called with whatever answers are ready (one call per batch, not
+/// a promise's own threadsafe function per signal). Weak: `index.js` keeps
+/// Node alive while any signal waits for its answer, and not otherwise.
+type AnswerFn = ThreadsafeFunction<Answers, (), Answers, Status, false, true>;
 
 /// The engine, opened on a log directory.
 #[napi]
@@ -178,12 +320,16 @@ pub struct NativeEngine {
     effects: Arc<Listeners>,
     transitions: Arc<Listeners>,
     close_timeout: Duration,
+    /// The next signal's ticket.
+    tickets: AtomicU32,
+    /// Where answers go (`on_answers`).
+    answers: Arc<Mutex<Option<AnswerFn>>>,
 }
 
 /// What an open engine holds.
 struct Open {
     core: Core,
-    signals: mpsc::UnboundedSender<Queued>,
+    signals: mpsc::UnboundedSender<Vec<Queued>>,
     delivering: tokio::task::JoinHandle<()>,
 }
 
@@ -221,17 +367,44 @@ fn parse_options(options: Option<OpenOptions>) -> Result<(Policy, LogConfig, Dur
 /// Delivers reported signals to the engine one at a time, in the order
 /// JavaScript reported them; each answer is awaited apart (a slow commit of
 /// one instance's signal does not hold up the next one's delivery).
-async fn deliver(core: Core, mut queue: mpsc::UnboundedReceiver<Queued>) {
-    while let Some(Queued { name, input, reply }) = queue.recv().await {
-        match core.deliver_signal(&name, input).await {
-            Ok(answer) => {
-                tokio::spawn(async move {
-                    let _ = reply.send(answer.answer().await);
-                });
+async fn deliver(core: Core, mut queue: mpsc::UnboundedReceiver<Vec<Queued>>, answers: mpsc::UnboundedSender<Answer>) {
+    use futures_util::StreamExt;
+    let mut waiting = futures_util::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            batch = queue.recv() => {
+                let Some(batch) = batch else { break };
+                for Queued { ticket, name, input } in batch {
+                    match core.deliver_signal(&name, input).await {
+                        Ok(answer) => waiting.push(async move { Answer { ticket, result: answer.answer().await } }),
+                        Err(e) => {
+                            let _ = answers.send(Answer { ticket, result: Err(e) });
+                        }
+                    }
+                }
             }
-            Err(e) => {
-                let _ = reply.send(Err(e));
+            Some(answer) = waiting.next(), if !waiting.is_empty() => {
+                let _ = answers.send(answer);
             }
+        }
+    }
+    // No more signals: the answers still owed are awaited and handed over.
+    while let Some(answer) = waiting.next().await {
+        let _ = answers.send(answer);
+    }
+}
+
+/// Hands answers to JavaScript in batches: every answer ready when the
+/// function is called goes in one call.
+async fn answer(mut answers: mpsc::UnboundedReceiver<Answer>, to: Arc<Mutex<Option<AnswerFn>>>) {
+    while let Some(first) = answers.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = answers.try_recv() {
+            batch.push(more);
+        }
+        let to = to.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(f) = to.as_ref() {
+            f.call(Answers::pack(batch), ThreadsafeFunctionCallMode::NonBlocking);
         }
     }
 }
@@ -261,9 +434,12 @@ impl NativeEngine {
         };
         let core = Core::open(PathBuf::from(dir), config).await.map_err(engine_error)?;
         let (signals, queue) = mpsc::unbounded_channel();
-        let delivering = tokio::spawn(deliver(core.clone(), queue));
+        let (answered, answers_rx) = mpsc::unbounded_channel();
+        let answers = Arc::new(Mutex::new(None));
+        let delivering = tokio::spawn(deliver(core.clone(), queue, answered));
+        tokio::spawn(answer(answers_rx, answers.clone()));
         let open = Mutex::new(Some(Open { core, signals, delivering }));
-        Ok(NativeEngine { open, hub, effects, transitions, close_timeout })
+        Ok(NativeEngine { open, hub, effects, transitions, close_timeout, tickets: AtomicU32::new(0), answers })
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Open>> {
@@ -327,36 +503,46 @@ impl NativeEngine {
         serde_json::to_value(records).map_err(|e| coded("internal", e))
     }
 
-    /// Reports a signal of a connection the host holds. Put in the instance's
-    /// inbox in the order of calls; the promise settles with what the rules
-    /// made of it.
-    #[napi(catch_unwind, ts_return_type = "Promise<unknown>")]
-    pub fn signal<'env>(&self, env: &'env Env, name: String, signal: Value) -> Result<PromiseRaw<'env, Value>> {
-        let signal: HostSignal =
-            serde_json::from_value(signal).map_err(|e| coded("invalid_body", format!("signal: {e}")))?;
-        let input = signal.input();
-        if let Ok(instance) = instance_lifecycle::InstanceName::new(&name) {
-            self.hub.reported(&instance, &input);
+    /// Reports signals of connections the host holds, in order: each is put
+    /// in line for its instance's inbox before this returns (so signals are
+    /// applied in the order given, across calls too). Answers per signal,
+    /// in order: the ticket its answer will carry (`on_answers`), or why it
+    /// was refused at once (`[code] message`). `index.js` gathers the
+    /// signals of one turn of Node's event loop into one call.
+    #[napi(catch_unwind)]
+    pub fn signals(&self, batch: Vec<SignalItem>) -> Result<Vec<Accepted>> {
+        let mut queued = Vec::with_capacity(batch.len());
+        let mut accepted = Vec::with_capacity(batch.len());
+        for SignalItem { name, signal } in batch {
+            let input = match signal.host_signal() {
+                Ok(s) => s.input(),
+                Err(e) => {
+                    accepted.push(Accepted { ticket: None, error: Some(e.reason.clone()) });
+                    continue;
+                }
+            };
+            if input.ends_connection()
+                && let Ok(instance) = instance_lifecycle::InstanceName::new(&name)
+            {
+                self.hub.reported(&instance, &input);
+            }
+            let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+            queued.push(Queued { ticket, name, input });
+            accepted.push(Accepted { ticket: Some(ticket), error: None });
         }
-        let (reply, answer) = oneshot::channel();
-        let sent = self.lock().as_ref().map(|o| o.signals.send(Queued { name, input, reply }));
+        let sent = self.lock().as_ref().map(|o| o.signals.send(queued));
         if !matches!(sent, Some(Ok(()))) {
             return Err(coded("shutting_down", "the engine is closed"));
         }
-        env.spawn_future(async move {
-            let signaled = answer.await.map_err(|_| coded("shutting_down", "the engine closed before answering"))?;
-            let signaled = signaled.map_err(engine_error)?;
-            let outcome = match &signaled.outcome {
-                SignalOutcome::Ignored { .. } => "ignored",
-                SignalOutcome::Moved { .. } | SignalOutcome::Upkeep { .. } => "applied",
-            };
-            Ok(json!({
-                "outcome": outcome,
-                "state": signaled.state.kind().to_string(),
-                "generation": signaled.generation.0,
-                "detail": serde_json::to_value(&signaled).unwrap_or(Value::Null),
-            }))
-        })
+        Ok(accepted)
+    }
+
+    /// Where answers to signals go: `callback(answers)`, a batch at a time.
+    #[napi(catch_unwind, ts_args_type = "callback: (answers: Answers) => void")]
+    pub fn on_answers(&self, callback: Function<Answers, ()>) -> Result<()> {
+        let f = callback.build_threadsafe_function::<Answers>().callee_handled::<false>().weak::<true>().build()?;
+        *self.answers.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
+        Ok(())
     }
 
     /// Calls `callback(effect)` for every effect of a host-held connection,
@@ -392,6 +578,8 @@ impl NativeEngine {
         let _ = delivering.await;
         self.effects.lock().clear();
         self.transitions.lock().clear();
+        // Answers still owed were sent before the delivering task ended; the
+        // function goes once they are handed over (its queue is drained).
         // The last clone: the log closes cleanly here (a last commit, sled's files released).
         tokio::task::spawn_blocking(move || drop(core)).await.map_err(|e| coded("internal", e))?;
         match stopped {

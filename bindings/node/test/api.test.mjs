@@ -2,11 +2,11 @@
 // codes, persistence across a reopen, and a log the CLI verifies.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Engine, LifecycleError, engine, tempDir } from './support.mjs';
+import { Engine, LifecycleError, engine, tempDir, until } from './support.mjs';
 
 const repo = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 
@@ -73,8 +73,21 @@ test('a log written from Node verifies with `lifecycle verify`', async (t) => {
   await e.close();
   await opened.catch(() => {}); // interrupted by the close: either answer is fine here
   // `cargo test` passes its own build of the CLI; alone, the workspace's debug build (made if missing).
-  const bin = process.env.INSTANCE_LIFECYCLE_CLI ?? join(repo, 'target', 'debug', 'lifecycle');
+  const target = process.env.CARGO_TARGET_DIR ?? join(repo, 'target');
+  const bin = process.env.INSTANCE_LIFECYCLE_CLI ?? join(target, 'debug', 'lifecycle');
   if (!existsSync(bin)) execFileSync('cargo', ['build', '--bin', 'lifecycle'], { cwd: repo, stdio: 'inherit' });
   const out = execFileSync(bin, ['verify', dir], { encoding: 'utf8' });
   assert.match(out, /clean/, out);
+
+  // And `lifecycle replay` serves it to the dashboard: the fleet and the instance's history.
+  const replay = spawn(bin, ['replay', dir, '--quiet'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  t.after(() => replay.kill());
+  let printed = '';
+  replay.stdout.on('data', (chunk) => (printed += chunk));
+  const url = await until(() => /http:\/\/127\.0\.0\.1:\d+/.exec(printed)?.[0], 'the replay URL');
+  const fleet = await (await fetch(`${url}/v1/fleet`)).json();
+  assert.deepEqual(fleet.instances.map((i) => i.name), ['a']);
+  assert.equal(fleet.read_only, true);
+  const history = await (await fetch(`${url}/v1/instances/a/history`)).json();
+  assert.deepEqual(history.slice(0, 2).map((e) => e.input ?? e.event), ['created', 'connect']);
 });

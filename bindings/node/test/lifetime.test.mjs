@@ -55,3 +55,25 @@ test('close() ends within its bound with instances mid-command, and settles them
   t.after(() => again.close());
   assert.deepEqual(again.list().map((v) => v.name).sort(), names);
 });
+
+test('a signal waiting for its answer keeps the process alive until it is answered', (t) => {
+  const dir = tempDir(t);
+  // Nothing but the signal's answer is pending when the script's code ends.
+  const script = `
+    const { Engine } = require(${JSON.stringify(index)});
+    (async () => {
+      const e = await Engine.open(${JSON.stringify(dir)});
+      let generation;
+      e.onEffect((x) => { if (x.kind === 'open') generation = x.generation; });
+      await e.create('wait', { external: true });
+      await e.connect('wait');
+      while (generation === undefined) await new Promise((r) => setTimeout(r, 1));
+      e.signal('wait', { kind: 'opened', generation, identity: 'me@s.whatsapp.net' })
+        .then((a) => console.log('answered', a.outcome, a.state));
+    })();
+  `;
+  const child = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 60_000 });
+  assert.equal(child.signal, null, `killed by ${child.signal}`);
+  assert.equal(child.status, 0, child.stderr);
+  assert.match(child.stdout, /answered applied Open/);
+});
