@@ -37,6 +37,13 @@ export interface OpenOptions {
   acceptLoss?: boolean;
   /** The preset's timings, changed (milliseconds). */
   timing?: Timing;
+  /**
+   * The host's cleanup for a delete: named steps run once per delete, in
+   * order, each bounded by a time-out; a step that throws or rejects is
+   * recorded as failed in the `Removed` record and the delete goes on.
+   * Steps must be idempotent (a crash mid-delete reruns them after a restart).
+   */
+  cleanup?: { steps: string[]; run: (instance: string, step: string) => unknown | Promise<unknown> };
   /** Called when one of your callbacks throws (default: a process warning). The engine goes on either way. */
   onCallbackError?: (error: unknown, value: unknown) => void;
 }

@@ -86,8 +86,25 @@ class Engine {
    * every instance in it.
    */
   static async open(dir, options = {}) {
-    const { onCallbackError, ...rest } = options;
-    const handle = await settle(native.NativeEngine.open(String(dir), rest));
+    const { onCallbackError, cleanup, ...rest } = options;
+    let steps;
+    let run;
+    if (cleanup !== undefined) {
+      if (!Array.isArray(cleanup?.steps) || typeof cleanup?.run !== 'function') {
+        throw new LifecycleError('invalid_option', 'cleanup: { steps: string[], run(instance, step) }');
+      }
+      steps = cleanup.steps.map(String);
+      // Never throws, never rejects: a step that fails answers its message,
+      // which the log records as that step's failure; the delete goes on.
+      run = ({ instance, step }) =>
+        Promise.resolve()
+          .then(() => cleanup.run(instance, step))
+          .then(
+            () => null,
+            (e) => String(e?.message ?? e),
+          );
+    }
+    const handle = await settle(native.NativeEngine.open(String(dir), rest, steps, run));
     return new Engine(handle, onCallbackError);
   }
 

@@ -311,6 +311,48 @@ impl SignalInput {
 /// Node alive while any signal waits for its answer, and not otherwise.
 type AnswerFn = ThreadsafeFunction<Answers, (), Answers, Status, false, true>;
 
+/// A cleanup step run by JavaScript: called with `{ instance, step }`, it
+/// answers a promise of `null` (done) or the error's message (`index.js`
+/// turns a throw or a rejection into that, so nothing JavaScript does can
+/// end the process or keep a delete from finishing). Weak: it never keeps
+/// Node alive.
+type CleanupFn = ThreadsafeFunction<CleanupCall, Promise<Option<String>>, CleanupCall, Status, false, true>;
+
+/// One cleanup step to run: what the JavaScript function is called with.
+#[napi(object)]
+pub struct CleanupCall {
+    /// The instance being deleted.
+    pub instance: String,
+    /// The step's name.
+    pub step: String,
+}
+
+/// The host's cleanup steps, run by JavaScript (`Engine.open(dir, { cleanup })`).
+struct JsCleanup {
+    steps: Vec<String>,
+    run: Arc<CleanupFn>,
+}
+
+impl instance_lifecycle::engine::Cleanup for JsCleanup {
+    fn steps(&self) -> Vec<String> {
+        self.steps.clone()
+    }
+
+    fn run(&self, instance: instance_lifecycle::InstanceName, step: &str) -> instance_lifecycle::engine::StepFuture {
+        let (run, step) = (self.run.clone(), step.to_owned());
+        Box::pin(async move {
+            // Called on Node's thread; the promise it answers is awaited here
+            // (the engine bounds the step with its time-out).
+            let call = CleanupCall { instance: instance.to_string(), step };
+            let answered = run.call_async(call).await.map_err(|e| e.reason.clone())?;
+            match answered.await.map_err(|e| e.reason.clone())? {
+                None => Ok(()),
+                Some(error) => Err(error),
+            }
+        })
+    }
+}
+
 /// The engine, opened on a log directory.
 #[napi]
 pub struct NativeEngine {
@@ -413,8 +455,18 @@ async fn answer(mut answers: mpsc::UnboundedReceiver<Answer>, to: Arc<Mutex<Opti
 impl NativeEngine {
     /// Opens the engine on the log in `dir` (created if missing), restoring every instance (R11).
     #[napi(catch_unwind)]
-    pub async fn open(dir: String, options: Option<OpenOptions>) -> Result<NativeEngine> {
+    #[allow(clippy::type_complexity)]
+    pub async fn open(
+        dir: String,
+        options: Option<OpenOptions>,
+        cleanup_steps: Option<Vec<String>>,
+        cleanup: Option<CleanupFn>,
+    ) -> Result<NativeEngine> {
         let (policy, log, close_timeout) = parse_options(options)?;
+        let cleanup: Arc<dyn instance_lifecycle::engine::Cleanup> = match (cleanup_steps, cleanup) {
+            (Some(steps), Some(run)) if !steps.is_empty() => Arc::new(JsCleanup { steps, run: Arc::new(run) }),
+            _ => Arc::new(instance_lifecycle::engine::NoCleanup),
+        };
         let hub = Hub::new();
         let effects = Arc::new(Listeners::default());
         let transitions = Arc::new(Listeners::default());
@@ -430,6 +482,7 @@ impl NativeEngine {
             transport: Arc::new(Routed::new(ws, hub.clone())),
             on_transition: Some(Arc::new(move |n: &Notification| on_transition.call(&transition(n)))),
             shutdown_timeout: close_timeout,
+            cleanup,
             ..EngineConfig::default()
         };
         let core = Core::open(PathBuf::from(dir), config).await.map_err(engine_error)?;

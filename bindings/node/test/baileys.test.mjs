@@ -22,9 +22,9 @@ const FAST = {
 const JID = '5511999999999:1@s.whatsapp.net';
 
 /** An engine with the adapter on a fake Baileys, and one external instance connecting. */
-async function session(t, name, timing = {}) {
+async function session(t, name, timing = {}, options = {}) {
   const errors = [];
-  const { engine: e } = await engine(t, { timing: { ...FAST, ...timing } });
+  const { engine: e } = await engine(t, { timing: { ...FAST, ...timing }, ...options });
   const fake = fakeFactory();
   const baileys = attachBaileys(e, { makeSocket: fake.makeSocket, onError: (err) => errors.push(err) });
   t.after(() => baileys.detach());
@@ -59,14 +59,25 @@ test('open with the user id makes the instance Open; pings are answered by the k
   assert.ok(sock.calls.filter((c) => c === 'query:ping').length >= 2, sock.calls.join());
 });
 
-test('PR 2520: delete of a zombie whose logout() throws "Connection Closed" ends Removed', async (t) => {
+test('PR 2520: delete of a zombie whose logout() throws "Connection Closed" ends Removed, cleanup run', async (t) => {
   // Heartbeats slow enough that the zombie is not detected first: delete meets it Open.
-  const { e, sock, errors } = await session(t, 'zombie', { heartbeatIntervalMs: 60_000, heartbeatDeadlineMs: 10_000 });
+  const cleaned = [];
+  const cleanup = { steps: ['auth-files', 'cache'], run: async (instance, step) => cleaned.push(`${instance}:${step}`) };
+  const slow = { heartbeatIntervalMs: 60_000, heartbeatDeadlineMs: 10_000 };
+  const { e, sock, errors } = await session(t, 'zombie', slow, { cleanup });
   sock.open(JID);
   await reaches(e, 'zombie', 'Open');
   sock.goZombie();
   const removed = await e.delete('zombie');
   assert.equal(removed.kind, 'Removed');
+  assert.deepEqual(cleaned, ['zombie:auth-files', 'zombie:cache'], 'every step ran once, in order');
+  assert.deepEqual(
+    removed.detail.Removed.cleanup.Finished.steps.map((s) => [s.step, s.outcome]),
+    [
+      ['auth-files', 'Done'],
+      ['cache', 'Done'],
+    ],
+  );
   assert.ok(sock.calls.includes('logout'), sock.calls.join());
   const inputs = (await e.history('zombie')).map((r) => Object.keys(r.event.Transition?.input ?? r.event)[0]);
   assert.ok(inputs.includes('LogoutFailed'), inputs.join());
@@ -161,3 +172,20 @@ for (const status of [DisconnectReason.connectionClosed, DisconnectReason.badSes
     await reaches(e, `again-${status}`, 'Open');
   });
 }
+
+test('a cleanup step that throws is recorded as failed, and the delete still ends Removed', async (t) => {
+  const cleanup = {
+    steps: ['broken', 'after'],
+    run: (instance, step) => {
+      if (step === 'broken') throw new Error('disk on fire');
+    },
+  };
+  const { e, sock } = await session(t, 'messy', {}, { cleanup });
+  sock.open(JID);
+  await reaches(e, 'messy', 'Open');
+  const removed = await e.delete('messy');
+  assert.equal(removed.kind, 'Removed');
+  const [broken, after] = removed.detail.Removed.cleanup.Finished.steps;
+  assert.deepEqual(broken, { step: 'broken', outcome: { Failed: { error: 'disk on fire' } } });
+  assert.deepEqual(after, { step: 'after', outcome: 'Done' }, 'the next step still ran');
+});
