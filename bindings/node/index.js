@@ -37,6 +37,12 @@ function now(f) {
   }
 }
 
+/** Signal kinds by index, as the native side reads them (SIGNAL_KINDS in src/lib.rs). */
+const SIGNAL_KINDS = ['opened', 'pairing', 'closed', 'writeFailed', 'heartbeatMissed', 'pong', 'logoutConfirmed', 'logoutFailed', 'closeFinished'];
+const SIGNAL_INDEX = new Map(SIGNAL_KINDS.map((k, i) => [k, i]));
+/** Kinds that carry nothing beyond their generation: no object crosses for them. */
+const BARE = new Set(['heartbeatMissed', 'pong', 'logoutConfirmed', 'closeFinished']);
+
 /** State kinds by index, as the native side packs them. */
 const KINDS = ['Connecting', 'Open', 'Closing', 'Closed', 'Zombie', 'Removed'];
 
@@ -154,9 +160,15 @@ class Engine {
     if (signal === null || typeof signal !== 'object') {
       return Promise.reject(new LifecycleError('invalid_body', 'a signal is an object: { kind, generation, ... }'));
     }
+    const kind = SIGNAL_INDEX.get(signal.kind);
+    if (kind === undefined) {
+      const known = SIGNAL_KINDS.join(', ');
+      return Promise.reject(new LifecycleError('invalid_body', `signal kind ${JSON.stringify(signal.kind)}: one of ${known}`));
+    }
     if (this.#keepAlive === null) this.#keepAlive = setInterval(() => {}, 1 << 30);
     return new Promise((resolve, reject) => {
-      if (this.#outbox.push({ item: { name, signal }, resolve, reject }) === 1) queueMicrotask(() => this.#flush());
+      const entry = { name: String(name), kind, signal, resolve, reject };
+      if (this.#outbox.push(entry) === 1) queueMicrotask(() => this.#flush());
     });
   }
 
@@ -164,18 +176,27 @@ class Engine {
   #flush() {
     const batch = this.#outbox;
     this.#outbox = [];
-    let accepted;
+    const kinds = new Uint8Array(batch.length);
+    const generations = new Float64Array(batch.length);
+    batch.forEach((b, i) => {
+      kinds[i] = b.kind;
+      generations[i] = typeof b.signal.generation === 'number' ? b.signal.generation : Number.NaN;
+    });
+    const extras = batch.map((b) => (BARE.has(b.signal.kind) ? null : b.signal));
+    let taken;
     try {
-      accepted = this.#native.signals(batch.map((b) => b.item));
+      taken = this.#native.signals(batch.map((b) => b.name), kinds, generations, extras);
     } catch (e) {
       for (const b of batch) b.reject(coded(e));
       this.#answered(null);
       return;
     }
+    const refused = new Map(taken.refused.map((r) => [r.index, r.error]));
+    let ticket = taken.first;
     batch.forEach((b, i) => {
-      const a = accepted[i];
-      if (a.error !== undefined && a.error !== null) b.reject(coded(new Error(a.error)));
-      else this.#pending.set(a.ticket, b);
+      const error = refused.get(i);
+      if (error !== undefined) b.reject(coded(new Error(error)));
+      else this.#pending.set(ticket++ >>> 0, b);
     });
     this.#answered(null);
   }

@@ -216,32 +216,22 @@ impl Answers {
     }
 }
 
-/// One signal of a batch: the instance and what its connection did.
-#[napi(object)]
-pub struct SignalItem {
-    /// The instance.
-    pub name: String,
-    /// The signal.
-    pub signal: SignalInput,
-}
+/// The kinds of signal, by the index `index.js` packs them as.
+const SIGNAL_KINDS: [&str; 9] = [
+    "opened",
+    "pairing",
+    "closed",
+    "writeFailed",
+    "heartbeatMissed",
+    "pong",
+    "logoutConfirmed",
+    "logoutFailed",
+    "closeFinished",
+];
 
-/// A signal taken in line (`ticket`), or refused at once (`error`, `[code] message`).
+/// What a signal carries beyond its kind and generation (`null` for a kind that carries nothing).
 #[napi(object)]
-pub struct Accepted {
-    /// The ticket its answer will carry.
-    pub ticket: Option<u32>,
-    /// Why it was refused.
-    pub error: Option<String>,
-}
-
-/// A signal as JavaScript reports it: `{ kind, generation, ... }` (camelCase kinds).
-#[napi(object)]
-pub struct SignalInput {
-    /// `opened`, `pairing`, `closed`, `writeFailed`, `heartbeatMissed`, `pong`,
-    /// `logoutConfirmed`, `logoutFailed` or `closeFinished`.
-    pub kind: String,
-    /// The connection's generation, as the `open` effect gave it.
-    pub generation: f64,
+pub struct SignalExtra {
     /// `opened`: the peer's identity.
     pub identity: Option<String>,
     /// `pairing`: the code.
@@ -256,53 +246,72 @@ pub struct SignalInput {
     pub error: Option<String>,
 }
 
-impl SignalInput {
-    /// The one mapping of host signals ([`HostSignal`]), from JavaScript's shape.
-    fn host_signal(self) -> Result<HostSignal> {
-        let generation = self.generation;
-        if !(generation.is_finite() && generation >= 0.0 && generation.fract() == 0.0 && generation < 9.007e15) {
-            return Err(coded("invalid_body", "signal: generation must be the integer the open effect carried"));
-        }
-        let generation = generation as u64;
-        let text = |v: Option<String>| v.unwrap_or_default();
-        Ok(match self.kind.as_str() {
-            "opened" => HostSignal::Opened { generation, identity: self.identity },
-            "pairing" => HostSignal::Pairing { generation, code: self.code },
-            "closed" => {
-                let status = match self.status {
-                    None => None,
-                    Some(s) if s.fract() == 0.0 && (0.0..=65535.0).contains(&s) => Some(s as u16),
-                    Some(s) => return Err(coded("invalid_body", format!("signal: status {s} is not a status code"))),
-                };
-                let initiator = match self.initiator.as_deref() {
-                    None | Some("peer") => Initiator::Peer,
-                    Some("local") => Initiator::Local,
-                    Some("transport") => Initiator::Transport,
-                    Some(other) => {
-                        return Err(coded(
-                            "invalid_body",
-                            format!("signal: initiator {other:?}: peer, local or transport"),
-                        ));
-                    }
-                };
-                HostSignal::Closed { generation, status, reason: text(self.reason), initiator }
-            }
-            "writeFailed" => HostSignal::WriteFailed { generation, error: text(self.error) },
-            "heartbeatMissed" => HostSignal::HeartbeatMissed { generation },
-            "pong" => HostSignal::Pong { generation },
-            "logoutConfirmed" => HostSignal::LogoutConfirmed { generation },
-            "logoutFailed" => HostSignal::LogoutFailed { generation, error: text(self.error) },
-            "closeFinished" => HostSignal::CloseFinished { generation },
-            other => {
-                return Err(coded(
-                    "invalid_body",
-                    format!(
-                        "signal kind {other:?}: one of opened, pairing, closed, writeFailed, heartbeatMissed, pong, logoutConfirmed, logoutFailed, closeFinished"
-                    ),
-                ));
-            }
-        })
+/// Signals taken in line: the accepted ones carry tickets `first`, `first + 1`, …
+/// in order; `refused` says which were not, and why.
+#[napi(object)]
+pub struct Taken {
+    /// The first accepted signal's ticket.
+    pub first: u32,
+    /// The refused signals: their index in the batch and `[code] message`.
+    pub refused: Vec<Refused>,
+}
+
+/// A signal refused at once.
+#[napi(object)]
+pub struct Refused {
+    /// Its index in the batch.
+    pub index: u32,
+    /// `[code] message`.
+    pub error: String,
+}
+
+/// The one mapping of host signals ([`HostSignal`]), from the packed shape
+/// `index.js` sends (the kind's index in [`SIGNAL_KINDS`], the generation,
+/// and what else it carries).
+fn host_signal(kind: u8, generation: f64, extra: Option<SignalExtra>) -> Result<HostSignal> {
+    if !(generation.is_finite() && generation >= 0.0 && generation.fract() == 0.0 && generation < 9.007e15) {
+        return Err(coded("invalid_body", "signal: generation must be the integer the open effect carried"));
     }
+    let generation = generation as u64;
+    let extra = extra.unwrap_or(SignalExtra {
+        identity: None,
+        code: None,
+        status: None,
+        reason: None,
+        initiator: None,
+        error: None,
+    });
+    let text = |v: Option<String>| v.unwrap_or_default();
+    Ok(match SIGNAL_KINDS.get(usize::from(kind)).copied().unwrap_or("") {
+        "opened" => HostSignal::Opened { generation, identity: extra.identity },
+        "pairing" => HostSignal::Pairing { generation, code: extra.code },
+        "closed" => {
+            let status = match extra.status {
+                None => None,
+                Some(s) if s.fract() == 0.0 && (0.0..=65535.0).contains(&s) => Some(s as u16),
+                Some(s) => return Err(coded("invalid_body", format!("signal: status {s} is not a status code"))),
+            };
+            let initiator = match extra.initiator.as_deref() {
+                None | Some("peer") => Initiator::Peer,
+                Some("local") => Initiator::Local,
+                Some("transport") => Initiator::Transport,
+                Some(other) => {
+                    return Err(coded(
+                        "invalid_body",
+                        format!("signal: initiator {other:?}: peer, local or transport"),
+                    ));
+                }
+            };
+            HostSignal::Closed { generation, status, reason: text(extra.reason), initiator }
+        }
+        "writeFailed" => HostSignal::WriteFailed { generation, error: text(extra.error) },
+        "heartbeatMissed" => HostSignal::HeartbeatMissed { generation },
+        "pong" => HostSignal::Pong { generation },
+        "logoutConfirmed" => HostSignal::LogoutConfirmed { generation },
+        "logoutFailed" => HostSignal::LogoutFailed { generation, error: text(extra.error) },
+        "closeFinished" => HostSignal::CloseFinished { generation },
+        _ => return Err(coded("invalid_body", format!("signal kind #{kind}: one of {}", SIGNAL_KINDS.join(", ")))),
+    })
 }
 
 /// The answers' way back to JavaScript: one threadsafe function for every
@@ -558,19 +567,32 @@ impl NativeEngine {
 
     /// Reports signals of connections the host holds, in order: each is put
     /// in line for its instance's inbox before this returns (so signals are
-    /// applied in the order given, across calls too). Answers per signal,
-    /// in order: the ticket its answer will carry (`on_answers`), or why it
-    /// was refused at once (`[code] message`). `index.js` gathers the
-    /// signals of one turn of Node's event loop into one call.
+    /// applied in the order given, across calls too). Packed by `index.js`,
+    /// which gathers the signals of one turn of Node's event loop into one
+    /// call: per signal its instance, its kind's index in [`SIGNAL_KINDS`],
+    /// its generation, and what else it carries (or `null`). Answers which
+    /// tickets the accepted ones' answers will carry (`on_answers`) and why
+    /// the others were refused.
     #[napi(catch_unwind)]
-    pub fn signals(&self, batch: Vec<SignalItem>) -> Result<Vec<Accepted>> {
-        let mut queued = Vec::with_capacity(batch.len());
-        let mut accepted = Vec::with_capacity(batch.len());
-        for SignalItem { name, signal } in batch {
-            let input = match signal.host_signal() {
+    pub fn signals(
+        &self,
+        names: Vec<String>,
+        kinds: Uint8Array,
+        generations: Float64Array,
+        extras: Vec<Option<SignalExtra>>,
+    ) -> Result<Taken> {
+        if kinds.len() != names.len() || generations.len() != names.len() || extras.len() != names.len() {
+            return Err(coded("invalid_body", "signals: one kind, generation and extra per name"));
+        }
+        let mut queued = Vec::with_capacity(names.len());
+        let mut refused = Vec::new();
+        for (index, ((name, extra), (kind, generation))) in
+            names.into_iter().zip(extras).zip(kinds.iter().zip(generations.iter())).enumerate()
+        {
+            let input = match host_signal(*kind, *generation, extra) {
                 Ok(s) => s.input(),
                 Err(e) => {
-                    accepted.push(Accepted { ticket: None, error: Some(e.reason.clone()) });
+                    refused.push(Refused { index: index as u32, error: e.reason.clone() });
                     continue;
                 }
             };
@@ -579,15 +601,18 @@ impl NativeEngine {
             {
                 self.hub.reported(&instance, &input);
             }
-            let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-            queued.push(Queued { ticket, name, input });
-            accepted.push(Accepted { ticket: Some(ticket), error: None });
+            queued.push(Queued { ticket: 0, name, input });
+        }
+        let count = u32::try_from(queued.len()).unwrap_or(u32::MAX);
+        let first = self.tickets.fetch_add(count, Ordering::Relaxed);
+        for (k, q) in queued.iter_mut().enumerate() {
+            q.ticket = first.wrapping_add(k as u32);
         }
         let sent = self.lock().as_ref().map(|o| o.signals.send(queued));
         if !matches!(sent, Some(Ok(()))) {
             return Err(coded("shutting_down", "the engine is closed"));
         }
-        Ok(accepted)
+        Ok(Taken { first, refused })
     }
 
     /// Where answers to signals go: `callback(answers)`, a batch at a time.

@@ -108,3 +108,23 @@ test('a throw in a callback is reported and breaks nothing', async (t) => {
   const removed = await e.delete('sturdy');
   assert.equal(removed.kind, 'Removed');
 });
+
+test('a refused signal in a burst is rejected alone; the others are applied', async (t) => {
+  const { engine: e } = await engine(t);
+  await e.create('burst', { external: true });
+  const effects = recorder(e, 'burst');
+  e.connect('burst').catch(() => {});
+  const open = await until(() => effects.find((x) => x.kind === 'open'), 'the open effect');
+  const g = open.generation;
+  const [opened, bad, badKind, pong] = await Promise.allSettled([
+    e.signal('burst', { kind: 'opened', generation: g, identity: 'me@s.whatsapp.net' }),
+    e.signal('burst', { kind: 'closed', generation: -1, status: 428 }),
+    e.signal('burst', { kind: 'sideways', generation: g }),
+    e.signal('burst', { kind: 'pong', generation: g }),
+  ]);
+  assert.equal(opened.value?.outcome, 'applied');
+  assert.equal(bad.reason?.code, 'invalid_body');
+  assert.equal(badKind.reason?.code, 'invalid_body');
+  assert.equal(pong.value?.outcome, 'applied');
+  assert.equal(e.state('burst').kind, 'Open', 'the refused close changed nothing');
+});
