@@ -5,7 +5,7 @@
 //!
 //! Across the boundary:
 //! - every call that can fail answers a JS `Error` whose message starts with
-//!   `[code] ` — the REST API's error codes (`invalid_name`, `not_found`,
+//!   `[code] ` — the REST API's error codes (`invalid_name`, `unknown_instance`,
 //!   `removed`, `closing`, …); `index.js` moves the code to `error.code`;
 //! - a panic in Rust becomes such an error (`catch_unwind`), never an abort;
 //! - JavaScript callbacks (effects, transitions) are called through *weak*
