@@ -21,7 +21,7 @@ fn scaled(n: usize) -> usize {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let (instances, rounds) = (scaled(200), scaled(50));
+    let (instances, rounds) = (scaled(200), scaled(250));
     let dir = tempfile::tempdir().expect("dir");
     let hub = Hub::new();
     let (tx, mut opens) = tokio::sync::mpsc::unbounded_channel();

@@ -21,7 +21,7 @@ const scaled = (n) => Math.max(1, Math.floor(n * scale));
 async function signalsPerSecond() {
   const dir = mkdtempSync(join(tmpdir(), 'lifecycle-bench-'));
   const engine = await Engine.open(dir);
-  const [instances, rounds] = [scaled(200), scaled(50)];
+  const [instances, rounds] = [scaled(200), scaled(250)];
   const names = Array.from({ length: instances }, (_, i) => `sig-${String(i).padStart(4, '0')}`);
   const generations = new Map();
   engine.onEffect((e) => e.kind === 'open' && generations.set(e.instance, e.generation));
@@ -58,20 +58,30 @@ async function heapPerIdleInstance() {
   return { count, js: (after.js - before.js) / count, rss: (after.rss - before.rss) / count };
 }
 
-const rust = JSON.parse(
-  execFileSync('cargo', ['bench', '--bench', 'signals'], { cwd: join(here, '..', '..'), encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })
-    .trim()
-    .split('\n')
-    .at(-1),
-);
-const ours = await signalsPerSecond();
+const rustOnce = () =>
+  JSON.parse(
+    execFileSync('cargo', ['bench', '--bench', 'signals'], {
+      cwd: join(here, '..', '..'),
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'inherit'],
+    })
+      .trim()
+      .split('\n')
+      .at(-1),
+  ).signals_per_s;
+// Each side's best of three, interleaved: the machine is shared and noisy.
+let [rust, ours] = [0, 0];
+for (let i = 0; i < 3; i++) {
+  rust = Math.max(rust, rustOnce());
+  ours = Math.max(ours, await signalsPerSecond());
+}
 const heap = await heapPerIdleInstance();
 console.log(`## Node package (\`node bindings/node/bench/signals.mjs\`, BENCH_SCALE=${scale})\n`);
 console.log('| measurement | from JavaScript | baseline, same run | ratio | target |');
 console.log('|---|---|---|---|---|');
 console.log(
-  `| signals/s (pongs of ${scaled(200)} open instances, all at once, ${scaled(50)} rounds) | ${ours.toFixed(0)} | the Rust engine API directly: ${rust.signals_per_s} | ${(ours / rust.signals_per_s).toFixed(2)}× | ≥ 0.50× |`,
+  `| signals/s (pongs of ${scaled(200)} open instances, all at once, ${scaled(250)} rounds; best of 3 each, interleaved) | ${ours.toFixed(0)} | the Rust engine API directly: ${rust.toFixed(0)} | ${(ours / rust).toFixed(2)}× | ≥ 0.50× |`,
 );
 console.log(
-  `| JavaScript heap per idle instance, ${heap.count} created (what the package adds beyond the engine) | ${heap.js.toFixed(0)} B | (resident memory per instance, engine and log included: ${heap.rss.toFixed(0)} B) | | ≤ 2048 B |`,
+  `| JavaScript heap per idle instance, ${heap.count} created (what the package adds beyond the engine) | ${heap.js > 0 ? `${heap.js.toFixed(0)} B` : `0 B (measured ${heap.js.toFixed(0)} B: the collector's noise)`} | (resident memory per instance, engine and log included: ${heap.rss.toFixed(0)} B) | | ≤ 2048 B |`,
 );
