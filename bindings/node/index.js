@@ -152,9 +152,10 @@ class Engine {
 
   /**
    * Reports what a connection the host holds did. Signals are applied in
-   * the order of calls (this call puts it in line before it returns); the
-   * promise settles with what the rules made of it: `outcome` is
-   * `'applied'` or `'ignored'` (a signal of an older generation: R12).
+   * the order of calls: the signals of one turn of the event loop are put
+   * in line together, in that order, when the turn ends. The promise
+   * settles with what the rules made of it: `outcome` is `'applied'` or
+   * `'ignored'` (a signal of an older generation: R12).
    */
   signal(name, signal) {
     if (signal === null || typeof signal !== 'object') {

@@ -565,9 +565,10 @@ impl NativeEngine {
         serde_json::to_value(records).map_err(|e| coded("internal", e))
     }
 
-    /// Reports signals of connections the host holds, in order: each is put
-    /// in line for its instance's inbox before this returns (so signals are
-    /// applied in the order given, across calls too). Packed by `index.js`,
+    /// Reports signals of connections the host holds, in order: before this
+    /// returns, each is in the one queue the delivering task takes them from
+    /// to their instances' inboxes (so signals are applied in the order
+    /// given, across calls too). Packed by `index.js`,
     /// which gathers the signals of one turn of Node's event loop into one
     /// call: per signal its instance, its kind's index in [`SIGNAL_KINDS`],
     /// its generation, and what else it carries (or `null`). Answers which
