@@ -83,17 +83,30 @@ export function attachBaileys(engine, options) {
   }
 
   async function open(instance, generation, resume) {
+    // In place before the factory is awaited: an `abort` or `close` that
+    // comes meanwhile finds it, and the socket is dropped once it exists.
+    const c = { sock: undefined, generation, closing: undefined, logout: false, deferred: undefined, ended: false, off: () => {} };
+    const previous = connections.get(instance);
+    if (previous) previous.off();
+    connections.set(instance, c);
     let sock;
     try {
       sock = await makeSocket(instance, { generation, resume });
     } catch (error) {
+      forget(instance, generation);
       report(instance, { kind: 'closed', generation, status: null, reason: `socket factory failed: ${error?.message ?? error}`, initiator: 'transport' });
       return;
     }
-    const c = { sock, generation, closing: undefined, logout: false, deferred: undefined, ended: false, off: () => {} };
-    const previous = connections.get(instance);
-    if (previous) previous.off();
-    connections.set(instance, c);
+    c.sock = sock;
+    if (c.ended || connections.get(instance) !== c) {
+      // Given up while it was being made (aborted, or a newer connection): drop it.
+      try {
+        sock.ws?.close();
+      } catch (error) {
+        onError(error, { instance, effect: 'abort' });
+      }
+      return;
+    }
     const onUpdate = (update) => {
       if (update.qr) report(instance, { kind: 'pairing', generation, code: update.qr });
       if (update.connection === 'open') {
@@ -148,6 +161,18 @@ export function attachBaileys(engine, options) {
     }
     const c = connections.get(instance);
     if (!c || c.generation !== generation) return; // an older connection's: nothing of ours holds it
+    if (c.sock === undefined) {
+      // The socket is still being made: only giving it up can be done now.
+      if (effect.kind === 'abort') {
+        c.ended = true;
+        connections.delete(instance);
+      } else if (effect.kind === 'close') {
+        c.ended = true;
+        connections.delete(instance);
+        report(instance, { kind: 'closed', generation, status: effect.status, reason: 'closed before the socket was made', initiator: 'local' });
+      }
+      return;
+    }
     switch (effect.kind) {
       case 'sendLogout':
         logout(instance, c).catch((error) => onError(error, { instance, effect: 'sendLogout' }));

@@ -189,3 +189,31 @@ test('a cleanup step that throws is recorded as failed, and the delete still end
   assert.deepEqual(broken, { step: 'broken', outcome: { Failed: { error: 'disk on fire' } } });
   assert.deepEqual(after, { step: 'after', outcome: 'Done' }, 'the next step still ran');
 });
+
+test('a connection given up while its socket is being made never keeps that socket', async (t) => {
+  // A factory slower than the connect time-out: the engine gives the connection up first.
+  const { engine: e } = await engine(t, { timing: { ...FAST, connectTimeoutMs: 100, backoffBaseMs: 60_000, backoffCapMs: 60_000 } });
+  const made = [];
+  let release;
+  const slow = new Promise((r) => (release = r));
+  const baileys = attachBaileys(e, {
+    makeSocket: async (instance, { generation }) => {
+      await slow;
+      const sock = fakeFactory().makeSocket(instance, { generation });
+      made.push(sock);
+      return sock;
+    },
+  });
+  t.after(() => baileys.detach());
+  const givenUp = [];
+  e.onEffect((x) => (x.kind === 'abort' || x.kind === 'close') && givenUp.push(x));
+  await e.create('slow', { external: true });
+  e.connect('slow').catch(() => {});
+  // The connect time-out: the engine asks for a close (and would drop the connection after).
+  await until(() => givenUp.length > 0, 'the engine giving the connection up');
+  release();
+  await until(() => made.length === 1, 'the late socket');
+  await new Promise((r) => setTimeout(r, 50));
+  assert.ok(made[0].calls.includes('ws.close'), `the late socket is dropped: ${made[0].calls}`);
+  assert.equal(baileys.socket('slow'), undefined);
+});
