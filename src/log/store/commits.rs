@@ -183,3 +183,128 @@ pub(crate) fn commit_to(store: &dyn Store, log_id: Option<LogId>, (global, link)
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::record::Digest;
+    use crate::log::store::head::HeadRead;
+    use crate::log::store::memory::MemoryStore;
+
+    /// An append that answers its own tip.
+    struct Put(Tip);
+
+    impl Covered for Put {
+        fn tip(&self) -> Tip {
+            self.0
+        }
+    }
+
+    type Test = Commits<u64, Put, String>;
+
+    fn pace(durability: Durability, threads: bool) -> Pace {
+        Pace { durability, max_delay: Duration::ZERO, buffered_every: Duration::from_millis(10), threads }
+    }
+
+    fn head(store: &MemoryStore) -> Option<u64> {
+        match store.read_head().expect("head") {
+            HeadRead::Found(h) => Some(h.global),
+            _ => None,
+        }
+    }
+
+    fn link(n: u8) -> Digest {
+        Digest::of(&[n])
+    }
+
+    /// Waits (bounded) until the store's head reaches `global`.
+    fn head_reaches(store: &MemoryStore, global: u64) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if head(store) >= Some(global) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+
+    /// `Buffered` with threads commits on its period, without anyone waiting;
+    /// a memory log used for simulation starts no thread, so nothing moves
+    /// until a commit is asked for.
+    #[test]
+    fn buffered_commits_on_its_period_only_where_threads_are_allowed() {
+        let store = Arc::new(MemoryStore::new());
+        let threaded: Test = Commits::start(store.clone(), Some(LogId::fresh()), 0, pace(Durability::Buffered, true));
+        threaded.written((1, link(1)));
+        assert!(head_reaches(&store, 1), "the flusher's thread moved the head");
+
+        let store = Arc::new(MemoryStore::new());
+        let simulated: Test = Commits::start(store.clone(), Some(LogId::fresh()), 0, pace(Durability::Buffered, false));
+        simulated.written((1, link(1)));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(head(&store), None, "no thread, no commit");
+        simulated.commit_now((1, link(1))).expect("commit");
+        assert_eq!(head(&store), Some(1));
+    }
+
+    /// How far commits lag: `GroupCommit` says what its shared commits
+    /// covered; the other modes keep none and answer the tip.
+    #[test]
+    fn committed_is_the_shared_commits_reach_in_group_commit_and_the_tip_otherwise() {
+        let store = Arc::new(MemoryStore::new());
+        let group: Test = Commits::start(store.clone(), Some(LogId::fresh()), 5, pace(Durability::GroupCommit, true));
+        assert_eq!(group.committed(9), 5, "nothing beyond 5 was committed yet");
+        let strict: Test = Commits::start(store.clone(), Some(LogId::fresh()), 5, pace(Durability::Strict, true));
+        assert_eq!(strict.committed(9), 9);
+        let simulated: Test = Commits::start(store.clone(), Some(LogId::fresh()), 5, pace(Durability::Buffered, false));
+        assert_eq!(simulated.committed(9), 9);
+        // With its flusher's thread, Buffered still answers the tip: its commits are not waited for.
+        let buffered: Test = Commits::start(store, Some(LogId::fresh()), 5, pace(Durability::Buffered, true));
+        assert_eq!(buffered.committed(9), 9);
+    }
+
+    /// A `Strict` async append waits for a commit of its own: the head covers it when the wait ends.
+    #[tokio::test]
+    async fn a_strict_async_append_is_committed_when_its_wait_ends() {
+        let store = Arc::new(MemoryStore::new());
+        let strict: Test = Commits::start(store.clone(), Some(LogId::fresh()), 0, pace(Durability::Strict, true));
+        strict.written((3, link(3)));
+        assert_eq!(head(&store), None);
+        strict.durable((3, link(3))).await.expect("durable");
+        assert_eq!(head(&store), Some(3));
+    }
+
+    /// A blocking `Strict` append is written alone and committed before it is answered.
+    #[test]
+    fn a_strict_blocking_append_is_committed_before_its_answer() {
+        let store = Arc::new(MemoryStore::new());
+        let strict: Test = Commits::start(store.clone(), Some(LogId::fresh()), 0, pace(Durability::Strict, true));
+        let seen = std::sync::Mutex::new(Vec::new());
+        let write = |inputs: Vec<u64>| {
+            seen.lock().expect("lock").push(inputs.len());
+            inputs.into_iter().map(|i| Ok(Put((i, link(7))))).collect()
+        };
+        let answer = strict.append_blocking(4, &write, &|m| m).expect("answer");
+        assert_eq!(answer.0.0, 4);
+        assert_eq!(head(&store), Some(4));
+        assert_eq!(*seen.lock().expect("lock"), vec![1], "alone");
+    }
+
+    /// Closing a log that did not fail commits its tip last; one that failed
+    /// (no tip) moves no head.
+    #[test]
+    fn close_commits_the_tip_unless_the_log_failed() {
+        let store = Arc::new(MemoryStore::new());
+        let mut commits: Test =
+            Commits::start(store.clone(), Some(LogId::fresh()), 0, pace(Durability::GroupCommit, true));
+        commits.close(Some((8, link(8))));
+        assert_eq!(head(&store), Some(8));
+
+        let store = Arc::new(MemoryStore::new());
+        let mut failed: Test =
+            Commits::start(store.clone(), Some(LogId::fresh()), 0, pace(Durability::GroupCommit, true));
+        failed.close(None);
+        assert_eq!(head(&store), None);
+    }
+}

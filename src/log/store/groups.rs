@@ -332,4 +332,118 @@ mod tests {
         assert!(failed.load(Ordering::Relaxed) >= 1, "the log heard of the failure");
         assert_eq!(submit(7), Ok(Put(7)), "a new writer takes over");
     }
+
+    /// Groups with a flusher: every append of every group is answered, and
+    /// only once a commit covers it — the commit a group asks for covers its
+    /// newest append, not just the writer's own. Threads the test can give
+    /// up on (a lost wake-up would hang a scoped join instead of failing).
+    #[test]
+    fn each_group_asks_for_a_commit_of_its_newest_append() {
+        use std::sync::atomic::AtomicU64;
+        use std::sync::mpsc;
+
+        use crate::log::store::flush::Reach;
+        use crate::log::store::head::{HeadRead, LogId};
+        use crate::log::store::kv::Store;
+        use crate::log::store::memory::MemoryStore;
+
+        const THREADS: u64 = 16;
+        const EACH: u64 = 20;
+        let store = Arc::new(MemoryStore::new());
+        let flusher =
+            Arc::new(Flusher::start(store.clone(), LogId::fresh(), 0, std::time::Duration::ZERO, Reach::Disk, true));
+        let groups: Arc<Groups<u64, Put, String>> = Arc::new(Groups::default());
+        let next = Arc::new(AtomicU64::new(1));
+        let (tx, rx) = mpsc::channel();
+        for _ in 0..THREADS {
+            let (groups, flusher, next, tx) = (groups.clone(), flusher.clone(), next.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let write = |inputs: Vec<u64>| -> Vec<Result<Put, String>> {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    inputs.into_iter().map(|_| Ok(Put(next.fetch_add(1, Ordering::SeqCst)))).collect()
+                };
+                let fail = |m: String| m;
+                for k in 0..EACH {
+                    let how = Submit { write: &write, fail: &fail, flusher: Some(&flusher) };
+                    let answer = groups.submit(k, &how);
+                    // Answered only once durable: the flusher's commits cover it.
+                    let covered = answer.as_ref().is_ok_and(|p| flusher.durable() >= p.0);
+                    let _ = tx.send((answer, covered));
+                }
+            });
+        }
+        drop(tx);
+        let mut newest = 0;
+        for _ in 0..THREADS * EACH {
+            let (answer, covered) =
+                rx.recv_timeout(std::time::Duration::from_secs(20)).expect("every append answered (none left waiting)");
+            let put = answer.expect("written");
+            assert!(covered, "append {} answered before a commit covered it", put.0);
+            newest = newest.max(put.0);
+        }
+        assert_eq!(newest, THREADS * EACH);
+        match store.read_head().expect("head") {
+            HeadRead::Found(h) => assert_eq!(h.global, newest, "the last commit covers the newest append"),
+            other => panic!("no head: {other:?}"),
+        }
+    }
+
+    /// The last group of a burst, with nothing after it: its writer's own
+    /// append is the oldest, and the commit it asks for must still cover the
+    /// group's newest, or the others would wait for a commit nobody asks for.
+    #[test]
+    fn the_last_group_of_a_burst_is_committed_up_to_its_newest_append() {
+        use std::sync::atomic::AtomicU64;
+        use std::sync::mpsc;
+
+        use crate::log::store::flush::Reach;
+        use crate::log::store::head::LogId;
+        use crate::log::store::memory::MemoryStore;
+
+        let store = Arc::new(MemoryStore::new());
+        let flusher = Arc::new(Flusher::start(store, LogId::fresh(), 0, std::time::Duration::ZERO, Reach::Disk, true));
+        let groups: Arc<Groups<u64, Put, String>> = Arc::new(Groups::default());
+        let next = Arc::new(AtomicU64::new(1));
+        // The first write blocks until the others have queued behind it.
+        let (release, released) = mpsc::channel::<()>();
+        let released = Arc::new(Mutex::new(Some(released)));
+        let (started_tx, started) = mpsc::channel::<()>();
+        let (tx, rx) = mpsc::channel();
+        let submit = |input: u64| {
+            let (groups, flusher, next, released, tx, started_tx) =
+                (groups.clone(), flusher.clone(), next.clone(), released.clone(), tx.clone(), started_tx.clone());
+            std::thread::spawn(move || {
+                let write = |inputs: Vec<u64>| -> Vec<Result<Put, String>> {
+                    if let Some(gate) = released.lock().expect("lock").take() {
+                        let _ = started_tx.send(());
+                        let _ = gate.recv_timeout(std::time::Duration::from_secs(20));
+                    }
+                    inputs.into_iter().map(|_| Ok(Put(next.fetch_add(1, Ordering::SeqCst)))).collect()
+                };
+                let fail = |m: String| m;
+                let how = Submit { write: &write, fail: &fail, flusher: Some(&flusher) };
+                let _ = tx.send((input, groups.submit(input, &how)));
+            });
+        };
+        submit(0);
+        started.recv_timeout(std::time::Duration::from_secs(20)).expect("the first append is being written");
+        for input in 1..=3 {
+            submit(input);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while lock(&groups.state).waiting.len() < 3 {
+            assert!(std::time::Instant::now() < deadline, "the others queued behind the writer");
+            std::thread::yield_now();
+        }
+        release.send(()).expect("release");
+        let mut answered = Vec::new();
+        for _ in 0..4 {
+            let (input, answer) =
+                rx.recv_timeout(std::time::Duration::from_secs(20)).expect("every append of the last group answered");
+            answered.push((input, answer.expect("written").0));
+        }
+        answered.sort_unstable();
+        assert_eq!(answered.iter().map(|a| a.1).max(), Some(4));
+        assert!(flusher.durable() >= 4, "the commit covered the group's newest append");
+    }
 }
