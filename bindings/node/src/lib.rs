@@ -7,7 +7,7 @@
 //! - every call that can fail answers a JS `Error` whose message starts with
 //!   `[code] ` — the REST API's error codes (`invalid_name`, `unknown_instance`,
 //!   `removed`, `closing`, …); `index.js` moves the code to `error.code`;
-//! - a panic in Rust becomes such an error (`catch_unwind`), never an abort;
+//! - a panic in Rust becomes a JS `Error` (`catch_unwind`; without a code), never an abort;
 //! - JavaScript callbacks (effects, transitions) are called through *weak*
 //!   threadsafe functions: a subscription never keeps Node alive, and a
 //!   callback runs on Node's thread after the engine moved on, so nothing a
