@@ -365,8 +365,16 @@ pub fn check(
                         out.violations.push(StreamViolation::BrokenChain { seq: *s });
                     }
                     if let Some(policy) = policy
-                        && let Some((recorded, recomputed)) =
-                            crate::log::replay(name, from, input, effects, to, policy, *at)
+                        && let Some((recorded, recomputed)) = crate::log::replay(
+                            crate::machine::RulesVersion::CURRENT,
+                            name,
+                            from,
+                            input,
+                            effects,
+                            to,
+                            policy,
+                            *at,
+                        )
                     {
                         out.violations.push(StreamViolation::Divergence { seq: *s, recorded, recomputed });
                     }

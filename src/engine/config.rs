@@ -8,7 +8,7 @@ use super::fence::Fence;
 use super::shared::TransitionHook;
 use crate::log::{LogConfig, Retention};
 use crate::machine::{Policy, Timestamp};
-use crate::transport::{ReferenceProtocol, Transport, WsLimits, WsTransport};
+use crate::transport::{ReferenceProtocol, SendBudget, Transport, WsLimits, WsTransport};
 
 /// Engine configuration.
 #[derive(Clone)]
@@ -42,6 +42,15 @@ pub struct EngineConfig {
     /// A log of record outside this process that every record goes through
     /// first (clustering); `None` for a single host.
     pub fence: Option<Arc<dyn Fence>>,
+    /// Application frames queued per connection by `Engine::send`; a full
+    /// queue refuses the next frame (it never waits on a slow socket).
+    pub send_queue: usize,
+    /// At most this many frames per window on one connection (`None`: no
+    /// budget). A frame past it is refused with when to retry.
+    pub send_budget: Option<SendBudget>,
+    /// Received application frames buffered per subscriber (`Engine::frames`);
+    /// a slower subscriber misses the oldest and is told how many.
+    pub frames_capacity: usize,
 }
 
 /// The engine's periodic log compaction.
@@ -77,6 +86,9 @@ impl Default for EngineConfig {
             epoch: None,
             compaction: Some(Compaction::default()),
             fence: None,
+            send_queue: 64,
+            send_budget: None,
+            frames_capacity: 4096,
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::log::LogError;
-use crate::machine::{InputKind, InstanceName, Intent, NameError, PolicyError, Rejection, UrlError};
+use crate::machine::{InputKind, InstanceName, Intent, NameError, PolicyError, Rejection, StateKind, UrlError};
 
 /// An error of the engine's API.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +78,42 @@ pub enum EngineError {
         /// What was given.
         input: InputKind,
     },
+    /// `Engine::send` on an instance that is not `Open`.
+    #[error("instance {name} is {state}, not Open: it takes frames only while open")]
+    NotOpen {
+        /// The name.
+        name: InstanceName,
+        /// The state it is in.
+        state: StateKind,
+    },
+    /// `Engine::send` found the connection's queue full.
+    #[error("the send queue of {name} is full ({capacity} frames); retry when it drains")]
+    SendQueueFull {
+        /// The name.
+        name: InstanceName,
+        /// The queue's capacity.
+        capacity: usize,
+    },
+    /// `Engine::send` would exceed the connection's send budget.
+    #[error("{name} is over its send budget; retry in {retry_after:?}")]
+    RateLimited {
+        /// The name.
+        name: InstanceName,
+        /// When a frame will fit again.
+        retry_after: Duration,
+    },
+    /// `Engine::send` on a host-driven (`external:`) instance: the host holds its socket.
+    #[error("{name} is host-driven: send on the connection the host holds")]
+    HostDriven {
+        /// The name.
+        name: InstanceName,
+    },
+    /// `Engine::send` raced the end of the connection (its end is being handled).
+    #[error("the connection of {name} ended; the instance is about to leave Open")]
+    ConnectionEnded {
+        /// The name.
+        name: InstanceName,
+    },
     /// The engine was shut down.
     #[error("the engine is shut down")]
     ShutDown,
@@ -103,6 +139,11 @@ impl EngineError {
             Self::UnknownInstance { .. } => "unknown_instance",
             Self::AlreadyExists { .. } => "already_exists",
             Self::Closing { .. } => "closing",
+            Self::NotOpen { .. } => "not_open",
+            Self::SendQueueFull { .. } => "send_queue_full",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::HostDriven { .. } => "host_driven",
+            Self::ConnectionEnded { .. } => "connection_ended",
             Self::Removed { .. } => "removed",
             Self::TimedOut { .. } => "timed_out",
             Self::ShutDown => "shutting_down",

@@ -43,15 +43,15 @@ pub use cleanup::{Cleanup, NoCleanup, StepFuture};
 pub use config::{Compaction, EngineConfig};
 pub use error::EngineError;
 pub use fence::{Fence, FenceFuture, Offered, Refused};
-pub use shared::{Notification, TransitionHook};
+pub use shared::{Notification, TrafficStats, TransitionHook};
 pub use signal::{SignalOutcome, Signaled};
 
 use crate::log::{
     CompactionReport, Event, InstanceSpec, Log, LogError, Record, RecoveryMode, RecoveryOptions, Retention,
 };
 use crate::machine::{Driver, Effect, Ignored, Input, Instance, InstanceName, Outcome, Policy, State, Timestamp, step};
-use crate::transport::Endpoint;
-use registry::{Entry, Msg, Registry, View};
+use crate::transport::{Endpoint, Frame, Inbound};
+use registry::{Carrier, Entry, Msg, Registry, View};
 use shared::{Clock, Shared};
 use task::{Channels, Start, Task};
 
@@ -160,6 +160,20 @@ impl Engine {
         }
         let clock = Clock::new(config.epoch);
         let (notifications, _) = broadcast::channel(config.notifications_capacity.max(1));
+        if config.send_queue == 0 {
+            return Err(EngineError::InvalidConfig { field: "send_queue", reason: "must be at least 1" });
+        }
+        if config.send_budget.is_some_and(|b| b.frames == 0 || b.per.is_zero()) {
+            return Err(EngineError::InvalidConfig { field: "send_budget", reason: "needs frames > 0 and per > 0" });
+        }
+        let (frames, _) = broadcast::channel(config.frames_capacity.max(1));
+        let traffic = shared::Traffic {
+            frames,
+            send_queue: config.send_queue,
+            send_budget: config.send_budget,
+            sent: Default::default(),
+            refused: Default::default(),
+        };
         let shared = Arc::new(Shared {
             log: log.clone(),
             policy: config.policy.clone(),
@@ -170,6 +184,7 @@ impl Engine {
             on_transition: config.on_transition.clone(),
             clock,
             fence: config.fence.clone(),
+            traffic,
         });
         let (policy, quarantine, now) = (config.policy.clone(), config.quarantine, clock.now());
         let restored = tokio::task::spawn_blocking(move || restore(&log, &policy, quarantine, now))
@@ -218,7 +233,9 @@ impl Engine {
         }
         let (signals_tx, signals) = mpsc::channel(SIGNAL_CAPACITY);
         let (view_tx, view) = watch::channel(View { instance: driver.instance().clone(), seq: driver.seq() });
+        let carrier = registry::CarrierSlot::default();
         let start = Start {
+            carrier: carrier.clone(),
             driver,
             spec,
             view: view_tx,
@@ -228,7 +245,7 @@ impl Engine {
             token,
         };
         let task = tokio::spawn(Task::new(start).supervise(Channels { inbox, signals }, effects));
-        Entry::Live { inbox: inbox_tx, view, task, token }
+        Entry::Live { inbox: inbox_tx, view, task, token, carrier }
     }
 
     /// Delivers a command. At rest (idle or removed) the table answers, and
@@ -471,7 +488,7 @@ impl Engine {
         let name = InstanceName::new(name)?;
         let (reply, answer) = oneshot::channel();
         let msg = Msg::Command { input: command.input(), command: command.as_str(), reply };
-        if let Some((instance, _)) = self.send(&name, Box::new(msg)).await? {
+        if let Some((instance, _)) = self.post(&name, Box::new(msg)).await? {
             return Ok(instance.state);
         }
         self.answer(name, command.as_str(), answer).await
@@ -502,7 +519,7 @@ impl Engine {
             return Err(EngineError::NotASignal { name, input: input.kind() });
         }
         let (reply, answer) = oneshot::channel();
-        if let Some((instance, reason)) = self.send(&name, Box::new(Msg::Signal { input, reply })).await? {
+        if let Some((instance, reason)) = self.post(&name, Box::new(Msg::Signal { input, reply })).await? {
             return Ok(SignalAnswer(Answer::Ready(Box::new(Signaled::ignored(&instance, reason)))));
         }
         Ok(SignalAnswer(Answer::Queued { engine: self.clone(), name, answer }))
@@ -510,7 +527,7 @@ impl Engine {
 
     /// Puts a command or signal in the instance's inbox (waking it if it
     /// rests and the input moves it). `Some` when the table ignored it at rest.
-    async fn send(&self, name: &InstanceName, mut msg: Box<Msg>) -> Result<Option<(Instance, Ignored)>, EngineError> {
+    async fn post(&self, name: &InstanceName, mut msg: Box<Msg>) -> Result<Option<(Instance, Ignored)>, EngineError> {
         loop {
             match self.deliver(name, msg) {
                 Delivery::Answered(result) => return result.map(Some),
@@ -591,6 +608,70 @@ impl Engine {
         .map_err(EngineError::join)?;
         let history = history.map_err(|source| EngineError::log(Some(n.clone()), source))?;
         if history.is_empty() { Err(EngineError::UnknownInstance { name: n }) } else { Ok(history) }
+    }
+
+    /// Sends an application frame on the instance's connection: queued in
+    /// order behind the frames sent before it and written by the connection's
+    /// task (a failed write is a `WriteFailed` signal, as any write's). Only an
+    /// `Open` instance takes frames; the answer never waits on the socket.
+    ///
+    /// Errors: [`EngineError::NotOpen`] with the state it is in,
+    /// [`EngineError::SendQueueFull`], [`EngineError::RateLimited`] with when
+    /// to retry (`EngineConfig::send_budget`), [`EngineError::HostDriven`]
+    /// for an `external:` instance (the host holds that socket), and the
+    /// usual unknown, removed and invalid names.
+    pub fn send(&self, name: &str, frame: Frame) -> Result<(), EngineError> {
+        let name = InstanceName::new(name)?;
+        let traffic = &self.shared.traffic;
+        let result = self.queue(&name, frame);
+        let counter = if result.is_ok() { &traffic.sent } else { &traffic.refused };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    fn queue(&self, name: &InstanceName, frame: Frame) -> Result<(), EngineError> {
+        use crate::transport::Refused;
+        let not_open = |state: &State| EngineError::NotOpen { name: name.clone(), state: state.kind() };
+        let outlet = {
+            let entries = self.registry.lock();
+            let (view, carrier) = match entries.get(name) {
+                None | Some(Entry::Creating) => return Err(EngineError::UnknownInstance { name: name.clone() }),
+                Some(Entry::Removed { .. }) => return Err(EngineError::Removed { name: name.clone() }),
+                Some(Entry::Idle { view, .. }) => return Err(not_open(&view.instance.state)),
+                Some(Entry::Live { view, carrier, .. }) => (view.borrow().instance.clone(), carrier.clone()),
+            };
+            drop(entries);
+            if !matches!(view.state, State::Open { .. }) {
+                return Err(not_open(&view.state));
+            }
+            let carrier = carrier.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            match carrier {
+                Some(Carrier::Engine(outlet)) if outlet.generation == view.generation => outlet,
+                Some(Carrier::Host) => return Err(EngineError::HostDriven { name: name.clone() }),
+                // Open, but its connection already ended: its end is on its way.
+                _ => return Err(EngineError::ConnectionEnded { name: name.clone() }),
+            }
+        };
+        outlet.send(frame).map_err(|refused| match refused {
+            Refused::Full { capacity } => EngineError::SendQueueFull { name: name.clone(), capacity },
+            Refused::Budget { retry_after } => EngineError::RateLimited { name: name.clone(), retry_after },
+            Refused::Ended => EngineError::ConnectionEnded { name: name.clone() },
+        })
+    }
+
+    /// A subscription to the application frames every instance's connection
+    /// receives, in order per connection, each with its instance and
+    /// generation. A subscriber that falls more than
+    /// `EngineConfig::frames_capacity` behind misses the oldest and is told
+    /// how many; it never slows a socket. Frames are traffic: never logged.
+    pub fn frames(&self) -> Inbound {
+        Inbound::new(self.shared.traffic.frames.subscribe())
+    }
+
+    /// Application frames sent and refused since the engine started.
+    pub fn traffic(&self) -> TrafficStats {
+        let t = &self.shared.traffic;
+        TrafficStats { sent: t.sent.load(Ordering::Relaxed), refused: t.refused.load(Ordering::Relaxed) }
     }
 
     /// A stream of transitions, for webhooks. A subscriber that falls more than

@@ -46,6 +46,18 @@ impl Msg {
 /// Where a command's result goes.
 pub(crate) type Reply = oneshot::Sender<Result<State, EngineError>>;
 
+/// Who carries a live instance's application frames: the engine's own
+/// transport (its connection's queue), or the host (`external:`).
+#[derive(Clone, Debug)]
+pub(crate) enum Carrier {
+    Engine(crate::transport::Outlet),
+    Host,
+}
+
+/// The current connection's carrier, shared by the instance's task (which
+/// sets it) and `Engine::send` (which reads it without waking the task).
+pub(crate) type CarrierSlot = std::sync::Arc<Mutex<Option<Carrier>>>;
+
 /// An instance's current state and last sequence number.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct View {
@@ -61,7 +73,14 @@ pub(crate) enum Entry {
     /// idle instances costs only this entry. A command that moves it wakes it.
     Idle { view: View, spec: InstanceSpec },
     /// Driven by its task; `token` tells this task's entry from a later one's.
-    Live { inbox: mpsc::Sender<Box<Msg>>, view: watch::Receiver<View>, task: tokio::task::JoinHandle<()>, token: u64 },
+    Live {
+        inbox: mpsc::Sender<Box<Msg>>,
+        view: watch::Receiver<View>,
+        task: tokio::task::JoinHandle<()>,
+        token: u64,
+        /// Who carries the current connection's application frames.
+        carrier: CarrierSlot,
+    },
     /// Removed (R1), as recorded: the table answers commands on it (a
     /// repeated delete, a connect) from this state.
     Removed { view: View },

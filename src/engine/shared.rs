@@ -10,7 +10,8 @@ use super::cleanup::Cleanup;
 use super::fence::{Fence, Offered};
 use crate::log::{Appended, Event, Log, LogError};
 use crate::machine::{InputKind, Instance, InstanceName, Policy, State, StateKind, Timestamp};
-use crate::transport::Transport;
+use crate::transport::{InboundFrame, SendBudget, Transport};
+use std::sync::atomic::AtomicU64;
 
 /// A transition, as subscribers see it (turn it into a webhook).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -44,6 +45,25 @@ pub(crate) struct Shared {
     pub(crate) on_transition: Option<TransitionHook>,
     pub(crate) clock: Clock,
     pub(crate) fence: Option<Arc<dyn Fence>>,
+    pub(crate) traffic: Traffic,
+}
+
+/// Application traffic: where received frames go, how sent ones queue, and its counters.
+pub(crate) struct Traffic {
+    pub(crate) frames: broadcast::Sender<Arc<InboundFrame>>,
+    pub(crate) send_queue: usize,
+    pub(crate) send_budget: Option<SendBudget>,
+    pub(crate) sent: AtomicU64,
+    pub(crate) refused: AtomicU64,
+}
+
+/// Application frames through the engine since it started (not lifecycle: never logged).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TrafficStats {
+    /// Frames queued by `Engine::send`.
+    pub sent: u64,
+    /// Frames `Engine::send` refused (not open, queue full, over budget).
+    pub refused: u64,
 }
 
 impl Shared {

@@ -16,13 +16,13 @@ use tokio::time::sleep_until;
 use tracing::{Instrument, debug, error, trace};
 
 use super::error::EngineError;
-use super::registry::{Msg, Registry, Reply, View};
+use super::registry::{Carrier, CarrierSlot, Msg, Registry, Reply, View};
 use super::shared::{Notification, Shared};
 use super::signal::{SignalOutcome, Signaled};
 use crate::log::{Event, InstanceSpec};
 use crate::machine::{Driver, Effect, Fed, Generation, Ignored, Input, Reason, State};
 use crate::panic_message;
-use crate::transport::{ConnectSpec, Control, Endpoint, Signals};
+use crate::transport::{ConnectSpec, Control, Endpoint, FrameSink, Outbound, Outlet, Signals};
 
 /// What a waiting command waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +71,8 @@ pub(crate) struct Task {
     cleanup: Option<JoinHandle<()>>,
     /// The log of record refused a record: another host owns the instance.
     fenced: bool,
+    /// Who carries the current connection's frames (read by `Engine::send`).
+    carrier: CarrierSlot,
 }
 
 /// Messages are boxed: tokio's mpsc allocates a block of 32 slots up front per
@@ -89,6 +91,7 @@ pub(crate) struct Start {
     pub(crate) registry: Weak<Registry>,
     pub(crate) signals_tx: mpsc::Sender<Box<Input>>,
     pub(crate) token: u64,
+    pub(crate) carrier: CarrierSlot,
 }
 
 impl Task {
@@ -106,6 +109,7 @@ impl Task {
             waiters: Vec::new(),
             cleanup: None,
             fenced: false,
+            carrier: s.carrier,
         }
     }
 
@@ -233,6 +237,7 @@ impl Task {
         // A connection that reported its end is over: forget it (its task ends by itself).
         if input.ends_connection() && self.conn.as_ref().map(|c| c.generation) == input.generation() {
             self.conn = None;
+            self.set_carrier(None);
         }
         self.handle(input).await
     }
@@ -386,12 +391,23 @@ impl Task {
             }
         };
         let (control, control_rx) = mpsc::channel(CONTROL_CAPACITY);
+        let traffic = &self.shared.traffic;
+        let (carrier, outbound) = match endpoint {
+            Endpoint::External => (Carrier::Host, Outbound::none()),
+            Endpoint::Ws(_) => {
+                let (outlet, outbound) = Outlet::new(generation, traffic.send_queue, traffic.send_budget);
+                (Carrier::Engine(outlet), outbound)
+            }
+        };
+        self.set_carrier(Some(carrier));
+        let signals = signals.with_frames(FrameSink::new(self.driver.name().clone(), traffic.frames.clone()));
         let spec = ConnectSpec {
             instance: self.driver.name().clone(),
             generation,
             endpoint,
             resume,
             connect_timeout: self.shared.policy.timeouts.connect,
+            outbound,
         };
         let run = self.shared.transport.run(spec, control_rx, signals);
         self.conn = Some(Conn { generation, control, task: tokio::spawn(run) });
@@ -410,6 +426,11 @@ impl Task {
         if let Some(c) = self.conn.take() {
             c.task.abort();
         }
+        self.set_carrier(None);
+    }
+
+    fn set_carrier(&self, carrier: Option<Carrier>) {
+        *self.carrier.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = carrier;
     }
 
     /// The task ends: drop what it owns; at rest, leave the instance `Idle`.

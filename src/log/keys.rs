@@ -9,6 +9,7 @@
 //! | `s` | name | the instance's spec (from its `Created` record) |
 //! | `t` | name | the digest of the instance's API token (from its `Created` record, when it has one) |
 //! | `p` | from-global (u64 BE) | the policy in force from that global sequence number on (JSON) |
+//! | `v` | from-global (u64 BE) | the version of the rules in force from that global sequence number on (u16 BE) |
 //! | `x` | global (u64 BE) | a loss accepted when the log was opened with `accept_loss` |
 //! | `a` | any | auxiliary data of a service (outside the chain: not verified, not compacted) |
 //! | `m` | field | metadata: format marker, log id, tip (when compaction removed the newest record), the last journal frame applied, when compaction last ran and what the log held then |
@@ -22,6 +23,7 @@ pub(crate) const SPEC: u8 = b's';
 pub(crate) const TOKEN: u8 = b't';
 
 pub(crate) const POLICY: u8 = b'p';
+pub(crate) const RULES: u8 = b'v';
 pub(crate) const LOSS: u8 = b'x';
 pub(crate) const AUX: u8 = b'a';
 

@@ -72,9 +72,9 @@ pub use store::{
 };
 #[cfg(feature = "cluster")]
 pub(crate) use verify::replay;
-pub use verify::{Finding, Note, Report};
+pub use verify::{Finding, Note, Report, RulesChoice};
 
-use crate::machine::{Instance, InstanceName, Pending, Policy, Timestamp};
+use crate::machine::{Instance, InstanceName, Pending, Policy, RulesVersion, Timestamp};
 use store::{Commits, Covered, Pace, Scratch, Tip as CommitTip, commit_to};
 
 /// How long opening waits for a lock that another handle is releasing.
@@ -625,13 +625,12 @@ impl Log {
         self.writer().tips.get(name).map_or(0, |t| t.seq).saturating_add(1)
     }
 
-    /// Records the policy the engine runs with, in force from the next
-    /// record on (nothing is written when it is the one already in force):
-    /// verification replays each record under the policy it was written under.
+    /// Records the policy the engine runs with, and the version of this
+    /// build's rules ([`RulesVersion::CURRENT`]), each in force from the next
+    /// record on (nothing is written for one already in force): verification
+    /// replays each record under the policy and the rules it was written under.
     pub fn set_policy(&self, policy: &Policy) -> Result<(), LogError> {
-        if self.inner.access == Access::Read {
-            return Err(LogError::ReadOnly);
-        }
+        self.set_rules(RulesVersion::CURRENT)?;
         if self.policy()?.as_ref() == Some(policy) {
             return Ok(());
         }
@@ -639,6 +638,39 @@ impl Log {
         let from = self.writer().last_global.saturating_add(1);
         self.inner.store.apply(vec![(keys::numbered(keys::POLICY, from), Some(json))])?;
         Ok(())
+    }
+
+    /// Records the version of the rules the next records are decided by
+    /// (nothing is written when it is the one already in force).
+    pub fn set_rules(&self, rules: RulesVersion) -> Result<(), LogError> {
+        if self.inner.access == Access::Read {
+            return Err(LogError::ReadOnly);
+        }
+        if self.rules_versions()?.last().map(|(_, v)| *v) == Some(rules) {
+            return Ok(());
+        }
+        let from = self.writer().last_global.saturating_add(1);
+        self.inner.store.apply(vec![(keys::numbered(keys::RULES, from), Some(rules.0.to_be_bytes().to_vec()))])?;
+        Ok(())
+    }
+
+    /// Every rules version recorded, with the global sequence number from
+    /// which it is in force, oldest first. Records older than the first were
+    /// written before logs recorded it (versions 1 to 3).
+    pub fn rules_versions(&self) -> Result<Vec<(u64, RulesVersion)>, LogError> {
+        let mut out = Vec::new();
+        for pair in self.inner.store.scan(&[keys::RULES]) {
+            let (key, value) = pair?;
+            let from = keys::parse_numbered(keys::RULES, &key).ok_or_else(|| corrupt_key("rules key", &key))?;
+            let bytes: [u8; 2] = value.as_slice().try_into().map_err(|_| LogError::Corrupt {
+                what: "rules version entry",
+                instance: None,
+                seq: None,
+                problem: Corruption::Decode { message: format!("{} bytes, not 2", value.len()) },
+            })?;
+            out.push((from, RulesVersion(u16::from_be_bytes(bytes))));
+        }
+        Ok(out)
     }
 
     /// The policy in force now (the last one recorded), if any.

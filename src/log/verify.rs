@@ -13,7 +13,9 @@ use std::fmt;
 use super::integrity::{AcceptedLoss, HeadCheck};
 use super::record::{Digest, Event, Latest, Record};
 use super::{Log, LogError, decode_pair_with_digest, keys};
-use crate::machine::{Effect, Instance, InstanceName, Outcome, Policy, State, step};
+use std::collections::BTreeMap;
+
+use crate::machine::{Effect, Instance, InstanceName, Outcome, Policy, RulesVersion, State, step_under};
 
 /// One problem found in a log.
 #[derive(Debug)]
@@ -122,6 +124,14 @@ pub enum Finding {
         /// Where and why replay stopped.
         detail: String,
     },
+    /// The log says a stretch of records was written under rules this build
+    /// does not know (a newer build's): they are replayed under this build's.
+    UnknownRules {
+        /// The version recorded.
+        version: RulesVersion,
+        /// From which global sequence number.
+        from: u64,
+    },
     /// The log does not reach a head recorded elsewhere (see [`Log::check_anchor`]):
     /// the whole directory was restored from an older copy, or replaced.
     Anchor {
@@ -167,6 +177,11 @@ impl fmt::Display for Finding {
             Self::Index { detail } => write!(f, "global index: {detail}"),
             Self::Anchor { expected, detail } => write!(f, "expected head {expected}: {detail}"),
             Self::Journal { detail } => write!(f, "journal: {detail}"),
+            Self::UnknownRules { version, from } => write!(
+                f,
+                "records from global {from} on were written under {version}, which this build does not know (a newer build's?): replayed under {}",
+                RulesVersion::CURRENT
+            ),
         }
     }
 }
@@ -187,6 +202,15 @@ pub enum Note {
     },
     /// A format-v1 log: it has no head yet.
     Legacy,
+    /// Records written before logs recorded their rules version, each
+    /// replayed under the newest version that decides it as recorded.
+    UnversionedRules {
+        /// How many records each version explained.
+        by_version: BTreeMap<RulesVersion, u64>,
+    },
+    /// Every record was replayed under this build's rules (`verify --rules current`),
+    /// not the rules it was written under.
+    CurrentRules,
     /// A writer was told to accept a loss, and did.
     AcceptedLoss(AcceptedLoss),
     /// The journal held batches sled's files did not (the writer stopped
@@ -212,6 +236,19 @@ impl fmt::Display for Note {
             Self::Unchained { records } => {
                 write!(f, "{records} record(s) were written before records were chained; their chain is not checked")
             }
+            Self::UnversionedRules { by_version } => {
+                let by: Vec<String> = by_version.iter().map(|(v, n)| format!("{n} under {v}")).collect();
+                write!(
+                    f,
+                    "written before logs recorded their rules version: each record replayed under the newest rules that decide it as recorded ({})",
+                    by.join(", ")
+                )
+            }
+            Self::CurrentRules => write!(
+                f,
+                "every record replayed under this build's rules ({}), not the rules it was written under",
+                RulesVersion::CURRENT
+            ),
             Self::Legacy => f.write_str(
                 "written before logs had a head: a rollback of its database cannot be detected until a writer opens it",
             ),
@@ -252,6 +289,45 @@ pub struct Report {
     pub notes: Vec<Note>,
 }
 
+/// Which rules `verify` replays each record under.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RulesChoice {
+    /// The version the log recorded as in force when the record was
+    /// written; a record older than every recorded version is replayed under
+    /// the newest version that decides it as recorded (logs did not record
+    /// it before version 3, and versions 1–3 are all this build can replay).
+    #[default]
+    Recorded,
+    /// This build's rules for every record: after an upgrade, where do
+    /// today's rules part from what was recorded (the first divergence).
+    Current,
+}
+
+/// The rules versions each record is replayed under.
+enum Versions {
+    Current,
+    /// The recorded versions, each from its global sequence number on.
+    Recorded(Vec<(u64, RulesVersion)>),
+}
+
+/// Newest first: what an unversioned record is tried under.
+const UNVERSIONED: [RulesVersion; 3] = [RulesVersion::V3, RulesVersion::V2, RulesVersion::V1];
+
+impl Versions {
+    /// The versions to try for the record at `global`, and whether the
+    /// log recorded it (`false`: inferred).
+    fn at(&self, global: u64) -> (&[RulesVersion], bool) {
+        match self {
+            Self::Current => (std::slice::from_ref(&RulesVersion::CURRENT), true),
+            Self::Recorded(recorded) => match recorded.iter().rev().find(|(from, _)| *from <= global) {
+                Some((_, v)) if v.is_known() => (std::slice::from_ref(v), true),
+                Some(_) => (std::slice::from_ref(&RulesVersion::CURRENT), true),
+                None => (&UNVERSIONED, false),
+            },
+        }
+    }
+}
+
 /// The policy each record is replayed under.
 enum Rules<'a> {
     /// One policy for every record (the caller's choice).
@@ -269,6 +345,45 @@ impl Rules<'_> {
                 policies.iter().rev().find(|(from, _)| *from <= global).map_or(*fallback, |(_, p)| p)
             }
         }
+    }
+}
+
+/// What one instance's records are replayed under.
+struct Replay<'r, 'a> {
+    policies: &'r Rules<'a>,
+    versions: &'r Versions,
+    /// Unversioned records, by the version that explained them.
+    inferred: &'r mut BTreeMap<RulesVersion, u64>,
+}
+
+impl Replay<'_, '_> {
+    /// `None` when the rules decide as recorded, else (recorded, decided by
+    /// the newest version tried).
+    fn record(
+        &mut self,
+        name: &InstanceName,
+        from: &Instance,
+        input: &crate::machine::Input,
+        effects: &[Effect],
+        r: &Record,
+    ) -> Option<(String, String)> {
+        let policy = self.policies.at(r.global);
+        let (versions, recorded) = self.versions.at(r.global);
+        let mut first = None;
+        for &version in versions {
+            match replay(version, name, from, input, effects, &r.to, policy, r.at) {
+                None => {
+                    if !recorded {
+                        *self.inferred.entry(version).or_default() += 1;
+                    }
+                    return None;
+                }
+                Some(difference) => {
+                    first.get_or_insert(difference);
+                }
+            }
+        }
+        first
     }
 }
 
@@ -295,6 +410,7 @@ fn describe(state: &State, generation: crate::machine::Generation, effects: &[Ef
 /// Replays one recorded transition through the rules of this build:
 /// `None` when they decide the same, else (what was recorded, what they decide now).
 pub(crate) fn replay(
+    rules: RulesVersion,
     name: &InstanceName,
     from: &Instance,
     input: &crate::machine::Input,
@@ -303,7 +419,7 @@ pub(crate) fn replay(
     policy: &Policy,
     at: crate::machine::Timestamp,
 ) -> Option<(String, String)> {
-    let recomputed = match step(name, from, input, policy, at) {
+    let recomputed = match step_under(rules, name, from, input, policy, at) {
         Outcome::Transition(t) if t.to == to.state && t.generation == to.generation && t.effects == effects => {
             return None;
         }
@@ -319,21 +435,56 @@ impl Log {
     /// Verifies the whole log, replaying every record under `policy` (the
     /// rules of this build with the caller's policy).
     pub fn verify(&self, policy: &Policy) -> Report {
-        self.verify_with(&Rules::Fixed(policy))
+        self.verify_under(Some(policy), policy, RulesChoice::Recorded)
     }
 
     /// Verifies the whole log, replaying each record under the policy the
     /// log recorded as in force when it was written (`fallback` for records
     /// older than every recorded policy).
     pub fn verify_recorded(&self, fallback: &Policy) -> Report {
-        match self.policies() {
-            Ok(policies) => self.verify_with(&Rules::Recorded { policies, fallback }),
-            Err(error) => {
-                let mut report = self.verify_with(&Rules::Fixed(fallback));
-                report.findings.insert(0, Finding::Corrupt { error });
-                report
-            }
+        self.verify_under(None, fallback, RulesChoice::Recorded)
+    }
+
+    /// Verifies the whole log: each record replayed under `policy` (or, with
+    /// `None`, the policy the log recorded for it, `fallback` before the
+    /// first) and under the rules `rules` chooses.
+    pub fn verify_under(&self, policy: Option<&Policy>, fallback: &Policy, rules: RulesChoice) -> Report {
+        let mut early = Vec::new();
+        let policies = match policy {
+            Some(p) => Rules::Fixed(p),
+            None => match self.policies() {
+                Ok(policies) => Rules::Recorded { policies, fallback },
+                Err(error) => {
+                    early.push(Finding::Corrupt { error });
+                    Rules::Fixed(fallback)
+                }
+            },
+        };
+        let versions = match rules {
+            RulesChoice::Current => Versions::Current,
+            RulesChoice::Recorded => match self.rules_versions() {
+                Ok(recorded) => {
+                    early.extend(
+                        recorded
+                            .iter()
+                            .filter(|(_, v)| !v.is_known())
+                            .map(|&(from, version)| Finding::UnknownRules { version, from }),
+                    );
+                    Versions::Recorded(recorded)
+                }
+                Err(error) => {
+                    early.push(Finding::Corrupt { error });
+                    Versions::Current
+                }
+            },
+        };
+        let mut report = self.verify_with(&policies, &versions);
+        if rules == RulesChoice::Current {
+            report.notes.push(Note::CurrentRules);
         }
+        early.append(&mut report.findings);
+        report.findings = early;
+        report
     }
 
     /// Checks that the log still reaches a head recorded outside it (by
@@ -363,8 +514,9 @@ impl Log {
         }
     }
 
-    fn verify_with(&self, rules: &Rules<'_>) -> Report {
+    fn verify_with(&self, rules: &Rules<'_>, versions: &Versions) -> Report {
         let mut report = Report::default();
+        let mut inferred = BTreeMap::new();
         match self.head_check() {
             // The journal's own finding (below) says the same, where it is.
             HeadCheck::JournalDamaged { .. } => {}
@@ -389,11 +541,15 @@ impl Log {
         let mut unchained = 0;
         for name in &names {
             report.instances += 1;
-            let last = self.verify_instance(name, rules, &mut report, &mut globals, &mut unchained);
+            let replay = Replay { policies: rules, versions, inferred: &mut inferred };
+            let last = self.verify_instance(name, replay, &mut report, &mut globals, &mut unchained);
             self.verify_latest(name, last.as_ref(), &mut report);
         }
         if unchained > 0 {
             report.notes.push(Note::Unchained { records: unchained });
+        }
+        if !inferred.is_empty() {
+            report.notes.push(Note::UnversionedRules { by_version: inferred });
         }
         self.verify_index(&globals, &mut report);
         report
@@ -402,7 +558,7 @@ impl Log {
     fn verify_instance(
         &self,
         name: &InstanceName,
-        rules: &Rules<'_>,
+        mut replay: Replay<'_, '_>,
         report: &mut Report,
         globals: &mut BTreeSet<u64>,
         unchained: &mut u64,
@@ -477,8 +633,7 @@ impl Log {
             }
             if let Event::Transition { from, input, effects } = &r.event
                 && !diverged
-                && let Some((recorded, recomputed)) =
-                    replay(name, from, input, effects, &r.to, rules.at(r.global), r.at)
+                && let Some((recorded, recomputed)) = replay.record(name, from, input, effects, &r)
             {
                 diverged = true;
                 report.findings.push(Finding::Divergence {

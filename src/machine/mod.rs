@@ -36,7 +36,7 @@ pub use policy::{
     Backoff, CloseAction, ClosePhase, CloseRule, Heartbeat, Jitter, PhaseMatch, Policy, PolicyError, Preset,
     SplitMix64, StatusMatch, Timeouts,
 };
-pub use rules::{Ignored, Outcome, Rejection, Transition, step};
+pub use rules::{Ignored, Outcome, Rejection, RulesVersion, Transition, step, step_under};
 pub use state::{
     CleanupOutcome, ClosedCause, ClosingStep, CoarseStatus, Instance, Intent, LogoutOutcome, Phase, State, StateKind,
     StepOutcome, StepReport, ZombieCause,

@@ -405,6 +405,13 @@ impl Policy {
     /// The backoff delay before attempt number `attempt` (1-based) of `name`.
     /// Deterministic: the same seed, name and attempt give the same delay.
     pub fn backoff_delay(&self, name: &InstanceName, attempt: u32) -> Duration {
+        self.backoff_delay_under(super::RulesVersion::CURRENT, name, attempt)
+    }
+
+    /// [`Policy::backoff_delay`] as the rules of `rules` drew it: before
+    /// version 3, full jitter reached only the current exponential step
+    /// (`base · factor^(attempt−1)`), so a fleet's first retries all fell at `base`.
+    pub fn backoff_delay_under(&self, rules: super::RulesVersion, name: &InstanceName, attempt: u32) -> Duration {
         let b = &self.backoff;
         let base_ms = millis(b.base);
         let cap_ms = millis(b.cap).max(base_ms);
@@ -417,7 +424,8 @@ impl Policy {
         let ms = match b.jitter {
             Jitter::None => grown(attempt.saturating_sub(1)),
             Jitter::Full => {
-                let span = grown(attempt) - base_ms;
+                let window = if rules < super::RulesVersion::V3 { attempt.saturating_sub(1) } else { attempt };
+                let span = grown(window) - base_ms;
                 let draw = mix(self.jitter_seed ^ fnv1a(name.as_str().as_bytes()) ^ u64::from(attempt).rotate_left(32));
                 base_ms + if span == 0 { 0 } else { draw % (span + 1) }
             }

@@ -109,7 +109,88 @@ pub enum Rejection {
 /// The whole transition table. Pure: no I/O, no clock, no randomness beyond
 /// the policy's seeded jitter. `name` seeds jitter; `now` is the input's time.
 pub fn step(name: &InstanceName, instance: &Instance, input: &Input, policy: &Policy, now: Timestamp) -> Outcome {
-    let cx = Cx { name, g: instance.generation, policy, now };
+    table(name, instance, input, policy, now, RulesVersion::CURRENT)
+}
+
+/// [`step`] as the rules of an earlier version decided: what `verify`
+/// replays a record under, when the log says (or suggests) that version
+/// wrote it. See [`RulesVersion`] for what each version changed.
+pub fn step_under(
+    rules: RulesVersion,
+    name: &InstanceName,
+    instance: &Instance,
+    input: &Input,
+    policy: &Policy,
+    now: Timestamp,
+) -> Outcome {
+    let outcome = table(name, instance, input, policy, now, rules);
+    if rules >= RulesVersion::V2 {
+        return outcome;
+    }
+    // Version 1: the transport kept the heartbeat; the table armed no heartbeat timer and sent no ping.
+    let heartbeat = |e: &Effect| match e {
+        Effect::ArmTimer { timer, .. } | Effect::CancelTimer { timer } => {
+            matches!(timer.kind, TimerKind::Heartbeat | TimerKind::PongDeadline)
+        }
+        Effect::SendPing { .. } => true,
+        _ => false,
+    };
+    match outcome {
+        Outcome::Transition(mut t) => {
+            t.effects.retain(|e| !heartbeat(e));
+            Outcome::Transition(t)
+        }
+        Outcome::Effects(mut effects) => {
+            effects.retain(|e| !heartbeat(e));
+            if effects.is_empty() { Outcome::Ignored(Ignored::NotExpected) } else { Outcome::Effects(effects) }
+        }
+        other => other,
+    }
+}
+
+/// The version of the transition table. Each log records the version it was
+/// written under (as it records its policy), and `verify` replays each record
+/// under its own version; a version is added whenever the table decides any
+/// input differently, and the old behaviour stays reproducible through
+/// [`step_under`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RulesVersion(pub u16);
+
+impl RulesVersion {
+    /// The first table (to 2026-11-30): the transport kept the heartbeat
+    /// itself, so no `Heartbeat`/`PongDeadline` timer or ping appears in its effects.
+    pub const V1: Self = Self(1);
+    /// Heartbeats in the table (R7 as timers: `Heartbeat`, `PongDeadline`, `SendPing`).
+    pub const V2: Self = Self(2);
+    /// Full jitter spreads even the first retry: the draw reaches the next
+    /// exponential step, not the current one.
+    pub const V3: Self = Self(3);
+    /// The rules of this build.
+    pub const CURRENT: Self = Self::V3;
+    /// Every version, oldest first.
+    pub const ALL: [Self; 3] = [Self::V1, Self::V2, Self::V3];
+
+    /// Whether this build can replay records of this version.
+    pub fn is_known(self) -> bool {
+        Self::ALL.contains(&self)
+    }
+}
+
+impl fmt::Display for RulesVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rules v{}", self.0)
+    }
+}
+
+fn table(
+    name: &InstanceName,
+    instance: &Instance,
+    input: &Input,
+    policy: &Policy,
+    now: Timestamp,
+    rules: RulesVersion,
+) -> Outcome {
+    let cx = Cx { name, g: instance.generation, policy, now, rules };
     // R12: a signal, completion or timer of another connection never moves this one.
     if let Some(input_generation) = input.generation()
         && input_generation != cx.g
@@ -407,6 +488,7 @@ struct Cx<'a> {
     g: Generation,
     policy: &'a Policy,
     now: Timestamp,
+    rules: RulesVersion,
 }
 
 impl Cx<'_> {
@@ -474,7 +556,11 @@ impl Cx<'_> {
         if attempt > self.policy.backoff.attempts_max {
             return Loss::GiveUp;
         }
-        let delay = if now { std::time::Duration::ZERO } else { self.policy.backoff_delay(self.name, attempt) };
+        let delay = if now {
+            std::time::Duration::ZERO
+        } else {
+            self.policy.backoff_delay_under(self.rules, self.name, attempt)
+        };
         Loss::Retry { attempt, delay }
     }
 

@@ -338,6 +338,7 @@ mod tests {
             endpoint: Endpoint::External,
             resume: Identity::new("1234@s.whatsapp.net").ok(),
             connect_timeout: std::time::Duration::from_secs(1),
+            outbound: crate::transport::Outbound::none(),
         }
     }
 

@@ -11,6 +11,7 @@
 
 mod external;
 mod protocol;
+mod traffic;
 mod ws;
 
 use std::future::Future;
@@ -21,6 +22,8 @@ use tokio::sync::mpsc;
 
 pub use external::{EffectListener, HostAction, HostEffect, HostSignal, Hub, Initiator, Routed};
 pub use protocol::{PeerMessage, Protocol, ProtocolError, ReferenceProtocol};
+pub use traffic::{Frame, FrameSink, Inbound, InboundError, InboundFrame, Outbound, SendBudget};
+pub(crate) use traffic::{Outlet, Refused};
 pub use ws::{TlsConfigError, WsLimits, WsTransport, tls_trusting};
 
 use crate::machine::{CloseInitiator, Generation, Identity, Input, InstanceName, Reason, StatusCode, UrlError, WsUrl};
@@ -71,7 +74,7 @@ impl std::fmt::Display for Endpoint {
 }
 
 /// Everything a transport needs to open one connection.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ConnectSpec {
     /// The instance it belongs to.
     pub instance: InstanceName,
@@ -83,6 +86,9 @@ pub struct ConnectSpec {
     pub resume: Option<Identity>,
     /// Bound on the TCP + TLS + WebSocket handshake.
     pub connect_timeout: Duration,
+    /// The application frames the host queued (`Engine::send`), to write in
+    /// order while the connection lasts.
+    pub outbound: Outbound,
 }
 
 /// What the engine asks of a live connection.
@@ -105,12 +111,28 @@ pub enum Control {
 pub struct Signals {
     generation: Generation,
     tx: mpsc::Sender<Box<Input>>,
+    frames: Option<FrameSink>,
 }
 
 impl Signals {
     /// A sink for the connection of `generation`.
     pub fn new(generation: Generation, tx: mpsc::Sender<Box<Input>>) -> Self {
-        Self { generation, tx }
+        Self { generation, tx, frames: None }
+    }
+
+    /// Also publishes the connection's application frames to `frames`.
+    #[must_use]
+    pub fn with_frames(mut self, frames: FrameSink) -> Self {
+        self.frames = Some(frames);
+        self
+    }
+
+    /// Hands an application frame received on this connection to the host
+    /// (never waits; dropped when nobody listens). Not a signal: it moves no state.
+    pub fn frame(&self, frame: Frame) {
+        if let Some(sink) = &self.frames {
+            sink.publish(self.generation, frame);
+        }
     }
 
     /// The connection's generation.

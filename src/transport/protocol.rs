@@ -14,10 +14,12 @@
 //! - Close codes 4000–4999 mean status code − 4000 (4401 → 401, 4515 → 515);
 //!   any other close code is its own status; a connection that ends without a
 //!   close frame has no status ("connection lost").
-//! - Unknown types are ignored (and traced); a frame that is not a JSON object
-//!   with a string `type`, or a binary frame, is a protocol error: the engine
-//!   closes with 1002 and the policy decides on status 1002. An oversized
-//!   message is closed with 1009.
+//! - Any other `type` is the host's own traffic (an application frame): it
+//!   reaches the host whole (`Engine::frames`), in order, and is never logged.
+//!   The host sends its own frames with `Engine::send` while the instance is `Open`.
+//! - A frame that is not a JSON object with a string `type`, or a binary
+//!   frame, is a protocol error: the engine closes with 1002 and the policy
+//!   decides on status 1002. An oversized message is closed with 1009.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +37,9 @@ pub enum PeerMessage {
     },
     /// The peer confirmed a logout.
     LoggedOut,
-    /// A message type the engine does not know: ignored.
+    /// The host's own traffic: handed to the host as it came (never logged).
+    Application,
+    /// A message the protocol itself drops (traced, not handed on).
     Unknown {
         /// Its type (bounded).
         kind: String,
@@ -66,6 +70,11 @@ pub trait Protocol: Send + Sync + 'static {
     fn hello(&self, instance: &InstanceName, resume: Option<&Identity>) -> Option<String>;
     /// Parses a text frame from the peer.
     fn parse(&self, text: &str) -> Result<PeerMessage, ProtocolError>;
+    /// Parses a binary frame from the peer: by default a protocol error
+    /// (the reference protocol's frames are text).
+    fn parse_binary(&self, bytes: &[u8]) -> Result<PeerMessage, ProtocolError> {
+        Err(ProtocolError::Binary { len: bytes.len() })
+    }
     /// The frame that asks the peer to log out.
     fn logout(&self) -> String;
     /// The status a close code from the peer means.
@@ -93,9 +102,6 @@ struct Frame {
     id: Option<serde_json::Value>,
 }
 
-/// Longest message type echoed into traces.
-const KIND_LEN_MAX: usize = 64;
-
 impl Protocol for ReferenceProtocol {
     fn hello(&self, instance: &InstanceName, resume: Option<&Identity>) -> Option<String> {
         let hello = Hello { kind: "hello", instance: instance.as_str(), resume: resume.map(Identity::as_str) };
@@ -114,7 +120,7 @@ impl Protocol for ReferenceProtocol {
                 },
             },
             "logged_out" => PeerMessage::LoggedOut,
-            other => PeerMessage::Unknown { kind: other.chars().take(KIND_LEN_MAX).collect() },
+            _ => PeerMessage::Application,
         })
     }
 
@@ -154,7 +160,8 @@ mod tests {
         assert_eq!(p.parse(r#"{"type":"ready"}"#), Ok(PeerMessage::Ready { identity: None }));
         assert_eq!(p.parse(r#"{"type":"pairing","code":"2@abc"}"#), Ok(PeerMessage::Pairing));
         assert_eq!(p.parse(r#"{"type":"logged_out"}"#), Ok(PeerMessage::LoggedOut));
-        assert!(matches!(p.parse(r#"{"type":"presence"}"#), Ok(PeerMessage::Unknown { .. })));
+        assert_eq!(p.parse(r#"{"type":"presence","who":"x"}"#), Ok(PeerMessage::Application));
+        assert_eq!(p.parse_binary(&[1, 2]), Err(ProtocolError::Binary { len: 2 }));
         for bad in ["", "null", "[]", "{}", r#"{"type":1}"#, "{\"type\":\"ready\"", "\u{0}"] {
             assert!(p.parse(bad).is_err(), "{bad:?}");
         }

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, trace};
 
-use super::{BoxFuture, ConnectSpec, Control, Endpoint, PeerMessage, Protocol, Signals, Transport};
+use super::{BoxFuture, ConnectSpec, Control, Endpoint, Frame, Outbound, PeerMessage, Protocol, Signals, Transport};
 use crate::machine::{CloseInitiator, Input, Reason};
 
 /// Frame and buffer limits per connection, so a fleet of thousands fits in memory.
@@ -129,16 +129,17 @@ async fn run(
     protocol: Arc<dyn Protocol>,
     limits: WsLimits,
     tls: Option<Arc<rustls::ClientConfig>>,
-    spec: ConnectSpec,
+    mut spec: ConnectSpec,
     control: mpsc::Receiver<Control>,
     signals: Signals,
 ) {
+    let outbound = std::mem::take(&mut spec.outbound);
     // The handshake (TCP, TLS, HTTP upgrade) runs in its own allocation, freed
     // once the socket is open: its future is several times the size of the
     // session's, and a task is as large as its largest stage, so a fleet of
     // live connections would otherwise each keep ~10 KB it never uses again.
     let Some(ws) = Box::pin(handshake(&*protocol, limits, tls, &spec, &signals)).await else { return };
-    Session { protocol, ws, control, signals, opened: false }.serve().await;
+    Session { protocol, ws, control, outbound, signals, opened: false }.serve().await;
 }
 
 /// Connects and greets; `None` after reporting why it could not.
@@ -181,6 +182,7 @@ struct Session {
     protocol: Arc<dyn Protocol>,
     ws: Ws,
     control: mpsc::Receiver<Control>,
+    outbound: Outbound,
     signals: Signals,
     /// A `ready` was already reported: later ones are ignored (a peer flooding
     /// "ready" costs one signal).
@@ -206,6 +208,7 @@ impl Session {
                     // The engine dropped us (abort): drop the socket without a handshake.
                     None => Flow::End,
                 },
+                frame = self.outbound.recv() => Box::pin(self.write(frame)).await,
             };
             if let Flow::End = flow {
                 return;
@@ -216,10 +219,14 @@ impl Session {
     async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Flow {
         match frame {
             Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
-            Some(Ok(Message::Binary(bytes))) => {
-                let error = super::ProtocolError::Binary { len: bytes.len() };
-                self.protocol_error(1002, error.to_string()).await
-            }
+            Some(Ok(Message::Binary(bytes))) => match self.protocol.parse_binary(&bytes) {
+                Ok(PeerMessage::Application) => {
+                    self.signals.frame(Frame::Binary(bytes.to_vec()));
+                    Flow::Continue
+                }
+                Ok(message) => self.on_message(message).await,
+                Err(e) => self.protocol_error(1002, e.to_string()).await,
+            },
             Some(Ok(Message::Pong(_))) => {
                 self.signals.pong().await;
                 Flow::Continue
@@ -266,7 +273,44 @@ impl Session {
 
     async fn on_text(&mut self, text: &str) -> Flow {
         match self.protocol.parse(text) {
-            Ok(PeerMessage::Ready { identity }) => {
+            Ok(PeerMessage::Application) => {
+                self.signals.frame(Frame::Text(text.to_owned()));
+                Flow::Continue
+            }
+            Ok(message) => self.on_message(message).await,
+            Err(e) => self.protocol_error(1002, e.to_string()).await,
+        }
+    }
+
+    /// Writes the host's frames: this one and whatever else is queued now
+    /// (up to a bound), in one flush.
+    async fn write(&mut self, first: Frame) -> Flow {
+        const BATCH: usize = 64;
+        let message = |frame: Frame| match frame {
+            Frame::Text(t) => Message::text(t),
+            Frame::Binary(b) => Message::binary(b),
+        };
+        let mut result = self.ws.feed(message(first)).await;
+        for _ in 1..BATCH {
+            let Some(next) = self.outbound.try_recv() else { break };
+            if result.is_err() {
+                break;
+            }
+            result = self.ws.feed(message(next)).await;
+        }
+        match result.and(self.ws.flush().await) {
+            Ok(()) => Flow::Continue,
+            Err(e) => {
+                self.signals.write_failed(format!("application frame: {e}")).await;
+                Flow::End
+            }
+        }
+    }
+
+    async fn on_message(&mut self, message: PeerMessage) -> Flow {
+        match message {
+            PeerMessage::Application => Flow::Continue,
+            PeerMessage::Ready { identity } => {
                 if self.opened {
                     trace!("duplicate ready ignored");
                 } else {
@@ -276,19 +320,18 @@ impl Session {
                 }
                 Flow::Continue
             }
-            Ok(PeerMessage::Pairing) => {
+            PeerMessage::Pairing => {
                 self.signals.send(Input::PairingCode { generation: self.signals.generation() }).await;
                 Flow::Continue
             }
-            Ok(PeerMessage::LoggedOut) => {
+            PeerMessage::LoggedOut => {
                 self.signals.send(Input::LogoutConfirmed { generation: self.signals.generation() }).await;
                 Flow::Continue
             }
-            Ok(PeerMessage::Unknown { kind }) => {
+            PeerMessage::Unknown { kind } => {
                 debug!(kind, "unknown message type ignored");
                 Flow::Continue
             }
-            Err(e) => self.protocol_error(1002, e.to_string()).await,
         }
     }
 

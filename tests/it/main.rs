@@ -28,3 +28,4 @@ mod seeds;
 mod serve;
 mod support;
 mod table;
+mod versions;

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use instance_lifecycle::log::RulesChoice;
 use instance_lifecycle::machine::Preset;
 use instance_lifecycle::testing::simulate::{INSTANCES_MAX, SECONDS_MAX};
 
@@ -129,6 +130,11 @@ enum Command {
         /// Replay every record under this preset instead of the policies the log recorded.
         #[arg(long, value_enum)]
         policy: Option<PresetArg>,
+        /// Which rules to replay under: `recorded` (each record under the
+        /// rules version it was written under) or `current` (this build's, for
+        /// every record: where do today's rules part from an old log?).
+        #[arg(long, value_enum, default_value = "recorded")]
+        rules: RulesArg,
         /// A head recorded earlier (`GLOBAL:LINK`, as verify prints it): also
         /// fail when the log no longer reaches it — which is how a restore of
         /// the whole directory from an older copy shows.
@@ -241,6 +247,12 @@ enum ExportFormat {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum RulesArg {
+    Recorded,
+    Current,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum PresetArg {
     Whatsapp,
     Evolution,
@@ -304,9 +316,13 @@ fn main() -> ExitCode {
                 inspect::run(&dir, query)
             }
         }
-        Command::Verify { dir, policy, expect_head, json } => {
+        Command::Verify { dir, policy, rules, expect_head, json } => {
             output::clean_up_on_interrupt();
-            read::verify(&dir, policy.map(Preset::from), expect_head.as_deref(), json)
+            let rules = match rules {
+                RulesArg::Recorded => RulesChoice::Recorded,
+                RulesArg::Current => RulesChoice::Current,
+            };
+            read::verify(&dir, policy.map(Preset::from), rules, expect_head.as_deref(), json)
         }
         Command::Recover { dir, accept_loss, json } => {
             output::clean_up_on_interrupt();

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
-use instance_lifecycle::log::{Digest, Finding, HeadCheck, Log, LogConfig, RecoveryOptions};
+use instance_lifecycle::log::{Digest, Finding, HeadCheck, Log, LogConfig, RecoveryOptions, RulesChoice};
 use instance_lifecycle::machine::{Policy, Preset, StateKind};
 
 use crate::output::{Failure, fail, say};
@@ -40,7 +40,13 @@ fn parse_head(s: &str) -> Result<(u64, Digest), Failure> {
     Ok((global.parse().map_err(|_| bad())?, Digest::from_hex(link).ok_or_else(bad)?))
 }
 
-pub fn verify(dir: &Path, preset: Option<Preset>, expect_head: Option<&str>, json: bool) -> Result<ExitCode, Failure> {
+pub fn verify(
+    dir: &Path,
+    preset: Option<Preset>,
+    rules: RulesChoice,
+    expect_head: Option<&str>,
+    json: bool,
+) -> Result<ExitCode, Failure> {
     let anchor = expect_head.map(parse_head).transpose()?;
     let log = open_copy(dir)?;
     let recorded = log.policy()?;
@@ -56,12 +62,13 @@ pub fn verify(dir: &Path, preset: Option<Preset>, expect_head: Option<&str>, jso
                 ));
                 preamble.extend(recorded.differences(&given).iter().map(|d| format!("    {d} (recorded vs given)")));
             }
-            (format!("--policy {p} (every record replayed under it)"), log.verify(&given))
+            (format!("--policy {p} (every record replayed under it)"), log.verify_under(Some(&given), &given, rules))
         }
-        (None, Some(r)) => (format!("the policy the log recorded ({:?})", r.name), log.verify_recorded(r)),
+        (None, Some(r)) => (format!("the policy the log recorded ({:?})", r.name), log.verify_under(None, r, rules)),
         (None, None) => {
             let fallback = Policy::default();
-            (format!("policy {:?} (the log recorded none)", fallback.name), log.verify(&fallback))
+            let report = log.verify_under(Some(&fallback), &fallback, rules);
+            (format!("policy {:?} (the log recorded none)", fallback.name), report)
         }
     };
     if let Some(finding) = anchor.and_then(|(global, link)| log.check_anchor(global, link)) {

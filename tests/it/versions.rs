@@ -1,0 +1,164 @@
+//! Rules versioned in the log: a log records the version of the rules it
+//! was written under, `verify` replays each record under its own version,
+//! and logs written before versions were recorded (the fixtures, made by the
+//! builds of rules v1 and v2) still verify clean.
+
+use std::path::Path;
+
+use instance_lifecycle::engine::{Engine, EngineConfig};
+use instance_lifecycle::log::{Event, Finding, InstanceSpec, Log, LogConfig, Note, RulesChoice};
+use instance_lifecycle::machine::{
+    Effect, Input, Instance, InstanceName, Outcome, Policy, Preset, RulesVersion, TimerKind, Timestamp, step,
+    step_under,
+};
+
+use crate::support::{copy_tree, lifecycle, stdout};
+
+/// The fixture logs: (directory, the version that wrote them, the head `verify` prints).
+const FIXTURES: [(&str, RulesVersion, &str); 2] = [
+    ("log-rules-v1", RulesVersion::V1, "head: 94:c354b5ff9a557b13"),
+    ("log-rules-v2", RulesVersion::V2, "head: 94:a18ab656165af5d2"),
+];
+
+fn fixture(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let dir = tempfile::tempdir().expect("dir");
+    let to = dir.path().join(name);
+    copy_tree(&from, &to);
+    (dir, to)
+}
+
+/// A log written before this change (by the build of each older rules
+/// version, `lifecycle simulate`) verifies clean, each record explained by
+/// the version that wrote it; under today's rules alone it does not.
+#[test]
+fn logs_from_before_rules_versions_verify_clean() {
+    for (name, version, head) in FIXTURES {
+        let (_dir, log_dir) = fixture(name);
+        let path = log_dir.to_str().expect("utf-8");
+        let out = lifecycle(&["verify", path]);
+        let text = stdout(&out);
+        assert!(out.status.success(), "{name}: {text}");
+        assert!(text.contains("clean: 94 records of 12 instances"), "{name}: {text}");
+        assert!(text.contains(head), "{name}: {text}");
+        assert!(text.contains(&format!("under {version}")), "{name}: the note names {version}: {text}");
+
+        let out = lifecycle(&["verify", path, "--rules", "current"]);
+        let text = stdout(&out);
+        assert!(!out.status.success(), "{name}: today's rules decide some of its records differently: {text}");
+        assert!(text.contains("first divergence"), "{name}: {text}");
+
+        let log = Log::open_copy(&log_dir).expect("open").0;
+        assert_eq!(log.rules_versions().expect("read"), vec![], "{name}: it recorded no version");
+        let report = log.verify_recorded(&Policy::default());
+        assert!(report.is_clean(), "{name}: {:?}", report.findings);
+        let Some(Note::UnversionedRules { by_version }) =
+            report.notes.iter().find(|n| matches!(n, Note::UnversionedRules { .. }))
+        else {
+            panic!("{name}: no note on unversioned records: {:?}", report.notes)
+        };
+        assert!(by_version.get(&version).is_some_and(|n| *n > 0), "{name}: {by_version:?}");
+        assert!(by_version.keys().all(|v| *v >= version), "{name}: nothing older than its writer: {by_version:?}");
+        let current = log.verify_under(None, &Policy::default(), RulesChoice::Current);
+        assert!(current.first_divergence().is_some(), "{name}");
+        assert!(current.notes.contains(&Note::CurrentRules), "{name}");
+    }
+}
+
+/// An engine records the version of its rules with its policy, once, and
+/// a log that says a version this build does not know is reported, not trusted.
+#[tokio::test]
+async fn a_log_records_its_rules_version_and_an_unknown_one_is_a_finding() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = || EngineConfig { compaction: None, ..EngineConfig::default() };
+    for run in 0..2 {
+        let engine = Engine::open(dir.path(), config()).await.expect("open");
+        let name = format!("a{run}");
+        engine.create(&name, InstanceSpec { url: "ws://127.0.0.1:9/".into() }).await.expect("create");
+        engine.shutdown().await.expect("shutdown");
+        drop(engine);
+        let log = Log::open_copy(dir.path()).expect("open").0;
+        let versions = log.rules_versions().expect("read");
+        assert_eq!(versions, vec![(1, RulesVersion::CURRENT)], "run {run}: recorded once, from the start");
+        assert!(log.verify_recorded(&Policy::default()).is_clean());
+    }
+    let log = Log::open(dir.path(), LogConfig::default()).expect("writer");
+    log.set_rules(RulesVersion(99)).expect("record");
+    let (tip, _) = log.tip();
+    assert_eq!(log.rules_versions().expect("read").last(), Some(&(tip + 1, RulesVersion(99))));
+    log.append(&InstanceName::new("b").expect("name"), 1, Timestamp(0), Event::created("ws://x:1/"), &Instance::new())
+        .expect("append");
+    let report = log.verify_recorded(&Policy::default());
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| matches!(f, Finding::UnknownRules { version: RulesVersion(99), from } if *from == tip + 1)),
+        "{:?}",
+        report.findings
+    );
+}
+
+/// Version 1 is today's table without the heartbeat (the transport kept it):
+/// no heartbeat timer or ping in any effect, everything else the same.
+#[test]
+fn rules_v1_is_the_table_without_heartbeat_upkeep() {
+    let name = InstanceName::new("a").expect("name");
+    let policy = Policy::preset(Preset::Whatsapp);
+    let mut instance = Instance::new();
+    let now = Timestamp(1_000);
+    let mut saw_heartbeat = false;
+    let inputs = |g| {
+        vec![
+            Input::Connect,
+            Input::TransportOpened { generation: g, identity: instance_lifecycle::machine::Identity::new("x").ok() },
+            Input::Logout,
+        ]
+    };
+    for input in inputs(instance.generation.next()) {
+        let input = match input {
+            Input::TransportOpened { identity, .. } => {
+                Input::TransportOpened { generation: instance.generation, identity }
+            }
+            other => other,
+        };
+        let (today, v1) = (
+            step(&name, &instance, &input, &policy, now),
+            step_under(RulesVersion::V1, &name, &instance, &input, &policy, now),
+        );
+        let (Outcome::Transition(today), Outcome::Transition(v1)) = (today, v1) else {
+            panic!("{input:?} moves under both")
+        };
+        let heartbeat = |e: &Effect| match e {
+            Effect::ArmTimer { timer, .. } | Effect::CancelTimer { timer } => {
+                matches!(timer.kind, TimerKind::Heartbeat | TimerKind::PongDeadline)
+            }
+            Effect::SendPing { .. } => true,
+            _ => false,
+        };
+        saw_heartbeat |= today.effects.iter().any(heartbeat);
+        assert!(!v1.effects.iter().any(heartbeat), "{input:?}: {:?}", v1.effects);
+        let rest: Vec<_> = today.effects.iter().filter(|e| !heartbeat(e)).cloned().collect();
+        assert_eq!((v1.to.clone(), v1.generation, v1.effects.clone()), (today.to.clone(), today.generation, rest));
+        instance.apply(&today);
+    }
+    assert!(saw_heartbeat, "today's table arms the heartbeat when the connection opens");
+}
+
+/// Before version 3 full jitter reached only the current exponential step,
+/// so every first retry fell at `base`; from version 3 it reaches the next.
+#[test]
+fn rules_before_v3_drew_the_first_retry_at_base() {
+    let policy = Policy::preset(Preset::Whatsapp);
+    let base = policy.backoff.base;
+    let names: Vec<_> = (0..50).map(|i| InstanceName::new(format!("n{i}")).expect("name")).collect();
+    for v in [RulesVersion::V1, RulesVersion::V2] {
+        assert!(names.iter().all(|n| policy.backoff_delay_under(v, n, 1) == base), "{v}");
+    }
+    let spread: std::collections::BTreeSet<_> =
+        names.iter().map(|n| policy.backoff_delay_under(RulesVersion::V3, n, 1)).collect();
+    assert!(spread.len() > 10, "v3 spreads the first retries: {spread:?}");
+    assert!(
+        names.iter().all(|n| policy.backoff_delay(n, 3) == policy.backoff_delay_under(RulesVersion::CURRENT, n, 3))
+    );
+}
