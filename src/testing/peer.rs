@@ -91,6 +91,14 @@ pub enum Action {
     Close(u16),
     /// From now on, ignore logout requests (the socket stays up).
     IgnoreLogouts,
+    /// Send `count` application frames at once:
+    /// `{"type":"app","n":<0..count>,"pad":"<pad bytes>"}`, in order.
+    Send {
+        /// How many.
+        count: u32,
+        /// Filler bytes per frame.
+        pad: usize,
+    },
 }
 
 #[derive(Default)]
@@ -284,6 +292,7 @@ impl TestPeer {
     }
 
     /// Applies one control line: `zombify NAME`, `drop NAME`, `close NAME CODE`,
+    /// `send NAME COUNT` (that many application frames, at once),
     /// `fault NAME ready|no-identity|hang-on-logout|refuse`, `drop-all` (every
     /// connection dropped at once, as when the server restarts) or `stats`
     /// (live connections and accepts per second, as JSON). Returns what it did.
@@ -298,6 +307,10 @@ impl TestPeer {
             }
             ["zombify", name] => Ok(format!("zombified {} connection(s)", self.act(name, Action::Zombify))),
             ["drop", name] => Ok(format!("dropped {} connection(s)", self.act(name, Action::Drop))),
+            ["send", name, count] => {
+                let count: u32 = count.parse().map_err(|_| format!("not a count: {count}"))?;
+                Ok(format!("sent on {} connection(s)", self.act(name, Action::Send { count, pad: 0 })))
+            }
             ["close", name, code] => {
                 let code: u16 = code.parse().map_err(|_| format!("not a close code: {code}"))?;
                 Ok(format!("closed {} connection(s)", self.act(name, Action::Close(code))))
@@ -464,6 +477,12 @@ async fn run_fault<S: Stream>(
         tokio::select! {
             () = &mut idle => return,
             msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) if !t.as_str().contains(r#""logout""#) => {
+                    // An application frame: the reference peer echoes it.
+                    if ws.send(Message::Text(t)).await.is_err() {
+                        return;
+                    }
+                }
                 Some(Ok(Message::Text(t))) if t.as_str().contains(r#""logout""#) => {
                     *state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).logouts.entry(name.to_owned()).or_default() += 1;
                     if !ignore_logouts {
@@ -487,6 +506,18 @@ async fn run_fault<S: Stream>(
                 Some(Action::Drop) | None => return,
                 Some(Action::Close(code)) => return close(ws, code).await,
                 Some(Action::IgnoreLogouts) => ignore_logouts = true,
+                Some(Action::Send { count, pad }) => {
+                    let pad = "x".repeat(pad);
+                    for n in 0..count {
+                        let frame = serde_json::json!({ "type": "app", "n": n, "pad": pad }).to_string();
+                        if ws.feed(Message::text(frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if ws.flush().await.is_err() {
+                        return;
+                    }
+                }
             },
         }
     }

@@ -28,4 +28,5 @@ mod seeds;
 mod serve;
 mod support;
 mod table;
+mod traffic;
 mod versions;
