@@ -100,7 +100,19 @@ async fn send_is_refused_in_every_state_but_open() {
     assert!(matches!(h.engine.send("nobody", text("{}")), Err(EngineError::UnknownInstance { .. })));
     assert!(matches!(h.engine.send("no such name!", text("{}")), Err(EngineError::InvalidName(_))));
     assert_eq!(h.engine.traffic().refused, 6, "every refusal of a valid name is counted");
+}
 
+/// A host-driven (`external:`) instance's socket is the host's: the engine
+/// refuses to send on it, saying so.
+#[tokio::test]
+async fn send_on_a_host_driven_instance_is_refused() {
+    use instance_lifecycle::transport::{Hub, ReferenceProtocol, Routed, WsLimits, WsTransport};
+    let hub = Hub::new();
+    let ws = WsTransport::new(std::sync::Arc::new(ReferenceProtocol), WsLimits::default());
+    let h = Harness::with(Policy::preset(Preset::Whatsapp), TestPeer::start().await.expect("peer"), |c| {
+        c.transport = std::sync::Arc::new(Routed::new(ws, hub.clone()));
+    })
+    .await;
     h.engine.create("host", InstanceSpec { url: "external:".into() }).await.expect("create");
     h.engine.connect("host").await.expect("connect");
     let generation = h.engine.history("host").await.expect("history").pop().expect("record").to.generation;
@@ -109,7 +121,8 @@ async fn send_is_refused_in_every_state_but_open() {
         identity: instance_lifecycle::machine::Identity::new("me").ok(),
     };
     h.engine.signal("host", opened).await.expect("signal");
-    assert!(matches!(h.engine.send("host", text("{}")), Err(EngineError::HostDriven { .. })));
+    let answer = h.engine.send("host", text("{}"));
+    assert!(matches!(answer, Err(EngineError::HostDriven { .. })), "{answer:?} in {:?}", h.engine.state("host"));
 }
 
 /// A subscriber that does not keep up loses the oldest frames and is told
