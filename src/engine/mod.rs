@@ -173,6 +173,7 @@ impl Engine {
             send_budget: config.send_budget,
             sent: Default::default(),
             refused: Default::default(),
+            received: Default::default(),
         };
         let shared = Arc::new(Shared {
             log: log.clone(),
@@ -671,7 +672,11 @@ impl Engine {
     /// Application frames sent and refused since the engine started.
     pub fn traffic(&self) -> TrafficStats {
         let t = &self.shared.traffic;
-        TrafficStats { sent: t.sent.load(Ordering::Relaxed), refused: t.refused.load(Ordering::Relaxed) }
+        TrafficStats {
+            sent: t.sent.load(Ordering::Relaxed),
+            refused: t.refused.load(Ordering::Relaxed),
+            received: t.received.load(Ordering::Relaxed),
+        }
     }
 
     /// A stream of transitions, for webhooks. A subscriber that falls more than

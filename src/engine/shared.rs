@@ -55,6 +55,7 @@ pub(crate) struct Traffic {
     pub(crate) send_budget: Option<SendBudget>,
     pub(crate) sent: AtomicU64,
     pub(crate) refused: AtomicU64,
+    pub(crate) received: Arc<AtomicU64>,
 }
 
 /// Application frames through the engine since it started (not lifecycle: never logged).
@@ -62,8 +63,11 @@ pub(crate) struct Traffic {
 pub struct TrafficStats {
     /// Frames queued by `Engine::send`.
     pub sent: u64,
-    /// Frames `Engine::send` refused (not open, queue full, over budget).
+    /// Frames `Engine::send` refused (not open, queue full, over budget, …)
+    /// for a valid instance name.
     pub refused: u64,
+    /// Application frames received on the engine's connections.
+    pub received: u64,
 }
 
 impl Shared {

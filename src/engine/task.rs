@@ -400,7 +400,11 @@ impl Task {
             }
         };
         self.set_carrier(Some(carrier));
-        let signals = signals.with_frames(FrameSink::new(self.driver.name().clone(), traffic.frames.clone()));
+        let signals = signals.with_frames(FrameSink::new(
+            self.driver.name().clone(),
+            traffic.frames.clone(),
+            traffic.received.clone(),
+        ));
         let spec = ConnectSpec {
             instance: self.driver.name().clone(),
             generation,

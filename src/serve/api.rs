@@ -329,6 +329,97 @@ pub(crate) async fn signal(
     Ok(Json(app.instances.signal(&name, input).await?))
 }
 
+/// An application frame to send: exactly one of `text` and `binary` (bytes as numbers).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SendFrame {
+    text: Option<String>,
+    binary: Option<Vec<u8>>,
+}
+
+/// Send an application frame on an `Open` instance's connection (the
+/// engine holds the socket): queued in order, written by the connection;
+/// never logged. 429 carries `Retry-After` (the send budget).
+#[utoipa::path(post, path = "/v1/instances/{name}/send", request_body = SendFrame,
+    responses((status = 202, description = "queued"),
+        (status = 409, description = "not open (the state is in the message), host-driven, or the connection just ended", body = ErrorBody),
+        (status = 429, description = "over the send budget; Retry-After says when to retry", body = ErrorBody),
+        (status = 503, description = "the connection's queue is full", body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 410, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(crate) async fn send(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    app.auth.instance(&headers, &name).await?;
+    let frame = match json_body::<SendFrame>(&body)? {
+        SendFrame { text: Some(text), binary: None } => crate::transport::Frame::Text(text),
+        SendFrame { text: None, binary: Some(bytes) } => crate::transport::Frame::Binary(bytes),
+        _ => return Err(ApiError::body("give exactly one of text and binary")),
+    };
+    match app.engine().send(&name, frame) {
+        Ok(()) => Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "queued": true }))).into_response()),
+        Err(e @ crate::engine::EngineError::RateLimited { retry_after, .. }) => {
+            // Whole seconds, rounded up: a client that waits that long finds room.
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            let mut response = ApiError::from(e).into_response();
+            if let Ok(value) = header::HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            Ok(response)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A live stream of the application frames the engine's connections
+/// receive (SSE, event `frame`: `{"instance","generation","frame":{"text"|"binary"}}`;
+/// event `missed` when this reader fell behind, with how many it lost).
+#[utoipa::path(get, path = "/v1/frames", params(("instance" = Option<String>, Query, description = "only this instance's")),
+    responses((status = 200, description = "text/event-stream of received application frames")))]
+pub(crate) async fn frames(
+    AxumState(app): AxumState<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let filter = query.get("instance").cloned();
+    if let Some(name) = &filter {
+        app.auth.instance(&headers, name).await?;
+    } else {
+        app.auth.global(&headers, "every instance's frames").await?;
+    }
+    if let Some(unknown) = query.keys().find(|k| *k != "instance") {
+        return Err(ApiError::body(format!("unknown parameter {unknown}")));
+    }
+    let inbound = app.engine().frames();
+    let stream = futures_util::stream::unfold((inbound, app.shutdown.clone()), move |(mut inbound, mut shutdown)| {
+        let filter = filter.clone();
+        async move {
+            loop {
+                let received = tokio::select! {
+                    r = inbound.recv() => r,
+                    _ = shutdown.wait_for(|s| *s) => return None,
+                };
+                let event = match received {
+                    Ok(f) if filter.as_deref().is_some_and(|n| n != f.instance.as_str()) => continue,
+                    Ok(f) => axum::response::sse::Event::default()
+                        .event("frame")
+                        .data(serde_json::to_string(&*f).unwrap_or_default()),
+                    Err(crate::transport::InboundError::Missed { frames }) => {
+                        axum::response::sse::Event::default().event("missed").data(format!("{{\"frames\":{frames}}}"))
+                    }
+                    Err(crate::transport::InboundError::Closed) => return None,
+                };
+                return Some((Ok::<_, std::convert::Infallible>(event), (inbound, shutdown)));
+            }
+        }
+    });
+    let sse = axum::response::sse::Sse::new(stream)
+        .keep_alive(axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(15)));
+    Ok(sse.into_response())
+}
+
 /// A live stream of the effects hosts must carry out for their `external` instances (SSE, event `effect`).
 #[utoipa::path(get, path = "/v1/effects", params(("instance" = Option<String>, Query, description = "only this instance's")),
     responses((status = 200, description = "text/event-stream of HostEffect", body = HostEffect)))]
@@ -527,7 +618,7 @@ pub(crate) async fn metrics(AxumState(app): AxumState<AppState>, headers: Header
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     app.metrics.log_state(bytes.unwrap_or(0), compacted.ok().flatten().map(|t| t.0));
-    let text = app.metrics.render(&counts);
+    let text = app.metrics.render(&counts, app.engine().traffic());
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 

@@ -129,7 +129,10 @@ impl ApiError {
         match code {
             "invalid_name" | "invalid_url" | "not_a_signal" | "invalid_body" => StatusCode::UNPROCESSABLE_ENTITY,
             "unknown_instance" | "not_found" => StatusCode::NOT_FOUND,
-            "already_exists" | "closing" | "owned_elsewhere" | "token_taken" => StatusCode::CONFLICT,
+            "already_exists" | "closing" | "owned_elsewhere" | "token_taken" | "not_open" | "host_driven"
+            | "connection_ended" => StatusCode::CONFLICT,
+            "rate_limited" => StatusCode::TOO_MANY_REQUESTS,
+            "send_queue_full" => StatusCode::SERVICE_UNAVAILABLE,
             "removed" => StatusCode::GONE,
             "timed_out" => StatusCode::GATEWAY_TIMEOUT,
             "shutting_down" | "log_failure" | "cluster_unavailable" => StatusCode::SERVICE_UNAVAILABLE,

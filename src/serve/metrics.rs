@@ -30,6 +30,11 @@ pub(crate) struct CommandLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct WebhookLabel {
     webhook: String,
 }
@@ -48,6 +53,7 @@ pub(crate) struct Metrics {
     dead: Family<WebhookLabel, Gauge>,
     depth: Family<WebhookLabel, Gauge>,
     subscribers: Gauge,
+    frames: Family<DirectionLabel, Counter>,
     log_bytes: Gauge,
     compacted_at: Gauge,
     start: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -74,6 +80,7 @@ impl Metrics {
             dead: Family::default(),
             depth: Family::default(),
             subscribers: Gauge::default(),
+            frames: Family::default(),
             log_bytes: Gauge::default(),
             compacted_at: Gauge::default(),
             start: Gauge::default(),
@@ -107,6 +114,11 @@ impl Metrics {
             m.depth.clone(),
         );
         registry.register("sse_subscribers", "Open /v1/events streams", m.subscribers.clone());
+        registry.register(
+            "frames",
+            "Application frames (traffic, not lifecycle: never logged): sent (queued), refused, received",
+            m.frames.clone(),
+        );
         registry.register(
             "log_size_bytes",
             "This host's log on disk (bounded by [retention]: records kept per instance, removed instances kept for removed_after)",
@@ -182,8 +194,13 @@ impl Metrics {
         self.subscribers.inc_by(delta);
     }
 
-    /// The text exposition, with the instance counts taken now.
-    pub(crate) fn render(&self, counts: &[(StateKind, usize)]) -> String {
+    /// The text exposition, with the instance counts and the engine's traffic taken now.
+    pub(crate) fn render(&self, counts: &[(StateKind, usize)], traffic: crate::engine::TrafficStats) -> String {
+        for (direction, total) in [("sent", traffic.sent), ("refused", traffic.refused), ("received", traffic.received)]
+        {
+            let counter = self.frames.get_or_create(&DirectionLabel { direction });
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
         for (kind, n) in counts {
             let label = StateLabel { state: kind.as_str().to_lowercase() };
             self.instances.get_or_create(&label).set(i64::try_from(*n).unwrap_or(i64::MAX));

@@ -565,6 +565,8 @@ fn router(state: AppState, timeout: Duration) -> Router {
         .route("/v1/instances/{name}/restart", post(api::restart))
         .route("/v1/instances/{name}/history", get(api::history))
         .route("/v1/instances/{name}/signals", post(api::signal))
+        .route("/v1/instances/{name}/send", post(api::send))
+        .route("/v1/frames", get(api::frames))
         .route("/v1/effects", get(api::effects))
         .route("/v1/events", get(api::events))
         .route("/v1/diagram", get(api::diagram))

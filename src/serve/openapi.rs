@@ -26,6 +26,8 @@ use super::api;
         api::delete,
         api::history,
         api::signal,
+        api::send,
+        api::frames,
         api::effects,
         api::events,
         api::diagram,
@@ -39,6 +41,7 @@ use super::api;
     ),
     components(schemas(
         api::CreateInstance,
+        api::SendFrame,
         api::TransportKind,
         api::InstanceView,
         api::Created,

@@ -12,6 +12,7 @@
 //! generation's frame reach the host after a newer one's).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -143,16 +144,22 @@ impl Inbound {
 pub struct FrameSink {
     instance: InstanceName,
     tx: broadcast::Sender<Arc<InboundFrame>>,
+    received: Arc<AtomicU64>,
 }
 
 impl FrameSink {
-    pub(crate) fn new(instance: InstanceName, tx: broadcast::Sender<Arc<InboundFrame>>) -> Self {
-        Self { instance, tx }
+    pub(crate) fn new(
+        instance: InstanceName,
+        tx: broadcast::Sender<Arc<InboundFrame>>,
+        received: Arc<AtomicU64>,
+    ) -> Self {
+        Self { instance, tx, received }
     }
 
     /// Publishes a frame of connection `generation`; never waits (a slow
     /// subscriber loses the oldest frames and is told so).
     pub fn publish(&self, generation: Generation, frame: Frame) {
+        self.received.fetch_add(1, Ordering::Relaxed);
         let inbound = InboundFrame { instance: self.instance.clone(), generation, frame };
         // No subscriber: nobody listens, the frame goes nowhere (it is traffic, not a record).
         let _ = self.tx.send(Arc::new(inbound));
@@ -323,8 +330,8 @@ mod tests {
     async fn inbound_reports_missed_frames_and_drops_older_generations() {
         let (tx, rx) = broadcast::channel(4);
         let mut inbound = Inbound::new(rx);
-        let sink = FrameSink::new(name("a"), tx.clone());
-        let other = FrameSink::new(name("b"), tx);
+        let sink = FrameSink::new(name("a"), tx.clone(), Arc::default());
+        let other = FrameSink::new(name("b"), tx, Arc::default());
         for i in 0..6 {
             sink.publish(Generation(1), Frame::Text(format!("{i}")));
         }

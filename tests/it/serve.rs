@@ -974,3 +974,57 @@ async fn the_fleet_view_after_a_restart_is_the_one_before() {
     svc.stop().await;
     drop(dir);
 }
+
+/// Application frames over HTTP: `POST /v1/instances/NAME/send` queues a
+/// frame on an open instance (the reference peer echoes it), `/v1/frames`
+/// streams what the connection receives, a closed instance answers 409 with
+/// its state, a bad body 422, and /metrics counts the traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_are_sent_and_streamed_over_http() {
+    let svc = Svc::start(fast(Preset::Whatsapp), |_| {}).await;
+    let (status, _) = svc.post("/v1/instances", json!({"name": "chat"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = svc.post("/v1/instances/chat/send", json!({"text": "{\"type\":\"hi\"}"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("not_open")), "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("Closed")), "{body}");
+    svc.post("/v1/instances/chat/connect", json!({})).await;
+    svc.until("/v1/instances/chat", |v| v["status"] == "open", Duration::from_secs(5)).await;
+
+    let mut stream =
+        svc.client.get(format!("{}/v1/frames?instance=chat", svc.base)).send().await.expect("frames stream");
+    assert_eq!(stream.status().as_u16(), 200);
+    for n in 0..3 {
+        let (status, body) =
+            svc.post("/v1/instances/chat/send", json!({"text": format!("{{\"type\":\"hi\",\"n\":{n}}}")})).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let (status, body) = svc.post("/v1/instances/chat/send", json!({"text": "a", "binary": [1]})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_body")));
+
+    let (mut buf, mut seen) = (String::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 3 {
+        assert!(Instant::now() < deadline, "3 echoed frames within 10 s; got {seen:?}, left {buf:?}");
+        if let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_millis(500), stream.chunk()).await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            if block.lines().any(|l| l == "event: frame")
+                && let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: "))
+            {
+                let v: Value = serde_json::from_str(data).expect("json");
+                assert_eq!(v["instance"], "chat");
+                seen.push(v["frame"]["text"].as_str().expect("text").to_owned());
+            }
+        }
+    }
+    let want: Vec<String> = (0..3).map(|n| format!("{{\"type\":\"hi\",\"n\":{n}}}")).collect();
+    assert_eq!(seen, want, "echoed in order");
+    let (_, metrics) = svc.get("/metrics").await;
+    let metrics = metrics.as_str().expect("text").to_owned();
+    assert!(metrics.contains("lifecycle_frames_total{direction=\"sent\"} 3"), "{metrics}");
+    assert!(metrics.contains("lifecycle_frames_total{direction=\"received\"} 3"), "{metrics}");
+    drop(stream);
+    svc.stop().await;
+}
