@@ -366,13 +366,12 @@ pub fn check(
                     }
                     if let Some(policy) = policy
                         && let Some((recorded, recomputed)) = crate::log::replay(
-                            crate::machine::RulesVersion::CURRENT,
+                            (crate::machine::RulesVersion::CURRENT, policy),
                             name,
                             from,
                             input,
                             effects,
                             to,
-                            policy,
                             *at,
                         )
                     {

@@ -371,7 +371,7 @@ impl Replay<'_, '_> {
         let (versions, recorded) = self.versions.at(r.global);
         let mut first = None;
         for &version in versions {
-            match replay(version, name, from, input, effects, &r.to, policy, r.at) {
+            match replay((version, policy), name, from, input, effects, &r.to, r.at) {
                 None => {
                     if !recorded {
                         *self.inferred.entry(version).or_default() += 1;
@@ -407,16 +407,15 @@ fn describe(state: &State, generation: crate::machine::Generation, effects: &[Ef
     format!("→ {state} ({generation}), effects {effects:?}")
 }
 
-/// Replays one recorded transition through the rules of this build:
-/// `None` when they decide the same, else (what was recorded, what they decide now).
+/// Replays one recorded transition under a version of the rules and a
+/// policy: `None` when they decide the same, else (what was recorded, what they decide).
 pub(crate) fn replay(
-    rules: RulesVersion,
+    (rules, policy): (RulesVersion, &Policy),
     name: &InstanceName,
     from: &Instance,
     input: &crate::machine::Input,
     effects: &[Effect],
     to: &Instance,
-    policy: &Policy,
     at: crate::machine::Timestamp,
 ) -> Option<(String, String)> {
     let recomputed = match step_under(rules, name, from, input, policy, at) {

@@ -29,9 +29,7 @@ async fn frames_round_trip_in_order_and_are_not_logged() {
     h.open("a").await;
     let history = h.engine.history("a").await.expect("history").len();
     let mut inbound = h.engine.frames();
-    let generation = match h.engine.history("a").await.expect("history").pop().expect("record").to {
-        instance => instance.generation,
-    };
+    let generation = h.engine.history("a").await.expect("history").pop().expect("record").to.generation;
     for n in 0..300 {
         let frame = text(&format!(r#"{{"type":"chat","n":{n}}}"#));
         loop {
