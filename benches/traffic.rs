@@ -1,0 +1,169 @@
+//! Application frames through the engine, against bare tokio-tungstenite on
+//! the same peer in the same run:
+//! - inbound: frames/s from the peer to the host through `Engine::frames`,
+//!   vs a bare reader of the same connection kind (target ≥ 0.8×);
+//! - send: the round trip of `Engine::send` to the peer's echo back through
+//!   `Engine::frames`, p50 and p99, vs a bare writer awaiting the same echo.
+//!
+//! Rounds alternate (engine, bare, engine, …) and the median of each side is
+//! compared. `BENCH_SCALE` scales the counts. Prints a table and one JSON line.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use instance_lifecycle::engine::{Engine, EngineConfig, EngineError};
+use instance_lifecycle::log::InstanceSpec;
+use instance_lifecycle::machine::{Policy, Preset, State};
+use instance_lifecycle::testing::peer::{Action, TestPeer};
+use instance_lifecycle::transport::{Frame, Inbound};
+use tokio_tungstenite::tungstenite::Message;
+
+fn scaled(n: usize) -> usize {
+    let scale: f64 = std::env::var("BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    ((n as f64 * scale) as usize).max(1)
+}
+
+const ROUNDS: usize = 5;
+const PAD: usize = 64;
+
+type Bare = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A bare client of the reference peer: hello, then the peer's `ready`.
+async fn bare(peer: &TestPeer, name: &str) -> Bare {
+    let (mut ws, _) = tokio_tungstenite::connect_async(peer.url()).await.expect("connect");
+    ws.send(Message::text(format!(r#"{{"type":"hello","instance":"{name}","resume":null}}"#))).await.expect("hello");
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.as_str().contains("ready") => ws,
+        other => panic!("no ready: {other:?}"),
+    }
+}
+
+async fn engine_inbound(peer: &TestPeer, inbound: &mut Inbound, frames: u32) -> f64 {
+    let start = Instant::now();
+    peer.act("eng", Action::Send { count: frames, pad: PAD });
+    let mut got = 0;
+    while got < frames {
+        match inbound.recv().await {
+            Ok(_) => got += 1,
+            Err(e) => panic!("the bench's reader fell behind: {e}"),
+        }
+    }
+    f64::from(frames) / start.elapsed().as_secs_f64()
+}
+
+async fn bare_inbound(peer: &TestPeer, ws: &mut Bare, frames: u32) -> f64 {
+    let start = Instant::now();
+    peer.act("bare", Action::Send { count: frames, pad: PAD });
+    let mut got = 0;
+    while got < frames {
+        match ws.next().await {
+            Some(Ok(Message::Text(_))) => got += 1,
+            Some(Ok(_)) => {}
+            other => panic!("bare reader: {other:?}"),
+        }
+    }
+    f64::from(frames) / start.elapsed().as_secs_f64()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn engine_round_trips(engine: &Engine, inbound: &mut Inbound, n: usize) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(n);
+    let frame = Frame::Text(format!(r#"{{"type":"rt","pad":"{}"}}"#, "x".repeat(PAD)));
+    for _ in 0..n {
+        let start = Instant::now();
+        loop {
+            match engine.send("eng", frame.clone()) {
+                Ok(()) => break,
+                Err(EngineError::SendQueueFull { .. }) => tokio::task::yield_now().await,
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+        inbound.recv().await.expect("echo");
+        out.push(start.elapsed());
+    }
+    out
+}
+
+async fn bare_round_trips(ws: &mut Bare, n: usize) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(n);
+    let text = format!(r#"{{"type":"rt","pad":"{}"}}"#, "x".repeat(PAD));
+    for _ in 0..n {
+        let start = Instant::now();
+        ws.send(Message::text(text.clone())).await.expect("send");
+        loop {
+            if let Some(Ok(Message::Text(_))) = ws.next().await {
+                break;
+            }
+        }
+        out.push(start.elapsed());
+    }
+    out
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let (frames, trips) = (scaled(50_000) as u32, scaled(4_000));
+    let peer = TestPeer::start().await.expect("peer");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = EngineConfig {
+        policy: Policy::preset(Preset::Whatsapp),
+        frames_capacity: 1 << 16,
+        compaction: None,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::open(dir.path(), config).await.expect("engine");
+    engine.create("eng", InstanceSpec { url: peer.url() }).await.expect("create");
+    engine.connect("eng").await.expect("connect");
+    while !matches!(engine.state("eng"), Ok(State::Open { .. })) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut inbound = engine.frames();
+    let mut ws = bare(&peer, "bare").await;
+
+    let (mut eng_rates, mut bare_rates) = (Vec::new(), Vec::new());
+    // One warm-up round each, not counted.
+    engine_inbound(&peer, &mut inbound, frames / 10).await;
+    bare_inbound(&peer, &mut ws, frames / 10).await;
+    for _ in 0..ROUNDS {
+        eng_rates.push(engine_inbound(&peer, &mut inbound, frames).await);
+        bare_rates.push(bare_inbound(&peer, &mut ws, frames).await);
+    }
+    let (eng_in, bare_in) = (median(eng_rates), median(bare_rates));
+
+    let (mut eng_trips, mut bare_trips) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        eng_trips.extend(engine_round_trips(&engine, &mut inbound, trips / ROUNDS).await);
+        bare_trips.extend(bare_round_trips(&mut ws, trips / ROUNDS).await);
+    }
+    eng_trips.sort();
+    bare_trips.sort();
+    let (e50, e99) = (percentile(&eng_trips, 0.5), percentile(&eng_trips, 0.99));
+    let (b50, b99) = (percentile(&bare_trips, 0.5), percentile(&bare_trips, 0.99));
+    let stats = engine.traffic();
+    assert!(matches!(engine.state("eng"), Ok(State::Open { .. })), "still open after the run");
+
+    println!("application frames, {PAD}-byte pad, {frames} frames x {ROUNDS} rounds inbound, {trips} round trips");
+    println!("| measure | engine | bare tokio-tungstenite | ratio |");
+    println!("|---|---|---|---|");
+    println!("| inbound frames/s to the host (median of {ROUNDS}) | {eng_in:.0} | {bare_in:.0} | {:.2}x (target >= 0.8x) |", eng_in / bare_in);
+    println!("| send → echo round trip p50 | {e50:?} | {b50:?} | {:.2}x the bare time |", e50.as_secs_f64() / b50.as_secs_f64());
+    println!("| send → echo round trip p99 | {e99:?} | {b99:?} | {:.2}x the bare time |", e99.as_secs_f64() / b99.as_secs_f64());
+    println!(
+        "{}",
+        serde_json::json!({
+            "inbound_per_s": eng_in, "bare_inbound_per_s": bare_in, "inbound_ratio": eng_in / bare_in,
+            "send_p50_us": e50.as_micros(), "send_p99_us": e99.as_micros(),
+            "bare_p50_us": b50.as_micros(), "bare_p99_us": b99.as_micros(),
+            "sent": stats.sent, "received": stats.received,
+        })
+    );
+    engine.shutdown().await.expect("shutdown");
+}
