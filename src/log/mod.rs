@@ -1008,6 +1008,9 @@ impl Opening<'_> {
                 (id, HeadCheck::Intact { global: 0 })
             }
         };
+        // A new log's records are decided by this build: its rules are in force from the first.
+        let rules = RulesVersion::CURRENT.0.to_be_bytes().to_vec();
+        self.store.apply(vec![(keys::numbered(keys::RULES, 1), Some(rules))])?;
         self.mark(id)?;
         Ok((Some(id), check))
     }
