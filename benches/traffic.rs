@@ -6,7 +6,7 @@
 //!   `Engine::frames`, p50 and p99, vs a bare writer awaiting the same echo.
 //!
 //! Rounds alternate (engine, bare, engine, …) and the median of each side is
-//! compared. `BENCH_SCALE` scales the counts. Prints a table and one JSON line.
+//! compared. `BENCH_SCALE` scales the counts. Prints a Markdown table.
 
 use std::time::{Duration, Instant};
 
@@ -150,20 +150,24 @@ async fn main() {
     let stats = engine.traffic();
     assert!(matches!(engine.state("eng"), Ok(State::Open { .. })), "still open after the run");
 
-    println!("application frames, {PAD}-byte pad, {frames} frames x {ROUNDS} rounds inbound, {trips} round trips");
+    println!("## Application frames\n");
+    println!(
+        "The reference peer in process; {PAD}-byte pad; {frames} frames x {ROUNDS} rounds inbound; {trips} send round trips.\n"
+    );
     println!("| measure | engine | bare tokio-tungstenite | ratio |");
     println!("|---|---|---|---|");
-    println!("| inbound frames/s to the host (median of {ROUNDS}) | {eng_in:.0} | {bare_in:.0} | {:.2}x (target >= 0.8x) |", eng_in / bare_in);
-    println!("| send → echo round trip p50 | {e50:?} | {b50:?} | {:.2}x the bare time |", e50.as_secs_f64() / b50.as_secs_f64());
-    println!("| send → echo round trip p99 | {e99:?} | {b99:?} | {:.2}x the bare time |", e99.as_secs_f64() / b99.as_secs_f64());
     println!(
-        "{}",
-        serde_json::json!({
-            "inbound_per_s": eng_in, "bare_inbound_per_s": bare_in, "inbound_ratio": eng_in / bare_in,
-            "send_p50_us": e50.as_micros(), "send_p99_us": e99.as_micros(),
-            "bare_p50_us": b50.as_micros(), "bare_p99_us": b99.as_micros(),
-            "sent": stats.sent, "received": stats.received,
-        })
+        "| inbound frames/s to the host (median of {ROUNDS}) | {eng_in:.0} | {bare_in:.0} | {:.2}x (target >= 0.8x) |",
+        eng_in / bare_in
     );
+    println!(
+        "| send → echo round trip p50 | {e50:?} | {b50:?} | {:.2}x the bare time |",
+        e50.as_secs_f64() / b50.as_secs_f64()
+    );
+    println!(
+        "| send → echo round trip p99 | {e99:?} | {b99:?} | {:.2}x the bare time |",
+        e99.as_secs_f64() / b99.as_secs_f64()
+    );
+    println!("\nFrames through the engine: {} sent, {} received.", stats.sent, stats.received);
     engine.shutdown().await.expect("shutdown");
 }
