@@ -95,10 +95,12 @@ struct Hello<'a> {
     resume: Option<&'a str>,
 }
 
+/// What the reference protocol reads of a frame: its type (borrowed when it
+/// has no escapes: no allocation for the host's frames) and a `ready`'s id.
 #[derive(Deserialize)]
-struct Frame {
-    #[serde(rename = "type")]
-    kind: String,
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
     id: Option<serde_json::Value>,
 }
 
@@ -109,9 +111,9 @@ impl Protocol for ReferenceProtocol {
     }
 
     fn parse(&self, text: &str) -> Result<PeerMessage, ProtocolError> {
-        let frame: Frame =
+        let frame: Frame<'_> =
             serde_json::from_str(text).map_err(|e| ProtocolError::Malformed { reason: e.to_string() })?;
-        Ok(match frame.kind.as_str() {
+        Ok(match &*frame.kind {
             "pairing" => PeerMessage::Pairing,
             "ready" => PeerMessage::Ready {
                 identity: match frame.id {

@@ -50,12 +50,17 @@ impl Frame {
 /// A frame received on an instance's connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct InboundFrame {
-    /// The instance.
-    pub instance: InstanceName,
+    /// The instance (shared by all of its connection's frames).
+    #[serde(serialize_with = "shared_name")]
+    pub instance: Arc<InstanceName>,
     /// The connection it came on (R12: the generation of that connection).
     pub generation: Generation,
     /// The frame.
     pub frame: Frame,
+}
+
+fn shared_name<S: serde::Serializer>(name: &Arc<InstanceName>, s: S) -> Result<S::Ok, S::Error> {
+    name.as_ref().serialize(s)
 }
 
 /// Why [`Inbound::recv`] returned no frame.
@@ -77,13 +82,16 @@ pub enum InboundError {
 #[derive(Debug)]
 pub struct Inbound {
     rx: broadcast::Receiver<Arc<InboundFrame>>,
-    newest: HashMap<InstanceName, Generation>,
+    newest: HashMap<Arc<InstanceName>, Generation>,
+    /// The instance and generation of the last frame admitted: a burst of
+    /// one connection is admitted without a map lookup.
+    last: Option<(Arc<InstanceName>, Generation)>,
     stale: u64,
 }
 
 impl Inbound {
     pub(crate) fn new(rx: broadcast::Receiver<Arc<InboundFrame>>) -> Self {
-        Self { rx, newest: HashMap::new(), stale: 0 }
+        Self { rx, newest: HashMap::new(), last: None, stale: 0 }
     }
 
     /// The next frame, in the order the instance's connection received it.
@@ -122,27 +130,31 @@ impl Inbound {
     }
 
     fn admit(&mut self, frame: &InboundFrame) -> bool {
+        if let Some((instance, generation)) = &self.last
+            && Arc::ptr_eq(instance, &frame.instance)
+            && *generation == frame.generation
+        {
+            return true;
+        }
         match self.newest.get_mut(&frame.instance) {
             Some(newest) if *newest > frame.generation => {
                 self.stale += 1;
-                false
+                return false;
             }
-            Some(newest) => {
-                *newest = frame.generation;
-                true
-            }
+            Some(newest) => *newest = frame.generation,
             None => {
                 self.newest.insert(frame.instance.clone(), frame.generation);
-                true
             }
         }
+        self.last = Some((frame.instance.clone(), frame.generation));
+        true
     }
 }
 
 /// Where a connection publishes the application frames it receives.
 #[derive(Clone, Debug)]
 pub struct FrameSink {
-    instance: InstanceName,
+    instance: Arc<InstanceName>,
     tx: broadcast::Sender<Arc<InboundFrame>>,
     received: Arc<AtomicU64>,
 }
@@ -153,7 +165,7 @@ impl FrameSink {
         tx: broadcast::Sender<Arc<InboundFrame>>,
         received: Arc<AtomicU64>,
     ) -> Self {
-        Self { instance, tx, received }
+        Self { instance: Arc::new(instance), tx, received }
     }
 
     /// Publishes a frame of connection `generation`; never waits (a slow
