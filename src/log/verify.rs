@@ -95,8 +95,11 @@ pub enum Finding {
         input: String,
         /// The recorded decision: state and effects.
         recorded: String,
-        /// What the current rules decide.
+        /// What the rules decide.
         recomputed: String,
+        /// The rules version it was replayed under (for a record from before
+        /// versions were recorded: the newest one tried).
+        rules: RulesVersion,
     },
     /// Global sequence numbers do not increase along an instance's history.
     GlobalOrder {
@@ -168,9 +171,9 @@ impl fmt::Display for Finding {
             Self::Misplaced { instance, seq, event } => {
                 write!(f, "{instance}#{seq}: {event} in the middle of a history")
             }
-            Self::Divergence { instance, seq, global, input, recorded, recomputed } => write!(
+            Self::Divergence { instance, seq, global, input, recorded, recomputed, rules } => write!(
                 f,
-                "{instance}#{seq} (global {global}): the current rules decide differently on {input}\n    recorded:   {recorded}\n    current:    {recomputed}"
+                "{instance}#{seq} (global {global}): the rules ({rules}) decide differently on {input}\n    recorded:   {recorded}\n    {rules}:   {recomputed}"
             ),
             Self::GlobalOrder { instance, seq } => write!(f, "{instance}#{seq}: global sequence does not increase"),
             Self::LatestMismatch { instance, detail } => write!(f, "{instance}: latest-state entry {detail}"),
@@ -366,7 +369,7 @@ impl Replay<'_, '_> {
         input: &crate::machine::Input,
         effects: &[Effect],
         r: &Record,
-    ) -> Option<(String, String)> {
+    ) -> Option<(String, String, RulesVersion)> {
         let policy = self.policies.at(r.global);
         let (versions, recorded) = self.versions.at(r.global);
         let mut first = None;
@@ -378,8 +381,8 @@ impl Replay<'_, '_> {
                     }
                     return None;
                 }
-                Some(difference) => {
-                    first.get_or_insert(difference);
+                Some((recorded, recomputed)) => {
+                    first.get_or_insert((recorded, recomputed, version));
                 }
             }
         }
@@ -632,7 +635,7 @@ impl Log {
             }
             if let Event::Transition { from, input, effects } = &r.event
                 && !diverged
-                && let Some((recorded, recomputed)) = replay.record(name, from, input, effects, &r)
+                && let Some((recorded, recomputed, rules)) = replay.record(name, from, input, effects, &r)
             {
                 diverged = true;
                 report.findings.push(Finding::Divergence {
@@ -642,6 +645,7 @@ impl Log {
                     input: format!("{input:?} from {} ({})", from.state, from.generation),
                     recorded,
                     recomputed,
+                    rules,
                 });
             }
             prev = Some((r, digest));

@@ -702,10 +702,15 @@ fn every_finding_and_note_reads_as_a_sentence() {
                 input: "Connect".into(),
                 recorded: "→ A".into(),
                 recomputed: "→ B".into(),
+                rules: instance_lifecycle::machine::RulesVersion::V2,
             },
-            vec!["acme#7", "global 70", "Connect", "→ A", "→ B"],
+            vec!["acme#7", "global 70", "Connect", "→ A", "→ B", "rules v2"],
         ),
         (Finding::GlobalOrder { instance: i.clone(), seq: 8 }, vec!["acme#8", "global"]),
+        (
+            Finding::UnknownRules { version: instance_lifecycle::machine::RulesVersion(9), from: 12 },
+            vec!["global 12", "rules v9", "does not know"],
+        ),
         (
             Finding::LatestMismatch { instance: i.clone(), detail: "is missing".into() },
             vec!["acme", "latest-state", "is missing"],

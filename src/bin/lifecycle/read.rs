@@ -119,7 +119,7 @@ pub fn verify(
     }
     if let Some((instance, seq, global)) = divergence {
         say!(
-            "first divergence: {instance}#{seq} (global {global}) — the first record where the current rules decide differently"
+            "first divergence: {instance}#{seq} (global {global}) — the first record where the rules decide differently"
         );
     }
     if refused {
