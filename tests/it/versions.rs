@@ -162,3 +162,61 @@ fn rules_before_v3_drew_the_first_retry_at_base() {
         names.iter().all(|n| policy.backoff_delay(n, 3) == policy.backoff_delay_under(RulesVersion::CURRENT, n, 3))
     );
 }
+
+/// Appends `name`'s first records as `rules` decides them: created, connect, opened.
+fn write_under(log: &Log, rules: RulesVersion, name: &str) {
+    let name = InstanceName::new(name).expect("name");
+    let policy = Policy::default();
+    let mut instance = Instance::new();
+    let mut seq = log.next_seq(&name);
+    log.append(&name, seq, Timestamp(0), Event::created("ws://127.0.0.1:9/"), &instance).expect("created");
+    for input in [Input::Connect, Input::TransportOpened { generation: instance.generation.next(), identity: None }] {
+        let input = match input {
+            Input::TransportOpened { .. } => Input::TransportOpened {
+                generation: instance.generation,
+                identity: instance_lifecycle::machine::Identity::new("id").ok(),
+            },
+            other => other,
+        };
+        let Outcome::Transition(t) = step_under(rules, &name, &instance, &input, &policy, Timestamp(1)) else {
+            panic!("{input:?} moves")
+        };
+        let from = instance.clone();
+        instance.apply(&t);
+        seq += 1;
+        let event = Event::Transition { from, input, effects: t.effects };
+        log.append(&name, seq, Timestamp(1), event, &instance).expect("transition");
+    }
+}
+
+/// Records are replayed under the version the log recorded for them, a
+/// known one as itself and an unknown one under today's rules (with a finding).
+#[test]
+fn each_stretch_is_replayed_under_its_recorded_version() {
+    let log = Log::in_memory().expect("log");
+    log.set_rules(RulesVersion::V1).expect("v1");
+    write_under(&log, RulesVersion::V1, "old");
+    log.set_rules(RulesVersion::CURRENT).expect("current");
+    write_under(&log, RulesVersion::CURRENT, "new");
+    let report = log.verify_recorded(&Policy::default());
+    assert!(report.is_clean(), "each under its own version: {:?}", report.findings);
+    assert!(!report.notes.iter().any(|n| matches!(n, Note::UnversionedRules { .. })), "{:?}", report.notes);
+    let current = log.verify_under(None, &Policy::default(), RulesChoice::Current);
+    assert!(
+        matches!(current.first_divergence(), Some(Finding::Divergence { instance, rules: RulesVersion::V3, .. }) if instance.as_str() == "old"),
+        "{:?}",
+        current.findings
+    );
+
+    // A version this build does not know (older than v1 here) is replayed under today's rules.
+    let unknown = Log::in_memory().expect("log");
+    unknown.set_rules(RulesVersion(0)).expect("v0");
+    write_under(&unknown, RulesVersion::V1, "a");
+    let report = unknown.verify_recorded(&Policy::default());
+    assert!(report.findings.iter().any(|f| matches!(f, Finding::UnknownRules { version: RulesVersion(0), from: 1 })));
+    assert!(
+        matches!(report.first_divergence(), Some(Finding::Divergence { rules: RulesVersion::V3, .. })),
+        "{:?}",
+        report.findings
+    );
+}
