@@ -8,8 +8,8 @@ use std::path::Path;
 use instance_lifecycle::engine::{Engine, EngineConfig};
 use instance_lifecycle::log::{Event, Finding, InstanceSpec, Log, LogConfig, Note, RulesChoice};
 use instance_lifecycle::machine::{
-    Effect, Input, Instance, InstanceName, Outcome, Policy, Preset, RulesVersion, TimerKind, Timestamp, step,
-    step_under,
+    Effect, Generation, Identity, Ignored, Input, Instance, InstanceName, Outcome, Policy, Preset, RulesVersion, Timer,
+    TimerKind, Timestamp, step, step_under,
 };
 
 use crate::support::{copy_tree, lifecycle, stdout};
@@ -143,6 +143,30 @@ fn rules_v1_is_the_table_without_heartbeat_upkeep() {
         instance.apply(&today);
     }
     assert!(saw_heartbeat, "today's table arms the heartbeat when the connection opens");
+
+    // Open, its heartbeat timer due: today's table pings (upkeep); v1 had no such timer.
+    let opened = {
+        let mut open = Instance::new();
+        for input in
+            [Input::Connect, Input::TransportOpened { generation: Generation(1), identity: Identity::new("x").ok() }]
+        {
+            let Outcome::Transition(t) = step(&name, &open, &input, &policy, now) else { panic!("{input:?}") };
+            open.apply(&t);
+        }
+        open
+    };
+    let beat = Input::TimerFired { timer: Timer { kind: TimerKind::Heartbeat, generation: opened.generation } };
+    let Outcome::Effects(today) = step(&name, &opened, &beat, &policy, now) else { panic!("upkeep today") };
+    assert!(today.iter().any(|e| matches!(e, Effect::SendPing { .. })), "{today:?}");
+    assert!(
+        matches!(
+            step_under(RulesVersion::V1, &name, &opened, &beat, &policy, now),
+            Outcome::Ignored(Ignored::NotExpected)
+        ),
+        "v1: no ping, no timer: nothing to do"
+    );
+    let v2 = step_under(RulesVersion::V2, &name, &opened, &beat, &policy, now);
+    assert_eq!(v2, Outcome::Effects(today), "v2 already had the heartbeat in the table");
 }
 
 /// Before version 3 full jitter reached only the current exponential step,
