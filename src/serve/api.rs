@@ -358,6 +358,17 @@ pub(crate) async fn send(
         SendFrame { text: None, binary: Some(bytes) } => crate::transport::Frame::Binary(bytes),
         _ => return Err(ApiError::body("give exactly one of text and binary")),
     };
+    if let Some(cluster) = app.instances.cluster()
+        && !cluster.owns(&name_of(&name)?)
+    {
+        // Frames go on the owner's socket; this host holds none for it.
+        app.instances.state(&name).await?;
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "owned_elsewhere",
+            format!("{name} is held by another host of the cluster: send through its owner (the fleet view's `owner`)"),
+        ));
+    }
     match app.engine().send(&name, frame) {
         Ok(()) => Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "queued": true }))).into_response()),
         Err(e @ crate::engine::EngineError::RateLimited { retry_after, .. }) => {

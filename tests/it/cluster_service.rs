@@ -126,6 +126,12 @@ async fn every_route_answers_the_same_through_every_host() {
     assert_eq!(acme["kind"], "Closed", "a logout answered through host-c, read through host-b: {acme}");
     assert_eq!(peer.logouts("acme"), 1, "the owner's socket sent one logout");
     wait_until("idle opens", Duration::from_secs(10), async || a.kind("idle").await.as_deref() == Some("open")).await;
+    // Application frames go on the owner's socket: a host that does not own the instance says so.
+    let send = Some(json!({"text": "{\"type\":\"hi\"}"}));
+    let (status, body) = ask(&b, Method::POST, "/v1/instances/idle/send", send.clone()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("owned_elsewhere")), "{body}");
+    assert_eq!(ask(&a, Method::POST, "/v1/instances/idle/send", send.clone()).await.0, 202, "the owner sends");
+    assert_eq!(ask(&b, Method::POST, "/v1/instances/nope/send", send).await.0, 404, "unknown is unknown everywhere");
     for path in ["/v1/instances", "/v1/instances/acme", "/v1/instances/idle/history", "/instance/fetchInstances"] {
         same_everywhere(&hosts, Method::GET, path, None).await;
     }
