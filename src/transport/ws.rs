@@ -292,10 +292,10 @@ impl Session {
         };
         let mut result = self.ws.feed(message(first)).await;
         for _ in 1..BATCH {
-            let Some(next) = self.outbound.try_recv() else { break };
             if result.is_err() {
                 break;
             }
+            let Some(next) = self.outbound.try_recv() else { break };
             result = self.ws.feed(message(next)).await;
         }
         match result.and(self.ws.flush().await) {
