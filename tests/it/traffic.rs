@@ -203,3 +203,28 @@ async fn a_send_budget_refuses_with_when_to_retry() {
         "rate_limited"
     );
 }
+
+/// A queue of no frames or a budget of none is refused at start, naming the field.
+#[tokio::test]
+async fn a_send_queue_or_budget_of_nothing_is_refused() {
+    use instance_lifecycle::engine::{Engine, EngineConfig};
+    use instance_lifecycle::log::Log;
+    let zero_queue = EngineConfig { send_queue: 0, compaction: None, ..EngineConfig::default() };
+    let zero_budget = EngineConfig {
+        send_budget: Some(SendBudget { frames: 0, per: Duration::from_secs(1) }),
+        compaction: None,
+        ..EngineConfig::default()
+    };
+    let no_window = EngineConfig {
+        send_budget: Some(SendBudget { frames: 5, per: Duration::ZERO }),
+        compaction: None,
+        ..EngineConfig::default()
+    };
+    for (config, field) in [(zero_queue, "send_queue"), (zero_budget, "send_budget"), (no_window, "send_budget")] {
+        match Engine::with_log(Log::in_memory().expect("log"), config).await {
+            Err(EngineError::InvalidConfig { field: f, .. }) => assert_eq!(f, field),
+            Err(e) => panic!("{field}: {e}"),
+            Ok(_) => panic!("{field}: accepted"),
+        }
+    }
+}
