@@ -371,12 +371,12 @@ impl Replay<'_, '_> {
         r: &Record,
     ) -> Option<(String, String, RulesVersion)> {
         let policy = self.policies.at(r.global);
-        let (versions, recorded) = self.versions.at(r.global);
+        let (versions, versioned) = self.versions.at(r.global);
         let mut first = None;
         for &version in versions {
             match replay((version, policy), name, from, input, effects, &r.to, r.at) {
                 None => {
-                    if !recorded {
+                    if !versioned {
                         *self.inferred.entry(version).or_default() += 1;
                     }
                     return None;
@@ -434,8 +434,8 @@ pub(crate) fn replay(
 }
 
 impl Log {
-    /// Verifies the whole log, replaying every record under `policy` (the
-    /// rules of this build with the caller's policy).
+    /// Verifies the whole log, replaying every record under `policy` and
+    /// under the rules version the log recorded for it.
     pub fn verify(&self, policy: &Policy) -> Report {
         self.verify_under(Some(policy), policy, RulesChoice::Recorded)
     }
