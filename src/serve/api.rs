@@ -384,6 +384,28 @@ pub(crate) async fn send(
     }
 }
 
+/// The `?instance=NAME` of a live stream, checked: that instance's token
+/// (or the global key) opens it; without it, only the global key opens
+/// `everything`. Any other parameter is refused.
+async fn instance_filter(
+    app: &AppState,
+    headers: &HeaderMap,
+    query: &std::collections::HashMap<String, String>,
+    everything: &str,
+) -> Result<Option<String>, ApiError> {
+    let filter = query.get("instance").cloned();
+    match &filter {
+        Some(name) => {
+            app.auth.instance(headers, name).await?;
+        }
+        None => app.auth.global(headers, everything).await?,
+    }
+    if let Some(unknown) = query.keys().find(|k| *k != "instance") {
+        return Err(ApiError::body(format!("unknown parameter {unknown}")));
+    }
+    Ok(filter)
+}
+
 /// A live stream of the application frames the engine's connections
 /// receive (SSE, event `frame`: `{"instance","generation","frame":{"text"|"binary"}}`;
 /// event `missed` when this reader fell behind, with how many it lost).
@@ -394,15 +416,7 @@ pub(crate) async fn frames(
     headers: HeaderMap,
     Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let filter = query.get("instance").cloned();
-    if let Some(name) = &filter {
-        app.auth.instance(&headers, name).await?;
-    } else {
-        app.auth.global(&headers, "every instance's frames").await?;
-    }
-    if let Some(unknown) = query.keys().find(|k| *k != "instance") {
-        return Err(ApiError::body(format!("unknown parameter {unknown}")));
-    }
+    let filter = instance_filter(&app, &headers, &query, "every instance's frames").await?;
     let inbound = app.engine().frames();
     let stream = futures_util::stream::unfold((inbound, app.shutdown.clone()), move |(mut inbound, mut shutdown)| {
         let filter = filter.clone();
@@ -439,15 +453,7 @@ pub(crate) async fn effects(
     headers: HeaderMap,
     Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let filter = query.get("instance").cloned();
-    if let Some(name) = &filter {
-        app.auth.instance(&headers, name).await?;
-    } else {
-        app.auth.global(&headers, "every instance's effects").await?;
-    }
-    if let Some(unknown) = query.keys().find(|k| *k != "instance") {
-        return Err(ApiError::body(format!("unknown parameter {unknown}")));
-    }
+    let filter = instance_filter(&app, &headers, &query, "every instance's effects").await?;
     let source = match app.instances.cluster() {
         // In a cluster the owner may be another host: its effects come over NATS.
         Some(cluster) => {

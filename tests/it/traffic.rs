@@ -135,8 +135,13 @@ async fn a_slow_consumer_is_told_what_it_missed_and_the_connection_stays_healthy
     h.open("a").await;
     let mut slow = h.engine.frames();
     h.peer.act("a", Action::Send { count: 500, pad: 64 });
-    // Let the burst arrive while nobody reads.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the whole burst arrive while nobody reads (the reader never waits for this subscriber).
+    let start = std::time::Instant::now();
+    while h.engine.traffic().received < 500 {
+        let received = h.engine.traffic().received;
+        assert!(start.elapsed() < Duration::from_secs(10), "only {received} of 500 frames received in 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (mut missed, mut seen) = (0, Vec::new());
     while seen.last() != Some(&499) {
         match timeout(Duration::from_secs(5), slow.recv()).await.expect("an answer within 5 s") {
