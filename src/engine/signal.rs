@@ -62,6 +62,9 @@ pub(crate) fn is_reportable(input: &Input) -> bool {
             | Input::WriteFailed { .. }
             | Input::HeartbeatMissed { .. }
             | Input::Pong { .. }
+            | Input::ReconnectRequested { .. }
+            | Input::SessionInvalid { .. }
+            | Input::HeartbeatDue { .. }
             | Input::LogoutConfirmed { .. }
             | Input::LogoutFailed { .. }
             | Input::CloseFinished { .. }

@@ -72,6 +72,11 @@ pub fn sample_inputs(g: Generation) -> Vec<Input> {
             reason: "protocol error".into(),
         });
         inputs.push(Input::Pong { generation });
+        inputs.push(Input::ReconnectRequested { generation });
+        for retry_after in [std::time::Duration::ZERO, std::time::Duration::from_millis(2_500)] {
+            inputs.push(Input::SessionInvalid { generation, retry_after });
+        }
+        inputs.push(Input::HeartbeatDue { generation, after: std::time::Duration::from_millis(41_250) });
         inputs.push(Input::WriteFailed { generation, error: "broken pipe".into() });
         inputs.push(Input::HeartbeatMissed { generation });
         inputs.push(Input::LogoutConfirmed { generation });

@@ -3,6 +3,7 @@
 //! timers, and the runtime's own events.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -181,6 +182,31 @@ pub enum Input {
         /// The close reason text or the transport error.
         reason: Reason,
     },
+    /// The peer asked for a new connection that resumes this session
+    /// (Discord's op 7 RECONNECT, or op 9 INVALID SESSION with `d: true`) (R13).
+    ReconnectRequested {
+        /// The connection this came from.
+        generation: Generation,
+    },
+    /// The peer said the session is invalid and cannot be resumed (Discord's
+    /// op 9 with `d: false`): connect anew without resume data, after
+    /// `retry_after`, which the protocol chose (R14).
+    SessionInvalid {
+        /// The connection this came from.
+        generation: Generation,
+        /// How long to wait before the next attempt.
+        retry_after: Duration,
+    },
+    /// The protocol says when the next heartbeat is due: a protocol whose
+    /// heartbeats are application frames at an interval the peer sets reports
+    /// its acknowledgement with the time left to the next beat. It is a pong
+    /// that also sets the schedule (R7).
+    HeartbeatDue {
+        /// The connection this came from.
+        generation: Generation,
+        /// Time to the next heartbeat.
+        after: Duration,
+    },
 }
 
 /// The kinds of input, without data: for diagrams and counts.
@@ -210,11 +236,14 @@ pub enum InputKind {
     Pong,
     HeartbeatTimer,
     PongDeadline,
+    ReconnectRequested,
+    SessionInvalid,
+    HeartbeatDue,
 }
 
 impl InputKind {
     /// Every kind.
-    pub const ALL: [InputKind; 23] = [
+    pub const ALL: [InputKind; 26] = [
         Self::Connect,
         Self::Logout,
         Self::Delete,
@@ -238,6 +267,9 @@ impl InputKind {
         Self::Pong,
         Self::HeartbeatTimer,
         Self::PongDeadline,
+        Self::ReconnectRequested,
+        Self::SessionInvalid,
+        Self::HeartbeatDue,
     ];
 
     /// The kind a label names (`heartbeat missed`, `heartbeat-missed` or
@@ -275,6 +307,9 @@ impl InputKind {
             Self::Pong => "pong",
             Self::HeartbeatTimer => "heartbeat timer",
             Self::PongDeadline => "pong deadline",
+            Self::ReconnectRequested => "reconnect requested",
+            Self::SessionInvalid => "session invalid",
+            Self::HeartbeatDue => "heartbeat due",
         }
     }
 }
@@ -295,6 +330,9 @@ impl Input {
             | Self::TransportClosed { generation, .. }
             | Self::TransportClosedV1 { generation, .. }
             | Self::Pong { generation }
+            | Self::ReconnectRequested { generation }
+            | Self::SessionInvalid { generation, .. }
+            | Self::HeartbeatDue { generation, .. }
             | Self::WriteFailed { generation, .. }
             | Self::HeartbeatMissed { generation }
             | Self::LogoutConfirmed { generation }
@@ -359,6 +397,9 @@ impl Input {
             Self::PairingCode { .. } => InputKind::PairingCode,
             Self::TransportClosed { .. } | Self::TransportClosedV1 { .. } => InputKind::Closed,
             Self::Pong { .. } => InputKind::Pong,
+            Self::ReconnectRequested { .. } => InputKind::ReconnectRequested,
+            Self::SessionInvalid { .. } => InputKind::SessionInvalid,
+            Self::HeartbeatDue { .. } => InputKind::HeartbeatDue,
             Self::WriteFailed { .. } => InputKind::WriteFailed,
             Self::HeartbeatMissed { .. } => InputKind::HeartbeatMissed,
             Self::LogoutConfirmed { .. } => InputKind::LogoutConfirmed,
@@ -437,6 +478,21 @@ mod tests {
             (Input::Recovered, InputKind::Recovered, None, false, false),
             (Input::Panicked { message: reason.clone() }, InputKind::Panicked, None, false, false),
             (Input::Pong { generation: g }, InputKind::Pong, Some(g), false, false),
+            (Input::ReconnectRequested { generation: g }, InputKind::ReconnectRequested, Some(g), false, false),
+            (
+                Input::SessionInvalid { generation: g, retry_after: Duration::from_secs(2) },
+                InputKind::SessionInvalid,
+                Some(g),
+                false,
+                false,
+            ),
+            (
+                Input::HeartbeatDue { generation: g, after: Duration::from_secs(41) },
+                InputKind::HeartbeatDue,
+                Some(g),
+                false,
+                false,
+            ),
         ];
         for (input, kind, generation, ends, host) in &table {
             assert_eq!(input.kind(), *kind, "{input:?}");
@@ -471,9 +527,9 @@ mod tests {
             table.iter().map(|(_, k, ..)| k.as_str()).chain(timer_kinds.iter().map(|k| k.as_str())).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 23, "{names:?}");
+        assert_eq!(names.len(), 26, "{names:?}");
         let covered: std::collections::BTreeSet<InputKind> = sample_inputs(g).iter().map(Input::kind).collect();
-        assert_eq!(covered.len(), 23);
+        assert_eq!(covered.len(), 26);
         assert!(Input::HeartbeatMissed { generation: g }.is_heartbeat_missed());
         assert!(!Input::WriteFailed { generation: g, error: reason.clone() }.is_heartbeat_missed());
     }

@@ -81,6 +81,10 @@ pub enum CloseAction {
     Stop,
     /// Delete the instance: cleanup, then `Removed`.
     Remove,
+    /// Reconnect after a backoff delay, without the resume data: the peer
+    /// forgot the session (Discord's 4007 and 4009), so the next attempt
+    /// identifies anew (R14).
+    ReconnectFresh,
 }
 
 /// One row of the close table: the first row that matches decides.
@@ -285,7 +289,7 @@ pub enum PolicyError {
     },
 }
 
-use CloseAction::{Reconnect, ReconnectNow, Stop};
+use CloseAction::{Reconnect, ReconnectFresh, ReconnectNow, Stop};
 use PhaseMatch::{AfterOpen, Any, BeforeOpen};
 use StatusMatch::{Code, Missing, Range};
 
@@ -326,8 +330,10 @@ impl Policy {
                     Stop,
                     "invalid shard, sharding, version or intents",
                 ),
+                CloseRule::new(Code(4007), Any, ReconnectFresh, "invalid sequence: identify anew"),
+                CloseRule::new(Code(4009), Any, ReconnectFresh, "session timed out: identify anew"),
                 CloseRule::new(Range { first: 4000, last: 4009 }, Any, Reconnect, "resumable gateway error"),
-                CloseRule::new(Missing, Any, Reconnect, "connection lost"),
+                CloseRule::new(Missing, Any, Reconnect, "connection lost: resume"),
             ],
             Preset::Rfc6455 => vec![
                 CloseRule::new(Code(1000), Any, Stop, "normal closure"),
@@ -344,7 +350,13 @@ impl Policy {
             backoff: Backoff::default(),
             // Evolution API's default QR limit.
             pairing_codes_max: 30,
-            heartbeat: Heartbeat::default(),
+            heartbeat: match preset {
+                // Discord's HELLO sets the interval (41.25 s in practice; the
+                // protocol's `HeartbeatDue` replaces this one); an ACK is due
+                // well before the next beat.
+                Preset::Discord => Heartbeat { interval: Duration::from_millis(41_250), deadline: Duration::from_secs(20) },
+                _ => Heartbeat::default(),
+            },
             timeouts: Timeouts::default(),
             reconnect_after_restart: true,
             jitter_seed: 0,
@@ -588,7 +600,16 @@ mod tests {
         let discord = Policy::preset(Preset::Discord);
         assert_eq!(discord.close_action(Some(StatusCode(4004)), ClosePhase::AfterOpen), Stop);
         assert_eq!(discord.close_action(Some(StatusCode(4012)), ClosePhase::AfterOpen), Stop);
-        assert_eq!(discord.close_action(Some(StatusCode(4009)), ClosePhase::AfterOpen), Reconnect);
+        for (code, action) in [(4000, Reconnect), (4003, Reconnect), (4005, Reconnect), (4008, Reconnect)] {
+            assert_eq!(discord.close_action(Some(StatusCode(code)), ClosePhase::AfterOpen), action, "{code}");
+        }
+        for code in [4007, 4009] {
+            assert_eq!(discord.close_action(Some(StatusCode(code)), ClosePhase::AfterOpen), ReconnectFresh, "{code}");
+        }
+        for code in [4004, 4010, 4011, 4012, 4013, 4014] {
+            assert_eq!(discord.close_action(Some(StatusCode(code)), ClosePhase::BeforeOpen), Stop, "{code}");
+        }
+        assert_eq!(discord.close_action(None, ClosePhase::AfterOpen), Reconnect);
     }
 
     #[test]

@@ -165,10 +165,15 @@ impl RulesVersion {
     /// Full jitter spreads even the first retry: the draw reaches the next
     /// exponential step, not the current one.
     pub const V3: Self = Self(3);
+    /// Protocol sessions: the peer's reconnect request (R13), an invalid
+    /// session (R14), a heartbeat schedule the protocol sets (R7), and the
+    /// close action that reconnects without resume data. Earlier versions
+    /// ignore the three inputs (no log of theirs holds one).
+    pub const V4: Self = Self(4);
     /// The rules of this build.
-    pub const CURRENT: Self = Self::V3;
+    pub const CURRENT: Self = Self::V4;
     /// Every version, oldest first.
-    pub const ALL: [Self; 3] = [Self::V1, Self::V2, Self::V3];
+    pub const ALL: [Self; 4] = [Self::V1, Self::V2, Self::V3, Self::V4];
 
     /// Whether this build can replay records of this version.
     pub fn is_known(self) -> bool {
@@ -191,6 +196,7 @@ fn table(
     rules: RulesVersion,
 ) -> Outcome {
     let cx = Cx { name, g: instance.generation, policy, now, rules };
+    let rules = cx.rules;
     // R12: a signal, completion or timer of another connection never moves this one.
     if let Some(input_generation) = input.generation()
         && input_generation != cx.g
@@ -325,7 +331,40 @@ fn table(
             cx.cancel(TimerKind::PongDeadline),
             cx.arm(TimerKind::Heartbeat, policy.heartbeat.interval),
         ]),
-        (_, I::Pong { .. }) => ignored(Ignored::NotExpected),
+        // R7: a protocol whose heartbeats are its own frames sets the schedule; its acknowledgement is the pong.
+        (S::Open { .. }, I::HeartbeatDue { after, .. }) if rules >= RulesVersion::V4 => {
+            Outcome::Effects(vec![cx.cancel(TimerKind::PongDeadline), cx.arm(TimerKind::Heartbeat, *after)])
+        }
+        (_, I::Pong { .. } | I::HeartbeatDue { .. }) => ignored(Ignored::NotExpected),
+        // R13: the peer asks for a new connection: one new attempt at once, resuming; it counts toward giving up.
+        (S::Open { identity, since, retries }, I::ReconnectRequested { .. }) if rules >= RulesVersion::V4 => {
+            let retries = cx.retries_after_open(*since, *retries);
+            let mut effects = cx.stop_heartbeat();
+            effects.push(cx.close(StatusCode::RESTART));
+            cx.requested(retries, Some(identity.clone()), None, effects)
+        }
+        (
+            S::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, retries, resume },
+            I::ReconnectRequested { .. },
+        ) if rules >= RulesVersion::V4 => {
+            let effects = vec![cx.cancel(TimerKind::Connect), cx.close(StatusCode::RESTART)];
+            cx.requested(*retries, resume.clone(), None, effects)
+        }
+        // R14: an invalid session is never resumed; the next attempt, after the protocol's delay, starts without it.
+        (S::Open { since, retries, .. }, I::SessionInvalid { retry_after, .. }) if rules >= RulesVersion::V4 => {
+            let retries = cx.retries_after_open(*since, *retries);
+            let mut effects = cx.stop_heartbeat();
+            effects.push(cx.close(StatusCode::RESTART));
+            cx.requested(retries, None, Some(*retry_after), effects)
+        }
+        (
+            S::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, retries, .. },
+            I::SessionInvalid { retry_after, .. },
+        ) if rules >= RulesVersion::V4 => {
+            let effects = vec![cx.cancel(TimerKind::Connect), cx.close(StatusCode::RESTART)];
+            cx.requested(*retries, None, Some(*retry_after), effects)
+        }
+        (_, I::ReconnectRequested { .. } | I::SessionInvalid { .. }) => ignored(Ignored::NotExpected),
         // R7: a missed heartbeat or a failed write while Open makes a zombie at once.
         (S::Open { identity, since, retries }, i) if dead(i) => {
             let cause = match input {
@@ -398,7 +437,7 @@ fn table(
         (S::Zombie { identity, retries, .. }, I::TimerFired { timer }) if timer.kind == TimerKind::Reconnect => {
             // R7: from Zombie, reconnect if the policy allows, else give up or remove.
             match cx.loss_decision(None, ClosePhase::AfterOpen, *retries) {
-                Loss::Retry { attempt, .. } => cx.attempt(attempt, Some(identity.clone()), vec![]),
+                Loss::Retry { attempt, fresh, .. } => cx.attempt(attempt, (!fresh).then(|| identity.clone()), vec![]),
                 decision => cx.settle(decision, None, *retries, Some(identity.clone()), vec![]),
             }
         }
@@ -476,7 +515,8 @@ fn intent_of(input: &Input) -> Intent {
 /// What to do about a lost connection, after the policy and the give-up limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Loss {
-    Retry { attempt: u32, delay: std::time::Duration },
+    /// `fresh`: without the resume data (R14).
+    Retry { attempt: u32, delay: std::time::Duration, fresh: bool },
     Stop,
     Remove,
     GiveUp,
@@ -545,11 +585,12 @@ impl Cx<'_> {
     }
 
     fn loss_decision(&self, status: Option<StatusCode>, phase: ClosePhase, retries: u32) -> Loss {
-        let now = match self.policy.close_action(status, phase) {
+        let (now, fresh) = match self.policy.close_action(status, phase) {
             CloseAction::Stop => return Loss::Stop,
             CloseAction::Remove => return Loss::Remove,
-            CloseAction::ReconnectNow => true,
-            CloseAction::Reconnect => false,
+            CloseAction::ReconnectNow => (true, false),
+            CloseAction::Reconnect => (false, false),
+            CloseAction::ReconnectFresh => (false, true),
         };
         let attempt = retries.saturating_add(1);
         // R9: a give-up limit ends in Closed.
@@ -561,7 +602,26 @@ impl Cx<'_> {
         } else {
             self.policy.backoff_delay_under(self.rules, self.name, attempt)
         };
-        Loss::Retry { attempt, delay }
+        Loss::Retry { attempt, delay, fresh }
+    }
+
+    /// The peer asked for the next attempt (R13, R14): it starts after
+    /// `delay` (at once when `None`), counted toward the give-up limit (R9)
+    /// so a peer that asks forever cannot loop the instance without end.
+    fn requested(
+        &self,
+        retries: u32,
+        resume: Option<Identity>,
+        delay: Option<std::time::Duration>,
+        effects: Vec<Effect>,
+    ) -> Outcome {
+        let attempt = retries.saturating_add(1);
+        let decision = if attempt > self.policy.backoff.attempts_max {
+            Loss::GiveUp
+        } else {
+            Loss::Retry { attempt, delay: delay.unwrap_or_default(), fresh: false }
+        };
+        self.settle(decision, None, retries, resume, effects)
     }
 
     /// A connection ended (or was given up on) in `phase` with `status`: R4 and R9.
@@ -586,8 +646,11 @@ impl Cx<'_> {
         mut effects: Vec<Effect>,
     ) -> Outcome {
         match decision {
-            Loss::Retry { attempt, delay } if delay.is_zero() => self.attempt(attempt, resume, effects),
-            Loss::Retry { attempt, delay } => {
+            Loss::Retry { fresh: true, attempt, delay } => {
+                self.settle(Loss::Retry { attempt, delay, fresh: false }, status, retries, None, effects)
+            }
+            Loss::Retry { attempt, delay, .. } if delay.is_zero() => self.attempt(attempt, resume, effects),
+            Loss::Retry { attempt, delay, .. } => {
                 effects.push(Effect::ArmTimer { timer: self.timer(TimerKind::Reconnect), after: delay });
                 let phase = Phase::Backoff { until: self.now.saturating_add(delay) };
                 self.go(State::Connecting { phase, retries: attempt, resume }, effects)

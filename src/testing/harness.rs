@@ -245,6 +245,9 @@ pub fn retarget(input: &Input, g: Generation) -> Input {
         | Input::TransportClosed { generation, .. }
         | Input::TransportClosedV1 { generation, .. }
         | Input::Pong { generation }
+        | Input::ReconnectRequested { generation }
+        | Input::SessionInvalid { generation, .. }
+        | Input::HeartbeatDue { generation, .. }
         | Input::WriteFailed { generation, .. }
         | Input::HeartbeatMissed { generation }
         | Input::LogoutConfirmed { generation }

@@ -15,6 +15,7 @@ pub fn status() -> impl Strategy<Value = Option<StatusCode>> {
     prop_oneof![
         3 => prop::sample::select(vec![401u16, 402, 403, 405, 406, 408, 409, 428, 440, 500, 503, 515, 1000, 1001, 1002, 1006, 1011, 1012, 4000, 4004, 4009, 4010, 4014]).prop_map(|c| Some(StatusCode(c))),
         1 => any::<u16>().prop_map(|c| Some(StatusCode(c))),
+        1 => prop::sample::select(vec![4001u16, 4005, 4007, 4008, 4011]).prop_map(|c| Some(StatusCode(c))),
         2 => Just(None),
     ]
 }
@@ -117,7 +118,7 @@ pub fn cleanup_steps() -> impl Strategy<Value = Vec<StepReport>> {
 /// `1 + stale_weight`) for another generation.
 pub fn signal(g: Generation) -> impl Strategy<Value = Input> {
     let generation = prop_oneof![6 => Just(g), 1 => (0u64..60).prop_map(Generation)];
-    (generation, 0u8..13, prop::option::of(identity()), status(), cleanup_steps(), any::<u8>()).prop_map(
+    (generation, 0u8..16, prop::option::of(identity()), status(), cleanup_steps(), any::<u8>()).prop_map(
         |(generation, which, identity, status, steps, timer)| match which {
             0 => Input::TransportOpened { generation, identity },
             1 => Input::PairingCode { generation },
@@ -128,6 +129,9 @@ pub fn signal(g: Generation) -> impl Strategy<Value = Input> {
             }
             11 => Input::TransportClosedV1 { generation, status, reason: "peer closed".into() },
             12 => Input::Pong { generation },
+            13 => Input::ReconnectRequested { generation },
+            14 => Input::SessionInvalid { generation, retry_after: Duration::from_millis(u64::from(timer) * 20) },
+            15 => Input::HeartbeatDue { generation, after: Duration::from_millis(u64::from(timer) * 200) },
             3 => Input::WriteFailed { generation, error: "broken pipe".into() },
             4 => Input::HeartbeatMissed { generation },
             5 => Input::LogoutConfirmed { generation },

@@ -182,10 +182,14 @@ proptest! {
                 prop_assert!(d.steps[mark..].iter().all(|s| !s.effects.iter().any(opens)), "reconnected after a final status");
             }
             CloseAction::Remove => prop_assert!(matches!(d.instance().state, State::Closing { intent: Intent::Delete, .. }), "{:?}", d.instance().state),
-            CloseAction::Reconnect | CloseAction::ReconnectNow => {
+            CloseAction::Reconnect | CloseAction::ReconnectNow | CloseAction::ReconnectFresh => {
                 let retried = matches!(&o, Outcome::Transition(t) if t.effects.iter().any(|e| opens(e) || arms_reconnect(e)));
                 let gave_up = matches!(d.instance().state, State::Closed { cause: ClosedCause::GaveUp { .. }, .. });
                 prop_assert!(retried || gave_up, "{o:?}");
+                // R14: a status that makes the peer forget the session reconnects without its resume data.
+                if policy.close_action(status, phase) == CloseAction::ReconnectFresh && retried {
+                    prop_assert!(matches!(d.instance().state, State::Connecting { resume: None, .. }), "{:?}", d.instance().state);
+                }
             }
         }
     }
@@ -403,6 +407,125 @@ proptest! {
                 prop_assert_eq!(s.to.generation, s.from.generation);
             }
         }
+    }
+
+    /// R13: a peer that asks for a new connection (Discord's op 7, or op 9
+    /// resumable) gets exactly one new attempt at once, resuming with the
+    /// session's data; the old socket is closed with a status that does not
+    /// end the session (never 1000 or 1001), its timers go with it, and the
+    /// attempt counts toward giving up, so a peer asking forever ends in
+    /// Closed. In any other state the request changes nothing.
+    #[test]
+    fn r13_reconnect_request_resumes(
+        policy in strategy::policy(),
+        start in strategy::instance(),
+        asks in 1usize..12,
+    ) {
+        let g = start.generation;
+        let resume_before = match &start.state {
+            State::Open { identity, .. } => Some(identity.clone()),
+            State::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, resume, .. } => resume.clone(),
+            _ => None,
+        };
+        let live = matches!(start.state, State::Open { .. } | State::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, .. });
+        let mut d = Driver::with_instance(name("r13"), policy.clone(), start.clone());
+        let o = d.feed(Input::ReconnectRequested { generation: g });
+        if !live {
+            prop_assert_eq!(o, Outcome::Ignored(Ignored::NotExpected));
+            prop_assert_eq!(d.instance(), &start);
+            return Ok(());
+        }
+        let effects = crate::support::effects_of(&o);
+        prop_assert!(effects.iter().any(|e| matches!(e, Effect::CloseTransport { status, .. } if *status != StatusCode::NORMAL && *status != StatusCode(1001))), "{effects:?}");
+        match &d.instance().state {
+            State::Connecting { phase: Phase::Handshaking, resume, .. } => {
+                prop_assert_eq!(resume, &resume_before, "the attempt resumes with the session's data");
+                prop_assert_eq!(effects.iter().filter(|e| opens(e)).count(), 1);
+                let resumes = effects.iter().any(|e| matches!(e, Effect::OpenTransport { resume: r, .. } if *r == resume_before));
+                prop_assert!(resumes, "{:?}", effects);
+            }
+            State::Closed { cause: ClosedCause::GaveUp { .. }, .. } => {}
+            other => prop_assert!(false, "{other:?}"),
+        }
+        prop_assert!(!d.timers().keys().any(|t| t.generation == g), "the old connection's timers outlive it: {:?}", d.timers());
+        // A peer that asks again and again: bounded by the give-up limit (R9).
+        for _ in 0..asks.max(policy.backoff.attempts_max as usize + 1) {
+            let g = d.instance().generation;
+            if !matches!(d.instance().state, State::Connecting { .. }) { break; }
+            d.feed(Input::ReconnectRequested { generation: g });
+        }
+        let attempts = d.steps.iter().filter(|s| s.effects.iter().any(opens)).count();
+        prop_assert!(attempts <= policy.backoff.attempts_max as usize, "{attempts} attempts, limit {}", policy.backoff.attempts_max);
+    }
+
+    /// R14: an invalid session is never resumed. Its resume data is dropped
+    /// at once, the next attempt starts without it after the delay the
+    /// protocol chose, and no later attempt resumes on its own (until a new
+    /// session opens).
+    #[test]
+    fn r14_invalid_session_is_never_resumed(
+        policy in strategy::policy(),
+        start in strategy::instance(),
+        retry_ms in 0u64..5_000,
+        noise in runtime_noise(Generation(9)),
+    ) {
+        let g = start.generation;
+        let live = matches!(start.state, State::Open { .. } | State::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, .. });
+        let mut d = Driver::with_instance(name("r14"), policy.clone(), start.clone());
+        let retry_after = Duration::from_millis(retry_ms);
+        let o = d.feed(Input::SessionInvalid { generation: g, retry_after });
+        if !live {
+            prop_assert_eq!(o, Outcome::Ignored(Ignored::NotExpected));
+            prop_assert_eq!(d.instance(), &start);
+            return Ok(());
+        }
+        let effects = crate::support::effects_of(&o);
+        prop_assert!(effects.iter().any(|e| matches!(e, Effect::CloseTransport { .. })), "{effects:?}");
+        match &d.instance().state {
+            State::Connecting { phase: Phase::Backoff { .. }, resume: None, .. } => {
+                prop_assert!(effects.iter().any(|e| matches!(e, Effect::ArmTimer { timer, after } if timer.kind == TimerKind::Reconnect && *after == retry_after)), "{effects:?}");
+            }
+            State::Connecting { phase: Phase::Handshaking, resume: None, .. } => prop_assert!(retry_after.is_zero()),
+            State::Closed { cause: ClosedCause::GaveUp { .. }, resume: None, .. } => {}
+            other => prop_assert!(false, "{other:?}"),
+        }
+        // Whatever the runtime does next (no new session opens: opens are filtered out), nothing resumes.
+        for (i, n) in noise.iter().enumerate() {
+            match n {
+                NoiseOrTimer::Signal(Input::TransportOpened { .. }) => {}
+                NoiseOrTimer::Signal(s) => { let s = retarget(s, &d, i); d.feed(s); }
+                NoiseOrTimer::FireTimer => { d.fire_next_timer(); }
+            }
+        }
+        for s in &d.steps {
+            prop_assert!(!s.effects.iter().any(|e| matches!(e, Effect::OpenTransport { resume: Some(_), .. })), "resumed an invalid session: {:?}", s.effects);
+        }
+    }
+
+    /// R7 with a protocol's own heartbeat: its acknowledgement cancels the
+    /// pong deadline and sets the next beat when the protocol says; anywhere
+    /// but Open it changes nothing, and it is never recorded.
+    #[test]
+    fn r7_protocol_heartbeat_schedule(
+        policy in strategy::policy(),
+        start in strategy::instance(),
+        after_ms in 0u64..100_000,
+    ) {
+        let g = start.generation;
+        let mut d = Driver::with_instance(name("r7p"), policy, start.clone());
+        let after = Duration::from_millis(after_ms);
+        let o = d.feed(Input::HeartbeatDue { generation: g, after });
+        if matches!(start.state, State::Open { .. }) {
+            let hb = |kind| instance_lifecycle::machine::Timer { kind, generation: g };
+            prop_assert_eq!(o, Outcome::Effects(vec![
+                Effect::CancelTimer { timer: hb(TimerKind::PongDeadline) },
+                Effect::ArmTimer { timer: hb(TimerKind::Heartbeat), after },
+            ]));
+        } else {
+            prop_assert_eq!(o, Outcome::Ignored(Ignored::NotExpected));
+        }
+        prop_assert!(d.steps.is_empty());
+        prop_assert_eq!(d.instance(), &start);
     }
 
     /// R12: a signal, completion or timer from another generation never moves the instance.
