@@ -1,4 +1,4 @@
-//! Which rule of the design (R1–R12) decided a recorded transition: what the
+//! Which rule of the design (R1–R14) decided a recorded transition: what the
 //! dashboard's replay and the event stream show beside each record.
 //!
 //! [`rule_of`] reads a record's three parts — the state before, the input,
@@ -42,11 +42,15 @@ pub enum Rule {
     R11,
     /// Stale signals.
     R12,
+    /// The peer's reconnect request resumes.
+    R13,
+    /// An invalid session is never resumed.
+    R14,
 }
 
 impl Rule {
     /// Every rule, in order.
-    pub const ALL: [Rule; 12] = [
+    pub const ALL: [Rule; 14] = [
         Self::R1,
         Self::R2,
         Self::R3,
@@ -59,6 +63,8 @@ impl Rule {
         Self::R10,
         Self::R11,
         Self::R12,
+        Self::R13,
+        Self::R14,
     ];
 
     /// `R1` … `R12`.
@@ -76,6 +82,8 @@ impl Rule {
             Self::R10 => "R10",
             Self::R11 => "R11",
             Self::R12 => "R12",
+            Self::R13 => "R13",
+            Self::R14 => "R14",
         }
     }
 
@@ -94,6 +102,8 @@ impl Rule {
             Self::R10 => "Isolation",
             Self::R11 => "Recovery",
             Self::R12 => "Stale signals",
+            Self::R13 => "A reconnect request resumes",
+            Self::R14 => "An invalid session is never resumed",
         }
     }
 }
@@ -117,7 +127,8 @@ impl fmt::Display for Rule {
 /// 7. a close the policy marks final is R4; giving up (attempts or pairing codes) is R9;
 /// 8. a connect after a logout is R3 (only the host re-enables connecting);
 ///    a connect or restart of a live or waiting instance is R9 (one attempt at a time);
-/// 9. a lost connection, a connect time-out or a reconnect timer is R9.
+/// 9. the peer's reconnect request is R13, its "session invalid" R14;
+/// 10. a lost connection, a connect time-out or a reconnect timer is R9.
 pub fn rule_of(from: &State, input: &Input, to: &State) -> Option<Rule> {
     use InputKind as K;
     let kind = input.kind();
@@ -142,6 +153,8 @@ pub fn rule_of(from: &State, input: &Input, to: &State) -> Option<Rule> {
         {
             Rule::R9
         }
+        K::ReconnectRequested => Rule::R13,
+        K::SessionInvalid => Rule::R14,
         K::Connect | K::Restart => match from {
             State::Closed { cause: ClosedCause::LoggedOut { .. }, .. } => Rule::R3,
             State::Closed { .. } => return None,
@@ -230,9 +243,14 @@ mod tests {
             {
                 assert_eq!(rule, Some(Rule::R5), "{case}");
             }
-            if *attempt && !matches!(from, State::Closed { .. }) {
-                // Every automatic or repeated attempt is bounded reconnect.
-                assert!(matches!(rule, Some(Rule::R9 | Rule::R11)), "{case}");
+            match input.kind() {
+                InputKind::ReconnectRequested => assert!(matches!(rule, Some(Rule::R13 | Rule::R9)), "{case}"),
+                InputKind::SessionInvalid => assert!(matches!(rule, Some(Rule::R14 | Rule::R9)), "{case}"),
+                // Every other automatic or repeated attempt is bounded reconnect.
+                _ if *attempt && !matches!(from, State::Closed { .. }) => {
+                    assert!(matches!(rule, Some(Rule::R9 | Rule::R11)), "{case}")
+                }
+                _ => {}
             }
             if let Some(r) = rule {
                 named.insert(r);
@@ -311,7 +329,7 @@ mod tests {
     fn every_rule_has_its_own_id_and_title() {
         let ids: BTreeSet<_> = Rule::ALL.iter().map(|r| r.id()).collect();
         let titles: BTreeSet<_> = Rule::ALL.iter().map(|r| r.title()).collect();
-        assert_eq!((ids.len(), titles.len()), (12, 12));
+        assert_eq!((ids.len(), titles.len()), (14, 14));
         for (i, r) in Rule::ALL.iter().enumerate() {
             assert_eq!(r.id(), format!("R{}", i + 1));
             assert!(r.title().len() > 5, "{r}");

@@ -91,7 +91,13 @@ fn verdict(state: &State, input: &Input) -> Verdict {
         {
             Moves
         }
-        I::Pong { .. } if matches!(state, S::Open { .. }) => Upkeep,
+        I::Pong { .. } | I::HeartbeatDue { .. } if matches!(state, S::Open { .. }) => Upkeep,
+        // R13, R14: the peer's request moves a connection that is live (open or handshaking).
+        I::ReconnectRequested { .. } | I::SessionInvalid { .. }
+            if matches!(state, S::Open { .. }) || (attempting && !matches!(state, S::Connecting { phase: Phase::Backoff { .. }, .. })) =>
+        {
+            Moves
+        }
         I::LogoutConfirmed { .. } | I::LogoutFailed { .. }
             if matches!(state, S::Closing { step: ClosingStep::LoggingOut, .. }) =>
         {
@@ -170,6 +176,21 @@ fn consequences(from: &Instance, input: &Input, to: &Instance, effects: &[Effect
         && *recorded != status
     {
         return Err(format!("closed with status {status:?}, recorded {recorded:?}"));
+    }
+    // R13 resumes with the session's data; R14 never does.
+    let resume_of = |s: &State| match s {
+        State::Open { identity, .. } => Some(identity.clone()),
+        State::Connecting { resume, .. } | State::Closed { resume, .. } => resume.clone(),
+        _ => None,
+    };
+    match input {
+        Input::ReconnectRequested { .. } if resume_of(&to.state) != resume_of(&from.state) => {
+            return Err(format!("a reconnect request lost the resume data: {}", to.state));
+        }
+        Input::SessionInvalid { .. } if resume_of(&to.state).is_some() => {
+            return Err(format!("an invalid session kept its resume data: {}", to.state));
+        }
+        _ => {}
     }
     // Every wait the move ends in is bounded by a timer it arms (or that is already armed, for a delete taking over).
     if let Some(kind) = waits_on(&to.state) {

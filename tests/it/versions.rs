@@ -227,7 +227,7 @@ fn each_stretch_is_replayed_under_its_recorded_version() {
     assert!(!report.notes.iter().any(|n| matches!(n, Note::UnversionedRules { .. })), "{:?}", report.notes);
     let current = log.verify_under(None, &Policy::default(), RulesChoice::Current);
     assert!(
-        matches!(current.first_divergence(), Some(Finding::Divergence { instance, rules: RulesVersion::V3, .. }) if instance.as_str() == "old"),
+        matches!(current.first_divergence(), Some(Finding::Divergence { instance, rules: RulesVersion::CURRENT, .. }) if instance.as_str() == "old"),
         "{:?}",
         current.findings
     );
@@ -239,7 +239,7 @@ fn each_stretch_is_replayed_under_its_recorded_version() {
     let report = unknown.verify_recorded(&Policy::default());
     assert!(report.findings.iter().any(|f| matches!(f, Finding::UnknownRules { version: RulesVersion(0), from: 1 })));
     assert!(
-        matches!(report.first_divergence(), Some(Finding::Divergence { rules: RulesVersion::V3, .. })),
+        matches!(report.first_divergence(), Some(Finding::Divergence { rules: RulesVersion::CURRENT, .. })),
         "{:?}",
         report.findings
     );
