@@ -26,6 +26,7 @@
 //! Everything is deterministic: the same inputs give the same records.
 
 pub mod chaos;
+pub mod discord;
 #[cfg(feature = "cluster")]
 pub mod cluster_sim;
 #[cfg(feature = "cluster")]

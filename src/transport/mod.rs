@@ -9,7 +9,9 @@
 //! ([`Input::ends_connection`]) or when the engine drops its control sender
 //! (an abort): the engine never waits on a dead socket.
 
+pub mod discord;
 mod external;
+mod pacing;
 mod protocol;
 mod traffic;
 mod ws;
@@ -21,7 +23,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 pub use external::{EffectListener, HostAction, HostEffect, HostSignal, Hub, Initiator, Routed};
-pub use protocol::{PeerMessage, Protocol, ProtocolError, ReferenceProtocol};
+pub use pacing::{Pacer, PacerError};
+pub use protocol::{
+    Beat, Logout, PeerMessage, Protocol, ProtocolError, ProtocolSession, Reading, ReferenceProtocol, Write,
+};
 pub use traffic::{Frame, FrameSink, Inbound, InboundError, InboundFrame, Outbound, SendBudget};
 pub(crate) use traffic::{Outlet, Refused};
 pub use ws::{TlsConfigError, WsLimits, WsTransport, tls_trusting};

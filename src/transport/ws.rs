@@ -11,8 +11,10 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, trace};
 
+use super::pacing::Pacer;
+use super::protocol::{Beat, Logout, ProtocolSession, Reading, Write};
 use super::{BoxFuture, ConnectSpec, Control, Endpoint, Frame, Outbound, PeerMessage, Protocol, Signals, Transport};
-use crate::machine::{CloseInitiator, Input, Reason};
+use crate::machine::{CloseInitiator, Input, InstanceName, Reason};
 
 /// Frame and buffer limits per connection, so a fleet of thousands fits in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +55,8 @@ pub struct WsTransport {
     limits: WsLimits,
     /// `None`: the public web PKI (webpki roots).
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Fleet-wide pacing of new sockets, if any.
+    connects: Option<Arc<Pacer>>,
 }
 
 /// Why a TLS configuration for `wss://` could not be built.
@@ -75,7 +79,17 @@ impl WsTransport {
     /// tungstenite panics on TLS).
     pub fn new(protocol: Arc<dyn Protocol>, limits: WsLimits) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        Self { protocol, limits, tls: None }
+        Self { protocol, limits, tls: None, connects: None }
+    }
+
+    /// Opens sockets no faster than `pacer` allows, fleet-wide (each
+    /// instance in its own bucket of it, by name): a restart of a large
+    /// fleet, or a reconnect storm after an outage, reaches the peer at a
+    /// rate it will not read as abuse. The wait counts against the connect timer.
+    #[must_use]
+    pub fn with_connect_pacing(mut self, pacer: Arc<Pacer>) -> Self {
+        self.connects = Some(pacer);
+        self
     }
 
     /// `wss://` with this rustls client configuration (client certificates,
@@ -117,48 +131,63 @@ pub fn tls_trusting(pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, TlsConfigEr
 
 impl Transport for WsTransport {
     fn run(&self, spec: ConnectSpec, control: mpsc::Receiver<Control>, signals: Signals) -> BoxFuture {
-        let (protocol, limits, tls) = (self.protocol.clone(), self.limits, self.tls.clone());
+        let setup = Setup {
+            protocol: self.protocol.clone(),
+            limits: self.limits,
+            tls: self.tls.clone(),
+            connects: self.connects.clone(),
+        };
         let span = tracing::debug_span!("connection", instance = %spec.instance, generation = %spec.generation);
-        Box::pin(run(protocol, limits, tls, spec, control, signals).instrument(span))
+        Box::pin(run(setup, spec, control, signals).instrument(span))
     }
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn run(
+/// What every connection of one transport shares.
+struct Setup {
     protocol: Arc<dyn Protocol>,
     limits: WsLimits,
     tls: Option<Arc<rustls::ClientConfig>>,
-    mut spec: ConnectSpec,
-    control: mpsc::Receiver<Control>,
-    signals: Signals,
-) {
+    connects: Option<Arc<Pacer>>,
+}
+
+async fn run(setup: Setup, mut spec: ConnectSpec, control: mpsc::Receiver<Control>, signals: Signals) {
     let outbound = std::mem::take(&mut spec.outbound);
     // The handshake (TCP, TLS, HTTP upgrade) runs in its own allocation, freed
     // once the socket is open: its future is several times the size of the
     // session's, and a task is as large as its largest stage, so a fleet of
     // live connections would otherwise each keep ~10 KB it never uses again.
-    let Some(ws) = Box::pin(handshake(&*protocol, limits, tls, &spec, &signals)).await else { return };
-    Session { protocol, ws, control, outbound, signals, opened: false }.serve().await;
+    let Some(ws) = Box::pin(handshake(&setup, &spec, &signals)).await else { return };
+    let session = setup.protocol.open(&spec.instance, spec.resume.as_ref());
+    let mut s = Session { protocol: setup.protocol, session, ws, control, outbound, signals, opened: false };
+    let mut greeting = Vec::new();
+    s.session.greet(tokio::time::Instant::now(), &mut greeting);
+    if let Flow::Continue = s.write_all(greeting, "greeting").await {
+        s.serve().await;
+    }
 }
 
-/// Connects and greets; `None` after reporting why it could not.
-async fn handshake(
-    protocol: &dyn Protocol,
-    limits: WsLimits,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    spec: &ConnectSpec,
-    signals: &Signals,
-) -> Option<Ws> {
+/// A bucket of the connect pacer for an instance: its name, hashed (FNV-1a).
+fn bucket_of(instance: &InstanceName) -> u64 {
+    instance.as_str().bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Connects; `None` after reporting why it could not.
+async fn handshake(setup: &Setup, spec: &ConnectSpec, signals: &Signals) -> Option<Ws> {
     let lost = CloseInitiator::Transport;
-    let Endpoint::Ws(url) = &spec.endpoint else {
+    let Endpoint::Ws(configured) = &spec.endpoint else {
         signals.closed(lost, None, "a host-driven (external:) session needs a host to hold its connection").await;
         return None;
     };
-    let connector = tls.map(tokio_tungstenite::Connector::Rustls);
+    if let Some(pacer) = &setup.connects {
+        pacer.acquire(bucket_of(&spec.instance)).await;
+    }
+    let url = setup.protocol.url(configured, spec.resume.as_ref());
+    let connector = setup.tls.clone().map(tokio_tungstenite::Connector::Rustls);
     let connect =
-        tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(limits.config()), true, connector);
-    let mut ws = match timeout(spec.connect_timeout, connect).await {
+        tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(setup.limits.config()), true, connector);
+    let ws = match timeout(spec.connect_timeout, connect).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => {
             signals.closed(lost, None, format!("connect failed: {e}")).await;
@@ -169,17 +198,12 @@ async fn handshake(
             return None;
         }
     };
-    if let Some(hello) = protocol.hello(&spec.instance, spec.resume.as_ref())
-        && let Err(e) = ws.send(Message::text(hello)).await
-    {
-        signals.write_failed(format!("hello: {e}")).await;
-        return None;
-    }
     Some(ws)
 }
 
 struct Session {
     protocol: Arc<dyn Protocol>,
+    session: Box<dyn ProtocolSession>,
     ws: Ws,
     control: mpsc::Receiver<Control>,
     outbound: Outbound,
@@ -219,14 +243,18 @@ impl Session {
     async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Flow {
         match frame {
             Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
-            Some(Ok(Message::Binary(bytes))) => match self.protocol.parse_binary(&bytes) {
-                Ok(PeerMessage::Application) => {
-                    self.signals.frame(Frame::Binary(bytes.to_vec()));
-                    Flow::Continue
+            Some(Ok(Message::Binary(bytes))) => {
+                let mut out = Vec::new();
+                match self.session.read_binary(&bytes, tokio::time::Instant::now(), &mut out) {
+                    Ok(reading) => {
+                        if reading.to_host {
+                            self.signals.frame(Frame::Binary(bytes.to_vec()));
+                        }
+                        self.on_reading(reading, out).await
+                    }
+                    Err(e) => self.protocol_error(1002, e.to_string()).await,
                 }
-                Ok(message) => self.on_message(message).await,
-                Err(e) => self.protocol_error(1002, e.to_string()).await,
-            },
+            }
             Some(Ok(Message::Pong(_))) => {
                 self.signals.pong().await;
                 Flow::Continue
@@ -272,24 +300,62 @@ impl Session {
     }
 
     async fn on_text(&mut self, text: &str) -> Flow {
-        match self.protocol.parse(text) {
-            Ok(PeerMessage::Application) => {
-                self.signals.frame(Frame::Text(text.to_owned()));
-                Flow::Continue
+        let mut out = Vec::new();
+        match self.session.read_text(text, tokio::time::Instant::now(), &mut out) {
+            Ok(reading) => {
+                if reading.to_host {
+                    self.signals.frame(Frame::Text(text.to_owned()));
+                }
+                self.on_reading(reading, out).await
             }
-            Ok(message) => self.on_message(message).await,
             Err(e) => self.protocol_error(1002, e.to_string()).await,
         }
+    }
+
+    /// Writes what the protocol answered, then acts on what the frame meant.
+    async fn on_reading(&mut self, reading: Reading, out: Vec<Write>) -> Flow {
+        if out.is_empty() {
+            return self.on_message(reading.message).await;
+        }
+        match self.write_all(out, "protocol frame").await {
+            Flow::Continue => self.on_message(reading.message).await,
+            Flow::End => Flow::End,
+        }
+    }
+
+    /// Writes the protocol's frames in order; a paced one waits for its
+    /// permit first. A control message that arrives during the wait is
+    /// obeyed and the paced frame given up (the connection is being closed
+    /// or dropped: nothing is worth a permit now).
+    async fn write_all(&mut self, writes: Vec<Write>, what: &str) -> Flow {
+        for write in writes {
+            let frame = match write {
+                Write::Now(frame) => frame,
+                Write::Paced { pacer, key, frame } => {
+                    tokio::select! {
+                        () = pacer.acquire(key) => frame,
+                        ctl = self.control.recv() => {
+                            debug!("a paced frame given up: the engine asked for something else first");
+                            return match ctl {
+                                Some(ctl) => Box::pin(self.on_control(ctl)).await,
+                                None => Flow::End,
+                            };
+                        }
+                    }
+                }
+            };
+            if let Err(e) = self.ws.send(message(frame)).await {
+                self.signals.write_failed(format!("{what}: {e}")).await;
+                return Flow::End;
+            }
+        }
+        Flow::Continue
     }
 
     /// Writes the host's frames: this one and whatever else is queued now
     /// (up to a bound), in one flush.
     async fn write(&mut self, first: Frame) -> Flow {
         const BATCH: usize = 64;
-        let message = |frame: Frame| match frame {
-            Frame::Text(t) => Message::text(t),
-            Frame::Binary(b) => Message::binary(b),
-        };
         let mut result = self.ws.feed(message(first)).await;
         for _ in 1..BATCH {
             if result.is_err() {
@@ -308,8 +374,9 @@ impl Session {
     }
 
     async fn on_message(&mut self, message: PeerMessage) -> Flow {
+        let generation = self.signals.generation();
         match message {
-            PeerMessage::Application => Flow::Continue,
+            PeerMessage::Application | PeerMessage::Handled => Flow::Continue,
             PeerMessage::Ready { identity } => {
                 if self.opened {
                     trace!("duplicate ready ignored");
@@ -317,7 +384,28 @@ impl Session {
                     // R6: the core decides; without an identity this does not open.
                     self.opened = identity.is_some();
                     self.signals.opened(identity).await;
+                    // A protocol that sets its own heartbeat schedule says when the first beat is due.
+                    if self.opened
+                        && let Some(after) = self.session.next_beat(tokio::time::Instant::now())
+                    {
+                        self.signals.send(Input::HeartbeatDue { generation, after }).await;
+                    }
                 }
+                Flow::Continue
+            }
+            PeerMessage::HeartbeatAck => {
+                match self.session.next_beat(tokio::time::Instant::now()) {
+                    Some(after) => self.signals.send(Input::HeartbeatDue { generation, after }).await,
+                    None => self.signals.pong().await,
+                };
+                Flow::Continue
+            }
+            PeerMessage::ReconnectRequested => {
+                self.signals.send(Input::ReconnectRequested { generation }).await;
+                Flow::Continue
+            }
+            PeerMessage::SessionInvalid { retry_after } => {
+                self.signals.send(Input::SessionInvalid { generation, retry_after }).await;
                 Flow::Continue
             }
             PeerMessage::Pairing => {
@@ -347,20 +435,39 @@ impl Session {
 
     async fn on_control(&mut self, ctl: Control) -> Flow {
         match ctl {
-            Control::SendLogout => match self.ws.send(Message::text(self.protocol.logout())).await {
-                Ok(()) => Flow::Continue,
-                Err(e) => {
-                    let error = Reason::new(e.to_string());
-                    self.signals.send(Input::LogoutFailed { generation: self.signals.generation(), error }).await;
-                    Flow::End
+            Control::SendLogout => {
+                let generation = self.signals.generation();
+                let (sent, by_close) = match self.session.logout() {
+                    Logout::Frame(frame) => (self.ws.send(message(frame)).await, false),
+                    Logout::Close(status) => {
+                        let code = CloseCode::from(self.protocol.close_code_of(status));
+                        (self.ws.close(Some(CloseFrame { code, reason: "logout".into() })).await, true)
+                    }
+                };
+                match sent {
+                    Ok(()) => {
+                        // A logout by close is confirmed once the close is written: the close ends the session.
+                        if by_close {
+                            self.signals.send(Input::LogoutConfirmed { generation }).await;
+                        }
+                        Flow::Continue
+                    }
+                    Err(e) => {
+                        let error = Reason::new(e.to_string());
+                        self.signals.send(Input::LogoutFailed { generation, error }).await;
+                        Flow::End
+                    }
                 }
-            },
-            Control::Ping => match self.ws.send(Message::Ping(Vec::new().into())).await {
-                Ok(()) => Flow::Continue,
-                Err(e) => {
-                    self.signals.write_failed(format!("ping: {e}")).await;
-                    Flow::End
-                }
+            }
+            Control::Ping => match self.session.heartbeat(tokio::time::Instant::now()) {
+                Beat::Ping => self.ping().await,
+                Beat::Frame(frame) => match self.ws.send(message(frame)).await {
+                    Ok(()) => Flow::Continue,
+                    Err(e) => {
+                        self.signals.write_failed(format!("heartbeat: {e}")).await;
+                        Flow::End
+                    }
+                },
             },
             Control::Close { status } => {
                 let frame =
@@ -375,5 +482,23 @@ impl Session {
                 Flow::Continue
             }
         }
+    }
+
+    async fn ping(&mut self) -> Flow {
+        match self.ws.send(Message::Ping(Vec::new().into())).await {
+            Ok(()) => Flow::Continue,
+            Err(e) => {
+                self.signals.write_failed(format!("ping: {e}")).await;
+                Flow::End
+            }
+        }
+    }
+}
+
+/// A frame as a WebSocket message.
+fn message(frame: Frame) -> Message {
+    match frame {
+        Frame::Text(t) => Message::text(t),
+        Frame::Binary(b) => Message::binary(b),
     }
 }
