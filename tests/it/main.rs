@@ -13,6 +13,7 @@ mod crash;
 mod dashboard;
 mod data_safety;
 mod diagrams;
+mod discord;
 mod durability;
 mod engine;
 mod exhaustive;
