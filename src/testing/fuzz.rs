@@ -219,14 +219,16 @@ pub fn record_decode(data: &[u8]) {
     }
 }
 
-/// Fuzz target `protocol_frame`: arbitrary bytes as a text frame from a peer,
+/// Fuzz target `protocol_frame`: arbitrary bytes as a text frame from a peer
+/// (of the reference protocol, and of the Discord gateway after its HELLO),
 /// and as a close code.
 pub fn protocol_frame(data: &[u8]) {
     let p = ReferenceProtocol;
-    if let Ok(text) = std::str::from_utf8(data)
-        && let Ok(PeerMessage::Ready { identity: Some(id) }) = p.parse(text)
-    {
-        assert!(Identity::new(id.as_str()).is_ok(), "R6: a parsed identity is valid");
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(PeerMessage::Ready { identity: Some(id) }) = p.parse(text) {
+            assert!(Identity::new(id.as_str()).is_ok(), "R6: a parsed identity is valid");
+        }
+        discord_frame(text);
     }
     if data.len() >= 2 {
         let code = u16::from_le_bytes([data[0], data[1]]);
@@ -346,5 +348,26 @@ pub fn log_contents(data: &[u8]) {
             let after = log.verify(&policy);
             assert!(after.is_clean(), "appending to a clean log made it unclean: {:?}", after.findings);
         }
+    }
+}
+
+/// A Discord session after HELLO reads `text`: never a panic; a READY's
+/// identity is valid resume data; a schedule is never past the interval.
+fn discord_frame(text: &str) {
+    use crate::transport::discord::{DiscordConfig, DiscordProtocol, ResumeData};
+    let Ok(discord) = DiscordProtocol::new(DiscordConfig::new("Bot.fuzz", 1)) else { return };
+    let Ok(name) = crate::machine::InstanceName::new("shard-0") else { return };
+    let mut session = discord.open(&name, None);
+    let (now, mut out) = (tokio::time::Instant::now(), Vec::new());
+    if session.read_text(r#"{"op":10,"d":{"heartbeat_interval":1000}}"#, now, &mut out).is_err() {
+        return;
+    }
+    if let Ok(reading) = session.read_text(text, now, &mut out)
+        && let PeerMessage::Ready { identity: Some(id) } = reading.message
+    {
+        assert!(ResumeData::from_identity(&id).is_some(), "a READY's identity is resume data: {id:?}");
+    }
+    if let Some(next) = session.next_beat(now) {
+        assert!(next <= std::time::Duration::from_millis(1000), "{next:?}");
     }
 }

@@ -465,3 +465,163 @@ impl ProtocolSession for DiscordSession {
         Logout::Close(StatusCode::NORMAL)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> InstanceName {
+        InstanceName::new(s).expect("name")
+    }
+
+    fn protocol() -> DiscordProtocol {
+        let mut c = DiscordConfig::new("Bot.t", 513);
+        c.shards = 16;
+        c.max_concurrency = 4;
+        DiscordProtocol::new(c).expect("config")
+    }
+
+    fn text(w: &Write) -> &str {
+        match w {
+            Write::Now(Frame::Text(t)) | Write::Paced { frame: Frame::Text(t), .. } => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn shards_come_from_names_and_bad_configs_are_refused() {
+        assert_eq!(DiscordProtocol::shard_of(&name("shard-7")), 7);
+        assert_eq!(DiscordProtocol::shard_of(&name("bot12")), 12);
+        assert_eq!(DiscordProtocol::shard_of(&name("bot")), 0);
+        let mut c = DiscordConfig::new("Bot.t", 1);
+        c.shards = 0;
+        assert_eq!(DiscordProtocol::new(c).err(), Some(DiscordConfigError::NoShards));
+        let mut c = DiscordConfig::new("Bot.t", 1);
+        c.max_concurrency = 0;
+        assert_eq!(DiscordProtocol::new(c).err(), Some(DiscordConfigError::Pacing(PacerError::NoBuckets)));
+        for token in ["", "a b", "a\nb"] {
+            assert_eq!(DiscordProtocol::new(DiscordConfig::new(token, 1)).err(), Some(DiscordConfigError::Token));
+        }
+    }
+
+    #[test]
+    fn resume_data_round_trips_through_an_identity() {
+        let data = ResumeData { session_id: "abc".into(), seq: 42, url: "wss://g.example".into() };
+        let identity = data.to_identity().expect("fits");
+        assert_eq!(identity.as_str(), "abc 42 wss://g.example");
+        assert_eq!(ResumeData::from_identity(&identity), Some(data));
+        let long = ResumeData { session_id: "x".repeat(300), seq: 1, url: "wss://g".into() };
+        assert_eq!(long.to_identity(), None);
+        let spaced = ResumeData { session_id: "a b".into(), seq: 1, url: "wss://g".into() };
+        assert_eq!(spaced.to_identity(), None);
+        for bad in ["abc", "abc x wss://g", "5511@s.whatsapp.net"] {
+            assert_eq!(ResumeData::from_identity(&Identity::new(bad).expect("identity")), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_resume_connects_to_the_resume_url_of_the_same_scheme_with_the_configured_query() {
+        let p = protocol();
+        let configured = WsUrl::parse("wss://gateway.discord.gg/?v=10&encoding=json").expect("url");
+        let resume = |url: &str| ResumeData { session_id: "s".into(), seq: 1, url: url.into() }.to_identity();
+        assert_eq!(p.url(&configured, None).as_str(), configured.as_str());
+        let moved = resume("wss://gateway-us-east1-b.discord.gg");
+        assert_eq!(p.url(&configured, moved.as_ref()).as_str(), "wss://gateway-us-east1-b.discord.gg/?v=10&encoding=json");
+        let downgraded = resume("ws://evil.example");
+        assert_eq!(p.url(&configured, downgraded.as_ref()).as_str(), configured.as_str(), "never to another scheme");
+        let whatsapp = Identity::new("5511@s.whatsapp.net").ok();
+        assert_eq!(p.url(&configured, whatsapp.as_ref()).as_str(), configured.as_str());
+    }
+
+    #[test]
+    fn close_codes_are_statuses_as_they_are_and_ours_never_end_the_session_by_accident() {
+        let p = protocol();
+        for code in [1000, 1006, 4000, 4004, 4014] {
+            assert_eq!(p.status_of(code), StatusCode(code));
+            assert_eq!(p.close_code_of(StatusCode(code)), code);
+        }
+        assert_eq!(p.close_code_of(StatusCode::RESTART), 1012, "a restart keeps the session resumable");
+        assert_eq!(p.close_code_of(StatusCode::TIMEOUT), 4408);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hello_then_identify_ready_beats_and_acks() {
+        let p = protocol();
+        let mut s = p.open(&name("shard-5"), None);
+        let (now, mut out) = (Instant::now(), Vec::new());
+        s.greet(now, &mut out);
+        assert!(out.is_empty(), "the gateway speaks first");
+        let early = s.read_text(r#"{"op":11}"#, now, &mut out);
+        assert!(matches!(early, Err(ProtocolError::Violation { .. })), "{early:?}");
+        for bad in [r#"{"op":10,"d":{"heartbeat_interval":0}}"#, r#"{"op":10,"d":{}}"#, "[]", "{"] {
+            assert!(s.read_text(bad, now, &mut out).is_err(), "{bad}");
+        }
+        let hello = s.read_text(r#"{"op":10,"d":{"heartbeat_interval":41250}}"#, now, &mut out).expect("hello");
+        assert_eq!(hello.message, PeerMessage::Handled);
+        let [Write::Paced { key, .. }] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(*key, 1, "shard 5 of max_concurrency 4 is bucket 1");
+        let identify: serde_json::Value = serde_json::from_str(text(&out[0])).expect("json");
+        assert_eq!(identify["op"], 2);
+        assert_eq!(identify["d"]["shard"], serde_json::json!([5, 16]));
+        assert_eq!((identify["d"]["token"].as_str(), identify["d"]["intents"].as_u64()), (Some("Bot.t"), Some(513)));
+        assert!(s.read_text(r#"{"op":10,"d":{"heartbeat_interval":41250}}"#, now, &mut out).is_err(), "one HELLO");
+
+        let first = s.next_beat(now).expect("a schedule");
+        assert!(first <= Duration::from_millis(41_250), "{first:?}");
+        let ready = r#"{"op":0,"s":1,"t":"READY","d":{"session_id":"sess","resume_gateway_url":"wss://r.example","user":{"id":"1"}}}"#;
+        let r = s.read_text(ready, now, &mut out).expect("ready");
+        assert!(r.to_host);
+        let PeerMessage::Ready { identity: Some(identity) } = r.message else { panic!("{r:?}") };
+        assert_eq!(identity.as_str(), "sess 1 wss://r.example");
+        let event = s.read_text(r#"{"op":0,"s":9,"t":"MESSAGE_CREATE","d":{}}"#, now, &mut out).expect("event");
+        assert_eq!(event, Reading { message: PeerMessage::Application, to_host: true });
+        assert_eq!(s.heartbeat(now), Beat::Frame(Frame::Text(r#"{"op":1,"d":9}"#.into())));
+        let later = now + Duration::from_millis(100);
+        assert_eq!(s.read_text(r#"{"op":11}"#, later, &mut out).expect("ack").message, PeerMessage::HeartbeatAck);
+        assert_eq!(s.next_beat(later), Some(Duration::from_millis(41_150)), "an interval after the last beat");
+        out.clear();
+        assert_eq!(s.read_text(r#"{"op":1}"#, later, &mut out).expect("asked").message, PeerMessage::Handled);
+        assert!(matches!(&out[..], [Write::Now(Frame::Text(t))] if t == r#"{"op":1,"d":9}"#), "{out:?}");
+        assert_eq!(s.read_text(r#"{"op":7,"d":null}"#, later, &mut out).expect("op 7").message, PeerMessage::ReconnectRequested);
+        assert_eq!(s.read_text(r#"{"op":9,"d":true}"#, later, &mut out).expect("op 9").message, PeerMessage::ReconnectRequested);
+        let PeerMessage::SessionInvalid { retry_after } = s.read_text(r#"{"op":9,"d":false}"#, later, &mut out).expect("op 9").message
+        else {
+            panic!("not invalid")
+        };
+        assert!((Duration::from_secs(1)..=Duration::from_secs(5)).contains(&retry_after), "{retry_after:?}");
+        assert_eq!(s.read_text(r#"{"op":42}"#, later, &mut out).expect("op 42").message, PeerMessage::Unknown { kind: "op 42".into() });
+        assert_eq!(s.logout(), Logout::Close(StatusCode::NORMAL));
+        assert!(s.read_binary(&[0x78, 0x9c], later, &mut out).is_err(), "no compression");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resume_sends_resume_with_the_newest_sequence_this_process_saw() {
+        let p = protocol();
+        let shard = name("shard-2");
+        let recorded = ResumeData { session_id: "sess".into(), seq: 3, url: "wss://r".into() }.to_identity();
+        let (now, mut out) = (Instant::now(), Vec::new());
+        // A first connection resumed and saw events up to 17; the recorded identity still says 3.
+        let mut first = p.open(&shard, recorded.as_ref());
+        first.read_text(r#"{"op":10,"d":{"heartbeat_interval":1000}}"#, now, &mut out).expect("hello");
+        let resume: serde_json::Value = serde_json::from_str(text(&out[0])).expect("json");
+        assert_eq!(resume, serde_json::json!({"op": 6, "d": {"token": "Bot.t", "session_id": "sess", "seq": 3}}));
+        assert!(matches!(out[0], Write::Now(_)), "a resume is not paced");
+        let resumed = first.read_text(r#"{"op":0,"s":4,"t":"RESUMED","d":{}}"#, now, &mut out).expect("resumed");
+        assert!(matches!(resumed.message, PeerMessage::Ready { identity: Some(_) }));
+        first.read_text(r#"{"op":0,"s":17,"t":"X","d":{}}"#, now, &mut out).expect("event");
+        drop(first);
+        out.clear();
+        let mut second = p.open(&shard, recorded.as_ref());
+        second.read_text(r#"{"op":10,"d":{"heartbeat_interval":1000}}"#, now, &mut out).expect("hello");
+        let resume: serde_json::Value = serde_json::from_str(text(&out[0])).expect("json");
+        assert_eq!(resume["d"]["seq"], 17);
+        // After an invalid session the next connection identifies.
+        second.read_text(r#"{"op":9,"d":false}"#, now, &mut out).expect("op 9");
+        out.clear();
+        let mut third = p.open(&shard, None);
+        third.read_text(r#"{"op":10,"d":{"heartbeat_interval":1000}}"#, now, &mut out).expect("hello");
+        assert!(matches!(out[..], [Write::Paced { .. }]), "{out:?}");
+        let stray = third.read_text(r#"{"op":0,"s":1,"t":"RESUMED","d":{}}"#, now, &mut out);
+        assert!(matches!(stray, Err(ProtocolError::Violation { .. })), "{stray:?}");
+    }
+}
