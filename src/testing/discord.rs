@@ -124,6 +124,10 @@ enum Command {
     Invalidate { resumable: bool },
     RequestBeat,
     Close { code: u16 },
+    /// Drop TCP without a close frame.
+    Drop,
+    /// Stop (or go on) acknowledging this connection's heartbeats.
+    Silent(bool),
 }
 
 #[derive(Default)]
@@ -143,8 +147,6 @@ struct State {
     live: HashMap<u32, mpsc::UnboundedSender<Command>>,
     /// The last IDENTIFY of each bucket.
     identified: HashMap<u32, Instant>,
-    /// Shards whose heartbeats go unacknowledged.
-    silent: std::collections::HashSet<u32>,
     next_session: u64,
 }
 
@@ -245,19 +247,20 @@ impl FakeGateway {
         self.command(shard, Command::Close { code })
     }
 
-    /// Stops (or resumes) acknowledging the shard's heartbeats.
-    pub fn set_silent(&self, shard: u32, silent: bool) {
-        let mut state = self.shared.state();
-        if silent {
-            state.silent.insert(shard);
-        } else {
-            state.silent.remove(&shard);
-        }
+    /// Stops (or goes on) acknowledging the heartbeats of the shard's live
+    /// connection: it goes half-open (a new connection acknowledges again).
+    pub fn set_silent(&self, shard: u32, silent: bool) -> bool {
+        self.command(shard, Command::Silent(silent))
+    }
+
+    /// Drops the shard's connection without a close frame.
+    pub fn drop_connection(&self, shard: u32) -> bool {
+        self.command(shard, Command::Drop)
     }
 
     /// A command line, for `lifecycle peer --protocol discord`:
     /// `dispatch SHARD TYPE [JSON]`, `reconnect SHARD`, `invalidate SHARD true|false`,
-    /// `beat SHARD`, `close SHARD CODE`, `silent SHARD true|false`, `stats`.
+    /// `beat SHARD`, `close SHARD CODE`, `drop SHARD`, `silent SHARD true|false`, `stats`.
     pub fn command_line(&self, line: &str) -> Result<String, String> {
         let words: Vec<&str> = line.split_whitespace().collect();
         let shard = |i: usize| -> Result<u32, String> {
@@ -285,13 +288,11 @@ impl FakeGateway {
                 let code = words.get(2).and_then(|w| w.parse().ok()).ok_or("a close code expected")?;
                 sent(self.close(shard(1)?, code))
             }
-            Some("silent") => {
-                self.set_silent(shard(1)?, flag(2)?);
-                Ok("ok".into())
-            }
+            Some("drop") => sent(self.drop_connection(shard(1)?)),
+            Some("silent") => sent(self.set_silent(shard(1)?, flag(2)?)),
             Some("stats") => Ok(format!("{:?}", self.stats())),
             _ => Err(format!(
-                "unknown command `{line}`; known: dispatch, reconnect, invalidate, beat, close, silent, stats"
+                "unknown command `{line}`; known: dispatch, reconnect, invalidate, beat, close, drop, silent, stats"
             )),
         }
     }
@@ -334,11 +335,15 @@ struct Connection {
     received: std::collections::VecDeque<Instant>,
     last_beat: Option<Instant>,
     beat_requested: bool,
+    /// Heartbeats go unacknowledged (half-open).
+    silent: bool,
 }
 
 enum Next {
     Go,
     Stop,
+    /// Drop TCP at once, without a close handshake.
+    Drop,
 }
 
 impl Connection {
@@ -353,6 +358,7 @@ impl Connection {
             received: std::collections::VecDeque::new(),
             last_beat: None,
             beat_requested: false,
+            silent: false,
         }
     }
 
@@ -370,8 +376,10 @@ impl Connection {
                 },
                 Some(command) = self.commands.recv() => self.on_command(command).await,
             };
-            if let Next::Stop = next {
-                break;
+            match next {
+                Next::Go => {}
+                Next::Stop => break,
+                Next::Drop => return,
             }
         }
         // Let the close handshake finish, bounded.
@@ -422,6 +430,11 @@ impl Connection {
                 self.send(json!({"op": op::HEARTBEAT, "d": null})).await
             }
             Command::Close { code } => return self.close(code, "closed on command").await,
+            Command::Drop => return Next::Drop,
+            Command::Silent(silent) => {
+                self.silent = silent;
+                return Next::Go;
+            }
         };
         if sent.is_ok() { Next::Go } else { Next::Stop }
     }
@@ -455,7 +468,7 @@ impl Connection {
 
     async fn on_heartbeat(&mut self, now: Instant) -> Next {
         let config = &self.shared.config;
-        let ack = {
+        {
             let mut state = self.shared.state();
             state.stats.heartbeats += 1;
             if let Some(last) = self.last_beat
@@ -464,12 +477,10 @@ impl Connection {
             {
                 state.stats.early_beats += 1;
             }
-            let shard = self.session.as_ref().map(|(_, shard)| *shard);
-            !shard.is_some_and(|s| state.silent.contains(&s))
-        };
+        }
         self.last_beat = Some(now);
         self.beat_requested = false;
-        if !ack {
+        if self.silent {
             return Next::Go;
         }
         match self.send(json!({"op": op::HEARTBEAT_ACK})).await {

@@ -61,6 +61,54 @@ pub struct Options {
     /// PEM file of the CA that signed a `wss://` peer's certificate, trusted
     /// instead of the public web PKI.
     pub ca: Option<PathBuf>,
+    /// The wire protocol: the reference peer, or a fleet of Discord shards
+    /// against the built-in fake gateway (`sim-0007` is shard 7).
+    pub protocol: WireProtocol,
+}
+
+/// What the simulated fleet speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WireProtocol {
+    /// The reference protocol, against the built-in fault-injecting peer (or `peer`).
+    #[default]
+    Reference,
+    /// The Discord gateway, against the built-in fake gateway, which
+    /// enforces Discord's limits (identify concurrency, 120 frames per 60 s,
+    /// the heartbeat schedule) and counts every breach.
+    Discord,
+}
+
+/// The fake gateway's limits in a Discord simulation: Discord's, with the
+/// identify window and heartbeat scaled down so a run of seconds shows them.
+pub fn simulation_gateway(shards: usize) -> super::discord::GatewayConfig {
+    let mut c = super::discord::GatewayConfig::new("Bot.simulate", u32::try_from(shards).unwrap_or(u32::MAX));
+    c.heartbeat_interval = Duration::from_secs(1);
+    c.beat_tolerance = Duration::from_millis(150);
+    c.max_concurrency = 16;
+    c.identify_window = Duration::from_secs(1);
+    c
+}
+
+/// What the fake gateway saw in a Discord simulation.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct GatewaySummary {
+    /// IDENTIFYs accepted.
+    pub identifies: u64,
+    /// RESUMEs accepted.
+    pub resumes: u64,
+    /// RESUMEs refused (the session was gone).
+    pub resume_refused: u64,
+    /// Heartbeats received.
+    pub heartbeats: u64,
+    /// Breaches of the limits: IDENTIFYs past the concurrency, connections
+    /// closed 4008 for sending too fast, heartbeats out of schedule.
+    pub identify_refused: u64,
+    /// Connections closed with 4008.
+    pub rate_limited: u64,
+    /// Heartbeats out of schedule.
+    pub early_beats: u64,
+    /// No limit was breached.
+    pub limits_kept: bool,
 }
 
 impl Options {
@@ -82,6 +130,14 @@ impl Options {
         if self.data.file_name().is_none() {
             return bad("--data", format!("{} does not name a directory", self.data.display()));
         }
+        if self.protocol == WireProtocol::Discord {
+            if self.peer.is_some() {
+                return bad("--peer", "--protocol discord runs against the built-in fake gateway".into());
+            }
+            if self.preset != Preset::Discord {
+                return bad("--policy", format!("--protocol discord takes the discord policy, not {}", self.preset));
+            }
+        }
         Ok(())
     }
 }
@@ -96,6 +152,7 @@ impl Default for Options {
             preset: Preset::Whatsapp,
             peer: None,
             ca: None,
+            protocol: WireProtocol::Reference,
         }
     }
 }
@@ -273,6 +330,8 @@ pub struct Summary {
     pub verification: Verification,
     /// When the run was stopped early (Ctrl-C): how far into the schedule.
     pub interrupted_after_s: Option<f64>,
+    /// With `--protocol discord`: what the fake gateway saw.
+    pub gateway: Option<GatewaySummary>,
 }
 
 /// The preset with durations short enough that a run of seconds shows every
@@ -441,6 +500,8 @@ struct Run {
     /// Chaos actions in flight; aborted when the engine restarts (they hold engine handles).
     actions: tokio::task::JoinSet<()>,
     peer: Option<TestPeer>,
+    /// The fake Discord gateway, with `--protocol discord`.
+    gateway: Option<super::discord::FakeGateway>,
     url: String,
     deletes: Arc<Mutex<Vec<Duration>>>,
     logouts: Arc<Mutex<Vec<Duration>>>,
@@ -484,9 +545,17 @@ pub async fn run(
     }
     preflight(options.instances, options.peer.is_none())?;
     let staging = Staging::prepare(&options.data)?;
-    let (peer, url) = match &options.peer {
-        Some(url) => (None, url.clone()),
-        None => {
+    let discord = options.protocol == WireProtocol::Discord;
+    let listen_failed = |source| SimulateError::Io { op: "listen", path: "127.0.0.1".into(), source };
+    let gateway = if discord {
+        Some(super::discord::FakeGateway::start(simulation_gateway(options.instances)).await.map_err(listen_failed)?)
+    } else {
+        None
+    };
+    let (peer, url) = match (&options.peer, &gateway) {
+        (_, Some(gateway)) => (None, gateway.url()),
+        (Some(url), None) => (None, url.clone()),
+        (None, None) => {
             let peer = TestPeer::start().await.map_err(|source| SimulateError::Io {
                 op: "listen",
                 path: "127.0.0.1".into(),
@@ -496,7 +565,21 @@ pub async fn run(
             (Some(peer), url)
         }
     };
-    let mut transport = WsTransport::new(Arc::new(ReferenceProtocol), WsLimits::default());
+    let mut policy = policy;
+    let protocol: Arc<dyn crate::transport::Protocol> = match &gateway {
+        None => Arc::new(ReferenceProtocol),
+        Some(_) => {
+            let g = simulation_gateway(options.instances);
+            let mut c = crate::transport::discord::DiscordConfig::new(g.token.clone(), 513);
+            (c.shards, c.max_concurrency, c.identify_window) = (g.shards, g.max_concurrency, g.identify_window);
+            let discord = crate::transport::discord::DiscordProtocol::new(c)
+                .map_err(|e| SimulateError::InvalidOption { option: "--instances", problem: e.to_string() })?;
+            // A shard waits for its IDENTIFY permit inside the connect timer: the timer must outlast the queue.
+            policy.timeouts.connect += discord.identify_pacer().lower_bound(options.instances);
+            Arc::new(discord)
+        }
+    };
+    let mut transport = WsTransport::new(protocol, WsLimits::default());
     if let Some(tls) = tls {
         transport = transport.with_tls(tls);
     }
@@ -512,11 +595,13 @@ pub async fn run(
         actions: tokio::task::JoinSet::new(),
         url,
         peer,
+        gateway,
         deletes: Arc::default(),
         logouts: Arc::default(),
         refused: Arc::default(),
     };
-    let plan = schedule_iter(options.seed, options.instances, options.duration, run.peer.is_some());
+    let plan =
+        schedule_iter(options.seed, options.instances, options.duration, run.peer.is_some() || run.gateway.is_some());
     let start = Instant::now();
     let mut next_report = Duration::ZERO;
     let mut restarts = 0;
@@ -625,6 +710,9 @@ fn act(run: &mut Run, name: &str, what: Chaos) {
         Chaos::HangingLogout => peer_act(Action::IgnoreLogouts),
         _ => {}
     }
+    if let Some(gateway) = &run.gateway {
+        gateway_act(gateway, &name, &what);
+    }
     let refuse = move |e: EngineError| {
         *refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(refusal(&e)).or_default() += 1
     };
@@ -678,6 +766,26 @@ fn act(run: &mut Run, name: &str, what: Chaos) {
     });
 }
 
+/// A peer fault, as the fake Discord gateway plays it. The schedule's close
+/// codes (written for WhatsApp) become Discord's nearest events: 4401
+/// (logged out) an invalid session, 4515 (restart required) op 9 resumable,
+/// 4408 (connection lost) op 7, 4440 (replaced) a final 4004 (the host's next
+/// connect brings the shard back), anything else a resumable 4000.
+fn gateway_act(gateway: &super::discord::FakeGateway, name: &str, what: &Chaos) {
+    let Ok(instance) = crate::machine::InstanceName::new(name) else { return };
+    let shard = crate::transport::discord::DiscordProtocol::shard_of(&instance);
+    let _ = match what {
+        Chaos::Zombify | Chaos::DeleteZombie => gateway.set_silent(shard, true),
+        Chaos::Drop => gateway.drop_connection(shard),
+        Chaos::Close(4401) => gateway.invalidate(shard, false),
+        Chaos::Close(4515) => gateway.invalidate(shard, true),
+        Chaos::Close(4408) => gateway.reconnect(shard),
+        Chaos::Close(4440) => gateway.close(shard, 4004),
+        Chaos::Close(_) => gateway.close(shard, 4000),
+        _ => false,
+    };
+}
+
 /// `lifecycle simulate --virtual`: the same seeded schedule, its faults
 /// played by the simulated transport, in virtual time
 /// ([`super::virtual_time::simulate_virtual`]): the same seed gives the same
@@ -727,11 +835,30 @@ pub fn run_virtual(options: &Options) -> Result<Summary, SimulateError> {
 
 fn summarize(log: &Log, policy: &Policy, options: &Options, run: &Run, restarts: u64) -> Summary {
     let base = Summary {
-        peer: if run.peer.is_some() { format!("built-in ({})", run.url) } else { run.url.clone() },
+        peer: if run.gateway.is_some() {
+            format!("built-in fake Discord gateway ({})", run.url)
+        } else if run.peer.is_some() {
+            format!("built-in ({})", run.url)
+        } else {
+            run.url.clone()
+        },
         engine_restarts: restarts,
         deletes: Latency::of(run.deletes.lock().map(|v| v.clone()).unwrap_or_default()),
         logouts: Latency::of(run.logouts.lock().map(|v| v.clone()).unwrap_or_default()),
         refused: run.refused.lock().map(|v| v.clone()).unwrap_or_default(),
+        gateway: run.gateway.as_ref().map(|g| {
+            let s = g.stats();
+            GatewaySummary {
+                identifies: s.identifies,
+                resumes: s.resumes,
+                resume_refused: s.resume_refused,
+                heartbeats: s.heartbeats,
+                identify_refused: s.identify_refused,
+                rate_limited: s.rate_limited,
+                early_beats: s.early_beats,
+                limits_kept: s.identify_refused == 0 && s.rate_limited == 0 && s.early_beats == 0,
+            }
+        }),
         ..Summary::default()
     };
     summarize_log(log, policy, options, base)

@@ -65,6 +65,27 @@ fn logs_from_before_rules_versions_verify_clean() {
     }
 }
 
+/// A log written by the build of rules v3 (commit db3bd9c), which recorded
+/// its version, verifies clean record by record under v3 — and under
+/// today's rules too: v4 only added inputs such a log cannot hold.
+#[test]
+fn a_log_written_under_rules_v3_verifies_clean_under_its_own_and_todays_rules() {
+    let (_dir, log_dir) = fixture("log-rules-v3");
+    let path = log_dir.to_str().expect("utf-8");
+    for args in [vec!["verify", path], vec!["verify", path, "--rules", "current"]] {
+        let out = lifecycle(&args);
+        let text = stdout(&out);
+        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(text.contains("clean: 94 records of 12 instances"), "{args:?}: {text}");
+        assert!(text.contains("head: 94:df6da18eea5abf14"), "{args:?}: {text}");
+    }
+    let log = Log::open_copy(&log_dir).expect("open").0;
+    assert_eq!(log.rules_versions().expect("read").into_iter().map(|(_, v)| v).collect::<Vec<_>>(), vec![RulesVersion::V3]);
+    let report = log.verify_recorded(&Policy::default());
+    assert!(report.is_clean(), "{:?}", report.findings);
+    assert!(!report.notes.iter().any(|n| matches!(n, Note::UnversionedRules { .. })), "{:?}", report.notes);
+}
+
 /// An engine records the version of its rules with its policy, once, and
 /// a log that says a version this build does not know is reported, not trusted.
 #[tokio::test]
@@ -243,4 +264,31 @@ fn each_stretch_is_replayed_under_its_recorded_version() {
         "{:?}",
         report.findings
     );
+}
+
+/// Rules before v4 knew nothing of a peer's reconnect request, an invalid
+/// session or a protocol's heartbeat schedule: replayed under them, those
+/// inputs change nothing; under v4 each one decides.
+#[test]
+fn rules_before_v4_ignore_the_protocol_session_inputs() {
+    use instance_lifecycle::machine::{Generation, Identity, Ignored, Input, Instance, Outcome, State, Timestamp, step_under};
+    let g = Generation(2);
+    let open = Instance {
+        generation: g,
+        state: State::Open { identity: Identity::new("s 1 wss://r").expect("id"), since: Timestamp(0), retries: 0 },
+    };
+    let name = instance_lifecycle::machine::InstanceName::new("v4").expect("name");
+    let inputs = [
+        Input::ReconnectRequested { generation: g },
+        Input::SessionInvalid { generation: g, retry_after: std::time::Duration::from_secs(2) },
+        Input::HeartbeatDue { generation: g, after: std::time::Duration::from_secs(41) },
+    ];
+    for input in inputs {
+        for old in [RulesVersion::V1, RulesVersion::V2, RulesVersion::V3] {
+            let o = step_under(old, &name, &open, &input, &Policy::default(), Timestamp(1));
+            assert_eq!(o, Outcome::Ignored(Ignored::NotExpected), "{old} + {input:?}");
+        }
+        let o = step_under(RulesVersion::V4, &name, &open, &input, &Policy::default(), Timestamp(1));
+        assert!(matches!(o, Outcome::Transition(_) | Outcome::Effects(_)), "v4 + {input:?}: {o:?}");
+    }
 }

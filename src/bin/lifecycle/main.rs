@@ -63,9 +63,14 @@ enum Command {
         /// in DATA.simulating); anything else there is refused.
         #[arg(long, default_value = "lifecycle-data")]
         data: PathBuf,
-        /// Close-status preset.
-        #[arg(long, value_enum, default_value_t = PresetArg::Whatsapp)]
-        policy: PresetArg,
+        /// Close-status preset [default: whatsapp; discord with --protocol discord].
+        #[arg(long, value_enum)]
+        policy: Option<PresetArg>,
+        /// What the fleet speaks: the reference protocol against the built-in
+        /// peer, or Discord shards (`sim-0007` is shard 7) against the built-in
+        /// fake gateway, which enforces Discord's limits and counts every breach.
+        #[arg(long, value_enum, default_value_t = ProtocolArg::Reference, conflicts_with_all = ["peer", "ca", "virtual_time", "cluster"])]
+        protocol: ProtocolArg,
         /// An external peer speaking the reference protocol (faults then come from it).
         #[arg(long)]
         peer: Option<String>,
@@ -222,10 +227,26 @@ enum Command {
     /// Run the fault-injecting reference peer. Prints its URL, then takes
     /// control lines on stdin: `zombify NAME`, `drop NAME`, `close NAME CODE`,
     /// `fault NAME ready|no-identity|hang-on-logout|refuse`, `drop-all`, `stats`.
+    /// With `--protocol discord`, a fake Discord gateway instead, with
+    /// Discord's limits: `dispatch SHARD TYPE [JSON]`, `reconnect SHARD`,
+    /// `invalidate SHARD true|false`, `beat SHARD`, `close SHARD CODE`,
+    /// `drop SHARD`, `silent SHARD true|false`, `stats`.
     Peer {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
+        /// The protocol it serves.
+        #[arg(long, value_enum, default_value_t = ProtocolArg::Reference)]
+        protocol: ProtocolArg,
+        /// With --protocol discord: the shard count IDENTIFY must name.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        shards: u32,
+        /// With --protocol discord: the token IDENTIFY and RESUME must carry.
+        #[arg(long, default_value = "Bot.test")]
+        token: String,
+        /// With --protocol discord: IDENTIFYs allowed per 5 s (one per bucket).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        max_concurrency: u32,
         /// Serve wss:// with this certificate chain (PEM); needs --tls-key.
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -233,6 +254,24 @@ enum Command {
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
     },
+}
+
+/// The wire protocol of `simulate` and `peer`.
+#[derive(Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    /// The reference protocol (README).
+    Reference,
+    /// The Discord gateway (v10, JSON).
+    Discord,
+}
+
+impl From<ProtocolArg> for instance_lifecycle::testing::simulate::WireProtocol {
+    fn from(p: ProtocolArg) -> Self {
+        match p {
+            ProtocolArg::Reference => Self::Reference,
+            ProtocolArg::Discord => Self::Discord,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -291,15 +330,20 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.command {
-        Command::Simulate { instances, seconds, seed, data, policy, peer, ca, virtual_time, cluster, json } => {
+        Command::Simulate { instances, seconds, seed, data, policy, protocol, peer, ca, virtual_time, cluster, json } => {
+            let default = match protocol {
+                ProtocolArg::Reference => PresetArg::Whatsapp,
+                ProtocolArg::Discord => PresetArg::Discord,
+            };
             let options = instance_lifecycle::testing::simulate::Options {
                 instances: instances as usize,
                 duration: std::time::Duration::from_secs(seconds),
                 seed,
                 data,
-                preset: policy.into(),
+                preset: policy.unwrap_or(default).into(),
                 peer,
                 ca,
+                protocol: protocol.into(),
             };
             match cluster {
                 Some(hosts) => run_async(async move { simulate::run_cluster(&options, hosts.into(), json).await }),
@@ -354,7 +398,15 @@ fn main() -> ExitCode {
                 .map_err(|e| output::fail(format!("cannot render the man page: {e}")))
                 .and_then(|()| output::raw(&page))
         }
-        Command::Peer { listen, tls_cert, tls_key } => run_async(peer::run(listen, tls_cert.zip(tls_key))),
+        Command::Peer { listen, protocol: ProtocolArg::Discord, shards, token, max_concurrency, tls_cert: None, .. } => {
+            let mut config = instance_lifecycle::testing::discord::GatewayConfig::new(token, shards);
+            config.max_concurrency = max_concurrency;
+            run_async(peer::run_discord(listen, config))
+        }
+        Command::Peer { protocol: ProtocolArg::Discord, .. } => {
+            Err(output::fail("--protocol discord serves ws:// only (no --tls-cert)"))
+        }
+        Command::Peer { listen, tls_cert, tls_key, .. } => run_async(peer::run(listen, tls_cert.zip(tls_key))),
     };
     finish(result)
 }

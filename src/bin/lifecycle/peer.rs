@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use instance_lifecycle::testing::discord::{FakeGateway, GatewayConfig};
 use instance_lifecycle::testing::peer::TestPeer;
 use tokio::io::AsyncBufReadExt;
 
@@ -26,6 +27,19 @@ pub async fn run(listen: std::net::SocketAddr, tls: Option<(PathBuf, PathBuf)>) 
         }
     };
     say!("listening {}", peer.url());
+    serve_lines(|line| peer.command(line)).await
+}
+
+/// `lifecycle peer --protocol discord`: the fake Discord gateway.
+pub async fn run_discord(listen: std::net::SocketAddr, config: GatewayConfig) -> Result<ExitCode, Failure> {
+    let gateway =
+        FakeGateway::start_on(listen, config).await.map_err(|e| fail(format!("cannot listen on {listen}: {e}")))?;
+    say!("listening {}", gateway.url());
+    serve_lines(|line| gateway.command_line(line)).await
+}
+
+/// Reads control lines from stdin and prints each one's answer, until killed.
+async fn serve_lines(command: impl Fn(&str) -> Result<String, String>) -> Result<ExitCode, Failure> {
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
     let mut buf = Vec::new();
     loop {
@@ -36,7 +50,7 @@ pub async fn run(listen: std::net::SocketAddr, tls: Option<(PathBuf, PathBuf)>) 
             Ok(Line::Read) => match std::str::from_utf8(&buf) {
                 Err(e) => say!("error: line is not UTF-8 ({e}); skipped"),
                 Ok(line) if line.trim().is_empty() => {}
-                Ok(line) => match peer.command(line.trim()) {
+                Ok(line) => match command(line.trim()) {
                     Ok(done) => say!("{done}"),
                     Err(e) => say!("error: {e}"),
                 },

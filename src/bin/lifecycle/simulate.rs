@@ -65,8 +65,8 @@ pub async fn run(options: Options, json: bool) -> Result<ExitCode, Failure> {
     report(&summary, json)?;
     Ok(match (summary.interrupted_after_s, summary.verification.clean) {
         (Some(_), _) => ExitCode::from(INTERRUPTED),
-        (None, true) => ExitCode::SUCCESS,
-        (None, false) => ExitCode::FAILURE,
+        (None, true) if summary.gateway.as_ref().is_none_or(|g| g.limits_kept) => ExitCode::SUCCESS,
+        (None, _) => ExitCode::FAILURE,
     })
 }
 
@@ -159,6 +159,25 @@ fn print_summary(s: &Summary) -> Result<(), Failure> {
     if !s.refused.is_empty() {
         let refused: Vec<String> = s.refused.iter().map(|(k, n)| format!("{k} {n}")).collect();
         say!("commands refused (expected under chaos): {}", refused.join(", "));
+    }
+    if let Some(g) = &s.gateway {
+        say!(
+            "gateway: {} identifies, {} resumes ({} refused: session gone), {} heartbeats",
+            g.identifies,
+            g.resumes,
+            g.resume_refused,
+            g.heartbeats
+        );
+        if g.limits_kept {
+            say!("gateway limits: kept — no IDENTIFY past the concurrency, no 4008, no heartbeat out of schedule");
+        } else {
+            say!(
+                "gateway limits: BROKEN — {} IDENTIFYs past the concurrency, {} closed 4008, {} heartbeats out of schedule",
+                g.identify_refused,
+                g.rate_limited,
+                g.early_beats
+            );
+        }
     }
     let v = &s.verification;
     if v.clean {
