@@ -502,3 +502,68 @@ fn serve_refuses_data_it_would_not_use_in_a_cluster() {
     assert!(err.contains("has no effect in a cluster") && err.contains(d), "{err}");
     assert!(!data.exists(), "nothing is created");
 }
+
+/// `lifecycle simulate --protocol discord`: a fleet of shards through chaos
+/// against the fake gateway; the log verifies and the gateway's limits held.
+/// A mix that cannot work is refused before anything runs.
+#[test]
+fn simulate_discord_shards_keep_the_gateways_limits() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let data_s = data.to_str().expect("utf-8 path");
+    let args = ["simulate", "--protocol", "discord", "--instances", "24", "--seconds", "6", "--seed", "5"];
+    let sim = lifecycle(&[&args[..], &["--data", data_s, "--json"]].concat());
+    assert!(sim.status.success(), "{}{}", stdout(&sim), stderr(&sim));
+    let summary: serde_json::Value = serde_json::from_str(&stdout(&sim)).expect("json");
+    assert_eq!(summary["verification"]["clean"], true, "{summary:#}");
+    assert_eq!(summary["policy"], "discord (tuned by simulate)");
+    let gateway = &summary["gateway"];
+    assert_eq!(gateway["limits_kept"], true, "{gateway:#}");
+    assert!(gateway["identifies"].as_u64().is_some_and(|n| n >= 12), "{gateway:#}");
+    assert!(gateway["heartbeats"].as_u64().is_some_and(|n| n > 0), "{gateway:#}");
+
+    let wrong = lifecycle(&[&args[..], &["--policy", "whatsapp", "--data", data_s]].concat());
+    assert!(!wrong.status.success());
+    assert!(stderr(&wrong).contains("--protocol discord takes the discord policy"), "{}", stderr(&wrong));
+    let external = lifecycle(&[&args[..], &["--peer", "ws://127.0.0.1:9/", "--data", data_s]].concat());
+    assert!(!external.status.success());
+}
+
+/// `lifecycle peer --protocol discord` serves the fake gateway: it prints its
+/// URL, greets with HELLO, and answers control lines on stdin.
+#[test]
+fn peer_serves_a_fake_discord_gateway() {
+    use std::io::{BufRead, Write};
+    let mut peer = Command::new(env!("CARGO_BIN_EXE_lifecycle"))
+        .args(["peer", "--protocol", "discord", "--shards", "2", "--token", "Bot.x"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start lifecycle peer");
+    let mut out = std::io::BufReader::new(peer.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    let url = line.trim().strip_prefix("listening ").expect("the URL").to_owned();
+    assert!(url.starts_with("ws://127.0.0.1:") && url.ends_with("/?v=10&encoding=json"), "{url}");
+    let hello = tokio::runtime::Runtime::new().expect("runtime").block_on(async {
+        use futures_util::StreamExt;
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
+        ws.next().await.expect("a frame").expect("a frame").into_text().expect("text").to_string()
+    });
+    assert!(hello.contains(r#""op":10"#), "{hello}");
+    let mut stdin = peer.stdin.take().expect("stdin");
+    writeln!(stdin, "stats").expect("write");
+    writeln!(stdin, "reconnect 1").expect("write");
+    writeln!(stdin, "launch 1").expect("write");
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let mut line = String::new();
+        out.read_line(&mut line).expect("read");
+        answers.push(line.trim().to_owned());
+    }
+    let _ = peer.kill();
+    let _ = peer.wait();
+    assert!(answers[0].contains("connections: 1"), "{answers:?}");
+    assert_eq!(answers[1], "error: that shard has no live connection");
+    assert!(answers[2].starts_with("error: unknown command `launch 1`"), "{answers:?}");
+}
