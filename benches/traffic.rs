@@ -235,10 +235,7 @@ async fn discord_storm() {
         "| time until every shard is READY | {took:.2?} | pacing lower bound {bound:.2?} | {:.2}x (target <= 1.2x) |",
         took.as_secs_f64() / bound.as_secs_f64().max(f64::EPSILON)
     );
-    println!(
-        "| IDENTIFYs refused by the gateway (concurrency exceeded) | {} | 0 | — |",
-        stats.identify_refused
-    );
+    println!("| IDENTIFYs refused by the gateway (concurrency exceeded) | {} | 0 | — |", stats.identify_refused);
     println!("\nThe gateway saw {} IDENTIFYs and {} connections.", stats.identifies, stats.connections);
     engine.shutdown().await.expect("shutdown");
 }

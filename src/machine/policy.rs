@@ -354,7 +354,9 @@ impl Policy {
                 // Discord's HELLO sets the interval (41.25 s in practice; the
                 // protocol's `HeartbeatDue` replaces this one); an ACK is due
                 // well before the next beat.
-                Preset::Discord => Heartbeat { interval: Duration::from_millis(41_250), deadline: Duration::from_secs(20) },
+                Preset::Discord => {
+                    Heartbeat { interval: Duration::from_millis(41_250), deadline: Duration::from_secs(20) }
+                }
                 _ => Heartbeat::default(),
             },
             timeouts: Timeouts::default(),

@@ -516,7 +516,11 @@ fn intent_of(input: &Input) -> Intent {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Loss {
     /// `fresh`: without the resume data (R14).
-    Retry { attempt: u32, delay: std::time::Duration, fresh: bool },
+    Retry {
+        attempt: u32,
+        delay: std::time::Duration,
+        fresh: bool,
+    },
     Stop,
     Remove,
     GiveUp,

@@ -119,11 +119,18 @@ pub enum Handshake {
 /// A command for a shard's live connection.
 #[derive(Clone, Debug)]
 enum Command {
-    Dispatch { kind: String, data: Value },
+    Dispatch {
+        kind: String,
+        data: Value,
+    },
     Reconnect,
-    Invalidate { resumable: bool },
+    Invalidate {
+        resumable: bool,
+    },
     RequestBeat,
-    Close { code: u16 },
+    Close {
+        code: u16,
+    },
     /// Drop TCP without a close frame.
     Drop,
     /// Stop (or go on) acknowledging this connection's heartbeats.
@@ -185,8 +192,7 @@ impl FakeGateway {
     pub async fn start_on(addr: SocketAddr, config: GatewayConfig) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let shared =
-            Arc::new(Shared { config, url: format!("ws://{addr}"), state: Mutex::new(State::default()) });
+        let shared = Arc::new(Shared { config, url: format!("ws://{addr}"), state: Mutex::new(State::default()) });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Self { shared, addr, accept })
     }
@@ -516,7 +522,8 @@ impl Connection {
             let mut state = self.shared.state();
             state.handshakes.push(Handshake::Identify { shard: id });
             let bucket = id % config.max_concurrency.max(1);
-            let refused = state.identified.get(&bucket).is_some_and(|last| now.duration_since(*last) < config.identify_window);
+            let refused =
+                state.identified.get(&bucket).is_some_and(|last| now.duration_since(*last) < config.identify_window);
             if refused {
                 state.stats.identify_refused += 1;
                 None

@@ -26,9 +26,9 @@
 //! Everything is deterministic: the same inputs give the same records.
 
 pub mod chaos;
-pub mod discord;
 #[cfg(feature = "cluster")]
 pub mod cluster_sim;
+pub mod discord;
 #[cfg(feature = "cluster")]
 pub mod nats;
 pub mod peer;

@@ -189,7 +189,6 @@ impl DiscordProtocol {
         let digits = s.len() - s.trim_end_matches(|c: char| c.is_ascii_digit()).len();
         s[s.len() - digits..].parse().unwrap_or(0)
     }
-
 }
 
 type LatestMap = Arc<Mutex<HashMap<InstanceName, Arc<Latest>>>>;
@@ -209,7 +208,8 @@ impl Protocol for DiscordProtocol {
             r.seq = r.seq.max(latest.seq.load(Ordering::Relaxed));
         }
         let shard = Self::shard_of(instance);
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         Box::new(DiscordSession {
             identify: self.identify.clone(),
             key: u64::from(shard) % u64::from(self.config.max_concurrency.max(1)),
@@ -526,7 +526,10 @@ mod tests {
         let resume = |url: &str| ResumeData { session_id: "s".into(), seq: 1, url: url.into() }.to_identity();
         assert_eq!(p.url(&configured, None).as_str(), configured.as_str());
         let moved = resume("wss://gateway-us-east1-b.discord.gg");
-        assert_eq!(p.url(&configured, moved.as_ref()).as_str(), "wss://gateway-us-east1-b.discord.gg/?v=10&encoding=json");
+        assert_eq!(
+            p.url(&configured, moved.as_ref()).as_str(),
+            "wss://gateway-us-east1-b.discord.gg/?v=10&encoding=json"
+        );
         let downgraded = resume("ws://evil.example");
         assert_eq!(p.url(&configured, downgraded.as_ref()).as_str(), configured.as_str(), "never to another scheme");
         let whatsapp = Identity::new("5511@s.whatsapp.net").ok();
@@ -582,14 +585,24 @@ mod tests {
         out.clear();
         assert_eq!(s.read_text(r#"{"op":1}"#, later, &mut out).expect("asked").message, PeerMessage::Handled);
         assert!(matches!(&out[..], [Write::Now(Frame::Text(t))] if t == r#"{"op":1,"d":9}"#), "{out:?}");
-        assert_eq!(s.read_text(r#"{"op":7,"d":null}"#, later, &mut out).expect("op 7").message, PeerMessage::ReconnectRequested);
-        assert_eq!(s.read_text(r#"{"op":9,"d":true}"#, later, &mut out).expect("op 9").message, PeerMessage::ReconnectRequested);
-        let PeerMessage::SessionInvalid { retry_after } = s.read_text(r#"{"op":9,"d":false}"#, later, &mut out).expect("op 9").message
+        assert_eq!(
+            s.read_text(r#"{"op":7,"d":null}"#, later, &mut out).expect("op 7").message,
+            PeerMessage::ReconnectRequested
+        );
+        assert_eq!(
+            s.read_text(r#"{"op":9,"d":true}"#, later, &mut out).expect("op 9").message,
+            PeerMessage::ReconnectRequested
+        );
+        let PeerMessage::SessionInvalid { retry_after } =
+            s.read_text(r#"{"op":9,"d":false}"#, later, &mut out).expect("op 9").message
         else {
             panic!("not invalid")
         };
         assert!((Duration::from_secs(1)..=Duration::from_secs(5)).contains(&retry_after), "{retry_after:?}");
-        assert_eq!(s.read_text(r#"{"op":42}"#, later, &mut out).expect("op 42").message, PeerMessage::Unknown { kind: "op 42".into() });
+        assert_eq!(
+            s.read_text(r#"{"op":42}"#, later, &mut out).expect("op 42").message,
+            PeerMessage::Unknown { kind: "op 42".into() }
+        );
         assert_eq!(s.logout(), Logout::Close(StatusCode::NORMAL));
         assert!(s.read_binary(&[0x78, 0x9c], later, &mut out).is_err(), "no compression");
     }

@@ -28,8 +28,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::traffic::Frame;
 use super::pacing::Pacer;
+use super::traffic::Frame;
 use crate::machine::{Identity, InstanceName, StatusCode, WsUrl};
 
 /// A message from the peer, as the engine understands it.

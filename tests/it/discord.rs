@@ -209,7 +209,10 @@ async fn a_missed_ack_is_a_zombie_and_the_zombie_resumes() {
     assert_eq!(fleet.inputs(&name).await.last(), Some(&InputKind::PongDeadline));
     fleet.wait(&name, |s| matches!(s, State::Open { .. })).await;
     let handshakes = fleet.gateway.handshakes();
-    assert!(matches!(handshakes.last(), Some(Handshake::Resume { session_id, .. }) if *session_id == session), "{handshakes:?}");
+    assert!(
+        matches!(handshakes.last(), Some(Handshake::Resume { session_id, .. }) if *session_id == session),
+        "{handshakes:?}"
+    );
     assert_eq!(fleet.gateway.stats().identifies, 1);
 }
 
@@ -261,7 +264,9 @@ async fn op9_resumable_resumes_and_not_resumable_identifies_after_one_to_five_se
     let before = generation(&fleet.engine, &name).await;
     assert!(fleet.gateway.invalidate(0, true));
     reopened(&fleet.engine, &name, before).await;
-    assert!(matches!(fleet.gateway.handshakes().last(), Some(Handshake::Resume { session_id, .. }) if *session_id == session));
+    assert!(
+        matches!(fleet.gateway.handshakes().last(), Some(Handshake::Resume { session_id, .. }) if *session_id == session)
+    );
 
     assert!(fleet.gateway.invalidate(0, false));
     let backoff = fleet.wait(&name, |s| matches!(s, State::Connecting { phase: Phase::Backoff { .. }, .. })).await;
@@ -270,7 +275,8 @@ async fn op9_resumable_resumes_and_not_resumable_identifies_after_one_to_five_se
     let invalid = history.last().expect("record");
     let Some(Input::SessionInvalid { retry_after, .. }) = input_of(invalid) else { panic!("{:?}", invalid.event) };
     assert!((Duration::from_secs(1)..=Duration::from_secs(5)).contains(retry_after), "{retry_after:?}");
-    let open = timeout(Duration::from_secs(8), fleet.wait(&name, |s| matches!(s, State::Open { .. }))).await.expect("open");
+    let open =
+        timeout(Duration::from_secs(8), fleet.wait(&name, |s| matches!(s, State::Open { .. }))).await.expect("open");
     assert_ne!(resume_of(&open).session_id, session, "a new session");
     let handshakes = fleet.gateway.handshakes();
     assert_eq!(handshakes.last(), Some(&Handshake::Identify { shard: 0 }), "{handshakes:?}");
@@ -287,7 +293,9 @@ async fn close_codes_resume_identify_anew_or_stop() {
     let before = generation(&fleet.engine, &name).await;
     assert!(fleet.gateway.close(0, 4000));
     reopened(&fleet.engine, &name, before).await;
-    assert!(matches!(fleet.gateway.handshakes().last(), Some(Handshake::Resume { session_id, .. }) if *session_id == session));
+    assert!(
+        matches!(fleet.gateway.handshakes().last(), Some(Handshake::Resume { session_id, .. }) if *session_id == session)
+    );
 
     let before = generation(&fleet.engine, &name).await;
     assert!(fleet.gateway.close(0, 4009));
@@ -298,7 +306,10 @@ async fn close_codes_resume_identify_anew_or_stop() {
     let handshakes = fleet.gateway.handshakes().len();
     assert!(fleet.gateway.close(0, 4004));
     let closed = fleet.wait(&name, |s| matches!(s, State::Closed { .. })).await;
-    assert!(matches!(closed, State::Closed { cause: ClosedCause::FinalStatus, status: Some(StatusCode(4004)), .. }), "{closed:?}");
+    assert!(
+        matches!(closed, State::Closed { cause: ClosedCause::FinalStatus, status: Some(StatusCode(4004)), .. }),
+        "{closed:?}"
+    );
     sleep(Duration::from_millis(500)).await;
     assert_eq!(fleet.gateway.handshakes().len(), handshakes, "a final code never reconnects");
 }
@@ -312,12 +323,16 @@ async fn a_wrong_token_stops_the_shard() {
     let mut c = DiscordConfig::new("Bot.wrong", 1);
     c.identify_window = config.identify_window;
     let transport = WsTransport::new(Arc::new(DiscordProtocol::new(c).expect("config")), WsLimits::default());
-    let engine = Engine::open(dir.path(), EngineConfig { policy: policy(), transport: Arc::new(transport), ..EngineConfig::default() })
-        .await
-        .expect("engine");
+    let engine = Engine::open(
+        dir.path(),
+        EngineConfig { policy: policy(), transport: Arc::new(transport), ..EngineConfig::default() },
+    )
+    .await
+    .expect("engine");
     engine.create("shard-0", InstanceSpec { url: gateway.url() }).await.expect("create");
     engine.connect("shard-0").await.expect("connect");
-    let closed = wait_for(&engine, "shard-0", |s| matches!(s, State::Closed { cause: ClosedCause::FinalStatus, .. })).await;
+    let closed =
+        wait_for(&engine, "shard-0", |s| matches!(s, State::Closed { cause: ClosedCause::FinalStatus, .. })).await;
     assert!(matches!(closed, State::Closed { status: Some(StatusCode(4004)), .. }), "{closed:?}");
     assert_eq!(gateway.stats().bad_token, 1);
 }
@@ -382,7 +397,9 @@ async fn without_a_budget_the_gateway_closes_with_4008_and_the_shard_resumes() {
     reopened(&fleet.engine, &name, before).await;
     let closed = fleet.engine.history(&name).await.expect("history");
     assert!(closed.iter().any(|r| matches!(input_of(r).and_then(Input::closed), Some((_, Some(StatusCode(4008)), _)))));
-    assert!(matches!(fleet.gateway.handshakes().last(), Some(Handshake::Resume { session_id, .. }) if *session_id == session));
+    assert!(
+        matches!(fleet.gateway.handshakes().last(), Some(Handshake::Resume { session_id, .. }) if *session_id == session)
+    );
 }
 
 /// Chaos over a fleet of shards: closes with every kind of code, op 7, op 9
@@ -414,7 +431,9 @@ async fn chaos_never_exceeds_the_identify_concurrency_or_the_frame_limit() {
     for round in 0..60 {
         let shard = u32::try_from(next() % u64::from(SHARDS)).expect("shard");
         match next() % 10 {
-            0 => drop(fleet.gateway.close(shard, [4000, 4001, 4002, 4003, 4005, 4008, 4007, 4009][(next() % 8) as usize])),
+            0 => drop(
+                fleet.gateway.close(shard, [4000, 4001, 4002, 4003, 4005, 4008, 4007, 4009][(next() % 8) as usize]),
+            ),
             1 => drop(fleet.gateway.reconnect(shard)),
             2 => drop(fleet.gateway.invalidate(shard, next() % 2 == 0)),
             3 => drop(fleet.gateway.request_beat(shard)),
@@ -456,20 +475,33 @@ fn sigkill_mid_session_then_restart_resumes_with_the_recorded_session() {
         let config = gateway_config(1, 1);
         let gateway = FakeGateway::start(config.clone()).await.expect("gateway");
         let dir = tempfile::tempdir().expect("dir");
-        let mut child = KillOnDrop(Command::new(std::env::current_exe().expect("exe"))
-            .args(["--exact", "discord::sigkill_mid_session_then_restart_resumes_with_the_recorded_session", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, format!("{}|{}", dir.path().display(), gateway.url()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn the child engine"));
+        let mut child = KillOnDrop(
+            Command::new(std::env::current_exe().expect("exe"))
+                .args([
+                    "--exact",
+                    "discord::sigkill_mid_session_then_restart_resumes_with_the_recorded_session",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD_ENV, format!("{}|{}", dir.path().display(), gateway.url()))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn the child engine"),
+        );
         let stdout = child.0.stdout.take().expect("stdout");
         let opened = tokio::task::spawn_blocking(move || {
             // libtest prints the test's name without a newline before the child's own line.
-            BufReader::new(stdout).lines().map_while(Result::ok).find_map(|l| l.split_once("open ").map(|(_, id)| id.to_owned()))
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .find_map(|l| l.split_once("open ").map(|(_, id)| id.to_owned()))
         });
-        let session =
-            timeout(Duration::from_secs(20), opened).await.expect("the child opened").expect("join").expect("open line");
+        let session = timeout(Duration::from_secs(20), opened)
+            .await
+            .expect("the child opened")
+            .expect("join")
+            .expect("open line");
         for n in 0..4 {
             assert!(gateway.dispatch(0, "MESSAGE_CREATE", serde_json::json!({ "n": n })));
         }

@@ -94,7 +94,8 @@ fn verdict(state: &State, input: &Input) -> Verdict {
         I::Pong { .. } | I::HeartbeatDue { .. } if matches!(state, S::Open { .. }) => Upkeep,
         // R13, R14: the peer's request moves a connection that is live (open or handshaking).
         I::ReconnectRequested { .. } | I::SessionInvalid { .. }
-            if matches!(state, S::Open { .. }) || (attempting && !matches!(state, S::Connecting { phase: Phase::Backoff { .. }, .. })) =>
+            if matches!(state, S::Open { .. })
+                || (attempting && !matches!(state, S::Connecting { phase: Phase::Backoff { .. }, .. })) =>
         {
             Moves
         }

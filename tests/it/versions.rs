@@ -80,7 +80,10 @@ fn a_log_written_under_rules_v3_verifies_clean_under_its_own_and_todays_rules() 
         assert!(text.contains("head: 94:df6da18eea5abf14"), "{args:?}: {text}");
     }
     let log = Log::open_copy(&log_dir).expect("open").0;
-    assert_eq!(log.rules_versions().expect("read").into_iter().map(|(_, v)| v).collect::<Vec<_>>(), vec![RulesVersion::V3]);
+    assert_eq!(
+        log.rules_versions().expect("read").into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        vec![RulesVersion::V3]
+    );
     let report = log.verify_recorded(&Policy::default());
     assert!(report.is_clean(), "{:?}", report.findings);
     assert!(!report.notes.iter().any(|n| matches!(n, Note::UnversionedRules { .. })), "{:?}", report.notes);
@@ -271,7 +274,9 @@ fn each_stretch_is_replayed_under_its_recorded_version() {
 /// inputs change nothing; under v4 each one decides.
 #[test]
 fn rules_before_v4_ignore_the_protocol_session_inputs() {
-    use instance_lifecycle::machine::{Generation, Identity, Ignored, Input, Instance, Outcome, State, Timestamp, step_under};
+    use instance_lifecycle::machine::{
+        Generation, Identity, Ignored, Input, Instance, Outcome, State, Timestamp, step_under,
+    };
     let g = Generation(2);
     let open = Instance {
         generation: g,

@@ -330,7 +330,19 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.command {
-        Command::Simulate { instances, seconds, seed, data, policy, protocol, peer, ca, virtual_time, cluster, json } => {
+        Command::Simulate {
+            instances,
+            seconds,
+            seed,
+            data,
+            policy,
+            protocol,
+            peer,
+            ca,
+            virtual_time,
+            cluster,
+            json,
+        } => {
             let default = match protocol {
                 ProtocolArg::Reference => PresetArg::Whatsapp,
                 ProtocolArg::Discord => PresetArg::Discord,
@@ -398,7 +410,15 @@ fn main() -> ExitCode {
                 .map_err(|e| output::fail(format!("cannot render the man page: {e}")))
                 .and_then(|()| output::raw(&page))
         }
-        Command::Peer { listen, protocol: ProtocolArg::Discord, shards, token, max_concurrency, tls_cert: None, .. } => {
+        Command::Peer {
+            listen,
+            protocol: ProtocolArg::Discord,
+            shards,
+            token,
+            max_concurrency,
+            tls_cert: None,
+            ..
+        } => {
             let mut config = instance_lifecycle::testing::discord::GatewayConfig::new(token, shards);
             config.max_concurrency = max_concurrency;
             run_async(peer::run_discord(listen, config))
