@@ -51,6 +51,10 @@ enum Op {
     CleanupDone,
     StaleClose,
     AdvanceTime,
+    /// The peer asks for a new connection (R13).
+    PeerReconnect,
+    /// The peer says the session is invalid; retry after 2 s (R14).
+    SessionInvalid,
 }
 
 struct Model;
@@ -70,6 +74,18 @@ impl Model {
             M::Socket { retries }
         } else {
             M::Backoff { retries }
+        }
+    }
+
+    /// The next attempt the peer asked for: at once, or (an invalid session) after a wait.
+    fn requested(retries: u32, wait: bool) -> M {
+        let retries = retries + 1;
+        if retries > ATTEMPTS_MAX {
+            M::Closed
+        } else if wait {
+            M::Backoff { retries }
+        } else {
+            M::Socket { retries }
         }
     }
 
@@ -107,6 +123,8 @@ impl ReferenceStateMachine for Model {
             1 => Just(Op::CleanupDone),
             1 => Just(Op::StaleClose),
             2 => Just(Op::AdvanceTime),
+            1 => Just(Op::PeerReconnect),
+            1 => Just(Op::SessionInvalid),
         ]
         .boxed()
     }
@@ -135,6 +153,12 @@ impl ReferenceStateMachine for Model {
             }
             (Closing { delete: false, step: 0 | 1 }, Op::PeerClose(_) | Op::HeartbeatMiss) => Closed,
             (Closing { delete: true, step: 2 }, Op::CleanupDone) => Removed,
+            // R13 and R14: the peer's request is an attempt like any, counted;
+            // a session open long enough (here: at once) starts counting from zero.
+            (Open, Op::PeerReconnect) => Self::requested(0, false),
+            (Socket { retries }, Op::PeerReconnect) => Self::requested(retries, false),
+            (Open, Op::SessionInvalid) => Self::requested(0, true),
+            (Socket { retries }, Op::SessionInvalid) => Self::requested(retries, true),
             (m, Op::AdvanceTime) => Self::settle(&m),
             (m, _) => m,
         }
@@ -200,6 +224,10 @@ impl StateMachineTest for Real {
             })),
             Op::AdvanceTime => {
                 d.run_timers(16);
+            }
+            Op::PeerReconnect => drop(d.feed(Input::ReconnectRequested { generation: g })),
+            Op::SessionInvalid => {
+                drop(d.feed(Input::SessionInvalid { generation: g, retry_after: Duration::from_secs(2) }))
             }
         }
         assert_eq!(
