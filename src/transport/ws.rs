@@ -152,13 +152,13 @@ struct Setup {
     connects: Option<Arc<Pacer>>,
 }
 
-async fn run(setup: Setup, mut spec: ConnectSpec, control: mpsc::Receiver<Control>, signals: Signals) {
+async fn run(setup: Setup, mut spec: ConnectSpec, mut control: mpsc::Receiver<Control>, signals: Signals) {
     let outbound = std::mem::take(&mut spec.outbound);
     // The handshake (TCP, TLS, HTTP upgrade) runs in its own allocation, freed
     // once the socket is open: its future is several times the size of the
     // session's, and a task is as large as its largest stage, so a fleet of
     // live connections would otherwise each keep ~10 KB it never uses again.
-    let Some(ws) = Box::pin(handshake(&setup, &spec, &signals)).await else { return };
+    let Some(ws) = Box::pin(handshake(&setup, &spec, &mut control, &signals)).await else { return };
     let session = setup.protocol.open(&spec.instance, spec.resume.as_ref());
     let mut s = Session { protocol: setup.protocol, session, ws, control, outbound, signals, opened: false };
     let mut greeting = Vec::new();
@@ -174,14 +174,29 @@ fn bucket_of(instance: &InstanceName) -> u64 {
 }
 
 /// Connects; `None` after reporting why it could not.
-async fn handshake(setup: &Setup, spec: &ConnectSpec, signals: &Signals) -> Option<Ws> {
+async fn handshake(
+    setup: &Setup,
+    spec: &ConnectSpec,
+    control: &mut mpsc::Receiver<Control>,
+    signals: &Signals,
+) -> Option<Ws> {
     let lost = CloseInitiator::Transport;
     let Endpoint::Ws(configured) = &spec.endpoint else {
         signals.closed(lost, None, "a host-driven (external:) session needs a host to hold its connection").await;
         return None;
     };
     if let Some(pacer) = &setup.connects {
-        pacer.acquire(bucket_of(&spec.instance)).await;
+        tokio::select! {
+            () = pacer.acquire(bucket_of(&spec.instance)) => {}
+            // The engine gave up on this attempt while it waited for its turn:
+            // no socket is opened, and no permit spent.
+            ctl = control.recv() => {
+                if let Some(Control::Close { .. }) = ctl {
+                    signals.send(Input::CloseFinished { generation: signals.generation() }).await;
+                }
+                return None;
+            }
+        }
     }
     let url = setup.protocol.url(configured, spec.resume.as_ref());
     let connector = setup.tls.clone().map(tokio_tungstenite::Connector::Rustls);

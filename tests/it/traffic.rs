@@ -233,3 +233,37 @@ async fn a_send_queue_or_budget_of_nothing_is_refused() {
         }
     }
 }
+
+/// `WsTransport::with_connect_pacing`: new sockets are spaced fleet-wide by
+/// the pacer (four instances in one bucket take at least three windows),
+/// and an attempt given up while it waits for its turn opens no socket.
+#[tokio::test]
+async fn connect_pacing_spaces_new_sockets_and_a_waiting_attempt_opens_none() {
+    use instance_lifecycle::transport::{Pacer, ReferenceProtocol, WsLimits, WsTransport};
+    use std::sync::Arc;
+    let window = Duration::from_millis(300);
+    let pacer = Arc::new(Pacer::new(1, window).expect("pacer"));
+    let peer = TestPeer::start().await.expect("peer");
+    let transport =
+        WsTransport::new(Arc::new(ReferenceProtocol), WsLimits::default()).with_connect_pacing(pacer.clone());
+    let h = Harness::with(Policy::preset(Preset::Whatsapp), peer, |c| c.transport = Arc::new(transport)).await;
+    let names = ["p0", "p1", "p2", "p3"];
+    for name in names {
+        h.engine.create(name, h.spec()).await.expect("create");
+    }
+    let start = tokio::time::Instant::now();
+    for name in names {
+        h.engine.connect(name).await.expect("connect");
+    }
+    for name in names {
+        h.wait(name, |s| matches!(s, State::Open { .. }), Duration::from_secs(10)).await;
+    }
+    assert!(start.elapsed() >= pacer.lower_bound(names.len()), "{:?} < {:?}", start.elapsed(), pacer.lower_bound(4));
+
+    // The next attempt waits a window for its permit; deleted meanwhile, it never opens a socket.
+    h.engine.create("late", h.spec()).await.expect("create");
+    h.engine.connect("late").await.expect("connect");
+    h.engine.delete("late").await.expect("delete");
+    tokio::time::sleep(window * 2).await;
+    assert_eq!(h.peer.handshakes("late"), 0, "a socket was opened for an attempt given up");
+}
