@@ -548,3 +548,30 @@ proptest! {
         prop_assert_eq!(d.instance(), &start);
     }
 }
+
+/// R13 with R9's limit, exactly: a peer that asks for a reconnect again and
+/// again gets one attempt per request, exactly `attempts_max` of them, and
+/// then the instance gives up into Closed, still holding its resume data.
+#[test]
+fn r13_a_peer_asking_forever_gets_exactly_the_attempts_the_policy_allows() {
+    for attempts_max in 1..5 {
+        let mut policy = instance_lifecycle::machine::Policy::preset(instance_lifecycle::machine::Preset::Discord);
+        policy.backoff.attempts_max = attempts_max;
+        let identity = instance_lifecycle::machine::Identity::new("s 1 wss://r").expect("id");
+        let open = State::Open { identity: identity.clone(), since: Timestamp(0), retries: 0 };
+        let mut d = Driver::with_instance(name("r13x"), policy, Instance { generation: Generation(1), state: open });
+        let mut attempts = 0;
+        while !matches!(d.instance().state, State::Closed { .. }) {
+            let g = d.instance().generation;
+            let o = d.feed(Input::ReconnectRequested { generation: g });
+            attempts += crate::support::effects_of(&o).iter().filter(|e| opens(e)).count();
+            assert!(attempts <= attempts_max as usize + 1, "no end");
+        }
+        assert_eq!(attempts, attempts_max as usize, "limit {attempts_max}");
+        assert!(
+            matches!(&d.instance().state, State::Closed { cause: ClosedCause::GaveUp { .. }, resume: Some(r), .. } if *r == identity),
+            "{:?}",
+            d.instance().state
+        );
+    }
+}

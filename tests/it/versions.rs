@@ -288,12 +288,16 @@ fn rules_before_v4_ignore_the_protocol_session_inputs() {
         Input::SessionInvalid { generation: g, retry_after: std::time::Duration::from_secs(2) },
         Input::HeartbeatDue { generation: g, after: std::time::Duration::from_secs(41) },
     ];
-    for input in inputs {
+    let handshaking = Instance {
+        generation: g,
+        state: State::Connecting { phase: instance_lifecycle::machine::Phase::Handshaking, retries: 0, resume: None },
+    };
+    for (instance, input) in inputs.iter().map(|i| (&open, i)).chain(inputs[..2].iter().map(|i| (&handshaking, i))) {
         for old in [RulesVersion::V1, RulesVersion::V2, RulesVersion::V3] {
-            let o = step_under(old, &name, &open, &input, &Policy::default(), Timestamp(1));
-            assert_eq!(o, Outcome::Ignored(Ignored::NotExpected), "{old} + {input:?}");
+            let o = step_under(old, &name, instance, input, &Policy::default(), Timestamp(1));
+            assert_eq!(o, Outcome::Ignored(Ignored::NotExpected), "{old} + {input:?} in {}", instance.state);
         }
-        let o = step_under(RulesVersion::V4, &name, &open, &input, &Policy::default(), Timestamp(1));
+        let o = step_under(RulesVersion::V4, &name, instance, input, &Policy::default(), Timestamp(1));
         assert!(matches!(o, Outcome::Transition(_) | Outcome::Effects(_)), "v4 + {input:?}: {o:?}");
     }
 }
