@@ -115,6 +115,12 @@ export type HostSignal =
   | { kind: 'logoutFailed'; generation: number; error?: string }
   | { kind: 'closeFinished'; generation: number };
 
+/** An application frame received on an engine-held connection, or how many the callbacks missed. */
+export type InboundFrame =
+  | { instance: string; generation: number; text: string }
+  | { instance: string; generation: number; binary: Buffer }
+  | { missed: number };
+
 /** What the rules made of a signal. */
 export interface Signaled {
   /** `ignored`: a signal of an older connection (R12), or one the state does not take. */
@@ -155,6 +161,10 @@ export class Engine {
   signal(name: string, signal: HostSignal): Promise<Signaled>;
   /** Every effect for host-held connections, in order. Returns the unsubscribe function. */
   onEffect(callback: (effect: HostEffect) => void): () => void;
+  /** Sends an application frame on an engine-held connection that is Open (never waits on the socket). */
+  send(name: string, frame: string | Uint8Array): void;
+  /** Every application frame received on an engine-held connection. Returns the unsubscribe function. */
+  onFrame(callback: (frame: InboundFrame) => void): () => void;
   /** Every transition, after it is recorded. Returns the unsubscribe function. */
   onTransition(callback: (transition: Transition) => void): () => void;
   /** Every transition from now on; `break` unsubscribes. */

@@ -53,6 +53,10 @@ function fromNativeEffect(e) {
   return { kind: EFFECTS[effect] ?? effect, ...rest };
 }
 
+function fromNativeFrame(f) {
+  return f.binary === undefined ? f : { ...f, binary: Buffer.from(f.binary) };
+}
+
 class Engine {
   #native;
   #onCallbackError;
@@ -205,6 +209,27 @@ class Engine {
   /** Calls `callback(effect)` for each effect of a host-held connection, in order. Returns the unsubscribe function. */
   onEffect(callback) {
     return this.#subscribe('onEffect', callback, fromNativeEffect);
+  }
+
+  /**
+   * Sends an application frame (a string, or a Buffer/Uint8Array for a
+   * binary frame) on an engine-held connection that is Open. Never waits on
+   * the socket; throws `not_open`, `send_queue_full`, `rate_limited`, … .
+   */
+  send(name, frame) {
+    if (typeof frame === 'string') return now(() => this.#native.send(name, frame, undefined));
+    if (frame instanceof Uint8Array) return now(() => this.#native.send(name, undefined, Buffer.from(frame.buffer, frame.byteOffset, frame.byteLength)));
+    throw new LifecycleError('invalid_body', 'send: a string or a Buffer');
+  }
+
+  /**
+   * Calls `callback(frame)` for every application frame received on an
+   * engine-held connection (`{instance, generation, text}` or
+   * `{instance, generation, binary}`), and `{missed}` when callbacks fell
+   * behind the engine's ring. Returns the unsubscribe function.
+   */
+  onFrame(callback) {
+    return this.#subscribe('onFrame', callback, fromNativeFrame);
   }
 
   /** Calls `callback(transition)` after every transition. Returns the unsubscribe function. */

@@ -26,7 +26,8 @@ use instance_lifecycle::engine::{Engine as Core, EngineConfig, EngineError, Noti
 use instance_lifecycle::log::{Durability, LogConfig};
 use instance_lifecycle::machine::{Input, Policy, Preset, State};
 use instance_lifecycle::transport::{
-    HostEffect, HostSignal, Hub, Initiator, ReferenceProtocol, Routed, WsLimits, WsTransport,
+    Frame, HostEffect, HostSignal, Hub, Inbound, InboundError, Initiator, ReferenceProtocol, Routed, WsLimits,
+    WsTransport,
 };
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
@@ -370,6 +371,8 @@ pub struct NativeEngine {
     hub: Arc<Hub>,
     effects: Arc<Listeners>,
     transitions: Arc<Listeners>,
+    /// Listeners of the application frames of engine-held connections.
+    frames: Arc<Listeners>,
     close_timeout: Duration,
     /// The next signal's ticket.
     tickets: AtomicU32,
@@ -382,6 +385,8 @@ struct Open {
     core: Core,
     signals: mpsc::UnboundedSender<Vec<Queued>>,
     delivering: tokio::task::JoinHandle<()>,
+    /// Hands received application frames to `frames`, from the first `on_frame` on.
+    reading: Option<tokio::task::JoinHandle<()>>,
 }
 
 fn parse_options(options: Option<OpenOptions>) -> Result<(Policy, LogConfig, Duration)> {
@@ -500,8 +505,9 @@ impl NativeEngine {
         let answers = Arc::new(Mutex::new(None));
         let delivering = tokio::spawn(deliver(core.clone(), queue, answered));
         tokio::spawn(answer(answers_rx, answers.clone()));
-        let open = Mutex::new(Some(Open { core, signals, delivering }));
-        Ok(NativeEngine { open, hub, effects, transitions, close_timeout, tickets: AtomicU32::new(0), answers })
+        let open = Mutex::new(Some(Open { core, signals, delivering, reading: None }));
+        let frames = Arc::new(Listeners::default());
+        Ok(NativeEngine { open, hub, effects, transitions, frames, close_timeout, tickets: AtomicU32::new(0), answers })
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Open>> {
@@ -637,10 +643,40 @@ impl NativeEngine {
         Ok(self.transitions.add(weak(&callback)?))
     }
 
+    /// Sends an application frame on an engine-held connection that is
+    /// `Open`: `text`, or else `binary`. Never waits on the socket; refused
+    /// with `not_open`, `send_queue_full`, `rate_limited`, `host_driven`, …
+    #[napi(catch_unwind)]
+    pub fn send(&self, name: String, text: Option<String>, binary: Option<Buffer>) -> Result<()> {
+        let frame = match (text, binary) {
+            (Some(text), None) => Frame::Text(text),
+            (None, Some(bytes)) => Frame::Binary(bytes.to_vec()),
+            _ => return Err(coded("invalid_body", "send: a string or a Buffer")),
+        };
+        self.core()?.send(&name, frame).map_err(engine_error)
+    }
+
+    /// Calls `callback(frame)` for every application frame received on an
+    /// engine-held connection — `{instance, generation, text}` or
+    /// `{instance, generation, binary}` — and `{missed}` when the callbacks
+    /// fell behind the engine's ring; returns the subscription's id.
+    #[napi(catch_unwind, ts_args_type = "callback: (frame: unknown) => void")]
+    pub fn on_frame(&self, callback: Function<Value, ()>) -> Result<u32> {
+        let id = self.frames.add(weak(&callback)?);
+        let mut open = self.lock();
+        let Some(open) = open.as_mut() else { return Err(coded("shutting_down", "the engine is closed")) };
+        if open.reading.is_none() {
+            open.reading = Some(napi::bindgen_prelude::spawn(read_frames(open.core.frames(), self.frames.clone())));
+        }
+        Ok(id)
+    }
+
     /// Ends a subscription (`true` if it was there).
     #[napi(catch_unwind)]
     pub fn unsubscribe(&self, id: u32) -> bool {
-        self.effects.lock().remove(&id).is_some() || self.transitions.lock().remove(&id).is_some()
+        self.effects.lock().remove(&id).is_some()
+            || self.transitions.lock().remove(&id).is_some()
+            || self.frames.lock().remove(&id).is_some()
     }
 
     /// Stops every instance and closes the log, within the close bound
@@ -649,7 +685,10 @@ impl NativeEngine {
     /// engine or `lifecycle` to open. Idempotent.
     #[napi(catch_unwind)]
     pub async fn close(&self) -> Result<()> {
-        let Some(Open { core, signals, delivering }) = self.lock().take() else { return Ok(()) };
+        let Some(Open { core, signals, delivering, reading }) = self.lock().take() else { return Ok(()) };
+        if let Some(reading) = reading {
+            reading.abort();
+        }
         let bound = self.close_timeout + Duration::from_secs(1);
         let stopped = tokio::time::timeout(bound, core.shutdown()).await;
         // No more signals: the delivering task ends, and with it its clone of the engine.
@@ -657,6 +696,7 @@ impl NativeEngine {
         let _ = delivering.await;
         self.effects.lock().clear();
         self.transitions.lock().clear();
+        self.frames.lock().clear();
         // Answers still owed were sent before the delivering task ended; the
         // function goes once they are handed over (its queue is drained).
         // The last clone: the log closes cleanly here (a last commit, sled's files released).
@@ -665,6 +705,26 @@ impl NativeEngine {
             Ok(r) => r.map_err(engine_error),
             Err(_) => Err(coded("timed_out", format!("close did not finish within {bound:?}"))),
         }
+    }
+}
+
+/// Hands every received application frame to the listeners, in order (the
+/// ring never waits for them: a reader that falls behind is told what it missed).
+async fn read_frames(mut inbound: Inbound, to: Arc<Listeners>) {
+    loop {
+        let value = match inbound.recv().await {
+            Ok(f) => match &f.frame {
+                Frame::Text(text) => {
+                    serde_json::json!({ "instance": f.instance.as_str(), "generation": f.generation.0, "text": text })
+                }
+                Frame::Binary(bytes) => {
+                    serde_json::json!({ "instance": f.instance.as_str(), "generation": f.generation.0, "binary": bytes })
+                }
+            },
+            Err(InboundError::Missed { frames }) => serde_json::json!({ "missed": frames }),
+            Err(InboundError::Closed) => return,
+        };
+        to.call(&value);
     }
 }
 
