@@ -118,7 +118,7 @@ export type HostSignal =
 /** An application frame received on an engine-held connection, or how many the callbacks missed. */
 export type InboundFrame =
   | { instance: string; generation: number; text: string }
-  | { instance: string; generation: number; binary: Buffer }
+  | { instance: string; generation: number; binary: Uint8Array }
   | { missed: number };
 
 /** What the rules made of a signal. */
