@@ -310,7 +310,11 @@ impl FakeGateway {
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok((tcp, _)) = listener.accept().await else {
+            // Out of descriptors, say: wait a moment rather than spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
