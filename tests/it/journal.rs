@@ -3,9 +3,11 @@
 //! journal is reported and kept, never skipped; a write a crash interrupted
 //! is not damage.
 //!
-//! "What a crash leaves" is a copy of a live log's directory: sled has
-//! written only what it chose to (in the durable modes it flushes only when
-//! a buffer fills or at a checkpoint), the journal everything acknowledged.
+//! "What a crash leaves" is a copy of a live log's directory, the journal
+//! holding everything acknowledged, with sled's files set back to how they
+//! were when the log opened: in the durable modes sled flushes only when a
+//! buffer fills or at a checkpoint, so what it wrote by the time of the copy
+//! varies from run to run, and "nothing yet" is a state a crash can leave.
 
 use std::path::{Path, PathBuf};
 
@@ -40,17 +42,17 @@ fn live_log(dir: &Path, opened: Option<&Path>) -> (Log, Vec<Record>) {
     (log, records)
 }
 
-/// What a crash of a live log leaves (a copy of its directory taken while
-/// it is open), in a temporary directory, and the records acknowledged.
-/// sled's files in it are as they were right after opening: sled wrote
-/// nothing on its own (how much it writes depends on its buffers), so the
-/// journal holds every append and replay must bring each one back.
-fn crash_copy() -> (tempfile::TempDir, PathBuf, Vec<Record>) {
-    let dir = tempfile::tempdir().expect("dir");
-    let (src, copy, opened) = (dir.path().join("log"), dir.path().join("crashed"), dir.path().join("opened"));
+/// What a crash of a live log in `dir/log` leaves, in `dir/crashed`: a copy
+/// of the directory taken while the log is open, with sled's files as they
+/// were right after opening. sled may write out a buffer on its own at any
+/// time (how much it writes depends on its buffers), so the copy's files are
+/// set back to a state a crash could leave: sled wrote nothing since opening,
+/// the journal holds every append, and replay must bring each one back.
+/// Returns the log, still open, the copy and the records acknowledged.
+fn crash_of_a_live_log(dir: &Path) -> (Log, PathBuf, Vec<Record>) {
+    let (src, copy, opened) = (dir.join("log"), dir.join("crashed"), dir.join("opened"));
     let (log, expected) = live_log(&src, Some(&opened));
     copy_tree(&src, &copy);
-    drop(log);
     for entry in std::fs::read_dir(&opened).expect("opened") {
         let path = entry.expect("entry").path();
         let name = path.file_name().expect("name").to_owned();
@@ -58,6 +60,14 @@ fn crash_copy() -> (tempfile::TempDir, PathBuf, Vec<Record>) {
             std::fs::copy(&path, copy.join(&name)).expect("sled's files as they were");
         }
     }
+    (log, copy, expected)
+}
+
+/// [`crash_of_a_live_log`] in a temporary directory, the log closed.
+fn crash_copy() -> (tempfile::TempDir, PathBuf, Vec<Record>) {
+    let dir = tempfile::tempdir().expect("dir");
+    let (log, copy, expected) = crash_of_a_live_log(dir.path());
+    drop(log);
     (dir, copy, expected)
 }
 
@@ -128,11 +138,10 @@ fn records(log: &Log) -> Vec<Record> {
 #[test]
 fn what_a_crash_leaves_comes_back_whole_from_the_journal() {
     let dir = tempfile::tempdir().expect("dir");
-    let (src, crashed, sled_only) = (dir.path().join("log"), dir.path().join("crashed"), dir.path().join("sled-only"));
-    let (log, expected) = live_log(&src, None);
+    let (src, sled_only) = (dir.path().join("log"), dir.path().join("sled-only"));
+    let (log, crashed, expected) = crash_of_a_live_log(dir.path());
     assert!(!journal_files(&src).is_empty(), "a durable log commits through its journal");
-    copy_tree(&src, &crashed);
-    copy_tree(&src, &sled_only);
+    copy_tree(&crashed, &sled_only);
     std::fs::remove_dir_all(sled_only.join("journal")).expect("rm journal");
     drop(log);
     assert!(journal_files(&src).is_empty(), "a clean close folds the journal into sled's files");
