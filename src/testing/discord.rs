@@ -315,6 +315,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
+        // Frames go out when flushed, not held back by Nagle.
+        let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
             if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {

@@ -228,6 +228,16 @@ struct Session {
     opened: bool,
 }
 
+/// What reading a frame left to do.
+enum Read {
+    /// What the protocol read, and the frames it answered with.
+    Reading(Reading, Vec<Write>),
+    /// A frame that breaks the protocol.
+    Invalid(super::protocol::ProtocolError),
+    /// Not a data frame: a control frame, an error, the end.
+    Other(Option<Result<Message, WsError>>),
+}
+
 /// Whether the session goes on after handling an event.
 enum Flow {
     Continue,
@@ -241,7 +251,10 @@ impl Session {
         loop {
             // Handlers are boxed: the idle connection's future stays small in a large fleet.
             let flow = tokio::select! {
-                frame = self.ws.next() => Box::pin(self.on_frame(frame)).await,
+                frame = self.ws.next() => match self.read(frame) {
+                    None => Flow::Continue,
+                    Some(read) => Box::pin(self.on_read(read)).await,
+                },
                 ctl = self.control.recv() => match ctl {
                     Some(ctl) => Box::pin(self.on_control(ctl)).await,
                     // The engine dropped us (abort): drop the socket without a handshake.
@@ -255,21 +268,49 @@ impl Session {
         }
     }
 
+    /// Reads what the socket gave, without awaiting: a text or binary frame
+    /// goes through the protocol, and a frame for the host is published.
+    /// Most frames end here (traffic, nothing to write back); whatever
+    /// needs more (a lifecycle message, frames to write, anything that is
+    /// not a data frame) is returned for [`Session::on_read`], whose future
+    /// is boxed: the hot path allocates no future per frame.
+    fn read(&mut self, frame: Option<Result<Message, WsError>>) -> Option<Read> {
+        let mut out = Vec::new();
+        let now = tokio::time::Instant::now();
+        let reading = match frame {
+            Some(Ok(Message::Text(text))) => self.session.read_text(text.as_str(), now, &mut out).inspect(|r| {
+                if r.to_host {
+                    self.signals.frame(Frame::Text(text.as_str().to_owned()));
+                }
+            }),
+            Some(Ok(Message::Binary(bytes))) => self.session.read_binary(&bytes, now, &mut out).inspect(|r| {
+                if r.to_host {
+                    self.signals.frame(Frame::Binary(bytes.to_vec()));
+                }
+            }),
+            other => return Some(Read::Other(other)),
+        };
+        match reading {
+            Ok(Reading { message: PeerMessage::Application | PeerMessage::Handled, .. }) if out.is_empty() => None,
+            Ok(reading) => Some(Read::Reading(reading, out)),
+            Err(e) => Some(Read::Invalid(e)),
+        }
+    }
+
+    /// What [`Session::read`] left.
+    async fn on_read(&mut self, read: Read) -> Flow {
+        match read {
+            Read::Reading(reading, out) => self.on_reading(reading, out).await,
+            Read::Invalid(e) => self.protocol_error(1002, e.to_string()).await,
+            Read::Other(frame) => self.on_frame(frame).await,
+        }
+    }
+
+    /// Everything but a data frame: control frames, errors, the end.
     async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Flow {
         match frame {
-            Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
-            Some(Ok(Message::Binary(bytes))) => {
-                let mut out = Vec::new();
-                match self.session.read_binary(&bytes, tokio::time::Instant::now(), &mut out) {
-                    Ok(reading) => {
-                        if reading.to_host {
-                            self.signals.frame(Frame::Binary(bytes.to_vec()));
-                        }
-                        self.on_reading(reading, out).await
-                    }
-                    Err(e) => self.protocol_error(1002, e.to_string()).await,
-                }
-            }
+            // `read` takes every data frame; none comes here.
+            Some(Ok(Message::Text(_) | Message::Binary(_))) => Flow::Continue,
             Some(Ok(Message::Pong(_))) => {
                 self.signals.pong().await;
                 Flow::Continue
@@ -311,19 +352,6 @@ impl Session {
                 self.signals.closed(CloseInitiator::Transport, None, "connection ended without a close frame").await;
                 Flow::End
             }
-        }
-    }
-
-    async fn on_text(&mut self, text: &str) -> Flow {
-        let mut out = Vec::new();
-        match self.session.read_text(text, tokio::time::Instant::now(), &mut out) {
-            Ok(reading) => {
-                if reading.to_host {
-                    self.signals.frame(Frame::Text(text.to_owned()));
-                }
-                self.on_reading(reading, out).await
-            }
-            Err(e) => self.protocol_error(1002, e.to_string()).await,
         }
     }
 
