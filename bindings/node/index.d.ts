@@ -113,7 +113,13 @@ export type HostSignal =
   | { kind: 'pong'; generation: number }
   | { kind: 'logoutConfirmed'; generation: number }
   | { kind: 'logoutFailed'; generation: number; error?: string }
-  | { kind: 'closeFinished'; generation: number };
+  | { kind: 'closeFinished'; generation: number }
+  /** The peer asks for a new connection that resumes (Discord's op 7): effects `close` 1012, then `open` resuming (R13). */
+  | { kind: 'reconnectRequested'; generation: number }
+  /** The session is invalid (Discord's op 9, `d: false`): the next `open`, after `retryAfterMs` (default 0, at most an hour), resumes nothing (R14). */
+  | { kind: 'sessionInvalid'; generation: number; retryAfterMs?: number }
+  /** A heartbeat acknowledged, the next due in `afterMs` (at most an hour): counts as a pong; the next `ping` effect comes then (R7). */
+  | { kind: 'heartbeatDue'; generation: number; afterMs: number };
 
 /** An application frame received on an engine-held connection, or how many the callbacks missed. */
 export type InboundFrame =

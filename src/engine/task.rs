@@ -42,10 +42,13 @@ struct Conn {
     generation: Generation,
     control: mpsc::Sender<Control>,
     task: JoinHandle<()>,
+    /// The rules asked it to close (a close is in its control queue).
+    closing: bool,
 }
 
 /// A connection never outlives its holder: however the instance's task ends
-/// (aborted by `Engine::relinquish` included), its socket goes with it.
+/// (aborted by `Engine::relinquish` included), its socket goes with it; a
+/// retired one closing in the background, when its close time-out ends.
 impl Drop for Conn {
     fn drop(&mut self) {
         self.task.abort();
@@ -374,7 +377,7 @@ impl Task {
 
     /// R9: one transport per instance; a new generation replaces the old.
     fn open(&mut self, generation: Generation, resume: Option<crate::machine::Identity>) {
-        self.abort_conn();
+        self.retire_conn();
         let signals = Signals::new(generation, self.signals_tx.clone());
         let endpoint = match Endpoint::parse(&self.spec.url) {
             Ok(endpoint) => endpoint,
@@ -414,16 +417,35 @@ impl Task {
             outbound,
         };
         let run = self.shared.transport.run(spec, control_rx, signals);
-        self.conn = Some(Conn { generation, control, task: tokio::spawn(run) });
+        self.conn = Some(Conn { generation, control, task: tokio::spawn(run), closing: false });
     }
 
     fn control(&mut self, generation: Generation, ctl: Control) {
-        if let Some(c) = self.conn.as_ref().filter(|c| c.generation == generation)
-            && c.control.try_send(ctl).is_err()
-        {
+        let Some(c) = self.conn.as_mut().filter(|c| c.generation == generation) else { return };
+        let close = matches!(ctl, Control::Close { .. });
+        match c.control.try_send(ctl) {
+            Ok(()) => c.closing |= close,
             // The connection already ended; its end is queued as a signal.
-            debug!(%generation, "control message for an ended connection dropped");
+            Err(_) => debug!(%generation, "control message for an ended connection dropped"),
         }
+    }
+
+    /// Makes way for a new connection (R9: one per instance). One the rules
+    /// just asked to close (R13: the peer asked for a reconnect, and the
+    /// next connection starts at once) finishes its close in the background
+    /// within the policy's close time-out, so the peer gets the close frame
+    /// the rules chose (1012: Discord keeps the session resumable, where a
+    /// dropped socket is only a loss); then it is dropped. Its signals come
+    /// from an older generation and change nothing (R12). Any other
+    /// connection is dropped at once.
+    fn retire_conn(&mut self) {
+        if let Some(mut c) = self.conn.take_if(|c| c.closing && !c.task.is_finished()) {
+            let bound = self.shared.policy.timeouts.close;
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(bound, &mut c.task).await;
+            });
+        }
+        self.abort_conn();
     }
 
     fn abort_conn(&mut self) {

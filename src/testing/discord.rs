@@ -75,7 +75,7 @@ impl GatewayConfig {
 }
 
 /// What the gateway saw, in total.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GatewayStats {
     /// WebSocket connections accepted.
     pub connections: u64,
@@ -97,6 +97,8 @@ pub struct GatewayStats {
     pub bad_token: u64,
     /// Frames from shards that were neither a handshake nor a heartbeat.
     pub app_frames: u64,
+    /// The close codes shards closed with, in order (none for a close frame without a code).
+    pub shard_closes: Vec<Option<u16>>,
 }
 
 /// A handshake a shard made, in order.
@@ -209,7 +211,7 @@ impl FakeGateway {
 
     /// The counters so far.
     pub fn stats(&self) -> GatewayStats {
-        self.shared.state().stats
+        self.shared.state().stats.clone()
     }
 
     /// Every handshake so far, in order.
@@ -383,7 +385,11 @@ impl Connection {
             let next = tokio::select! {
                 frame = self.ws.next() => match frame {
                     Some(Ok(Message::Text(text))) => self.on_frame(text.as_str()).await,
-                    Some(Ok(Message::Close(_)) | Err(_)) | None => Next::Stop,
+                    Some(Ok(Message::Close(frame))) => {
+                        self.shared.state().stats.shard_closes.push(frame.map(|f| u16::from(f.code)));
+                        Next::Stop
+                    }
+                    Some(Err(_)) | None => Next::Stop,
                     Some(Ok(_)) => Next::Go,
                 },
                 Some(command) = self.commands.recv() => self.on_command(command).await,

@@ -27,6 +27,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
@@ -145,6 +146,47 @@ pub enum HostSignal {
         /// The connection.
         generation: u64,
     },
+    /// The peer asked for a new connection that resumes the session
+    /// (Discord's op 7, say): the engine closes this one with 1012 and opens
+    /// the next at once, resuming (R13).
+    ReconnectRequested {
+        /// The connection.
+        generation: u64,
+    },
+    /// The peer said the session is invalid and cannot be resumed (Discord's
+    /// op 9 with `d: false`): the next connection, after `retry_after_ms`,
+    /// starts a new session (R14).
+    SessionInvalid {
+        /// The connection.
+        generation: u64,
+        /// How long to wait before the next attempt, in milliseconds (at most an hour).
+        #[serde(default, deserialize_with = "host_wait")]
+        retry_after_ms: u64,
+    },
+    /// The peer acknowledged a heartbeat and set when the next is due (a
+    /// protocol whose heartbeats are application frames): counts as a pong,
+    /// and the next `ping` effect comes after `after_ms` (R7).
+    HeartbeatDue {
+        /// The connection.
+        generation: u64,
+        /// When the next heartbeat is due, in milliseconds from now (at most an hour).
+        #[serde(deserialize_with = "host_wait")]
+        after_ms: u64,
+    },
+}
+
+/// The longest wait a host's signal may ask for (`retry_after_ms`,
+/// `after_ms`), in milliseconds: an hour. A longer one is refused as a bad
+/// body, not obeyed: no protocol asks for it, and an instance told to wait
+/// a century would look alive and never connect.
+pub const HOST_WAIT_MAX_MS: u64 = 3_600_000;
+
+fn host_wait<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let ms = u64::deserialize(d)?;
+    if ms > HOST_WAIT_MAX_MS {
+        return Err(serde::de::Error::custom(format!("a wait of {ms} ms: at most {HOST_WAIT_MAX_MS} (an hour)")));
+    }
+    Ok(ms)
 }
 
 /// Who ended a connection.
@@ -191,6 +233,16 @@ impl HostSignal {
                 Input::LogoutFailed { generation: Generation(*generation), error: Reason::new(error.as_str()) }
             }
             Self::CloseFinished { generation } => Input::CloseFinished { generation: Generation(*generation) },
+            Self::ReconnectRequested { generation } => {
+                Input::ReconnectRequested { generation: Generation(*generation) }
+            }
+            Self::SessionInvalid { generation, retry_after_ms } => Input::SessionInvalid {
+                generation: Generation(*generation),
+                retry_after: Duration::from_millis(*retry_after_ms),
+            },
+            Self::HeartbeatDue { generation, after_ms } => {
+                Input::HeartbeatDue { generation: Generation(*generation), after: Duration::from_millis(*after_ms) }
+            }
         }
     }
 }

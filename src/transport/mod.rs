@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-pub use external::{EffectListener, HostAction, HostEffect, HostSignal, Hub, Initiator, Routed};
+pub use external::{EffectListener, HOST_WAIT_MAX_MS, HostAction, HostEffect, HostSignal, Hub, Initiator, Routed};
 pub use pacing::{Pacer, PacerError};
 pub use protocol::{
     Beat, Logout, PeerMessage, Protocol, ProtocolError, ProtocolSession, Reading, ReferenceProtocol, Write,

@@ -240,6 +240,9 @@ async fn op7_reconnect_resumes_with_the_last_sequence() {
     );
     let resumed = next_json(&mut inbound).await;
     assert_eq!(resumed["t"].as_str(), Some("RESUMED"), "{resumed}");
+    // The old connection was closed with 1012 (not dropped, and never 1000/1001, which end the session).
+    wait_until(|| !fleet.gateway.stats().shard_closes.is_empty()).await;
+    assert_eq!(fleet.gateway.stats().shard_closes, [Some(1012)]);
     let inputs = fleet.inputs(&name).await;
     assert!(inputs.contains(&InputKind::ReconnectRequested), "{inputs:?}");
     assert_eq!(resume_of(&fleet.engine.state(&name).expect("state")).session_id, session);

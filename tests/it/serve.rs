@@ -714,6 +714,50 @@ async fn external_host_drives_a_session_through_the_rules() {
     svc.stop().await;
 }
 
+/// A host whose protocol lets the peer steer the session (Discord, over
+/// `transport: external`): a reconnect the peer asks for closes the old
+/// connection with 1012 and resumes (R13); an invalid session starts anew
+/// after the wait the host gives (R14); an acknowledgement that sets the
+/// heartbeat schedule brings the next ping then (R7). A wait past an hour is a 422.
+#[tokio::test]
+async fn a_host_reports_what_the_peer_asks_of_the_session() {
+    // The policy's own beat is a minute away: a ping within the test came from the peer's schedule.
+    let mut policy = fast(Preset::Whatsapp);
+    policy.heartbeat.interval = Duration::from_secs(60);
+    let svc = Svc::start(policy, |_| {}).await;
+    let mut effects = Effects::open(&svc, "shard-0").await;
+    svc.post("/v1/instances", json!({"name": "shard-0", "transport": "external"})).await;
+    svc.post("/v1/instances/shard-0/connect", json!({})).await;
+    let g1 = effects.next("open").await["generation"].as_u64().expect("generation");
+    let signal = |s: Value| svc.post("/v1/instances/shard-0/signals", s);
+    signal(json!({"signal": "opened", "generation": g1, "identity": "session-1"})).await;
+
+    let (status, answer) = signal(json!({"signal": "reconnect_requested", "generation": g1})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let close = effects.next("close").await;
+    assert_eq!((close["generation"].as_u64(), close["status"].as_u64()), (Some(g1), Some(1012)), "{close}");
+    let open2 = effects.next("open").await;
+    let g2 = open2["generation"].as_u64().expect("generation");
+    assert_eq!(open2["resume"], "session-1", "the session is resumed: {open2}");
+    signal(json!({"signal": "opened", "generation": g2, "identity": "session-1"})).await;
+
+    let (status, answer) = signal(json!({"signal": "heartbeat_due", "generation": g2, "after_ms": 50})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let ping = effects.next("ping").await;
+    assert_eq!(ping["generation"].as_u64(), Some(g2), "{ping}");
+
+    let (status, body) =
+        signal(json!({"signal": "session_invalid", "generation": g2, "retry_after_ms": 3_600_001})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.to_string().contains("an hour"), "{body}");
+    let (status, answer) = signal(json!({"signal": "session_invalid", "generation": g2, "retry_after_ms": 100})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let open3 = effects.next("open").await;
+    assert!(open3["generation"].as_u64() > Some(g2), "{open3}");
+    assert_eq!(open3["resume"], Value::Null, "an invalid session is never resumed: {open3}");
+    svc.stop().await;
+}
+
 fn lifecycle_serve(data: &std::path::Path, port: u16, peer: &str, hook: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_lifecycle"))
         .args(["serve", "--data"])

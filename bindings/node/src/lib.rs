@@ -26,8 +26,8 @@ use instance_lifecycle::engine::{Engine as Core, EngineConfig, EngineError, Noti
 use instance_lifecycle::log::{Durability, LogConfig};
 use instance_lifecycle::machine::{Input, Policy, Preset, State};
 use instance_lifecycle::transport::{
-    Frame, HostEffect, HostSignal, Hub, Inbound, InboundError, Initiator, ReferenceProtocol, Routed, WsLimits,
-    WsTransport,
+    Frame, HOST_WAIT_MAX_MS, HostEffect, HostSignal, Hub, Inbound, InboundError, Initiator, ReferenceProtocol, Routed,
+    WsLimits, WsTransport,
 };
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
@@ -218,7 +218,7 @@ impl Answers {
 }
 
 /// The kinds of signal, by the index `index.js` packs them as.
-const SIGNAL_KINDS: [&str; 9] = [
+const SIGNAL_KINDS: [&str; 12] = [
     "opened",
     "pairing",
     "closed",
@@ -228,6 +228,9 @@ const SIGNAL_KINDS: [&str; 9] = [
     "logoutConfirmed",
     "logoutFailed",
     "closeFinished",
+    "reconnectRequested",
+    "sessionInvalid",
+    "heartbeatDue",
 ];
 
 /// What a signal carries beyond its kind and generation (`null` for a kind that carries nothing).
@@ -245,6 +248,10 @@ pub struct SignalExtra {
     pub initiator: Option<String>,
     /// `writeFailed`, `logoutFailed`: the error.
     pub error: Option<String>,
+    /// `sessionInvalid`: how long to wait before the next attempt, in ms.
+    pub retry_after_ms: Option<f64>,
+    /// `heartbeatDue`: when the next heartbeat is due, in ms from now.
+    pub after_ms: Option<f64>,
 }
 
 /// Signals taken in line: the accepted ones carry tickets `first`, `first + 1`, …
@@ -281,6 +288,8 @@ fn host_signal(kind: u8, generation: f64, extra: Option<SignalExtra>) -> Result<
         reason: None,
         initiator: None,
         error: None,
+        retry_after_ms: None,
+        after_ms: None,
     });
     let text = |v: Option<String>| v.unwrap_or_default();
     Ok(match SIGNAL_KINDS.get(usize::from(kind)).copied().unwrap_or("") {
@@ -311,8 +320,31 @@ fn host_signal(kind: u8, generation: f64, extra: Option<SignalExtra>) -> Result<
         "logoutConfirmed" => HostSignal::LogoutConfirmed { generation },
         "logoutFailed" => HostSignal::LogoutFailed { generation, error: text(extra.error) },
         "closeFinished" => HostSignal::CloseFinished { generation },
+        "reconnectRequested" => HostSignal::ReconnectRequested { generation },
+        "sessionInvalid" => {
+            HostSignal::SessionInvalid { generation, retry_after_ms: wait_ms("retryAfterMs", extra.retry_after_ms)? }
+        }
+        "heartbeatDue" => match extra.after_ms {
+            Some(_) => HostSignal::HeartbeatDue { generation, after_ms: wait_ms("afterMs", extra.after_ms)? },
+            None => {
+                return Err(coded("invalid_body", "signal heartbeatDue: afterMs, the milliseconds until the next beat"));
+            }
+        },
         _ => return Err(coded("invalid_body", format!("signal kind #{kind}: one of {}", SIGNAL_KINDS.join(", ")))),
     })
+}
+
+/// A wait a signal asks for, in whole milliseconds up to an hour
+/// ([`HOST_WAIT_MAX_MS`]); none is no wait.
+fn wait_ms(field: &str, ms: Option<f64>) -> Result<u64> {
+    match ms {
+        None => Ok(0),
+        Some(ms) if ms.fract() == 0.0 && (0.0..=HOST_WAIT_MAX_MS as f64).contains(&ms) => Ok(ms as u64),
+        Some(ms) => Err(coded(
+            "invalid_body",
+            format!("signal: {field} {ms} is not whole milliseconds from 0 to {HOST_WAIT_MAX_MS} (an hour)"),
+        )),
+    }
 }
 
 /// The answers' way back to JavaScript: one threadsafe function for every

@@ -128,3 +128,48 @@ test('a refused signal in a burst is rejected alone; the others are applied', as
   assert.equal(pong.value?.outcome, 'applied');
   assert.equal(e.state('burst').kind, 'Open', 'the refused close changed nothing');
 });
+
+test('a peer that asks for a reconnect is resumed; an invalid session is not (R13, R14); its heartbeat schedule is kept (R7)', async (t) => {
+  const { engine: e } = await engine(t);
+  await e.create('shard-0', { external: true });
+  const effects = recorder(e, 'shard-0');
+  e.connect('shard-0').catch(() => {});
+  const first = await until(() => effects.find((x) => x.kind === 'open'), 'the first open');
+  await e.signal('shard-0', { kind: 'opened', generation: first.generation, identity: 'session-1' });
+
+  // R13: the old connection is closed with 1012 (never 1000/1001, which would end the session) and the next resumes it.
+  const asked = await e.signal('shard-0', { kind: 'reconnectRequested', generation: first.generation });
+  assert.equal(asked.outcome, 'applied');
+  const closed = await until(() => effects.find((x) => x.kind === 'close' && x.generation === first.generation), 'the close');
+  assert.equal(closed.status, 1012);
+  const second = await until(
+    () => effects.find((x) => x.kind === 'open' && x.generation > first.generation),
+    'the resuming open',
+  );
+  assert.equal(second.resume, 'session-1');
+  await e.signal('shard-0', { kind: 'opened', generation: second.generation, identity: 'session-1' });
+
+  // R7: an acknowledgement that sets the schedule; the next ping comes after afterMs, not the policy's 30 s.
+  const acked = Date.now();
+  await e.signal('shard-0', { kind: 'heartbeatDue', generation: second.generation, afterMs: 40 });
+  await until(() => effects.find((x) => x.kind === 'ping' && x.generation === second.generation), 'the ping');
+  assert.ok(Date.now() - acked < 20_000, 'the ping came on the peer\'s schedule');
+
+  // R14: the session is gone; the next connection starts anew, after the wait the protocol chose.
+  await e.signal('shard-0', { kind: 'sessionInvalid', generation: second.generation, retryAfterMs: 50 });
+  const third = await until(
+    () => effects.find((x) => x.kind === 'open' && x.generation > second.generation),
+    'the fresh open',
+  );
+  assert.equal(third.resume, null, 'an invalid session is never resumed');
+
+  // A wait beyond an hour, or a heartbeatDue without one, is refused as a bad body.
+  await assert.rejects(
+    e.signal('shard-0', { kind: 'sessionInvalid', generation: third.generation, retryAfterMs: 4_000_000 }),
+    (err) => err.code === 'invalid_body' && /an hour/.test(err.message),
+  );
+  await assert.rejects(
+    e.signal('shard-0', { kind: 'heartbeatDue', generation: third.generation }),
+    (err) => err.code === 'invalid_body' && /afterMs/.test(err.message),
+  );
+});
