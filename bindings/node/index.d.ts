@@ -119,7 +119,9 @@ export type HostSignal =
   /** The session is invalid (Discord's op 9, `d: false`): the next `open`, after `retryAfterMs` (default 0, at most an hour), resumes nothing (R14). */
   | { kind: 'sessionInvalid'; generation: number; retryAfterMs?: number }
   /** A heartbeat acknowledged, the next due in `afterMs` (at most an hour): counts as a pong; the next `ping` effect comes then (R7). */
-  | { kind: 'heartbeatDue'; generation: number; afterMs: number };
+  | { kind: 'heartbeatDue'; generation: number; afterMs: number }
+  /** A handshake step after a wait for a fleet-wide permit, or a reminder during one (at least twice per connect time-out): the connect deadline counts from now (R15). */
+  | { kind: 'handshakeStep'; generation: number };
 
 /** An application frame received on an engine-held connection, or how many the callbacks missed. */
 export type InboundFrame =

@@ -40,11 +40,11 @@ function now(f) {
 /** Signal kinds by index, as the native side reads them (SIGNAL_KINDS in src/lib.rs). */
 const SIGNAL_KINDS = [
   'opened', 'pairing', 'closed', 'writeFailed', 'heartbeatMissed', 'pong', 'logoutConfirmed', 'logoutFailed',
-  'closeFinished', 'reconnectRequested', 'sessionInvalid', 'heartbeatDue',
+  'closeFinished', 'reconnectRequested', 'sessionInvalid', 'heartbeatDue', 'handshakeStep',
 ];
 const SIGNAL_INDEX = new Map(SIGNAL_KINDS.map((k, i) => [k, i]));
 /** Kinds that carry nothing beyond their generation: no object crosses for them. */
-const BARE = new Set(['heartbeatMissed', 'pong', 'logoutConfirmed', 'closeFinished', 'reconnectRequested']);
+const BARE = new Set(['heartbeatMissed', 'pong', 'logoutConfirmed', 'closeFinished', 'reconnectRequested', 'handshakeStep']);
 
 /** State kinds by index, as the native side packs them. */
 const KINDS = ['Connecting', 'Open', 'Closing', 'Closed', 'Zombie', 'Removed'];

@@ -65,6 +65,7 @@ pub(crate) fn is_reportable(input: &Input) -> bool {
             | Input::ReconnectRequested { .. }
             | Input::SessionInvalid { .. }
             | Input::HeartbeatDue { .. }
+            | Input::HandshakeStep { .. }
             | Input::LogoutConfirmed { .. }
             | Input::LogoutFailed { .. }
             | Input::CloseFinished { .. }

@@ -77,6 +77,7 @@ pub fn sample_inputs(g: Generation) -> Vec<Input> {
             inputs.push(Input::SessionInvalid { generation, retry_after });
         }
         inputs.push(Input::HeartbeatDue { generation, after: std::time::Duration::from_millis(41_250) });
+        inputs.push(Input::HandshakeStep { generation });
         inputs.push(Input::WriteFailed { generation, error: "broken pipe".into() });
         inputs.push(Input::HeartbeatMissed { generation });
         inputs.push(Input::LogoutConfirmed { generation });

@@ -1,12 +1,12 @@
-//! Which rule of the design (R1–R14) decided a recorded transition: what the
+//! Which rule of the design (R1–R15) decided a recorded transition: what the
 //! dashboard's replay and the event stream show beside each record.
 //!
 //! [`rule_of`] reads a record's three parts — the state before, the input,
 //! the state after — and names the rule whose clause produced that step of
 //! [`super::step`]. Steps that no rule constrains (a host's first connect, a
-//! pairing code being counted) name none. Four rules never decide a record:
-//! R1 and R12 make inputs change *nothing*, R8 is about the log itself, and
-//! R10 is named only for a caught panic.
+//! pairing code being counted) name none. Five rules never decide a record:
+//! R1 and R12 make inputs change *nothing*, R8 is about the log itself, R15
+//! only moves a timer, and R10 is named only for a caught panic.
 
 use std::fmt;
 
@@ -46,11 +46,13 @@ pub enum Rule {
     R13,
     /// An invalid session is never resumed.
     R14,
+    /// A fleet-wide wait is not a silent peer.
+    R15,
 }
 
 impl Rule {
     /// Every rule, in order.
-    pub const ALL: [Rule; 14] = [
+    pub const ALL: [Rule; 15] = [
         Self::R1,
         Self::R2,
         Self::R3,
@@ -65,9 +67,10 @@ impl Rule {
         Self::R12,
         Self::R13,
         Self::R14,
+        Self::R15,
     ];
 
-    /// `R1` … `R12`.
+    /// `R1` … `R15`.
     pub fn id(self) -> &'static str {
         match self {
             Self::R1 => "R1",
@@ -84,6 +87,7 @@ impl Rule {
             Self::R12 => "R12",
             Self::R13 => "R13",
             Self::R14 => "R14",
+            Self::R15 => "R15",
         }
     }
 
@@ -104,6 +108,7 @@ impl Rule {
             Self::R12 => "Stale signals",
             Self::R13 => "A reconnect request resumes",
             Self::R14 => "An invalid session is never resumed",
+            Self::R15 => "A fleet-wide wait is not a silent peer",
         }
     }
 }
@@ -256,13 +261,14 @@ mod tests {
                 named.insert(r);
             }
         }
-        // R1, R8 and R12 never decide a record: nothing leaves Removed, the log is
-        // not a step, and a stale input changes nothing.
-        for never in [Rule::R1, Rule::R8, Rule::R12] {
-            assert!(!named.contains(&never), "{never} named a transition");
+        // R1, R8, R12 and R15 never decide a record: nothing leaves Removed, the
+        // log is not a step, a stale input changes nothing, and a handshake step
+        // only moves a timer.
+        let never = [Rule::R1, Rule::R8, Rule::R12, Rule::R15];
+        for rule in never {
+            assert!(!named.contains(&rule), "{rule} named a transition");
         }
-        let expected: BTreeSet<Rule> =
-            Rule::ALL.into_iter().filter(|r| ![Rule::R1, Rule::R8, Rule::R12].contains(r)).collect();
+        let expected: BTreeSet<Rule> = Rule::ALL.into_iter().filter(|r| !never.contains(r)).collect();
         assert_eq!(named, expected, "every other rule decides some transition");
     }
 
@@ -329,7 +335,7 @@ mod tests {
     fn every_rule_has_its_own_id_and_title() {
         let ids: BTreeSet<_> = Rule::ALL.iter().map(|r| r.id()).collect();
         let titles: BTreeSet<_> = Rule::ALL.iter().map(|r| r.title()).collect();
-        assert_eq!((ids.len(), titles.len()), (14, 14));
+        assert_eq!((ids.len(), titles.len()), (15, 15));
         for (i, r) in Rule::ALL.iter().enumerate() {
             assert_eq!(r.id(), format!("R{}", i + 1));
             assert!(r.title().len() > 5, "{r}");

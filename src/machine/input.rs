@@ -207,6 +207,14 @@ pub enum Input {
         /// Time to the next heartbeat.
         after: Duration,
     },
+    /// The transport took a step of the handshake after a wait for a
+    /// fleet-wide permit (it sent a paced IDENTIFY, or opened a socket the
+    /// connect pacing held back): the peer must now answer, and the connect
+    /// deadline counts from here, not from before the wait (R15).
+    HandshakeStep {
+        /// The connection this came from.
+        generation: Generation,
+    },
 }
 
 /// The kinds of input, without data: for diagrams and counts.
@@ -239,11 +247,12 @@ pub enum InputKind {
     ReconnectRequested,
     SessionInvalid,
     HeartbeatDue,
+    HandshakeStep,
 }
 
 impl InputKind {
     /// Every kind.
-    pub const ALL: [InputKind; 26] = [
+    pub const ALL: [InputKind; 27] = [
         Self::Connect,
         Self::Logout,
         Self::Delete,
@@ -270,6 +279,7 @@ impl InputKind {
         Self::ReconnectRequested,
         Self::SessionInvalid,
         Self::HeartbeatDue,
+        Self::HandshakeStep,
     ];
 
     /// The kind a label names (`heartbeat missed`, `heartbeat-missed` or
@@ -310,6 +320,7 @@ impl InputKind {
             Self::ReconnectRequested => "reconnect requested",
             Self::SessionInvalid => "session invalid",
             Self::HeartbeatDue => "heartbeat due",
+            Self::HandshakeStep => "handshake step",
         }
     }
 }
@@ -333,6 +344,7 @@ impl Input {
             | Self::ReconnectRequested { generation }
             | Self::SessionInvalid { generation, .. }
             | Self::HeartbeatDue { generation, .. }
+            | Self::HandshakeStep { generation }
             | Self::WriteFailed { generation, .. }
             | Self::HeartbeatMissed { generation }
             | Self::LogoutConfirmed { generation }
@@ -400,6 +412,7 @@ impl Input {
             Self::ReconnectRequested { .. } => InputKind::ReconnectRequested,
             Self::SessionInvalid { .. } => InputKind::SessionInvalid,
             Self::HeartbeatDue { .. } => InputKind::HeartbeatDue,
+            Self::HandshakeStep { .. } => InputKind::HandshakeStep,
             Self::WriteFailed { .. } => InputKind::WriteFailed,
             Self::HeartbeatMissed { .. } => InputKind::HeartbeatMissed,
             Self::LogoutConfirmed { .. } => InputKind::LogoutConfirmed,
@@ -493,6 +506,7 @@ mod tests {
                 false,
                 false,
             ),
+            (Input::HandshakeStep { generation: g }, InputKind::HandshakeStep, Some(g), false, false),
         ];
         for (input, kind, generation, ends, host) in &table {
             assert_eq!(input.kind(), *kind, "{input:?}");
@@ -527,9 +541,9 @@ mod tests {
             table.iter().map(|(_, k, ..)| k.as_str()).chain(timer_kinds.iter().map(|k| k.as_str())).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 26, "{names:?}");
+        assert_eq!(names.len(), 27, "{names:?}");
         let covered: std::collections::BTreeSet<InputKind> = sample_inputs(g).iter().map(Input::kind).collect();
-        assert_eq!(covered.len(), 26);
+        assert_eq!(covered.len(), 27);
         assert!(Input::HeartbeatMissed { generation: g }.is_heartbeat_missed());
         assert!(!Input::WriteFailed { generation: g, error: reason.clone() }.is_heartbeat_missed());
     }

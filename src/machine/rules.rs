@@ -170,10 +170,13 @@ impl RulesVersion {
     /// close action that reconnects without resume data. Earlier versions
     /// ignore the three inputs (no log of theirs holds one).
     pub const V4: Self = Self(4);
+    /// A handshake step taken after a fleet-wide wait restarts the connect
+    /// deadline (R15). Earlier versions ignore the input (no log of theirs holds one).
+    pub const V5: Self = Self(5);
     /// The rules of this build.
-    pub const CURRENT: Self = Self::V4;
+    pub const CURRENT: Self = Self::V5;
     /// Every version, oldest first.
-    pub const ALL: [Self; 4] = [Self::V1, Self::V2, Self::V3, Self::V4];
+    pub const ALL: [Self; 5] = [Self::V1, Self::V2, Self::V3, Self::V4, Self::V5];
 
     /// Whether this build can replay records of this version.
     pub fn is_known(self) -> bool {
@@ -282,6 +285,13 @@ fn table(
                 ),
             }
         }
+        // R15: a step the transport took after waiting for a fleet-wide permit
+        // (a paced IDENTIFY, a paced connect) starts the connect deadline again:
+        // the wait was the fleet's, not a peer that does not answer.
+        (S::Connecting { phase: Phase::Handshaking, .. }, I::HandshakeStep { .. }) if rules >= RulesVersion::V5 => {
+            Outcome::Effects(vec![cx.arm(TimerKind::Connect, policy.timeouts.connect)])
+        }
+        (_, I::HandshakeStep { .. }) => ignored(Ignored::NotExpected),
         (
             S::Connecting { phase: Phase::Handshaking | Phase::Pairing { .. }, retries, resume },
             I::PairingCode { .. },

@@ -4,6 +4,7 @@
 //! never on bad input, which must meet a typed error.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::log::record::{decode_record, encode_record};
 use crate::log::{Event, Log, LogConfig, MemoryStore, Store};
@@ -120,9 +121,13 @@ fn input(b: &mut Bytes<'_>, current: Generation) -> Input {
             }
         },
         7 => Input::WriteFailed { generation, error: "e".into() },
-        8 => match b.below(2) {
+        8 => match b.below(6) {
             0 => Input::HeartbeatMissed { generation },
-            _ => Input::Pong { generation },
+            1 => Input::Pong { generation },
+            2 => Input::ReconnectRequested { generation },
+            3 => Input::SessionInvalid { generation, retry_after: Duration::from_millis(u64::from(b.u16())) },
+            4 => Input::HeartbeatDue { generation, after: Duration::from_millis(u64::from(b.u16())) },
+            _ => Input::HandshakeStep { generation },
         },
         9 => Input::LogoutConfirmed { generation },
         10 => Input::LogoutFailed { generation, error: "e".into() },
@@ -146,14 +151,21 @@ pub fn check_step(from: &Instance, input: &Input, outcome: &Outcome) {
         assert_eq!(*outcome, Outcome::Ignored(Ignored::Stale { input: g, current: from.generation }), "R12");
     }
     if let Outcome::Effects(effects) = outcome {
-        // Upkeep is the heartbeat's, on an open connection of this generation.
-        assert!(matches!(from.state, State::Open { .. }), "upkeep outside Open: {input:?} → {effects:?}");
+        // Upkeep is the heartbeat's, on an open connection, or a handshake's
+        // connect deadline restarted (R15); of this generation.
+        let handshaking = matches!(from.state, State::Connecting { phase: Phase::Handshaking, .. });
+        assert!(
+            matches!(from.state, State::Open { .. }) || handshaking,
+            "upkeep outside Open or a handshake: {input:?} → {effects:?}"
+        );
         for e in effects {
-            assert!(
+            let ours = if handshaking {
+                matches!(e, Effect::ArmTimer { timer, .. } if timer.kind == TimerKind::Connect && timer.generation == from.generation)
+            } else {
                 matches!(e, Effect::SendPing { generation } if *generation == from.generation)
-                    || matches!(e, Effect::ArmTimer { timer, .. } | Effect::CancelTimer { timer } if timer.generation == from.generation),
-                "upkeep of another kind or generation: {e:?}"
-            );
+                    || matches!(e, Effect::ArmTimer { timer, .. } | Effect::CancelTimer { timer } if timer.generation == from.generation)
+            };
+            assert!(ours, "upkeep of another kind or generation in {}: {e:?}", from.state);
         }
     }
     let Outcome::Transition(t) = outcome else { return };

@@ -248,6 +248,7 @@ pub fn retarget(input: &Input, g: Generation) -> Input {
         | Input::ReconnectRequested { generation }
         | Input::SessionInvalid { generation, .. }
         | Input::HeartbeatDue { generation, .. }
+        | Input::HandshakeStep { generation }
         | Input::WriteFailed { generation, .. }
         | Input::HeartbeatMissed { generation }
         | Input::LogoutConfirmed { generation }

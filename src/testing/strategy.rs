@@ -118,7 +118,7 @@ pub fn cleanup_steps() -> impl Strategy<Value = Vec<StepReport>> {
 /// `1 + stale_weight`) for another generation.
 pub fn signal(g: Generation) -> impl Strategy<Value = Input> {
     let generation = prop_oneof![6 => Just(g), 1 => (0u64..60).prop_map(Generation)];
-    (generation, 0u8..16, prop::option::of(identity()), status(), cleanup_steps(), any::<u8>()).prop_map(
+    (generation, 0u8..17, prop::option::of(identity()), status(), cleanup_steps(), any::<u8>()).prop_map(
         |(generation, which, identity, status, steps, timer)| match which {
             0 => Input::TransportOpened { generation, identity },
             1 => Input::PairingCode { generation },
@@ -132,6 +132,7 @@ pub fn signal(g: Generation) -> impl Strategy<Value = Input> {
             13 => Input::ReconnectRequested { generation },
             14 => Input::SessionInvalid { generation, retry_after: Duration::from_millis(u64::from(timer) * 20) },
             15 => Input::HeartbeatDue { generation, after: Duration::from_millis(u64::from(timer) * 200) },
+            16 => Input::HandshakeStep { generation },
             3 => Input::WriteFailed { generation, error: "broken pipe".into() },
             4 => Input::HeartbeatMissed { generation },
             5 => Input::LogoutConfirmed { generation },

@@ -173,6 +173,14 @@ pub enum HostSignal {
         #[serde(deserialize_with = "host_wait")]
         after_ms: u64,
     },
+    /// The host took a step of the handshake after waiting for a fleet-wide
+    /// permit (its own IDENTIFY queue, say), or is still waiting for one: the
+    /// connect deadline counts from now (R15). Report it at least twice per
+    /// connect time-out while the wait lasts.
+    HandshakeStep {
+        /// The connection.
+        generation: u64,
+    },
 }
 
 /// The longest wait a host's signal may ask for (`retry_after_ms`,
@@ -240,6 +248,7 @@ impl HostSignal {
                 generation: Generation(*generation),
                 retry_after: Duration::from_millis(*retry_after_ms),
             },
+            Self::HandshakeStep { generation } => Input::HandshakeStep { generation: Generation(*generation) },
             Self::HeartbeatDue { generation, after_ms } => {
                 Input::HeartbeatDue { generation: Generation(*generation), after: Duration::from_millis(*after_ms) }
             }

@@ -150,6 +150,11 @@ impl Signals {
         self.tx.send(Box::new(input)).await.is_ok()
     }
 
+    /// `HandshakeStep`: a step taken after a fleet-wide wait (R15).
+    pub async fn handshake_step(&self) -> bool {
+        self.send(Input::HandshakeStep { generation: self.generation }).await
+    }
+
     /// `TransportOpened`.
     pub async fn opened(&self, identity: Option<Identity>) -> bool {
         self.send(Input::TransportOpened { generation: self.generation, identity }).await

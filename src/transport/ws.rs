@@ -160,11 +160,33 @@ async fn run(setup: Setup, mut spec: ConnectSpec, mut control: mpsc::Receiver<Co
     // live connections would otherwise each keep ~10 KB it never uses again.
     let Some(ws) = Box::pin(handshake(&setup, &spec, &mut control, &signals)).await else { return };
     let session = setup.protocol.open(&spec.instance, spec.resume.as_ref());
-    let mut s = Session { protocol: setup.protocol, session, ws, control, outbound, signals, opened: false };
+    let connect_timeout = spec.connect_timeout;
+    let mut s =
+        Session { protocol: setup.protocol, session, ws, control, outbound, signals, opened: false, connect_timeout };
     let mut greeting = Vec::new();
     s.session.greet(tokio::time::Instant::now(), &mut greeting);
     if let Flow::Continue = s.write_all(greeting, "greeting").await {
         s.serve().await;
+    }
+}
+
+/// Waits for a permit of bucket `key` of `pacer`, telling the engine at
+/// least twice per connect time-out that the handshake is queued behind the
+/// fleet, not stalled (R15: each report restarts the connect deadline). A
+/// transport that dies while queued stops reporting, and the deadline
+/// catches it as before.
+async fn acquire_reporting(pacer: &Pacer, key: u64, signals: &Signals, connect_timeout: Duration) {
+    let every = (connect_timeout / 2).max(Duration::from_millis(1));
+    let acquire = pacer.acquire(key);
+    tokio::pin!(acquire);
+    let mut reports = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            () = &mut acquire => return,
+            _ = reports.tick() => {
+                signals.handshake_step().await;
+            }
+        }
     }
 }
 
@@ -187,7 +209,10 @@ async fn handshake(
     };
     if let Some(pacer) = &setup.connects {
         tokio::select! {
-            () = pacer.acquire(bucket_of(&spec.instance)) => {}
+            // The wait was the fleet's: the connect deadline counts from now (R15).
+            () = acquire_reporting(pacer, bucket_of(&spec.instance), signals, spec.connect_timeout) => {
+                signals.handshake_step().await;
+            }
             // The engine gave up on this attempt while it waited for its turn:
             // no socket is opened, and no permit spent.
             ctl = control.recv() => {
@@ -226,6 +251,9 @@ struct Session {
     /// A `ready` was already reported: later ones are ignored (a peer flooding
     /// "ready" costs one signal).
     opened: bool,
+    /// The policy's connect time-out: a wait for a fleet-wide permit reports
+    /// itself more often than this (R15).
+    connect_timeout: Duration,
 }
 
 /// What reading a frame left to do.
@@ -372,11 +400,11 @@ impl Session {
     /// or dropped: nothing is worth a permit now).
     async fn write_all(&mut self, writes: Vec<Write>, what: &str) -> Flow {
         for write in writes {
-            let frame = match write {
-                Write::Now(frame) => frame,
+            let (frame, paced) = match write {
+                Write::Now(frame) => (frame, false),
                 Write::Paced { pacer, key, frame } => {
                     tokio::select! {
-                        () = pacer.acquire(key) => frame,
+                        () = acquire_reporting(&pacer, key, &self.signals, self.connect_timeout) => (frame, true),
                         ctl = self.control.recv() => {
                             debug!("a paced frame given up: the engine asked for something else first");
                             return match ctl {
@@ -390,6 +418,10 @@ impl Session {
             if let Err(e) = self.ws.send(message(frame)).await {
                 self.signals.write_failed(format!("{what}: {e}")).await;
                 return Flow::End;
+            }
+            if paced {
+                // Sent after the fleet's wait: the peer must answer from now (R15).
+                self.signals.handshake_step().await;
             }
         }
         Flow::Continue

@@ -248,6 +248,37 @@ async fn op7_reconnect_resumes_with_the_last_sequence() {
     assert_eq!(resume_of(&fleet.engine.state(&name).expect("state")).session_id, session);
 }
 
+/// R15: shards queued for their IDENTIFY permit far longer than the connect
+/// time-out all open, each on its first attempt: the wait is the fleet's,
+/// and the IDENTIFY sent after it restarts the connect deadline.
+#[tokio::test]
+async fn a_queue_for_identify_longer_than_the_connect_timeout_times_out_no_shard() {
+    const SHARDS: u32 = 8;
+    let config = gateway_config(SHARDS, 1);
+    // One IDENTIFY per 200 ms: the last shard waits 1.4 s, more than twice its 600 ms connect time-out.
+    let fleet = Fleet::start_with(config, |c| c.policy.timeouts.connect = Duration::from_millis(600)).await;
+    let names: Vec<String> = (0..SHARDS).map(|n| format!("shard-{n}")).collect();
+    for name in &names {
+        fleet.engine.create(name, InstanceSpec { url: fleet.gateway.url() }).await.expect("create");
+    }
+    for name in &names {
+        fleet.engine.connect(name).await.expect("connect");
+    }
+    for name in &names {
+        fleet.wait(name, |s| matches!(s, State::Open { .. })).await;
+    }
+    for name in &names {
+        let inputs = fleet.inputs(name).await;
+        assert!(!inputs.contains(&InputKind::ConnectTimeout), "{name} timed out in the queue: {inputs:?}");
+        assert_eq!(generation(&fleet.engine, name).await, 1, "{name} opened on its first attempt: {inputs:?}");
+    }
+    let stats = fleet.gateway.stats();
+    assert_eq!(
+        (stats.identifies, stats.identify_refused, stats.connections),
+        (u64::from(SHARDS), 0, u64::from(SHARDS))
+    );
+}
+
 async fn wait_until(ok: impl Fn() -> bool) {
     let start = Instant::now();
     while !ok() {

@@ -528,6 +528,42 @@ proptest! {
         prop_assert_eq!(d.instance(), &start);
     }
 
+    /// R15: a step the transport takes after a fleet-wide wait (a paced
+    /// IDENTIFY, a paced connect) restarts a handshake's connect deadline from
+    /// that moment, so a fleet's queue never reads as a silent peer. The
+    /// deadline moves, it does not go: with no answer after the step, the
+    /// handshake times out one connect time-out later. Anywhere but a
+    /// handshake the step changes nothing, and it is never recorded.
+    #[test]
+    fn r15_a_fleet_wide_wait_is_not_a_silent_peer(
+        policy in strategy::policy(),
+        start in strategy::instance(),
+        waited in 0.0f64..1.0,
+    ) {
+        let g = start.generation;
+        let mut d = Driver::with_instance(name("r15"), policy.clone(), start.clone());
+        let connect = instance_lifecycle::machine::Timer { kind: TimerKind::Connect, generation: g };
+        let timers = d.timers().clone();
+        // The step comes somewhere before the first deadline (the wait that went before it was the fleet's).
+        d.now = Timestamp(0).saturating_add(policy.timeouts.connect.mul_f64(waited));
+        let stepped = d.now;
+        let o = d.feed(Input::HandshakeStep { generation: g });
+        prop_assert!(d.steps.is_empty());
+        prop_assert_eq!(d.instance(), &start);
+        if matches!(start.state, State::Connecting { phase: Phase::Handshaking, .. }) {
+            prop_assert_eq!(o, Outcome::Effects(vec![Effect::ArmTimer { timer: connect, after: policy.timeouts.connect }]));
+            let due = stepped.saturating_add(policy.timeouts.connect);
+            prop_assert_eq!(d.timers().get(&connect), Some(&due));
+            prop_assert!(d.fire_next_timer().is_some());
+            prop_assert_eq!(d.now, due, "the handshake is timed out one connect time-out after its last step");
+            prop_assert_eq!(d.steps.len(), 1);
+            prop_assert_eq!(&d.steps[0].input, &Input::TimerFired { timer: connect });
+        } else {
+            prop_assert_eq!(o, Outcome::Ignored(Ignored::NotExpected));
+            prop_assert_eq!(d.timers(), &timers);
+        }
+    }
+
     /// R12: a signal, completion or timer from another generation never moves the instance.
     #[test]
     fn r12_stale_signals(

@@ -755,6 +755,12 @@ async fn a_host_reports_what_the_peer_asks_of_the_session() {
     let open3 = effects.next("open").await;
     assert!(open3["generation"].as_u64() > Some(g2), "{open3}");
     assert_eq!(open3["resume"], Value::Null, "an invalid session is never resumed: {open3}");
+    // Queued behind the fleet for its IDENTIFY: the connect deadline counts from the step (R15).
+    let g3 = open3["generation"].as_u64().expect("generation");
+    let (status, answer) = signal(json!({"signal": "handshake_step", "generation": g3})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"]["outcome"], "upkeep", "{answer}");
+    assert_eq!(answer["outcome"]["effects"][0]["ArmTimer"]["timer"]["kind"], "Connect", "{answer}");
     svc.stop().await;
 }
 

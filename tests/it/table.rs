@@ -92,6 +92,8 @@ fn verdict(state: &State, input: &Input) -> Verdict {
             Moves
         }
         I::Pong { .. } | I::HeartbeatDue { .. } if matches!(state, S::Open { .. }) => Upkeep,
+        // R15: a step after a fleet-wide wait restarts the connect deadline of a handshake.
+        I::HandshakeStep { .. } if matches!(state, S::Connecting { phase: Phase::Handshaking, .. }) => Upkeep,
         // R13, R14: the peer's request moves a connection that is live (open or handshaking).
         I::ReconnectRequested { .. } | I::SessionInvalid { .. }
             if matches!(state, S::Open { .. })

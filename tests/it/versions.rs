@@ -67,7 +67,7 @@ fn logs_from_before_rules_versions_verify_clean() {
 
 /// A log written by the build of rules v3 (commit db3bd9c), which recorded
 /// its version, verifies clean record by record under v3 — and under
-/// today's rules too: v4 only added inputs such a log cannot hold.
+/// today's rules too: v4 and v5 only added inputs such a log cannot hold.
 #[test]
 fn a_log_written_under_rules_v3_verifies_clean_under_its_own_and_todays_rules() {
     let (_dir, log_dir) = fixture("log-rules-v3");
@@ -300,4 +300,47 @@ fn rules_before_v4_ignore_the_protocol_session_inputs() {
         let o = step_under(RulesVersion::V4, &name, instance, input, &Policy::default(), Timestamp(1));
         assert!(matches!(o, Outcome::Transition(_) | Outcome::Effects(_)), "v4 + {input:?}: {o:?}");
     }
+}
+
+/// Rules before v5 did not restart a handshake's connect deadline at a step
+/// taken after a fleet-wide wait: replayed under them, the step changes
+/// nothing; under v5 it re-arms the deadline.
+#[test]
+fn rules_before_v5_ignore_the_handshake_step() {
+    use instance_lifecycle::machine::{
+        Effect, Generation, Ignored, Input, Instance, Outcome, Phase, State, Timer, TimerKind, Timestamp, step_under,
+    };
+    let g = Generation(2);
+    let handshaking =
+        Instance { generation: g, state: State::Connecting { phase: Phase::Handshaking, retries: 0, resume: None } };
+    let name = instance_lifecycle::machine::InstanceName::new("v5").expect("name");
+    let input = Input::HandshakeStep { generation: g };
+    let policy = Policy::default();
+    for old in [RulesVersion::V1, RulesVersion::V2, RulesVersion::V3, RulesVersion::V4] {
+        let o = step_under(old, &name, &handshaking, &input, &policy, Timestamp(1));
+        assert_eq!(o, Outcome::Ignored(Ignored::NotExpected), "{old}");
+    }
+    let o = step_under(RulesVersion::V5, &name, &handshaking, &input, &policy, Timestamp(1));
+    let timer = Timer { kind: TimerKind::Connect, generation: g };
+    assert_eq!(o, Outcome::Effects(vec![Effect::ArmTimer { timer, after: policy.timeouts.connect }]));
+}
+
+/// A log written under rules v4 verifies clean under its recorded rules and
+/// today's too: v5 only added an input such a log cannot hold.
+#[test]
+fn a_log_written_under_rules_v4_verifies_clean_under_its_own_and_todays_rules() {
+    let (_dir, log_dir) = fixture("log-rules-v4");
+    let path = log_dir.to_str().expect("utf-8");
+    for args in [vec!["verify", path], vec!["verify", path, "--rules", "current"]] {
+        let out = lifecycle(&args);
+        let text = stdout(&out);
+        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(text.contains("clean: 94 records of 12 instances"), "{args:?}: {text}");
+        assert!(text.contains("head: 94:64537129d47b6aa3"), "{args:?}: {text}");
+    }
+    let log = Log::open_copy(&log_dir).expect("open").0;
+    assert_eq!(
+        log.rules_versions().expect("read").into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        vec![RulesVersion::V4]
+    );
 }

@@ -218,7 +218,7 @@ impl Answers {
 }
 
 /// The kinds of signal, by the index `index.js` packs them as.
-const SIGNAL_KINDS: [&str; 12] = [
+const SIGNAL_KINDS: [&str; 13] = [
     "opened",
     "pairing",
     "closed",
@@ -231,6 +231,7 @@ const SIGNAL_KINDS: [&str; 12] = [
     "reconnectRequested",
     "sessionInvalid",
     "heartbeatDue",
+    "handshakeStep",
 ];
 
 /// What a signal carries beyond its kind and generation (`null` for a kind that carries nothing).
@@ -321,13 +322,17 @@ fn host_signal(kind: u8, generation: f64, extra: Option<SignalExtra>) -> Result<
         "logoutFailed" => HostSignal::LogoutFailed { generation, error: text(extra.error) },
         "closeFinished" => HostSignal::CloseFinished { generation },
         "reconnectRequested" => HostSignal::ReconnectRequested { generation },
+        "handshakeStep" => HostSignal::HandshakeStep { generation },
         "sessionInvalid" => {
             HostSignal::SessionInvalid { generation, retry_after_ms: wait_ms("retryAfterMs", extra.retry_after_ms)? }
         }
         "heartbeatDue" => match extra.after_ms {
             Some(_) => HostSignal::HeartbeatDue { generation, after_ms: wait_ms("afterMs", extra.after_ms)? },
             None => {
-                return Err(coded("invalid_body", "signal heartbeatDue: afterMs, the milliseconds until the next beat"));
+                return Err(coded(
+                    "invalid_body",
+                    "signal heartbeatDue: afterMs, the milliseconds until the next beat",
+                ));
             }
         },
         _ => return Err(coded("invalid_body", format!("signal kind #{kind}: one of {}", SIGNAL_KINDS.join(", ")))),
