@@ -129,7 +129,7 @@ test('a refused signal in a burst is rejected alone; the others are applied', as
   assert.equal(e.state('burst').kind, 'Open', 'the refused close changed nothing');
 });
 
-test('a peer that asks for a reconnect is resumed; an invalid session is not (R13, R14); its heartbeat schedule is kept (R7)', async (t) => {
+test('a peer that asks for a reconnect is resumed; an invalid session is not (R13, R14); its heartbeat schedule is kept (R7); a queued handshake reports itself (R15)', async (t) => {
   const { engine: e } = await engine(t);
   await e.create('shard-0', { external: true });
   const effects = recorder(e, 'shard-0');
@@ -162,6 +162,10 @@ test('a peer that asks for a reconnect is resumed; an invalid session is not (R1
     'the fresh open',
   );
   assert.equal(third.resume, null, 'an invalid session is never resumed');
+  // R15: queued behind the fleet for its IDENTIFY; the report is applied, and the handshake goes on.
+  const queued = await e.signal('shard-0', { kind: 'handshakeStep', generation: third.generation });
+  assert.equal(queued.outcome, 'applied');
+  assert.equal(queued.state, 'Connecting');
 
   // A wait beyond an hour, or a heartbeatDue without one, is refused as a bad body.
   await assert.rejects(
