@@ -209,8 +209,9 @@ pub enum Input {
     },
     /// The transport took a step of the handshake after a wait for a
     /// fleet-wide permit (it sent a paced IDENTIFY, or opened a socket the
-    /// connect pacing held back): the peer must now answer, and the connect
-    /// deadline counts from here, not from before the wait (R15).
+    /// connect pacing held back), or reports that such a wait goes on (at
+    /// least twice per connect time-out): the connect deadline counts from
+    /// here, not from before the wait (R15).
     HandshakeStep {
         /// The connection this came from.
         generation: Generation,

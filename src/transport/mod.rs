@@ -150,7 +150,8 @@ impl Signals {
         self.tx.send(Box::new(input)).await.is_ok()
     }
 
-    /// `HandshakeStep`: a step taken after a fleet-wide wait (R15).
+    /// `HandshakeStep`: a step taken after a fleet-wide wait, or a report
+    /// that one goes on (R15).
     pub async fn handshake_step(&self) -> bool {
         self.send(Input::HandshakeStep { generation: self.generation }).await
     }
